@@ -1,0 +1,236 @@
+"""The Buffer facade: DeepEP V1's deep_ep.Buffer surface, handing each call to its family.
+
+Creating a Buffer is collective over the group (and, for NVSHMEM's symmetric heap, over
+WORLD: every WORLD rank creates its Buffers with the same sizes in the same order).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import toolchain
+from .config import Config
+from .ops.context import OpsContext, arg_error
+from .ops.intranode import IntranodeOps
+from .ops.layout import LayoutOps
+from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
+from .runtime import nvshmem
+from .runtime.errors import ErrorWord
+from .runtime.events import EventHandle, EventOverlap
+from .runtime.symmetric import SymmetricRegion
+
+
+class Buffer:
+    num_sms: int = 20
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm=None):
+        self._destroyed = True          # until construction succeeds
+        group = group if group is not None else dist.group.WORLD
+        if comm is not None:
+            raise arg_error("comm", comm, "mpi4py communicators are not supported; pass a "
+                            "torch.distributed group")
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(v, int) or v < 0:
+                raise arg_error(name, v, "must be a non-negative int")
+        if allow_mnnvl or use_fabric:
+            raise arg_error("allow_mnnvl" if allow_mnnvl else "use_fabric", True,
+                            "multi-node NVLink fabric is not supported (and multicast stays off)")
+        if not dist.is_initialized():
+            raise RuntimeError("epgen.Buffer needs torch.distributed initialised (NCCL backend)")
+        if not torch.cuda.is_available():
+            raise RuntimeError("epgen.Buffer needs a CUDA GPU")
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.init()
+        torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+        if self.group_size > local_world and not low_latency_mode:
+            raise arg_error("group", f"{self.group_size} ranks",
+                            f"normal mode spans one node here ({local_world} local ranks); the "
+                            "internode (RDMA) normal mode is not implemented")
+
+        host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes,
+                            multi_node=self.group_size > local_world)
+        pes = [dist.get_global_rank(group, r) for r in range(self.group_size)]
+        self._nvl = SymmetricRegion(host, num_nvl_bytes, self.device, pes)
+        self._rdma = SymmetricRegion(host, num_rdma_bytes, self.device, pes)
+        for region in (self._nvl, self._rdma):
+            if region.nbytes:
+                region.bytes.zero_()
+        torch.cuda.synchronize(self.device)
+        host.barrier_all()                    # every rank's regions are zeroed before use
+
+        self._ctx = OpsContext(
+            group=group, rank=self.rank, num_ranks=self.group_size, device=self.device, pes=pes,
+            nvshmem=host, nvl=self._nvl, rdma=self._rdma,
+            comm_stream=torch.cuda.Stream(self.device), errors=ErrorWord(),
+            arch=toolchain.resolve_arch())
+        self._layout = LayoutOps(self._ctx)
+        self._intranode = IntranodeOps(self._ctx)
+        self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink) \
+            if num_rdma_bytes > 0 else None
+        self._destroyed = False
+
+    # -- class-level knobs ----------------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return True     # kernels are generated for the GPU present (sm_90 paths included)
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+            raise arg_error("new_num_sms", new_num_sms, "must be a positive even int")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                          num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms, 24 if num_ranks <= 2 else 8, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms, 10 if num_ranks <= 2 else 6, 256, 6, 128)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _alive(self) -> OpsContext:
+        if self._destroyed:
+            raise RuntimeError("epgen.Buffer: used after destroy()")
+        return self._ctx
+
+    def check_errors(self) -> None:
+        """Wait for this Buffer's streams, then raise any error a kernel reported."""
+        ctx = self._alive()
+        ctx.comm_stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
+        ctx.check_errors()
+
+    def destroy(self) -> None:
+        """Free the Buffer's symmetric memory. Never hangs: after a device error it skips the
+        collective free (leaking the memory, with a warning) and returns."""
+        if self._destroyed:
+            return
+        ctx = self._ctx
+        self._destroyed = True
+        if ctx.errors.raised():
+            warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after a device error; "
+                          "its symmetric memory is leaked (freeing it would need every rank)")
+            return
+        torch.cuda.synchronize(self.device)
+        ctx.nvshmem.barrier_all()
+        self._rdma.free()
+        self._nvl.free()
+        ctx.errors.free()
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        return self._alive().comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        region = self._rdma if use_rdma_buffer else self._nvl
+        elem = torch.empty((), dtype=dtype).element_size()
+        if size is None:
+            count = (region.nbytes - offset) // elem
+            return region.view(dtype, (count,), offset)
+        size = tuple(size) if not isinstance(size, torch.Size) else size
+        return region.view(dtype, size, offset)
+
+    # -- normal mode ----------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None,
+                            async_finish=False, allocate_on_comm_stream=False):
+        self._alive()
+        return self._layout.get_dispatch_layout(topk_idx, num_experts, previous_event,
+                                                async_finish, allocate_on_comm_stream)
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None,
+                 topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Config | None = None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        self._alive()
+        config = config or self.get_dispatch_config(self.group_size)
+        return self._intranode.dispatch(
+            x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+            num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+            config, previous_event, async_finish, allocate_on_comm_stream)
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
+                previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+        self._alive()
+        config = config or self.get_combine_config(self.group_size)
+        return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
+                                       async_finish, allocate_on_comm_stream)
+
+    def internode_dispatch(self, *args, **kwargs):
+        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
+                                  "implemented yet; use ranks of one node")
+
+    def internode_combine(self, *args, **kwargs):
+        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
+                                  "implemented yet; use ranks of one node")
+
+    # -- low-latency mode -----------------------------------------------------------------
+    def _low_latency(self) -> LowLatencyOps:
+        self._alive()
+        if self._ll is None:
+            raise arg_error("num_rdma_bytes", self.num_rdma_bytes,
+                            "low-latency calls need num_rdma_bytes > 0 "
+                            "(Buffer.get_low_latency_rdma_size_hint)")
+        return self._ll
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        self._low_latency().clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden,
+                                                     num_experts)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        return self._low_latency().low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+            round_scale, use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        return self._low_latency().low_latency_combine(
+            x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+            return_recv_hook, out, combine_wait_recv_cost_stats)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        return self._low_latency().get_next_low_latency_combine_buffer(handle)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        self._low_latency().update_mask_buffer(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        self._low_latency().query_mask_buffer(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        self._low_latency().clean_mask_buffer()

@@ -1,0 +1,56 @@
+"""Spec -> rendered CUDA translation unit (jinja2). Templates do the work; this only wires them.
+
+The rendered unit is small: it includes the shipped `.cuh` headers, declares the kernel
+argument struct (rendered from the ctypes definition in kernel_args, so host and device
+layouts cannot drift) and instantiates the family's device template with the spec's values.
+Rendering is deterministic: the same spec gives the same bytes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jinja2
+
+from . import kernel_args
+from .compiler import TEMPLATES_DIR
+from .specs import NAMESPACE, KernelSpec
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def cpp_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def render(spec: KernelSpec) -> str:
+    template = environment().get_template(spec.template)
+    args_cls = kernel_args.ARGS[spec.family]
+    return template.render(
+        spec=spec,
+        fields=spec.rendered_fields(),
+        ns=NAMESPACE,
+        name={kind: spec.kernel_name(kind) for kind in spec.entry_kinds},
+        args_struct=kernel_args.c_struct(args_cls),
+        args_name=args_cls.__name__,
+        cpp_bool=cpp_bool,
+    )
+
+
+def source_filename(spec: KernelSpec) -> str:
+    return f"{spec.name}.cu"
+
+
+def header_files() -> list[str]:
+    """Every file a rendered unit can include from the package (hashed into the cache key)."""
+    return sorted(f for f in os.listdir(TEMPLATES_DIR) if f.endswith((".cuh", ".j2")))

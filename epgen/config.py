@@ -1,0 +1,33 @@
+"""DeepEP's Config: SMs and chunking of normal-mode kernels (run-time values, not spec fields)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self):
+        for name in ("num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                     "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Config.{name}={v!r}: must be a positive int")
+        if self.num_sms % 2:
+            raise ValueError(f"Config.num_sms={self.num_sms}: must be even (a channel is 2 SMs)")
+        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(
+                f"Config.num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}: "
+                f"must be <= num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}")
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        from .ops.intranode import nvl_buffer_size_hint
+        return nvl_buffer_size_hint(self, hidden_bytes, num_ranks)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return 0   # intranode only: the normal-mode RDMA path is not implemented

@@ -1,0 +1,117 @@
+"""build(spec) -> verified cache entry: render, key, compile, publish. The one build path,
+used by the runtime (first call of an operation) and by `epgen precompile` alike."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+from . import codegen, compiler, toolchain
+from .cache import Cache, CacheEntry, cache_key, key_parts
+from .specs import KernelSpec
+
+LOCK_TIMEOUT_S = float(os.environ.get("EPGEN_COMPILE_LOCK_TIMEOUT_S", "900"))
+
+
+class JitDisabledError(RuntimeError):
+    """EPGEN_JIT=0 and the kernel is not in the cache."""
+
+
+class CompileDuringCaptureError(RuntimeError):
+    """A kernel would be compiled while a CUDA graph is being captured."""
+
+
+_memo: dict[tuple, CacheEntry] = {}
+_memo_lock = threading.Lock()
+
+
+def jit_enabled() -> bool:
+    return os.environ.get("EPGEN_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _capturing() -> bool:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False
+    return bool(torch.cuda.is_current_stream_capturing())
+
+
+def describe_key(spec: KernelSpec, arch: str) -> tuple[str, str, dict]:
+    """(source, key, key parts) of a spec for an arch, without compiling."""
+    tc = toolchain.discover()
+    source = codegen.render(spec)
+    parts = key_parts(source, arch, compiler.options_for(arch), tc.signature(),
+                      compiler.TEMPLATES_DIR, codegen.header_files())
+    return source, cache_key(parts), parts
+
+
+def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
+          stats: dict | None = None) -> CacheEntry:
+    """The cache entry for `spec` on `arch`, compiling it if no valid entry exists.
+
+    stats (optional) receives {"cached": bool, "seconds": float}.
+    """
+    arch = arch or toolchain.resolve_arch()
+    cache = cache or Cache()
+    memo_key = (spec, arch, cache.root)
+    with _memo_lock:
+        hit = _memo.get(memo_key)
+    if hit is not None and os.path.isdir(hit.path):
+        if stats is not None:
+            stats.update(cached=True, seconds=0.0)
+        return hit
+    t0 = time.perf_counter()
+    source, key, parts = describe_key(spec, arch)
+    entry = cache.lookup(spec.name, key)
+    if entry is None:
+        if not jit_enabled():
+            raise JitDisabledError(
+                f"EPGEN_JIT=0 and no cache entry for {spec.describe()} on {arch} "
+                f"(key {key} in {cache.root}); run `epgen precompile` with a spec file "
+                "covering it, or unset EPGEN_JIT")
+        if _capturing():
+            raise CompileDuringCaptureError(
+                f"{spec.describe()} on {arch} must be compiled, but a CUDA graph is being "
+                "captured; run the operation once before capture (or precompile it)")
+        with cache.lock(spec.name, key, LOCK_TIMEOUT_S):
+            entry = cache.lookup(spec.name, key)   # another process may have built it meanwhile
+            if entry is None:
+                entry = _compile_and_publish(spec, arch, source, key, parts, cache)
+                if stats is not None:
+                    stats.update(cached=False, seconds=time.perf_counter() - t0)
+    if stats is not None and "cached" not in stats:
+        stats.update(cached=True, seconds=time.perf_counter() - t0)
+    with _memo_lock:
+        _memo[memo_key] = entry
+    return entry
+
+
+def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
+    tc = toolchain.discover()
+    entries = [spec.entry(kind) for kind in spec.entry_kinds]
+    what = f"{spec.describe()} on {arch}"
+    result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc, entries, what)
+    manifest = {
+        "name": spec.name,
+        "key": key,
+        "spec": spec.to_json(),
+        "key_parts": parts,
+        "entries": entries,
+        "lowered_names": result.lowered_names,
+        "cubin_sha256": __import__("hashlib").sha256(result.cubin).hexdigest(),
+        "cubin_bytes": len(result.cubin),
+        "source_bytes": len(source.encode()),
+        "nvrtc_seconds": round(result.nvrtc_seconds, 4),
+        "link_seconds": round(result.link_seconds, 4),
+        "resources": result.resources,
+        "created": time.time(),
+    }
+    files = {
+        "source.cu": source.encode(),
+        "build.log": result.log.encode(),
+        "manifest.json": json.dumps(manifest, indent=1, sort_keys=True).encode(),
+        "kernel.cubin": result.cubin,
+    }
+    return cache.publish(spec.name, key, files)

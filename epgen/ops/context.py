@@ -1,0 +1,108 @@
+"""What every operation family gets from its Buffer: ranks, memory, streams, kernels, errors."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import jit
+from ..runtime import module as modules
+from ..runtime.errors import OP_CODES, ErrorWord
+from ..runtime.events import EventHandle, EventOverlap
+from ..runtime.nvshmem import NvshmemHost
+from ..runtime.symmetric import SymmetricRegion
+from ..specs import KernelSpec
+
+DEFAULT_TIMEOUT_S = 100.0
+
+
+def timeout_ns() -> int:
+    """Device-side wait deadline (EPGEN_TIMEOUT_S, default 100 s); a launch argument."""
+    return int(float(os.environ.get("EPGEN_TIMEOUT_S", DEFAULT_TIMEOUT_S)) * 1e9)
+
+
+def arg_error(name: str, value, rule: str) -> ValueError:
+    return ValueError(f"{name}={value!r}: {rule}")
+
+
+@dataclass
+class OpsContext:
+    group: object
+    rank: int
+    num_ranks: int
+    device: torch.device
+    pes: list[int]                       # NVSHMEM PE of each group rank
+    nvshmem: NvshmemHost | None
+    nvl: SymmetricRegion | None          # normal-mode buffer (num_nvl_bytes)
+    rdma: SymmetricRegion | None         # low-latency buffer (num_rdma_bytes)
+    comm_stream: torch.cuda.Stream
+    errors: ErrorWord
+    arch: str
+    # Device table of peer addresses, per region name: int64 [num_ranks] on the GPU.
+    peer_tables: dict = field(default_factory=dict)
+
+    # -- kernels --------------------------------------------------------------------------
+    def kernel(self, spec: KernelSpec, kind: str | None = None) -> modules.Kernel:
+        """Compile (or find in the cache) and load; `launch` never compiles."""
+        entry = jit.build(spec, self.arch)
+        init = self.nvshmem.module_init if self.nvshmem is not None else None
+        loaded = modules.load(entry, self.device.index, init)
+        return loaded.function(spec.entry(kind))
+
+    def fill_error_fields(self, args: ctypes.Structure, op: str) -> ctypes.Structure:
+        args.error_word = self.errors.device_ptr
+        args.timeout_ns = timeout_ns()
+        args.rank = self.rank
+        args.op = OP_CODES[op]
+        return args
+
+    def check_errors(self) -> None:
+        self.errors.check()
+
+    def peer_table(self, region: str) -> torch.Tensor:
+        """int64 [num_ranks] device tensor of the region's address on each rank."""
+        t = self.peer_tables.get(region)
+        if t is None:
+            reg = getattr(self, region)
+            t = torch.tensor(reg.peer_addrs, dtype=torch.int64, device=self.device)
+            self.peer_tables[region] = t
+        return t
+
+    # -- streams (DeepEP semantics) -------------------------------------------------------
+    @contextlib.contextmanager
+    def on_comm_stream(self, previous_event: EventOverlap | None, async_finish: bool,
+                       allocate_on_comm_stream: bool, result: dict):
+        """DeepEP's stream choreography around one operation.
+
+        The body's launches run on the comm stream, after `previous_event` (else after the
+        current stream's work). Afterwards: async_finish -> result['event'] is an EventOverlap
+        the caller waits on; otherwise the current stream waits for the comm stream. Tensors the
+        body lists in result['tensors'] are recorded on the stream that did not allocate them.
+        """
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise arg_error("allocate_on_comm_stream", True,
+                            "needs previous_event and async_finish=True")
+        compute = torch.cuda.current_stream()
+        if previous_event is not None:
+            self.comm_stream.wait_event(previous_event.event.event)
+        else:
+            self.comm_stream.wait_stream(compute)
+        alloc_stream = self.comm_stream if allocate_on_comm_stream else compute
+        with torch.cuda.stream(alloc_stream):
+            yield self.comm_stream
+        tensors = [t for t in result.get("tensors", ()) if isinstance(t, torch.Tensor)]
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(self.comm_stream)
+            for t in tensors:
+                t.record_stream(self.comm_stream)
+            result["event"] = EventOverlap(EventHandle(event), tuple(tensors))
+        else:
+            compute.wait_stream(self.comm_stream)
+            result["event"] = EventOverlap(None)
+        if allocate_on_comm_stream:
+            for t in tensors:
+                t.record_stream(compute)

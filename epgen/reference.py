@@ -1,0 +1,483 @@
+"""Pure-torch golden model of every epgen operation (the semantics of DeepEP V1, commit 567632d).
+
+Functions take a *global view*: lists indexed by rank of each rank's inputs, plus the rank whose
+outputs are wanted. A multi-rank test all_gathers its inputs, calls the function for its own rank
+and compares with what the kernel returned. Everything runs on the inputs' device (CPU or GPU);
+nothing here is fast, everything here is meant to be obviously right.
+
+Notation: R ranks (= len of the lists), E experts, El = E // R local experts (expert e lives on rank
+e // El), K top-k, T tokens of a rank, H hidden, N tokens received, M max dispatch tokens per rank,
+S = ceil(H / 128) FP8 scale groups.
+
+Orderings a kernel is free to change (everything else here is exact):
+  * low-latency dispatch: the order of rows inside one (local expert, source rank) chunk, and the
+    order of the chunks (layout ranges) inside an expert. Use `check_low_latency_dispatch`.
+  * padded / unused rows (num_worst_tokens padding, LL rows past recv_count) hold unspecified data,
+    except that padded rows of recv_topk_idx are -1.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_GROUP = 128
+AMAX_MIN = 1e-4
+
+Tensors = Sequence[torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float8 tensors as uint8 (indexing, cat and padding of float8 are not supported
+    everywhere)."""
+    return x.view(torch.uint8) if x.dtype == FP8 else x
+
+
+def _pad_rows(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
+    """x (not float8) padded with `fill` rows up to n rows."""
+    out = x.new_full((n, *x.shape[1:]), fill)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _check_topk(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> None:
+    if num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts={num_experts} must be a multiple of num_ranks={num_ranks}")
+    if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
+        raise ValueError(f"topk_idx must be int64 [T, K], got {topk_idx.dtype} "
+                         f"{list(topk_idx.shape)}")
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if bool(bad.any()):
+        raise ValueError(f"topk_idx holds {topk_idx[bad][0].item()}: values must be -1 or in "
+                         f"[0, {num_experts})")
+
+
+def _check_no_duplicates(topk_idx: torch.Tensor) -> None:
+    s = topk_idx.sort(dim=1).values
+    if bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any()):
+        raise ValueError("low-latency mode needs distinct experts in each topk_idx row")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. get_dispatch_layout
+# ------------------------------------------------------------------------------------------------
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    """Layout of one rank's tokens: (num_tokens_per_rank [R] int32, num_tokens_per_expert [E]
+    int32, is_token_in_rank [T, R] bool).
+
+    num_tokens_per_expert[e] counts (token, slot) pairs with topk_idx == e (-1 slots are skipped);
+    is_token_in_rank[t][r] is True when token t selects at least one expert of rank r;
+    num_tokens_per_rank[r] counts tokens once per rank they touch.
+    """
+    _check_topk(topk_idx, num_experts, num_ranks)
+    num_local = num_experts // num_ranks
+    valid = topk_idx >= 0
+    per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
+    T = topk_idx.shape[0]
+    in_rank = torch.zeros(T, num_ranks, dtype=torch.bool, device=topk_idx.device)
+    rows = torch.arange(T, device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)
+    in_rank[rows[valid], topk_idx[valid] // num_local] = True
+    per_rank = in_rank.sum(dim=0).to(torch.int32)
+    return per_rank, per_expert, in_rank
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Normal-mode dispatch
+# ------------------------------------------------------------------------------------------------
+class DispatchResult(NamedTuple):
+    recv_x: torch.Tensor                    # [N or num_worst_tokens, H], x's dtype
+    recv_x_scales: Optional[torch.Tensor]   # [N or num_worst_tokens, S] float32, or None
+    recv_topk_idx: Optional[torch.Tensor]   # [N', K] int64, local expert ids, -1 elsewhere/padding
+    recv_topk_weights: Optional[torch.Tensor]  # [N', K] float32, 0 where recv_topk_idx == -1
+    num_recv_tokens_per_expert_list: list   # El ints (rounded up to expert_alignment); [] if worst
+    recv_src_idx: torch.Tensor              # [N'] int32, token index on the source rank
+    recv_src_rank: torch.Tensor             # [N'] int32, the source rank (not a DeepEP output)
+    rank_prefix_matrix: torch.Tensor        # [R, R] int32, [i][j] = tokens j gets from ranks 0..i
+    num_recv_tokens: int                    # N, the valid rows (the rest is padding)
+
+
+def _sent_tokens(is_token_in_ranks: Tensors, dst: int) -> list[torch.Tensor]:
+    """For each source rank r, the ascending indices of r's tokens that go to rank dst."""
+    return [torch.nonzero(m[:, dst]).flatten() for m in is_token_in_ranks]
+
+
+def _rank_prefix_matrix(is_token_in_ranks: Tensors) -> torch.Tensor:
+    counts = torch.stack([m.sum(dim=0) for m in is_token_in_ranks])  # [src, dst]
+    return counts.cumsum(dim=0).to(torch.int32)
+
+
+def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[Tensors],
+             num_experts: int, rank: int, expert_alignment: int = 1,
+             x_scales: Optional[Tensors] = None, num_worst_tokens: int = 0,
+             is_token_in_ranks: Optional[Tensors] = None) -> DispatchResult:
+    """What rank `rank` receives from a normal-mode dispatch.
+
+    xs[r]: rank r's [T_r, H] tokens (bf16, or float8_e4m3fn with x_scales[r] [T_r, S] float32).
+    topk_idxs[r]: [T_r, K] int64 (-1 = unused); topk_weights[r]: [T_r, K] float32 or None.
+    is_token_in_ranks[r]: [T_r, R] bool; computed from topk_idxs when None (required without top-k).
+
+    recv rows are ordered by source rank, then source token index: source r contributes the tokens
+    t with is_token_in_ranks[r][t][rank]. recv_topk_idx = idx - rank * El for experts of `rank`,
+    else -1 (weight 0). num_recv_tokens_per_expert_list[e] = received (token, slot) pairs of local
+    expert e, rounded up to a multiple of expert_alignment ([] without top-k or when worst-sized).
+    num_worst_tokens > 0: outputs padded to that many rows (padded recv_topk_idx rows are -1,
+    other padded content is unspecified; here zeros, and -1 in recv_src_idx / recv_src_rank).
+    """
+    R = len(xs)
+    El = num_experts // R
+    if topk_idxs is not None:
+        for t in topk_idxs:
+            _check_topk(t, num_experts, R)
+    if is_token_in_ranks is None:
+        if topk_idxs is None:
+            raise ValueError("dispatch without topk_idx needs is_token_in_ranks")
+        is_token_in_ranks = [get_dispatch_layout(t, num_experts, R)[2] for t in topk_idxs]
+    sent = _sent_tokens(is_token_in_ranks, rank)
+    N = sum(len(s) for s in sent)
+    if num_worst_tokens and N > num_worst_tokens:
+        raise ValueError(f"rank {rank} receives {N} tokens > num_worst_tokens={num_worst_tokens}")
+
+    recv_x = torch.cat([_as_bytes(x)[s] for x, s in zip(xs, sent)])  # bytes for FP8
+    recv_scales = None
+    if x_scales is not None:
+        recv_scales = torch.cat([sc[s] for sc, s in zip(x_scales, sent)])
+    recv_src_idx = torch.cat(sent).to(torch.int32)
+    recv_src_rank = torch.cat([torch.full_like(s, r) for r, s in enumerate(sent)]).to(torch.int32)
+
+    recv_idx = recv_w = None
+    counts = []
+    if topk_idxs is not None:
+        idx = torch.cat([t[s] for t, s in zip(topk_idxs, sent)])
+        local = (idx >= rank * El) & (idx < (rank + 1) * El)
+        recv_idx = torch.where(local, idx - rank * El, torch.full_like(idx, -1))
+        if topk_weights is not None:
+            w = torch.cat([tw[s] for tw, s in zip(topk_weights, sent)]).float()
+            recv_w = torch.where(local, w, torch.zeros_like(w))
+        a = expert_alignment
+        counts = [(int((recv_idx == e).sum()) + a - 1) // a * a for e in range(El)]
+
+    if num_worst_tokens:
+        n = num_worst_tokens
+        recv_x = _pad_rows(recv_x, n)
+        recv_scales = None if recv_scales is None else _pad_rows(recv_scales, n)
+        recv_idx = None if recv_idx is None else _pad_rows(recv_idx, n, fill=-1)
+        recv_w = None if recv_w is None else _pad_rows(recv_w, n)
+        recv_src_idx = _pad_rows(recv_src_idx, n, fill=-1)
+        recv_src_rank = _pad_rows(recv_src_rank, n, fill=-1)
+        counts = []
+    recv_x = recv_x.view(xs[0].dtype)
+    return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, counts, recv_src_idx,
+                          recv_src_rank, _rank_prefix_matrix(is_token_in_ranks), N)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Normal-mode combine
+# ------------------------------------------------------------------------------------------------
+class CombineResult(NamedTuple):
+    combined_x: torch.Tensor                         # [T, H], xs' dtype
+    combined_topk_weights: Optional[torch.Tensor]    # [T, K] float32, or None
+
+
+def combine(xs: Tensors, is_token_in_ranks: Tensors, rank: int,
+            topk_weights: Optional[Tensors] = None,
+            bias: Union[None, torch.Tensor, tuple] = None) -> CombineResult:
+    """What token owner `rank` gets back from a normal-mode combine.
+
+    xs[j]: rank j's [N_j, H] rows in dispatch's receive order (padding rows past N_j are ignored);
+    topk_weights[j]: [N_j, K] float32 or None; is_token_in_ranks[r]: the dispatch routing of rank
+    r's tokens, [T_r, R] bool; bias: None, a [T, H] tensor or a (bias_0, bias_1) tuple (either may
+    be None). combined_x[t] = bias_0[t] + bias_1[t] + sum over ranks j (ascending) that token t
+    went to of xs[j][row of (rank, t)], added in float32 in exactly that order, rounded once to
+    xs' dtype.
+    combined_topk_weights[t] = the same sum (from 0, ranks ascending) of the topk_weights rows.
+    Tokens that went to no rank get the biases (zeros without).
+    """
+    R = len(xs)
+    mine = is_token_in_ranks[rank]
+    T, H = mine.shape[0], xs[0].shape[1]
+    dev = xs[0].device
+    acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    biases = bias if isinstance(bias, (tuple, list)) else (bias,)
+    for b in biases:
+        if b is not None:
+            acc += b.float()
+    wacc = None
+    if topk_weights is not None:
+        wacc = torch.zeros(T, topk_weights[0].shape[1], dtype=torch.float32, device=dev)
+    for j in range(R):
+        sent = mine[:, j]
+        begin = sum(int(m[:, j].sum()) for m in is_token_in_ranks[:rank])
+        rows = torch.arange(begin, begin + int(sent.sum()), device=dev)
+        acc[sent] = acc[sent] + xs[j][rows].float()
+        if wacc is not None:
+            wacc[sent] = wacc[sent] + topk_weights[j][rows].float()
+    return CombineResult(acc.to(xs[0].dtype), wacc)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. FP8 per-128-channel quantization
+# ------------------------------------------------------------------------------------------------
+def num_scales(hidden: int) -> int:
+    return (hidden + SCALE_GROUP - 1) // SCALE_GROUP
+
+
+def _expand_groups(s: torch.Tensor, hidden: int) -> torch.Tensor:
+    """[..., S] per-group values -> [..., H] per-channel values."""
+    return s.repeat_interleave(SCALE_GROUP, dim=-1)[..., :hidden]
+
+
+def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
+    """2 ** ceil(log2(v)) for positive normal float32 v, exactly, from the bits."""
+    bits = v.view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exp << 23).view(torch.float32)
+
+
+def pack_ue8m0(scale_inv: torch.Tensor) -> torch.Tensor:
+    """[..., S] power-of-two float32 scales -> [..., ceil(S/4)] int32: byte i of int j is the
+    biased exponent of group 4j + i (little-endian), the last int zero-padded."""
+    exp = ((scale_inv.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    pad = (-exp.shape[-1]) % 4
+    exp = torch.nn.functional.pad(exp, (0, pad))
+    return exp.contiguous().view(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Inverse of pack_ue8m0: [..., ceil(S/4)] int32 -> [..., S] float32 (2 ** (byte - 127))."""
+    exp = packed.contiguous().view(torch.uint8)[..., :num_groups].to(torch.int32)
+    return (exp << 23).view(torch.float32)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = False):
+    """Quantize [..., H] (bf16) to (x_fp8 [..., H] float8_e4m3fn, scales).
+
+    Per token and per group of 128 channels (the last group covers H % 128 channels when partial):
+      amax = max(|x|) in float32, clamped below by 1e-4; scale_inv = amax / 448 (IEEE division);
+      round_scale: scale_inv = 2 ** ceil(log2(scale_inv)) (exact, from the float bits);
+      x_fp8 = e4m3(clamp(float32(x) * (1 / scale_inv), -448, 448)), round to nearest even.
+    scales: float32 [..., S] holding scale_inv, or with use_ue8m0 (needs round_scale) the exponent
+    bytes packed four per int32, [..., ceil(S/4)] (see pack_ue8m0).
+    """
+    if use_ue8m0 and not round_scale:
+        raise ValueError("use_ue8m0 needs round_scale=True")
+    H = x.shape[-1]
+    S = num_scales(H)
+    xf = x.float()
+    padded = torch.nn.functional.pad(xf, (0, S * SCALE_GROUP - H))
+    amax = padded.view(*x.shape[:-1], S, SCALE_GROUP).abs().amax(dim=-1).clamp(min=AMAX_MIN)
+    # Tensor / tensor: torch's CUDA division by a Python scalar multiplies by its reciprocal.
+    scale_inv = amax / torch.full_like(amax, FP8_MAX)
+    if round_scale:
+        scale_inv = _pow2_ceil(scale_inv)
+    scale = torch.ones_like(scale_inv) / scale_inv
+    x_fp8 = (xf * _expand_groups(scale, H)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x_fp8, (pack_ue8m0(scale_inv) if use_ue8m0 else scale_inv)
+
+
+def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize: float32(x_fp8) * scale_inv of the channel's group, returned as `dtype`.
+    scales: float32 [..., S], or int32 [..., ceil(S/4)] packed UE8M0."""
+    H = x_fp8.shape[-1]
+    if scales.dtype == torch.int32:
+        scales = unpack_ue8m0(scales, num_scales(H))
+    return (x_fp8.float() * _expand_groups(scales.float(), H)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Low-latency dispatch
+# ------------------------------------------------------------------------------------------------
+class LowLatencyDispatchResult(NamedTuple):
+    recv_x: torch.Tensor                   # [El, R*M, H] bf16 or float8_e4m3fn
+    recv_x_scales: Optional[torch.Tensor]  # [El, R*M, S] float32 / [El, R*M, ceil(S/4)] int32
+    recv_count: torch.Tensor               # [El] int32
+    recv_src_info: torch.Tensor            # [El, R*M] int32, source token index per row
+    recv_layout_range: torch.Tensor        # [El, R] int64, (begin << 32) | count
+    recv_sources: list                     # per local expert: [(src_rank, src_token), ...]
+
+
+def decode_layout_range(v: int) -> tuple[int, int]:
+    """(begin, count) from a recv_layout_range entry."""
+    return v >> 32, v & 0xFFFFFFFF
+
+
+def _ll_tokens(topk_idxs: Tensors, expert: int) -> list[torch.Tensor]:
+    """For each source rank, the ascending tokens that selected `expert`."""
+    return [torch.nonzero((t == expert).any(dim=1)).flatten() for t in topk_idxs]
+
+
+def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
+                         num_max_dispatch_tokens_per_rank: int, use_fp8: bool = True,
+                         round_scale: bool = False,
+                         use_ue8m0: bool = False) -> LowLatencyDispatchResult:
+    """What rank `rank` receives from a low-latency dispatch, in one canonical placement.
+
+    xs[r]: rank r's [T_r, H] bf16 tokens (T_r <= M); topk_idxs[r]: [T_r, K] int64, -1 skipped,
+    experts distinct within a row. Every (token, expert of `rank`) pair is one row of
+    recv_x[local expert]. Here the rows of expert e are grouped by source rank ascending, tokens
+    ascending, source r's chunk at begin = sum of the counts of sources < r. Kernels may order
+    chunks and rows inside a chunk differently (compare with check_low_latency_dispatch).
+    FP8: rows are per_token_cast_to_fp8(row, round_scale, use_ue8m0); scales are returned as the
+    logical [El, R*M, S] tensor (DeepEP's is column-major in the last two dims: compare values).
+    Rows past recv_count[e] are unspecified (here zeros, src_info -1).
+    """
+    R, M = len(xs), num_max_dispatch_tokens_per_rank
+    El, H = num_experts // R, xs[0].shape[1]
+    dev = xs[0].device
+    for r, t in enumerate(topk_idxs):
+        _check_topk(t, num_experts, R)
+        _check_no_duplicates(t)
+        if t.shape[0] > M:
+            raise ValueError(f"rank {r} has {t.shape[0]} tokens > M={M}")
+    casts = [per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
+             for x in xs]
+    recv_x = torch.zeros(El, R * M, H, dtype=torch.uint8 if use_fp8 else xs[0].dtype, device=dev)
+    recv_scales = None
+    if use_fp8:
+        recv_scales = torch.zeros(El, R * M, casts[0][1].shape[1], dtype=casts[0][1].dtype,
+                                  device=dev)
+    recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
+    src_info = torch.full((El, R * M), -1, dtype=torch.int32, device=dev)
+    layout = torch.zeros(El, R, dtype=torch.int64, device=dev)
+    sources = []
+    for le in range(El):
+        begin, pairs = 0, []
+        for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
+            n = len(toks)
+            recv_x[le, begin:begin + n] = _as_bytes(casts[r][0])[toks]
+            if use_fp8:
+                recv_scales[le, begin:begin + n] = casts[r][1][toks]
+            src_info[le, begin:begin + n] = toks.to(torch.int32)
+            layout[le, r] = (begin << 32) | n
+            pairs += [(r, t) for t in toks.tolist()]
+            begin += n
+        recv_count[le] = begin
+        sources.append(pairs)
+    recv_x = recv_x.view(FP8) if use_fp8 else recv_x
+    return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout, sources)
+
+
+def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
+                               num_max_dispatch_tokens_per_rank: int, recv_x: torch.Tensor,
+                               recv_count: torch.Tensor, recv_src_info: torch.Tensor,
+                               recv_layout_range: torch.Tensor,
+                               recv_x_scales: Optional[torch.Tensor] = None,
+                               round_scale: bool = False, use_ue8m0: bool = False,
+                               exact_fp8: bool = False) -> None:
+    """Check a kernel's low-latency dispatch outputs for rank `rank`; raise AssertionError naming
+    the first difference. FP8 is recognized from recv_x's dtype.
+
+    Required: recv_count equal; for each local expert e and source r, layout range (begin, count)
+    with count equal to the reference, ranges disjoint and inside [0, recv_count[e]); the src_info
+    values of each range equal the reference tokens as a multiset; each row equals its source token
+    (named by src_info): BF16 bit-exact; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
+    scales equal (round_scale / UE8M0) or within 2^-20 relative (float scales), and every
+    dequantized element within 2^-4 * |x| + 2^-9 * scale_inv of the BF16 source x (RNE to e4m3
+    has relative error < 2^-4 for normals, and absolute error <= 2^-10 * scale_inv for subnormals).
+    """
+    use_fp8 = recv_x.dtype == FP8
+    ref = low_latency_dispatch(xs, topk_idxs, num_experts, rank, num_max_dispatch_tokens_per_rank,
+                               use_fp8, round_scale, use_ue8m0)
+    where = f"rank {rank}"
+    got_count, exp_count = recv_count.tolist(), ref.recv_count.tolist()
+    assert got_count == exp_count, f"{where}: recv_count {got_count}, expected {exp_count}"
+    El, R = ref.recv_layout_range.shape
+    for le in range(El):
+        spans = [decode_layout_range(int(v)) for v in recv_layout_range[le].tolist()]
+        for r, (begin, n) in enumerate(spans):
+            w = f"{where}, local expert {le}, source rank {r}"
+            n_ref = decode_layout_range(int(ref.recv_layout_range[le, r]))[1]
+            assert n == n_ref, f"{w}: layout count {n}, expected {n_ref}"
+            assert n == 0 or 0 <= begin and begin + n <= exp_count[le], \
+                f"{w}: range [{begin}, {begin + n}) outside [0, recv_count={exp_count[le]})"
+        used = sorted((b, n, r) for r, (b, n) in enumerate(spans) if n > 0)
+        for (b0, n0, r0), (b1, _, r1) in zip(used, used[1:]):
+            assert b0 + n0 <= b1, \
+                f"{where}, local expert {le}: ranges of sources {r0}, {r1} overlap"
+        for r, (begin, n) in enumerate(spans):
+            w = f"{where}, local expert {le}, source rank {r}"
+            toks = recv_src_info[le, begin:begin + n].long()
+            exp_toks = [t for s, t in ref.recv_sources[le] if s == r]
+            assert sorted(toks.tolist()) == exp_toks, \
+                f"{w}: src_info {sorted(toks.tolist())}, expected tokens {exp_toks}"
+            if n > 0:
+                got_s = None if recv_x_scales is None else recv_x_scales[le, begin:begin + n]
+                _check_ll_rows(w, xs[r][toks.to(xs[r].device)], recv_x[le, begin:begin + n],
+                               got_s, round_scale, use_ue8m0, exact_fp8)
+
+
+def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8):
+    """One (expert, source) chunk of LL dispatch rows against its BF16 source tokens."""
+    if got.dtype != FP8:
+        assert torch.equal(got, src), f"{w}: BF16 rows differ from the source tokens"
+        return
+    assert got_s is not None, f"{w}: FP8 rows need recv_x_scales"
+    q, s = per_token_cast_to_fp8(src, round_scale, use_ue8m0)
+    if exact_fp8:
+        assert torch.equal(got.view(torch.uint8), q.view(torch.uint8)), \
+            f"{w}: FP8 bytes differ from per_token_cast_to_fp8"
+    if exact_fp8 or round_scale:
+        assert torch.equal(got_s, s), f"{w}: scales {got_s.tolist()}, expected {s.tolist()}"
+    else:
+        assert torch.allclose(got_s, s, rtol=2 ** -20, atol=0), \
+            f"{w}: scales {got_s.tolist()}, expected {s.tolist()}"
+    H = src.shape[1]
+    scale_inv = unpack_ue8m0(got_s, num_scales(H)) if use_ue8m0 else got_s
+    err = (per_token_cast_back(got, scale_inv) - src.float()).abs()
+    tol = src.float().abs() * 2 ** -4 + _expand_groups(scale_inv, H) * 2 ** -9
+    bad = ~(err <= tol)
+    assert not bool(bad.any()), \
+        f"{w}: FP8 element {bad.nonzero()[0].tolist()} off by {err[bad].max().item()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Low-latency combine
+# ------------------------------------------------------------------------------------------------
+def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        rank: int, recv_src_infos: Tensors,
+                        recv_layout_ranges: Tensors) -> torch.Tensor:
+    """What token owner `rank` gets from a low-latency combine: [T, H] in xs' dtype (bf16).
+
+    xs[j]: rank j's expert outputs [El, R*M, H], row i of local expert e being the output for the
+    row the LL dispatch placed there; recv_src_infos[j] / recv_layout_ranges[j]: rank j's LL handle
+    (any placement, e.g. a kernel's). topk_idx / topk_weights: rank `rank`'s [T, K] int64 / float32
+    (the dispatch's top-k). combined[t] = sum over k ascending with topk_idx[t][k] != -1 of
+    float32(weight[t][k]) * float32(y_k), added in float32 (multiply, round, add, round), rounded
+    once to bf16; y_k is the row of expert topk_idx[t][k] (on rank e // El, local e % El) inside
+    source `rank`'s range whose src_info is t. Tokens with no expert get zeros.
+    """
+    R = len(xs)
+    El, RM, H = xs[0].shape
+    _check_topk(topk_idx, El * R, R)
+    _check_no_duplicates(topk_idx)
+    T, K = topk_idx.shape
+    dev = xs[0].device
+    row_of = {}  # (global expert, token) -> row of xs[owner].view(El * R * M, H)
+    for j in range(R):
+        lay, info = recv_layout_ranges[j].tolist(), recv_src_infos[j].tolist()
+        for le in range(El):
+            begin, n = decode_layout_range(lay[le][rank])
+            for row in range(begin, begin + n):
+                row_of[(j * El + le, info[le][row])] = le * RM + row
+    y = torch.zeros(T, K, H, dtype=torch.float32, device=dev)  # y[t, k] = output of slot k
+    idx = topk_idx.tolist()
+    for j in range(R):
+        slots = [(t, k) for t in range(T) for k in range(K) if idx[t][k] // El == j]
+        for t, k in slots:
+            if (idx[t][k], t) not in row_of:
+                raise ValueError(f"token {t} of rank {rank} is missing from the rows of expert "
+                                 f"{idx[t][k]}")
+        if slots:
+            ts, ks = (torch.tensor(v, device=dev) for v in zip(*slots))
+            rows = torch.tensor([row_of[(idx[t][k], t)] for t, k in slots], device=dev)
+            y[ts, ks] = xs[j].reshape(El * RM, H)[rows].float()
+    valid, w = (topk_idx >= 0).to(dev), topk_weights.float().to(dev)
+    acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    for k in range(K):
+        acc = torch.where(valid[:, k:k + 1], acc + w[:, k:k + 1] * y[:, k], acc)
+    return acc.to(xs[0].dtype)

@@ -1,0 +1,1 @@
+"""NVSHMEM host side, module loading + launching, the device error word, events."""

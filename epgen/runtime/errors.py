@@ -1,0 +1,51 @@
+"""The device error word: mapped pinned host memory that kernels report into.
+
+Kernels never trap. The first error (timeout, bad index, over capacity) wins a system-scope
+compare-and-swap on word[0] and fills op/rank/peer/detail; every other wait then gives up. The
+host reads the word at every Buffer call with no device sync, so CUDA graphs and the no-SM
+receive hook stay intact.
+"""
+from __future__ import annotations
+
+from .hostmem import MappedHostArray
+
+WORDS = 8
+CODES = {1: "timed out waiting", 2: "topk_idx value out of range", 3: "count over capacity",
+         4: "bad argument"}
+OPS = {1: "get_dispatch_layout", 2: "dispatch", 3: "combine", 4: "dispatch notify",
+       5: "low_latency_dispatch", 6: "low_latency_combine", 7: "cached notify",
+       8: "clean_low_latency_buffer"}
+OP_CODES = {v: k for k, v in OPS.items()}
+
+
+class EpgenDeviceError(RuntimeError):
+    """An error a kernel reported; after it only Buffer.destroy() is valid."""
+
+    def __init__(self, code, op, rank, peer, detail):
+        self.code, self.op, self.rank, self.peer, self.detail = code, op, rank, peer, detail
+        what = CODES.get(code, f"error code {code}")
+        peer_txt = f" for peer rank {peer}" if peer >= 0 else ""
+        super().__init__(f"epgen: rank {rank}: {OPS.get(op, f'op {op}')} {what}{peer_txt} "
+                         f"(detail {detail}); the Buffer is unusable, call destroy()")
+
+
+class ErrorWord:
+    def __init__(self):
+        self._memory = MappedHostArray(WORDS)
+        self.device_ptr = self._memory.device_ptr
+        self.words = self._memory.values
+        self.reset()
+
+    def reset(self) -> None:
+        self._memory.fill(0)
+
+    def raised(self) -> bool:
+        return self.words[0] != 0
+
+    def check(self) -> None:
+        w = self.words
+        if w[0] != 0:
+            raise EpgenDeviceError(w[0], w[1], w[2], w[3], w[4])
+
+    def free(self) -> None:
+        self._memory.free()

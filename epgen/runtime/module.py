@@ -1,0 +1,86 @@
+"""Cubin -> CUmodule (+ NVSHMEM module init) -> function; launches. Loaded once per device."""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from ..cache import CacheEntry
+from .cuda import c_params, check, driver
+
+# NVSHMEM keeps its device state in this symbol; modules without it need no module init.
+NVSHMEM_STATE_SYMBOL = b"nvshmemi_device_state_d"
+
+_modules: dict[tuple[str, int], "LoadedModule"] = {}
+_lock = threading.Lock()
+
+
+class LoadedModule:
+    def __init__(self, entry: CacheEntry, device: int, nvshmem_init):
+        d = driver()
+        self.entry = entry
+        self.device = device
+        self.module = check(d.cuModuleLoadData(entry.cubin), f"cuModuleLoadData({entry.name})")
+        self.uses_nvshmem = NVSHMEM_STATE_SYMBOL in entry.cubin
+        self.nvshmem_initialized = False
+        if self.uses_nvshmem and nvshmem_init is not None:
+            nvshmem_init(self.module)
+            self.nvshmem_initialized = True
+        self.functions: dict[str, Kernel] = {}
+
+    def function(self, entry_name: str) -> "Kernel":
+        f = self.functions.get(entry_name)
+        if f is None:
+            d = driver()
+            mangled = self.entry.lowered(entry_name)
+            handle = check(d.cuModuleGetFunction(self.module, mangled.encode()),
+                           f"cuModuleGetFunction({entry_name})")
+            f = self.functions[entry_name] = Kernel(handle, entry_name)
+        return f
+
+    def unload(self, nvshmem_finalize=None) -> None:
+        d = driver()
+        if self.nvshmem_initialized and nvshmem_finalize is not None:
+            nvshmem_finalize(self.module)
+        d.cuModuleUnload(self.module)
+
+
+class Kernel:
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+        self._max_smem_set = 0
+
+    def set_max_dynamic_smem(self, nbytes: int) -> None:
+        if nbytes > 48 * 1024 and nbytes > self._max_smem_set:
+            d = driver()
+            attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(d.cuFuncSetAttribute(self.handle, attr, nbytes), f"set smem of {self.name}")
+            self._max_smem_set = nbytes
+
+    def launch(self, grid: int, block: int, args: ctypes.Structure, stream: int,
+               smem: int = 0, cooperative: bool = False) -> None:
+        """Launch with one by-value struct argument on a raw stream handle (int)."""
+        d = driver()
+        self.set_max_dynamic_smem(smem)
+        params, _keep = c_params(args)
+        if cooperative:
+            check(d.cuLaunchCooperativeKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
+                                              ctypes.addressof(params)), f"launch {self.name}")
+        else:
+            check(d.cuLaunchKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
+                                   ctypes.addressof(params), 0), f"launch {self.name}")
+
+
+def load(entry: CacheEntry, device: int, nvshmem_init=None) -> LoadedModule:
+    """The module of a cache entry on a device, loaded (and NVSHMEM-initialised) once."""
+    key = (entry.path, device)
+    with _lock:
+        m = _modules.get(key)
+        if m is None:
+            m = _modules[key] = LoadedModule(entry, device, nvshmem_init)
+        return m
+
+
+def unload_all(device: int | None = None, nvshmem_finalize=None) -> None:
+    with _lock:
+        for key in [k for k in _modules if device is None or k[1] == device]:
+            _modules.pop(key).unload(nvshmem_finalize)

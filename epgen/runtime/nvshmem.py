@@ -1,0 +1,181 @@
+"""NVSHMEM host library (ctypes on the wheel's libnvshmem_host.so.3, the copy torch loads).
+
+Initialised once per process over torch.distributed's WORLD by unique-id broadcast; an
+NVSHMEM that is already initialised in the process (torch's symmetric memory, say) is
+detected and reused. Symmetric allocations are collective over WORLD: every rank allocates
+the same sizes in the same order.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import struct
+import threading
+
+from .. import toolchain
+
+# Must be in place before NVSHMEM (or NCCL) loads: multicast objects can take the shared GPUs
+# down, so these are forced, not defaulted.
+FORCED_ENV = {
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "NVSHMEM_DISABLE_NVLS_SHARING": "1",
+    "NVSHMEM_DISABLE_MNNVL": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
+DEFAULT_ENV = {
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",   # single node: rendezvous on loopback
+    "NVSHMEM_DISABLE_NCCL": "1",
+}
+
+INIT_WITH_UNIQUEID = 1 << 3
+STATUS_IS_INITIALIZED = 2
+UID_BYTES, ATTR_BYTES, ARGS_BYTES, UID_ARGS_BYTES = 128, 144, 128, 24
+_GRANULE = 512 << 20
+
+
+def apply_environment(heap_bytes: int, multi_node: bool) -> None:
+    for k, v in FORCED_ENV.items():
+        os.environ[k] = v
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    if not multi_node:
+        os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")   # NVLink P2P only
+    if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+        size = max(1 << 30, -(-int(heap_bytes * 1.05 + (256 << 20)) // _GRANULE) * _GRANULE)
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
+
+
+class NvshmemError(RuntimeError):
+    pass
+
+
+class NvshmemHost:
+    _SIGNATURES = {
+        "nvshmemx_vendor_get_version_info": (None, [ctypes.POINTER(ctypes.c_int)] * 3),
+        "nvshmemx_get_uniqueid": (ctypes.c_int, [ctypes.c_void_p]),
+        "nvshmemx_set_attr_uniqueid_args": (ctypes.c_int, [ctypes.c_int, ctypes.c_int,
+                                                           ctypes.c_void_p, ctypes.c_void_p]),
+        "nvshmemx_hostlib_init_attr": (ctypes.c_int, [ctypes.c_uint, ctypes.c_void_p]),
+        "nvshmemx_hostlib_finalize": (None, []),
+        "nvshmemx_init_status": (ctypes.c_int, []),
+        "nvshmem_my_pe": (ctypes.c_int, []),
+        "nvshmem_n_pes": (ctypes.c_int, []),
+        "nvshmem_malloc": (ctypes.c_void_p, [ctypes.c_size_t]),
+        "nvshmem_free": (None, [ctypes.c_void_p]),
+        "nvshmem_ptr": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]),
+        "nvshmemx_cumodule_init": (ctypes.c_int, [ctypes.c_void_p]),
+        "nvshmemx_cumodule_finalize": (ctypes.c_int, [ctypes.c_void_p]),
+        "nvshmem_barrier_all": (None, []),
+    }
+
+    def __init__(self):
+        path = toolchain.nvshmem_host_library()
+        self.path = path
+        self.lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        for name, (res, argtypes) in self._SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = res, argtypes
+        self.owned = False        # True when epgen initialised NVSHMEM (and so finalises it)
+        self._uid = self._attr = None
+
+    def version(self) -> tuple[int, int, int]:
+        a, b, c = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        self.lib.nvshmemx_vendor_get_version_info(ctypes.byref(a), ctypes.byref(b), ctypes.byref(c))
+        return a.value, b.value, c.value
+
+    def initialized(self) -> bool:
+        return self.lib.nvshmemx_init_status() >= STATUS_IS_INITIALIZED
+
+    def init_over_world(self) -> None:
+        """Unique-id bootstrap over torch.distributed WORLD (all ranks call this)."""
+        import torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+        uid = [None]
+        if rank == 0:
+            buf = ctypes.create_string_buffer(UID_BYTES)
+            struct.pack_into("<i", buf, 0, (1 << 16) + UID_BYTES)
+            rc = self.lib.nvshmemx_get_uniqueid(buf)
+            if rc != 0:
+                raise NvshmemError(f"nvshmemx_get_uniqueid returned {rc}")
+            uid = [buf.raw]
+        dist.broadcast_object_list(uid, src=0)
+        self._uid = ctypes.create_string_buffer(uid[0], UID_BYTES)   # must outlive init
+        attr = ctypes.create_string_buffer(ATTR_BYTES)
+        struct.pack_into("<i", attr, 0, (1 << 16) + ATTR_BYTES)
+        struct.pack_into("<i", attr, 16, (1 << 16) + ARGS_BYTES)
+        struct.pack_into("<i", attr, 24, (1 << 16) + UID_ARGS_BYTES)
+        rc = self.lib.nvshmemx_set_attr_uniqueid_args(rank, world, self._uid, attr)
+        if rc != 0:
+            raise NvshmemError(f"nvshmemx_set_attr_uniqueid_args returned {rc}")
+        self._attr = attr
+        rc = self.lib.nvshmemx_hostlib_init_attr(INIT_WITH_UNIQUEID, attr)
+        if rc != 0:
+            raise NvshmemError(f"nvshmemx_hostlib_init_attr returned {rc} on rank {rank}")
+        if self.lib.nvshmem_n_pes() != world:
+            raise NvshmemError(f"NVSHMEM has {self.lib.nvshmem_n_pes()} PEs, WORLD has {world}")
+        self.owned = True
+
+    def my_pe(self) -> int:
+        return self.lib.nvshmem_my_pe()
+
+    def n_pes(self) -> int:
+        return self.lib.nvshmem_n_pes()
+
+    def malloc(self, nbytes: int) -> int:
+        p = self.lib.nvshmem_malloc(max(nbytes, 16))
+        if not p:
+            raise NvshmemError(
+                f"nvshmem_malloc({nbytes}) failed: the symmetric heap is too small; set "
+                f"NVSHMEM_SYMMETRIC_SIZE (now {os.environ.get('NVSHMEM_SYMMETRIC_SIZE')}) "
+                "before the first Buffer is created")
+        return int(p)
+
+    def free(self, ptr: int) -> None:
+        self.lib.nvshmem_free(ctypes.c_void_p(ptr))
+
+    def peer_ptr(self, ptr: int, pe: int) -> int:
+        return int(self.lib.nvshmem_ptr(ctypes.c_void_p(ptr), pe) or 0)
+
+    def module_init(self, module) -> None:
+        rc = self.lib.nvshmemx_cumodule_init(ctypes.c_void_p(int(module)))
+        if rc != 0:
+            raise NvshmemError(f"nvshmemx_cumodule_init returned {rc}")
+
+    def module_finalize(self, module) -> None:
+        self.lib.nvshmemx_cumodule_finalize(ctypes.c_void_p(int(module)))
+
+    def barrier_all(self) -> None:
+        self.lib.nvshmem_barrier_all()
+
+    def finalize(self, timeout_s: float = 20.0) -> None:
+        """Finalise if epgen owns NVSHMEM; never hangs (a stuck peer leaves it skipped)."""
+        if not self.owned:
+            return
+        self.owned = False
+        t = threading.Thread(target=self.lib.nvshmemx_hostlib_finalize, daemon=True)
+        t.start()
+        t.join(timeout_s)
+
+
+_host: NvshmemHost | None = None
+_host_lock = threading.Lock()
+
+
+def host(heap_bytes: int = 0, multi_node: bool = False) -> NvshmemHost:
+    """The process's NVSHMEM, initialised over WORLD on first use (collective then)."""
+    global _host
+    with _host_lock:
+        if _host is None:
+            apply_environment(heap_bytes, multi_node)
+            h = NvshmemHost()
+            if not h.initialized():
+                h.init_over_world()
+                atexit.register(h.finalize)
+            _host = h
+        return _host
+
+
+def current() -> NvshmemHost | None:
+    return _host

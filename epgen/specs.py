@@ -1,0 +1,277 @@
+"""Kernel specs: the complete compile-time identity of each generated kernel family.
+
+A spec is a frozen dataclass. Every value that changes the binary is one of its fields, and
+nothing else does (no stray -D flags): spec -> rendered source -> cache key. Fields with
+defaults are rendered only when they differ from the default, so adding one keeps old keys.
+Run-time values (token counts, SM counts, max tokens per rank, ring sizes) are never fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+NAMESPACE = "epgen"
+DTYPES = ("bf16", "fp8")
+MAX_TOPK = 32
+MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
+MAX_NVL_RANKS = 8
+MAX_EXPERTS = 1024
+SCALE_GROUP = 128        # FP8 channels per float32 scale
+
+
+class SpecError(ValueError):
+    """An impossible spec: names the field, its value and the rule it breaks."""
+
+
+def _require(ok: bool, spec: str, field: str, value, rule: str) -> None:
+    if not ok:
+        raise SpecError(f"{spec}.{field}={value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Base of every family. Subclasses set `family`, `template` and `entry_kinds`."""
+
+    family: ClassVar[str] = ""
+    template: ClassVar[str] = ""
+    # Kernels the translation unit defines, by role; the first is the one doing the work.
+    entry_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                _require(isinstance(value, int) and not isinstance(value, bool),
+                         type(self).__name__, f.name, value, "must be an int")
+            if f.type in ("bool", bool):
+                _require(isinstance(value, bool), type(self).__name__, f.name, value,
+                         "must be a bool")
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - every family overrides
+        raise NotImplementedError
+
+    def _req(self, ok: bool, field: str, rule: str) -> None:
+        _require(ok, type(self).__name__, field, getattr(self, field), rule)
+
+    # -- identity --------------------------------------------------------------------------
+    def fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def rendered_fields(self) -> dict:
+        """Required fields always, defaulted fields only where they differ from the default."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is dataclasses.MISSING or value != f.default:
+                out[f.name] = value
+        return out
+
+    @property
+    def tag(self) -> str:
+        """Short readable suffix plus a hash of every rendered field (unique per spec)."""
+        digest = hashlib.sha256(json.dumps(
+            {"family": self.family, **self.rendered_fields()}, sort_keys=True).encode())
+        return f"{self.readable_tag()}_{digest.hexdigest()[:6]}"
+
+    def readable_tag(self) -> str:
+        return "_".join(f"{k}{v}" for k, v in self.rendered_fields().items())
+
+    def kernel_name(self, kind: str | None = None) -> str:
+        """Unqualified C++ name of one entry kernel; derived here only."""
+        kind = kind or self.entry_kinds[0]
+        if kind not in self.entry_kinds:
+            raise KeyError(f"{type(self).__name__} has no kernel of kind {kind!r} "
+                           f"(has {self.entry_kinds})")
+        return f"{kind}_{self.tag}"
+
+    def entry(self, kind: str | None = None) -> str:
+        """Qualified name as NVRTC name expression and for lookup: `epgen::dispatch_...`."""
+        return f"{NAMESPACE}::{self.kernel_name(kind)}"
+
+    @property
+    def name(self) -> str:
+        """The cache entry's name: the main kernel's name."""
+        return self.kernel_name()
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
+
+    def to_json(self) -> dict:
+        return {"family": self.family, **self.fields()}
+
+
+def _check_common(spec: KernelSpec, *, hidden: bool = True, topk: bool = True,
+                  experts: bool = True, ranks_max: int = MAX_RANKS) -> None:
+    spec._req(2 <= spec.num_ranks <= ranks_max, "num_ranks", f"must be in [2, {ranks_max}]")
+    if experts:
+        spec._req(0 < spec.num_experts <= MAX_EXPERTS, "num_experts", f"must be in [1, {MAX_EXPERTS}]")
+        spec._req(spec.num_experts % spec.num_ranks == 0, "num_experts",
+                  f"must be divisible by num_ranks={spec.num_ranks}")
+    if topk:
+        spec._req(0 <= spec.num_topk <= MAX_TOPK, "num_topk", f"must be in [0, {MAX_TOPK}] (0: no top-k)")
+        if experts:
+            spec._req(spec.num_topk <= spec.num_experts, "num_topk",
+                      f"must be <= num_experts={spec.num_experts}")
+    if hidden:
+        spec._req(spec.hidden > 0, "hidden", "must be positive")
+
+
+def num_scales(hidden: int) -> int:
+    """FP8 scale columns: one per 128 channels, the last group partial if needed."""
+    return (hidden + SCALE_GROUP - 1) // SCALE_GROUP
+
+
+@dataclass(frozen=True)
+class LayoutSpec(KernelSpec):
+    """get_dispatch_layout: per-rank / per-expert counts and the token-in-rank mask."""
+    family: ClassVar[str] = "layout"
+    template: ClassVar[str] = "layout.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("layout",)
+
+    num_ranks: int
+    num_experts: int
+    num_topk: int
+    threads: int = 256
+
+    def validate(self):
+        _check_common(self, hidden=False)
+        self._req(self.num_topk >= 1, "num_topk", "must be >= 1 (layout needs top-k indices)")
+        self._req(self.threads in (128, 256, 512), "threads", "must be 128, 256 or 512")
+
+    def readable_tag(self):
+        return f"k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+
+
+@dataclass(frozen=True)
+class NormalDispatchSpec(KernelSpec):
+    """Normal-mode intranode dispatch (+ its notify helper) over NVLink."""
+    family: ClassVar[str] = "normal_dispatch"
+    template: ClassVar[str] = "normal_dispatch.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch", "notify")
+
+    hidden: int
+    num_topk: int          # 0: dispatch without top-k indices/weights
+    num_experts: int
+    num_ranks: int
+    dtype: str = "bf16"    # on the wire: bf16 rows, or fp8 e4m3 rows + float32 scales
+    threads: int = 768
+
+    def validate(self):
+        _check_common(self, ranks_max=MAX_NVL_RANKS)
+        self._req(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        rule = 16 if self.dtype == "fp8" else 8
+        self._req(self.hidden % rule == 0, "hidden",
+                  f"must be a multiple of {rule} for {self.dtype} (16-byte rows)")
+        self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
+                  "must be a multiple of 32 in [256, 1024]")
+
+    @property
+    def num_scales(self) -> int:
+        return num_scales(self.hidden) if self.dtype == "fp8" else 0
+
+    def readable_tag(self):
+        return f"{self.dtype}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+
+
+@dataclass(frozen=True)
+class NormalCombineSpec(KernelSpec):
+    """Normal-mode intranode combine: sum over the ranks a token went to, plus biases."""
+    family: ClassVar[str] = "normal_combine"
+    template: ClassVar[str] = "normal_combine.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+
+    hidden: int
+    num_topk: int          # 0: no top-k weights to combine
+    num_ranks: int
+    num_biases: int = 0
+    threads: int = 768
+
+    def validate(self):
+        _check_common(self, experts=False, ranks_max=MAX_NVL_RANKS)
+        self._req(self.hidden % 8 == 0, "hidden", "must be a multiple of 8 (16-byte bf16 rows)")
+        self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
+        self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
+                  "must be a multiple of 32 in [256, 1024]")
+
+    def readable_tag(self):
+        return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
+
+
+@dataclass(frozen=True)
+class LowLatencyDispatchSpec(KernelSpec):
+    """Low-latency dispatch: one launch per phase (send, receive, or both)."""
+    family: ClassVar[str] = "ll_dispatch"
+    template: ClassVar[str] = "ll_dispatch.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch",)
+
+    hidden: int
+    num_topk: int
+    num_experts: int
+    num_ranks: int
+    use_fp8: bool = True
+    round_scale: bool = False
+    use_ue8m0: bool = False
+    threads: int = 1024
+
+    def validate(self):
+        _check_common(self)
+        self._req(self.num_topk >= 1, "num_topk", "must be >= 1")
+        self._req(self.hidden % 16 == 0, "hidden", "must be a multiple of 16 in low-latency mode")
+        if self.use_ue8m0:
+            self._req(self.round_scale, "use_ue8m0", "needs round_scale=True")
+        if not self.use_fp8:
+            self._req(not self.round_scale and not self.use_ue8m0, "round_scale",
+                      "round_scale/use_ue8m0 need use_fp8=True")
+        self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
+                  "must be a multiple of 32 in [256, 1024]")
+
+    @property
+    def num_scales(self) -> int:
+        return num_scales(self.hidden) if self.use_fp8 else 0
+
+    def readable_tag(self):
+        dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
+            if self.use_fp8 else "bf16"
+        return f"{dt}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+
+
+@dataclass(frozen=True)
+class LowLatencyCombineSpec(KernelSpec):
+    """Low-latency combine: weighted sum of expert outputs, skipping topk_idx == -1."""
+    family: ClassVar[str] = "ll_combine"
+    template: ClassVar[str] = "ll_combine.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+
+    hidden: int
+    num_topk: int
+    num_experts: int
+    num_ranks: int
+    threads: int = 1024
+
+    def validate(self):
+        _check_common(self)
+        self._req(self.num_topk >= 1, "num_topk", "must be >= 1")
+        self._req(self.hidden % 16 == 0, "hidden", "must be a multiple of 16 in low-latency mode")
+        self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
+                  "must be a multiple of 32 in [256, 1024]")
+
+    def readable_tag(self):
+        return f"bf16_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+
+
+FAMILIES: dict[str, type[KernelSpec]] = {
+    cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
+                                LowLatencyDispatchSpec, LowLatencyCombineSpec)
+}
+
+
+def spec_from_json(data: dict) -> KernelSpec:
+    data = dict(data)
+    family = data.pop("family")
+    if family not in FAMILIES:
+        raise SpecError(f"family={family!r}: must be one of {sorted(FAMILIES)}")
+    return FAMILIES[family](**data)

@@ -1,0 +1,147 @@
+// Shared device helpers: memory-ordering primitives, 16-byte copies, deadlines, the error word.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda/std/cstdint>
+
+namespace epgen {
+
+using ::cuda::std::int64_t;
+using ::cuda::std::uint64_t;
+using ::cuda::std::int32_t;
+using ::cuda::std::uint32_t;
+
+// ---- error word (mapped pinned host memory, see epgen/runtime/errors.py) ----------------
+// word[0] code (0: none; first error wins), [1] op, [2] rank, [3] peer, [4] detail.
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadIndex = 2, kErrCapacity = 3,
+                       kErrBadArg = 4 };
+
+struct ErrorCtx {
+    int* word;
+    unsigned long long deadline;
+    int rank;
+    int op;
+};
+
+template <typename Args>
+__device__ __forceinline__ ErrorCtx make_error_ctx(const Args& a) {
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return ErrorCtx{a.error_word, now + a.timeout_ns, a.rank, a.op};
+}
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void report_error(const ErrorCtx& e, int code, int peer, int detail) {
+    if (atomicCAS_system(e.word, 0, code) == 0) {
+        volatile int* w = e.word;
+        w[1] = e.op; w[2] = e.rank; w[3] = peer; w[4] = detail;
+        __threadfence_system();
+    }
+}
+
+__device__ __forceinline__ bool error_raised(const ErrorCtx& e) {
+    return *reinterpret_cast<volatile int*>(e.word) != 0;
+}
+
+// ---- memory ordering across GPUs (scope must be .sys for peers' writes) -----------------
+__device__ __forceinline__ int ld_acquire_sys(const int* p) {
+    int v; asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+__device__ __forceinline__ long long ld_acquire_sys(const long long* p) {
+    long long v; asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
+}
+__device__ __forceinline__ void st_release_sys(int* p, int v) {
+    asm volatile("st.release.sys.global.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_sys(long long* p, long long v) {
+    asm volatile("st.release.sys.global.s64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ int ld_volatile(const int* p) {
+    int v; asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+__device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
+    int old; asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Spin until pred() holds; false when the deadline passed or another thread raised an error
+// (then the error word says which). Checks the clock and the word every 256 polls only.
+template <typename Pred>
+__device__ __forceinline__ bool wait_until(const ErrorCtx& e, int peer, int detail, Pred pred) {
+    unsigned iter = 0;
+    while (!pred()) {
+        if ((++iter & 255u) == 0) {
+            if (error_raised(e)) return false;
+            if (globaltimer() > e.deadline) { report_error(e, kErrTimeout, peer, detail); return false; }
+        }
+    }
+    return true;
+}
+
+// ---- 16-byte copies ---------------------------------------------------------------------
+// Read-only input (never written during the kernel): the non-coherent path is legal.
+__device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// Data another GPU wrote during this kernel, after an acquire: a weak, L1-bypassing load.
+__device__ __forceinline__ int4 ld_v4(const int4* p) {
+    int4 v;
+    asm volatile("ld.global.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void st_v4(int4* p, const int4& v) {
+    asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1,%2,%3,%4};"
+                 :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+// Warp copy of N 16-byte units, UNROLL loads in flight per lane before the stores.
+template <int N, int UNROLL, bool SRC_READ_ONLY>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) {
+    constexpr int kStep = 32 * UNROLL;
+    #pragma unroll 1
+    for (int base = 0; base < (N / kStep) * kStep; base += kStep) {
+        int4 v[UNROLL];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            v[u] = SRC_READ_ONLY ? ld_nc_v4(src + base + u * 32 + lane) : ld_v4(src + base + u * 32 + lane);
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) st_v4(dst + base + u * 32 + lane, v[u]);
+    }
+    constexpr int kTail = (N / kStep) * kStep;
+    #pragma unroll
+    for (int i = kTail + lane; i < N; i += 32)
+        st_v4(dst + i, SRC_READ_ONLY ? ld_nc_v4(src + i) : ld_v4(src + i));
+}
+
+// Run-time length variant (bytes must be a multiple of 16).
+__device__ __forceinline__ void warp_copy_n(int4* dst, const int4* src, int n, int lane) {
+    for (int i = lane; i < n; i += 32) st_v4(dst + i, ld_v4(src + i));
+}
+
+__device__ __forceinline__ int warp_reduce_sum(int v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_reduce_max(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Named barrier for a subgroup of warps (the unaligned form: safe from divergent paths).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("barrier.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace epgen
