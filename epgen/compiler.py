@@ -7,8 +7,13 @@ device-state symbols that `nvshmemx_cumodule_init` fills.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -44,6 +49,11 @@ class CompileResult:
     resources: dict[str, dict]      # mangled kernel -> {"registers": n, "spill_stores": n, ...}
 
 
+PRELUDE = "prelude.cuh"
+PCH_HEAP_BYTES = 1 << 30          # NVSHMEM's headers need ~190 MB of PCH heap
+_pch_lock = threading.Lock()
+
+
 def options_for(arch: str) -> list[str]:
     return [f"-arch={arch}", *BASE_OPTIONS]
 
@@ -59,8 +69,53 @@ def _nvrtc_log(nvrtc, prog) -> str:
     return buf.decode(errors="replace").rstrip("\x00 \n")
 
 
+def pch_path(pch_dir: str, arch: str, toolchain: Toolchain) -> str:
+    """The precompiled prelude for this toolchain, arch and header content (a cache entry of
+    its own: the same things that key a kernel key it; no absolute paths)."""
+    h = hashlib.sha256()
+    h.update(repr((sorted(toolchain.signature().items()), options_for(arch))).encode())
+    for name in sorted(os.listdir(TEMPLATES_DIR)):
+        if name.endswith(".cuh"):
+            with open(os.path.join(TEMPLATES_DIR, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return os.path.join(pch_dir, f"prelude.{arch}.{h.hexdigest()[:24]}.pch")
+
+
+def ensure_pch(pch_dir: str, arch: str, toolchain: Toolchain) -> str | None:
+    """Create the prelude PCH once (across threads and processes); None if NVRTC can't."""
+    from cuda.bindings import nvrtc
+    path = pch_path(pch_dir, arch, toolchain)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(pch_dir, exist_ok=True)
+    with _pch_lock, open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            return path
+        fd, tmp = tempfile.mkstemp(dir=pch_dir, suffix=".pch.tmp")
+        os.close(fd)
+        nvrtc.nvrtcSetPCHHeapSize(PCH_HEAP_BYTES)
+        src = f'#include "{PRELUDE}"\n'
+        err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"epgen_prelude.cu", 0, [], [])
+        try:
+            opts = [o.encode() for o in options_for(arch) + include_options(toolchain)
+                    + [f"--create-pch={tmp}"]]
+            (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+            (status,) = nvrtc.nvrtcGetPCHCreateStatus(prog)
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        if res != nvrtc.nvrtcResult.NVRTC_SUCCESS or status != nvrtc.nvrtcResult.NVRTC_SUCCESS \
+                or os.path.getsize(tmp) == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+        os.replace(tmp, path)
+        return path
+
+
 def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
-                   name_expressions: list[str], what: str) -> tuple[bytes, dict[str, str], str]:
+                   name_expressions: list[str], what: str,
+                   pch: str | None = None) -> tuple[bytes, dict[str, str], str]:
     from cuda.bindings import nvrtc
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], [])
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -70,7 +125,10 @@ def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
             (err,) = nvrtc.nvrtcAddNameExpression(prog, expr.encode())
             if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
                 raise CompileError("nvrtcAddNameExpression", f"{expr}: {err}", what)
-        opts = [o.encode() for o in options_for(arch) + include_options(toolchain)]
+        # A PCH only saves parsing: it never changes the binary (tests check), so it is not
+        # part of the key.
+        extra = [f"--use-pch={pch}"] if pch else []
+        opts = [o.encode() for o in options_for(arch) + include_options(toolchain) + extra]
         (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         log = _nvrtc_log(nvrtc, prog)
         if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -143,10 +201,15 @@ def link(ltoir: bytes, arch: str, toolchain: Toolchain, what: str) -> tuple[byte
 
 
 def compile_source(source: str, filename: str, arch: str, toolchain: Toolchain,
-                   name_expressions: list[str], what: str) -> CompileResult:
+                   name_expressions: list[str], what: str,
+                   pch_dir: str | None = None) -> CompileResult:
+    """pch_dir: where the prelude PCH lives (created on first use); None compiles without."""
+    pch = None
+    if pch_dir and f'#include "{PRELUDE}"' in source.splitlines()[:3]:
+        pch = ensure_pch(pch_dir, arch, toolchain)
     t0 = time.perf_counter()
     ltoir, lowered, nvrtc_log = nvrtc_to_ltoir(source, filename, arch, toolchain,
-                                               name_expressions, what)
+                                               name_expressions, what, pch)
     t1 = time.perf_counter()
     cubin, link_log = link(ltoir, arch, toolchain, what)
     t2 = time.perf_counter()

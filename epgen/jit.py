@@ -92,7 +92,9 @@ def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
     tc = toolchain.discover()
     entries = [spec.entry(kind) for kind in spec.entry_kinds]
     what = f"{spec.describe()} on {arch}"
-    result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc, entries, what)
+    pch_dir = None if os.environ.get("EPGEN_PCH", "1") == "0" else os.path.join(cache.root, ".pch")
+    result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc, entries,
+                                     what, pch_dir)
     manifest = {
         "name": spec.name,
         "key": key,

@@ -185,8 +185,9 @@ def _build_one(spec: KernelSpec, arch: str, cache_root: str) -> BuildOutcome:
 
 
 def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
-               progress=sys.stderr) -> list[BuildOutcome]:
+               progress=None) -> list[BuildOutcome]:
     """Build every spec (in `jobs` processes); prints one progress line per kernel."""
+    progress = progress or sys.stderr
     outcomes: list[BuildOutcome] = []
     total = len(specs)
     start = time.perf_counter()

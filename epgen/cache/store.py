@@ -163,7 +163,7 @@ class Cache:
         for p in self.entries():
             shutil.rmtree(p, ignore_errors=True)
             n += 1
-        for sub in (".tmp", ".trash", ".locks"):
+        for sub in (".tmp", ".trash", ".locks", ".pch"):
             shutil.rmtree(os.path.join(self.root, sub), ignore_errors=True)
         return n
 

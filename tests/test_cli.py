@@ -1,0 +1,111 @@
+"""The `epgen` command: precompile (spec files and their errors), cache ls/inspect/clear/gc/
+export/import, doctor."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from epgen import jit
+from epgen.cli import main
+from epgen.precompile import SpecFileError, load_spec_file
+from epgen.specs import LayoutSpec, LowLatencyDispatchSpec, NormalDispatchSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = """
+arch: sm_90
+kernels:
+  - {family: layout, num_ranks: 2, num_experts: 64, num_topk: 4}
+  - {family: layout, num_ranks: 4, num_experts: 64, num_topk: 8}
+"""
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_bundled_deepseek_spec_expands_to_the_kernel_set():
+    sf = load_spec_file(os.path.join(ROOT, "examples", "deepseek-v3.yaml"))
+    assert sf.arch == "sm_90"
+    ranks = {s.num_ranks for s in sf.specs}
+    assert ranks == {2, 4, 8}
+    assert LayoutSpec(num_ranks=8, num_experts=256, num_topk=8) in sf.specs
+    assert NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=4,
+                              dtype="fp8") in sf.specs
+    assert LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=2,
+                                  use_fp8=False) in sf.specs
+    assert len(sf.specs) == len(set(sf.specs))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: expected only keys"),
+    ("models: [{name: x, hidden: '7168', num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {normal: {}}}]", "models[0].hidden: expected an int"),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {normal: {dtypes: [fp16]}}}]", "models[0].modes.normal.dtypes"),
+    ("models: [{name: x, hidden: 7170, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {normal: {}}}]", "hidden=7170"),
+    ("kernels: [{family: warp_drive}]", "kernels[0].family"),
+    ("arch: sm_90\nmodels: [\n  {name: x,\n  hidden: : 3}\n", "line "),
+    ("just a string", "top level"),
+])
+def test_bad_spec_files_name_file_key_and_expectation(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecFileError) as e:
+        load_spec_file(path)
+    assert path in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_precompile_then_cache_commands(tmp_path, capsys):
+    jit._memo.clear()
+    cache_dir = str(tmp_path / "cache")
+    spec = write(tmp_path, SMALL)
+    assert main(["--cache-dir", cache_dir, "precompile", "--spec", spec, "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "2 compiled, 0 cached, 0 failed" in err
+    jit._memo.clear()
+    assert main(["--cache-dir", cache_dir, "precompile", "--spec", spec, "--jobs", "2"]) == 0
+    assert "0 compiled, 2 cached, 0 failed" in capsys.readouterr().err
+
+    assert main(["--cache-dir", cache_dir, "cache", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and "layout_k4_e64_r2" in out
+    key = [line.split()[0] for line in out.splitlines() if "layout_k4_e64_r2" in line][0]
+    assert main(["--cache-dir", cache_dir, "cache", "inspect", key]) == 0
+    out = capsys.readouterr().out
+    assert '"cubin_sha256"' in out and '"registers"' in out
+    assert main(["--cache-dir", cache_dir, "cache", "inspect", "nope"]) == 1
+
+    archive = str(tmp_path / "c.tar.gz")
+    assert main(["--cache-dir", cache_dir, "cache", "export", archive]) == 0
+    assert main(["--cache-dir", cache_dir, "cache", "clear"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert main(["--cache-dir", cache_dir, "cache", "import", archive]) == 0
+    assert "imported 2 entries" in capsys.readouterr().out
+    assert main(["--cache-dir", cache_dir, "cache", "gc"]) == 0
+    assert "removed 0 items" in capsys.readouterr().out
+
+
+def test_precompile_reports_bad_spec_file_and_exit_code(tmp_path, capsys):
+    path = write(tmp_path, "kernels: [{family: layout, num_ranks: 3, num_experts: 64, num_topk: 4}]")
+    assert main(["--cache-dir", str(tmp_path), "precompile", "--spec", path, "--arch", "sm_90"]) == 2
+    assert "num_experts" in capsys.readouterr().err
+    assert main(["--cache-dir", str(tmp_path), "precompile", "--spec", str(tmp_path / "missing.yaml"),
+                 "--arch", "sm_90"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["--cache-dir", str(tmp_path), "precompile", "--spec", write(tmp_path, SMALL),
+                 "--arch", "hopper"]) == 2
+    assert "--arch='hopper'" in capsys.readouterr().err
+
+
+def test_cli_entry_points_and_doctor(tmp_path):
+    env = dict(os.environ, EPGEN_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "epgen", "doctor"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert "NVRTC" in r.stdout and "NVSHMEM" in r.stdout and "cache" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "epgen", "--help"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "precompile" in r.stdout
