@@ -35,14 +35,15 @@ def cpp_bool(value: bool) -> str:
 
 def render(spec: KernelSpec) -> str:
     template = environment().get_template(spec.template)
-    args_cls = kernel_args.ARGS[spec.family]
+    args = kernel_args.ARGS[spec.family]
+    args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
     return template.render(
         spec=spec,
         fields=spec.rendered_fields(),
         ns=NAMESPACE,
         name={kind: spec.kernel_name(kind) for kind in spec.entry_kinds},
-        args_struct=kernel_args.c_struct(args_cls),
-        args_name=args_cls.__name__,
+        args_struct="".join(kernel_args.c_struct(c) for c in args_classes),
+        args_name=args_classes[0].__name__,
         cpp_bool=cpp_bool,
     )
 

@@ -57,6 +57,136 @@ LayoutArgs = struct(
     *ERROR_FIELDS,
 )
 
+# ---------------------------------------------------------------------------- low latency
+# Region byte offsets (sig_off, recv_off, send_off) are computed in epgen/ops/low_latency.py;
+# seq/done/counters are this rank's local control words inside the same region.
+LowLatencyDispatchArgs = struct(
+    "LowLatencyDispatchArgs",
+    ("const void*", "x"),                   # [T, H] bf16
+    ("const int64_t*", "topk_idx"),         # [T, K]
+    ("void*", "recv_x"),                    # [El, R*M, H] fp8 / bf16
+    ("void*", "recv_scales"),               # [El, S, R*M] float or [El, ceil(S/4), R*M] int32
+    ("int*", "recv_src_info"),              # [El, R*M]
+    ("int64_t*", "recv_layout_range"),      # [El, R]
+    ("int*", "recv_count"),                 # [El]
+    ("int*", "cumulative_stats"),           # [El] or null
+    ("int64_t*", "wait_stats"),             # [R] or null
+    ("void*", "rdma_base"),                 # this rank's symmetric region
+    ("const int64_t*", "peer_bases"),       # [R] region address on each rank (0: no P2P)
+    ("const int*", "pes"),                  # [R] NVSHMEM PE of each rank
+    ("const int*", "mask"),                 # [R] masked ranks (enable_shrink) or null
+    ("int*", "seq"),
+    ("int*", "done"),
+    ("int*", "counters"),                   # [E] slot counters
+    ("int*", "call_epoch"),                 # [1] written by the send phase, read by receive
+    ("unsigned long long", "sig_off"),
+    ("unsigned long long", "recv_off"),
+    ("unsigned long long", "send_off"),
+    ("int", "num_tokens"),
+    ("int", "max_tokens"),
+    ("int", "phases"),                      # 1 send, 2 receive
+    ("int", "any_remote"),
+    *ERROR_FIELDS,
+)
+
+LowLatencyCombineArgs = struct(
+    "LowLatencyCombineArgs",
+    ("const void*", "x"),                   # [El, R*M, H] bf16
+    ("const int64_t*", "topk_idx"),         # [T, K]
+    ("const float*", "topk_weights"),       # [T, K]
+    ("const int*", "src_info"),             # [El, R*M]
+    ("const int64_t*", "layout_range"),     # [El, R]
+    ("void*", "out"),                       # [T, H] bf16
+    ("int64_t*", "wait_stats"),             # [R] or null
+    ("void*", "rdma_base"),
+    ("const int64_t*", "peer_bases"),
+    ("const int*", "pes"),
+    ("const int*", "mask"),
+    ("int*", "seq"),
+    ("int*", "done"),
+    ("int*", "call_epoch"),
+    ("unsigned long long", "sig_off"),
+    ("unsigned long long", "recv_off"),
+    ("unsigned long long", "send_off"),
+    ("int", "num_tokens"),
+    ("int", "max_tokens"),
+    ("int", "phases"),
+    ("int", "any_remote"),
+    ("int", "zero_copy"),
+    ("int", "pad0"),
+    *ERROR_FIELDS,
+)
+
 ARGS: dict[str, type[ctypes.Structure]] = {
     "layout": LayoutArgs,
+    "ll_dispatch": LowLatencyDispatchArgs,
+    "ll_combine": LowLatencyCombineArgs,
 }
+
+# ---------------------------------------------------------------------------- normal mode (intranode)
+NotifyArgs = struct(
+    "NotifyArgs",
+    ("void*", "nvl"),                       # this rank's NVLink region (control area at 0)
+    ("const int64_t*", "peers"),            # [R] the region's address on each rank
+    ("const int*", "num_tokens_per_rank"),  # [R]
+    ("const int*", "num_tokens_per_expert"),  # [E] or null
+    ("int*", "rank_prefix"),                # [R, R] out
+    ("int*", "num_tokens_all"),             # [R] out: every rank's token count
+    ("int*", "host_counts"),                # mapped host [1 + El]: N, aligned per-expert; or null
+    ("int", "num_tokens"),
+    ("int", "expert_alignment"),
+    ("int", "barrier_only"),                # 1: only the cross-rank barrier
+    ("int", "pad0"),
+    *ERROR_FIELDS,
+)
+
+NormalDispatchArgs = struct(
+    "NormalDispatchArgs",
+    ("const char*", "x"),                   # [T, H] bf16 or fp8 rows
+    ("const float*", "x_scales"),           # [T, S] any strides, or null
+    ("int64_t", "scale_stride_t"),
+    ("int64_t", "scale_stride_s"),
+    ("const int64_t*", "topk_idx"),         # [T, K] or null
+    ("const float*", "topk_weights"),       # [T, K] or null
+    ("const bool*", "is_token_in_rank"),    # [T, R]
+    ("const int*", "rank_prefix"),          # [R, R]
+    ("char*", "recv_x"),                    # [rows, H]
+    ("float*", "recv_scales"),              # [rows, S] or null
+    ("int64_t*", "recv_topk_idx"),          # [rows, K] or null
+    ("float*", "recv_topk_weights"),        # [rows, K] or null
+    ("int*", "recv_src_idx"),               # [rows] or null (cached)
+    ("void*", "nvl"),
+    ("const int64_t*", "peers"),
+    ("int64_t", "ring_offset"),             # byte offset of the dispatch rings in the region
+    ("int64_t", "num_recv_rows"),           # rows of recv_x (bounds every write)
+    ("int", "num_tokens"),
+    ("int", "num_worst_tokens"),
+    ("int", "cap"),                         # ring slots per (channel, source)
+    ("int", "pad0"),
+    *ERROR_FIELDS,
+)
+
+NormalCombineArgs = struct(
+    "NormalCombineArgs",
+    ("const char*", "x"),                   # [rows, H] bf16, dispatch receive order
+    ("const float*", "topk_weights"),       # [rows, K] or null
+    ("const char*", "bias0"),               # [T, H] bf16 or null
+    ("const char*", "bias1"),
+    ("const bool*", "is_token_in_rank"),    # [T, R] of this rank's tokens (the handle's)
+    ("const int*", "rank_prefix"),          # [R, R]
+    ("const int*", "num_tokens_all"),       # [R]
+    ("const int*", "recv_src_idx"),         # [rows]
+    ("char*", "combined_x"),                # [T, H] bf16
+    ("float*", "combined_weights"),         # [T, K] or null
+    ("void*", "nvl"),
+    ("const int64_t*", "peers"),
+    ("int64_t", "ring_offset"),
+    ("int", "num_tokens"),
+    ("int", "cap"),
+    *ERROR_FIELDS,
+)
+
+ARGS.update({
+    "normal_dispatch": (NormalDispatchArgs, NotifyArgs),
+    "normal_combine": NormalCombineArgs,
+})

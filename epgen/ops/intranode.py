@@ -1,0 +1,352 @@
+"""Normal-mode intranode dispatch and combine over NVLink (DeepEP V1's Buffer.dispatch/combine).
+
+Region layout (ctx.nvl): a fixed control area (CTRL_BYTES, templates/normal_ctrl.cuh), then the
+rest split in two halves: dispatch rings, combine rings. Ring (c, src) of a half holds `cap`
+records of one layout (channels, cap, record bytes). Counters are monotonic across calls, so
+nothing is zeroed between calls; when a half's ring layout changes from the previous call, a
+cross-rank barrier (the notify kernel in barrier mode) runs first so no peer writes the new layout
+while a slow rank still reads the old one (the uncached dispatch's notify is itself a barrier).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
+from ..runtime.errors import EpgenDeviceError
+from ..runtime.hostmem import MappedHostArray
+from ..specs import MAX_TOPK, NormalCombineSpec, NormalDispatchSpec, num_scales
+from .context import OpsContext, arg_error, timeout_ns
+
+CTRL_BYTES = 131072
+MAX_CHANNELS = 64
+MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
+NOTIFY_THREADS = 256
+THREADS = 768
+FP8 = torch.float8_e4m3fn
+
+
+def _align(v: int, a: int = 256) -> int:
+    return (v + a - 1) // a * a
+
+
+def _cap(config) -> int:
+    return max(int(config.num_max_nvl_chunked_recv_tokens), MIN_CAP)
+
+
+def dispatch_record_bytes(hidden: int, dtype: str, num_topk: int) -> int:
+    row = hidden * (1 if dtype == "fp8" else 2)
+    s = num_scales(hidden) if dtype == "fp8" else 0
+    return (row + 4 * s + 8 * num_topk + 4 + 15) // 16 * 16
+
+
+def combine_record_bytes(hidden: int, num_topk: int) -> int:
+    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
+
+
+def ring_bytes(config, num_ranks: int, record: int) -> int:
+    return (config.num_sms // 2) * num_ranks * _cap(config) * record
+
+
+def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
+    """Bytes of num_nvl_bytes for calls with this config (BF16 rows of hidden_bytes, top-k <= 32)."""
+    hidden = max(1, hidden_bytes // 2)
+    rec = max(dispatch_record_bytes(hidden, "bf16", MAX_TOPK), combine_record_bytes(hidden, MAX_TOPK))
+    return _align(CTRL_BYTES + 2 * _align(ring_bytes(config, num_ranks, rec)) + 512, 1 << 20)
+
+
+def _is_cuda(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda
+
+
+def _check_tensor(name, t, dtype, shape=None, contiguous=True, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
+    if t.dtype != dtype:
+        raise arg_error(f"{name}.dtype", t.dtype, f"must be {dtype}")
+    if not t.is_cuda or (device is not None and t.device != device):
+        raise arg_error(f"{name}.device", t.device, f"must be on {device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
+    if contiguous and not t.is_contiguous():
+        raise arg_error(name, "non-contiguous", "must be contiguous")
+
+
+class IntranodeOps:
+    def __init__(self, ctx: OpsContext):
+        self.ctx = ctx
+        self._host_counts: MappedHostArray | None = None
+        self._layout = {"dispatch": None, "combine": None}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _half(self) -> tuple[int, int]:
+        nbytes = self.ctx.nvl.nbytes if self.ctx.nvl is not None else 0
+        half = max(0, (nbytes - CTRL_BYTES) // 2 // 256 * 256)
+        return half, nbytes
+
+    def _check_config(self, config, op: str, record: int) -> tuple[int, int, int]:
+        ctx = self.ctx
+        sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, 2 * MAX_CHANNELS):
+            raise arg_error("config.num_sms", config.num_sms,
+                            f"must be even, positive and <= {min(sms, 2 * MAX_CHANNELS)}")
+        channels, cap = config.num_sms // 2, _cap(config)
+        need = ring_bytes(config, ctx.num_ranks, record)
+        half, nbytes = self._half()
+        if need > half:
+            total = CTRL_BYTES + 2 * need
+            raise arg_error("num_nvl_bytes", nbytes,
+                            f"{op} with {channels} channels x {ctx.num_ranks} ranks x {cap} slots x "
+                            f"{record} B needs {need} B of rings per direction; the Buffer needs "
+                            f">= {total} B (Config.get_nvl_buffer_size_hint)")
+        return channels, cap, CTRL_BYTES + (0 if op == "dispatch" else half)
+
+    def _notify_args(self, **kw) -> NotifyArgs:
+        ctx = self.ctx
+        a = ctx.fill_error_fields(NotifyArgs(), "dispatch notify")
+        a.nvl = ctx.nvl.addr
+        a.peers = ctx.peer_table("nvl").data_ptr()
+        for k, v in kw.items():
+            setattr(a, k, v)
+        return a
+
+    def _barrier_if_needed(self, which: str, key, notify, stream) -> None:
+        if self._layout[which] is not None and self._layout[which] != key:
+            a = self._notify_args(barrier_only=1, expert_alignment=1)
+            a.op = 7   # "cached notify"
+            notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
+        self._layout[which] = key
+
+    def _wait_host(self, counts: MappedHostArray, n: int) -> list[int]:
+        ctx = self.ctx
+        deadline = time.monotonic() + timeout_ns() / 1e9 + 5.0
+        vals = counts.values
+        while True:
+            if all(vals[i] >= 0 for i in range(n)):
+                return [int(vals[i]) for i in range(n)]
+            ctx.check_errors()
+            if time.monotonic() > deadline:
+                raise EpgenDeviceError(1, 4, ctx.rank, -1, -1)
+            time.sleep(0)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                 config, previous_event, async_finish, allocate_on_comm_stream):
+        ctx = self.ctx
+        ctx.check_errors()
+        R, dev = ctx.num_ranks, ctx.device
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise arg_error("x", f"tuple of {len(x)}", "must be x or (x_fp8, x_scales)")
+            x, scales = x
+            _check_tensor("x[0]", x, FP8, device=dev)
+            if x.dim() != 2:
+                raise arg_error("x[0].shape", tuple(x.shape), "must be [num_tokens, hidden]")
+            S = num_scales(x.size(1))
+            _check_tensor("x[1]", scales, torch.float32, shape=(x.size(0), S), contiguous=False,
+                          device=dev)
+            dtype = "fp8"
+        else:
+            scales = None
+            _check_tensor("x", x, torch.bfloat16, device=dev)
+            if x.dim() != 2:
+                raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
+            dtype = "bf16"
+        T, H = x.shape
+        rule = 16 if dtype == "fp8" else 8
+        if H == 0 or H % rule:
+            raise arg_error("hidden", H, f"must be a positive multiple of {rule} for {dtype}")
+        if num_tokens_per_rdma_rank is not None:
+            raise arg_error("num_tokens_per_rdma_rank", "a tensor", "must be None intranode")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise arg_error("expert_alignment", expert_alignment, "must be an int >= 1")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise arg_error("num_worst_tokens", num_worst_tokens, "must be an int >= 0")
+        cached = handle is not None
+        if cached:
+            if topk_idx is not None or topk_weights is not None:
+                raise arg_error("topk_idx" if topk_idx is not None else "topk_weights", "a tensor",
+                                "must be None with a handle (cached dispatch)")
+            if not isinstance(handle, tuple) or len(handle) != 6:
+                raise arg_error("handle", type(handle).__name__, "must be a 6-tuple from dispatch")
+            rpm, ntall, _, hsrc, in_rank, _ = handle
+            _check_tensor("handle[0]", rpm, torch.int32, shape=(R, R), device=dev)
+            _check_tensor("handle[1]", ntall, torch.int32, shape=(R,), device=dev)
+            _check_tensor("handle[3]", hsrc, torch.int32, device=dev)
+            _check_tensor("handle[4]", in_rank, torch.bool, shape=(T, R), device=dev)
+            K, E = 0, R
+        else:
+            _check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=(T, R), device=dev)
+            _check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, shape=(R,),
+                          device=dev)
+            in_rank = is_token_in_rank
+            K, E = 0, R
+            if topk_idx is not None:
+                _check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
+                if topk_idx.dim() != 2 or topk_idx.size(0) != T:
+                    raise arg_error("topk_idx.shape", tuple(topk_idx.shape), f"must be [{T}, num_topk]")
+                K = topk_idx.size(1)
+                if not 1 <= K <= MAX_TOPK:
+                    raise arg_error("topk_idx.shape[1]", K, f"must be in [1, {MAX_TOPK}]")
+                if topk_weights is not None:
+                    _check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
+                if num_tokens_per_expert is None:
+                    raise arg_error("num_tokens_per_expert", None, "required with topk_idx")
+            elif topk_weights is not None:
+                raise arg_error("topk_weights", "a tensor", "needs topk_idx")
+            if num_tokens_per_expert is not None:
+                _check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, device=dev)
+                E = num_tokens_per_expert.numel()
+                if E == 0 or E % R:
+                    raise arg_error("num_tokens_per_expert.numel()", E,
+                                    f"must be a positive multiple of num_ranks={R}")
+        spec = NormalDispatchSpec(hidden=H, num_topk=K, num_experts=E, num_ranks=R, dtype=dtype,
+                                  threads=THREADS)
+        record = dispatch_record_bytes(H, dtype, K)
+        channels, cap, ring_off = self._check_config(config, "dispatch", record)
+        kernel = ctx.kernel(spec, "dispatch")
+        notify = ctx.kernel(spec, "notify")
+        El = E // R
+        S = num_scales(H) if dtype == "fp8" else 0
+        result: dict = {}
+        with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
+                                result) as stream:
+            counts = []
+            if cached:
+                rows = hsrc.size(0)
+                self._barrier_if_needed("dispatch", (channels, cap, record), notify, stream)
+            else:
+                rpm = torch.empty(R, R, dtype=torch.int32, device=dev)
+                ntall = torch.empty(R, dtype=torch.int32, device=dev)
+                host = None
+                if num_worst_tokens == 0:
+                    if self._host_counts is None or self._host_counts.count < 1 + El:
+                        if self._host_counts is not None:
+                            self._host_counts.free()
+                        self._host_counts = MappedHostArray(max(1 + El, 64))
+                    self._host_counts.fill(-1)
+                    host = self._host_counts
+                a = self._notify_args(
+                    num_tokens_per_rank=num_tokens_per_rank.data_ptr(),
+                    num_tokens_per_expert=num_tokens_per_expert.data_ptr()
+                    if num_tokens_per_expert is not None else 0,
+                    rank_prefix=rpm.data_ptr(), num_tokens_all=ntall.data_ptr(),
+                    host_counts=host.device_ptr if host is not None else 0,
+                    num_tokens=T, expert_alignment=expert_alignment, barrier_only=0)
+                notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
+                self._layout["dispatch"] = (channels, cap, record)
+                if host is not None:
+                    vals = self._wait_host(host, 1 + El)
+                    rows, counts = vals[0], vals[1:]
+                else:
+                    rows = num_worst_tokens
+            if cached or topk_idx is None or num_worst_tokens > 0:
+                counts = []
+            xdt = FP8 if dtype == "fp8" else torch.bfloat16
+            recv_x = torch.empty(rows, H, dtype=xdt, device=dev)
+            recv_scales = torch.empty(rows, S, dtype=torch.float32, device=dev) if S else None
+            recv_idx = recv_w = None
+            if K:
+                recv_idx = torch.empty(rows, K, dtype=torch.int64, device=dev)
+                if topk_weights is not None:
+                    recv_w = torch.zeros(rows, K, dtype=torch.float32, device=dev)
+            recv_src = None if cached else torch.empty(rows, dtype=torch.int32, device=dev)
+            a = ctx.fill_error_fields(NormalDispatchArgs(), "dispatch")
+            a.x = x.data_ptr() if T else 0
+            a.x_scales = scales.data_ptr() if scales is not None and T else 0
+            a.scale_stride_t = scales.stride(0) if scales is not None else 0
+            a.scale_stride_s = scales.stride(1) if scales is not None else 0
+            a.topk_idx = topk_idx.data_ptr() if K and T else 0
+            a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
+            a.is_token_in_rank = in_rank.data_ptr() if T else 0
+            a.rank_prefix = rpm.data_ptr()
+            a.recv_x = recv_x.data_ptr() if rows else 0
+            a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
+            a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
+            a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
+            a.recv_src_idx = recv_src.data_ptr() if recv_src is not None and rows else 0
+            a.nvl = ctx.nvl.addr
+            a.peers = ctx.peer_table("nvl").data_ptr()
+            a.ring_offset = ring_off
+            a.num_recv_rows = rows
+            a.num_tokens = T
+            a.num_worst_tokens = num_worst_tokens if not cached else 0
+            a.cap = cap
+            kernel.launch(channels, THREADS, a, stream.cuda_stream)
+            if not cached:
+                handle = (rpm, ntall, None, recv_src, in_rank, None)
+            result["tensors"] = (x, scales, topk_idx, topk_weights, in_rank, recv_x, recv_scales,
+                                 recv_idx, recv_w, rpm, ntall, recv_src, num_tokens_per_rank,
+                                 num_tokens_per_expert)
+        out_x = (recv_x, recv_scales) if scales is not None else recv_x
+        if cached:
+            return out_x, None, None, None, None, result["event"]
+        return out_x, recv_idx, recv_w, counts, handle, result["event"]
+
+    # -- combine --------------------------------------------------------------------------
+    def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                allocate_on_comm_stream):
+        ctx = self.ctx
+        ctx.check_errors()
+        R, dev = ctx.num_ranks, ctx.device
+        if not isinstance(handle, tuple) or len(handle) != 6:
+            raise arg_error("handle", type(handle).__name__, "must be the 6-tuple from dispatch")
+        rpm, ntall, _, src_idx, in_rank, _ = handle
+        _check_tensor("handle[0]", rpm, torch.int32, shape=(R, R), device=dev)
+        _check_tensor("handle[1]", ntall, torch.int32, shape=(R,), device=dev)
+        _check_tensor("handle[3]", src_idx, torch.int32, device=dev)
+        _check_tensor("handle[4]", in_rank, torch.bool, device=dev)
+        rows, T = src_idx.size(0), in_rank.size(0)
+        _check_tensor("x", x, torch.bfloat16, device=dev)
+        if x.dim() != 2 or x.size(0) != rows:
+            raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
+        H = x.size(1)
+        if H == 0 or H % 8:
+            raise arg_error("hidden", H, "must be a positive multiple of 8")
+        K = 0
+        if topk_weights is not None:
+            _check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
+            if topk_weights.dim() != 2 or topk_weights.size(0) != rows or not 1 <= topk_weights.size(1) <= MAX_TOPK:
+                raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
+                                f"must be [{rows}, num_topk <= {MAX_TOPK}]")
+            K = topk_weights.size(1)
+        biases = bias if isinstance(bias, (tuple, list)) else (bias,)
+        if len(biases) > 2:
+            raise arg_error("bias", f"{len(biases)} tensors", "at most two")
+        biases = [b for b in biases if b is not None]
+        for i, b in enumerate(biases):
+            _check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
+        spec = NormalCombineSpec(hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases),
+                                 threads=THREADS)
+        record = combine_record_bytes(H, K)
+        channels, cap, ring_off = self._check_config(config, "combine", record)
+        kernel = ctx.kernel(spec)
+        notify = ctx.kernel(NormalDispatchSpec(hidden=16, num_topk=0, num_experts=R, num_ranks=R),
+                            "notify")
+        result: dict = {}
+        with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
+                                result) as stream:
+            self._barrier_if_needed("combine", (channels, cap, record), notify, stream)
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+            out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
+            a = ctx.fill_error_fields(NormalCombineArgs(), "combine")
+            a.x = x.data_ptr() if rows else 0
+            a.topk_weights = topk_weights.data_ptr() if K and rows else 0
+            a.bias0 = biases[0].data_ptr() if biases and T else 0
+            a.bias1 = biases[1].data_ptr() if len(biases) > 1 and T else 0
+            a.is_token_in_rank = in_rank.data_ptr() if T else 0
+            a.rank_prefix = rpm.data_ptr()
+            a.num_tokens_all = ntall.data_ptr()
+            a.recv_src_idx = src_idx.data_ptr() if rows else 0
+            a.combined_x = out.data_ptr() if T else 0
+            a.combined_weights = out_w.data_ptr() if out_w is not None and T else 0
+            a.nvl = ctx.nvl.addr
+            a.peers = ctx.peer_table("nvl").data_ptr()
+            a.ring_offset = ring_off
+            a.num_tokens = T
+            a.cap = cap
+            kernel.launch(channels, THREADS, a, stream.cuda_stream)
+            result["tensors"] = (x, topk_weights, *biases, rpm, ntall, src_idx, in_rank, out, out_w)
+        return out, out_w, result["event"]

@@ -1,0 +1,347 @@
+"""DeepEP V1's low-latency API: dispatch / combine generated per configuration.
+
+Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout:
+  [0, 32 KiB) control, at fixed offsets whatever the shapes:
+     dispatch signals u64 [2][1024]   (epoch << 32 | count) per (local expert, source rank)
+     combine signals  u64 [2][64]     (epoch << 32 | 1) per source rank
+     local words      int  dispatch seq, dispatch done, combine seq, combine done
+     slot counters    int  [1024]     per global expert, reset by the send phase itself
+  then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
+     dispatch receive [2][E][M] messages (message = 16 B header + FP8 row + scales, or BF16 row)
+     dispatch staging [M] messages    (source of NVSHMEM puts to non-P2P peers)
+     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
+     combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
+Signals carry an epoch from a device-side sequence word (one per op), and the half used is the
+epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
+step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
+from ..runtime.events import EventHandle, EventOverlap
+from ..specs import MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec, num_scales
+from .context import OpsContext, arg_error
+from .layout import check_topk_idx
+
+THREADS = 1024
+MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
+MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
+MAX_RANK_SIG = 64            # combine signal words per half (= kLLMaxRankSig)
+DISP_SIG_OFF = 0
+COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
+WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done
+COUNTERS_OFF = WORDS_OFF + 1024
+DATA_OFF = 32768
+assert COUNTERS_OFF + MAX_EXPERTS * 4 <= DATA_OFF
+SEND, RECV = 1, 2
+
+
+def _align(v: int, a: int = 256) -> int:
+    return (v + a - 1) // a * a
+
+
+def message_bytes(hidden: int, use_fp8: bool) -> int:
+    if use_fp8:
+        return 16 + (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
+    return 16 + 2 * hidden
+
+
+def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
+    msg = message_bytes(hidden, False)          # the largest message: offsets ignore the dtype
+    row = 2 * hidden
+    disp_recv = DATA_OFF
+    disp_send = _align(disp_recv + 2 * num_experts * M * msg)
+    comb_recv = _align(disp_send + M * msg)
+    comb_send = _align(comb_recv + 2 * num_experts * M * row)
+    end = _align(comb_send + num_experts * M * row)
+    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
+                comb_send=comb_send, end=end)
+
+
+def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                               num_ranks: int, num_experts: int) -> int:
+    """Bytes of num_rdma_bytes a Buffer needs for these low-latency shapes."""
+    return _data_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["end"]
+
+
+def _check_tensor(name, t, dtype, shape=None, contiguous=True):
+    if not isinstance(t, torch.Tensor):
+        raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
+    if not t.is_cuda:
+        raise arg_error(f"{name}.device", t.device, "must be a CUDA tensor")
+    if t.dtype != dtype:
+        raise arg_error(f"{name}.dtype", t.dtype, f"must be {dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
+    if contiguous and not t.is_contiguous():
+        raise arg_error(name, "non-contiguous", "must be contiguous")
+
+
+class LowLatencyOps:
+    def __init__(self, ctx: OpsContext, enable_shrink: bool = False):
+        self.ctx = ctx
+        self.enable_shrink = enable_shrink
+        R = ctx.num_ranks
+        self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
+        self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
+        self.any_remote = int(any(a == 0 for a in ctx.rdma.peer_addrs))
+        self.sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        self._kernels: dict = {}
+        self.base = ctx.rdma.addr
+        self.words = ctx.rdma.view(torch.int32, (4,), WORDS_OFF)
+        self.counters_addr = self.base + COUNTERS_OFF
+
+    # -- helpers ------------------------------------------------------------------------
+    def _kernel(self, spec):
+        k = self._kernels.get(spec)
+        if k is None:
+            k = self._kernels[spec] = self.ctx.kernel(spec)
+        return k
+
+    def _check_common(self, M, hidden, num_experts, num_topk):
+        R = self.ctx.num_ranks
+        if not isinstance(M, int) or not 1 <= M <= MAX_TOKENS:
+            raise arg_error("num_max_dispatch_tokens_per_rank", M, f"must be an int in [1, {MAX_TOKENS}]")
+        if not isinstance(hidden, int) or hidden <= 0 or hidden % 16:
+            raise arg_error("hidden", hidden, "must be a positive multiple of 16")
+        if (not isinstance(num_experts, int) or num_experts <= 0 or num_experts % R
+                or num_experts > MAX_EXPERTS):
+            raise arg_error("num_experts", num_experts,
+                            f"must be a positive multiple of num_ranks={R}, <= {MAX_EXPERTS}")
+        if num_topk is not None and not 1 <= num_topk <= min(MAX_TOPK, num_experts):
+            raise arg_error("topk_idx.shape[1]", num_topk,
+                            f"must be in [1, min({MAX_TOPK}, num_experts={num_experts})]")
+        need = low_latency_rdma_size_hint(M, hidden, R, num_experts)
+        if need > self.ctx.rdma.nbytes:
+            raise arg_error("num_rdma_bytes", self.ctx.rdma.nbytes,
+                            f"too small for M={M}, hidden={hidden}, num_ranks={R}, "
+                            f"num_experts={num_experts}: needs {need} bytes "
+                            "(Buffer.get_low_latency_rdma_size_hint)")
+        return _data_layout(M, hidden, R, num_experts)
+
+    def _check_stats(self, name, t, dtype, n):
+        if t is not None:
+            _check_tensor(name, t, dtype, (n,))
+            return t.data_ptr()
+        return 0
+
+    def _fill_common(self, args, op):
+        ctx = self.ctx
+        ctx.fill_error_fields(args, op)
+        args.rdma_base = self.base
+        args.peer_bases = ctx.peer_table("rdma").data_ptr()
+        args.pes = self.pes.data_ptr()
+        args.mask = self.mask.data_ptr() if self.enable_shrink else 0
+        args.any_remote = self.any_remote
+        return args
+
+    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
+        """Send phase now (current stream, or comm stream with async_finish); receive phase now
+        or in the returned hook (on the stream current when the hook is called)."""
+        ctx = self.ctx
+        if async_finish and return_recv_hook:
+            raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
+        compute = torch.cuda.current_stream()
+        stream = compute
+        if async_finish:
+            ctx.comm_stream.wait_stream(compute)
+            stream = ctx.comm_stream
+        send_args = make_args(SEND)
+        kernel.launch(self.sms, THREADS, send_args, stream.cuda_stream, smem=smem)
+        recv_args = make_args(RECV)
+        if not return_recv_hook:
+            kernel.launch(self.sms, THREADS, recv_args, stream.cuda_stream, smem=smem)
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(stream)
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(stream)
+            overlap = EventOverlap(EventHandle(event), tuple(tensors))
+        else:
+            overlap = EventOverlap(None)
+
+        def hook():
+            if return_recv_hook:
+                _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
+                kernel.launch(self.sms, THREADS, recv_args,
+                              torch.cuda.current_stream().cuda_stream, smem=smem)
+        return overlap, hook
+
+    # -- API ------------------------------------------------------------------------------
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Validates the shapes only: signals are epoch-tagged, nothing is ever stale."""
+        self.ctx.check_errors()
+        self._check_common(num_max_dispatch_tokens_per_rank, hidden, num_experts, None)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False,
+                             use_ue8m0=False, async_finish=False, return_recv_hook=False):
+        ctx = self.ctx
+        ctx.check_errors()
+        R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
+        _check_tensor("x", x, torch.bfloat16)
+        if x.dim() != 2:
+            raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
+        T, H = x.shape
+        check_topk_idx(topk_idx, num_tokens=T)
+        K = topk_idx.shape[1]
+        lay = self._check_common(M, H, num_experts, K)
+        if T > M:
+            raise arg_error("x.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
+        if round_scale and not use_fp8:
+            raise arg_error("round_scale", True, "needs use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            raise arg_error("use_ue8m0", True, "needs round_scale=True")
+        El = num_experts // R
+        cum = self._check_stats("cumulative_local_expert_recv_stats",
+                                cumulative_local_expert_recv_stats, torch.int32, El)
+        wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
+                                torch.int64, R)
+        spec = LowLatencyDispatchSpec(hidden=H, num_topk=K, num_experts=num_experts, num_ranks=R,
+                                      use_fp8=bool(use_fp8), round_scale=bool(round_scale),
+                                      use_ue8m0=bool(use_ue8m0), threads=THREADS)
+        kernel = self._kernel(spec)
+
+        dev = ctx.device
+        recv_x = torch.empty(El, R * M, H, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                             device=dev)
+        scales = None
+        if use_fp8:
+            S = num_scales(H)
+            cols = (S + 3) // 4 if use_ue8m0 else S
+            scales = torch.empty(El, cols, R * M, dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                 device=dev).transpose(1, 2)
+        recv_count = torch.empty(El, dtype=torch.int32, device=dev)
+        src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
+        layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
+        call_epoch = torch.empty(1, dtype=torch.int32, device=dev)   # send -> receive phase
+
+        def make_args(phases):
+            a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch")
+            a.x = x.data_ptr()
+            a.topk_idx = topk_idx.data_ptr()
+            a.recv_x = recv_x.data_ptr()
+            a.recv_scales = scales.data_ptr() if scales is not None else 0
+            a.recv_src_info = src_info.data_ptr()
+            a.recv_layout_range = layout_range.data_ptr()
+            a.recv_count = recv_count.data_ptr()
+            a.cumulative_stats = cum
+            a.wait_stats = wst
+            a.seq = self.base + WORDS_OFF
+            a.done = self.base + WORDS_OFF + 4
+            a.counters = self.counters_addr
+            a.call_epoch = call_epoch.data_ptr()
+            a.sig_off = DISP_SIG_OFF
+            a.recv_off = lay["disp_recv"]
+            a.send_off = lay["disp_send"]
+            a.num_tokens = T
+            a.max_tokens = M
+            a.phases = phases
+            return a
+
+        tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
+                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        event, hook = self._run(kernel, make_args, message_bytes(H, use_fp8), async_finish,
+                                return_recv_hook, tensors)
+        handle = (src_info, layout_range, M, H, num_experts)
+        out = (recv_x, scales) if use_fp8 else recv_x
+        return out, recv_count, handle, event, hook
+
+    def _check_handle(self, handle):
+        R = self.ctx.num_ranks
+        if not isinstance(handle, (tuple, list)) or len(handle) != 5:
+            raise arg_error("handle", type(handle).__name__,
+                            "must be the 5-tuple returned by low_latency_dispatch")
+        src_info, layout_range, M, H, E = handle
+        lay = self._check_common(M, H, E, None)
+        El = E // R
+        _check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
+        _check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
+        return src_info, layout_range, M, H, E, El, lay
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        _, _, M, H, E, El, lay = self._check_handle(handle)
+        R = self.ctx.num_ranks
+        return self.ctx.rdma.view(torch.bfloat16, (El, R * M, H), lay["comb_send"])
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False,
+                            zero_copy=False, async_finish=False, return_recv_hook=False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        # use_logfmt is DeepEP's internal lossy wire format; epgen sends BF16 (the same result
+        # up to that format's rounding), so the flag is accepted and has no effect.
+        ctx = self.ctx
+        ctx.check_errors()
+        R = ctx.num_ranks
+        src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
+        _check_tensor("x", x, torch.bfloat16, (El, R * M, H))
+        check_topk_idx(topk_idx)
+        T, K = topk_idx.shape
+        if T > M:
+            raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
+        if not 1 <= K <= min(MAX_TOPK, E):
+            raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
+        _check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
+        if out is not None:
+            _check_tensor("out", out, torch.bfloat16, (T, H))
+        else:
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
+        wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
+                                torch.int64, R)
+        src = x
+        if zero_copy:
+            src = self.get_next_low_latency_combine_buffer(handle)
+        spec = LowLatencyCombineSpec(hidden=H, num_topk=K, num_experts=E, num_ranks=R,
+                                     threads=THREADS)
+        kernel = self._kernel(spec)
+        call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)
+
+        def make_args(phases):
+            a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine")
+            a.x = src.data_ptr()
+            a.topk_idx = topk_idx.data_ptr()
+            a.topk_weights = topk_weights.data_ptr()
+            a.src_info = src_info.data_ptr()
+            a.layout_range = layout_range.data_ptr()
+            a.out = out.data_ptr()
+            a.wait_stats = wst
+            a.seq = self.base + WORDS_OFF + 8
+            a.done = self.base + WORDS_OFF + 12
+            a.call_epoch = call_epoch.data_ptr()
+            a.sig_off = COMB_SIG_OFF
+            a.recv_off = lay["comb_recv"]
+            a.send_off = lay["comb_send"]
+            a.num_tokens = T
+            a.max_tokens = M
+            a.phases = phases
+            a.zero_copy = int(bool(zero_copy))
+            return a
+
+        tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
+                   combine_wait_recv_cost_stats)
+        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors)
+        return out, event, hook
+
+    # -- enable_shrink masks ---------------------------------------------------------------
+    def _need_shrink(self, what):
+        if not self.enable_shrink:
+            raise arg_error("enable_shrink", False, f"{what} needs Buffer(enable_shrink=True)")
+
+    def update_mask_buffer(self, rank_to_mask, mask=False):
+        self._need_shrink("low_latency_update_mask_buffer")
+        R = self.ctx.num_ranks
+        if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < R:
+            raise arg_error("rank_to_mask", rank_to_mask, f"must be an int in [0, {R})")
+        self.mask[rank_to_mask].fill_(1 if mask else 0)
+
+    def query_mask_buffer(self, mask_status):
+        self._need_shrink("low_latency_query_mask_buffer")
+        _check_tensor("mask_status", mask_status, torch.int32, (self.ctx.num_ranks,))
+        mask_status.copy_(self.mask)
+
+    def clean_mask_buffer(self):
+        self._need_shrink("low_latency_clean_mask_buffer")
+        self.mask.zero_()

@@ -1,0 +1,173 @@
+// Low-latency combine (DeepEP V1 semantics): each expert-output row goes back to its token's
+// owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
+//
+// Region layout (byte offsets are launch arguments):
+//   sig_off : u64 [2][64]                 signal (epoch << 32 | 1) per source rank
+//   recv_off: bf16 [2][E][M][H]           rows by (global expert, owner's token index)
+//   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts
+// Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
+// range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
+// the last block signals every rank. Receive phase (phases & 2): every block waits for all
+// ranks' signals, then warps reduce (token, 256-channel slice) units in float (multiply and
+// add rounded separately, k ascending) and store BF16.
+#pragma once
+#include "ll_common.cuh"
+
+namespace epgen {
+
+constexpr int kLLMaxRankSig = 64;
+
+template <int H, int K, int E, int R, int THREADS>
+struct LLCombine {
+    static constexpr int El = E / R;
+    static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
+    static constexpr int kSlices = (kRowN16 + 31) / 32;
+    static constexpr int kWarps = THREADS / 32;
+    static_assert(H % 16 == 0, "hidden must be a multiple of 16");
+    static_assert(E % R == 0 && E <= ll::kMaxSig && R <= kLLMaxRankSig, "experts / ranks");
+    static_assert(K >= 1 && K <= 32, "top-k");
+
+    static __device__ void send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
+        __shared__ int s_cnt[E];
+        __shared__ int s_begin[E];
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const uint32_t epoch = ll::next_epoch(a.seq);
+        const int half = (int)(epoch & 1u);
+        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = (int)epoch;   // for the receive
+        const int M = a.max_tokens;
+        const int64_t RM = (int64_t)R * M;
+        char* base = reinterpret_cast<char*>(a.rdma_base);
+        const bool any_remote = a.any_remote != 0;
+
+        for (int i = tid; i < E; i += THREADS) {
+            const int64_t v = a.layout_range[i];
+            int n = (int)(v & 0xffffffffll);
+            const int b = (int)(v >> 32);
+            if (n < 0 || n > M || b < 0 || (int64_t)b + n > RM) {
+                report_error(err, kErrBadArg, i % R, i);
+                n = 0;
+            }
+            s_cnt[i] = n;
+            s_begin[i] = b;
+        }
+        __syncthreads();
+
+        const int64_t gw = (int64_t)blockIdx.x * kWarps + warp;
+        const int64_t nw = (int64_t)gridDim.x * kWarps;
+        for (int64_t u = gw; u < (int64_t)E * M; u += nw) {
+            const int p = (int)(u / M), i = (int)(u % M);
+            if (i >= s_cnt[p]) continue;
+            const int le = p / R, src = p % R;
+            if (ll::masked(a.mask, src)) continue;
+            const int64_t row = s_begin[p] + i;
+            const int t = a.src_info[le * RM + row];
+            if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
+            const int e = a.rank * El + le;
+            const uint64_t off = a.recv_off + (((uint64_t)half * E + e) * (uint64_t)M + t) * (2 * H);
+            const int4* xrow = reinterpret_cast<const int4*>(
+                reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
+            const int64_t pb = a.peer_bases[src];
+            if (pb != 0) {
+                int4* d = reinterpret_cast<int4*>(pb + off);
+                int j = lane;
+                #pragma unroll 4
+                for (; j < kRowN16; j += 32) st_v4(d + j, ld_nc_v4(xrow + j));
+            } else {
+                char* stage = base + a.send_off + (le * RM + row) * (int64_t)(2 * H);
+                if (!a.zero_copy) {
+                    int4* s4 = reinterpret_cast<int4*>(stage);
+                    for (int j = lane; j < kRowN16; j += 32) st_v4(s4 + j, ld_nc_v4(xrow + j));
+                    __threadfence();
+                    __syncwarp();
+                }
+                nvshmemx_putmem_nbi_warp(base + off, stage, (size_t)(2 * H), a.pes[src]);
+            }
+        }
+
+        if (!ll::last_block_arrives(a.done, any_remote)) return;
+        for (int r = tid; r < R; r += THREADS) {
+            if (ll::masked(a.mask, r)) continue;
+            const unsigned long long v = ((unsigned long long)epoch << 32) | 1ull;
+            const uint64_t soff = a.sig_off + ((uint64_t)half * kLLMaxRankSig + a.rank) * 8;
+            ll::put_signal(base, a.peer_bases, a.pes, r, soff, v);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            *a.done = 0;
+            *a.seq = (int)epoch;
+        }
+    }
+
+    static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const uint32_t epoch = (uint32_t)ld_volatile(a.call_epoch);   // this call's send
+        const int half = (int)(epoch & 1u);
+        const int M = a.max_tokens;
+        const char* base = reinterpret_cast<const char*>(a.rdma_base);
+
+        for (int r = tid; r < R; r += THREADS) {
+            if (ll::masked(a.mask, r)) continue;
+            const unsigned long long t0 = globaltimer();
+            ll::wait_signal(err, base, a.sig_off + ((uint64_t)half * kLLMaxRankSig + r) * 8,
+                            epoch, r, -1);
+            if (blockIdx.x == 0 && a.wait_stats != nullptr)
+                atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_stats + r), globaltimer() - t0);
+        }
+        __syncthreads();
+
+        const int64_t gw = (int64_t)blockIdx.x * kWarps + warp;
+        const int64_t nw = (int64_t)gridDim.x * kWarps;
+        const int64_t units = (int64_t)a.num_tokens * kSlices;
+        const char* area = base + a.recv_off + (uint64_t)half * E * (uint64_t)M * (2 * H);
+        for (int64_t u = gw; u < units; u += nw) {
+            const int t = (int)(u / kSlices), sl = (int)(u % kSlices);
+            int my_e = -1;
+            float my_w = 0.f;
+            if (lane < K) {
+                const int64_t e = a.topk_idx[(int64_t)t * K + lane];
+                if (e >= 0 && e < E) {
+                    if (!ll::masked(a.mask, (int)e / El)) my_e = (int)e;
+                } else if (e != -1) {
+                    report_error(err, kErrBadIndex, -1, t);
+                }
+                my_w = a.topk_weights[(int64_t)t * K + lane];
+            }
+            const int c = sl * 32 + lane;
+            float acc[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+            #pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int e = __shfl_sync(0xffffffffu, my_e, k);
+                const float w = __shfl_sync(0xffffffffu, my_w, k);
+                if (e < 0 || c >= kRowN16) continue;
+                int4 raw = ld_v4(reinterpret_cast<const int4*>(
+                    area + ((uint64_t)e * M + t) * (2 * H)) + c);
+                const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __bfloat1622float2(b[j]);
+                    acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w, f.x));
+                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w, f.y));
+                }
+            }
+            if (c < kRowN16) {
+                int4 o;
+                __nv_bfloat162* ob = reinterpret_cast<__nv_bfloat162*>(&o);
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) ob[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+                st_v4(reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * (2 * H)) + c, o);
+            }
+        }
+    }
+};
+
+template <int H, int K, int E, int R, int THREADS>
+__device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
+    using C = LLCombine<H, K, E, R, THREADS>;
+    const ErrorCtx err = make_error_ctx(a);
+    if (a.phases & 1) C::send(a, err);
+    if (a.phases & 2) C::recv(a, err);
+}
+
+}  // namespace epgen

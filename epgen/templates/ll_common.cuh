@@ -1,0 +1,77 @@
+// Shared pieces of the low-latency kernels (ll_dispatch.cuh, ll_combine.cuh).
+//
+// Signals are 64-bit words (epoch << 32) | value written into the receiver's symmetric region:
+// a receiver waits until the tag equals its own epoch, so stale words from earlier calls never
+// match and nothing has to be cleaned. Epochs come from a device-side sequence word per op
+// (graph replays advance it on the device). The send phase's blocks finish with a
+// "last block signals" step: each block orders its peer writes (system fence; nvshmem_quiet
+// for proxy puts), bumps a local done counter, and the block that arrives last publishes the
+// signals with release stores (NVLink) or nvshmemx_signal_op (peers without P2P).
+#pragma once
+#include "common.cuh"
+#include "nvshmem_prelude.cuh"
+
+namespace epgen {
+namespace ll {
+
+// Dispatch signals: [2 halves][kMaxSig] u64; index (local expert * R + source rank).
+constexpr int kMaxSig = 1024;
+
+__host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
+
+__device__ __forceinline__ bool masked(const int* mask, int r) {
+    return mask != nullptr && ld_volatile(mask + r) != 0;
+}
+
+__device__ __forceinline__ uint32_t next_epoch(const int* seq) {
+    uint32_t e = (uint32_t)ld_volatile(seq) + 1u;
+    return e == 0u ? 1u : e;
+}
+
+// Publish one signal word at byte offset `off` of rank dst's region.
+__device__ __forceinline__ void put_signal(char* base, const int64_t* peer_bases, const int* pes,
+                                           int dst, uint64_t off, unsigned long long value) {
+    const int64_t pb = peer_bases[dst];
+    if (pb != 0) {
+        st_release_sys(reinterpret_cast<long long*>(pb + off), (long long)value);
+    } else {
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(base + off), value, NVSHMEM_SIGNAL_SET,
+                           pes[dst]);
+    }
+}
+
+// Wait for the signal at local byte offset `off` to carry `epoch`; returns its value field
+// (0 on error/timeout, the error word then says why).
+__device__ __forceinline__ int wait_signal(const ErrorCtx& err, const char* base, uint64_t off,
+                                           uint32_t epoch, int peer, int detail) {
+    const long long* sig = reinterpret_cast<const long long*>(base + off);
+    long long v = 0;
+    bool ok = wait_until(err, peer, detail, [&] {
+        v = ld_acquire_sys(sig);
+        return (uint32_t)((unsigned long long)v >> 32) == epoch;
+    });
+    return ok ? (int)(uint32_t)((unsigned long long)v & 0xffffffffull) : 0;
+}
+
+// End of a send phase, called by every thread of every block. Returns true in the block
+// that arrived last (all other blocks' peer writes are then ordered before its stores).
+__device__ __forceinline__ bool last_block_arrives(int* done, bool any_remote) {
+    __shared__ int s_last;
+    __threadfence_system();
+    if (any_remote) nvshmem_quiet();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fence_acq_rel_sys();
+        const int old = atomicAdd(done, 1);
+        s_last = (old == (int)gridDim.x - 1);
+    }
+    __syncthreads();
+    const bool last = s_last != 0;
+    if (last) fence_acq_rel_sys();
+    return last;
+}
+
+__device__ __forceinline__ int4 ld_shared_v4(const int4* p) { return *p; }
+
+}  // namespace ll
+}  // namespace epgen

@@ -1,0 +1,206 @@
+// Normal-mode intranode combine over NVLink. Block c = channel c. A sender group per remote
+// token owner s pushes this rank's rows of s's channel-c tokens (found by binary search in
+// recv_src_idx, which is ascending per source) in order into ring (c, me) of s's region; the
+// reducer group walks this rank's own channel-c tokens in order: the contribution of rank r to
+// token t is the next slot of ring (c, r) (running index via ballots), the self contribution is
+// read from x. Sum in float32, fixed order (bias0, bias1, ranks ascending), round once to bf16.
+#pragma once
+#include "normal_ctrl.cuh"
+
+namespace epgen {
+
+template <int R, int K, int H, int NB, int THREADS>
+struct CombineCfg {
+    static constexpr int kWarps = THREADS / 32;
+    static constexpr int kWS = (kWarps / (2 * (R - 1))) > 0 ? kWarps / (2 * (R - 1)) : 1;
+    static constexpr int kWR = kWarps - (R - 1) * kWS;     // reducer warps
+    static_assert(kWR >= 1, "not enough warps");
+    static_assert(R <= 15, "named barrier ids");
+    static constexpr int kHB = H * 2;
+    static constexpr int kOffW = kHB;
+    static constexpr int kRec = (kHB + K * 4 + 15) / 16 * 16;
+    static constexpr int kChunk = 32;                      // sender rows per published tail
+};
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+template <int R, int K, int H, int NB, int THREADS>
+__device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
+    using namespace nctrl;
+    using Cfg = CombineCfg<R, K, H, NB, THREADS>;
+    constexpr int kWS = Cfg::kWS, kWR = Cfg::kWR, kRec = Cfg::kRec, kHV = Cfg::kHB / 16;
+    constexpr int kChunk = Cfg::kChunk;
+    ErrorCtx err = make_error_ctx(a);
+    __shared__ long long s_peer[R];
+    __shared__ int s_b[R][4];
+    __shared__ int s_self;
+
+    char* own = reinterpret_cast<char*>(a.nvl);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, me = a.rank;
+    const int c = blockIdx.x, C = gridDim.x;
+    const int cap = a.cap;
+    if (tid < R) s_peer[tid] = (long long)a.peers[tid];
+    if (tid == 0) s_self = 0;
+    __syncthreads();
+
+    if (warp < (R - 1) * kWS) {
+        // -------------------------------------------------------------- sender to owner s
+        const int sg = warp / kWS, wg = warp % kWS, gtid = tid - sg * kWS * 32;
+        constexpr int kGT = kWS * 32;
+        const int bar = 1 + sg;
+        const int s = sg < me ? sg : sg + 1;
+        char* peer = reinterpret_cast<char*>(s_peer[s]);
+        if (gtid == 0) {
+            const int Ts = a.num_tokens_all[s];
+            const int per = (Ts + C - 1) / C;
+            const int tb = min(Ts, c * per), te = min(Ts, tb + per);
+            const int base = s == 0 ? 0 : a.rank_prefix[(s - 1) * R + me];
+            const int end = a.rank_prefix[s * R + me];
+            auto lower = [&](int v) {   // first row in [base, end) with src_idx >= v
+                int lo = base, hi = end;
+                while (lo < hi) { int mid = (lo + hi) / 2; if (a.recv_src_idx[mid] < v) lo = mid + 1; else hi = mid; }
+                return lo;
+            };
+            s_b[sg][0] = lower(tb);
+            s_b[sg][1] = lower(te);
+            s_b[sg][2] = ld_volatile(word(own, kCombSendTail, cr(c, s)));
+        }
+        named_barrier(bar, kGT);
+        const int lo = s_b[sg][0], cnt = s_b[sg][1] - lo, tail0 = s_b[sg][2];
+        char* ring = peer + a.ring_offset + (int64_t)(c * R + me) * cap * kRec;
+        const int* head = word(peer, kCombHead, cr(c, me));
+        #pragma unroll 1
+        for (int i0 = 0; i0 < cnt; i0 += kChunk) {
+            const int n = min(kChunk, cnt - i0);
+            if (lane == 0) {
+                const int need = tail0 + i0 + n - cap;
+                wait_until(err, s, 5, [&] { return ld_acquire_sys(head) - need >= 0; });
+            }
+            __syncwarp();
+            #pragma unroll 1
+            for (int i = wg; i < n; i += kWS) {
+                const int64_t row = lo + i0 + i;
+                char* rec = ring + (int64_t)((unsigned)(tail0 + i0 + i) % (unsigned)cap) * kRec;
+                warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec),
+                                        reinterpret_cast<const int4*>(a.x + row * Cfg::kHB), lane);
+                if (K > 0 && lane < K)
+                    reinterpret_cast<float*>(rec + Cfg::kOffW)[lane] =
+                        a.topk_weights ? a.topk_weights[row * K + lane] : 0.0f;
+            }
+            named_barrier(bar, kGT);
+            if (gtid == 0) st_release_sys(word(peer, kCombTail, cr(c, me)), tail0 + i0 + n);
+        }
+        if (gtid == 0) st_volatile(word(own, kCombSendTail, cr(c, s)), tail0 + cnt);
+    } else {
+        // -------------------------------------------------------------- reducer (owner me)
+        const int wr = warp - (R - 1) * kWS, gtid = tid - (R - 1) * kWS * 32;
+        constexpr int kGT = kWR * 32;
+        const int bar = R;
+        const int T = a.num_tokens;
+        const int per = (T + C - 1) / C;
+        const int tb = min(T, c * per), te = min(T, tb + per);
+        int before = 0;
+        for (int t = gtid; t < tb; t += kGT) before += a.is_token_in_rank[(int64_t)t * R + me] ? 1 : 0;
+        before = warp_reduce_sum(before);
+        if (lane == 0 && before) atomicAdd(&s_self, before);
+        named_barrier(bar, kGT);
+        const int64_t self_row0 = (me == 0 ? 0 : a.rank_prefix[(me - 1) * R + me]) + s_self;
+        __shared__ int s_head0[R];
+        __shared__ int s_seen[Cfg::kWR][R];     // per warp: a tail value known to be reached
+        if (gtid < R) s_head0[gtid] = gtid == me ? 0 : ld_volatile(word(own, kCombHead, cr(c, gtid)));
+        named_barrier(bar, kGT);
+        if (lane < R) s_seen[wr][lane] = s_head0[lane];
+        __syncwarp();
+        int running[R];
+        #pragma unroll
+        for (int r = 0; r < R; ++r) running[r] = 0;
+        const char* rings = own + a.ring_offset + (int64_t)c * R * cap * kRec;
+        #pragma unroll 1
+        for (int bt = tb; bt < te; bt += 32) {
+            const int t = bt + lane;
+            unsigned m[R];
+            #pragma unroll
+            for (int r = 0; r < R; ++r)
+                m[r] = __ballot_sync(0xffffffffu, t < te && a.is_token_in_rank[(int64_t)t * R + r]);
+            const int nb = min(32, te - bt);
+            #pragma unroll 1
+            for (int j = wr; j < nb; j += kWR) {
+                const int tok = bt + j;
+                const unsigned below = (1u << j) - 1u;
+                int slot[R];        // self: row offset in x; peers: ring index; -1: not sent there
+                #pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    slot[r] = -1;
+                    if (!((m[r] >> j) & 1u)) continue;
+                    const int idx = running[r] + __popc(m[r] & below);
+                    if (r == me) {
+                        slot[r] = idx;
+                    } else {
+                        const int need = s_head0[r] + idx;
+                        if (__shfl_sync(0xffffffffu, (int)(s_seen[wr][r] - need <= 0), 0)) {
+                            if (lane == 0) {
+                                const int* tp = word(own, kCombTail, cr(c, r));
+                                int tl = need;
+                                wait_until(err, r, 6, [&] { tl = ld_acquire_sys(tp); return tl - need > 0; });
+                                s_seen[wr][r] = tl;
+                            }
+                            __syncwarp();
+                        }
+                        slot[r] = (int)((unsigned)need % (unsigned)cap);
+                    }
+                }
+                auto src_of = [&](int r) -> const char* {
+                    return r == me ? a.x + (self_row0 + slot[r]) * Cfg::kHB
+                                   : rings + ((int64_t)r * cap + slot[r]) * kRec;
+                };
+                #pragma unroll 1
+                for (int v = lane; v < kHV; v += 32) {
+                    float acc[8];
+                    #pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+                    if (NB > 0) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias0 + (int64_t)tok * Cfg::kHB) + v));
+                    if (NB > 1) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias1 + (int64_t)tok * Cfg::kHB) + v));
+                    #pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (slot[r] < 0) continue;
+                        const int4* p = reinterpret_cast<const int4*>(src_of(r)) + v;
+                        add_bf16x8(acc, r == me ? ld_nc_v4(p) : ld_v4(p));
+                    }
+                    int4 out;
+                    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+                    #pragma unroll
+                    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+                    st_v4(reinterpret_cast<int4*>(a.combined_x + (int64_t)tok * Cfg::kHB) + v, out);
+                }
+                if (K > 0 && lane < K && a.combined_weights != nullptr) {
+                    float w = 0.0f;
+                    #pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (slot[r] < 0) continue;
+                        if (r == me) w += a.topk_weights[(self_row0 + slot[r]) * K + lane];
+                        else w += reinterpret_cast<const volatile float*>(src_of(r) + Cfg::kOffW)[lane];
+                    }
+                    a.combined_weights[(int64_t)tok * K + lane] = w;
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < R; ++r) running[r] += __popc(m[r]);
+            named_barrier(bar, kGT);
+            if (gtid == 0) {
+                #pragma unroll
+                for (int r = 0; r < R; ++r)
+                    if (r != me) st_release_sys(word(own, kCombHead, cr(c, r)), s_head0[r] + running[r]);
+            }
+        }
+    }
+}
+
+}  // namespace epgen
