@@ -67,6 +67,8 @@ def _run_case(buf, rank, world, cid, case):
     import epgen
     from epgen import reference as ref
     H, K, dtype, with_topk, worst, align, async_finish, num_sms, zero_rank = case
+    # Poison: fill and free a large block so epgen's fresh outputs reuse memory full of junk.
+    torch.full((96 << 20,), -1, dtype=torch.int32, device="cuda")
     R, E = world, 64 * world
     tokens = [0 if r == zero_rank else TOKENS + 37 * r for r in range(R)]
     ins = [_inputs(cid, r, tokens[r], H, K, E, R) for r in range(R)]

@@ -184,8 +184,8 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                     const int64_t row = row_base + sent + j;
                     if (row >= a.num_recv_rows) continue;
                     warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(a.recv_x + row * HB), src, lane);
-                    if (S > 0 && lane < S)
-                        a.recv_scales[row * S + lane] = a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)lane * a.scale_stride_s];
+                    for (int j = lane; j < S; j += 32)
+                        a.recv_scales[row * S + j] = a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)j * a.scale_stride_s];
                     if (K > 0 && lane < K && a.recv_topk_idx != nullptr) {
                         const int64_t e = a.topk_idx[(int64_t)tok * K + lane];
                         const bool local = e >= (int64_t)me * El && e < (int64_t)(me + 1) * El;
@@ -197,9 +197,9 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                 } else {
                     char* rec = ring + (int64_t)((unsigned)(tail0 + sent + j) % (unsigned)cap) * kRec;
                     warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec), src, lane);
-                    if (S > 0 && lane < S)
-                        reinterpret_cast<float*>(rec + Cfg::kOffScales)[lane] =
-                            a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)lane * a.scale_stride_s];
+                    for (int j = lane; j < S; j += 32)
+                        reinterpret_cast<float*>(rec + Cfg::kOffScales)[j] =
+                            a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)j * a.scale_stride_s];
                     if (K > 0 && lane < K) {
                         int li = -1;
                         float w = 0.0f;
@@ -265,8 +265,8 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                 if (row >= a.num_recv_rows) continue;
                 warp_copy<kHV, 4, false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
                                          reinterpret_cast<const int4*>(rec), lane);
-                if (S > 0 && lane < S)
-                    a.recv_scales[row * S + lane] = reinterpret_cast<const volatile float*>(rec + Cfg::kOffScales)[lane];
+                for (int j = lane; j < S; j += 32)
+                    a.recv_scales[row * S + j] = reinterpret_cast<const volatile float*>(rec + Cfg::kOffScales)[j];
                 if (K > 0 && lane < K && a.recv_topk_idx != nullptr) {
                     a.recv_topk_idx[row * K + lane] = reinterpret_cast<const volatile int*>(rec + Cfg::kOffIdx)[lane];
                     if (a.recv_topk_weights != nullptr)
