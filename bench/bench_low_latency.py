@@ -1,9 +1,11 @@
 """Low-latency dispatch / combine benchmark (DeepEP's LL shape), per docs/targets.md "Method".
 
 python bench/bench_low_latency.py --ranks 2 --commit SHA --out DIR
-Times (CUDA events, median of --runs after warm-up, L2 flushed and ranks aligned by a barrier
-before each run): dispatch (FP8), combine (BF16), both back to back, and the hooked send / recv
-halves; plus NCCL all_to_all_single on the same bytes and a GPU->GPU copy, in the same run.
+Times (bench/timing.py): epgen's kernel time from the profiler (DeepEP's bench_kineto method;
+host-inclusive event times are kept beside it), median of --runs after warm-up, L2 flushed and
+ranks aligned by a barrier before each run: dispatch (FP8), combine (BF16), both back to back,
+and the hooked send / recv halves; plus NCCL all_to_all_single on the same bytes (events) and a
+GPU->GPU copy, in the same run.
 Writes DIR/low_latency.json (targets.md record schema) and prints a short table last.
 """
 from __future__ import annotations
@@ -16,71 +18,24 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timing  # noqa: E402
 
 
-def _card(name: str) -> str:
-    return "H200" if "H200" in name else "H100" if "H100" in name else name
-
-
-def _versions() -> dict:
-    import torch
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        from importlib.metadata import version
-        for pkg in ("nvidia-nvshmem-cu13", "cuda-bindings", "nvidia-cuda-nvrtc"):
-            try:
-                out[pkg] = version(pkg)
-            except Exception:  # noqa: BLE001
-                pass
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
-def _time(fn, runs, flush, warmup=5):
-    """Median-able list of per-run microseconds: flush L2, align ranks, time fn with events."""
+def _time_split(call_with_hook, runs, flush):
+    """Hooked calls: the send launch and the hook's receive launch, timed apart (profiler);
+    the data lands (sync + barrier) between the two, as a decode step would overlap it."""
     import torch
     import torch.distributed as dist
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        flush.zero_()
-        torch.cuda.synchronize()
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return samples
 
-
-def _time_split(send, runs, flush):
-    """Hooked halves: time the send launch, let the data land (sync + barrier), time the recv."""
-    import torch
-    import torch.distributed as dist
-    s_samples, r_samples = [], []
-    for i in range(runs + 5):
-        flush.zero_()
+    def run():
+        hook = call_with_hook()
         torch.cuda.synchronize()
         dist.barrier()
-        e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        e[0].record()
-        hook = send()
-        e[1].record()
-        torch.cuda.synchronize()
-        dist.barrier()
-        e[2].record()
         hook()
-        e[3].record()
-        e[3].synchronize()
-        if i >= 5:
-            s_samples.append(e[0].elapsed_time(e[1]) * 1e3)
-            r_samples.append(e[2].elapsed_time(e[3]) * 1e3)
-    return s_samples, r_samples
+    per_run = timing.kernel_durations(run, runs, flush)
+    return [d[0] for d in per_run], [d[1] for d in per_run]
 
 
 def _worker(rank, world, cfg):
@@ -121,10 +76,12 @@ def _worker(rank, world, cfg):
         r = disp()
         buf.low_latency_combine(y, idx, w, r[2])
 
-    res = {}
-    res["ll_dispatch"] = ("fp8", _time(disp, runs, flush), fp8_bytes)
-    res["ll_combine"] = ("bf16", _time(comb, runs, flush), bf16_bytes)
-    res["ll_dispatch_combine"] = ("fp8", _time(both, runs, flush), fp8_bytes + bf16_bytes)
+    res, host = {}, {}
+    for name, dtype, fn, nb in (("ll_dispatch", "fp8", disp, fp8_bytes),
+                                ("ll_combine", "bf16", comb, bf16_bytes),
+                                ("ll_dispatch_combine", "fp8", both, fp8_bytes + bf16_bytes)):
+        res[name] = (dtype, timing.time_kernels(fn, runs, flush), nb)
+        host[name] = timing.time_events(fn, runs, flush)
     ds, dr = _time_split(lambda: buf.low_latency_dispatch(x, idx, M, E, use_fp8=True,
                                                           return_recv_hook=True)[4],
                          runs, flush)
@@ -140,18 +97,19 @@ def _worker(rank, world, cfg):
         src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
         res[f"{name}_{'fp8' if nb == fp8_bytes else 'bf16'}"] = (
             "fp8" if nb == fp8_bytes else "bf16",
-            _time(lambda: dist.all_to_all_single(dst, src), runs, flush), nb)
+            timing.time_events(lambda: dist.all_to_all_single(dst, src), runs, flush), nb)
     # GPU -> GPU copy bandwidth (1 GiB to the next rank's GPU), rank-local measurement.
     peer = torch.device("cuda", (rank + 1) % world)
     a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     b = torch.empty(1 << 30, dtype=torch.uint8, device=peer)
-    res["copy"] = ("bf16", _time(lambda: b.copy_(a), max(10, runs // 5), flush, warmup=2), 1 << 30)
+    res["copy"] = ("bf16", timing.time_events(lambda: b.copy_(a), max(10, runs // 5), flush,
+                                              warmup=2), 1 << 30)
     del a, b
     torch.cuda.synchronize()
     dist.barrier()
     buf.destroy()
     return {"device": torch.cuda.get_device_name(dev), "num_sms": buf._ll.sms if hasattr(buf, "_ll") and buf._ll else None,
-            "results": {k: (d, s, nb) for k, (d, s, nb) in res.items()}}
+            "results": {k: (d, s, nb) for k, (d, s, nb) in res.items()}, "host_inclusive": host}
 
 
 def main():
@@ -169,8 +127,8 @@ def main():
     cfg = dict(tokens=args.tokens, hidden=args.hidden, topk=args.topk, experts=args.experts,
                runs=max(50, args.runs))
     per_rank = gpu_harness.run_ranks(args.ranks, _worker, cfg, timeout_s=560)
-    card = _card(per_rank[0]["device"])
-    versions = _versions()
+    card = timing.card(per_rank[0]["device"])
+    versions = timing.versions()
     records = []
     for op in per_rank[0]["results"]:
         dtype, samples, nb = per_rank[0]["results"][op]
@@ -184,7 +142,9 @@ def main():
             gbps=round(nb / (t * 1e-6) / 1e9, 2), bytes=nb,
             per_rank_median_us=[round(m, 3) for m in meds],
             mean_of_rank_medians_us=round(statistics.mean(meds), 3),
-            samples=[round(s, 3) for s in samples], commit=args.commit, versions=versions))
+            samples=[round(s, 3) for s in samples], commit=args.commit, versions=versions,
+            **({"host_inclusive_us": round(statistics.median(per_rank[0]["host_inclusive"][op]), 3)}
+               if op in per_rank[0]["host_inclusive"] else {})))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "low_latency.json")
     with open(path, "w") as f:

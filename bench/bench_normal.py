@@ -11,47 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timing  # noqa: E402
 
 TOKENS, HIDDEN, TOPK, EXPERTS = 4096, 7168, 8, 256
 WARMUP, RUNS = 5, 60
-
-
-def _card(torch):
-    name = torch.cuda.get_device_name()
-    return "H200" if "H200" in name else "H100" if "H100" in name else name
-
-
-def _versions():
-    from importlib import metadata
-    out = {}
-    for p in ("torch", "nvidia-nvshmem-cu13", "nvidia-cuda-nvrtc", "nvidia-nvjitlink", "cuda-bindings"):
-        try:
-            out[p] = metadata.version(p)
-        except Exception:
-            pass
-    return out
-
-
-def _timeit(fn, flush, runs=RUNS):
-    import torch
-    import torch.distributed as dist
-    samples = []
-    for i in range(WARMUP + runs):
-        flush.zero_()                                  # evict L2 (256 MB write)
-        torch.cuda.synchronize()
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= WARMUP:
-            samples.append(start.elapsed_time(end) * 1e3)   # us
-    return statistics.median(samples), samples
 
 
 def _copy_bw(torch):
@@ -70,7 +38,7 @@ def _copy_bw(torch):
         torch.cuda.synchronize("cuda:1")
         if i >= 2:
             times.append(s.elapsed_time(e) * 1e3)
-    t = statistics.median(times)
+    t = timing.median(times)
     return t, n / t / 1e3
 
 
@@ -100,15 +68,22 @@ def _worker(rank, world, commit):
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     bf16_bytes = n_recv * HIDDEN * 2
     fp8_bytes = bf16_bytes * (1 + 4 / 128) / 2
-    common = dict(card=_card(torch), num_ranks=world, tokens=TOKENS, hidden=HIDDEN, topk=TOPK,
-                  num_experts=EXPERTS, commit=commit, versions=_versions(),
+    common = dict(card=timing.card(torch.cuda.get_device_name()), num_ranks=world, tokens=TOKENS,
+                  hidden=HIDDEN, topk=TOPK, num_experts=EXPERTS, commit=commit,
+                  versions=timing.versions(),
                   device=torch.cuda.get_device_name())
     records = []
 
-    def add(op, dtype, sms, nbytes_, fn):
-        t, samples = _timeit(fn, flush)
-        records.append(dict(op=op, dtype=dtype, num_sms=sms, time_us=t, gbps=nbytes_ / t / 1e3,
-                            samples=samples, **common))
+    def add(op, dtype, sms, nbytes_, fn, kernels=True):
+        samples = timing.time_events(fn, RUNS, flush, WARMUP)
+        t = timing.median(samples)
+        rec = dict(op=op, dtype=dtype, num_sms=sms, time_us=t, gbps=nbytes_ / t / 1e3,
+                   samples=samples, **common)
+        if kernels:   # the same runs' kernel time alone (host overhead excluded)
+            ks = timing.time_kernels(fn, RUNS, flush, warmup=0)
+            rec.update(kernel_us=timing.median(ks), kernel_gbps=nbytes_ / timing.median(ks) / 1e3,
+                       kernel_samples=ks)
+        records.append(rec)
 
     add("normal_dispatch", "bf16", 24, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg24))
     add("normal_dispatch", "fp8", 24, fp8_bytes, lambda: buf.dispatch(x_fp8, handle=handle, config=cfg24))
@@ -122,7 +97,7 @@ def _worker(rank, world, commit):
     send = torch.empty(sum(in_splits), dtype=torch.uint8, device="cuda").random_()
     rcv = torch.empty(sum(out_splits), dtype=torch.uint8, device="cuda")
     add("nccl_a2a", "bf16", 0, bf16_bytes,
-        lambda: dist.all_to_all_single(rcv, send, out_splits, in_splits))
+        lambda: dist.all_to_all_single(rcv, send, out_splits, in_splits), kernels=False)
     buf.check_errors()
     torch.cuda.synchronize()
     dist.barrier()
@@ -153,11 +128,14 @@ def main():
     copy = next((r for r in r0 if r["op"] == "copy"), None)
     print(f"\ncard {r0[0]['card']}, {args.ranks} ranks, {TOKENS} tokens/rank, hidden {HIDDEN}, "
           f"top-{TOPK} of {EXPERTS}; rank 0 medians ({RUNS} runs)")
-    print(f"{'op':<16}{'dtype':<6}{'SMs':>4}{'time us':>10}{'GB/s':>9}{'/nccl':>7}{'/copy':>7}")
+    print("time: CUDA events around the call (DeepEP's normal-mode method); kernel: profiler")
+    print(f"{'op':<16}{'dtype':<6}{'SMs':>4}{'time us':>10}{'GB/s':>9}{'kernel us':>10}"
+          f"{'GB/s':>9}{'/nccl':>7}{'/copy':>7}")
     for r in r0:
         rn = r["gbps"] / nccl["gbps"] if nccl else float("nan")
         rc = r["gbps"] / copy["gbps"] if copy else float("nan")
         print(f"{r['op']:<16}{r['dtype']:<6}{r['num_sms']:>4}{r['time_us']:>10.1f}{r['gbps']:>9.1f}"
+              f"{r.get('kernel_us', float('nan')):>10.1f}{r.get('kernel_gbps', float('nan')):>9.1f}"
               f"{rn:>7.2f}{rc:>7.2f}")
 
 
