@@ -188,5 +188,5 @@ NormalCombineArgs = struct(
 
 ARGS.update({
     "normal_dispatch": (NormalDispatchArgs, NotifyArgs),
-    "normal_combine": NormalCombineArgs,
+    "normal_combine": (NormalCombineArgs, NotifyArgs),   # combine + its barrier
 })

@@ -27,7 +27,7 @@ import yaml
 
 from . import jit
 from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyCombineSpec,
-                    LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
+                    LowLatencyDispatchSpec, NormalCombineSpec, SpecError, normal_dispatch_spec,
                     spec_from_json)
 
 MAX_LL_TOKENS = 1024
@@ -66,8 +66,7 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                         num_topk=num_topk)]
     for dtype in dtypes:
         for k in (num_topk, 0):      # with top-k, and cached / without top-k
-            out.append(NormalDispatchSpec(hidden=hidden, num_topk=k, num_experts=num_experts,
-                                          num_ranks=num_ranks, dtype=dtype))
+            out.append(normal_dispatch_spec(hidden, k, num_experts, num_ranks, dtype))
     for k in (num_topk, 0):
         out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
     return out

@@ -182,13 +182,13 @@ class NormalCombineSpec(KernelSpec):
     """Normal-mode intranode combine: sum over the ranks a token went to, plus biases."""
     family: ClassVar[str] = "normal_combine"
     template: ClassVar[str] = "normal_combine.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+    entry_kinds: ClassVar[tuple[str, ...]] = ("combine", "notify")
 
     hidden: int
     num_topk: int          # 0: no top-k weights to combine
     num_ranks: int
     num_biases: int = 0
-    threads: int = 768
+    threads: int = 512     # 128 registers a thread: 8 loads in flight per reducer lane, no spills
 
     def validate(self):
         _check_common(self, experts=False, ranks_max=MAX_NVL_RANKS)
@@ -199,6 +199,16 @@ class NormalCombineSpec(KernelSpec):
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
+
+
+def normal_dispatch_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
+                         dtype: str) -> "NormalDispatchSpec":
+    """The spec a normal dispatch call compiles (ops and precompile both ask here). Without
+    top-k the experts change nothing in the kernel, so they are canonicalised away: one kernel
+    serves cached dispatch and dispatch without top-k for a (hidden, ranks, dtype)."""
+    return NormalDispatchSpec(hidden=hidden, num_topk=num_topk,
+                              num_experts=num_experts if num_topk else num_ranks,
+                              num_ranks=num_ranks, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -44,13 +45,23 @@ class OpsContext:
     # Device table of peer addresses, per region name: int64 [num_ranks] on the GPU.
     peer_tables: dict = field(default_factory=dict)
 
+    _kernels: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def device_sms(self) -> int:
+        return torch.cuda.get_device_properties(self.device).multi_processor_count
+
     # -- kernels --------------------------------------------------------------------------
     def kernel(self, spec: KernelSpec, kind: str | None = None) -> modules.Kernel:
-        """Compile (or find in the cache) and load; `launch` never compiles."""
-        entry = jit.build(spec, self.arch)
-        init = self.nvshmem.module_init if self.nvshmem is not None else None
-        loaded = modules.load(entry, self.device.index, init)
-        return loaded.function(spec.entry(kind))
+        """Compile (or find in the cache) and load once; later calls are a dict lookup.
+        `launch` never compiles."""
+        k = self._kernels.get((spec, kind))
+        if k is None:
+            entry = jit.build(spec, self.arch)
+            init = self.nvshmem.module_init if self.nvshmem is not None else None
+            loaded = modules.load(entry, self.device.index, init)
+            k = self._kernels[(spec, kind)] = loaded.function(spec.entry(kind))
+        return k
 
     def fill_error_fields(self, args: ctypes.Structure, op: str) -> ctypes.Structure:
         args.error_word = self.errors.device_ptr

@@ -16,14 +16,13 @@ import torch
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
-from ..specs import MAX_TOPK, NormalCombineSpec, NormalDispatchSpec, num_scales
+from ..specs import MAX_TOPK, NormalCombineSpec, normal_dispatch_spec, num_scales
 from .context import OpsContext, arg_error, timeout_ns
 
 CTRL_BYTES = 131072
 MAX_CHANNELS = 64
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
 NOTIFY_THREADS = 256
-THREADS = 768
 FP8 = torch.float8_e4m3fn
 
 
@@ -87,7 +86,7 @@ class IntranodeOps:
 
     def _check_config(self, config, op: str, record: int) -> tuple[int, int, int]:
         ctx = self.ctx
-        sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        sms = ctx.device_sms
         if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, 2 * MAX_CHANNELS):
             raise arg_error("config.num_sms", config.num_sms,
                             f"must be even, positive and <= {min(sms, 2 * MAX_CHANNELS)}")
@@ -202,13 +201,12 @@ class IntranodeOps:
                 if E == 0 or E % R:
                     raise arg_error("num_tokens_per_expert.numel()", E,
                                     f"must be a positive multiple of num_ranks={R}")
-        spec = NormalDispatchSpec(hidden=H, num_topk=K, num_experts=E, num_ranks=R, dtype=dtype,
-                                  threads=THREADS)
+        spec = normal_dispatch_spec(H, K, E, R, dtype)
         record = dispatch_record_bytes(H, dtype, K)
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
         kernel = ctx.kernel(spec, "dispatch")
         notify = ctx.kernel(spec, "notify")
-        El = E // R
+        El = spec.num_experts // R
         S = num_scales(H) if dtype == "fp8" else 0
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
@@ -231,7 +229,7 @@ class IntranodeOps:
                 a = self._notify_args(
                     num_tokens_per_rank=num_tokens_per_rank.data_ptr(),
                     num_tokens_per_expert=num_tokens_per_expert.data_ptr()
-                    if num_tokens_per_expert is not None else 0,
+                    if num_tokens_per_expert is not None and K else 0,
                     rank_prefix=rpm.data_ptr(), num_tokens_all=ntall.data_ptr(),
                     host_counts=host.device_ptr if host is not None else 0,
                     num_tokens=T, expert_alignment=expert_alignment, barrier_only=0)
@@ -274,7 +272,7 @@ class IntranodeOps:
             a.num_tokens = T
             a.num_worst_tokens = num_worst_tokens if not cached else 0
             a.cap = cap
-            kernel.launch(channels, THREADS, a, stream.cuda_stream)
+            kernel.launch(channels, spec.threads, a, stream.cuda_stream)
             if not cached:
                 handle = (rpm, ntall, None, recv_src, in_rank, None)
             result["tensors"] = (x, scales, topk_idx, topk_weights, in_rank, recv_x, recv_scales,
@@ -318,13 +316,11 @@ class IntranodeOps:
         biases = [b for b in biases if b is not None]
         for i, b in enumerate(biases):
             _check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
-        spec = NormalCombineSpec(hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases),
-                                 threads=THREADS)
+        spec = NormalCombineSpec(hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)
         kernel = ctx.kernel(spec)
-        notify = ctx.kernel(NormalDispatchSpec(hidden=16, num_topk=0, num_experts=R, num_ranks=R),
-                            "notify")
+        notify = ctx.kernel(spec, "notify")
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
@@ -347,6 +343,6 @@ class IntranodeOps:
             a.ring_offset = ring_off
             a.num_tokens = T
             a.cap = cap
-            kernel.launch(channels, THREADS, a, stream.cuda_stream)
+            kernel.launch(channels, spec.threads, a, stream.cuda_stream)
             result["tensors"] = (x, topk_weights, *biases, rpm, ntall, src_idx, in_rank, out, out_w)
         return out, out_w, result["event"]

@@ -54,8 +54,7 @@ class LayoutOps:
                 args.num_tokens_per_expert = per_expert.data_ptr()
                 args.is_token_in_rank = in_rank.data_ptr()
                 args.num_tokens = num_tokens
-                sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
-                grid = max(1, min(sms, -(-num_tokens // THREADS)))
+                grid = max(1, min(ctx.device_sms, -(-num_tokens // THREADS)))
                 kernel.launch(grid, THREADS, args, stream.cuda_stream)
             elif num_tokens > 0:
                 in_rank.zero_()

@@ -87,7 +87,7 @@ class LowLatencyOps:
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
         self.any_remote = int(any(a == 0 for a in ctx.rdma.peer_addrs))
-        self.sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        self.sms = ctx.device_sms
         self._kernels: dict = {}
         self.base = ctx.rdma.addr
         self.words = ctx.rdma.view(torch.int32, (4,), WORDS_OFF)

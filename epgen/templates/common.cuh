@@ -123,10 +123,6 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) 
         st_v4(dst + i, SRC_READ_ONLY ? ld_nc_v4(src + i) : ld_v4(src + i));
 }
 
-// Run-time length variant (bytes must be a multiple of 16).
-__device__ __forceinline__ void warp_copy_n(int4* dst, const int4* src, int n, int lane) {
-    for (int i = lane; i < n; i += 32) st_v4(dst + i, ld_v4(src + i));
-}
 
 __device__ __forceinline__ int warp_reduce_sum(int v) {
     #pragma unroll

@@ -68,15 +68,11 @@ struct LLCombine {
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
             if (pb != 0) {
-                int4* d = reinterpret_cast<int4*>(pb + off);
-                int j = lane;
-                #pragma unroll 4
-                for (; j < kRowN16; j += 32) st_v4(d + j, ld_nc_v4(xrow + j));
+                warp_copy<kRowN16, 8, true>(reinterpret_cast<int4*>(pb + off), xrow, lane);
             } else {
                 char* stage = base + a.send_off + (le * RM + row) * (int64_t)(2 * H);
                 if (!a.zero_copy) {
-                    int4* s4 = reinterpret_cast<int4*>(stage);
-                    for (int j = lane; j < kRowN16; j += 32) st_v4(s4 + j, ld_nc_v4(xrow + j));
+                    warp_copy<kRowN16, 8, true>(reinterpret_cast<int4*>(stage), xrow, lane);
                     __threadfence();
                     __syncwarp();
                 }

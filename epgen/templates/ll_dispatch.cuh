@@ -229,11 +229,7 @@ struct LLDispatch {
             if (lane == 0) a.recv_src_info[le * RM + row] = ld_v4(msg).x;
             int4* dst = reinterpret_cast<int4*>(reinterpret_cast<char*>(a.recv_x) +
                                                 (le * RM + row) * (int64_t)(FP8 ? H : 2 * H));
-            {
-                int j = lane;
-                #pragma unroll 4
-                for (; j < kRowN16; j += 32) st_v4(dst + j, ld_v4(msg + 1 + j));
-            }
+            warp_copy<kRowN16, 8, false>(dst, msg + 1, lane);
             if constexpr (FP8) {
                 const float* sc = reinterpret_cast<const float*>(
                     reinterpret_cast<const char*>(msg + 1) + H);

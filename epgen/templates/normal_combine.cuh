@@ -161,24 +161,56 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
                     return r == me ? a.x + (self_row0 + slot[r]) * Cfg::kHB
                                    : rings + ((int64_t)r * cap + slot[r]) * kRec;
                 };
+                // Several loads are issued before any is used: the stores are asm volatile, so
+                // the compiler would otherwise keep one load in flight per lane and the loop
+                // would run at memory latency. Sources q: biases first, then ranks ascending
+                // (the fixed summation order); at most 8 loads in flight per lane.
+                constexpr int kSrc = NB + R;
+                constexpr int kG = kSrc < 4 ? kSrc : 4;            // sources loaded together
+                constexpr int kU = kSrc <= 4 ? 8 / kSrc : 1;       // columns per iteration
+                const int4* bias0 = reinterpret_cast<const int4*>(a.bias0 + (int64_t)tok * Cfg::kHB);
+                const int4* bias1 = reinterpret_cast<const int4*>(a.bias1 + (int64_t)tok * Cfg::kHB);
+                auto present = [&](int q) { return q < NB || slot[q - NB] >= 0; };
+                auto load = [&](int q, int v) -> int4 {
+                    if (q == 0 && NB > 0) return ld_nc_v4(bias0 + v);
+                    if (q == 1 && NB > 1) return ld_nc_v4(bias1 + v);
+                    const int r = q - NB;
+                    if (slot[r] < 0) return make_int4(0, 0, 0, 0);
+                    const int4* p = reinterpret_cast<const int4*>(src_of(r)) + v;
+                    return r == me ? ld_nc_v4(p) : ld_v4(p);
+                };
                 #pragma unroll 1
-                for (int v = lane; v < kHV; v += 32) {
-                    float acc[8];
+                for (int v0 = lane; v0 < kHV; v0 += 32 * kU) {
+                    float acc[kU][8];
                     #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-                    if (NB > 0) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias0 + (int64_t)tok * Cfg::kHB) + v));
-                    if (NB > 1) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias1 + (int64_t)tok * Cfg::kHB) + v));
+                    for (int u = 0; u < kU; ++u)
+                        #pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
                     #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        if (slot[r] < 0) continue;
-                        const int4* p = reinterpret_cast<const int4*>(src_of(r)) + v;
-                        add_bf16x8(acc, r == me ? ld_nc_v4(p) : ld_v4(p));
+                    for (int g = 0; g < kSrc; g += kG) {
+                        int4 val[kU][kG];
+                        #pragma unroll
+                        for (int u = 0; u < kU; ++u)
+                            #pragma unroll
+                            for (int j = 0; j < kG; ++j)
+                                val[u][j] = (g + j < kSrc && v0 + u * 32 < kHV) ? load(g + j, v0 + u * 32)
+                                                                                 : make_int4(0, 0, 0, 0);
+                        #pragma unroll
+                        for (int u = 0; u < kU; ++u)
+                            #pragma unroll
+                            for (int j = 0; j < kG; ++j)      // absent ranks add nothing (not +0.0)
+                                if (g + j < kSrc && present(g + j)) add_bf16x8(acc[u], val[u][j]);
                     }
-                    int4 out;
-                    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
                     #pragma unroll
-                    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-                    st_v4(reinterpret_cast<int4*>(a.combined_x + (int64_t)tok * Cfg::kHB) + v, out);
+                    for (int u = 0; u < kU; ++u) {
+                        const int v = v0 + u * 32;
+                        if (v >= kHV) break;
+                        int4 out;
+                        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+                        #pragma unroll
+                        for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[u][2 * i], acc[u][2 * i + 1]);
+                        st_v4(reinterpret_cast<int4*>(a.combined_x + (int64_t)tok * Cfg::kHB) + v, out);
+                    }
                 }
                 if (K > 0 && lane < K && a.combined_weights != nullptr) {
                     float w = 0.0f;
