@@ -8,6 +8,7 @@ Run-time values (token counts, SM counts, max tokens per rank, ring sizes) are n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class NormalCombineSpec(KernelSpec):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
 
 
+@functools.lru_cache(maxsize=256)
 def normal_dispatch_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
                          dtype: str) -> "NormalDispatchSpec":
     """The spec a normal dispatch call compiles (ops and precompile both ask here). Without
@@ -238,6 +240,8 @@ class LowLatencyDispatchSpec(KernelSpec):
                       "round_scale/use_ue8m0 need use_fp8=True")
         self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
                   "must be a multiple of 32 in [256, 1024]")
+        self._req(self.threads >= self.num_experts, "threads",
+                  f"must be >= num_experts={self.num_experts} (one thread per expert signal)")
 
     @property
     def num_scales(self) -> int:
@@ -268,9 +272,17 @@ class LowLatencyCombineSpec(KernelSpec):
         self._req(self.hidden % 16 == 0, "hidden", "must be a multiple of 16 in low-latency mode")
         self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
                   "must be a multiple of 32 in [256, 1024]")
+        self._req(self.threads >= self.num_experts, "threads",
+                  f"must be >= num_experts={self.num_experts} (one thread per expert signal)")
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+
+
+@functools.lru_cache(maxsize=1024)
+def cached(cls: type, **fields) -> KernelSpec:
+    """cls(**fields), built (and validated) once: the per-call path asks for the same few specs."""
+    return cls(**fields)
 
 
 FAMILIES: dict[str, type[KernelSpec]] = {

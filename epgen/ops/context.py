@@ -96,13 +96,15 @@ class OpsContext:
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise arg_error("allocate_on_comm_stream", True,
                             "needs previous_event and async_finish=True")
-        compute = torch.cuda.current_stream()
+        compute = torch.cuda.current_stream(self.device.index)
         if previous_event is not None:
             self.comm_stream.wait_event(previous_event.event.event)
         else:
             self.comm_stream.wait_stream(compute)
-        alloc_stream = self.comm_stream if allocate_on_comm_stream else compute
-        with torch.cuda.stream(alloc_stream):
+        if allocate_on_comm_stream:
+            with torch.cuda.stream(self.comm_stream):
+                yield self.comm_stream
+        else:
             yield self.comm_stream
         tensors = [t for t in result.get("tensors", ()) if isinstance(t, torch.Tensor)]
         if async_finish:

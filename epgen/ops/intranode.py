@@ -16,7 +16,7 @@ import torch
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
-from ..specs import MAX_TOPK, NormalCombineSpec, normal_dispatch_spec, num_scales
+from ..specs import MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec, num_scales
 from .context import OpsContext, arg_error, timeout_ns
 
 CTRL_BYTES = 131072
@@ -316,7 +316,7 @@ class IntranodeOps:
         biases = [b for b in biases if b is not None]
         for i, b in enumerate(biases):
             _check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
-        spec = NormalCombineSpec(hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
+        spec = cached(NormalCombineSpec, hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)
         kernel = ctx.kernel(spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_args import LayoutArgs
-from ..specs import LayoutSpec
+from ..specs import LayoutSpec, cached
 from .context import OpsContext, arg_error
 
 THREADS = 256
@@ -38,8 +38,8 @@ class LayoutOps:
             raise arg_error("num_experts", num_experts,
                             f"must be a positive multiple of num_ranks={ctx.num_ranks}")
         num_tokens, num_topk = topk_idx.shape
-        spec = LayoutSpec(num_ranks=ctx.num_ranks, num_experts=num_experts,
-                          num_topk=max(num_topk, 1), threads=THREADS)
+        spec = cached(LayoutSpec, num_ranks=ctx.num_ranks, num_experts=num_experts,
+                      num_topk=max(num_topk, 1), threads=THREADS)
         kernel = ctx.kernel(spec)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,

@@ -21,7 +21,8 @@ import torch
 
 from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
 from ..runtime.events import EventHandle, EventOverlap
-from ..specs import MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec, num_scales
+from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec,
+                     cached, num_scales)
 from .context import OpsContext, arg_error
 from .layout import check_topk_idx
 
@@ -143,7 +144,7 @@ class LowLatencyOps:
         ctx = self.ctx
         if async_finish and return_recv_hook:
             raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
-        compute = torch.cuda.current_stream()
+        compute = torch.cuda.current_stream(ctx.device.index)
         stream = compute
         if async_finish:
             ctx.comm_stream.wait_stream(compute)
@@ -167,7 +168,7 @@ class LowLatencyOps:
             if return_recv_hook:
                 _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
                 kernel.launch(self.sms, THREADS, recv_args,
-                              torch.cuda.current_stream().cuda_stream, smem=smem)
+                              torch.cuda.current_stream(ctx.device.index).cuda_stream, smem=smem)
         return overlap, hook
 
     # -- API ------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class LowLatencyOps:
                                 cumulative_local_expert_recv_stats, torch.int32, El)
         wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                                 torch.int64, R)
-        spec = LowLatencyDispatchSpec(hidden=H, num_topk=K, num_experts=num_experts, num_ranks=R,
+        spec = cached(LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=num_experts, num_ranks=R,
                                       use_fp8=bool(use_fp8), round_scale=bool(round_scale),
                                       use_ue8m0=bool(use_ue8m0), threads=THREADS)
         kernel = self._kernel(spec)
@@ -294,7 +295,7 @@ class LowLatencyOps:
         src = x
         if zero_copy:
             src = self.get_next_low_latency_combine_buffer(handle)
-        spec = LowLatencyCombineSpec(hidden=H, num_topk=K, num_experts=E, num_ranks=R,
+        spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
         kernel = self._kernel(spec)
         call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)

@@ -24,7 +24,8 @@ struct LLCombine {
     static constexpr int kSlices = (kRowN16 + 31) / 32;
     static constexpr int kWarps = THREADS / 32;
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
-    static_assert(E % R == 0 && E <= ll::kMaxSig && R <= kLLMaxRankSig, "experts / ranks");
+    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= kLLMaxRankSig,
+                  "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
 
     static __device__ void send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
@@ -52,11 +53,14 @@ struct LLCombine {
         }
         __syncthreads();
 
-        const int64_t gw = (int64_t)blockIdx.x * kWarps + warp;
-        const int64_t nw = (int64_t)gridDim.x * kWarps;
-        for (int64_t u = gw; u < (int64_t)E * M; u += nw) {
-            const int p = (int)(u / M), i = (int)(u % M);
-            if (i >= s_cnt[p]) continue;
+        __shared__ int s_cum[E];
+        ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
+        const int total = s_cum[E - 1];
+        const int gw = blockIdx.x * kWarps + warp;
+        const int nw = gridDim.x * kWarps;
+        for (int m = gw; m < total; m += nw) {
+            const int p = ll::locate(s_cum, E, m);
+            const int i = m - (s_cum[p] - s_cnt[p]);
             const int le = p / R, src = p % R;
             if (ll::masked(a.mask, src)) continue;
             const int64_t row = s_begin[p] + i;

@@ -73,5 +73,45 @@ __device__ __forceinline__ bool last_block_arrives(int* done, bool any_remote) {
 
 __device__ __forceinline__ int4 ld_shared_v4(const int4* p) { return *p; }
 
+// Inclusive prefix sums of cnt[0, n) into cum[0, n), n <= THREADS (both in shared memory).
+// Lets warps walk the valid (chunk, row) pairs as one dense range: striding over all E * M
+// slots instead would hand every valid row to the same few warps.
+template <int THREADS>
+__device__ __forceinline__ void block_inclusive_scan(const int* cnt, int* cum, int n) {
+    static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block size");
+    __shared__ int s_warp[THREADS / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int v = tid < n ? cnt[tid] : 0;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += t;
+    }
+    if (lane == 31) s_warp[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < THREADS / 32 ? s_warp[lane] : 0;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += t;
+        }
+        if (lane < THREADS / 32) s_warp[lane] = w;
+    }
+    __syncthreads();
+    if (tid < n) cum[tid] = v + (warp > 0 ? s_warp[warp - 1] : 0);
+    __syncthreads();
+}
+
+// The chunk p holding dense row m: the first p with cum[p] > m (cum inclusive, ascending).
+__device__ __forceinline__ int locate(const int* cum, int n, int m) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (cum[mid] > m) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+}
+
 }  // namespace ll
 }  // namespace epgen

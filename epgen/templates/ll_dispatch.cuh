@@ -32,7 +32,7 @@ struct LLDispatch {
     static constexpr int kPart = (kN16 + kParts - 1) / kParts;
     static constexpr int kRowN16 = FP8 ? H / 16 : H / 8;     // 16-byte units of a recv_x row
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
-    static_assert(E % R == 0 && E <= ll::kMaxSig, "experts");
+    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS, "experts");
     static_assert(K >= 1 && K <= 32, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
 
@@ -217,11 +217,14 @@ struct LLDispatch {
         }
         __syncthreads();
 
-        const int64_t gw = (int64_t)blockIdx.x * (THREADS / 32) + warp;
-        const int64_t nw = (int64_t)gridDim.x * (THREADS / 32);
-        for (int64_t u = gw; u < (int64_t)E * M; u += nw) {
-            const int p = (int)(u / M), i = (int)(u % M);
-            if (i >= s_cnt[p]) continue;
+        __shared__ int s_cum[E];
+        ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
+        const int total = s_cum[E - 1];
+        const int gw = blockIdx.x * (THREADS / 32) + warp;
+        const int nw = gridDim.x * (THREADS / 32);
+        for (int m = gw; m < total; m += nw) {
+            const int p = ll::locate(s_cum, E, m);
+            const int i = m - (s_cum[p] - s_cnt[p]);
             const int le = p / R, src = p % R;
             const int64_t row = s_begin[p] + i;
             const int4* msg = reinterpret_cast<const int4*>(
