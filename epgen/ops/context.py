@@ -46,6 +46,9 @@ class OpsContext:
     peer_tables: dict = field(default_factory=dict)
 
     _kernels: dict = field(default_factory=dict)
+    comm_busy: bool = False          # async work of this Buffer on the comm stream not yet joined
+    compute_pending: bool = False    # this Buffer's last work ran on the current stream ...
+    sync_done: torch.cuda.Event = field(default_factory=torch.cuda.Event)   # ... and ended here
 
     @functools.cached_property
     def device_sms(self) -> int:
@@ -97,10 +100,27 @@ class OpsContext:
             raise arg_error("allocate_on_comm_stream", True,
                             "needs previous_event and async_finish=True")
         compute = torch.cuda.current_stream(self.device.index)
+        if previous_event is None and not async_finish:
+            # DeepEP's round trip (comm waits for compute, runs, compute waits for comm) orders
+            # the work like launching on the current stream, which needs no events, once
+            # earlier async work of this Buffer on the comm stream is joined.
+            if self.comm_busy:
+                compute.wait_stream(self.comm_stream)
+                self.comm_busy = False
+            yield compute
+            self.sync_done.record(compute)
+            self.compute_pending = True
+            result["event"] = EventOverlap(None)
+            return
         if previous_event is not None:
             self.comm_stream.wait_event(previous_event.event.event)
+            if self.compute_pending:
+                # also after this Buffer's last operation, run on the current stream: two of
+                # its kernels must never run at once (they share ring counters)
+                self.comm_stream.wait_event(self.sync_done)
         else:
             self.comm_stream.wait_stream(compute)
+        self.compute_pending = False
         if allocate_on_comm_stream:
             with torch.cuda.stream(self.comm_stream):
                 yield self.comm_stream
@@ -113,8 +133,10 @@ class OpsContext:
             for t in tensors:
                 t.record_stream(self.comm_stream)
             result["event"] = EventOverlap(EventHandle(event), tuple(tensors))
+            self.comm_busy = True
         else:
             compute.wait_stream(self.comm_stream)
+            self.comm_busy = False
             result["event"] = EventOverlap(None)
         if allocate_on_comm_stream:
             for t in tensors:

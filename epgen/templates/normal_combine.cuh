@@ -89,7 +89,7 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
             for (int i = wg; i < n; i += kWS) {
                 const int64_t row = lo + i0 + i;
                 char* rec = ring + (int64_t)((unsigned)(tail0 + i0 + i) % (unsigned)cap) * kRec;
-                warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec),
+                warp_copy<kHV, 8, true>(reinterpret_cast<int4*>(rec),
                                         reinterpret_cast<const int4*>(a.x + row * Cfg::kHB), lane);
                 if (K > 0 && lane < K)
                     reinterpret_cast<float*>(rec + Cfg::kOffW)[lane] =

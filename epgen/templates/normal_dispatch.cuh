@@ -32,6 +32,9 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
     using Cfg = DispatchCfg<R, El, K, HB, S, THREADS>;
     constexpr int kWG = Cfg::kWG, kGT = kWG * 32, kRec = Cfg::kRec;
     constexpr int kHV = HB / 16;
+    // Loads in flight per lane: 8 where a row is long enough to use them (BF16 7168: 14 KB),
+    // 4 otherwise (the FP8 paths' extra scale/index registers would spill at 8).
+    constexpr int kUnroll = kHV >= 3 * 32 * 8 ? 8 : 4;
     ErrorCtx err = make_error_ctx(a);
     __shared__ long long s_peer[R];
     __shared__ int s_seq;
@@ -112,7 +115,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                 if (p == me) {
                     const int64_t row = row_base + sent + j;
                     if (row >= a.num_recv_rows) continue;
-                    warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(a.recv_x + row * HB), src, lane);
+                    warp_copy<kHV, kUnroll, true>(reinterpret_cast<int4*>(a.recv_x + row * HB), src, lane);
                     for (int j = lane; j < S; j += 32)
                         a.recv_scales[row * S + j] = a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)j * a.scale_stride_s];
                     if (K > 0 && lane < K && a.recv_topk_idx != nullptr) {
@@ -125,7 +128,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                     if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = tok;
                 } else {
                     char* rec = ring + (int64_t)((unsigned)(tail0 + sent + j) % (unsigned)cap) * kRec;
-                    warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec), src, lane);
+                    warp_copy<kHV, kUnroll, true>(reinterpret_cast<int4*>(rec), src, lane);
                     for (int j = lane; j < S; j += 32)
                         reinterpret_cast<float*>(rec + Cfg::kOffScales)[j] =
                             a.x_scales[(int64_t)tok * a.scale_stride_t + (int64_t)j * a.scale_stride_s];
@@ -192,7 +195,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                 const char* rec = ring + (int64_t)((unsigned)(head0 + consumed + i) % (unsigned)cap) * kRec;
                 const int64_t row = row_base + consumed + i;
                 if (row >= a.num_recv_rows) continue;
-                warp_copy<kHV, 4, false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
+                warp_copy<kHV, kUnroll, false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
                                          reinterpret_cast<const int4*>(rec), lane);
                 for (int j = lane; j < S; j += 32)
                     a.recv_scales[row * S + j] = reinterpret_cast<const volatile float*>(rec + Cfg::kOffScales)[j];
