@@ -29,6 +29,20 @@ def arg_error(name: str, value, rule: str) -> ValueError:
     return ValueError(f"{name}={value!r}: {rule}")
 
 
+def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None) -> None:
+    """A CUDA tensor of this dtype (and shape, device, contiguity), else arg_error naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
+    if t.dtype != dtype:
+        raise arg_error(f"{name}.dtype", t.dtype, f"must be {dtype}")
+    if not t.is_cuda or (device is not None and t.device != device):
+        raise arg_error(f"{name}.device", t.device, f"must be on {device or 'a CUDA device'}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
+    if contiguous and not t.is_contiguous():
+        raise arg_error(name, "non-contiguous", "must be contiguous")
+
+
 @dataclass
 class OpsContext:
     group: object

@@ -17,10 +17,10 @@ from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
 from ..specs import MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec, num_scales
-from .context import OpsContext, arg_error, timeout_ns
+from .context import OpsContext, arg_error, check_tensor, timeout_ns
 
 CTRL_BYTES = 131072
-MAX_CHANNELS = 64
+MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
 NOTIFY_THREADS = 256
 FP8 = torch.float8_e4m3fn
@@ -31,7 +31,9 @@ def _align(v: int, a: int = 256) -> int:
 
 
 def _cap(config) -> int:
-    return max(int(config.num_max_nvl_chunked_recv_tokens), MIN_CAP)
+    """Ring slots per (channel, peer). A channel is one SM here (DeepEP: two), so each ring
+    holds half of DeepEP's per-channel count and the rings take the same memory."""
+    return max(int(config.num_max_nvl_chunked_recv_tokens) // 2, MIN_CAP)
 
 
 def dispatch_record_bytes(hidden: int, dtype: str, num_topk: int) -> int:
@@ -45,7 +47,7 @@ def combine_record_bytes(hidden: int, num_topk: int) -> int:
 
 
 def ring_bytes(config, num_ranks: int, record: int) -> int:
-    return (config.num_sms // 2) * num_ranks * _cap(config) * record
+    return config.num_sms * num_ranks * _cap(config) * record
 
 
 def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
@@ -57,19 +59,6 @@ def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
 
 def _is_cuda(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda
-
-
-def _check_tensor(name, t, dtype, shape=None, contiguous=True, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
-    if t.dtype != dtype:
-        raise arg_error(f"{name}.dtype", t.dtype, f"must be {dtype}")
-    if not t.is_cuda or (device is not None and t.device != device):
-        raise arg_error(f"{name}.device", t.device, f"must be on {device}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
-    if contiguous and not t.is_contiguous():
-        raise arg_error(name, "non-contiguous", "must be contiguous")
 
 
 class IntranodeOps:
@@ -87,10 +76,10 @@ class IntranodeOps:
     def _check_config(self, config, op: str, record: int) -> tuple[int, int, int]:
         ctx = self.ctx
         sms = ctx.device_sms
-        if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, 2 * MAX_CHANNELS):
+        if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, MAX_CHANNELS):
             raise arg_error("config.num_sms", config.num_sms,
-                            f"must be even, positive and <= {min(sms, 2 * MAX_CHANNELS)}")
-        channels, cap = config.num_sms // 2, _cap(config)
+                            f"must be even, positive and <= {min(sms, MAX_CHANNELS)}")
+        channels, cap = config.num_sms, _cap(config)     # one block (channel) per SM given
         need = ring_bytes(config, ctx.num_ranks, record)
         half, nbytes = self._half()
         if need > half:
@@ -117,6 +106,20 @@ class IntranodeOps:
             notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
         self._layout[which] = key
 
+    def _unpack_handle(self, handle, num_tokens: int | None = None):
+        """(rank_prefix_matrix, num_tokens_all, recv_src_idx, is_token_in_rank) of a dispatch
+        handle, checked."""
+        R, dev = self.ctx.num_ranks, self.ctx.device
+        if not isinstance(handle, tuple) or len(handle) != 6:
+            raise arg_error("handle", type(handle).__name__, "must be the 6-tuple from dispatch")
+        rpm, ntall, _, src_idx, in_rank, _ = handle
+        check_tensor("handle[0]", rpm, torch.int32, shape=(R, R), device=dev)
+        check_tensor("handle[1]", ntall, torch.int32, shape=(R,), device=dev)
+        check_tensor("handle[3]", src_idx, torch.int32, device=dev)
+        check_tensor("handle[4]", in_rank, torch.bool, device=dev,
+                      shape=None if num_tokens is None else (num_tokens, R))
+        return rpm, ntall, src_idx, in_rank
+
     def _wait_host(self, counts: MappedHostArray, n: int) -> list[int]:
         ctx = self.ctx
         deadline = time.monotonic() + timeout_ns() / 1e9 + 5.0
@@ -140,16 +143,16 @@ class IntranodeOps:
             if len(x) != 2:
                 raise arg_error("x", f"tuple of {len(x)}", "must be x or (x_fp8, x_scales)")
             x, scales = x
-            _check_tensor("x[0]", x, FP8, device=dev)
+            check_tensor("x[0]", x, FP8, device=dev)
             if x.dim() != 2:
                 raise arg_error("x[0].shape", tuple(x.shape), "must be [num_tokens, hidden]")
             S = num_scales(x.size(1))
-            _check_tensor("x[1]", scales, torch.float32, shape=(x.size(0), S), contiguous=False,
+            check_tensor("x[1]", scales, torch.float32, shape=(x.size(0), S), contiguous=False,
                           device=dev)
             dtype = "fp8"
         else:
             scales = None
-            _check_tensor("x", x, torch.bfloat16, device=dev)
+            check_tensor("x", x, torch.bfloat16, device=dev)
             if x.dim() != 2:
                 raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
             dtype = "bf16"
@@ -168,35 +171,29 @@ class IntranodeOps:
             if topk_idx is not None or topk_weights is not None:
                 raise arg_error("topk_idx" if topk_idx is not None else "topk_weights", "a tensor",
                                 "must be None with a handle (cached dispatch)")
-            if not isinstance(handle, tuple) or len(handle) != 6:
-                raise arg_error("handle", type(handle).__name__, "must be a 6-tuple from dispatch")
-            rpm, ntall, _, hsrc, in_rank, _ = handle
-            _check_tensor("handle[0]", rpm, torch.int32, shape=(R, R), device=dev)
-            _check_tensor("handle[1]", ntall, torch.int32, shape=(R,), device=dev)
-            _check_tensor("handle[3]", hsrc, torch.int32, device=dev)
-            _check_tensor("handle[4]", in_rank, torch.bool, shape=(T, R), device=dev)
+            rpm, ntall, hsrc, in_rank = self._unpack_handle(handle, num_tokens=T)
             K, E = 0, R
         else:
-            _check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=(T, R), device=dev)
-            _check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, shape=(R,),
+            check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=(T, R), device=dev)
+            check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, shape=(R,),
                           device=dev)
             in_rank = is_token_in_rank
             K, E = 0, R
             if topk_idx is not None:
-                _check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
+                check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
                 if topk_idx.dim() != 2 or topk_idx.size(0) != T:
                     raise arg_error("topk_idx.shape", tuple(topk_idx.shape), f"must be [{T}, num_topk]")
                 K = topk_idx.size(1)
                 if not 1 <= K <= MAX_TOPK:
                     raise arg_error("topk_idx.shape[1]", K, f"must be in [1, {MAX_TOPK}]")
                 if topk_weights is not None:
-                    _check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
+                    check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
                 if num_tokens_per_expert is None:
                     raise arg_error("num_tokens_per_expert", None, "required with topk_idx")
             elif topk_weights is not None:
                 raise arg_error("topk_weights", "a tensor", "needs topk_idx")
             if num_tokens_per_expert is not None:
-                _check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, device=dev)
+                check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, device=dev)
                 E = num_tokens_per_expert.numel()
                 if E == 0 or E % R:
                     raise arg_error("num_tokens_per_expert.numel()", E,
@@ -289,15 +286,9 @@ class IntranodeOps:
         ctx = self.ctx
         ctx.check_errors()
         R, dev = ctx.num_ranks, ctx.device
-        if not isinstance(handle, tuple) or len(handle) != 6:
-            raise arg_error("handle", type(handle).__name__, "must be the 6-tuple from dispatch")
-        rpm, ntall, _, src_idx, in_rank, _ = handle
-        _check_tensor("handle[0]", rpm, torch.int32, shape=(R, R), device=dev)
-        _check_tensor("handle[1]", ntall, torch.int32, shape=(R,), device=dev)
-        _check_tensor("handle[3]", src_idx, torch.int32, device=dev)
-        _check_tensor("handle[4]", in_rank, torch.bool, device=dev)
+        rpm, ntall, src_idx, in_rank = self._unpack_handle(handle)
         rows, T = src_idx.size(0), in_rank.size(0)
-        _check_tensor("x", x, torch.bfloat16, device=dev)
+        check_tensor("x", x, torch.bfloat16, device=dev)
         if x.dim() != 2 or x.size(0) != rows:
             raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
         H = x.size(1)
@@ -305,7 +296,7 @@ class IntranodeOps:
             raise arg_error("hidden", H, "must be a positive multiple of 8")
         K = 0
         if topk_weights is not None:
-            _check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
+            check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
             if topk_weights.dim() != 2 or topk_weights.size(0) != rows or not 1 <= topk_weights.size(1) <= MAX_TOPK:
                 raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
                                 f"must be [{rows}, num_topk <= {MAX_TOPK}]")
@@ -315,7 +306,7 @@ class IntranodeOps:
             raise arg_error("bias", f"{len(biases)} tensors", "at most two")
         biases = [b for b in biases if b is not None]
         for i, b in enumerate(biases):
-            _check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
+            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
         spec = cached(NormalCombineSpec, hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)

@@ -23,7 +23,7 @@ from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
 from ..runtime.events import EventHandle, EventOverlap
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec,
                      cached, num_scales)
-from .context import OpsContext, arg_error
+from .context import OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 
 THREADS = 1024
@@ -65,19 +65,6 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
                                num_ranks: int, num_experts: int) -> int:
     """Bytes of num_rdma_bytes a Buffer needs for these low-latency shapes."""
     return _data_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["end"]
-
-
-def _check_tensor(name, t, dtype, shape=None, contiguous=True):
-    if not isinstance(t, torch.Tensor):
-        raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
-    if not t.is_cuda:
-        raise arg_error(f"{name}.device", t.device, "must be a CUDA tensor")
-    if t.dtype != dtype:
-        raise arg_error(f"{name}.dtype", t.dtype, f"must be {dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
-    if contiguous and not t.is_contiguous():
-        raise arg_error(name, "non-contiguous", "must be contiguous")
 
 
 class LowLatencyOps:
@@ -124,7 +111,7 @@ class LowLatencyOps:
 
     def _check_stats(self, name, t, dtype, n):
         if t is not None:
-            _check_tensor(name, t, dtype, (n,))
+            check_tensor(name, t, dtype, (n,))
             return t.data_ptr()
         return 0
 
@@ -184,7 +171,7 @@ class LowLatencyOps:
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
-        _check_tensor("x", x, torch.bfloat16)
+        check_tensor("x", x, torch.bfloat16)
         if x.dim() != 2:
             raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
         T, H = x.shape
@@ -260,8 +247,8 @@ class LowLatencyOps:
         src_info, layout_range, M, H, E = handle
         lay = self._check_common(M, H, E, None)
         El = E // R
-        _check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
-        _check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
+        check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
+        check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
         return src_info, layout_range, M, H, E, El, lay
 
     def get_next_low_latency_combine_buffer(self, handle):
@@ -278,16 +265,16 @@ class LowLatencyOps:
         ctx.check_errors()
         R = ctx.num_ranks
         src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
-        _check_tensor("x", x, torch.bfloat16, (El, R * M, H))
+        check_tensor("x", x, torch.bfloat16, (El, R * M, H))
         check_topk_idx(topk_idx)
         T, K = topk_idx.shape
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
         if not 1 <= K <= min(MAX_TOPK, E):
             raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
-        _check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
+        check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
         if out is not None:
-            _check_tensor("out", out, torch.bfloat16, (T, H))
+            check_tensor("out", out, torch.bfloat16, (T, H))
         else:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
@@ -340,7 +327,7 @@ class LowLatencyOps:
 
     def query_mask_buffer(self, mask_status):
         self._need_shrink("low_latency_query_mask_buffer")
-        _check_tensor("mask_status", mask_status, torch.int32, (self.ctx.num_ranks,))
+        check_tensor("mask_status", mask_status, torch.int32, (self.ctx.num_ranks,))
         mask_status.copy_(self.mask)
 
     def clean_mask_buffer(self):
