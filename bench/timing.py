@@ -38,13 +38,20 @@ def _prepare(flush):
 
 
 def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
-    """Per-run microseconds between events recorded around fn()."""
+    """Per-run microseconds between events recorded around fn(). The start event follows a
+    one-element all_reduce on the stream, so both ranks' clocks start when their GPUs leave
+    the same collective (a host barrier alone leaves tens to hundreds of microseconds of skew,
+    which a kernel that waits for its peer would count)."""
     import torch
+    import torch.distributed as dist
     for _ in range(warmup):
         fn()
+    align = torch.ones(1, device="cuda")
     samples = []
     for _ in range(runs):
         _prepare(flush)
+        if dist.is_initialized():
+            dist.all_reduce(align)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
