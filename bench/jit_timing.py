@@ -80,8 +80,8 @@ def main():
                         "--spec", os.path.join(ROOT, "examples", "deepseek-v3.yaml"),
                         "--jobs", str(min(16, os.cpu_count() or 1))], capture_output=True, text=True)
     pre_s = time.perf_counter() - t0
-    card = timing.card(__import__("torch").cuda.get_device_name()) if gpu_harness.gpu_count() \
-        else "cpu"
+    import torch
+    card = timing.card(torch.cuda.get_device_name()) if gpu_harness.gpu_count() else "cpu"
     result = dict(card=card, commit=args.commit, cpus=os.cpu_count(), pch_create_s=pch_s,
                   cold=cold, warm_ms=warm, precompile_s=pre_s,
                   precompile_summary=r.stderr.strip().splitlines()[-1] if r.stderr else "",

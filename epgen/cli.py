@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 import time
 
 
@@ -115,7 +116,7 @@ def cmd_cache_import(args) -> int:
     from .cache.transfer import import_cache
     try:
         n, rejected = import_cache(_cache(args), args.file)
-    except (OSError, ValueError, __import__("tarfile").TarError) as e:
+    except (OSError, ValueError, tarfile.TarError) as e:
         print(f"epgen cache import: {args.file}: {e}", file=sys.stderr)
         return 1
     for r in rejected:

@@ -147,10 +147,6 @@ def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-_PTXAS_FUNC = re.compile(r"Function properties for (\S+)")
-_PTXAS_USED = re.compile(r"Compiling entry function '(\S+)'|Used (\d+) registers")
-
-
 def parse_resources(info_log: str) -> dict[str, dict]:
     """Registers and spills per kernel from nvJitLink's verbose (ptxas) log."""
     out: dict[str, dict] = {}

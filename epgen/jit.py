@@ -2,6 +2,7 @@
 used by the runtime (first call of an operation) and by `epgen precompile` alike."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -102,7 +103,7 @@ def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
         "key_parts": parts,
         "entries": entries,
         "lowered_names": result.lowered_names,
-        "cubin_sha256": __import__("hashlib").sha256(result.cubin).hexdigest(),
+        "cubin_sha256": hashlib.sha256(result.cubin).hexdigest(),
         "cubin_bytes": len(result.cubin),
         "source_bytes": len(source.encode()),
         "nvrtc_seconds": round(result.nvrtc_seconds, 4),

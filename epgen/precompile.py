@@ -18,6 +18,7 @@ A spec file (YAML) lists models and/or explicit kernel configurations:
 from __future__ import annotations
 
 import concurrent.futures as futures
+import multiprocessing
 import os
 import sys
 import time
@@ -206,7 +207,7 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
     else:
         # Processes, not threads: NVRTC/nvJitLink hold the GIL-free C work but Python-side
         # hashing and file I/O would serialise; a spawn pool also isolates a crashing compile.
-        ctx = __import__("multiprocessing").get_context("spawn")
+        ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             pending = [pool.submit(_build_one, s, arch, cache_root) for s in specs]
             for f in futures.as_completed(pending):

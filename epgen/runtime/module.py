@@ -1,4 +1,8 @@
-"""Cubin -> CUmodule (+ NVSHMEM module init) -> function; launches. Loaded once per device."""
+"""Cubin -> CUmodule (+ NVSHMEM module init) -> function; launches.
+
+A module is loaded once per device and stays loaded for the process: it holds no Buffer
+memory, so Buffers come and go without reloading (or re-initialising) their kernels.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -37,12 +41,6 @@ class LoadedModule:
             f = self.functions[entry_name] = Kernel(handle, entry_name)
         return f
 
-    def unload(self, nvshmem_finalize=None) -> None:
-        d = driver()
-        if self.nvshmem_initialized and nvshmem_finalize is not None:
-            nvshmem_finalize(self.module)
-        d.cuModuleUnload(self.module)
-
 
 class Kernel:
     def __init__(self, handle, name: str):
@@ -78,9 +76,3 @@ def load(entry: CacheEntry, device: int, nvshmem_init=None) -> LoadedModule:
         if m is None:
             m = _modules[key] = LoadedModule(entry, device, nvshmem_init)
         return m
-
-
-def unload_all(device: int | None = None, nvshmem_finalize=None) -> None:
-    with _lock:
-        for key in [k for k in _modules if device is None or k[1] == device]:
-            _modules.pop(key).unload(nvshmem_finalize)

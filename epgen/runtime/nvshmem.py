@@ -66,7 +66,6 @@ class NvshmemHost:
         "nvshmem_free": (None, [ctypes.c_void_p]),
         "nvshmem_ptr": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]),
         "nvshmemx_cumodule_init": (ctypes.c_int, [ctypes.c_void_p]),
-        "nvshmemx_cumodule_finalize": (ctypes.c_int, [ctypes.c_void_p]),
         "nvshmem_barrier_all": (None, []),
     }
 
@@ -142,9 +141,6 @@ class NvshmemHost:
         rc = self.lib.nvshmemx_cumodule_init(ctypes.c_void_p(int(module)))
         if rc != 0:
             raise NvshmemError(f"nvshmemx_cumodule_init returned {rc}")
-
-    def module_finalize(self, module) -> None:
-        self.lib.nvshmemx_cumodule_finalize(ctypes.c_void_p(int(module)))
 
     def barrier_all(self) -> None:
         self.lib.nvshmem_barrier_all()
