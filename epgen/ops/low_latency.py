@@ -76,18 +76,10 @@ class LowLatencyOps:
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
         self.any_remote = int(any(a == 0 for a in ctx.rdma.peer_addrs))
         self.sms = ctx.device_sms
-        self._kernels: dict = {}
         self.base = ctx.rdma.addr
-        self.words = ctx.rdma.view(torch.int32, (4,), WORDS_OFF)
         self.counters_addr = self.base + COUNTERS_OFF
 
     # -- helpers ------------------------------------------------------------------------
-    def _kernel(self, spec):
-        k = self._kernels.get(spec)
-        if k is None:
-            k = self._kernels[spec] = self.ctx.kernel(spec)
-        return k
-
     def _check_common(self, M, hidden, num_experts, num_topk):
         R = self.ctx.num_ranks
         if not isinstance(M, int) or not 1 <= M <= MAX_TOKENS:
@@ -192,7 +184,7 @@ class LowLatencyOps:
         spec = cached(LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=num_experts, num_ranks=R,
                                       use_fp8=bool(use_fp8), round_scale=bool(round_scale),
                                       use_ue8m0=bool(use_ue8m0), threads=THREADS)
-        kernel = self._kernel(spec)
+        kernel = ctx.kernel(spec)
 
         dev = ctx.device
         recv_x = torch.empty(El, R * M, H, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
@@ -284,7 +276,7 @@ class LowLatencyOps:
             src = self.get_next_low_latency_combine_buffer(handle)
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
-        kernel = self._kernel(spec)
+        kernel = ctx.kernel(spec)
         call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)
 
         def make_args(phases):
