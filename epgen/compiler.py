@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import tempfile
@@ -69,24 +68,13 @@ def _nvrtc_log(nvrtc, prog) -> str:
     return buf.decode(errors="replace").rstrip("\x00 \n")
 
 
-def pch_path(pch_dir: str, arch: str, toolchain: Toolchain) -> str:
-    """The precompiled prelude for this toolchain, arch and header content (a cache entry of
-    its own: the same things that key a kernel key it; no absolute paths)."""
-    h = hashlib.sha256()
-    h.update(repr((sorted(toolchain.signature().items()), options_for(arch))).encode())
-    for name in sorted(os.listdir(TEMPLATES_DIR)):
-        if name.endswith(".cuh"):
-            with open(os.path.join(TEMPLATES_DIR, name), "rb") as f:
-                h.update(name.encode() + f.read())
-    return os.path.join(pch_dir, f"prelude.{arch}.{h.hexdigest()[:24]}.pch")
-
-
-def ensure_pch(pch_dir: str, arch: str, toolchain: Toolchain) -> str | None:
-    """Create the prelude PCH once (across threads and processes); None if NVRTC can't."""
+def ensure_pch(path: str, arch: str, toolchain: Toolchain) -> str | None:
+    """Create the prelude PCH at `path` once (across threads and processes); None if NVRTC
+    can't. The caller names the file after everything that keys a kernel but its source."""
     from cuda.bindings import nvrtc
-    path = pch_path(pch_dir, arch, toolchain)
     if os.path.isfile(path):
         return path
+    pch_dir = os.path.dirname(path)
     os.makedirs(pch_dir, exist_ok=True)
     with _pch_lock, open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -198,11 +186,11 @@ def link(ltoir: bytes, arch: str, toolchain: Toolchain, what: str) -> tuple[byte
 
 def compile_source(source: str, filename: str, arch: str, toolchain: Toolchain,
                    name_expressions: list[str], what: str,
-                   pch_dir: str | None = None) -> CompileResult:
-    """pch_dir: where the prelude PCH lives (created on first use); None compiles without."""
+                   pch_path: str | None = None) -> CompileResult:
+    """pch_path: the prelude PCH to use (created on first use); None compiles without."""
     pch = None
-    if pch_dir and f'#include "{PRELUDE}"' in source.splitlines()[:3]:
-        pch = ensure_pch(pch_dir, arch, toolchain)
+    if pch_path and f'#include "{PRELUDE}"' in source.splitlines()[:3]:
+        pch = ensure_pch(pch_path, arch, toolchain)
     t0 = time.perf_counter()
     ltoir, lowered, nvrtc_log = nvrtc_to_ltoir(source, filename, arch, toolchain,
                                                name_expressions, what, pch)

@@ -89,13 +89,21 @@ def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
     return entry
 
 
+def _pch_path(cache: Cache, arch: str, parts: dict) -> str | None:
+    """The prelude PCH for these key parts: keyed by all of them but the kernel's source, so a
+    new toolchain, header or option makes a new one. EPGEN_PCH=0 compiles without."""
+    if os.environ.get("EPGEN_PCH", "1") == "0":
+        return None
+    tag = cache_key({k: v for k, v in parts.items() if k != "source_sha256"})
+    return os.path.join(cache.root, ".pch", f"prelude.{arch}.{tag}.pch")
+
+
 def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
     tc = toolchain.discover()
     entries = [spec.entry(kind) for kind in spec.entry_kinds]
     what = f"{spec.describe()} on {arch}"
-    pch_dir = None if os.environ.get("EPGEN_PCH", "1") == "0" else os.path.join(cache.root, ".pch")
     result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc, entries,
-                                     what, pch_dir)
+                                     what, _pch_path(cache, arch, parts))
     manifest = {
         "name": spec.name,
         "key": key,

@@ -103,13 +103,14 @@ class OpsContext:
     @contextlib.contextmanager
     def on_comm_stream(self, previous_event: EventOverlap | None, async_finish: bool,
                        allocate_on_comm_stream: bool, result: dict):
-        """DeepEP's stream choreography around one operation.
+        """DeepEP's stream semantics around one operation; yields the stream to launch on.
 
-        The body's launches run on the comm stream, after `previous_event` (else after the
-        current stream's work). Afterwards: async_finish -> result['event'] is an EventOverlap
-        the caller waits on; otherwise the current stream waits for the comm stream. Tensors the
-        body lists in result['tensors'] are recorded on the stream that did not allocate them.
-        """
+        Synchronous calls without previous_event launch on the current stream (ordered as
+        DeepEP's comm-stream round trip would order them). Otherwise the launches run on the
+        comm stream after `previous_event` (else after the current stream's work), and then
+        either result['event'] is an EventOverlap the caller waits on (async_finish) or the
+        current stream waits for the comm stream. Tensors the body lists in result['tensors']
+        are recorded on the stream that did not allocate them."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise arg_error("allocate_on_comm_stream", True,
                             "needs previous_event and async_finish=True")

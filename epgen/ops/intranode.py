@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
-from ..runtime.errors import EpgenDeviceError
+from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
 from ..specs import MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec, num_scales
 from .context import OpsContext, arg_error, check_tensor, timeout_ns
@@ -102,7 +102,7 @@ class IntranodeOps:
     def _barrier_if_needed(self, which: str, key, notify, stream) -> None:
         if self._layout[which] is not None and self._layout[which] != key:
             a = self._notify_args(barrier_only=1, expert_alignment=1)
-            a.op = 7   # "cached notify"
+            a.op = OP_CODES["barrier"]
             notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
         self._layout[which] = key
 
@@ -129,7 +129,7 @@ class IntranodeOps:
                 return [int(vals[i]) for i in range(n)]
             ctx.check_errors()
             if time.monotonic() > deadline:
-                raise EpgenDeviceError(1, 4, ctx.rank, -1, -1)
+                raise EpgenDeviceError(CODE_TIMEOUT, OP_CODES["dispatch notify"], ctx.rank, -1, -1)
             time.sleep(0)
 
     # -- dispatch -------------------------------------------------------------------------

@@ -10,10 +10,11 @@ from __future__ import annotations
 from .hostmem import MappedHostArray
 
 WORDS = 8
+CODE_TIMEOUT = 1
 CODES = {1: "timed out waiting", 2: "topk_idx value out of range", 3: "count over capacity",
          4: "bad argument"}
 OPS = {1: "get_dispatch_layout", 2: "dispatch", 3: "combine", 4: "dispatch notify",
-       5: "low_latency_dispatch", 6: "low_latency_combine", 7: "cached notify",
+       5: "low_latency_dispatch", 6: "low_latency_combine", 7: "barrier",
        8: "clean_low_latency_buffer"}
 OP_CODES = {v: k for k, v in OPS.items()}
 
