@@ -74,7 +74,8 @@ LowLatencyDispatchArgs = struct(
     ("void*", "rdma_base"),                 # this rank's symmetric region
     ("const int64_t*", "peer_bases"),       # [R] region address on each rank (0: no P2P)
     ("const int*", "pes"),                  # [R] NVSHMEM PE of each rank
-    ("const int*", "mask"),                 # [R] masked ranks (enable_shrink) or null
+    ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
+    ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
     ("int*", "seq"),
     ("int*", "done"),
     ("int*", "counters"),                   # [E] slot counters
@@ -101,7 +102,8 @@ LowLatencyCombineArgs = struct(
     ("void*", "rdma_base"),
     ("const int64_t*", "peer_bases"),
     ("const int*", "pes"),
-    ("const int*", "mask"),
+    ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
+    ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
     ("int*", "seq"),
     ("int*", "done"),
     ("int*", "call_epoch"),

@@ -86,6 +86,18 @@ def _check_combine(rank, ins, y, handle, out):
     assert bool((diff <= tol).all()), f"combine max abs diff {diff.max().item()}"
 
 
+def _finish(buf, event, hook_fn, hooked, async_finish):
+    """Complete a call as a user would: receive through the hook, wait for the event, then
+    read the error word."""
+    import torch
+    if hooked:
+        hook_fn()
+    if async_finish:
+        event.current_stream_wait()
+    torch.cuda.synchronize()
+    buf.check_errors()
+
+
 CASES = [
     # name, H, K, fp8, round_scale, ue8m0, hook, extra
     ("bf16 h7168 k8", 7168, 8, False, False, False, False, {}),
@@ -118,12 +130,7 @@ def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
         x, idx, M, E, cumulative_local_expert_recv_stats=cum, dispatch_wait_recv_cost_stats=wst,
         use_fp8=fp8, round_scale=rs, use_ue8m0=ue, async_finish=extra.get("async", False),
         return_recv_hook=hook)
-    if hook:
-        hk()
-    if extra.get("async"):
-        ev.current_stream_wait()
-    torch.cuda.synchronize()
-    buf.check_errors()
+    _finish(buf, ev, hk, hook, extra.get("async", False))
     _check_dispatch(rank, ins, E, (recv, count, handle), fp8, rs, ue, cum0, cum)
     y = _expert_out(recv, fp8, H)
     out = None
@@ -136,12 +143,7 @@ def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
         src, idx, w, handle, zero_copy=extra.get("zero_copy", False),
         async_finish=extra.get("async", False), return_recv_hook=hook, out=out,
         combine_wait_recv_cost_stats=wst)
-    if hook:
-        hk()
-    if extra.get("async"):
-        ev.current_stream_wait()
-    torch.cuda.synchronize()
-    buf.check_errors()
+    _finish(buf, ev, hk, hook, extra.get("async", False))
     if out is not None:
         assert combined.data_ptr() == out.data_ptr(), "out= not used"
     _check_combine(rank, ins, y, handle, combined)
@@ -208,6 +210,97 @@ def _run_graph(buf, rank, R, E, fp8):
         _check_combine(rank, full, y, handle, combined)
 
 
+def _live_view(ins, dead, E, R):
+    """The inputs as the live ranks see them once rank `dead` is masked out: its tokens are
+    gone and routes to its experts are dropped (-1)."""
+    import torch
+    El = E // R
+    out = []
+    for r, (x, idx, w) in enumerate(ins):
+        if r == dead:
+            out.append((x[:0], idx[:0], w[:0]))
+        else:
+            out.append((x, torch.where(idx // El == dead, torch.full_like(idx, -1), idx), w))
+    return out
+
+
+def _shrink_call(buf, rank, R, E, ins, live, how, deadline_s):
+    """One live rank's dispatch + combine with rank R-1 absent; returns (y, handle, combined)."""
+    import time
+
+    import torch
+    dead, H = R - 1, ins[0][0].shape[1]
+    buf.low_latency_clean_mask_buffer()
+    if how == "low_latency_update_mask_buffer":
+        buf.low_latency_update_mask_buffer(dead, True)
+    x, idx, w = ins[rank]
+    os.environ["EPGEN_TIMEOUT_S"] = str(deadline_s)
+    try:
+        t0 = time.perf_counter()
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+        torch.cuda.synchronize()
+        waited = time.perf_counter() - t0
+    finally:
+        os.environ["EPGEN_TIMEOUT_S"] = "20"
+    buf.check_errors()
+    status = torch.empty(R, dtype=torch.int32, device="cuda")
+    buf.low_latency_query_mask_buffer(status)
+    expect = [int(r == dead) for r in range(R)]
+    assert status.tolist() == expect, f"{how}: mask {status.tolist()}, expected {expect}"
+    if how == "deadline":
+        assert waited >= deadline_s * 0.9, f"deadline: dispatch returned after {waited:.2f} s"
+    else:
+        assert waited < deadline_s / 2, f"{how}: waited {waited:.2f} s for a masked rank"
+    _check_dispatch(rank, live, E, (recv, count, handle), False, False, False)
+    y = _expert_out(recv, False, H)
+    combined, _, _ = buf.low_latency_combine(y, idx, w, handle)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    return y, handle, combined
+
+
+def _run_shrink(rank, R, E):
+    """enable_shrink: the last rank sits the calls out (as a failed rank would); the others
+    mask it, explicitly or by missing the deadline, and go on with correct results. Every
+    rank runs the same host collectives whatever fails, so a failure cannot hang the test."""
+    import torch
+    import torch.distributed as dist
+    import epgen
+    H, K, dead, El = 4096, 8, R - 1, E // R
+    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, R, E),
+                       low_latency_mode=True, enable_shrink=True)
+    failures = []
+    for how, cid in (("low_latency_update_mask_buffer", 400), ("deadline", 401)):
+        ins = _all_inputs(cid, R, [M] * R, H, K, E)
+        live = _live_view(ins, dead, E, R)
+        done = None
+        if rank != dead:
+            try:
+                done = _shrink_call(buf, rank, R, E, ins, live, how, deadline_s=2.0)
+            except Exception as exc:  # noqa: BLE001 - raised after the collectives below
+                failures.append(exc)
+        if done is None:     # the absent rank (or a failed one) joins the reference's gathers
+            for t in (torch.zeros(El, R * M, H, dtype=torch.bfloat16, device="cuda"),
+                      torch.zeros(El, R * M, dtype=torch.int32, device="cuda"),
+                      torch.zeros(El, R, dtype=torch.int64, device="cuda")):
+                _gather(t)
+        else:
+            try:
+                _check_combine(rank, live, *done)
+            except AssertionError as exc:
+                failures.append(exc)
+        dist.barrier()
+    if rank != dead and not failures:
+        buf.low_latency_clean_mask_buffer()
+        status = torch.zeros(R, dtype=torch.int32, device="cuda") - 1
+        buf.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [0] * R, f"after clean: mask {status.tolist()}"
+    torch.cuda.synchronize()
+    buf.destroy()
+    if failures:
+        raise failures[0]
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     import torch
@@ -218,12 +311,24 @@ def _worker(rank, world):
     buf = epgen.Buffer(dist.group.WORLD, 0, nbytes, low_latency_mode=True,
                        num_qps_per_rank=LOCAL_EXPERTS)
     results = []
-    dead = False
     jobs = [(n, lambda c=c, i=i: _run_case(buf, rank, world, E, i, *c)) for i, c in enumerate(CASES)
             for n in [c[0]]]
     jobs.append(("double buffering (two hooked calls in flight)", lambda: _run_double(buf, rank, world, E)))
     jobs.append(("cuda graph bf16 replays", lambda: _run_graph(buf, rank, world, E, False)))
     jobs.append(("cuda graph fp8 replays", lambda: _run_graph(buf, rank, world, E, True)))
+    _run_jobs(jobs, results)
+    torch.cuda.synchronize()
+    buf.destroy()
+    # Its own Buffer (the heap holds one of each size at a time): after the main one is gone.
+    _run_jobs([("enable_shrink: a rank masked out, explicitly and by the deadline",
+                lambda: _run_shrink(rank, world, E))], results)
+    return results
+
+
+def _run_jobs(jobs, results):
+    """Run (name, fn) jobs in order on every rank; a device error skips the rest."""
+    import torch.distributed as dist
+    dead = any(status.startswith("EpgenDeviceError") for _, status in results)
     for name, fn in jobs:
         if dead:
             results.append((name, "skipped after a device error"))
@@ -235,8 +340,48 @@ def _worker(rank, world):
             results.append((name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
             dead = type(exc).__name__ == "EpgenDeviceError"
         dist.barrier()
+
+
+def _torch_nvshmem_worker(rank, world):
+    """torch's symmetric memory initialises NVSHMEM first; epgen finds it, reuses it, and
+    leaves it running for its owner."""
+    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")   # one node
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    import epgen
+    from epgen.runtime import nvshmem
+    results = []
+    symm_mem.set_backend("NVSHMEM")
+    mine = symm_mem.empty(1 << 16, dtype=torch.int32, device="cuda")
+    symm_mem.rendezvous(mine, dist.group.WORLD.group_name)
+    probe = nvshmem.NvshmemHost()
+    assert probe.initialized(), \
+        "torch's symmetric memory did not initialise the NVSHMEM library epgen loads"
+    assert nvshmem.current() is None
+    E, H = LOCAL_EXPERTS * world, 4096
+    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E),
+                       low_latency_mode=True)
+    assert nvshmem.current() is not None and not nvshmem.current().owned, "epgen re-initialised"
+    _run_jobs([
+        ("bf16 dispatch + combine on torch's NVSHMEM",
+         lambda: _run_case(buf, rank, world, E, 500, "", H, 8, False, False, False, False, {})),
+        ("fp8 hooked dispatch + combine on torch's NVSHMEM",
+         lambda: _run_case(buf, rank, world, E, 501, "", H, 8, True, False, False, True, {})),
+    ], results)
     torch.cuda.synchronize()
     buf.destroy()
+    # Still torch's and still up: its tensor works and it allocates again.
+    assert probe.initialized(), "epgen finalised an NVSHMEM it does not own"
+    mine.fill_(rank)
+    again = symm_mem.empty(1 << 16, dtype=torch.int32, device="cuda")
+    symm_mem.rendezvous(again, dist.group.WORLD.group_name)
+    again.copy_(mine)
+    torch.cuda.synchronize()
+    assert int(again[0]) == rank
+    results.append(("torch's NVSHMEM still usable after Buffer.destroy()", "ok"))
+    dist.barrier()
     return results
 
 
@@ -252,9 +397,19 @@ def ll_results():
     return get
 
 
+def _failures(per_rank):
+    return [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
+            for name, status in res if status != "ok"]
+
+
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_low_latency(ll_results, num_ranks):
-    per_rank = ll_results(num_ranks)
-    bad = [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
-           for name, status in res if status != "ok"]
+    bad = _failures(ll_results(num_ranks))
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts()[:1])
+def test_low_latency_on_torch_nvshmem(num_ranks):
+    gpu_harness.require_gpus(num_ranks)
+    bad = _failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker, timeout_s=180))
     assert not bad, "\n".join(bad)

@@ -6,6 +6,7 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      combine signals  u64 [2][64]     (epoch << 32 | 1) per source rank
      local words      int  dispatch seq, dispatch done, combine seq, combine done
      slot counters    int  [1024]     per global expert, reset by the send phase itself
+     verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch << 32 | in/out) per peer
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][E][M] messages (message = 16 B header + FP8 row + scales, or BF16 row)
      dispatch staging [M] messages    (source of NVSHMEM puts to non-P2P peers)
@@ -34,8 +35,9 @@ DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
 WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done
 COUNTERS_OFF = WORDS_OFF + 1024
+VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
 DATA_OFF = 32768
-assert COUNTERS_OFF + MAX_EXPERTS * 4 <= DATA_OFF
+assert VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8 <= DATA_OFF
 SEND, RECV = 1, 2
 
 
@@ -113,7 +115,10 @@ class LowLatencyOps:
         args.rdma_base = self.base
         args.peer_bases = ctx.peer_table("rdma").data_ptr()
         args.pes = self.pes.data_ptr()
-        args.mask = self.mask.data_ptr() if self.enable_shrink else 0
+        if self.enable_shrink:
+            args.mask = self.mask.data_ptr()
+            verdict_rows = 2 * MAX_RANK_SIG * 8
+            args.verdicts = self.base + VERDICTS_OFF + (op == "low_latency_combine") * verdict_rows
         args.any_remote = self.any_remote
         return args
 

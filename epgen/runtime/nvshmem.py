@@ -116,6 +116,17 @@ class NvshmemHost:
             raise NvshmemError(f"NVSHMEM has {self.lib.nvshmem_n_pes()} PEs, WORLD has {world}")
         self.owned = True
 
+    def check_world_mapping(self) -> None:
+        """An NVSHMEM initialised by someone else must number PEs as WORLD ranks: epgen maps a
+        group's ranks to PEs through their WORLD rank."""
+        import torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if self.n_pes() != world or self.my_pe() != rank:
+            raise NvshmemError(
+                f"NVSHMEM was initialised before epgen as PE {self.my_pe()} of {self.n_pes()}, "
+                f"but this process is rank {rank} of {world} in WORLD; epgen needs PE == WORLD "
+                "rank (initialise NVSHMEM over all of WORLD in rank order, or let epgen do it)")
+
     def my_pe(self) -> int:
         return self.lib.nvshmem_my_pe()
 
@@ -169,6 +180,8 @@ def host(heap_bytes: int = 0, multi_node: bool = False) -> NvshmemHost:
             if not h.initialized():
                 h.init_over_world()
                 atexit.register(h.finalize)
+            else:
+                h.check_world_mapping()      # reused, and left to its owner to finalise
             _host = h
         return _host
 

@@ -72,13 +72,18 @@ __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_re
 
 // Spin until pred() holds; false when the deadline passed or another thread raised an error
 // (then the error word says which). Checks the clock and the word every 256 polls only.
+// report_timeout=false leaves a missed deadline to the caller (enable_shrink masks the peer).
 template <typename Pred>
-__device__ __forceinline__ bool wait_until(const ErrorCtx& e, int peer, int detail, Pred pred) {
+__device__ __forceinline__ bool wait_until(const ErrorCtx& e, int peer, int detail, Pred pred,
+                                           bool report_timeout = true) {
     unsigned iter = 0;
     while (!pred()) {
         if ((++iter & 255u) == 0) {
             if (error_raised(e)) return false;
-            if (globaltimer() > e.deadline) { report_error(e, kErrTimeout, peer, detail); return false; }
+            if (globaltimer() > e.deadline) {
+                if (report_timeout) report_error(e, kErrTimeout, peer, detail);
+                return false;
+            }
         }
     }
     return true;

@@ -15,8 +15,6 @@
 
 namespace epgen {
 
-constexpr int kLLMaxRankSig = 64;
-
 template <int H, int K, int E, int R, int THREADS>
 struct LLCombine {
     static constexpr int El = E / R;
@@ -24,7 +22,7 @@ struct LLCombine {
     static constexpr int kSlices = (kRowN16 + 31) / 32;
     static constexpr int kWarps = THREADS / 32;
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
-    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= kLLMaxRankSig,
+    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
                   "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
 
@@ -88,7 +86,7 @@ struct LLCombine {
         for (int r = tid; r < R; r += THREADS) {
             if (ll::masked(a.mask, r)) continue;
             const unsigned long long v = ((unsigned long long)epoch << 32) | 1ull;
-            const uint64_t soff = a.sig_off + ((uint64_t)half * kLLMaxRankSig + a.rank) * 8;
+            const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxRankSig + a.rank) * 8;
             ll::put_signal(base, a.peer_bases, a.pes, r, soff, v);
         }
         __syncthreads();
@@ -105,15 +103,27 @@ struct LLCombine {
         const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
+        __shared__ bool s_in[R];   // ranks whose rows this receive adds
         for (int r = tid; r < R; r += THREADS) {
-            if (ll::masked(a.mask, r)) continue;
-            const unsigned long long t0 = globaltimer();
-            ll::wait_signal(err, base, a.sig_off + ((uint64_t)half * kLLMaxRankSig + r) * 8,
-                            epoch, r, -1);
-            if (blockIdx.x == 0 && a.wait_stats != nullptr)
-                atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_stats + r), globaltimer() - t0);
+            bool arrived = false;
+            if (!ll::masked(a.mask, r)) {
+                const unsigned long long t0 = globaltimer();
+                int unused;
+                arrived = ll::wait_signal(err, base,
+                                          a.sig_off + ((uint64_t)half * ll::kMaxRankSig + r) * 8,
+                                          epoch, r, -1, a.mask, &unused);
+                if (blockIdx.x == 0 && a.wait_stats != nullptr)
+                    atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_stats + r), globaltimer() - t0);
+            }
+            s_in[r] = arrived;
         }
         __syncthreads();
+        if (a.mask != nullptr) {   // enable_shrink: all blocks add the same ranks' rows
+            if (tid < R)
+                s_in[tid] = ll::peer_verdict(a.verdicts + half * ll::kMaxRankSig, a.mask, epoch,
+                                             tid, s_in[tid]);
+            __syncthreads();
+        }
 
         const int64_t gw = (int64_t)blockIdx.x * kWarps + warp;
         const int64_t nw = (int64_t)gridDim.x * kWarps;
@@ -126,7 +136,7 @@ struct LLCombine {
             if (lane < K) {
                 const int64_t e = a.topk_idx[(int64_t)t * K + lane];
                 if (e >= 0 && e < E) {
-                    if (!ll::masked(a.mask, (int)e / El)) my_e = (int)e;
+                    if (s_in[(int)e / El]) my_e = (int)e;
                 } else if (e != -1) {
                     report_error(err, kErrBadIndex, -1, t);
                 }

@@ -40,17 +40,45 @@ __device__ __forceinline__ void put_signal(char* base, const int64_t* peer_bases
     }
 }
 
-// Wait for the signal at local byte offset `off` to carry `epoch`; returns its value field
-// (0 on error/timeout, the error word then says why).
-__device__ __forceinline__ int wait_signal(const ErrorCtx& err, const char* base, uint64_t off,
-                                           uint32_t epoch, int peer, int detail) {
+// Wait for the signal at local byte offset `off` to carry `epoch`: true, with its value field
+// in *value, once it does. False when another thread raised an error, when the peer is
+// masked out meanwhile, or when the deadline passed: an error naming the peer without a mask;
+// with a mask (enable_shrink) the caller's peer_verdict decides instead.
+__device__ __forceinline__ bool wait_signal(const ErrorCtx& err, const char* base, uint64_t off,
+                                            uint32_t epoch, int peer, int detail,
+                                            const int* mask, int* value) {
     const long long* sig = reinterpret_cast<const long long*>(base + off);
     long long v = 0;
-    bool ok = wait_until(err, peer, detail, [&] {
+    bool arrived = false;
+    wait_until(err, peer, detail, [&] {
         v = ld_acquire_sys(sig);
-        return (uint32_t)((unsigned long long)v >> 32) == epoch;
-    });
-    return ok ? (int)(uint32_t)((unsigned long long)v & 0xffffffffull) : 0;
+        arrived = (uint32_t)((unsigned long long)v >> 32) == epoch;
+        return arrived || masked(mask, peer);
+    }, mask == nullptr);
+    *value = arrived ? (int)(uint32_t)((unsigned long long)v & 0xffffffffull) : 0;
+    return arrived;
+}
+
+// enable_shrink (DeepEP's fault-tolerant EP): whether `peer` takes part in this receive. Blocks
+// wait on their own clocks, so a late peer could arrive for one block and miss another's
+// deadline; the blocks agree through one verdict word per (half, peer), tagged with the epoch:
+// the first block to decide wins, and a peer found out is masked for later calls too.
+// Verdict words: u64 [2 halves][kMaxRankSig], (epoch << 32) | (1 = in, 2 = out).
+constexpr int kMaxRankSig = 64;
+__device__ __forceinline__ bool peer_verdict(unsigned long long* verdicts, int* mask,
+                                             uint32_t epoch, int peer, bool arrived) {
+    fence_acq_rel_sys();   // what this block saw arrive is visible to whoever reads our verdict
+    const unsigned long long mine = ((unsigned long long)epoch << 32) | (arrived ? 1ull : 2ull);
+    unsigned long long cur = *reinterpret_cast<volatile unsigned long long*>(verdicts + peer);
+    while ((uint32_t)(cur >> 32) != epoch) {
+        const unsigned long long prev = atomicCAS(verdicts + peer, cur, mine);
+        if (prev == cur) { cur = mine; break; }
+        cur = prev;
+    }
+    fence_acq_rel_sys();   // and what the deciding block saw is visible to this one
+    const bool in = (cur & 3ull) == 1ull;
+    if (!in && ld_volatile(mask + peer) == 0) atomicExch(mask + peer, 1);
+    return in;
 }
 
 // End of a send phase, called by every thread of every block. Returns true in the block

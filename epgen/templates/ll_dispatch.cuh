@@ -36,6 +36,11 @@ struct LLDispatch {
     static_assert(K >= 1 && K <= 32, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
 
+    // Byte offset of signal i = (local expert * R + source rank) of a half.
+    static __device__ __forceinline__ uint64_t sig_off(const LowLatencyDispatchArgs& a, int half, int i) {
+        return a.sig_off + ((uint64_t)half * ll::kMaxSig + i) * 8;
+    }
+
     // FP8 cast of one BF16 token into the message payload (shared memory), block-wide.
     static __device__ __forceinline__ void cast_fp8(const int4* xrow, char* payload) {
         constexpr int kNC = H / 8;                            // 8-channel chunks
@@ -166,8 +171,7 @@ struct LLDispatch {
             const int dst = e / El, le = e % El;
             if (ll::masked(a.mask, dst)) continue;
             const unsigned long long v = ((unsigned long long)epoch << 32) | (uint32_t)cnt;
-            const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxSig + le * R + a.rank) * 8;
-            ll::put_signal(base, a.peer_bases, a.pes, dst, soff, v);
+            ll::put_signal(base, a.peer_bases, a.pes, dst, sig_off(a, half, le * R + a.rank), v);
         }
         __syncthreads();
         if (tid == 0) {
@@ -186,19 +190,41 @@ struct LLDispatch {
         const int64_t RM = (int64_t)R * M;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
+        __shared__ bool s_arrived[E];
         for (int i = tid; i < E; i += THREADS) {
             const int src = i % R;
             int cnt = 0;
+            bool arrived = false;
             if (!ll::masked(a.mask, src)) {
                 const unsigned long long t0 = globaltimer();
-                cnt = ll::wait_signal(err, base,
-                                      a.sig_off + ((uint64_t)half * ll::kMaxSig + i) * 8, epoch, src, i);
-                if (cnt > M) { report_error(err, kErrCapacity, src, cnt); cnt = 0; }
+                arrived = ll::wait_signal(err, base, sig_off(a, half, i), epoch, src, i, a.mask, &cnt);
                 if (blockIdx.x == 0 && a.wait_stats != nullptr)
                     atomicAdd(reinterpret_cast<unsigned long long*>(a.wait_stats + src),
                               globaltimer() - t0);
             }
             s_cnt[i] = cnt;
+            s_arrived[i] = arrived;
+        }
+        __syncthreads();
+        if (a.mask != nullptr) {   // enable_shrink: all blocks take the same sources
+            __shared__ bool s_in[R];
+            if (tid < R) {
+                bool all = true;
+                for (int le = 0; le < El; ++le) all = all && s_arrived[le * R + tid];
+                s_in[tid] = ll::peer_verdict(a.verdicts + half * ll::kMaxRankSig, a.mask, epoch,
+                                             tid, all);
+            }
+            __syncthreads();
+            for (int i = tid; i < E; i += THREADS) {
+                const int src = i % R;
+                if (!s_in[src]) s_cnt[i] = 0;
+                else if (!s_arrived[i])   // arrived for the block that decided: visible now
+                    ll::wait_signal(err, base, sig_off(a, half, i), epoch, src, i, nullptr, &s_cnt[i]);
+            }
+            __syncthreads();
+        }
+        for (int i = tid; i < E; i += THREADS) {
+            if (s_cnt[i] > M) { report_error(err, kErrCapacity, i % R, s_cnt[i]); s_cnt[i] = 0; }
         }
         __syncthreads();
         for (int le = tid; le < El; le += THREADS) {
