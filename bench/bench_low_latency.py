@@ -3,7 +3,7 @@
 python bench/bench_low_latency.py --ranks 2 --commit SHA --out DIR
 Times (bench/timing.py): epgen's kernel time from the profiler (DeepEP's bench_kineto method;
 host-inclusive event times are kept beside it), median of --runs after warm-up, L2 flushed and
-ranks aligned by a barrier before each run: dispatch (FP8), combine (BF16), both back to back,
+ranks aligned on the GPU before each run: dispatch (FP8), combine (BF16), both back to back,
 and the hooked send / recv halves; plus NCCL all_to_all_single on the same bytes (events) and a
 GPU->GPU copy, in the same run.
 Writes DIR/low_latency.json (targets.md record schema) and prints a short table last.

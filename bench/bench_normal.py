@@ -3,8 +3,8 @@
     python bench/bench_normal.py --ranks 2 --commit SHA --out DIR
 
 Cached path (handle) timed with CUDA events, warm-up, median of >= 50 runs, L2 flushed between
-runs, ranks aligned by a barrier before each timed run. Same run: NCCL all_to_all_single on the
-same bytes and a 1 GiB GPU0 -> GPU1 copy. Writes DIR/normal.json; prints a short table last.
+runs, ranks aligned on the GPU (bench/timing.py) before each timed run. Same run: NCCL
+all_to_all_single on the same bytes and a 1 GiB GPU0 -> GPU1 copy. Writes DIR/normal.json; prints a short table last.
 """
 from __future__ import annotations
 
@@ -79,10 +79,12 @@ def _worker(rank, world, commit):
         t = timing.median(samples)
         rec = dict(op=op, dtype=dtype, num_sms=sms, time_us=t, gbps=nbytes_ / t / 1e3,
                    samples=samples, **common)
-        if kernels:   # the same runs' kernel time alone (host overhead excluded)
-            ks = timing.time_kernels(fn, RUNS, flush, warmup=0)
+        if kernels:   # kernel time alone (host overhead excluded), and the launch gap
+            prof = timing.profile_runs(fn, RUNS, flush, warmup=0)
+            ks = [sum(r["durations"]) for r in prof]
             rec.update(kernel_us=timing.median(ks), kernel_gbps=nbytes_ / timing.median(ks) / 1e3,
-                       kernel_samples=ks)
+                       kernel_samples=ks,
+                       launch_gap_us=timing.median([r["launch_gap"] for r in prof]))
         records.append(rec)
 
     add("normal_dispatch", "bf16", 24, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg24))
@@ -123,6 +125,11 @@ def main():
     records = [dict(r, rank=i) for i, recs in enumerate(per_rank) for r in recs]
     with open(os.path.join(args.out, "normal.json"), "w") as f:
         json.dump({"records": records}, f, indent=1)
+    for r in records:
+        if "launch_gap_us" in r:
+            print(f"rank {r['rank']} {r['op']} {r['dtype']} {r['num_sms']} SMs: events "
+                  f"{r['time_us']:.1f} us, kernel {r['kernel_us']:.1f} us, all_reduce end -> "
+                  f"kernel start {r['launch_gap_us']:.1f} us")
     r0 = [r for r in records if r["rank"] == 0]
     nccl = next((r for r in r0 if r["op"] == "nccl_a2a"), None)
     copy = next((r for r in r0 if r["op"] == "copy"), None)

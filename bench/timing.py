@@ -1,6 +1,6 @@
 """Shared measurement helpers for the benchmarks (../shared/docs/targets.md, Method).
 
-Two clocks, both after warm-up, with L2 flushed and ranks aligned by a barrier before each run:
+Two clocks, both after warm-up, with L2 flushed and ranks aligned on the GPU before each run:
 - `time_events`: CUDA events around the whole Python call (host overhead included), the way
   DeepEP's `bench()` times its normal mode;
 - `time_kernels`: the profiler's kernel durations of epgen's work kernels in each call (names
@@ -28,30 +28,31 @@ def versions() -> dict:
     return out
 
 
-def _prepare(flush):
+def _prepare(flush, align):
+    """Evict L2, then line the ranks up on the GPU: a host barrier, then a one-element
+    all_reduce on the stream, so every rank's next kernel starts when its GPU leaves the same
+    collective (a host barrier alone leaves tens of microseconds to milliseconds of skew,
+    which a kernel that waits for its peer would count). DeepEP's bench_kineto does the same
+    with barrier_comm_profiling."""
     import torch
     import torch.distributed as dist
-    flush.zero_()                              # evict L2: a 256 MB write
+    flush.zero_()                              # a 256 MB write
     torch.cuda.synchronize()
     if dist.is_initialized():
         dist.barrier()
+        dist.all_reduce(align)
 
 
 def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
-    """Per-run microseconds between events recorded around fn(). The start event follows a
-    one-element all_reduce on the stream, so both ranks' clocks start when their GPUs leave
-    the same collective (a host barrier alone leaves tens to hundreds of microseconds of skew,
-    which a kernel that waits for its peer would count)."""
+    """Per-run microseconds between events recorded around fn(), the start event right after
+    the aligning collective."""
     import torch
-    import torch.distributed as dist
     for _ in range(warmup):
         fn()
     align = torch.ones(1, device="cuda")
     samples = []
     for _ in range(runs):
-        _prepare(flush)
-        if dist.is_initialized():
-            dist.all_reduce(align)
+        _prepare(flush, align)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -61,27 +62,48 @@ def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
     return samples
 
 
-def kernel_durations(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
-                     warmup: int = 5) -> list[list[float]]:
-    """Per run, the device durations (us) of the matching kernels fn() launched, in order."""
+def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
+                 warmup: int = 5) -> list[dict]:
+    """Per run: `durations`, the device durations (us) of the matching kernels fn() launched,
+    in order; `launch_gap`, the device time (us) from the end of the aligning all_reduce to
+    the start of the first of them (the host's launch latency as the GPU sees it)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    align = torch.ones(1, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
-            _prepare(flush)
+            _prepare(flush, align)
             fn()
         torch.cuda.synchronize()
-    kernels = sorted(((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
-                      if any(n in e.name for n in names) and e.time_range.elapsed_us() > 0),
-                     key=lambda k: k[0])
-    if not kernels or len(kernels) % runs:
-        raise RuntimeError(f"profiler saw {len(kernels)} matching kernels for {runs} runs "
+    ours, aligns = [], []
+    for e in prof.events():
+        span = (e.time_range.start, e.time_range.end, e.time_range.elapsed_us())
+        if any(n in e.name for n in names) and span[2] > 0:
+            ours.append(span)
+        elif "AllReduce" in e.name and "nccl" in e.name.lower():
+            aligns.append(span)
+    ours.sort()
+    aligns.sort()
+    if not ours or len(ours) % runs:
+        raise RuntimeError(f"profiler saw {len(ours)} matching kernels for {runs} runs "
                            f"(names {names})")
-    per_run = len(kernels) // runs
-    return [[d for _, d in kernels[i * per_run:(i + 1) * per_run]] for i in range(runs)]
+    per_run = len(ours) // runs
+    out = []
+    for i in range(runs):
+        mine = ours[i * per_run:(i + 1) * per_run]
+        before = [a for a in aligns if a[1] <= mine[0][0]]
+        gap = mine[0][0] - before[-1][1] if before else float("nan")
+        out.append({"durations": [d for _, _, d in mine], "launch_gap": gap})
+    return out
+
+
+def kernel_durations(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
+                     warmup: int = 5) -> list[list[float]]:
+    """Per run, the device durations (us) of the matching kernels fn() launched, in order."""
+    return [r["durations"] for r in profile_runs(fn, runs, flush, names, warmup)]
 
 
 def time_kernels(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
