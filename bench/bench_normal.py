@@ -128,8 +128,8 @@ def main():
     for r in records:
         if "launch_gap_us" in r:
             print(f"rank {r['rank']} {r['op']} {r['dtype']} {r['num_sms']} SMs: events "
-                  f"{r['time_us']:.1f} us, kernel {r['kernel_us']:.1f} us, all_reduce end -> "
-                  f"kernel start {r['launch_gap_us']:.1f} us")
+                  f"{r['time_us']:.1f} us, kernel {r['kernel_us']:.1f} us, launch gap "
+                  f"{r['launch_gap_us']:.1f} us")
     r0 = [r for r in records if r["rank"] == 0]
     nccl = next((r for r in r0 if r["op"] == "nccl_a2a"), None)
     copy = next((r for r in r0 if r["op"] == "copy"), None)

@@ -28,12 +28,17 @@ def versions() -> dict:
     return out
 
 
+HEADSTART_CYCLES = 1_000_000   # ~0.5 ms of GPU clock: longer than the host needs to launch fn
+
+
 def _prepare(flush, align):
-    """Evict L2, then line the ranks up on the GPU: a host barrier, then a one-element
-    all_reduce on the stream, so every rank's next kernel starts when its GPU leaves the same
-    collective (a host barrier alone leaves tens of microseconds to milliseconds of skew,
-    which a kernel that waits for its peer would count). DeepEP's bench_kineto does the same
-    with barrier_comm_profiling."""
+    """Evict L2, then line the ranks up on the GPU: a host barrier, a one-element all_reduce
+    on the stream (every GPU leaves it at the same moment), then an equal GPU-side sleep during
+    which the host launches the timed call. So every rank's first timed kernel starts at the
+    same moment, and neither clock counts the host's launch latency (a host barrier alone
+    leaves tens of microseconds to milliseconds of skew, which a kernel that waits for its
+    peer would count). DeepEP's bench gets the same from its host running ahead during the
+    L2 flush, and its bench_kineto aligns with an all_reduce (barrier_comm_profiling)."""
     import torch
     import torch.distributed as dist
     flush.zero_()                              # a 256 MB write
@@ -41,11 +46,12 @@ def _prepare(flush, align):
     if dist.is_initialized():
         dist.barrier()
         dist.all_reduce(align)
+    torch.cuda._sleep(HEADSTART_CYCLES)
 
 
 def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
     """Per-run microseconds between events recorded around fn(), the start event right after
-    the aligning collective."""
+    the aligning head start."""
     import torch
     for _ in range(warmup):
         fn()
@@ -65,8 +71,8 @@ def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
 def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
                  warmup: int = 5) -> list[dict]:
     """Per run: `durations`, the device durations (us) of the matching kernels fn() launched,
-    in order; `launch_gap`, the device time (us) from the end of the aligning all_reduce to
-    the start of the first of them (the host's launch latency as the GPU sees it)."""
+    in order; `launch_gap`, the device time (us) from the end of the previous kernel (the
+    head-start sleep) to the first of them: near 0 when the host kept ahead of the GPU."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):
@@ -78,15 +84,17 @@ def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine
             _prepare(flush, align)
             fn()
         torch.cuda.synchronize()
-    ours, aligns = [], []
+    ours, others = [], []
     for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
         span = (e.time_range.start, e.time_range.end, e.time_range.elapsed_us())
-        if any(n in e.name for n in names) and span[2] > 0:
-            ours.append(span)
-        elif "AllReduce" in e.name and "nccl" in e.name.lower():
-            aligns.append(span)
+        if any(n in e.name for n in names):
+            if span[2] > 0:
+                ours.append(span)
+        else:
+            others.append(span)
     ours.sort()
-    aligns.sort()
     if not ours or len(ours) % runs:
         raise RuntimeError(f"profiler saw {len(ours)} matching kernels for {runs} runs "
                            f"(names {names})")
@@ -94,8 +102,8 @@ def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine
     out = []
     for i in range(runs):
         mine = ours[i * per_run:(i + 1) * per_run]
-        before = [a for a in aligns if a[1] <= mine[0][0]]
-        gap = mine[0][0] - before[-1][1] if before else float("nan")
+        ends = [o[1] for o in others if o[1] <= mine[0][0]]
+        gap = mine[0][0] - max(ends) if ends else float("nan")
         out.append({"durations": [d for _, _, d in mine], "launch_gap": gap})
     return out
 
