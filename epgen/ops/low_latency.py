@@ -8,8 +8,9 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      slot counters    int  [1024]     per global expert, reset by the send phase itself
      verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch << 32 | in/out) per peer
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
-     dispatch receive [2][E][M] messages (message = 16 B header + FP8 row + scales, or BF16 row)
-     dispatch staging [M] messages    (source of NVSHMEM puts to non-P2P peers)
+     dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
+                      n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
+     dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
      combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
 Signals carry an epoch from a device-side sequence word (one per op), and the half used is the
@@ -45,18 +46,25 @@ def _align(v: int, a: int = 256) -> int:
     return (v + a - 1) // a * a
 
 
-def message_bytes(hidden: int, use_fp8: bool) -> int:
+HEADER_MAX = 16 + 4 * MAX_TOPK     # dispatch message header with room for top-k entries
+
+
+def payload_bytes(hidden: int, use_fp8: bool) -> int:
+    """A dispatch message's payload: FP8 row + float scales (16-byte padded), or the BF16 row."""
     if use_fp8:
-        return 16 + (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
-    return 16 + 2 * hidden
+        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
+    return 2 * hidden
 
 
 def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
-    msg = message_bytes(hidden, False)          # the largest message: offsets ignore the dtype
+    # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
+    # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
+    msg = HEADER_MAX + payload_bytes(hidden, False)
     row = 2 * hidden
     disp_recv = DATA_OFF
-    disp_send = _align(disp_recv + 2 * num_experts * M * msg)
-    comb_recv = _align(disp_send + M * msg)
+    disp_send = _align(disp_recv + 2 * num_ranks * M * msg)
+    comb_recv = _align(disp_send + M * (payload_bytes(hidden, False)
+                                        + min(MAX_TOPK, num_ranks) * HEADER_MAX))
     comb_send = _align(comb_recv + 2 * num_experts * M * row)
     end = _align(comb_send + num_experts * M * row)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
@@ -230,7 +238,7 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, message_bytes(H, use_fp8), async_finish,
+        event, hook = self._run(kernel, make_args, payload_bytes(H, use_fp8), async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)
         out = (recv_x, scales) if use_fp8 else recv_x

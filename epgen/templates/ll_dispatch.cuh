@@ -1,19 +1,23 @@
-// Low-latency dispatch (DeepEP V1 semantics), one message per (token, expert).
+// Low-latency dispatch (DeepEP V1's API and outputs), one message per (token, destination rank)
+// (kernels.md 4.9): a token whose experts sit on one rank crosses NVLink once, not once per expert.
 //
 // Region layout (byte offsets are launch arguments, computed in epgen/ops/low_latency.py):
 //   sig_off : u64 [2][kMaxSig]            signal (epoch << 32 | count) per (local expert, source)
-//   recv_off: msg [2][El][R][M]           message slots, a chunk per (local expert, source)
-//   send_off: msg [M]                     staging for NVSHMEM puts to non-P2P peers
-// Message = 16-byte header (source token index, 3 reserved ints) + payload:
-//   FP8: e4m3 row (H bytes) + float scale_inv per 128 channels (S floats), padded to 16 bytes;
-//   BF16: the row (2H bytes).
-// Send phase (phases & 1): a block per token at a time; slot per (token, expert) from an
-// atomic on a local per-expert counter; the block casts the token into shared memory, then
-// warps copy it to each destination (NVLink stores, or nvshmemx_putmem_nbi_warp). The last
-// block to finish reads and resets the counters and publishes E signals.
-// Receive phase (phases & 2): every block waits for the E signals of its rank, computes the
-// per-(expert, source) begin offsets (sources ascending), and warps copy messages to recv_x /
-// src_info / scales (column-major [El][S][R*M]); block 0 writes counts, ranges and stats.
+//   recv_off: msg [2][R][M]               message slot per (source, source token)
+//   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
+// Message = header {token, epoch, n, 0, n entries (local expert << 16 | slot)}, padded to 16
+// bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
+// bytes; or the BF16 row. `slot` is the row's place in its (local expert, source) chunk, from
+// an atomic on the sender's per-expert counter.
+// Send phase (phases & 1): a block per token at a time; warp 0 groups the token's experts by
+// destination rank and writes one header per destination; the block casts the token once into
+// shared memory; warps copy header + payload to each destination (NVLink stores, or
+// nvshmemx_putmem_nbi_warp). The last block to finish reads and resets the counters and
+// publishes E signals.
+// Receive phase (phases & 2): every block waits for the E signals of its rank and computes the
+// per-(expert, source) begin offsets (sources ascending); warps scan the R x M message slots,
+// take those tagged with this call's epoch, read each payload once and store it into the row of
+// every entry (recv_x, src_info, column-major scales); block 0 writes counts, ranges and stats.
 #pragma once
 #include "ll_common.cuh"
 
@@ -25,10 +29,13 @@ struct LLDispatch {
     static constexpr int S = (H + 127) / 128;
     static constexpr int S4 = (S + 3) / 4;
     static constexpr int kPayload = FP8 ? ll::align16(H + 4 * S) : 2 * H;
-    static constexpr int kMsg = 16 + kPayload;
+    static constexpr int kMaxDst = K < R ? K : R;              // destinations of one token
+    static constexpr int kHdr = ll::align16(16 + 4 * K);        // room for K entries
+    static constexpr int kHdrN16 = kHdr / 16;
+    static constexpr int kMsg = kHdr + kPayload;
     static constexpr int kN16 = kMsg / 16;
     static constexpr int kWarps = THREADS / 32;
-    static constexpr int kParts = kWarps / K >= 1 ? kWarps / K : 1;
+    static constexpr int kParts = kWarps / kMaxDst >= 1 ? kWarps / kMaxDst : 1;
     static constexpr int kPart = (kN16 + kParts - 1) / kParts;
     static constexpr int kRowN16 = FP8 ? H / 16 : H / 8;     // 16-byte units of a recv_x row
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
@@ -96,9 +103,10 @@ struct LLDispatch {
     }
 
     static __device__ void send(const LowLatencyDispatchArgs& a, const ErrorCtx& err) {
-        extern __shared__ int4 smem_msg[];                   // kMsg bytes
-        __shared__ int s_e[K];
-        __shared__ int s_slot[K];
+        extern __shared__ int4 smem_payload[];               // kPayload bytes
+        __shared__ int4 s_hdr[kMaxDst][kHdrN16];              // one header per destination
+        __shared__ int s_dst[kMaxDst];
+        __shared__ int s_ndst;
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const uint32_t epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1u);
@@ -106,60 +114,82 @@ struct LLDispatch {
         const int M = a.max_tokens;
         char* base = reinterpret_cast<char*>(a.rdma_base);
         const bool any_remote = a.any_remote != 0;
+        const uint64_t hdr_stage_off = a.send_off + (uint64_t)M * kPayload;
 
         for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-            if (tid < K) {
-                const int64_t e = a.topk_idx[(int64_t)t * K + tid];
+            if (warp == 0) {   // lane k: expert k, its slot; group the lanes by destination
                 int ev = -1, slot = 0;
-                if (e >= 0 && e < E) {
-                    const int dst = (int)e / El;
-                    if (!ll::masked(a.mask, dst)) {
-                        slot = atomicAdd(a.counters + e, 1);
-                        if (slot >= M) report_error(err, kErrCapacity, dst, (int)e);
-                        else ev = (int)e;
+                if (lane < K) {
+                    const int64_t e = a.topk_idx[(int64_t)t * K + lane];
+                    if (e >= 0 && e < E) {
+                        const int dst = (int)e / El;
+                        if (!ll::masked(a.mask, dst)) {
+                            slot = atomicAdd(a.counters + e, 1);
+                            if (slot >= M) report_error(err, kErrCapacity, dst, (int)e);
+                            else ev = (int)e;
+                        }
+                    } else if (e != -1) {
+                        report_error(err, kErrBadIndex, -1, t);
                     }
-                } else if (e != -1) {
-                    report_error(err, kErrBadIndex, -1, t);
                 }
-                s_e[tid] = ev;
-                s_slot[tid] = slot;
+                const int dst = ev >= 0 ? ev / El : -1;
+                const unsigned same = __match_any_sync(0xffffffffu, dst);
+                const int leader_lane = __ffs(same) - 1;
+                const unsigned leaders = __ballot_sync(0xffffffffu, dst >= 0 && leader_lane == lane);
+                if (dst >= 0) {
+                    const int d = __popc(leaders & ((1u << leader_lane) - 1u));
+                    const int j = __popc(same & ((1u << lane) - 1u));
+                    int* h = reinterpret_cast<int*>(s_hdr[d]);
+                    h[4 + j] = ((ev % El) << 16) | slot;
+                    if (lane == leader_lane) {
+                        h[0] = t; h[1] = (int)epoch; h[2] = __popc(same); h[3] = 0;
+                        s_dst[d] = dst;
+                    }
+                }
+                if (lane == 0) s_ndst = __popc(leaders);
             }
-            int* hdr = reinterpret_cast<int*>(smem_msg);
-            if (tid < 4) hdr[tid] = tid == 0 ? t : 0;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (int64_t)t * H * 2);
             if constexpr (FP8) {
-                cast_fp8(xrow, reinterpret_cast<char*>(smem_msg + 1));
+                cast_fp8(xrow, reinterpret_cast<char*>(smem_payload));
             } else {
-                for (int i = tid; i < H / 8; i += THREADS) smem_msg[1 + i] = ld_nc_v4(xrow + i);
+                for (int i = tid; i < H / 8; i += THREADS) smem_payload[i] = ld_nc_v4(xrow + i);
             }
             __syncthreads();
-            if (any_remote) {   // symmetric staging copy: the source of proxy puts
-                int4* stage = reinterpret_cast<int4*>(base + a.send_off + (uint64_t)t * kMsg);
-                for (int i = tid; i < kN16; i += THREADS) st_v4(stage + i, smem_msg[i]);
+            const int ndst = s_ndst;
+            if (any_remote) {   // symmetric staging copies: the sources of proxy puts
+                int4* stage = reinterpret_cast<int4*>(base + a.send_off + (uint64_t)t * kPayload);
+                for (int i = tid; i < kPayload / 16; i += THREADS) st_v4(stage + i, smem_payload[i]);
+                int4* hstage = reinterpret_cast<int4*>(base + hdr_stage_off +
+                                                       (uint64_t)t * kMaxDst * kHdr);
+                for (int i = tid; i < ndst * kHdrN16; i += THREADS)
+                    st_v4(hstage + i, s_hdr[i / kHdrN16][i % kHdrN16]);
                 __threadfence();
                 __syncthreads();
             }
-            for (int u = warp; u < K * kParts; u += kWarps) {
-                const int k = u % K, part = u / K;
-                const int e = s_e[k];
-                if (e < 0) continue;
-                const int dst = e / El, le = e % El;
+            for (int u = warp; u < ndst * kParts; u += kWarps) {
+                const int d = u % ndst, part = u / ndst;
+                const int dst = s_dst[d];
                 const int lo = part * kPart;
                 const int hi = lo + kPart < kN16 ? lo + kPart : kN16;
                 if (lo >= hi) continue;
-                const uint64_t off = a.recv_off +
-                    ((((uint64_t)half * El + le) * R + a.rank) * (uint64_t)M + s_slot[k]) * kMsg;
+                const uint64_t off = a.recv_off + (((uint64_t)half * R + a.rank) * M + t) * kMsg;
                 const int64_t pb = a.peer_bases[dst];
                 if (pb != 0) {
-                    int4* d = reinterpret_cast<int4*>(pb + off);
-                    int i = lo + lane;
+                    int4* out = reinterpret_cast<int4*>(pb + off);
                     #pragma unroll 4
-                    for (; i < hi; i += 32) st_v4(d + i, smem_msg[i]);
+                    for (int i = lo + lane; i < hi; i += 32)
+                        st_v4(out + i, i < kHdrN16 ? s_hdr[d][i] : smem_payload[i - kHdrN16]);
                 } else {
-                    nvshmemx_putmem_nbi_warp(base + off + (uint64_t)lo * 16,
-                                             base + a.send_off + (uint64_t)t * kMsg + (uint64_t)lo * 16,
-                                             (size_t)(hi - lo) * 16, a.pes[dst]);
+                    if (lo < kHdrN16)
+                        nvshmemx_putmem_nbi_warp(base + off, base + hdr_stage_off +
+                                                 ((uint64_t)t * kMaxDst + d) * kHdr, kHdr, a.pes[dst]);
+                    const int plo = (lo > kHdrN16 ? lo : kHdrN16) - kHdrN16, phi = hi - kHdrN16;
+                    if (phi > plo)
+                        nvshmemx_putmem_nbi_warp(
+                            base + off + kHdr + (uint64_t)plo * 16,
+                            base + a.send_off + (uint64_t)t * kPayload + (uint64_t)plo * 16,
+                            (size_t)(phi - plo) * 16, a.pes[dst]);
                 }
             }
             __syncthreads();
@@ -206,8 +236,9 @@ struct LLDispatch {
             s_arrived[i] = arrived;
         }
         __syncthreads();
+        __shared__ bool s_in[R];   // sources whose messages this receive takes
+        if (tid < R) s_in[tid] = true;
         if (a.mask != nullptr) {   // enable_shrink: all blocks take the same sources
-            __shared__ bool s_in[R];
             if (tid < R) {
                 bool all = true;
                 for (int le = 0; le < El; ++le) all = all && s_arrived[le * R + tid];
@@ -243,47 +274,91 @@ struct LLDispatch {
         }
         __syncthreads();
 
-        __shared__ int s_cum[E];
-        ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
-        const int total = s_cum[E - 1];
-        const int gw = blockIdx.x * (THREADS / 32) + warp;
-        const int nw = gridDim.x * (THREADS / 32);
-        for (int m = gw; m < total; m += nw) {
-            const int p = ll::locate(s_cum, E, m);
-            const int i = m - (s_cum[p] - s_cnt[p]);
-            const int le = p / R, src = p % R;
-            const int64_t row = s_begin[p] + i;
+        // Scan the R x M message slots; a slot holds this call's message when its header
+        // carries this call's epoch (slots of tokens not sent here keep older epochs).
+        __shared__ int s_le[kWarps][K];
+        __shared__ int s_row[kWarps][K];
+        constexpr int64_t kRowBytes = FP8 ? H : 2 * H;
+        const int gw = blockIdx.x * kWarps + warp;
+        const int nw = gridDim.x * kWarps;
+        for (int m = gw; m < R * M; m += nw) {
+            const int src = m / M, t = m % M;
+            if (!s_in[src]) continue;
             const int4* msg = reinterpret_cast<const int4*>(
-                base + a.recv_off + ((((uint64_t)half * El + le) * R + src) * (uint64_t)M + i) * kMsg);
-            if (lane == 0) a.recv_src_info[le * RM + row] = ld_v4(msg).x;
-            int4* dst = reinterpret_cast<int4*>(reinterpret_cast<char*>(a.recv_x) +
-                                                (le * RM + row) * (int64_t)(FP8 ? H : 2 * H));
-            warp_copy<kRowN16, 8, false>(dst, msg + 1, lane);
+                base + a.recv_off + (((uint64_t)half * R + src) * M + t) * kMsg);
+            const int4 h = ld_v4(msg);                  // token, epoch, n, 0
+            if ((uint32_t)h.y != epoch) continue;
+            const int n = h.z >= 0 && h.z <= K ? h.z : 0;
+            if (lane < n) {
+                const int ent = ld_volatile(reinterpret_cast<const int*>(msg) + 4 + lane);
+                const int le = ent >> 16, slot = ent & 0xffff;
+                int row = -1;
+                if (le < El && slot < s_cnt[le * R + src]) {
+                    row = s_begin[le * R + src] + slot;
+                    a.recv_src_info[le * RM + row] = h.x;
+                } else {
+                    report_error(err, kErrBadArg, src, ent);
+                }
+                s_le[warp][lane] = le;
+                s_row[warp][lane] = row;
+            }
+            __syncwarp();
+            // Read the payload once, store it into every entry's row.
+            constexpr int kBatch = 4;
+            const int4* pay = msg + kHdrN16;
+            #pragma unroll 1
+            for (int c0 = 0; c0 < kRowN16; c0 += 32 * kBatch) {
+                int4 v[kBatch];
+                #pragma unroll
+                for (int b = 0; b < kBatch; ++b) {
+                    const int c = c0 + b * 32 + lane;
+                    if (c < kRowN16) v[b] = ld_v4(pay + c);
+                }
+                for (int j = 0; j < n; ++j) {
+                    const int row = s_row[warp][j];
+                    if (row < 0) continue;
+                    int4* out = reinterpret_cast<int4*>(reinterpret_cast<char*>(a.recv_x) +
+                                                        (s_le[warp][j] * RM + row) * kRowBytes);
+                    #pragma unroll
+                    for (int b = 0; b < kBatch; ++b) {
+                        const int c = c0 + b * 32 + lane;
+                        if (c < kRowN16) st_v4(out + c, v[b]);
+                    }
+                }
+            }
             if constexpr (FP8) {
                 const float* sc = reinterpret_cast<const float*>(
-                    reinterpret_cast<const char*>(msg + 1) + H);
+                    reinterpret_cast<const char*>(pay) + H);
                 if constexpr (UE8M0) {
                     int* out = reinterpret_cast<int*>(a.recv_scales);
-                    for (int j = lane; j < S4; j += 32) {
+                    for (int q4 = lane; q4 < S4; q4 += 32) {
                         uint32_t packed = 0;
                         #pragma unroll
                         for (int q = 0; q < 4; ++q) {
-                            const int g = 4 * j + q;
+                            const int g = 4 * q4 + q;
                             if (g < S) {
                                 const uint32_t bits = __float_as_uint(
                                     *reinterpret_cast<const volatile float*>(sc + g));
                                 packed |= ((bits >> 23) & 0xffu) << (8 * q);
                             }
                         }
-                        out[((int64_t)le * S4 + j) * RM + row] = (int)packed;
+                        for (int j = 0; j < n; ++j) {
+                            const int row = s_row[warp][j];
+                            if (row >= 0) out[((int64_t)s_le[warp][j] * S4 + q4) * RM + row] = (int)packed;
+                        }
                     }
                 } else {
                     float* out = reinterpret_cast<float*>(a.recv_scales);
-                    for (int g = lane; g < S; g += 32)
-                        out[((int64_t)le * S + g) * RM + row] =
-                            *reinterpret_cast<const volatile float*>(sc + g);
+                    for (int g = lane; g < S; g += 32) {
+                        const float v = *reinterpret_cast<const volatile float*>(sc + g);
+                        for (int j = 0; j < n; ++j) {
+                            const int row = s_row[warp][j];
+                            if (row >= 0) out[((int64_t)s_le[warp][j] * S + g) * RM + row] = v;
+                        }
+                    }
                 }
             }
+            __syncwarp();   // s_le / s_row are rewritten for the next message
         }
     }
 };
