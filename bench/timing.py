@@ -32,13 +32,15 @@ HEADSTART_CYCLES = 1_000_000   # ~0.5 ms of GPU clock: longer than the host need
 
 
 def _prepare(flush, align):
-    """Evict L2, then line the ranks up on the GPU: a host barrier, a one-element all_reduce
-    on the stream (every GPU leaves it at the same moment), then an equal GPU-side sleep during
-    which the host launches the timed call. So every rank's first timed kernel starts at the
-    same moment, and neither clock counts the host's launch latency (a host barrier alone
-    leaves tens of microseconds to milliseconds of skew, which a kernel that waits for its
-    peer would count). DeepEP's bench gets the same from its host running ahead during the
-    L2 flush, and its bench_kineto aligns with an all_reduce (barrier_comm_profiling)."""
+    """Evict L2, then line the ranks up on the GPU: host barrier, one-element all_reduce, a
+    GPU-side sleep during which the host enqueues a second all_reduce and the timed call, then
+    that second all_reduce, which every GPU leaves at the same moment with the timed kernels
+    already queued behind it. So the ranks' first timed kernels start together and neither
+    clock counts the host's launch latency (a host barrier alone leaves tens of microseconds
+    to milliseconds of skew, which a kernel waiting for its peer would count; one all_reduce
+    then a sleep is not enough either: the sleep counts clock cycles, and the GPUs' clocks
+    differ). DeepEP's bench gets the same from its host running ahead during the L2 flush,
+    and its bench_kineto aligns with an all_reduce (barrier_comm_profiling)."""
     import torch
     import torch.distributed as dist
     flush.zero_()                              # a 256 MB write
@@ -46,12 +48,13 @@ def _prepare(flush, align):
     if dist.is_initialized():
         dist.barrier()
         dist.all_reduce(align)
-    torch.cuda._sleep(HEADSTART_CYCLES)
+        torch.cuda._sleep(HEADSTART_CYCLES)
+        dist.all_reduce(align)
 
 
 def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
     """Per-run microseconds between events recorded around fn(), the start event right after
-    the aligning head start."""
+    the aligning collective."""
     import torch
     for _ in range(warmup):
         fn()
@@ -72,7 +75,7 @@ def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine
                  warmup: int = 5) -> list[dict]:
     """Per run: `durations`, the device durations (us) of the matching kernels fn() launched,
     in order; `launch_gap`, the device time (us) from the end of the previous kernel (the
-    head-start sleep) to the first of them: near 0 when the host kept ahead of the GPU."""
+    aligning all_reduce) to the first of them: near 0 when the host kept ahead of the GPU."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):

@@ -54,7 +54,7 @@ struct LLCombine {
         __shared__ int s_cum[E];
         ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
         const int total = s_cum[E - 1];
-        const int gw = blockIdx.x * kWarps + warp;
+        const int gw = ll::spread_warp_index();
         const int nw = gridDim.x * kWarps;
         for (int m = gw; m < total; m += nw) {
             const int p = ll::locate(s_cum, E, m);
@@ -125,7 +125,7 @@ struct LLCombine {
             __syncthreads();
         }
 
-        const int64_t gw = (int64_t)blockIdx.x * kWarps + warp;
+        const int64_t gw = ll::spread_warp_index();
         const int64_t nw = (int64_t)gridDim.x * kWarps;
         const int64_t units = (int64_t)a.num_tokens * kSlices;
         const char* area = base + a.recv_off + (uint64_t)half * E * (uint64_t)M * (2 * H);

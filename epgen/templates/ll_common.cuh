@@ -101,6 +101,12 @@ __device__ __forceinline__ bool last_block_arrives(int* done, bool any_remote) {
 
 __device__ __forceinline__ int4 ld_shared_v4(const int4* p) { return *p; }
 
+// Global warp index for work split into units: consecutive units go to different blocks
+// (SMs) first, so a few hundred units use every SM instead of the first few blocks' warps.
+__device__ __forceinline__ int spread_warp_index() {
+    return (int)(threadIdx.x >> 5) * (int)gridDim.x + (int)blockIdx.x;
+}
+
 // Inclusive prefix sums of cnt[0, n) into cum[0, n), n <= THREADS (both in shared memory).
 // Lets warps walk the valid (chunk, row) pairs as one dense range: striding over all E * M
 // slots instead would hand every valid row to the same few warps.

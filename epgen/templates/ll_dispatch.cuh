@@ -279,9 +279,16 @@ struct LLDispatch {
         __shared__ int s_le[kWarps][K];
         __shared__ int s_row[kWarps][K];
         constexpr int64_t kRowBytes = FP8 ? H : 2 * H;
-        const int gw = blockIdx.x * kWarps + warp;
+        // A message's payload is split into `parts` slices, each a unit of work, so that the
+        // R x M slots keep every warp busy (one warp per message would leave most idle).
+        constexpr int kBatch = 2;
+        constexpr int kMaxParts = (kRowN16 + 32 * kBatch - 1) / (32 * kBatch);
+        const int gw = ll::spread_warp_index();
         const int nw = gridDim.x * kWarps;
-        for (int m = gw; m < R * M; m += nw) {
+        int parts = nw / (R * M);
+        parts = parts < 1 ? 1 : parts > kMaxParts ? kMaxParts : parts;
+        for (int u = gw; u < R * M * parts; u += nw) {
+            const int m = u / parts, part = u % parts;
             const int src = m / M, t = m % M;
             if (!s_in[src]) continue;
             const int4* msg = reinterpret_cast<const int4*>(
@@ -295,19 +302,18 @@ struct LLDispatch {
                 int row = -1;
                 if (le < El && slot < s_cnt[le * R + src]) {
                     row = s_begin[le * R + src] + slot;
-                    a.recv_src_info[le * RM + row] = h.x;
-                } else {
+                    if (part == 0) a.recv_src_info[le * RM + row] = h.x;
+                } else if (part == 0) {
                     report_error(err, kErrBadArg, src, ent);
                 }
                 s_le[warp][lane] = le;
                 s_row[warp][lane] = row;
             }
             __syncwarp();
-            // Read the payload once, store it into every entry's row.
-            constexpr int kBatch = 4;
+            // Read this slice of the payload once, store it into every entry's row.
             const int4* pay = msg + kHdrN16;
             #pragma unroll 1
-            for (int c0 = 0; c0 < kRowN16; c0 += 32 * kBatch) {
+            for (int c0 = part * 32 * kBatch; c0 < kRowN16; c0 += parts * 32 * kBatch) {
                 int4 v[kBatch];
                 #pragma unroll
                 for (int b = 0; b < kBatch; ++b) {
@@ -331,7 +337,7 @@ struct LLDispatch {
                     reinterpret_cast<const char*>(pay) + H);
                 if constexpr (UE8M0) {
                     int* out = reinterpret_cast<int*>(a.recv_scales);
-                    for (int q4 = lane; q4 < S4; q4 += 32) {
+                    for (int q4 = part * 32 + lane; q4 < S4; q4 += parts * 32) {
                         uint32_t packed = 0;
                         #pragma unroll
                         for (int q = 0; q < 4; ++q) {
@@ -349,7 +355,7 @@ struct LLDispatch {
                     }
                 } else {
                     float* out = reinterpret_cast<float*>(a.recv_scales);
-                    for (int g = lane; g < S; g += 32) {
+                    for (int g = part * 32 + lane; g < S; g += parts * 32) {
                         const float v = *reinterpret_cast<const volatile float*>(sc + g);
                         for (int j = 0; j < n; ++j) {
                             const int row = s_row[warp][j];
