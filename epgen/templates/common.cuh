@@ -129,27 +129,6 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) 
 }
 
 
-// The warp's share of a row split over `parts` warps: the 16-byte units c of [0, N) with
-// c / (32 * B) % parts == part, B loads in flight per lane.
-template <int N, int B, bool SRC_READ_ONLY>
-__device__ __forceinline__ void warp_copy_slice(int4* dst, const int4* src, int lane, int part,
-                                                int parts) {
-    #pragma unroll 1
-    for (int c0 = part * 32 * B; c0 < N; c0 += parts * 32 * B) {
-        int4 v[B];
-        #pragma unroll
-        for (int b = 0; b < B; ++b) {
-            const int c = c0 + b * 32 + lane;
-            if (c < N) v[b] = SRC_READ_ONLY ? ld_nc_v4(src + c) : ld_v4(src + c);
-        }
-        #pragma unroll
-        for (int b = 0; b < B; ++b) {
-            const int c = c0 + b * 32 + lane;
-            if (c < N) st_v4(dst + c, v[b]);
-        }
-    }
-}
-
 __device__ __forceinline__ int warp_reduce_sum(int v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

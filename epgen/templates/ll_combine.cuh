@@ -5,7 +5,7 @@
 //   sig_off : u64 [2][64]                 signal (epoch << 32 | 1) per source rank
 //   recv_off: bf16 [2][E][M][H]           rows by (global expert, owner's token index)
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts
-// Send phase (phases & 1): warps walk slices of (local expert, source, row) from the handle's layout
+// Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
 // range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
 // the last block signals every rank. Receive phase (phases & 2): every block waits for all
 // ranks' signals, then warps reduce (token, 256-channel slice) units in float (multiply and
@@ -54,35 +54,24 @@ struct LLCombine {
         __shared__ int s_cum[E];
         ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
         const int total = s_cum[E - 1];
-        // Rows split into `parts` slices, each a unit of work, so that ~1000 rows keep every
-        // warp of the grid storing (a warp per row leaves most idle and the copy latency-bound).
-        constexpr int kBatch = 8;
-        constexpr int kMaxParts = (kRowN16 + 32 * kBatch - 1) / (32 * kBatch);
         const int gw = ll::spread_warp_index();
         const int nw = gridDim.x * kWarps;
-        int parts = total > 0 ? nw / total : 1;
-        parts = parts < 1 ? 1 : parts > kMaxParts ? kMaxParts : parts;
-        for (int u = gw; u < total * parts; u += nw) {
-            const int m = u / parts, part = u % parts;
+        for (int m = gw; m < total; m += nw) {
             const int p = ll::locate(s_cum, E, m);
             const int i = m - (s_cum[p] - s_cnt[p]);
             const int le = p / R, src = p % R;
             if (ll::masked(a.mask, src)) continue;
             const int64_t row = s_begin[p] + i;
             const int t = a.src_info[le * RM + row];
-            if (t < 0 || t >= M) {
-                if (lane == 0 && part == 0) report_error(err, kErrBadArg, src, t);
-                continue;
-            }
+            if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
             const int e = a.rank * El + le;
             const uint64_t off = a.recv_off + (((uint64_t)half * E + e) * (uint64_t)M + t) * (2 * H);
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
             if (pb != 0) {
-                warp_copy_slice<kRowN16, kBatch, true>(reinterpret_cast<int4*>(pb + off), xrow, lane,
-                                                       part, parts);
-            } else if (part == 0) {   // NVSHMEM puts: one warp stages and puts the whole row
+                warp_copy<kRowN16, 8, true>(reinterpret_cast<int4*>(pb + off), xrow, lane);
+            } else {
                 char* stage = base + a.send_off + (le * RM + row) * (int64_t)(2 * H);
                 if (!a.zero_copy) {
                     warp_copy<kRowN16, 8, true>(reinterpret_cast<int4*>(stage), xrow, lane);
