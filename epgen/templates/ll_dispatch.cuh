@@ -10,8 +10,8 @@
 // bytes; or the BF16 row. `slot` is the row's place in its (local expert, source) chunk, from
 // an atomic on the sender's per-expert counter.
 // Send phase (phases & 1): a block per token at a time; warp 0 groups the token's experts by
-// destination rank and writes one header per destination; the block casts the token once into
-// shared memory; warps copy header + payload to each destination (NVLink stores, or
+// destination rank and writes one header per destination while warps 1.. cast the token once
+// into shared memory; then all warps copy header + payload to each destination (NVLink stores, or
 // nvshmemx_putmem_nbi_warp). The last block to finish reads and resets the counters and
 // publishes E signals.
 // Receive phase (phases & 2): every block waits for the E signals of its rank and computes the
@@ -48,14 +48,17 @@ struct LLDispatch {
         return a.sig_off + ((uint64_t)half * ll::kMaxSig + i) * 8;
     }
 
-    // FP8 cast of one BF16 token into the message payload (shared memory), block-wide.
+    // Warps 1.. load / cast the token while warp 0 routes it (the two overlap).
+    static constexpr int kCopyThreads = THREADS - 32;
+
+    // FP8 cast of one BF16 token into the message payload (shared memory), by warps 1...
     static __device__ __forceinline__ void cast_fp8(const int4* xrow, char* payload) {
         constexpr int kNC = H / 8;                            // 8-channel chunks
-        constexpr int kIter = (kNC + THREADS - 1) / THREADS;
+        constexpr int kIter = (kNC + kCopyThreads - 1) / kCopyThreads;
         float* scales = reinterpret_cast<float*>(payload + H);
         #pragma unroll
         for (int it = 0; it < kIter; ++it) {
-            const int c = it * THREADS + (int)threadIdx.x;
+            const int c = it * kCopyThreads + (int)threadIdx.x - 32;
             const bool active = c < kNC;
             float v[8];
             float amax = 0.f;
@@ -147,13 +150,15 @@ struct LLDispatch {
                     }
                 }
                 if (lane == 0) s_ndst = __popc(leaders);
-            }
-            const int4* xrow = reinterpret_cast<const int4*>(
-                reinterpret_cast<const char*>(a.x) + (int64_t)t * H * 2);
-            if constexpr (FP8) {
-                cast_fp8(xrow, reinterpret_cast<char*>(smem_payload));
-            } else {
-                for (int i = tid; i < H / 8; i += THREADS) smem_payload[i] = ld_nc_v4(xrow + i);
+            } else {           // warps 1..: the token into shared memory, cast once
+                const int4* xrow = reinterpret_cast<const int4*>(
+                    reinterpret_cast<const char*>(a.x) + (int64_t)t * H * 2);
+                if constexpr (FP8) {
+                    cast_fp8(xrow, reinterpret_cast<char*>(smem_payload));
+                } else {
+                    for (int i = tid - 32; i < H / 8; i += kCopyThreads)
+                        smem_payload[i] = ld_nc_v4(xrow + i);
+                }
             }
             __syncthreads();
             const int ndst = s_ndst;
