@@ -31,7 +31,7 @@ from .layout import check_topk_idx
 THREADS = 1024
 MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
 MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
-MAX_RANK_SIG = 64            # combine signal words per half (= kLLMaxRankSig)
+MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
 WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done

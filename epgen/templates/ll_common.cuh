@@ -16,6 +16,8 @@ namespace ll {
 
 // Dispatch signals: [2 halves][kMaxSig] u64; index (local expert * R + source rank).
 constexpr int kMaxSig = 1024;
+// Per-rank words (combine signals, shrink verdicts): [2 halves][kMaxRankSig] u64.
+constexpr int kMaxRankSig = 64;
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
 
@@ -64,7 +66,6 @@ __device__ __forceinline__ bool wait_signal(const ErrorCtx& err, const char* bas
 // deadline; the blocks agree through one verdict word per (half, peer), tagged with the epoch:
 // the first block to decide wins, and a peer found out is masked for later calls too.
 // Verdict words: u64 [2 halves][kMaxRankSig], (epoch << 32) | (1 = in, 2 = out).
-constexpr int kMaxRankSig = 64;
 __device__ __forceinline__ bool peer_verdict(unsigned long long* verdicts, int* mask,
                                              uint32_t epoch, int peer, bool arrived) {
     fence_acq_rel_sys();   // what this block saw arrive is visible to whoever reads our verdict

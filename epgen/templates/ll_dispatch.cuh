@@ -39,7 +39,8 @@ struct LLDispatch {
     static constexpr int kPart = (kN16 + kParts - 1) / kParts;
     static constexpr int kRowN16 = FP8 ? H / 16 : H / 8;     // 16-byte units of a recv_x row
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
-    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS, "experts");
+    static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
+                  "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
 
