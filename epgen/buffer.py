@@ -81,7 +81,8 @@ class Buffer:
             arch=toolchain.resolve_arch())
         self._layout = LayoutOps(self._ctx)
         self._intranode = IntranodeOps(self._ctx)
-        self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink) \
+        self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
+                                 allow_nvlink=allow_nvlink_for_low_latency_mode) \
             if num_rdma_bytes > 0 else None
         self._destroyed = False
 

@@ -319,10 +319,30 @@ def _worker(rank, world):
     _run_jobs(jobs, results)
     torch.cuda.synchronize()
     buf.destroy()
-    # Its own Buffer (the heap holds one of each size at a time): after the main one is gone.
+    # Each with its own Buffer (the heap holds one of each size at a time), after the main one.
     _run_jobs([("enable_shrink: a rank masked out, explicitly and by the deadline",
-                lambda: _run_shrink(rank, world, E))], results)
+                lambda: _run_shrink(rank, world, E)),
+               ("allow_nvlink_for_low_latency_mode=False: every peer through NVSHMEM puts",
+                lambda: _run_without_nvlink(rank, world, E))], results)
     return results
+
+
+def _run_without_nvlink(rank, R, E):
+    """The path peers on other nodes take (NVSHMEM puts from symmetric staging, signal ops,
+    quiet), here carried by NVSHMEM's own P2P transport: DeepEP's
+    allow_nvlink_for_low_latency_mode=False."""
+    import torch
+    import torch.distributed as dist
+    import epgen
+    buf = epgen.Buffer(dist.group.WORLD, 0,
+                       epgen.Buffer.get_low_latency_rdma_size_hint(M, H_MAX, R, E),
+                       low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
+    try:
+        for cid, case in ((300, CASES[1]), (301, CASES[7]), (302, CASES[2])):
+            _run_case(buf, rank, R, E, cid, *case)
+    finally:
+        torch.cuda.synchronize()
+        buf.destroy()
 
 
 def _run_jobs(jobs, results):

@@ -78,13 +78,20 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
 
 
 class LowLatencyOps:
-    def __init__(self, ctx: OpsContext, enable_shrink: bool = False):
+    def __init__(self, ctx: OpsContext, enable_shrink: bool = False, allow_nvlink: bool = True):
         self.ctx = ctx
         self.enable_shrink = enable_shrink
         R = ctx.num_ranks
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
-        self.any_remote = int(any(a == 0 for a in ctx.rdma.peer_addrs))
+        # A peer with address 0 is reached through NVSHMEM puts and signal ops (its RDMA
+        # transports across nodes); allow_nvlink_for_low_latency_mode=False sends every peer
+        # that way, as DeepEP does, also those NVLink could reach.
+        if allow_nvlink:
+            self.peer_bases = ctx.peer_table("rdma")
+        else:
+            self.peer_bases = torch.zeros(R, dtype=torch.int64, device=ctx.device)
+        self.any_remote = int(not allow_nvlink or any(a == 0 for a in ctx.rdma.peer_addrs))
         self.sms = ctx.device_sms
         self.base = ctx.rdma.addr
         self.counters_addr = self.base + COUNTERS_OFF
@@ -121,7 +128,7 @@ class LowLatencyOps:
         ctx = self.ctx
         ctx.fill_error_fields(args, op)
         args.rdma_base = self.base
-        args.peer_bases = ctx.peer_table("rdma").data_ptr()
+        args.peer_bases = self.peer_bases.data_ptr()
         args.pes = self.pes.data_ptr()
         if self.enable_shrink:
             args.mask = self.mask.data_ptr()
