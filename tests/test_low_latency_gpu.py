@@ -210,6 +210,27 @@ def _run_graph(buf, rank, R, E, fp8):
         _check_combine(rank, full, y, handle, combined)
 
 
+def _run_compile_in_capture(buf, E):
+    """A kernel that would have to compile during a real CUDA graph capture: a clear error
+    naming the spec, raised before anything is launched or allocated."""
+    import torch
+    from epgen.jit import CompileDuringCaptureError
+    H, K = 1024, 4                     # a configuration no other case compiles
+    x = torch.randn(8, H, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(K, device="cuda", dtype=torch.int64).repeat(8, 1)
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+            buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    except CompileDuringCaptureError as exc:
+        assert f"hidden={H}" in str(exc) and "captured" in str(exc), str(exc)
+    else:
+        raise AssertionError("a compile during capture raised nothing")
+    torch.cuda.synchronize()
+    buf.check_errors()
+
+
 def _live_view(ins, dead, E, R):
     """The inputs as the live ranks see them once rank `dead` is masked out: its tokens are
     gone and routes to its experts are dropped (-1)."""
@@ -316,6 +337,7 @@ def _worker(rank, world):
     jobs.append(("double buffering (two hooked calls in flight)", lambda: _run_double(buf, rank, world, E)))
     jobs.append(("cuda graph bf16 replays", lambda: _run_graph(buf, rank, world, E, False)))
     jobs.append(("cuda graph fp8 replays", lambda: _run_graph(buf, rank, world, E, True)))
+    jobs.append(("compile during capture is an error", lambda: _run_compile_in_capture(buf, E)))
     _run_jobs(jobs, results)
     torch.cuda.synchronize()
     buf.destroy()
