@@ -440,6 +440,10 @@ def ll_results():
 
 
 def _failures(per_rank):
+    """Every job's outcome printed (pytest -rA shows it), the failures returned."""
+    for r, res in enumerate(per_rank):
+        for name, status in res:
+            print(f"rank {r}: {name}: {status.splitlines()[0] if status else status}")
     return [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
             for name, status in res if status != "ok"]
 
