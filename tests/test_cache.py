@@ -97,7 +97,8 @@ def test_jit_disabled_names_the_spec(tmp_path, monkeypatch):
 
 
 def test_compile_during_capture_is_an_error(tmp_path, monkeypatch):
-    # Fake: no GPU here to capture a graph, so the capture probe is replaced.
+    # Fake: no GPU here to capture a graph, so the capture probe is replaced (the GPU suite
+    # checks a real capture: tests/test_low_latency_gpu.py, _run_compile_in_capture).
     monkeypatch.setattr(jit, "_capturing", lambda: True)
     with pytest.raises(jit.CompileDuringCaptureError) as e:
         fresh_build(Cache(str(tmp_path)))
