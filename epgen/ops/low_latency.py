@@ -19,6 +19,8 @@ step is ever needed. Send phase = launch with phases=1, receive phase = phases=2
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
@@ -40,6 +42,24 @@ VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then 
 DATA_OFF = 32768
 assert VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8 <= DATA_OFF
 SEND, RECV = 1, 2
+
+
+@dataclass(frozen=True)
+class _OpPlaces:
+    """Where one operation's control words and data areas sit in the region."""
+    sig_off: int        # its signals
+    words_off: int      # its sequence word, then its done counter
+    verdicts_off: int   # its enable_shrink verdicts, u64 [2][64]
+    recv_area: str      # _data_layout keys
+    send_area: str
+
+
+_PLACES = {
+    "low_latency_dispatch": _OpPlaces(DISP_SIG_OFF, WORDS_OFF, VERDICTS_OFF,
+                                      "disp_recv", "disp_send"),
+    "low_latency_combine": _OpPlaces(COMB_SIG_OFF, WORDS_OFF + 8,
+                                     VERDICTS_OFF + 2 * MAX_RANK_SIG * 8, "comb_recv", "comb_send"),
+}
 
 
 def _align(v: int, a: int = 256) -> int:
@@ -124,17 +144,26 @@ class LowLatencyOps:
             return t.data_ptr()
         return 0
 
-    def _fill_common(self, args, op):
-        ctx = self.ctx
-        ctx.fill_error_fields(args, op)
+    def _fill_common(self, args, op, lay, call_epoch, num_tokens, max_tokens, phases):
+        """The fields both operations' launches share: error word, peers, control words."""
+        places = _PLACES[op]
+        self.ctx.fill_error_fields(args, op)
         args.rdma_base = self.base
         args.peer_bases = self.peer_bases.data_ptr()
         args.pes = self.pes.data_ptr()
         if self.enable_shrink:
             args.mask = self.mask.data_ptr()
-            verdict_rows = 2 * MAX_RANK_SIG * 8
-            args.verdicts = self.base + VERDICTS_OFF + (op == "low_latency_combine") * verdict_rows
+            args.verdicts = self.base + places.verdicts_off
         args.any_remote = self.any_remote
+        args.seq = self.base + places.words_off
+        args.done = self.base + places.words_off + 4
+        args.call_epoch = call_epoch.data_ptr()
+        args.sig_off = places.sig_off
+        args.recv_off = lay[places.recv_area]
+        args.send_off = lay[places.send_area]
+        args.num_tokens = num_tokens
+        args.max_tokens = max_tokens
+        args.phases = phases
         return args
 
     def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
@@ -221,7 +250,8 @@ class LowLatencyOps:
         call_epoch = torch.empty(1, dtype=torch.int32, device=dev)   # send -> receive phase
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch")
+            a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch", lay,
+                                  call_epoch, T, M, phases)
             a.x = x.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
             a.recv_x = recv_x.data_ptr()
@@ -231,16 +261,7 @@ class LowLatencyOps:
             a.recv_count = recv_count.data_ptr()
             a.cumulative_stats = cum
             a.wait_stats = wst
-            a.seq = self.base + WORDS_OFF
-            a.done = self.base + WORDS_OFF + 4
             a.counters = self.counters_addr
-            a.call_epoch = call_epoch.data_ptr()
-            a.sig_off = DISP_SIG_OFF
-            a.recv_off = lay["disp_recv"]
-            a.send_off = lay["disp_send"]
-            a.num_tokens = T
-            a.max_tokens = M
-            a.phases = phases
             return a
 
         tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
@@ -263,10 +284,12 @@ class LowLatencyOps:
         check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
         return src_info, layout_range, M, H, E, El, lay
 
+    def _combine_send_buffer(self, M, H, El, lay):
+        return self.ctx.rdma.view(torch.bfloat16, (El, self.ctx.num_ranks * M, H), lay["comb_send"])
+
     def get_next_low_latency_combine_buffer(self, handle):
-        _, _, M, H, E, El, lay = self._check_handle(handle)
-        R = self.ctx.num_ranks
-        return self.ctx.rdma.view(torch.bfloat16, (El, R * M, H), lay["comb_send"])
+        _, _, M, H, _, El, lay = self._check_handle(handle)
+        return self._combine_send_buffer(M, H, El, lay)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False,
                             zero_copy=False, async_finish=False, return_recv_hook=False, out=None,
@@ -291,16 +314,15 @@ class LowLatencyOps:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
-        src = x
-        if zero_copy:
-            src = self.get_next_low_latency_combine_buffer(handle)
+        src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
         kernel = ctx.kernel(spec)
         call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine")
+            a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,
+                                  call_epoch, T, M, phases)
             a.x = src.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
             a.topk_weights = topk_weights.data_ptr()
@@ -308,15 +330,6 @@ class LowLatencyOps:
             a.layout_range = layout_range.data_ptr()
             a.out = out.data_ptr()
             a.wait_stats = wst
-            a.seq = self.base + WORDS_OFF + 8
-            a.done = self.base + WORDS_OFF + 12
-            a.call_epoch = call_epoch.data_ptr()
-            a.sig_off = COMB_SIG_OFF
-            a.recv_off = lay["comb_recv"]
-            a.send_off = lay["comb_send"]
-            a.num_tokens = T
-            a.max_tokens = M
-            a.phases = phases
             a.zero_copy = int(bool(zero_copy))
             return a
 
