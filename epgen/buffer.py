@@ -91,11 +91,11 @@ class Buffer:
     def is_sm90_compiled() -> bool:
         return True     # kernels are generated for the GPU present (sm_90 paths included)
 
-    @classmethod
-    def set_num_sms(cls, new_num_sms: int) -> None:
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
         if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
             raise arg_error("new_num_sms", new_num_sms, "must be a positive even int")
-        cls.num_sms = new_num_sms
+        Buffer.num_sms = new_num_sms     # DeepEP's: the class attribute, also for subclasses
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -107,13 +107,18 @@ class Buffer:
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
                                           num_experts)
 
+    # DeepEP's recommended (nvl send, nvl recv, rdma send, rdma recv) chunk sizes; epgen's
+    # kernels size their rings from the receive count only. Other rank counts get the 8's.
+    _DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128)}
+    _COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128)}
+
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms, 24 if num_ranks <= 2 else 8, 256, 6, 128)
+        return Config(Buffer.num_sms, *Buffer._DISPATCH_CHUNKS.get(num_ranks, Buffer._DISPATCH_CHUNKS[8]))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms, 10 if num_ranks <= 2 else 6, 256, 6, 128)
+        return Config(Buffer.num_sms, *Buffer._COMBINE_CHUNKS.get(num_ranks, Buffer._COMBINE_CHUNKS[8]))
 
     # -- lifecycle ------------------------------------------------------------------------
     def _alive(self) -> OpsContext:
@@ -184,11 +189,18 @@ class Buffer:
         return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
                                        async_finish, allocate_on_comm_stream)
 
-    def internode_dispatch(self, *args, **kwargs):
+    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None,
+                           num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                           num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Config | None = None, previous_event=None, async_finish=False,
+                           allocate_on_comm_stream=False):
         raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
                                   "implemented yet; use ranks of one node")
 
-    def internode_combine(self, *args, **kwargs):
+    def internode_combine(self, x, handle, topk_weights=None, bias=None,
+                          config: Config | None = None, previous_event=None, async_finish=False,
+                          allocate_on_comm_stream=False):
         raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
                                   "implemented yet; use ranks of one node")
 
