@@ -66,8 +66,10 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
     out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
                                         num_topk=num_topk)]
     for dtype in dtypes:
-        for k in (num_topk, 0):      # with top-k, and cached / without top-k
-            out.append(normal_dispatch_spec(hidden, k, num_experts, num_ranks, dtype))
+        # with top-k, and cached (an uncached dispatch without top-k, rare in models, is
+        # (hidden, 0, num_experts): list it as an explicit kernel where a run needs it)
+        out.append(normal_dispatch_spec(hidden, num_topk, num_experts, num_ranks, dtype))
+        out.append(normal_dispatch_spec(hidden, 0, None, num_ranks, dtype))
     for k in (num_topk, 0):
         out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
     return out

@@ -28,6 +28,12 @@ CASES = [
     (2880, 8, "fp8", False, True, 1, True, 20, None),
     (7168, 8, "bf16", True, False, 1, False, 2, 0),
     (4096, 8, "bf16", True, True, 1, False, 20, 1),
+    # rows of other element types (DeepEP moves any 16-byte-multiple row), int32 UE8M0 scales
+    (2048, 8, "f32", True, False, 2, False, 20, None),
+    (16, 8, "i8", True, False, 1, True, 20, None),
+    (7168, 8, "i8", False, False, 4, False, 20, None),
+    (7168, 8, "fp8_ue8m0", True, False, 1, False, 20, None),
+    (2880, 16, "fp8_ue8m0", False, True, 1, True, 24, None),
 ]
 TOKENS = 768
 
@@ -73,23 +79,30 @@ def _run_case(buf, rank, world, cid, case):
     tokens = [0 if r == zero_rank else TOKENS + 37 * r for r in range(R)]
     ins = [_inputs(cid, r, tokens[r], H, K, E, R) for r in range(R)]
     xs, idxs, ws, x2s = ([i[j] for i in ins] for j in range(4))
-    fp8 = dtype == "fp8"
+    fp8 = dtype.startswith("fp8")
 
     def make_x(xl):
+        if dtype == "f32":
+            return [v.float().cuda() for v in xl], None
+        if dtype == "i8":    # arbitrary bytes (every bit pattern) without scales
+            return [(v.float() * 40).clamp(-128, 127).to(torch.int8).cuda() for v in xl], None
         if not fp8:
             return [v.cuda() for v in xl], None
-        q = [ref.per_token_cast_to_fp8(v.cuda()) for v in xl]
+        ue = dtype == "fp8_ue8m0"
+        q = [ref.per_token_cast_to_fp8(v.cuda(), round_scale=ue, use_ue8m0=ue) for v in xl]
         # column-major scale views: the kernel must read the caller's strides
         return [a for a, _ in q], [s.t().contiguous().t() for _, s in q]
 
     dx, dsc = make_x(xs)
     idx, w = idxs[rank].cuda(), ws[rank].cuda()
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    buf.check_errors()
     e_rank, e_expert, e_in = ref.get_dispatch_layout(idx, E, R)
     _eq("layout.num_tokens_per_rank", per_rank, e_rank)
     _eq("layout.num_tokens_per_expert", per_expert, e_expert)
     _eq("layout.is_token_in_rank", in_rank, e_in)
-    in_ranks = [ref.get_dispatch_layout(i.cuda(), E, R)[2] for i in idxs]
+    layouts = [ref.get_dispatch_layout(i.cuda(), E, R) for i in idxs]
+    in_ranks, npes = [lay[2] for lay in layouts], [lay[1] for lay in layouts]
 
     config = epgen.Config(num_sms, 8, 256, 6, 128)
     x_in = (dx[rank], dsc[rank]) if fp8 else dx[rank]
@@ -102,13 +115,15 @@ def _run_case(buf, rank, world, cid, case):
     recv, r_idx, r_w, counts, handle, event = out
     if async_finish:
         event.current_stream_wait()
+    buf.check_errors()
     exp = ref.dispatch([v for v in dx], [i.cuda() for i in idxs] if with_topk else None,
                        [v.cuda() for v in ws] if with_topk else None, E, rank,
                        expert_alignment=align, x_scales=dsc, num_worst_tokens=n_worst,
-                       is_token_in_ranks=in_ranks)
+                       is_token_in_ranks=in_ranks, num_tokens_per_experts=npes)
     N = exp.num_recv_tokens
     rx, rs = recv if fp8 else (recv, None)
     assert rx.shape[0] == (n_worst or N), f"recv_x rows {rx.shape[0]}"
+    assert rx.dtype == dx[rank].dtype and (rs is None or rs.dtype == dsc[rank].dtype), "dtypes"
     _eq("recv_x", rx[:N], exp.recv_x[:N])
     if fp8:
         _eq("recv_x_scales", rs[:N], exp.recv_x_scales[:N])
@@ -129,8 +144,9 @@ def _run_case(buf, rank, world, cid, case):
     assert all(v is None for v in rest), "cached dispatch returns Nones"
     if async_finish:
         cevent.current_stream_wait()
+    buf.check_errors()
     cexp = ref.dispatch(cx, None, None, E, rank, x_scales=csc, num_worst_tokens=n_worst,
-                        is_token_in_ranks=in_ranks)
+                        is_token_in_ranks=in_ranks, cached=True)
     crx, crs = crecv if fp8 else (crecv, None)
     _eq("cached recv_x", crx[:N], cexp.recv_x[:N])
     if fp8:
@@ -148,6 +164,7 @@ def _run_case(buf, rank, world, cid, case):
                                 bias=bias, config=config, async_finish=async_finish)
     if async_finish:
         cev.current_stream_wait()
+    buf.check_errors()
     cexp = ref.combine(ys, in_ranks, rank, topk_weights=cws, bias=bias)
     _eq("combined_x", cx_, cexp.combined_x)
     if with_topk:
