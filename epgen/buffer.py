@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import toolchain
+from . import lifecycle, toolchain
 from .config import Config
 from .ops.context import OpsContext, arg_error
 from .ops.intranode import IntranodeOps
@@ -85,6 +85,13 @@ class Buffer:
                                  allow_nvlink=allow_nvlink_for_low_latency_mode) \
             if num_rdma_bytes > 0 else None
         self._destroyed = False
+        lifecycle.track(self)
+
+    def __del__(self):
+        # explicitly_destroy=False: freed here (collective, like DeepEP's destructor); else a
+        # Buffer never destroyed is reported (lifecycle.py).
+        if not getattr(self, "_destroyed", True):
+            lifecycle.collected(self)
 
     # -- class-level knobs ----------------------------------------------------------------
     @staticmethod
@@ -134,17 +141,24 @@ class Buffer:
         ctx.check_errors()
 
     def destroy(self) -> None:
-        """Free the Buffer's symmetric memory. Never hangs: after a device error it skips the
-        collective free (leaking the memory, with a warning) and returns."""
+        """Free the Buffer's symmetric memory (collective: every rank destroys its Buffers in
+        the same order); later calls on the Buffer raise. Valid with or without
+        explicitly_destroy, and a second call does nothing. Never hangs: after a device error,
+        or with a peer masked out by enable_shrink (it may be gone), it skips the collective
+        free (leaking the memory, with a warning) and returns."""
         if self._destroyed:
             return
         ctx = self._ctx
         self._destroyed = True
-        if ctx.errors.raised():
-            warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after a device error; "
-                          "its symmetric memory is leaked (freeing it would need every rank)")
+        why = "a device error" if ctx.errors.raised() else None
+        if why is None:
+            torch.cuda.synchronize(self.device)
+            if self._ll is not None and self._ll.enable_shrink and bool(self._ll.mask.any()):
+                why = "a peer was masked out (enable_shrink)"
+        if why is not None:
+            warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after {why}; its "
+                          "symmetric memory is leaked (freeing it would need every rank)")
             return
-        torch.cuda.synchronize(self.device)
         ctx.nvshmem.barrier_all()
         self._rdma.free()
         self._nvl.free()
@@ -155,6 +169,7 @@ class Buffer:
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
+        self._alive()
         region = self._rdma if use_rdma_buffer else self._nvl
         elem = torch.empty((), dtype=dtype).element_size()
         if size is None:
