@@ -148,21 +148,34 @@ class Buffer:
         free (leaking the memory, with a warning) and returns."""
         if self._destroyed:
             return
-        ctx = self._ctx
         self._destroyed = True
-        why = "a device error" if ctx.errors.raised() else None
-        if why is None:
-            torch.cuda.synchronize(self.device)
-            if self._ll is not None and self._ll.enable_shrink and bool(self._ll.mask.any()):
-                why = "a peer was masked out (enable_shrink)"
+        why = self._why_not_free()
         if why is not None:
             warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after {why}; its "
                           "symmetric memory is leaked (freeing it would need every rank)")
             return
+        ctx = self._ctx
         ctx.nvshmem.barrier_all()
         self._rdma.free()
         self._nvl.free()
         ctx.errors.free()
+
+    def _why_not_free(self) -> str | None:
+        """Why the collective free could hang (some rank may never come), or None."""
+        if self._ctx.errors.raised():
+            return "a device error"
+        shrink = self._ll is not None and self._ll.enable_shrink
+        if shrink:
+            try:
+                self._ll.settle_peers_before_free()    # bounded by EPGEN_TIMEOUT_S
+            except Exception as exc:  # noqa: BLE001 - e.g. EPGEN_JIT=0 and not precompiled
+                return f"its enable_shrink barrier could not run ({exc})"
+        torch.cuda.synchronize(self.device)
+        if self._ctx.errors.raised():
+            return "a device error"
+        if shrink and bool(self._ll.mask.any()):
+            return "a peer was masked out (enable_shrink)"
+        return None
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         return self._alive().comm_stream

@@ -19,6 +19,7 @@ DTYPES = ("bf16", "fp8")
 MAX_TOPK = 32
 MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
 MAX_NVL_RANKS = 8
+MAX_RANK_SIG = 64        # low-latency per-rank signal words (templates/ll_common.cuh kMaxRankSig)
 MAX_EXPERTS = 1024
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
@@ -307,6 +308,26 @@ class LowLatencyCombineSpec(KernelSpec):
         return f"bf16_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 
 
+@dataclass(frozen=True)
+class LowLatencyBarrierSpec(KernelSpec):
+    """clean_low_latency_buffer's barrier (per peer, with deadlines; with enable_shrink a peer
+    that misses it is masked), also run by destroy() with enable_shrink."""
+    family: ClassVar[str] = "ll_barrier"
+    template: ClassVar[str] = "ll_barrier.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("barrier",)
+
+    num_ranks: int
+    threads: int = 64
+
+    def validate(self):
+        _check_common(self, hidden=False, topk=False, experts=False, ranks_max=MAX_RANK_SIG)
+        self._req(self.threads % 32 == 0 and self.num_ranks <= self.threads <= 1024, "threads",
+                  f"must be a multiple of 32 in [num_ranks={self.num_ranks}, 1024]")
+
+    def readable_tag(self):
+        return f"r{self.num_ranks}"
+
+
 @functools.lru_cache(maxsize=1024)
 def cached(cls: type, **fields) -> KernelSpec:
     """cls(**fields), built (and validated) once: the per-call path asks for the same few specs."""
@@ -315,7 +336,8 @@ def cached(cls: type, **fields) -> KernelSpec:
 
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
-                                LowLatencyDispatchSpec, LowLatencyCombineSpec)
+                                LowLatencyDispatchSpec, LowLatencyCombineSpec,
+                                LowLatencyBarrierSpec)
 }
 
 

@@ -8,8 +8,8 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                         NormalCombineSpec, NormalDispatchSpec)
+from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec)
 
 SPECS = [
     LayoutSpec(num_ranks=8, num_experts=256, num_topk=8),
@@ -28,6 +28,7 @@ SPECS = [
     LowLatencyDispatchSpec(hidden=3584, num_topk=16, num_experts=384, num_ranks=8, use_fp8=False),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
+    LowLatencyBarrierSpec(num_ranks=8),
 ]
 
 

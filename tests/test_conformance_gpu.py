@@ -258,6 +258,9 @@ def _readme_sequences(normal, ll, rank, R):
                         ll.low_latency_combine(expert_out, topk_idx, topk_weights, handle))
     ll.check_errors()
     assert y.shape == x.shape and y.dtype == torch.bfloat16
+    assert ll.clean_low_latency_buffer(M, H, E) is None      # DeepEP's barrier: every rank
+    torch.cuda.synchronize()
+    ll.check_errors()
     assert epgen.Buffer.get_low_latency_rdma_size_hint(M, H, R, E) <= ll.num_rdma_bytes
 
 
@@ -440,6 +443,121 @@ def _explicit_leak_reported(rank, R):
                for w in caught), [str(w.message) for w in caught]
 
 
+# -- enable_shrink: ranks stopping at dispatch, combine and clean ----------------------------
+STOPS = {"dispatch": 1, "combine": 3, "clean": 5}     # DeepEP's test_low_latency.py shrink test
+DEADLINE_S = 3.0
+
+
+def _drop_routes(idx, gone, El):
+    """topk_idx with the routes to experts of ranks in `gone` set to -1."""
+    out = idx.clone()
+    for g in gone:
+        out[(idx >= 0) & (idx // El == g)] = -1
+    return out
+
+
+def _without(ins, gone, El):
+    """The inputs as live ranks see them with `gone` masked out: their tokens absent, routes
+    to their experts dropped."""
+    return [(x[:0], idx[:0], w[:0]) if r in gone else (x, _drop_routes(idx, gone, El), w)
+            for r, (x, idx, w) in enumerate(ins)]
+
+
+def _combine_without(x, idx, w, gone, El):
+    """This rank's low-latency combine of expert outputs 0.5 * x (BF16 rows, exact), routes to
+    ranks in `gone` skipped: the golden model's sum, k ascending, in float."""
+    import torch
+    y = (x.float() * 0.5).to(torch.bfloat16).float()
+    live = _drop_routes(idx, gone, El) >= 0
+    acc = torch.zeros_like(y)
+    for k in range(idx.shape[1]):
+        acc = torch.where(live[:, k:k + 1], acc + w[:, k:k + 1] * y, acc)
+    return acc.to(torch.bfloat16)
+
+
+def _shrink_stops(rank, R):
+    """enable_shrink (DeepEP's shrink test): one rank stops calling at its first dispatch,
+    another at its first combine, another at its first clean_low_latency_buffer. After each
+    stage every live rank's mask is exactly the ranks stopped so far (the stage that loses a
+    rank waits out the deadline, the others do not wait), the results are those without the
+    stopped ranks, and destroy() returns on every rank, stopped or live."""
+    import time
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    import epgen
+    E, El = LOCAL_EXPERTS * R, LOCAL_EXPERTS
+    stops = {api: r for api, r in STOPS.items() if r < R}
+    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, R, E),
+                       low_latency_mode=True, enable_shrink=True)
+    status = torch.empty(R, dtype=torch.int32, device="cuda")
+    # every rank, long deadline: compiles (one rank compiles, the others wait for its entry)
+    # must not make a healthy rank miss a deadline below
+    x, idx, w = _all_inputs(81, R, [M] * R, H, K, E)[rank]
+    recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    buf.low_latency_combine(_expert_out(recv, False, H), idx, w, handle)
+    buf.clean_low_latency_buffer(M, H, E)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    buf.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0] * R, f"mask after the warm-up: {status.tolist()}"
+    dist.barrier()
+    gone: set = set()
+    os.environ["EPGEN_TIMEOUT_S"] = str(DEADLINE_S)
+    try:
+        for rnd in range(2):
+            ins = _all_inputs(82 + rnd, R, [M - rnd] * R, H, K, E)
+            x, idx, w = ins[rank]
+            state = {}
+            for api in ("dispatch", "combine", "clean"):
+                newly = api in stops and stops[api] not in gone
+                if newly:
+                    gone.add(stops[api])
+                if rank in gone:
+                    break
+                t0 = time.perf_counter()
+                if api == "dispatch":
+                    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+                elif api == "combine":
+                    out, _, _ = buf.low_latency_combine(_expert_out(state["recv"], False, H), idx,
+                                                        w, state["handle"])
+                else:
+                    buf.clean_low_latency_buffer(M, H, E)
+                torch.cuda.synchronize()
+                waited = time.perf_counter() - t0
+                buf.check_errors()
+                buf.low_latency_query_mask_buffer(status)
+                where = f"round {rnd} {api}"
+                assert set(status.nonzero().flatten().tolist()) == gone, \
+                    f"{where}: mask {status.tolist()}, expected ranks {sorted(gone)}"
+                if newly:
+                    assert waited >= DEADLINE_S * 0.9, f"{where}: returned after {waited:.2f} s"
+                else:
+                    assert waited < DEADLINE_S / 2, f"{where}: waited {waited:.2f} s"
+                if api == "dispatch":
+                    _check_dispatch(rank, _without(ins, gone, El), E, (recv, count, handle),
+                                    False, False, False)
+                    state.update(recv=recv, handle=handle)
+                elif api == "combine":
+                    exp = _combine_without(x, idx, w, gone, El)
+                    diff = (out.float() - exp.float()).abs()
+                    assert bool((diff <= exp.float().abs() * 2 ** -7 + 1e-6).all()), \
+                        f"{where}: combine max abs diff {diff.max().item()}"
+            if rank in gone:
+                break
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            buf.destroy()
+        took = time.perf_counter() - t0
+        assert took < 2 * DEADLINE_S + 10, f"destroy() took {took:.1f} s"
+    finally:
+        os.environ["EPGEN_TIMEOUT_S"] = "20"
+        if not buf._destroyed:
+            buf.destroy()
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     import torch
@@ -477,6 +595,9 @@ def _worker(rank, world):
          lambda: _implicit_destroy(rank, world, max(nvl, 256 << 20))),
         ("explicitly_destroy=True, never destroyed: reported",
          lambda: _explicit_leak_reported(rank, world)),
+        # last: it leaves the stopped ranks' Buffers leaked on every rank
+        ("enable_shrink: ranks stop at dispatch, combine, clean; masks, results, destroy()",
+         lambda: _shrink_stops(rank, world)),
     ], results)
     return results
 

@@ -2,8 +2,9 @@
 import pytest
 
 from epgen import codegen
-from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                         NormalCombineSpec, NormalDispatchSpec, SpecError, spec_from_json)
+from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
+                         spec_from_json)
 
 
 @pytest.mark.parametrize("make, field, value", [
@@ -25,6 +26,8 @@ from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSp
     (lambda: LowLatencyCombineSpec(hidden=2880, num_topk=0, num_experts=64, num_ranks=2),
      "num_topk", 0),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
+    (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
+    (lambda: LowLatencyBarrierSpec(num_ranks=48, threads=32), "threads", 32),
 ])
 def test_impossible_specs_name_field_value_rule(make, field, value):
     with pytest.raises(SpecError) as e:
