@@ -373,7 +373,8 @@ def _argument_errors(normal, ll, rank, R):
         ("x[1].dtype", (torch.zeros(T, 64, dtype=torch.int8, device="cuda"),
                         torch.ones(T, 1, dtype=torch.float64, device="cuda")), args),
         ("num_tokens_per_expert", xs[rank], {**args, "num_tokens_per_expert": None}),
-        ("previous_event", xs[rank], {**args, "previous_event": 3}),
+        ("previous_event", xs[rank], {**args, "topk_idx": idxs[rank], "topk_weights": ws[rank],
+                                      "previous_event": 3}),
     ]
     for name, x, kw in bad:
         with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
@@ -401,13 +402,14 @@ def _small_dispatch(buf, rank, R):
 
 def _explicit_destroy(rank, R, nbytes):
     """explicitly_destroy=True: destroy() frees, and every later call raises."""
+    import torch
     import torch.distributed as dist
     import epgen
     buf = epgen.Buffer(dist.group.WORLD, nbytes, 0, explicitly_destroy=True)
     _small_dispatch(buf, rank, R)
     buf.destroy()
     for call in (lambda: _small_dispatch(buf, rank, R), buf.check_errors, buf.get_comm_stream,
-                 lambda: buf.get_local_buffer_tensor(__import__("torch").int32)):
+                 lambda: buf.get_local_buffer_tensor(torch.int32)):
         with pytest.raises(RuntimeError, match="after destroy"):
             call()
     buf.destroy()                     # a second destroy() does nothing
