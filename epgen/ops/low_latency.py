@@ -209,7 +209,8 @@ class LowLatencyOps:
     def _barrier(self, op, sig_off, seq_off, use_mask):
         """One launch of the per-peer barrier (templates/ll_barrier.cuh) on the current stream."""
         ctx = self.ctx
-        kernel = ctx.kernel(cached(LowLatencyBarrierSpec, num_ranks=ctx.num_ranks))
+        spec = cached(LowLatencyBarrierSpec, num_ranks=ctx.num_ranks)
+        kernel = ctx.kernel(spec)
         a = ctx.fill_error_fields(LowLatencyBarrierArgs(), op)
         a.rdma_base = self.base
         a.peer_bases = self.peer_bases.data_ptr()
@@ -218,8 +219,7 @@ class LowLatencyOps:
         a.seq = self.base + seq_off
         a.sig_off = sig_off
         a.any_remote = self.any_remote
-        kernel.launch(1, LowLatencyBarrierSpec.threads, a,
-                      torch.cuda.current_stream(ctx.device.index).cuda_stream)
+        kernel.launch(1, spec.threads, a, torch.cuda.current_stream(ctx.device.index).cuda_stream)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """DeepEP's barrier across the ranks; nothing needs zeroing (signals are epoch-tagged).
