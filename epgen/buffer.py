@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import toolchain
+from . import lifecycle, toolchain
 from .config import Config
 from .ops.context import OpsContext, arg_error
 from .ops.intranode import IntranodeOps
@@ -89,17 +89,24 @@ class Buffer:
                                  allow_nvlink=allow_nvlink_for_low_latency_mode) \
             if num_rdma_bytes > 0 else None
         self._destroyed = False
+        lifecycle.track(self)
+
+    def __del__(self):
+        # explicitly_destroy=False: freed here (collective, like DeepEP's destructor); else a
+        # Buffer never destroyed is reported (lifecycle.py).
+        if not getattr(self, "_destroyed", True):
+            lifecycle.collected(self)
 
     # -- class-level knobs ----------------------------------------------------------------
     @staticmethod
     def is_sm90_compiled() -> bool:
         return True     # kernels are generated for the GPU present (sm_90 paths included)
 
-    @classmethod
-    def set_num_sms(cls, new_num_sms: int) -> None:
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
         if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
             raise arg_error("new_num_sms", new_num_sms, "must be a positive even int")
-        cls.num_sms = new_num_sms
+        Buffer.num_sms = new_num_sms     # DeepEP's: the class attribute, also for subclasses
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -111,13 +118,18 @@ class Buffer:
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
                                           num_experts)
 
+    # DeepEP's recommended (nvl send, nvl recv, rdma send, rdma recv) chunk sizes; epgen's
+    # kernels size their rings from the receive count only. Other rank counts get the 8's.
+    _DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128)}
+    _COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128)}
+
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms, 24 if num_ranks <= 2 else 8, 256, 6, 128)
+        return Config(Buffer.num_sms, *Buffer._DISPATCH_CHUNKS.get(num_ranks, Buffer._DISPATCH_CHUNKS[8]))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return Config(Buffer.num_sms, 10 if num_ranks <= 2 else 6, 256, 6, 128)
+        return Config(Buffer.num_sms, *Buffer._COMBINE_CHUNKS.get(num_ranks, Buffer._COMBINE_CHUNKS[8]))
 
     # -- lifecycle ------------------------------------------------------------------------
     def _alive(self) -> OpsContext:
@@ -133,27 +145,48 @@ class Buffer:
         ctx.check_errors()
 
     def destroy(self) -> None:
-        """Free the Buffer's symmetric memory. Never hangs: after a device error it skips the
-        collective free (leaking the memory, with a warning) and returns."""
+        """Free the Buffer's symmetric memory (collective: every rank destroys its Buffers in
+        the same order); later calls on the Buffer raise. Valid with or without
+        explicitly_destroy, and a second call does nothing. Never hangs: after a device error,
+        or with a peer masked out by enable_shrink (it may be gone), it skips the collective
+        free (leaking the memory, with a warning) and returns."""
         if self._destroyed:
             return
-        ctx = self._ctx
         self._destroyed = True
-        if ctx.errors.raised():
-            warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after a device error; "
-                          "its symmetric memory is leaked (freeing it would need every rank)")
+        why = self._why_not_free()
+        if why is not None:
+            warnings.warn(f"epgen: rank {self.rank}: Buffer destroyed after {why}; its "
+                          "symmetric memory is leaked (freeing it would need every rank)")
             return
-        torch.cuda.synchronize(self.device)
+        ctx = self._ctx
         ctx.nvshmem.barrier_all()
         self._rdma.free()
         self._nvl.free()
         ctx.errors.free()
+
+    def _why_not_free(self) -> str | None:
+        """Why the collective free could hang (some rank may never come), or None."""
+        if self._ctx.errors.raised():
+            return "a device error"
+        shrink = self._ll is not None and self._ll.enable_shrink
+        if shrink:
+            try:
+                self._ll.settle_peers_before_free()    # bounded by EPGEN_TIMEOUT_S
+            except Exception as exc:  # noqa: BLE001 - e.g. EPGEN_JIT=0 and not precompiled
+                return f"its enable_shrink barrier could not run ({exc})"
+        torch.cuda.synchronize(self.device)
+        if self._ctx.errors.raised():
+            return "a device error"
+        if shrink and bool(self._ll.mask.any()):
+            return "a peer was masked out (enable_shrink)"
+        return None
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         return self._alive().comm_stream
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
+        self._alive()
         region = self._rdma if use_rdma_buffer else self._nvl
         elem = torch.empty((), dtype=dtype).element_size()
         if size is None:
@@ -188,11 +221,18 @@ class Buffer:
         return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
                                        async_finish, allocate_on_comm_stream)
 
-    def internode_dispatch(self, *args, **kwargs):
+    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None,
+                           num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                           num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Config | None = None, previous_event=None, async_finish=False,
+                           allocate_on_comm_stream=False):
         raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
                                   "implemented yet; use ranks of one node")
 
-    def internode_combine(self, *args, **kwargs):
+    def internode_combine(self, x, handle, topk_weights=None, bias=None,
+                          config: Config | None = None, previous_event=None, async_finish=False,
+                          allocate_on_comm_stream=False):
         raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
                                   "implemented yet; use ranks of one node")
 

@@ -20,10 +20,10 @@ class Config:
                 raise ValueError(f"Config.{name}={v!r}: must be a positive int")
         if self.num_sms % 2:
             raise ValueError(f"Config.num_sms={self.num_sms}: must be even (a channel is 2 SMs)")
-        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
-            raise ValueError(
+        if self.num_max_nvl_chunked_send_tokens >= self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(     # DeepEP's rule (csrc/config.hpp): strictly fewer
                 f"Config.num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}: "
-                f"must be <= num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}")
+                f"must be < num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}")
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         from .ops.intranode import nvl_buffer_size_hint

@@ -119,10 +119,24 @@ LowLatencyCombineArgs = struct(
     *ERROR_FIELDS,
 )
 
+LowLatencyBarrierArgs = struct(
+    "LowLatencyBarrierArgs",
+    ("void*", "rdma_base"),
+    ("const int64_t*", "peer_bases"),
+    ("const int*", "pes"),
+    ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
+    ("int*", "seq"),                        # this barrier's sequence word
+    ("unsigned long long", "sig_off"),      # its words: u64 [2][64], one per source rank
+    ("int", "any_remote"),
+    ("int", "pad0"),
+    *ERROR_FIELDS,
+)
+
 ARGS: dict[str, type[ctypes.Structure]] = {
     "layout": LayoutArgs,
     "ll_dispatch": LowLatencyDispatchArgs,
     "ll_combine": LowLatencyCombineArgs,
+    "ll_barrier": LowLatencyBarrierArgs,
 }
 
 # ---------------------------------------------------------------------------- normal mode (intranode)

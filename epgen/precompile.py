@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import yaml
 
 from . import jit
-from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyCombineSpec,
-                    LowLatencyDispatchSpec, NormalCombineSpec, SpecError, normal_dispatch_spec,
-                    spec_from_json)
+from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
+                    LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
+                    normal_dispatch_spec, spec_from_json)
 
 MAX_LL_TOKENS = 1024
 
@@ -66,8 +66,10 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
     out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
                                         num_topk=num_topk)]
     for dtype in dtypes:
-        for k in (num_topk, 0):      # with top-k, and cached / without top-k
-            out.append(normal_dispatch_spec(hidden, k, num_experts, num_ranks, dtype))
+        # with top-k, and cached (an uncached dispatch without top-k, rare in models, is
+        # (hidden, 0, num_experts): list it as an explicit kernel where a run needs it)
+        out.append(normal_dispatch_spec(hidden, num_topk, num_experts, num_ranks, dtype))
+        out.append(normal_dispatch_spec(hidden, 0, None, num_ranks, dtype))
     for k in (num_topk, 0):
         out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
     return out
@@ -81,6 +83,7 @@ def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                           use_fp8=dtype == "fp8"))
     out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
                                      num_ranks=num_ranks))
+    out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
     return out
 
 

@@ -33,9 +33,9 @@ Tensors = Sequence[torch.Tensor]
 # Small helpers
 # ------------------------------------------------------------------------------------------------
 def _as_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float8 tensors as uint8 (indexing, cat and padding of float8 are not supported
-    everywhere)."""
-    return x.view(torch.uint8) if x.dtype == FP8 else x
+    """float8 tensors (any 1-byte float) as uint8 (indexing, cat and padding of float8 are not
+    supported everywhere)."""
+    return x.view(torch.uint8) if x.dtype.is_floating_point and x.element_size() == 1 else x
 
 
 def _pad_rows(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
@@ -94,7 +94,7 @@ class DispatchResult(NamedTuple):
     recv_x_scales: Optional[torch.Tensor]   # [N or num_worst_tokens, S] float32, or None
     recv_topk_idx: Optional[torch.Tensor]   # [N', K] int64, local expert ids, -1 elsewhere/padding
     recv_topk_weights: Optional[torch.Tensor]  # [N', K] float32, 0 where recv_topk_idx == -1
-    num_recv_tokens_per_expert_list: list   # El ints (rounded up to expert_alignment); [] if worst
+    num_recv_tokens_per_expert_list: Optional[list]  # El ints (aligned); [] if worst; None cached
     recv_src_idx: torch.Tensor              # [N'] int32, token index on the source rank
     recv_src_rank: torch.Tensor             # [N'] int32, the source rank (not a DeepEP output)
     rank_prefix_matrix: torch.Tensor        # [R, R] int32, [i][j] = tokens j gets from ranks 0..i
@@ -114,17 +114,24 @@ def _rank_prefix_matrix(is_token_in_ranks: Tensors) -> torch.Tensor:
 def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[Tensors],
              num_experts: int, rank: int, expert_alignment: int = 1,
              x_scales: Optional[Tensors] = None, num_worst_tokens: int = 0,
-             is_token_in_ranks: Optional[Tensors] = None) -> DispatchResult:
+             is_token_in_ranks: Optional[Tensors] = None,
+             num_tokens_per_experts: Optional[Tensors] = None,
+             cached: bool = False) -> DispatchResult:
     """What rank `rank` receives from a normal-mode dispatch.
 
-    xs[r]: rank r's [T_r, H] tokens (bf16, or float8_e4m3fn with x_scales[r] [T_r, S] float32).
+    xs[r]: rank r's [T_r, H] rows, of any dtype (the kernel moves bytes), e.g. bf16, or 1-byte
+    rows (float8_e4m3fn) with x_scales[r] [T_r, S] float32 or int32 (S any, moved as they are).
     topk_idxs[r]: [T_r, K] int64 (-1 = unused); topk_weights[r]: [T_r, K] float32 or None.
     is_token_in_ranks[r]: [T_r, R] bool; computed from topk_idxs when None (required without top-k).
+    num_tokens_per_experts[r]: rank r's [E] int32 num_tokens_per_expert argument; computed from
+    topk_idxs when None (get_dispatch_layout's); required without top-k unless cached.
 
     recv rows are ordered by source rank, then source token index: source r contributes the tokens
     t with is_token_in_ranks[r][t][rank]. recv_topk_idx = idx - rank * El for experts of `rank`,
-    else -1 (weight 0). num_recv_tokens_per_expert_list[e] = received (token, slot) pairs of local
-    expert e, rounded up to a multiple of expert_alignment ([] without top-k or when worst-sized).
+    else -1 (weight 0). num_recv_tokens_per_expert_list (DeepEP V1, csrc/deep_ep.cpp): for each
+    local expert e of `rank`, the sum over source ranks r of num_tokens_per_experts[r][rank * El +
+    e], rounded up to a multiple of expert_alignment, with or without top-k; [] when worst-sized
+    (num_worst_tokens > 0); None for a cached dispatch (cached=True: a handle, no top-k).
     num_worst_tokens > 0: outputs padded to that many rows (padded recv_topk_idx rows are -1,
     other padded content is unspecified; here zeros, and -1 in recv_src_idx / recv_src_rank).
     """
@@ -137,6 +144,13 @@ def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[T
         if topk_idxs is None:
             raise ValueError("dispatch without topk_idx needs is_token_in_ranks")
         is_token_in_ranks = [get_dispatch_layout(t, num_experts, R)[2] for t in topk_idxs]
+    if cached and topk_idxs is not None:
+        raise ValueError("a cached dispatch has no topk_idxs")
+    if num_tokens_per_experts is None and not cached:
+        if topk_idxs is None:
+            raise ValueError("dispatch without topk_idx needs num_tokens_per_experts "
+                             "(DeepEP requires num_tokens_per_expert in every uncached dispatch)")
+        num_tokens_per_experts = [get_dispatch_layout(t, num_experts, R)[1] for t in topk_idxs]
     sent = _sent_tokens(is_token_in_ranks, rank)
     N = sum(len(s) for s in sent)
     if num_worst_tokens and N > num_worst_tokens:
@@ -150,7 +164,11 @@ def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[T
     recv_src_rank = torch.cat([torch.full_like(s, r) for r, s in enumerate(sent)]).to(torch.int32)
 
     recv_idx = recv_w = None
-    counts = []
+    counts = None
+    if not cached:
+        a = expert_alignment
+        mine = sum(n[rank * El:(rank + 1) * El].long() for n in num_tokens_per_experts)
+        counts = [(int(c) + a - 1) // a * a for c in mine]
     if topk_idxs is not None:
         idx = torch.cat([t[s] for t, s in zip(topk_idxs, sent)])
         local = (idx >= rank * El) & (idx < (rank + 1) * El)
@@ -158,8 +176,6 @@ def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[T
         if topk_weights is not None:
             w = torch.cat([tw[s] for tw, s in zip(topk_weights, sent)]).float()
             recv_w = torch.where(local, w, torch.zeros_like(w))
-        a = expert_alignment
-        counts = [(int((recv_idx == e).sum()) + a - 1) // a * a for e in range(El)]
 
     if num_worst_tokens:
         n = num_worst_tokens
@@ -169,7 +185,7 @@ def dispatch(xs: Tensors, topk_idxs: Optional[Tensors], topk_weights: Optional[T
         recv_w = None if recv_w is None else _pad_rows(recv_w, n)
         recv_src_idx = _pad_rows(recv_src_idx, n, fill=-1)
         recv_src_rank = _pad_rows(recv_src_rank, n, fill=-1)
-        counts = []
+        counts = None if cached else []
     recv_x = recv_x.view(xs[0].dtype)
     return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, counts, recv_src_idx,
                           recv_src_rank, _rank_prefix_matrix(is_token_in_ranks), N)

@@ -19,8 +19,10 @@ DTYPES = ("bf16", "fp8")
 MAX_TOPK = 32
 MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
 MAX_NVL_RANKS = 8
+MAX_RANK_SIG = 64        # low-latency per-rank signal words (templates/ll_common.cuh kMaxRankSig)
 MAX_EXPERTS = 1024
 SCALE_GROUP = 128        # FP8 channels per float32 scale
+MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 
 
 class SpecError(ValueError):
@@ -158,8 +160,12 @@ class NormalDispatchSpec(KernelSpec):
     num_topk: int          # 0: dispatch without top-k indices/weights
     num_experts: int
     num_ranks: int
-    dtype: str = "bf16"    # on the wire: bf16 rows, or fp8 e4m3 rows + float32 scales
+    # On the wire (the kernel moves bytes): "bf16", rows of 2 * hidden bytes; "fp8", rows of
+    # hidden bytes plus scale_cols 4-byte scales (float32, or int32 packed UE8M0). Rows of any
+    # other element type are keyed by their width: normal_dispatch_spec.
+    dtype: str = "bf16"
     threads: int = 768
+    scale_cols: int = -1   # fp8 only: -1 is ceil(hidden / 128), one per 128 channels
 
     def validate(self):
         _check_common(self, ranks_max=MAX_NVL_RANKS)
@@ -169,10 +175,17 @@ class NormalDispatchSpec(KernelSpec):
                   f"must be a multiple of {rule} for {self.dtype} (16-byte rows)")
         self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
                   "must be a multiple of 32 in [256, 1024]")
+        if self.dtype == "fp8":
+            self._req(self.scale_cols == -1 or 1 <= self.scale_cols <= MAX_SCALE_COLS,
+                      "scale_cols", f"must be -1 (one per 128 channels) or in [1, {MAX_SCALE_COLS}]")
+        else:
+            self._req(self.scale_cols == -1, "scale_cols", "must be -1 (bf16 rows have no scales)")
 
     @property
     def num_scales(self) -> int:
-        return num_scales(self.hidden) if self.dtype == "fp8" else 0
+        if self.dtype != "fp8":
+            return 0
+        return num_scales(self.hidden) if self.scale_cols < 0 else self.scale_cols
 
     def readable_tag(self):
         return f"{self.dtype}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
@@ -203,14 +216,30 @@ class NormalCombineSpec(KernelSpec):
 
 
 @functools.lru_cache(maxsize=256)
-def normal_dispatch_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
-                         dtype: str) -> "NormalDispatchSpec":
-    """The spec a normal dispatch call compiles (ops and precompile both ask here). Without
-    top-k the experts change nothing in the kernel, so they are canonicalised away: one kernel
-    serves cached dispatch and dispatch without top-k for a (hidden, ranks, dtype)."""
+def normal_dispatch_spec(hidden: int, num_topk: int, num_experts: int | None, num_ranks: int,
+                         dtype: str, scale_cols: int = -1) -> "NormalDispatchSpec":
+    """The spec a normal dispatch call compiles (ops and precompile both ask here).
+
+    num_experts=None: a cached dispatch, which has no top-k and no per-expert counts, so the
+    experts change nothing in it and are canonicalised away (one kernel per hidden, ranks and
+    dtype serves every cached dispatch). An uncached dispatch passes its experts, with or without
+    top-k: its notify sums the per-expert counts. scale_cols equal to the default (one per 128
+    channels) is canonicalised to -1, so those keys stay what they were."""
+    if dtype == "fp8" and scale_cols == num_scales(hidden):
+        scale_cols = -1
     return NormalDispatchSpec(hidden=hidden, num_topk=num_topk,
-                              num_experts=num_experts if num_topk else num_ranks,
-                              num_ranks=num_ranks, dtype=dtype)
+                              num_experts=num_ranks if num_experts is None else num_experts,
+                              num_ranks=num_ranks, dtype=dtype, scale_cols=scale_cols)
+
+
+def normal_dispatch_wire(row_bytes: int, num_scale_cols: int) -> tuple[int, str]:
+    """(hidden, dtype) of the spec that moves rows of `row_bytes` bytes with `num_scale_cols`
+    4-byte scales. The kernel copies bytes, so a row without scales of any element type is keyed
+    as the BF16 row of the same width (float32 [T, 2048] shares BF16 [T, 4096]'s kernel), and a
+    row with scales (1-byte elements, DeepEP's rule) as FP8 of that many channels."""
+    if num_scale_cols:
+        return row_bytes, "fp8"
+    return row_bytes // 2, "bf16"
 
 
 @dataclass(frozen=True)
@@ -279,6 +308,26 @@ class LowLatencyCombineSpec(KernelSpec):
         return f"bf16_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 
 
+@dataclass(frozen=True)
+class LowLatencyBarrierSpec(KernelSpec):
+    """clean_low_latency_buffer's barrier (per peer, with deadlines; with enable_shrink a peer
+    that misses it is masked), also run by destroy() with enable_shrink."""
+    family: ClassVar[str] = "ll_barrier"
+    template: ClassVar[str] = "ll_barrier.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("barrier",)
+
+    num_ranks: int
+    threads: int = 64
+
+    def validate(self):
+        _check_common(self, hidden=False, topk=False, experts=False, ranks_max=MAX_RANK_SIG)
+        self._req(self.threads % 32 == 0 and self.num_ranks <= self.threads <= 1024, "threads",
+                  f"must be a multiple of 32 in [num_ranks={self.num_ranks}, 1024]")
+
+    def readable_tag(self):
+        return f"r{self.num_ranks}"
+
+
 @functools.lru_cache(maxsize=1024)
 def cached(cls: type, **fields) -> KernelSpec:
     """cls(**fields), built (and validated) once: the per-call path asks for the same few specs."""
@@ -287,7 +336,8 @@ def cached(cls: type, **fields) -> KernelSpec:
 
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
-                                LowLatencyDispatchSpec, LowLatencyCombineSpec)
+                                LowLatencyDispatchSpec, LowLatencyCombineSpec,
+                                LowLatencyBarrierSpec)
 }
 
 

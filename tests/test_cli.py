@@ -9,7 +9,7 @@ import pytest
 from epgen import jit
 from epgen.cli import main
 from epgen.precompile import SpecFileError, load_spec_file
-from epgen.specs import LayoutSpec, LowLatencyDispatchSpec, NormalDispatchSpec
+from epgen.specs import LayoutSpec, LowLatencyBarrierSpec, LowLatencyDispatchSpec, NormalDispatchSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = """
@@ -36,6 +36,7 @@ def test_bundled_deepseek_spec_expands_to_the_kernel_set():
                               dtype="fp8") in sf.specs
     assert LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=2,
                                   use_fp8=False) in sf.specs
+    assert LowLatencyBarrierSpec(num_ranks=8) in sf.specs     # clean_low_latency_buffer
     assert len(sf.specs) == len(set(sf.specs))
 
 

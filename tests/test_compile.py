@@ -8,8 +8,8 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                         NormalCombineSpec, NormalDispatchSpec)
+from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec)
 
 SPECS = [
     LayoutSpec(num_ranks=8, num_experts=256, num_topk=8),
@@ -17,6 +17,9 @@ SPECS = [
     NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=2, dtype="bf16"),
     NormalDispatchSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=4, dtype="fp8"),
     NormalDispatchSpec(hidden=3584, num_topk=0, num_experts=384, num_ranks=8, dtype="bf16"),
+    # 1-byte rows with int32 packed UE8M0 scales (ceil(56 / 4) columns), DeepEP's other format
+    NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=4, dtype="fp8",
+                       scale_cols=14),
     NormalCombineSpec(hidden=7168, num_topk=8, num_ranks=2),
     NormalCombineSpec(hidden=2880, num_topk=16, num_ranks=8, num_biases=2),
     LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
@@ -25,6 +28,7 @@ SPECS = [
     LowLatencyDispatchSpec(hidden=3584, num_topk=16, num_experts=384, num_ranks=8, use_fp8=False),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
+    LowLatencyBarrierSpec(num_ranks=8),
 ]
 
 

@@ -28,9 +28,15 @@ CASES = [
     (2880, 8, "fp8", False, True, 1, True, 20, None),
     (7168, 8, "bf16", True, False, 1, False, 2, 0),
     (4096, 8, "bf16", True, True, 1, False, 20, 1),
+    # rows of other element types (DeepEP moves any 16-byte-multiple row), int32 UE8M0 scales
+    (2048, 8, "f32", True, False, 2, False, 20, None),
+    (16, 8, "i8", True, False, 1, True, 20, None),
+    (7168, 8, "i8", False, False, 4, False, 20, None),
+    (7168, 8, "fp8_ue8m0", True, False, 1, False, 20, None),
+    (2880, 16, "fp8_ue8m0", False, True, 1, True, 24, None),
 ]
 TOKENS = 768
-QUICK = [1, 5, 9]           # the quick tier: FP8 async, worst-case FP8, no top-k
+QUICK = [1, 5, 9, 13, 15]   # quick tier: FP8 async, worst FP8, no top-k, i8 rows, UE8M0
 
 
 def _inputs(case_id, r, T, H, K, E, R):
@@ -74,23 +80,30 @@ def _run_case(buf, rank, world, cid, case):
     tokens = [0 if r == zero_rank else TOKENS + 37 * r for r in range(R)]
     ins = [_inputs(cid, r, tokens[r], H, K, E, R) for r in range(R)]
     xs, idxs, ws, x2s = ([i[j] for i in ins] for j in range(4))
-    fp8 = dtype == "fp8"
+    fp8 = dtype.startswith("fp8")
 
     def make_x(xl):
+        if dtype == "f32":
+            return [v.float().cuda() for v in xl], None
+        if dtype == "i8":    # arbitrary bytes (every bit pattern) without scales
+            return [(v.float() * 40).clamp(-128, 127).to(torch.int8).cuda() for v in xl], None
         if not fp8:
             return [v.cuda() for v in xl], None
-        q = [ref.per_token_cast_to_fp8(v.cuda()) for v in xl]
+        ue = dtype == "fp8_ue8m0"
+        q = [ref.per_token_cast_to_fp8(v.cuda(), round_scale=ue, use_ue8m0=ue) for v in xl]
         # column-major scale views: the kernel must read the caller's strides
         return [a for a, _ in q], [s.t().contiguous().t() for _, s in q]
 
     dx, dsc = make_x(xs)
     idx, w = idxs[rank].cuda(), ws[rank].cuda()
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    buf.check_errors()
     e_rank, e_expert, e_in = ref.get_dispatch_layout(idx, E, R)
     _eq("layout.num_tokens_per_rank", per_rank, e_rank)
     _eq("layout.num_tokens_per_expert", per_expert, e_expert)
     _eq("layout.is_token_in_rank", in_rank, e_in)
-    in_ranks = [ref.get_dispatch_layout(i.cuda(), E, R)[2] for i in idxs]
+    layouts = [ref.get_dispatch_layout(i.cuda(), E, R) for i in idxs]
+    in_ranks, npes = [lay[2] for lay in layouts], [lay[1] for lay in layouts]
 
     config = epgen.Config(num_sms, 8, 256, 6, 128)
     x_in = (dx[rank], dsc[rank]) if fp8 else dx[rank]
@@ -107,10 +120,11 @@ def _run_case(buf, rank, world, cid, case):
     exp = ref.dispatch([v for v in dx], [i.cuda() for i in idxs] if with_topk else None,
                        [v.cuda() for v in ws] if with_topk else None, E, rank,
                        expert_alignment=align, x_scales=dsc, num_worst_tokens=n_worst,
-                       is_token_in_ranks=in_ranks)
+                       is_token_in_ranks=in_ranks, num_tokens_per_experts=npes)
     N = exp.num_recv_tokens
     rx, rs = recv if fp8 else (recv, None)
     assert rx.shape[0] == (n_worst or N), f"recv_x rows {rx.shape[0]}"
+    assert rx.dtype == dx[rank].dtype and (rs is None or rs.dtype == dsc[rank].dtype), "dtypes"
     _eq("recv_x", rx[:N], exp.recv_x[:N])
     if fp8:
         _eq("recv_x_scales", rs[:N], exp.recv_x_scales[:N])
@@ -133,7 +147,7 @@ def _run_case(buf, rank, world, cid, case):
         cevent.current_stream_wait()
     buf.check_errors()
     cexp = ref.dispatch(cx, None, None, E, rank, x_scales=csc, num_worst_tokens=n_worst,
-                        is_token_in_ranks=in_ranks)
+                        is_token_in_ranks=in_ranks, cached=True)
     crx, crs = crecv if fp8 else (crecv, None)
     _eq("cached recv_x", crx[:N], cexp.recv_x[:N])
     if fp8:

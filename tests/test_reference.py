@@ -104,16 +104,47 @@ def test_dispatch_rank_receiving_nothing():
     assert d.recv_topk_idx.tolist() == [[-1, -1]] * 2
 
 
+NPE = [ref.get_dispatch_layout(t, E, R)[1] for t in TOPK]   # rank 0: 1 1 2 1; rank 1: 1 0 1 2
+
+
 def test_dispatch_without_topk_and_fp8_rows():
     xq = [ref.per_token_cast_to_fp8(tokens(r, h=256)) for r in range(R)]
     d = ref.dispatch([q for q, _ in xq], None, None, E, rank=1, x_scales=[s for _, s in xq],
-                     is_token_in_ranks=INR)
-    assert d.recv_topk_idx is None and d.num_recv_tokens_per_expert_list == []
+                     is_token_in_ranks=INR, num_tokens_per_experts=NPE)
+    assert d.recv_topk_idx is None
     assert d.recv_x.dtype == FP8 and d.recv_x_scales.shape == (4, 2)
     assert torch.equal(d.recv_x.view(torch.uint8)[2], xq[1][0].view(torch.uint8)[1])
     assert torch.equal(d.recv_x_scales[3], xq[1][1][2])
     with pytest.raises(ValueError, match="is_token_in_ranks"):
         ref.dispatch(XS, None, None, E, rank=0)
+
+
+@pytest.mark.parametrize("align, rank, expected", [(1, 0, [2, 1]), (1, 1, [3, 3]), (4, 1, [4, 4])])
+def test_dispatch_counts_without_topk_come_from_num_tokens_per_expert(align, rank, expected):
+    """DeepEP V1 returns the per-local-expert counts (summed over sources, aligned) in every
+    uncached dispatch, with or without top-k: the same list as with top-k."""
+    d = ref.dispatch(XS, None, None, E, rank, expert_alignment=align, is_token_in_ranks=INR,
+                     num_tokens_per_experts=NPE)
+    assert d.num_recv_tokens_per_expert_list == expected
+    assert ref.dispatch(XS, TOPK, WEIGHTS, E, rank, expert_alignment=align) \
+        .num_recv_tokens_per_expert_list == expected
+    # the list is num_tokens_per_expert's, not a count of topk_idx (they agree from the layout)
+    doubled = [2 * n for n in NPE]
+    assert ref.dispatch(XS, TOPK, WEIGHTS, E, rank, num_tokens_per_experts=doubled) \
+        .num_recv_tokens_per_expert_list == [2 * c for c in ref.dispatch(
+            XS, TOPK, WEIGHTS, E, rank).num_recv_tokens_per_expert_list]
+    with pytest.raises(ValueError, match="num_tokens_per_experts"):
+        ref.dispatch(XS, None, None, E, rank, is_token_in_ranks=INR)
+
+
+def test_dispatch_counts_empty_when_worst_sized_and_none_when_cached():
+    worst = ref.dispatch(XS, None, None, E, 1, num_worst_tokens=6, is_token_in_ranks=INR,
+                         num_tokens_per_experts=NPE)
+    assert worst.num_recv_tokens_per_expert_list == [] and worst.recv_x.shape == (6, H)
+    cached = ref.dispatch(XS, None, None, E, 1, is_token_in_ranks=INR, cached=True)
+    assert cached.num_recv_tokens_per_expert_list is None and cached.num_recv_tokens == 4
+    with pytest.raises(ValueError, match="cached"):
+        ref.dispatch(XS, TOPK, None, E, 1, cached=True)
 
 
 # -- normal combine --------------------------------------------------------------------------------

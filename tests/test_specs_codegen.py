@@ -2,8 +2,9 @@
 import pytest
 
 from epgen import codegen
-from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                         NormalCombineSpec, NormalDispatchSpec, SpecError, spec_from_json)
+from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
+                         spec_from_json)
 
 
 @pytest.mark.parametrize("make, field, value", [
@@ -25,6 +26,8 @@ from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSp
     (lambda: LowLatencyCombineSpec(hidden=2880, num_topk=0, num_experts=64, num_ranks=2),
      "num_topk", 0),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
+    (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
+    (lambda: LowLatencyBarrierSpec(num_ranks=48, threads=32), "threads", 32),
 ])
 def test_impossible_specs_name_field_value_rule(make, field, value):
     with pytest.raises(SpecError) as e:
@@ -65,3 +68,36 @@ def test_rendering_is_deterministic_and_small():
     assert spec.kernel_name() in one and '#include "layout.cuh"' in one
     assert len(one.splitlines()) < 40      # the logic lives in headers, not in strings
     assert "static_assert(sizeof(LayoutArgs)" in one
+
+
+def test_normal_dispatch_keys_rows_by_bytes_and_scale_columns():
+    """The dispatch kernel moves bytes: rows of any element type key as the BF16 row of their
+    width, 1-byte rows with scales as FP8 with that many 4-byte scale columns; the default
+    column count (one per 128 channels) keeps the spec, and the key, it always had."""
+    from epgen.specs import normal_dispatch_spec, normal_dispatch_wire
+
+    def spec(row_bytes, scale_cols):
+        hidden, dtype = normal_dispatch_wire(row_bytes, scale_cols)
+        return normal_dispatch_spec(hidden, 8, 64, 2, dtype, scale_cols or -1)
+    bf16 = normal_dispatch_spec(4096, 8, 64, 2, "bf16")
+    assert spec(2048 * 4, 0) == bf16          # float32 [T, 2048]
+    assert spec(8192, 0) == bf16              # int8 [T, 8192] without scales
+    fp8 = normal_dispatch_spec(7168, 8, 64, 2, "fp8")
+    assert spec(7168, 56) == fp8              # float32 scales, one per 128 channels
+    assert fp8.name == NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=64, num_ranks=2,
+                                          dtype="fp8").name
+    ue8m0 = spec(7168, 14)                    # int32 packed UE8M0: four groups per column
+    assert ue8m0.dtype == "fp8" and ue8m0.num_scales == 14 and ue8m0.name != fp8.name
+    with pytest.raises(SpecError, match="scale_cols=3"):
+        NormalDispatchSpec(hidden=4096, num_topk=8, num_experts=64, num_ranks=2, scale_cols=3)
+    with pytest.raises(SpecError, match="scale_cols=0"):
+        NormalDispatchSpec(hidden=4096, num_topk=8, num_experts=64, num_ranks=2, dtype="fp8",
+                           scale_cols=0)
+
+
+def test_cached_normal_dispatch_canonicalises_experts_but_uncached_keeps_them():
+    """A dispatch without top-k still sums per-expert counts (DeepEP's list), so it keeps its
+    experts; only a cached dispatch (no counts) shares one kernel across expert counts."""
+    from epgen.specs import normal_dispatch_spec
+    assert normal_dispatch_spec(4096, 0, 64, 4, "bf16").num_experts == 64
+    assert normal_dispatch_spec(4096, 0, None, 4, "bf16").num_experts == 4

@@ -43,6 +43,19 @@ def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None) -> No
         raise arg_error(name, "non-contiguous", "must be contiguous")
 
 
+def event_of(previous_event) -> torch.cuda.Event | None:
+    """The CUDA event a `previous_event` argument names. DeepEP reads
+    `getattr(previous_event, 'event', None)`, so None and an EventOverlap without an event
+    (what a synchronous call returns) both mean "no event to wait for"."""
+    if previous_event is None:
+        return None
+    if not isinstance(previous_event, EventOverlap):
+        raise arg_error("previous_event", type(previous_event).__name__,
+                        "must be None or an EventOverlap (Buffer.capture(), or an async call's event)")
+    handle = previous_event.event
+    return None if handle is None else handle.event
+
+
 @dataclass
 class OpsContext:
     group: object
@@ -111,6 +124,7 @@ class OpsContext:
         either result['event'] is an EventOverlap the caller waits on (async_finish) or the
         current stream waits for the comm stream. Tensors the body lists in result['tensors']
         are recorded on the stream that did not allocate them."""
+        previous_event = event_of(previous_event)
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise arg_error("allocate_on_comm_stream", True,
                             "needs previous_event and async_finish=True")
@@ -128,7 +142,7 @@ class OpsContext:
             result["event"] = EventOverlap(None)
             return
         if previous_event is not None:
-            self.comm_stream.wait_event(previous_event.event.event)
+            self.comm_stream.wait_event(previous_event)
             if self.compute_pending:
                 # also after this Buffer's last operation, run on the current stream: two of
                 # its kernels must never run at once (they share ring counters)

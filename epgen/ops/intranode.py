@@ -16,14 +16,14 @@ import torch
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
-from ..specs import MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec, num_scales
+from ..specs import (MAX_SCALE_COLS, MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec,
+                     normal_dispatch_wire)
 from .context import OpsContext, arg_error, check_tensor, timeout_ns
 
 CTRL_BYTES = 131072
 MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
 NOTIFY_THREADS = 256
-FP8 = torch.float8_e4m3fn
 
 
 def _align(v: int, a: int = 256) -> int:
@@ -36,10 +36,9 @@ def _cap(config) -> int:
     return max(int(config.num_max_nvl_chunked_recv_tokens) // 2, MIN_CAP)
 
 
-def dispatch_record_bytes(hidden: int, dtype: str, num_topk: int) -> int:
-    row = hidden * (1 if dtype == "fp8" else 2)
-    s = num_scales(hidden) if dtype == "fp8" else 0
-    return (row + 4 * s + 8 * num_topk + 4 + 15) // 16 * 16
+def dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int) -> int:
+    """One ring record (templates/normal_dispatch.cuh DispatchCfg::kRec)."""
+    return (row_bytes + 4 * num_scale_cols + 8 * num_topk + 4 + 15) // 16 * 16
 
 
 def combine_record_bytes(hidden: int, num_topk: int) -> int:
@@ -53,7 +52,7 @@ def ring_bytes(config, num_ranks: int, record: int) -> int:
 def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
     """Bytes of num_nvl_bytes for calls with this config (BF16 rows of hidden_bytes, top-k <= 32)."""
     hidden = max(1, hidden_bytes // 2)
-    rec = max(dispatch_record_bytes(hidden, "bf16", MAX_TOPK), combine_record_bytes(hidden, MAX_TOPK))
+    rec = max(dispatch_record_bytes(2 * hidden, 0, MAX_TOPK), combine_record_bytes(hidden, MAX_TOPK))
     return _align(CTRL_BYTES + 2 * _align(ring_bytes(config, num_ranks, rec)) + 512, 1 << 20)
 
 
@@ -134,6 +133,41 @@ class IntranodeOps:
                 raise EpgenDeviceError(CODE_TIMEOUT, OP_CODES["dispatch notify"], ctx.rank, -1, -1)
             time.sleep(0)
 
+    def _check_rows(self, x):
+        """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are
+        a multiple of 16 bytes wide (the kernel moves bytes), or (x, scales) with 1-byte elements
+        and float32 or int32 (packed UE8M0) scales [num_tokens, S], any strides (DeepEP's rules)."""
+        dev = self.ctx.device
+        scales, name = None, "x"
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise arg_error("x", f"tuple of {len(x)}", "must be x or (x, x_scales)")
+            x, scales = x
+            name = "x[0]"
+        if not isinstance(x, torch.Tensor):
+            raise arg_error(name, type(x).__name__, "must be a torch.Tensor")
+        check_tensor(name, x, x.dtype, device=dev)
+        if x.dim() != 2:
+            raise arg_error(f"{name}.shape", tuple(x.shape), "must be [num_tokens, hidden]")
+        row_bytes = x.size(1) * x.element_size()
+        if row_bytes == 0 or row_bytes % 16:
+            raise arg_error(f"{name}.shape[1]", x.size(1),
+                            f"rows of {x.dtype} must be a positive multiple of 16 bytes wide "
+                            f"({row_bytes} bytes)")
+        if scales is None:
+            return x, None, 0
+        if x.element_size() != 1:
+            raise arg_error("x[0].dtype", x.dtype, "with scales, rows must have 1-byte elements "
+                            "(e.g. torch.float8_e4m3fn)")
+        if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float32, torch.int32):
+            raise arg_error("x[1].dtype", getattr(scales, "dtype", type(scales).__name__),
+                            "must be torch.float32 or torch.int32 (packed UE8M0)")
+        check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
+        if scales.dim() != 2 or scales.size(0) != x.size(0) or not 1 <= scales.size(1) <= MAX_SCALE_COLS:
+            raise arg_error("x[1].shape", tuple(scales.shape),
+                            f"must be [{x.size(0)}, S] with 1 <= S <= {MAX_SCALE_COLS}")
+        return x, scales, scales.size(1)
+
     # -- dispatch -------------------------------------------------------------------------
     def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                  num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
@@ -141,27 +175,8 @@ class IntranodeOps:
         ctx = self.ctx
         ctx.check_errors()
         R, dev = ctx.num_ranks, ctx.device
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise arg_error("x", f"tuple of {len(x)}", "must be x or (x_fp8, x_scales)")
-            x, scales = x
-            check_tensor("x[0]", x, FP8, device=dev)
-            if x.dim() != 2:
-                raise arg_error("x[0].shape", tuple(x.shape), "must be [num_tokens, hidden]")
-            S = num_scales(x.size(1))
-            check_tensor("x[1]", scales, torch.float32, shape=(x.size(0), S), contiguous=False,
-                          device=dev)
-            dtype = "fp8"
-        else:
-            scales = None
-            check_tensor("x", x, torch.bfloat16, device=dev)
-            if x.dim() != 2:
-                raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
-            dtype = "bf16"
+        x, scales, S = self._check_rows(x)
         T, H = x.shape
-        rule = 16 if dtype == "fp8" else 8
-        if H == 0 or H % rule:
-            raise arg_error("hidden", H, f"must be a positive multiple of {rule} for {dtype}")
         if num_tokens_per_rdma_rank is not None:
             raise arg_error("num_tokens_per_rdma_rank", "a tensor", "must be None intranode")
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
@@ -174,13 +189,24 @@ class IntranodeOps:
                 raise arg_error("topk_idx" if topk_idx is not None else "topk_weights", "a tensor",
                                 "must be None with a handle (cached dispatch)")
             rpm, ntall, hsrc, in_rank = self._unpack_handle(handle, num_tokens=T)
-            K, E = 0, R
+            K, E = 0, None
         else:
             check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=(T, R), device=dev)
             check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, shape=(R,),
                           device=dev)
             in_rank = is_token_in_rank
-            K, E = 0, R
+            K = 0
+            # DeepEP requires the per-expert counts in every uncached dispatch: they give
+            # num_recv_tokens_per_expert_list, with or without top-k.
+            if num_tokens_per_expert is None:
+                raise arg_error("num_tokens_per_expert", None,
+                                "required without a handle (get_dispatch_layout's third output)")
+            check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, device=dev)
+            E = num_tokens_per_expert.numel()
+            if num_tokens_per_expert.dim() != 1 or E == 0 or E % R:
+                raise arg_error("num_tokens_per_expert.shape", tuple(num_tokens_per_expert.shape),
+                                f"must be [num_experts], num_experts a positive multiple of "
+                                f"num_ranks={R}")
             if topk_idx is not None:
                 check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
                 if topk_idx.dim() != 2 or topk_idx.size(0) != T:
@@ -190,23 +216,16 @@ class IntranodeOps:
                     raise arg_error("topk_idx.shape[1]", K, f"must be in [1, {MAX_TOPK}]")
                 if topk_weights is not None:
                     check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
-                if num_tokens_per_expert is None:
-                    raise arg_error("num_tokens_per_expert", None, "required with topk_idx")
             elif topk_weights is not None:
                 raise arg_error("topk_weights", "a tensor", "needs topk_idx")
-            if num_tokens_per_expert is not None:
-                check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, device=dev)
-                E = num_tokens_per_expert.numel()
-                if E == 0 or E % R:
-                    raise arg_error("num_tokens_per_expert.numel()", E,
-                                    f"must be a positive multiple of num_ranks={R}")
-        spec = normal_dispatch_spec(H, K, E, R, dtype)
-        record = dispatch_record_bytes(H, dtype, K)
+        row_bytes = H * x.element_size()
+        wire_hidden, wire_dtype = normal_dispatch_wire(row_bytes, S)
+        spec = normal_dispatch_spec(wire_hidden, K, E, R, wire_dtype, S if S else -1)
+        record = dispatch_record_bytes(row_bytes, S, K)
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
         kernel = ctx.kernel(spec, "dispatch")
         notify = ctx.kernel(spec, "notify")
         El = spec.num_experts // R
-        S = num_scales(H) if dtype == "fp8" else 0
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
@@ -227,8 +246,7 @@ class IntranodeOps:
                     host = self._host_counts
                 a = self._notify_args(
                     num_tokens_per_rank=num_tokens_per_rank.data_ptr(),
-                    num_tokens_per_expert=num_tokens_per_expert.data_ptr()
-                    if num_tokens_per_expert is not None and K else 0,
+                    num_tokens_per_expert=num_tokens_per_expert.data_ptr(),
                     rank_prefix=rpm.data_ptr(), num_tokens_all=ntall.data_ptr(),
                     host_counts=host.device_ptr if host is not None else 0,
                     num_tokens=T, expert_alignment=expert_alignment, barrier_only=0)
@@ -239,11 +257,8 @@ class IntranodeOps:
                     rows, counts = vals[0], vals[1:]
                 else:
                     rows = num_worst_tokens
-            if cached or topk_idx is None or num_worst_tokens > 0:
-                counts = []
-            xdt = FP8 if dtype == "fp8" else torch.bfloat16
-            recv_x = torch.empty(rows, H, dtype=xdt, device=dev)
-            recv_scales = torch.empty(rows, S, dtype=torch.float32, device=dev) if S else None
+            recv_x = torch.empty(rows, H, dtype=x.dtype, device=dev)
+            recv_scales = torch.empty(rows, S, dtype=scales.dtype, device=dev) if S else None
             recv_idx = recv_w = None
             if K:
                 recv_idx = torch.empty(rows, K, dtype=torch.int64, device=dev)
@@ -278,7 +293,7 @@ class IntranodeOps:
                                  recv_idx, recv_w, rpm, ntall, recv_src, num_tokens_per_rank,
                                  num_tokens_per_expert)
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
-        if cached:
+        if cached:      # DeepEP: no top-k, no counts list, no new handle
             return out_x, None, None, None, None, result["event"]
         return out_x, recv_idx, recv_w, counts, handle, result["event"]
 

@@ -7,6 +7,8 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      local words      int  dispatch seq, dispatch done, combine seq, combine done
      slot counters    int  [1024]     per global expert, reset by the send phase itself
      verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch << 32 | in/out) per peer
+     barrier signals  u64  [2 barriers][2][64] (epoch << 32 | 1) per source rank:
+                      clean_low_latency_buffer's, destroy()'s (enable_shrink)
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
@@ -23,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
+from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
 from ..runtime.events import EventHandle, EventOverlap
-from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                     cached, num_scales)
+from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                     LowLatencyDispatchSpec, cached, num_scales)
 from .context import OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 
@@ -36,11 +38,15 @@ MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
 MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
-WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done
+WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done,
+CLEAN_SEQ_OFF = WORDS_OFF + 16                      # then the barriers' sequence words
+DESTROY_SEQ_OFF = WORDS_OFF + 20
 COUNTERS_OFF = WORDS_OFF + 1024
 VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
+CLEAN_SIG_OFF = VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8
+DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
 DATA_OFF = 32768
-assert VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8 <= DATA_OFF
+assert DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
 SEND, RECV = 1, 2
 
 
@@ -200,10 +206,35 @@ class LowLatencyOps:
         return overlap, hook
 
     # -- API ------------------------------------------------------------------------------
+    def _barrier(self, op, sig_off, seq_off, use_mask):
+        """One launch of the per-peer barrier (templates/ll_barrier.cuh) on the current stream."""
+        ctx = self.ctx
+        spec = cached(LowLatencyBarrierSpec, num_ranks=ctx.num_ranks)
+        kernel = ctx.kernel(spec)
+        a = ctx.fill_error_fields(LowLatencyBarrierArgs(), op)
+        a.rdma_base = self.base
+        a.peer_bases = self.peer_bases.data_ptr()
+        a.pes = self.pes.data_ptr()
+        a.mask = self.mask.data_ptr() if use_mask else 0
+        a.seq = self.base + seq_off
+        a.sig_off = sig_off
+        a.any_remote = self.any_remote
+        kernel.launch(1, spec.threads, a, torch.cuda.current_stream(ctx.device.index).cuda_stream)
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
-        """Validates the shapes only: signals are epoch-tagged, nothing is ever stale."""
+        """DeepEP's barrier across the ranks; nothing needs zeroing (signals are epoch-tagged).
+        Without enable_shrink a peer missing EPGEN_TIMEOUT_S is an error naming it; with it,
+        each peer has its own deadline and one that misses it is masked out."""
         self.ctx.check_errors()
         self._check_common(num_max_dispatch_tokens_per_rank, hidden, num_experts, None)
+        self._barrier("clean_low_latency_buffer", CLEAN_SIG_OFF, CLEAN_SEQ_OFF, self.enable_shrink)
+
+    def settle_peers_before_free(self) -> None:
+        """enable_shrink, at destroy(): a barrier of its own (so a peer behind in the cleans
+        cannot take an earlier clean's words for it) that masks every peer not there by the
+        deadline. A rank that finds every peer present may free collectively; any other finds
+        one masked and leaks, and so does every rank that masked it before."""
+        self._barrier("barrier", DESTROY_SIG_OFF, DESTROY_SEQ_OFF, True)
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                              cumulative_local_expert_recv_stats=None,
