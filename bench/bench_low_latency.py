@@ -45,7 +45,8 @@ def _worker(rank, world, cfg):
     import epgen
     T, H, K, E, runs = cfg["tokens"], cfg["hidden"], cfg["topk"], cfg["experts"], cfg["runs"]
     M = T
-    dev = torch.device("cuda", rank)
+    from epgen import launch
+    dev = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(1234 + rank)
     nbytes = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
     buf = epgen.Buffer(dist.group.WORLD, 0, nbytes, low_latency_mode=True,
@@ -91,6 +92,12 @@ def _worker(rank, world, cfg):
     res["ll_combine_send"], res["ll_combine_recv"] = ("bf16", cs, bf16_bytes), ("bf16", cr, bf16_bytes)
     buf.check_errors()
 
+    if launch.worker_shares_gpu():      # no NCCL (gloo) and no second GPU to copy to
+        torch.cuda.synchronize()
+        dist.barrier()
+        buf.destroy()
+        return {"device": torch.cuda.get_device_name(dev), "num_sms": buf._ll.sms,
+                "results": res, "host_inclusive": host}
     # NCCL on the same bytes (already packed: no layout, no permutation).
     for name, nb in (("nccl_a2a", fp8_bytes), ("nccl_a2a", bf16_bytes)):
         n = (nb + world - 1) // world * world
@@ -123,10 +130,12 @@ def main():
     ap.add_argument("--experts", type=int, default=288)
     ap.add_argument("--runs", type=int, default=50)
     args = ap.parse_args()
-    from tests import gpu_harness
+    from epgen import launch
+    placement = launch.plan(args.ranks)
+    print(f"[placement] {placement.describe()}")
     cfg = dict(tokens=args.tokens, hidden=args.hidden, topk=args.topk, experts=args.experts,
                runs=max(50, args.runs))
-    per_rank = gpu_harness.run_ranks(args.ranks, _worker, cfg, timeout_s=560)
+    per_rank = launch.run_ranks(args.ranks, _worker, cfg, timeout_s=560, placement=placement)
     card = timing.card(per_rank[0]["device"])
     versions = timing.versions()
     records = []
@@ -143,6 +152,7 @@ def main():
             per_rank_median_us=[round(m, 3) for m in meds],
             mean_of_rank_medians_us=round(statistics.mean(meds), 3),
             samples=[round(s, 3) for s in samples], commit=args.commit, versions=versions,
+            **placement.record(),
             **({"host_inclusive_us": round(statistics.median(per_rank[0]["host_inclusive"][op]), 3)}
                if op in per_rank[0]["host_inclusive"] else {})))
     os.makedirs(args.out, exist_ok=True)
@@ -155,13 +165,15 @@ def main():
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.barh([f"{r['op']} {r['dtype']}" for r in records], [r["time_us"] for r in records])
-        ax.set_xlabel(f"median us ({card}, EP{args.ranks})")
+        ax.set_xlabel(f"median us ({card}, EP{args.ranks}"
+                      f"{', ranks sharing one GPU' if placement.shared_gpu else ''})")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "low_latency.png"))
     except Exception as exc:  # noqa: BLE001
         print(f"(no plot: {exc})")
     by = {(r["op"], r["dtype"]): r for r in records}
     print(f"\nwrote {path}")
+    print(f"[placement] {placement.describe()}")
     print(f"{'op':22s} {'dtype':5s} {'us':>9s} {'GB/s':>8s}   ranks' medians   ({card}, EP{args.ranks}, "
           f"{args.tokens} tok, H={args.hidden}, top-{args.topk}/{args.experts}, {per_rank[0]['num_sms']} SMs)")
     for r in records:

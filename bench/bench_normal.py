@@ -49,9 +49,13 @@ def _worker(rank, world, commit):
     import epgen
     from epgen import reference as ref
 
+    from epgen import launch
     torch.manual_seed(1 + rank)
-    cfg24 = epgen.Config(24, 8, 256, 6, 128)
-    cfg16 = epgen.Config(16, 8, 256, 6, 128)
+    share = min(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count,
+                128) // 2 * 2              # ranks sharing a GPU under MPS get fewer SMs
+    sms24, sms16 = min(24, share), min(16, share)
+    cfg24 = epgen.Config(sms24, 8, 256, 6, 128)
+    cfg16 = epgen.Config(sms16, 8, 256, 6, 128)
     nbytes = cfg24.get_nvl_buffer_size_hint(HIDDEN * 2, world)
     buf = epgen.Buffer(dist.group.WORLD, nbytes, 0)
     x = torch.randn(TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
@@ -87,10 +91,16 @@ def _worker(rank, world, commit):
                        launch_gap_us=timing.median([r["launch_gap"] for r in prof]))
         records.append(rec)
 
-    add("normal_dispatch", "bf16", 24, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg24))
-    add("normal_dispatch", "fp8", 24, fp8_bytes, lambda: buf.dispatch(x_fp8, handle=handle, config=cfg24))
-    add("normal_dispatch", "bf16", 16, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg16))
-    add("normal_combine", "bf16", 24, bf16_bytes, lambda: buf.combine(recv, handle, config=cfg24))
+    add("normal_dispatch", "bf16", sms24, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg24))
+    add("normal_dispatch", "fp8", sms24, fp8_bytes, lambda: buf.dispatch(x_fp8, handle=handle, config=cfg24))
+    add("normal_dispatch", "bf16", sms16, bf16_bytes, lambda: buf.dispatch(x, handle=handle, config=cfg16))
+    add("normal_combine", "bf16", sms24, bf16_bytes, lambda: buf.combine(recv, handle, config=cfg24))
+    if launch.worker_shares_gpu():      # no NCCL (gloo) and no second GPU to copy to
+        buf.check_errors()
+        torch.cuda.synchronize()
+        dist.barrier()
+        buf.destroy()
+        return records
 
     # NCCL all_to_all_single moving the same rows (already packed: no layout, no permutation)
     in_splits = [int(v) * HIDDEN * 2 for v in per_rank.tolist()]
@@ -119,10 +129,13 @@ def main():
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
-    from tests import gpu_harness
-    per_rank = gpu_harness.run_ranks(args.ranks, _worker, args.commit, timeout_s=560.0)
+    from epgen import launch
+    placement = launch.plan(args.ranks)
+    print(f"[placement] {placement.describe()}")
+    per_rank = launch.run_ranks(args.ranks, _worker, args.commit, timeout_s=560.0,
+                                placement=placement)
     os.makedirs(args.out, exist_ok=True)
-    records = [dict(r, rank=i) for i, recs in enumerate(per_rank) for r in recs]
+    records = [dict(r, rank=i, **placement.record()) for i, recs in enumerate(per_rank) for r in recs]
     with open(os.path.join(args.out, "normal.json"), "w") as f:
         json.dump({"records": records}, f, indent=1)
     for r in records:
@@ -133,7 +146,8 @@ def main():
     r0 = [r for r in records if r["rank"] == 0]
     nccl = next((r for r in r0 if r["op"] == "nccl_a2a"), None)
     copy = next((r for r in r0 if r["op"] == "copy"), None)
-    print(f"\ncard {r0[0]['card']}, {args.ranks} ranks, {TOKENS} tokens/rank, hidden {HIDDEN}, "
+    print(f"\n[placement] {placement.describe()}")
+    print(f"card {r0[0]['card']}, {args.ranks} ranks, {TOKENS} tokens/rank, hidden {HIDDEN}, "
           f"top-{TOPK} of {EXPERTS}; rank 0 medians ({RUNS} runs)")
     print("time: CUDA events around the call (DeepEP's normal-mode method); kernel: profiler")
     print(f"{'op':<16}{'dtype':<6}{'SMs':>4}{'time us':>10}{'GB/s':>9}{'kernel us':>10}"

@@ -17,7 +17,7 @@ from .ops.context import OpsContext, arg_error
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
-from .runtime import nvshmem
+from .runtime import nvshmem, sharing
 from .runtime.errors import ErrorWord
 from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
@@ -46,7 +46,8 @@ class Buffer:
             raise arg_error("use_fabric", True,
                             "fabric-handle (multi-node NVLink) buffers are not supported")
         if not dist.is_initialized():
-            raise RuntimeError("epgen.Buffer needs torch.distributed initialised (NCCL backend)")
+            raise RuntimeError("epgen.Buffer needs torch.distributed initialised (NCCL; gloo "
+                               "where ranks share a GPU)")
         if not torch.cuda.is_available():
             raise RuntimeError("epgen.Buffer needs a CUDA GPU")
 
@@ -65,6 +66,9 @@ class Buffer:
             raise arg_error("group", f"{self.group_size} ranks",
                             f"normal mode spans one node here ({local_world} local ranks); the "
                             "internode (RDMA) normal mode is not implemented")
+        # Ranks sharing a GPU must all be resident at once (refused before anything is allocated).
+        self._gpu_shares = sharing.gather_shares(group, self.rank, self.device)
+        sharing.check_co_residency(self._gpu_shares)
 
         host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes,
                             multi_node=self.group_size > local_world)

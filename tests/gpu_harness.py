@@ -1,101 +1,72 @@
-"""Start N ranks (one process per GPU), run one function on all of them, collect results.
+"""The GPU suites' view of epgen.launch: rank counts, tiers, placement, skips.
 
-GPU test modules start their ranks once (a module-scoped fixture) and run their whole case
-list in one group of workers, so the suite fits one device call. Nothing hangs: the parent
-waits at most `timeout_s`, then kills the workers and reports which ranks did not finish.
+GPU test modules start their ranks once per rank count (a module-scoped fixture) and run their
+whole case list in one group of workers. Ranks run one per GPU when there are enough GPUs,
+otherwise several share a GPU (epgen.launch: MPS, else time-sliced); the placement is printed
+with the results. Nothing is skipped for lack of GPUs as long as one is present.
+
+EPGEN_TEST_RANKS: rank counts ("2,4,8" by default). EPGEN_TEST_TIER: "full" (default) or
+"quick" (a few cases per suite, for a check within one device call).
 """
 from __future__ import annotations
 
 import os
-import queue
-import socket
-import traceback
 
 import pytest
 
-NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1",
-                 "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+from epgen import launch
 
-
-def gpu_count() -> int:
-    try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
+NCCL_SAFE_ENV = launch.SAFE_ENV
+gpu_count = launch.gpu_count
 
 
 def rank_counts() -> list[int]:
     """Rank counts to test: EPGEN_TEST_RANKS (e.g. "2,4"), default 2 and 4 and 8."""
     raw = os.environ.get("EPGEN_TEST_RANKS", "2,4,8")
-    return [int(x) for x in raw.split(",") if x.strip()]
+    try:
+        counts = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"EPGEN_TEST_RANKS={raw!r}: must be comma-separated ints") from None
+    if not counts or any(n < 1 for n in counts):
+        raise ValueError(f"EPGEN_TEST_RANKS={raw!r}: must name rank counts >= 1")
+    return counts
+
+
+def tier() -> str:
+    raw = os.environ.get("EPGEN_TEST_TIER", "full")
+    if raw not in ("quick", "full"):
+        raise ValueError(f"EPGEN_TEST_TIER={raw!r}: must be 'quick' or 'full'")
+    return raw
+
+
+def select(cases: list, quick: list[int]) -> list:
+    """The full case list, or in the quick tier the cases at these indices."""
+    return cases if tier() == "full" else [cases[i] for i in quick]
 
 
 def require_gpus(n: int) -> None:
-    have = gpu_count()
-    if have < n:
-        pytest.skip(f"needs {n} GPUs, {have} present")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, fn, args, results):
-    os.environ.update(NCCL_SAFE_ENV)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world)})
-    import torch
-    import torch.distributed as dist
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world,
-                                device_id=torch.device("cuda", rank))
-        out = fn(rank, world, *args)
-        results.put((rank, "ok", out))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
+    """Skip when no GPU is present; ranks beyond the GPUs present share them."""
+    if gpu_count() < 1:
+        pytest.skip(f"needs a GPU for {n} ranks (none present)")
 
 
 def run_ranks(world: int, fn, *args, timeout_s: float = 280.0) -> list:
-    """fn(rank, world, *args) on `world` ranks; returns the list of per-rank results.
-    Raises AssertionError with every failing rank's traceback, or naming the ranks that hung."""
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, results), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    import time
-    deadline = time.monotonic() + timeout_s
-    got: dict[int, tuple] = {}
-    while len(got) < world and time.monotonic() < deadline:
-        try:
-            rank, status, out = results.get(timeout=1.0)
-            got[rank] = (status, out)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs) and results.empty():
-                break
-    for p in procs:
-        p.join(timeout=max(0.0, min(20.0, deadline - time.monotonic())))
-        if p.is_alive():
-            p.kill()
-    missing = [r for r in range(world) if r not in got]
-    errors = [f"rank {r}:\n{out}" for r, (s, out) in sorted(got.items()) if s != "ok"]
-    if missing:
-        errors.append(f"ranks {missing} did not finish within {timeout_s:.0f}s "
-                      "(killed; a hang or a crash)")
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [got[r][1] for r in range(world)]
+    placement = launch.plan(world)
+    print(f"[placement] {placement.describe()}")
+    return launch.run_ranks(world, fn, *args, timeout_s=timeout_s, placement=placement)
+
+
+def usable_sms(requested: int) -> tuple[int, str]:
+    """In a worker: `requested` channels, or this rank's even share of the SMs when it has
+    fewer (ranks sharing a GPU under MPS), with a note saying so."""
+    import torch
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    share = min(sms, 128) // 2 * 2
+    if requested <= share:
+        return requested, ""
+    return share, f" (asked {requested} SMs, ran with the rank's share {share})"
+
+
+def deadline_s(seconds: float = 20.0) -> str:
+    """EPGEN_TIMEOUT_S for a worker: scaled where the GPU time-slices between ranks."""
+    return str(launch.scaled_deadline(seconds))

@@ -112,6 +112,9 @@ CASES = [
 ]
 
 
+QUICK = [1, 7, 10]         # the quick tier: FP8 hooked, zero-copy async, FP8 graph replays
+
+
 def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
     import torch
     tokens = [M] * R
@@ -262,7 +265,7 @@ def _shrink_call(buf, rank, R, E, ins, live, how, deadline_s):
         torch.cuda.synchronize()
         waited = time.perf_counter() - t0
     finally:
-        os.environ["EPGEN_TIMEOUT_S"] = "20"
+        os.environ["EPGEN_TIMEOUT_S"] = gpu_harness.deadline_s(20)
     buf.check_errors()
     status = torch.empty(R, dtype=torch.int32, device="cuda")
     buf.low_latency_query_mask_buffer(status)
@@ -323,7 +326,7 @@ def _run_shrink(rank, R, E):
 
 
 def _worker(rank, world):
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     import torch
     import torch.distributed as dist
     import epgen
@@ -338,14 +341,15 @@ def _worker(rank, world):
     jobs.append(("cuda graph bf16 replays", lambda: _run_graph(buf, rank, world, E, False)))
     jobs.append(("cuda graph fp8 replays", lambda: _run_graph(buf, rank, world, E, True)))
     jobs.append(("compile during capture is an error", lambda: _run_compile_in_capture(buf, E)))
-    _run_jobs(jobs, results)
+    _run_jobs(gpu_harness.select(jobs, QUICK), results)
     torch.cuda.synchronize()
     buf.destroy()
     # Each with its own Buffer (the heap holds one of each size at a time), after the main one.
-    _run_jobs([("enable_shrink: a rank masked out, explicitly and by the deadline",
-                lambda: _run_shrink(rank, world, E)),
-               ("allow_nvlink_for_low_latency_mode=False: every peer through NVSHMEM puts",
-                lambda: _run_without_nvlink(rank, world, E))], results)
+    _run_jobs(gpu_harness.select(
+        [("enable_shrink: a rank masked out, explicitly and by the deadline",
+          lambda: _run_shrink(rank, world, E)),
+         ("allow_nvlink_for_low_latency_mode=False: every peer through NVSHMEM puts",
+          lambda: _run_without_nvlink(rank, world, E))], [0]), results)
     return results
 
 
@@ -387,7 +391,7 @@ def _run_jobs(jobs, results):
 def _torch_nvshmem_worker(rank, world):
     """torch's symmetric memory initialises NVSHMEM first; epgen finds it, reuses it, and
     leaves it running for its owner."""
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")   # one node
     import torch
     import torch.distributed as dist

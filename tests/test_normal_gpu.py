@@ -30,6 +30,7 @@ CASES = [
     (4096, 8, "bf16", True, True, 1, False, 20, 1),
 ]
 TOKENS = 768
+QUICK = [1, 5, 9]           # the quick tier: FP8 async, worst-case FP8, no top-k
 
 
 def _inputs(case_id, r, T, H, K, E, R):
@@ -102,6 +103,7 @@ def _run_case(buf, rank, world, cid, case):
     recv, r_idx, r_w, counts, handle, event = out
     if async_finish:
         event.current_stream_wait()
+    buf.check_errors()          # a deadline reads as a deadline, not as mismatches
     exp = ref.dispatch([v for v in dx], [i.cuda() for i in idxs] if with_topk else None,
                        [v.cuda() for v in ws] if with_topk else None, E, rank,
                        expert_alignment=align, x_scales=dsc, num_worst_tokens=n_worst,
@@ -129,6 +131,7 @@ def _run_case(buf, rank, world, cid, case):
     assert all(v is None for v in rest), "cached dispatch returns Nones"
     if async_finish:
         cevent.current_stream_wait()
+    buf.check_errors()
     cexp = ref.dispatch(cx, None, None, E, rank, x_scales=csc, num_worst_tokens=n_worst,
                         is_token_in_ranks=in_ranks)
     crx, crs = crecv if fp8 else (crecv, None)
@@ -148,6 +151,7 @@ def _run_case(buf, rank, world, cid, case):
                                 bias=bias, config=config, async_finish=async_finish)
     if async_finish:
         cev.current_stream_wait()
+    buf.check_errors()
     cexp = ref.combine(ys, in_ranks, rank, topk_weights=cws, bias=bias)
     _eq("combined_x", cx_, cexp.combined_x)
     if with_topk:
@@ -157,7 +161,7 @@ def _run_case(buf, rank, world, cid, case):
 
 
 def _worker(rank, world):
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     import torch.distributed as dist
     import epgen
     from epgen.runtime.errors import EpgenDeviceError
@@ -165,9 +169,13 @@ def _worker(rank, world):
     buf = epgen.Buffer(dist.group.WORLD, nbytes, 0)
     results, broken = [], False
     for cid, case in enumerate(CASES):
-        name = "h{}_k{}_{}_{}topk_{}worst_a{}_{}_sms{}_zero{}".format(
+        if case not in gpu_harness.select(CASES, QUICK):
+            continue
+        num_sms, note = gpu_harness.usable_sms(case[7])
+        name = "h{}_k{}_{}_{}topk_{}worst_a{}_{}_sms{}_zero{}{}".format(
             case[0], case[1], case[2], "" if case[3] else "no", "" if case[4] else "no",
-            case[5], "async" if case[6] else "sync", case[7], case[8])
+            case[5], "async" if case[6] else "sync", case[7], case[8], note)
+        case = case[:7] + (num_sms,) + case[8:]
         if broken:
             results.append((name, "skipped after a device error"))
             continue

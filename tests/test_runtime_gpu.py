@@ -38,7 +38,7 @@ def _worker(rank, world):
     from epgen.runtime.cuda import wrap_device_memory as wrap_peer
     from epgen.ops.layout import LayoutOps
     from epgen.runtime.errors import EpgenDeviceError
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     results = []
     ctx = _context(world)
     # Symmetric memory: my pattern, then every peer's pattern read through its NVLink mapping.

@@ -1,0 +1,212 @@
+"""Deadlines fired on purpose, in every kernel family: the last rank sits one call out, the
+others' kernels wait for it until EPGEN_TIMEOUT_S, and then each live rank gets the
+EpgenDeviceError naming itself, the operation and the silent peer; nothing faults (the CUDA
+context stays usable), destroy() returns, and fresh Buffers then give correct results.
+
+Each family runs on a Buffer of its own (a Buffer is unusable after a device error). The silent
+rank never calls destroy() on the Buffer its peers gave up on (freeing symmetric memory is
+collective, and they skip it after their error), so that memory is leaked on purpose: the
+NVSHMEM heap is sized for it up front.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+
+from tests import gpu_harness
+
+pytestmark = pytest.mark.gpu
+
+DEADLINE_S = 2.0
+H, K, M = 2048, 8, 32
+
+
+def _gives_up(call):
+    """Run one call a peer never joins: it may raise the deadline itself (a host-side wait)."""
+    from epgen.runtime.errors import EpgenDeviceError
+    try:
+        out = call()
+        return out
+    except EpgenDeviceError:
+        return None
+
+
+def _normal_inputs(rank, R):
+    import torch
+    E = 8 * R
+    g = torch.Generator().manual_seed(11 + rank)
+    x = torch.randn(64, H, generator=g).to(torch.bfloat16).cuda()
+    idx = torch.randn(64, E, generator=g).topk(K, dim=-1).indices.cuda()
+    w = torch.rand(64, K, generator=g).cuda()
+    return x, idx, w, E
+
+
+def _normal_buffer(R):
+    import torch.distributed as dist
+    import epgen
+    cfg = epgen.Config(8, 8, 256, 6, 128)
+    return epgen.Buffer(dist.group.WORLD, cfg.get_nvl_buffer_size_hint(H * 2, R), 0), cfg
+
+
+def _dispatch(buf, cfg, x, idx, w, E):
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+                        config=cfg)
+
+
+def _family_notify(rank, R, silent):
+    buf, cfg = _normal_buffer(R)
+    x, idx, w, E = _normal_inputs(rank, R)
+    if not silent:
+        _gives_up(lambda: _dispatch(buf, cfg, x, idx, w, E))   # the notify's host wait raises
+    return buf
+
+
+def _family_cached_dispatch(rank, R, silent):
+    buf, cfg = _normal_buffer(R)
+    x, idx, w, E = _normal_inputs(rank, R)
+    handle = _dispatch(buf, cfg, x, idx, w, E)[4]
+    buf.check_errors()
+    if not silent:
+        _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
+    return buf
+
+
+def _family_combine(rank, R, silent):
+    buf, cfg = _normal_buffer(R)
+    x, idx, w, E = _normal_inputs(rank, R)
+    recv, _, r_w, _, handle, _ = _dispatch(buf, cfg, x, idx, w, E)
+    buf.check_errors()
+    if not silent:
+        _gives_up(lambda: buf.combine(recv, handle, topk_weights=r_w, config=cfg))
+    return buf
+
+
+def _ll_buffer(R):
+    import torch.distributed as dist
+    import epgen
+    E = 4 * R
+    return epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, R, E),
+                        low_latency_mode=True), E
+
+
+def _ll_inputs(rank, E):
+    import torch
+    g = torch.Generator().manual_seed(23 + rank)
+    x = torch.randn(M, H, generator=g).to(torch.bfloat16).cuda()
+    idx = torch.randn(M, E, generator=g).topk(K if E >= K else E, dim=-1).indices.cuda()
+    w = torch.rand(idx.shape, generator=g).cuda()
+    return x, idx, w
+
+
+def _family_ll_dispatch(rank, R, silent, hook=False):
+    buf, E = _ll_buffer(R)
+    x, idx, w = _ll_inputs(rank, E)
+    if not silent:
+        out = _gives_up(lambda: buf.low_latency_dispatch(x, idx, M, E, use_fp8=True,
+                                                         return_recv_hook=hook))
+        if hook and out is not None:
+            out[4]()
+    return buf
+
+
+def _family_ll_combine(rank, R, silent):
+    import torch
+    buf, E = _ll_buffer(R)
+    x, idx, w = _ll_inputs(rank, E)
+    recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    if not silent:
+        _gives_up(lambda: buf.low_latency_combine(recv, idx, w, handle))
+    return buf
+
+
+FAMILIES = [
+    ("dispatch notify (uncached dispatch)", _family_notify, "dispatch notify"),
+    ("cached dispatch", _family_cached_dispatch, "dispatch"),
+    ("combine", _family_combine, "combine"),
+    ("low_latency_dispatch", _family_ll_dispatch, "low_latency_dispatch"),
+    ("low_latency_dispatch through the receive hook",
+     lambda r, R, s: _family_ll_dispatch(r, R, s, hook=True), "low_latency_dispatch"),
+    ("low_latency_combine", _family_ll_combine, "low_latency_combine"),
+]
+
+
+def _expect_deadline(buf, rank, R, op):
+    """The live rank's view after its kernel gave up: the documented error, no fault."""
+    import torch
+    from epgen.runtime.errors import OPS, EpgenDeviceError
+    try:
+        buf.check_errors()
+    except EpgenDeviceError as exc:
+        err = exc
+    else:
+        raise AssertionError(f"{op}: no error although rank {R - 1} never called")
+    msg = str(err)
+    assert OPS.get(err.op) == op and "timed out" in msg and f"rank {rank}:" in msg, msg
+    assert err.peer in (R - 1, -1), f"{op}: names peer {err.peer}, the silent one is {R - 1}: {msg}"
+    torch.cuda.synchronize()                 # the context is healthy: no fault after the deadline
+    torch.ones(1, device="cuda").add_(1).item()
+    buf.destroy()                            # returns (skips the collective free, warns)
+    return msg
+
+
+def _worker(rank, world):
+    os.environ["EPGEN_TIMEOUT_S"] = gpu_harness.deadline_s(DEADLINE_S)
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(3 << 30))   # room for the leaked Buffers
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    from epgen.runtime.errors import EpgenDeviceError
+    from tests import test_low_latency_gpu as ll
+    from tests import test_normal_gpu as normal
+    results = []
+    silent = rank == world - 1
+    for name, family, op in FAMILIES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")     # "destroyed after a device error"
+                buf = family(rank, world, silent)
+                if silent:
+                    results.append((name, "ok"))
+                else:
+                    results.append((name, "ok: " + _expect_deadline(buf, rank, world, op)))
+        except Exception as exc:  # noqa: BLE001 - reported per family
+            results.append((name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        torch.cuda.synchronize()
+        dist.barrier()                             # every rank's kernels are over (timed out)
+    # The same processes and GPU, fresh Buffers: correct results (nothing left corrupted).
+    try:
+        import epgen
+        nb = epgen.Config(8, 8, 256, 6, 128).get_nvl_buffer_size_hint(7168 * 2, world)
+        buf = epgen.Buffer(dist.group.WORLD, nb, 0)
+        normal._run_case(buf, rank, world, 0, normal.CASES[1][:7] + (8,) + normal.CASES[1][8:])
+        buf.destroy()
+        E = ll.LOCAL_EXPERTS * world
+        buf = epgen.Buffer(dist.group.WORLD, 0,
+                           epgen.Buffer.get_low_latency_rdma_size_hint(ll.M, 4096, world, E),
+                           low_latency_mode=True)
+        ll._run_case(buf, rank, world, E, 0, *ll.CASES[4])
+        buf.destroy()
+        results.append(("fresh Buffers after the deadlines: normal + low latency correct", "ok"))
+    except (Exception, EpgenDeviceError) as exc:  # noqa: BLE001
+        results.append(("fresh Buffers after the deadlines",
+                        f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+    return results
+
+
+@pytest.mark.parametrize("world", gpu_harness.rank_counts())
+def test_deadline_in_every_family(world):
+    gpu_harness.require_gpus(world)
+    per_rank = gpu_harness.run_ranks(world, _worker, timeout_s=300)
+    for r, res in enumerate(per_rank):
+        for name, status in res:
+            print(f"rank {r}: {name}: {status.splitlines()[0]}")
+    bad = [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
+           for name, status in res if not status.startswith("ok")]
+    assert not bad, "\n".join(bad)

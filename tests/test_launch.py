@@ -1,0 +1,77 @@
+"""CPU: where epgen.launch places ranks, and the co-residency rule for ranks sharing a GPU."""
+from __future__ import annotations
+
+import pytest
+
+from epgen import launch
+from epgen.runtime.sharing import GpuShare, check_co_residency, ranks_per_gpu
+
+
+def test_plan_one_gpu_per_rank_when_enough():
+    p = launch.plan(4, gpus=8, mps=True)
+    assert (p.mode, p.gpus, p.backend, p.shared_gpu, p.slowdown) == ("per-gpu", 4, "nccl", False, 1)
+    assert p.record()["shared_gpu"] is False
+
+
+@pytest.mark.parametrize("world,pct", [(2, 50), (4, 25), (8, 12)])
+def test_plan_shares_one_gpu_under_mps(world, pct):
+    p = launch.plan(world, gpus=1, mps=True)
+    assert (p.mode, p.backend, p.ranks_per_gpu, p.mps_thread_percentage) == ("mps", "gloo", world, pct)
+    assert p.record() == {"shared_gpu": True, "placement": "mps", "ranks_per_gpu": world,
+                          "gpus": 1, "mps_thread_percentage": pct}
+    assert "sharing 1 GPU" in p.describe() and f"{pct}%" in p.describe()
+
+
+def test_plan_time_sliced_without_mps_scales_deadlines(monkeypatch):
+    p = launch.plan(8, gpus=2, mps=False)
+    assert (p.mode, p.ranks_per_gpu, p.slowdown, p.mps_thread_percentage) == ("time-sliced", 4, 4, None)
+    monkeypatch.setenv(launch.MODE_ENV, "time-sliced")
+    monkeypatch.setenv(launch.RANKS_PER_GPU_ENV, "4")
+    assert launch.scaled_deadline(20) == 80
+    monkeypatch.setenv(launch.MODE_ENV, "mps")
+    assert launch.scaled_deadline(20) == 20
+
+
+def test_plan_refuses_bad_input(monkeypatch):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        launch.plan(2, gpus=0)
+    with pytest.raises(ValueError, match="world=0"):
+        launch.plan(0, gpus=1)
+    monkeypatch.setenv("EPGEN_LAUNCH_MPS", "maybe")
+    with pytest.raises(ValueError, match="EPGEN_LAUNCH_MPS='maybe'"):
+        launch.plan(2, gpus=1)
+
+
+def _shares(pcts, mps=True, uuid="GPU-0"):
+    return [GpuShare(rank=r, uuid=uuid, mps=mps, thread_percentage=p, sms=132 * p // 100)
+            for r, p in enumerate(pcts)]
+
+
+def test_co_residency_accepts_limits_within_100_and_time_slicing():
+    check_co_residency(_shares([12] * 8))
+    check_co_residency(_shares([50, 50]))
+    check_co_residency(_shares([100] * 8, mps=False))        # time-sliced: always progresses
+    check_co_residency(_shares([100]))                        # alone on its GPU
+    two_gpus = _shares([100, 100], uuid="A")[:1] + _shares([100, 100], uuid="B")[1:]
+    check_co_residency(two_gpus)
+    assert ranks_per_gpu(_shares([12] * 8)) == 8 and ranks_per_gpu(two_gpus) == 1
+
+
+def test_co_residency_refuses_mps_without_limits_naming_the_numbers():
+    with pytest.raises(ValueError) as exc:
+        check_co_residency(_shares([100] * 8))
+    msg = str(exc.value)
+    assert "ranks [0, 1, 2, 3, 4, 5, 6, 7]" in msg and "sum 800 > 100" in msg
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=12" in msg
+
+
+def test_thread_percentage_env_checked(monkeypatch):
+    from epgen.runtime import sharing
+    monkeypatch.setenv(sharing.MPS_PERCENT_ENV, "25")
+    assert sharing._thread_percentage() == 25
+    monkeypatch.delenv(sharing.MPS_PERCENT_ENV)
+    assert sharing._thread_percentage() == 100
+    for bad in ("0", "150", "half"):
+        monkeypatch.setenv(sharing.MPS_PERCENT_ENV, bad)
+        with pytest.raises(ValueError, match="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+            sharing._thread_percentage()
