@@ -13,8 +13,9 @@ routed input goes through the same FP8 quantization as the dispatch); bf16 round
 measured 1.4-1.9 % on that scale, routed outputs off by 10 % give 18 %.
 
 Run:   torchrun --nproc-per-node N examples/moe_layer.py [--hidden 2048 ...]
-       (N ranks on fewer GPUs: ranks share GPUs through gloo; start an MPS daemon first, see
-       ../shared/docs/one-gpu-ranks.md or the README)
+       (N ranks on fewer GPUs: ranks share GPUs through gloo; start an MPS daemon first and
+       set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks per GPU, see the README), or
+       python examples/moe_layer.py --ranks N   (epgen.launch places the ranks, MPS included)
 Import: `run_layer(rank, world, MoEConfig(...))` on ranks whose process group is set up
        (tests/test_moe_layer_gpu.py runs it through the GPU test harness).
 """
@@ -323,7 +324,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f, v in asdict(MoEConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
-    cfg = MoEConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--ranks", type=int, default=None,
+                   help="without torchrun: start this many ranks on the GPUs present "
+                        "(epgen.launch: one per GPU, else sharing them under MPS)")
+    args = vars(p.parse_args(argv))
+    ranks = args.pop("ranks")
+    cfg = MoEConfig(**args)
+    if "RANK" not in os.environ:                 # not under torchrun: start the ranks here
+        from epgen import launch
+        placement = launch.plan(ranks or max(1, torch.cuda.device_count()))
+        print(f"[placement] {placement.describe()}", flush=True)
+        results = launch.run_ranks(placement.world, run_layer, cfg, placement=placement)
+        print(report(results, cfg), flush=True)
+        return 0
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     n = torch.cuda.device_count()
     torch.cuda.set_device(rank % n)

@@ -26,7 +26,7 @@ def load_example():
 
 
 def _worker(rank, world, shape):
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     mod = load_example()
     return mod.run_layer(rank, world, mod.MoEConfig(**shape))
 

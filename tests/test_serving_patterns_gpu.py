@@ -84,14 +84,6 @@ def _ll_case(cid, R, H, K, E):
     return tl._all_inputs(cid, R, tokens, H, K, E)
 
 
-def _normal_sms():
-    """The SMs a normal-mode call may use: DeepEP's 20, capped at this process's share (ranks
-    sharing a GPU under MPS see fewer)."""
-    import torch
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return min(20, sms - sms % 2)
-
-
 # -- vLLM ------------------------------------------------------------------------------------
 def _vllm_ht(rank, R):
     """vLLM high-throughput (normal mode).
@@ -424,14 +416,14 @@ PATTERNS = [
 
 
 def _worker(rank, world):
-    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     # Each pattern creates and destroys its own Buffer(s); the heap (sized once, at the first
     # Buffer) must hold the largest: vLLM's 1 GiB NVLink buffer beside its low-latency one.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(4 << 30))
     import epgen
     # vLLM's DeepEPHTAll2AllManager.set_num_sms (it only lowers DeepEP's 20): here to this
     # process's share of the GPU, which every later normal-mode call (Config or default) uses.
-    epgen.Buffer.set_num_sms(_normal_sms())
+    epgen.Buffer.set_num_sms(gpu_harness.usable_sms(20)[0])
     results = []
     try:
         tl._run_jobs([(name, lambda fn=fn: fn(rank, world)) for name, fn in PATTERNS], results)
