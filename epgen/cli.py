@@ -1,5 +1,5 @@
 """The `epgen` command: precompile, cache (ls | inspect | clear | gc | export | import), alias,
-doctor."""
+bench, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,11 @@ def cmd_alias(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.cli import run
+    return run(args)
+
+
 def cmd_doctor(args) -> int:
     from . import toolchain
     from .cache import Cache
@@ -228,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "while a real DeepEP is installed)").set_defaults(fn=cmd_alias)
     asub.add_parser("remove", help="delete the alias (only one epgen wrote)").set_defaults(
         fn=cmd_alias)
+    from .bench.cli import add_arguments as bench_arguments
+    bench = sub.add_parser("bench", help="normal and low-latency benchmarks on N ranks: "
+                           "progress, JSON, PNG plot, table")
+    bench_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     sub.add_parser("doctor", help="what toolchain, NVSHMEM, GPUs and cache are found").set_defaults(
         fn=cmd_doctor)
     return p
