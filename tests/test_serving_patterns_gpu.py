@@ -414,6 +414,8 @@ PATTERNS = [
     ("Megatron fused all-to-all (forward and backward)", _megatron),
 ]
 
+QUICK = [1, 2]              # the quick tier: vLLM low latency, SGLang auto mode
+
 
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
@@ -426,7 +428,8 @@ def _worker(rank, world):
     epgen.Buffer.set_num_sms(gpu_harness.usable_sms(20)[0])
     results = []
     try:
-        tl._run_jobs([(name, lambda fn=fn: fn(rank, world)) for name, fn in PATTERNS], results)
+        tl._run_jobs(gpu_harness.select(
+            [(name, lambda fn=fn: fn(rank, world)) for name, fn in PATTERNS], QUICK), results)
     finally:
         epgen.Buffer.set_num_sms(20)
     return results
