@@ -55,6 +55,7 @@ def test_load_rejects_a_file_that_is_not_records(tmp_path):
 
 
 def test_plot_of_one_run_and_of_a_sweep(tmp_path):
+    pytest.importorskip("matplotlib")      # the bench extra (CI installs it with test)
     recs = report.load(LL)
     assert _png(report.plot(recs, str(tmp_path / "one.png")))
     sweep = []
@@ -68,6 +69,7 @@ def test_plot_of_one_run_and_of_a_sweep(tmp_path):
 
 
 def test_shared_gpu_runs_are_labelled(tmp_path):
+    pytest.importorskip("matplotlib")
     recs = [dict(r, shared_gpu=True, ranks_per_gpu=2) for r in report.load(LL)
             if r["op"] not in ("nccl_a2a", "copy")]
     text = report.table(recs)
@@ -91,6 +93,7 @@ def test_shared_gpu_runs_are_labelled(tmp_path):
 
 
 def test_replot_through_the_epgen_command(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     assert cli.main(["bench", "--replot", LL, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ll_combine bf16" in out and _png(str(tmp_path / "low_latency_ep2_h200_336241c.png"))
