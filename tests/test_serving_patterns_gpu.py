@@ -263,9 +263,8 @@ def _sglang_auto(rank, R):
     return_recv_hook; the hook under two-batch overlap; expected_m from buffer.group_size)."""
     import torch
     import torch.distributed as dist
-    import epgen
     from epgen import Buffer
-    H, K, E, El = 7168, 8, LOCAL_EXPERTS * R, LOCAL_EXPERTS
+    H, K, E = 7168, 8, LOCAL_EXPERTS * R
     group = dist.group.WORLD
     num_nvl, num_rdma = 0, 0
     for config in (Buffer.get_dispatch_config(group.size()), Buffer.get_combine_config(group.size())):
@@ -338,7 +337,6 @@ def _megatron(rank, R):
     and FusedDispatch.backward (combine of the gradient with topk_weights = grad probs)."""
     import torch
     import torch.distributed as dist
-    import epgen
     from epgen import Buffer
     from epgen.runtime.events import EventHandle, EventOverlap   # deep_ep.utils's names
     H, K, E = 4096, 8, LOCAL_EXPERTS * R

@@ -138,6 +138,4 @@ def copy_time(rank: int, world: int, flush, runs: int = 10):
     peer = torch.device("cuda", (dev.index + 1) % n_gpus)
     a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     b = torch.empty(1 << 30, dtype=torch.uint8, device=peer)
-    t = median(time_events(lambda: b.copy_(a), runs, flush, warmup=2))
-    del a, b
-    return t, 1 << 30
+    return median(time_events(lambda: b.copy_(a), runs, flush, warmup=2)), 1 << 30
