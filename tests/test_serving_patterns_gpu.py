@@ -4,6 +4,12 @@ Each case follows one framework's source (cited in its docstring: repository, co
 function): how it sizes and constructs the Buffer (arguments as it passes them, keywords where
 it uses keywords), the events, hooks and graphs around its calls, and what it reads back. The
 simulated experts are fixed functions, so every output is checked against epgen.reference.
+
+What none of them does, and so is not replayed here: get_next_low_latency_combine_buffer and
+zero-copy combine (vLLM passes zero_copy=False, "TODO: enable zero copy mode"; SGLang and
+Megatron never ask; test_low_latency_gpu covers both); an explicit destroy() (vLLM's DeepEP
+managers' destroy() does nothing, SGLang and Megatron keep their Buffer until exit, where epgen
+finalizes NVSHMEM). The replays destroy their Buffers only to make room for the next one.
 """
 from __future__ import annotations
 
