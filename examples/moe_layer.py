@@ -33,6 +33,7 @@ import epgen
 from epgen import reference as ref
 
 TOLERANCE = 2 ** -4
+DEVICE = "cuda"        # where weights and inputs are generated (tests check the math on "cpu")
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ class MoEConfig:
 
 # -- weights and inputs: regenerable on every rank from the seed ------------------------------
 def _gen(cfg: MoEConfig, *key: int) -> torch.Generator:
-    g = torch.Generator(device="cuda")
+    g = torch.Generator(device=DEVICE)
     g.manual_seed(hash((cfg.seed, *key)) & 0x7FFFFFFF)
     return g
 
 
 def _randn(shape, g, scale):
-    return (torch.randn(shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+    return (torch.randn(shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16)
 
 
 def expert_weights(cfg: MoEConfig, e: int, inter: int | None = None):

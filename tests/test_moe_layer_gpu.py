@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -19,10 +20,18 @@ SMALL = dict(hidden=512, moe_inter=256, shared_inter=512, experts_per_rank=4, to
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("moe_layer_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """examples/moe_layer.py as a module (registered first: its dataclass needs that)."""
+    name = "moe_layer_example"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def _worker(rank, world, shape):
