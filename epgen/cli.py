@@ -147,6 +147,12 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def _gpu_count() -> int:
+    from cuda.bindings import driver
+    err, n = driver.cuDeviceGetCount()
+    return n if err == driver.CUresult.CUDA_SUCCESS else 0
+
+
 def cmd_doctor(args) -> int:
     from . import toolchain
     from .cache import Cache
@@ -182,6 +188,9 @@ def cmd_doctor(args) -> int:
     else:
         line(True, "GPUs", "none visible: compiling works with --arch sm_90 / EPGEN_ARCH; "
              "running needs a GPU")
+    from .runtime import sharing
+    ok, text = sharing.doctor_report(_gpu_count() if arch else 0)
+    line(ok, "ranks per GPU", text)
     cache = Cache(args.cache_dir)
     n = len(cache.entries())
     writable = os.access(cache.root if os.path.isdir(cache.root) else

@@ -65,10 +65,23 @@ def _family_notify(rank, R, silent):
     return buf
 
 
+def _family_layout_barrier(rank, R, silent):
+    """A cached dispatch after an uncached one changes the ring layout (no top-k in the
+    records): the cross-rank barrier that runs first is what waits."""
+    buf, cfg = _normal_buffer(R)
+    x, idx, w, E = _normal_inputs(rank, R)
+    handle = _dispatch(buf, cfg, x, idx, w, E)[4]
+    buf.check_errors()
+    if not silent:
+        _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
+    return buf
+
+
 def _family_cached_dispatch(rank, R, silent):
     buf, cfg = _normal_buffer(R)
     x, idx, w, E = _normal_inputs(rank, R)
     handle = _dispatch(buf, cfg, x, idx, w, E)[4]
+    buf.dispatch(x, handle=handle, config=cfg)      # all ranks: the layout is now the cached one
     buf.check_errors()
     if not silent:
         _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
@@ -127,6 +140,7 @@ def _family_ll_combine(rank, R, silent):
 
 FAMILIES = [
     ("dispatch notify (uncached dispatch)", _family_notify, "dispatch notify"),
+    ("ring layout change barrier", _family_layout_barrier, "barrier"),
     ("cached dispatch", _family_cached_dispatch, "dispatch"),
     ("combine", _family_combine, "combine"),
     ("low_latency_dispatch", _family_ll_dispatch, "low_latency_dispatch"),

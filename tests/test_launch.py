@@ -75,3 +75,19 @@ def test_thread_percentage_env_checked(monkeypatch):
         monkeypatch.setenv(sharing.MPS_PERCENT_ENV, bad)
         with pytest.raises(ValueError, match="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
             sharing._thread_percentage()
+
+
+def test_doctor_report_says_when_local_ranks_share_a_gpu(monkeypatch):
+    from epgen.runtime import sharing
+    monkeypatch.setattr(sharing, "_mps_enabled", lambda index: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    ok, text = sharing.doctor_report(1)
+    assert ok and "4 local ranks share 1 GPU(s), 4 per GPU, time-sliced" in text
+    monkeypatch.setattr(sharing, "_mps_enabled", lambda index: True)     # a fake MPS client
+    monkeypatch.setenv(sharing.MPS_PERCENT_ENV, "50")
+    ok, text = sharing.doctor_report(1)
+    assert not ok and "4 x 50 > 100" in text and f"{sharing.MPS_PERCENT_ENV}=25" in text
+    monkeypatch.setenv(sharing.MPS_PERCENT_ENV, "25")
+    assert sharing.doctor_report(1)[0]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sharing.doctor_report(2) == (True, "2 local ranks on 2 GPU(s): one GPU per rank")

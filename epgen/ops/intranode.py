@@ -78,7 +78,9 @@ class IntranodeOps:
         sms = ctx.device_sms
         if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, MAX_CHANNELS):
             raise arg_error("config.num_sms", config.num_sms,
-                            f"must be even, positive and <= {min(sms, MAX_CHANNELS)}")
+                            f"must be even, positive and <= {min(sms, MAX_CHANNELS)} (the SMs "
+                            f"this process may use: {sms}, after any MPS limit, and at most "
+                            f"{MAX_CHANNELS} channels)")
         channels, cap = config.num_sms, _cap(config)     # one block (channel) per SM given
         need = ring_bytes(config, ctx.num_ranks, record)
         half, nbytes = self._half()

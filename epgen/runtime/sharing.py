@@ -91,3 +91,29 @@ def ranks_per_gpu(shares: list[GpuShare]) -> int:
     for s in shares:
         counts[s.uuid] = counts.get(s.uuid, 0) + 1
     return max(counts.values()) if counts else 1
+
+
+def doctor_report(gpus: int) -> tuple[bool, str]:
+    """(ok, text) for `epgen doctor`: whether the local ranks (LOCAL_WORLD_SIZE) will share
+    GPUs, and under what (MPS and its limit, or time-slicing)."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", "")
+    local = int(raw) if raw.isdigit() and int(raw) > 0 else None
+    if gpus < 1:
+        return True, "no GPU visible"
+    if local is None or local <= gpus:
+        return True, (f"{local} local ranks on {gpus} GPU(s): one GPU per rank" if local else
+                      f"one rank per GPU unless LOCAL_WORLD_SIZE exceeds {gpus}")
+    per_gpu = -(-local // gpus)
+    mps = _mps_enabled(0)
+    try:
+        pct = _thread_percentage()
+    except ValueError as exc:
+        return False, str(exc)
+    if not mps:
+        return True, (f"{local} local ranks share {gpus} GPU(s), {per_gpu} per GPU, time-sliced "
+                      "(no MPS daemon for this process): correct, slower")
+    ok = pct * per_gpu <= 100
+    text = (f"{local} local ranks share {gpus} GPU(s), {per_gpu} per GPU, under MPS with "
+            f"{MPS_PERCENT_ENV}={pct}")
+    return ok, text + ("" if ok else f": {per_gpu} x {pct} > 100, set {MPS_PERCENT_ENV}="
+                       f"{100 // per_gpu} for each rank (Buffer creation refuses this setting)")
