@@ -14,7 +14,8 @@ measured 1.4-1.9 % on that scale, routed outputs off by 10 % give 18 %.
 
 Run:   torchrun --nproc-per-node N examples/moe_layer.py [--hidden 2048 ...]
        (N ranks on fewer GPUs: ranks share GPUs through gloo; start an MPS daemon first and
-       set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks per GPU, see the README), or
+       set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks per GPU: README, "Several ranks on
+       one GPU"), or
        python examples/moe_layer.py --ranks N   (epgen.launch places the ranks, MPS included)
 Import: `run_layer(rank, world, MoEConfig(...))` on ranks whose process group is set up
        (tests/test_moe_layer_gpu.py runs it through the GPU test harness).
