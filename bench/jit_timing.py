@@ -59,7 +59,7 @@ def main():
     from epgen import jit
     from epgen.cache import Cache
     from epgen.specs import LayoutSpec
-    import timing
+    from epgen.bench import timing
     root = tempfile.mkdtemp(prefix="epgen-jit-")
     t0 = time.perf_counter()
     jit.build(LayoutSpec(num_ranks=2, num_experts=32, num_topk=2), "sm_90", Cache(root))

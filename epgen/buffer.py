@@ -39,9 +39,12 @@ class Buffer:
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(v, int) or v < 0:
                 raise arg_error(name, v, "must be a non-negative int")
-        if allow_mnnvl or use_fabric:
-            raise arg_error("allow_mnnvl" if allow_mnnvl else "use_fabric", True,
-                            "multi-node NVLink fabric is not supported (and multicast stays off)")
+        # allow_mnnvl is a permission in DeepEP V1 (it only stops disabling NVSHMEM's multi-node
+        # NVLink detection) and SGLang always passes it; epgen has no MNNVL path, so it is a
+        # no-op. use_fabric asks for fabric-handle allocations, which epgen does not make.
+        if use_fabric:
+            raise arg_error("use_fabric", True,
+                            "fabric-handle (multi-node NVLink) buffers are not supported")
         if not dist.is_initialized():
             raise RuntimeError("epgen.Buffer needs torch.distributed initialised (NCCL; gloo "
                                "where ranks share a GPU)")

@@ -1,4 +1,5 @@
-"""The `epgen` command: precompile, cache (ls | inspect | clear | gc | export | import), doctor."""
+"""The `epgen` command: precompile, cache (ls | inspect | clear | gc | export | import), alias,
+bench, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +127,26 @@ def cmd_cache_import(args) -> int:
     return 1 if rejected else 0
 
 
+def cmd_alias(args) -> int:
+    from . import alias
+    try:
+        if args.alias_command == "install":
+            print(f"epgen alias: wrote {alias.install()}: `import deep_ep` now gives epgen")
+        else:
+            path = alias.remove()
+            print(f"epgen alias: removed {path}" if path else
+                  f"epgen alias: no alias in {alias.site_dir()}")
+    except alias.AliasError as e:
+        print(f"epgen alias {args.alias_command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.cli import run
+    return run(args)
+
+
 def _gpu_count() -> int:
     from cuda.bindings import driver
     err, n = driver.cuDeviceGetCount()
@@ -176,6 +197,8 @@ def cmd_doctor(args) -> int:
                          os.path.dirname(cache.root) or ".", os.W_OK)
     line(writable, "cache", f"{cache.root}: {n} entries", "" if writable else
          "set EPGEN_CACHE_DIR to a writable directory")
+    from . import alias
+    line(True, "deep_ep", alias.describe())
     for var in ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_TIMEOUT_S", "EPGEN_LOG",
                 "NVSHMEM_SYMMETRIC_SIZE"):
         if os.environ.get(var):
@@ -213,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     im = csub.add_parser("import", help="add a .tar(.gz) export, verifying checksums")
     im.add_argument("file")
     im.set_defaults(fn=cmd_cache_import)
+    al = sub.add_parser("alias", help="map `import deep_ep` to epgen in this environment")
+    asub = al.add_subparsers(dest="alias_command", required=True)
+    asub.add_parser("install", help="write a deep_ep alias package into site-packages (refused "
+                    "while a real DeepEP is installed)").set_defaults(fn=cmd_alias)
+    asub.add_parser("remove", help="delete the alias (only one epgen wrote)").set_defaults(
+        fn=cmd_alias)
+    from .bench.cli import add_arguments as bench_arguments
+    bench = sub.add_parser("bench", help="normal and low-latency benchmarks on N ranks: "
+                           "progress, JSON, PNG plot, table")
+    bench_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
     sub.add_parser("doctor", help="what toolchain, NVSHMEM, GPUs and cache are found").set_defaults(
         fn=cmd_doctor)
     return p

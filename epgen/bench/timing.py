@@ -1,4 +1,4 @@
-"""Shared measurement helpers for the benchmarks (../shared/docs/targets.md, Method).
+"""Measurement helpers of `epgen bench` (../shared/docs/targets.md, Method).
 
 Two clocks, both after warm-up, with L2 flushed and ranks aligned on the GPU before each run:
 - `time_events`: CUDA events around the whole Python call (host overhead included), the way
@@ -125,3 +125,17 @@ def time_kernels(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def copy_time(rank: int, world: int, flush, runs: int = 10):
+    """A 1 GiB copy from this rank's GPU to the next rank's (the copy bound): (time us, bytes),
+    or None where there is no second GPU to copy to."""
+    import torch
+    n_gpus = torch.cuda.device_count()
+    if n_gpus < 2 or world < 2:
+        return None
+    dev = torch.device("cuda", torch.cuda.current_device())
+    peer = torch.device("cuda", (dev.index + 1) % n_gpus)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty(1 << 30, dtype=torch.uint8, device=peer)
+    return median(time_events(lambda: b.copy_(a), runs, flush, warmup=2)), 1 << 30
