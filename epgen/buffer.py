@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from . import lifecycle, toolchain
 from .config import Config
-from .ops.context import OpsContext, arg_error
+from .ops.context import OpsContext, arg_error, timeout_ns
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
@@ -72,6 +72,9 @@ class Buffer:
 
         host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes,
                             multi_node=self.group_size > local_world)
+        if host.stuck:
+            raise RuntimeError(f"epgen.Buffer: rank {self.rank}: NVSHMEM is unusable in this "
+                               f"process ({host.stuck}); start fresh processes")
         pes = [dist.get_global_rank(group, r) for r in range(self.group_size)]
         self._nvl = SymmetricRegion(host, num_nvl_bytes, self.device, pes)
         self._rdma = SymmetricRegion(host, num_rdma_bytes, self.device, pes)
@@ -162,7 +165,12 @@ class Buffer:
                           "symmetric memory is leaked (freeing it would need every rank)")
             return
         ctx = self._ctx
-        ctx.nvshmem.barrier_all()
+        wait_s = timeout_ns() / 1e9
+        if not ctx.nvshmem.barrier_all_within(wait_s, self.device):
+            warnings.warn(f"epgen: rank {self.rank}: not every rank reached destroy() within "
+                          f"EPGEN_TIMEOUT_S={wait_s:g} s; the Buffer's symmetric memory is leaked "
+                          "and this process can create no new Buffer")
+            return
         self._rdma.free()
         self._nvl.free()
         ctx.errors.free()

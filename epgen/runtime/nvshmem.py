@@ -77,6 +77,7 @@ class NvshmemHost:
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = res, argtypes
         self.owned = False        # True when epgen initialised NVSHMEM (and so finalises it)
+        self.stuck: str | None = None   # why no collective may be called any more
         self._uid = self._attr = None
 
     def version(self) -> tuple[int, int, int]:
@@ -156,9 +157,28 @@ class NvshmemHost:
     def barrier_all(self) -> None:
         self.lib.nvshmem_barrier_all()
 
+    def barrier_all_within(self, timeout_s: float, device) -> bool:
+        """nvshmem_barrier_all, given up after timeout_s: False when some PE never came (a
+        dead or stuck rank). The barrier then stays pending in a daemon thread, so this
+        process makes no NVSHMEM collective call again (`stuck` says why)."""
+        if self.stuck:
+            return False
+        done = threading.Event()
+
+        def run():
+            import torch
+            torch.cuda.set_device(device)      # a new thread starts on device 0
+            self.lib.nvshmem_barrier_all()
+            done.set()
+        threading.Thread(target=run, daemon=True, name="epgen-nvshmem-barrier").start()
+        if done.wait(timeout_s):
+            return True
+        self.stuck = f"a barrier was given up after {timeout_s:.0f} s (a peer never arrived)"
+        return False
+
     def finalize(self, timeout_s: float = 20.0) -> None:
         """Finalise if epgen owns NVSHMEM; never hangs (a stuck peer leaves it skipped)."""
-        if not self.owned:
+        if not self.owned or self.stuck:
             return
         self.owned = False
         t = threading.Thread(target=self.lib.nvshmemx_hostlib_finalize, daemon=True)
