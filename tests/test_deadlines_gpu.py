@@ -65,23 +65,15 @@ def _family_notify(rank, R, silent):
     return buf
 
 
-def _family_layout_barrier(rank, R, silent):
-    """A cached dispatch after an uncached one changes the ring layout (no top-k in the
-    records): the cross-rank barrier that runs first is what waits."""
+def _family_cached_dispatch(rank, R, silent, layout_already_cached=True):
+    """The cached dispatch kernel waits for the silent rank. Without a cached call first, the
+    ring layout changes (no top-k in the records) and the cross-rank barrier that runs before
+    the kernel is what waits."""
     buf, cfg = _normal_buffer(R)
     x, idx, w, E = _normal_inputs(rank, R)
     handle = _dispatch(buf, cfg, x, idx, w, E)[4]
-    buf.check_errors()
-    if not silent:
-        _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
-    return buf
-
-
-def _family_cached_dispatch(rank, R, silent):
-    buf, cfg = _normal_buffer(R)
-    x, idx, w, E = _normal_inputs(rank, R)
-    handle = _dispatch(buf, cfg, x, idx, w, E)[4]
-    buf.dispatch(x, handle=handle, config=cfg)      # all ranks: the layout is now the cached one
+    if layout_already_cached:
+        buf.dispatch(x, handle=handle, config=cfg)      # all ranks: the cached layout is set
     buf.check_errors()
     if not silent:
         _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
@@ -140,7 +132,8 @@ def _family_ll_combine(rank, R, silent):
 
 FAMILIES = [
     ("dispatch notify (uncached dispatch)", _family_notify, "dispatch notify"),
-    ("ring layout change barrier", _family_layout_barrier, "barrier"),
+    ("ring layout change barrier",
+     lambda r, R, s: _family_cached_dispatch(r, R, s, layout_already_cached=False), "barrier"),
     ("cached dispatch", _family_cached_dispatch, "dispatch"),
     ("combine", _family_combine, "combine"),
     ("low_latency_dispatch", _family_ll_dispatch, "low_latency_dispatch"),
