@@ -17,7 +17,7 @@ from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
 from ..specs import MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec, num_scales
-from .context import OpsContext, arg_error, check_tensor, timeout_ns
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, timeout_ns
 
 CTRL_BYTES = 131072
 MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
@@ -143,7 +143,7 @@ class IntranodeOps:
             if len(x) != 2:
                 raise arg_error("x", f"tuple of {len(x)}", "must be x or (x_fp8, x_scales)")
             x, scales = x
-            check_tensor("x[0]", x, FP8, device=dev)
+            check_tensor("x[0]", x, FP8, device=dev, align=VECTOR_BYTES)
             if x.dim() != 2:
                 raise arg_error("x[0].shape", tuple(x.shape), "must be [num_tokens, hidden]")
             S = num_scales(x.size(1))
@@ -152,7 +152,7 @@ class IntranodeOps:
             dtype = "fp8"
         else:
             scales = None
-            check_tensor("x", x, torch.bfloat16, device=dev)
+            check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
             if x.dim() != 2:
                 raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
             dtype = "bf16"
@@ -288,7 +288,7 @@ class IntranodeOps:
         R, dev = ctx.num_ranks, ctx.device
         rpm, ntall, src_idx, in_rank = self._unpack_handle(handle)
         rows, T = src_idx.size(0), in_rank.size(0)
-        check_tensor("x", x, torch.bfloat16, device=dev)
+        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
         if x.dim() != 2 or x.size(0) != rows:
             raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
         H = x.size(1)
@@ -306,7 +306,8 @@ class IntranodeOps:
             raise arg_error("bias", f"{len(biases)} tensors", "at most two")
         biases = [b for b in biases if b is not None]
         for i, b in enumerate(biases):
-            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
+            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
+                         align=VECTOR_BYTES)
         spec = cached(NormalCombineSpec, hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)

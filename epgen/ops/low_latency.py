@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernel_args import LowLatencyCombineArgs, LowLatencyDispatchArgs
-from ..runtime.events import EventHandle, EventOverlap
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDispatchSpec,
                      cached, num_scales)
-from .context import OpsContext, arg_error, check_tensor
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 
 THREADS = 1024
@@ -167,37 +166,15 @@ class LowLatencyOps:
         return args
 
     def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
-        """Send phase now (current stream, or comm stream with async_finish); receive phase now
-        or in the returned hook (on the stream current when the hook is called)."""
-        ctx = self.ctx
-        if async_finish and return_recv_hook:
-            raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
-        compute = torch.cuda.current_stream(ctx.device.index)
-        stream = compute
-        if async_finish:
-            ctx.comm_stream.wait_stream(compute)
-            stream = ctx.comm_stream
-        send_args = make_args(SEND)
-        kernel.launch(self.sms, THREADS, send_args, stream.cuda_stream, smem=smem)
-        recv_args = make_args(RECV)
-        if not return_recv_hook:
-            kernel.launch(self.sms, THREADS, recv_args, stream.cuda_stream, smem=smem)
-        if async_finish:
-            event = torch.cuda.Event()
-            event.record(stream)
-            for t in tensors:
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(stream)
-            overlap = EventOverlap(EventHandle(event), tuple(tensors))
-        else:
-            overlap = EventOverlap(None)
+        """Send phase now, receive phase now or in the returned hook, under the Buffer's
+        stream semantics (ops/streams.py: the hook launches on the send's stream)."""
+        send_args, recv_args = make_args(SEND), make_args(RECV)
 
-        def hook():
-            if return_recv_hook:
-                _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
-                kernel.launch(self.sms, THREADS, recv_args,
-                              torch.cuda.current_stream(ctx.device.index).cuda_stream, smem=smem)
-        return overlap, hook
+        def launch(args):
+            return lambda stream: kernel.launch(self.sms, THREADS, args, stream.cuda_stream,
+                                                smem=smem)
+        return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
+                                          return_recv_hook, tensors)
 
     # -- API ------------------------------------------------------------------------------
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
@@ -212,7 +189,7 @@ class LowLatencyOps:
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
-        check_tensor("x", x, torch.bfloat16)
+        check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES)
         if x.dim() != 2:
             raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
         T, H = x.shape
@@ -300,7 +277,9 @@ class LowLatencyOps:
         ctx.check_errors()
         R = ctx.num_ranks
         src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
-        check_tensor("x", x, torch.bfloat16, (El, R * M, H))
+        # zero_copy sends the Buffer's own (aligned) combine buffer, not x
+        check_tensor("x", x, torch.bfloat16, (El, R * M, H),
+                     align=0 if zero_copy else VECTOR_BYTES)
         check_topk_idx(topk_idx)
         T, K = topk_idx.shape
         if T > M:
@@ -309,7 +288,7 @@ class LowLatencyOps:
             raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
         check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
         if out is not None:
-            check_tensor("out", out, torch.bfloat16, (T, H))
+            check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         else:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,

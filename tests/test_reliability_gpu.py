@@ -1,0 +1,387 @@
+"""Reliability on N GPUs (issue 14): refusals before launch, DeepEP's stream semantics in every
+order, counters across the 32-bit wrap, graph-capture rules. Every result is compared with
+epgen.reference after the Buffer's error word is read (buf.check_errors()).
+
+One Buffer per worker holds both regions, so the layout, normal and low-latency families share
+its stream bookkeeping, as a user's Buffer does.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from tests import gpu_harness
+from tests import test_low_latency_gpu as llt
+from tests import test_normal_gpu as nt
+
+pytestmark = pytest.mark.gpu
+
+M = llt.M                 # low-latency max tokens per rank
+H = 2048                  # small rows: many calls, quickly
+K = 8
+LOCAL_EXPERTS = 8
+NORMAL_TOKENS = 256
+
+
+def _misaligned(t):
+    """A contiguous copy of t starting 2 bytes past a 16-byte boundary (a view at an element
+    offset, as x.view(-1)[1:] gives)."""
+    import torch
+    flat = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8, device=t.device)
+    off = (16 - flat.data_ptr() % 16) % 16 + 2
+    v = flat[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    v.copy_(t)
+    assert v.is_contiguous() and v.data_ptr() % 16 == 2
+    return v
+
+
+def _refused(name, fn):
+    try:
+        fn()
+    except ValueError as exc:
+        msg = str(exc)
+        assert msg.startswith(f"{name}.data_ptr()=") and "16-byte aligned" in msg, msg
+    else:
+        raise AssertionError(f"a misaligned {name} was accepted")
+
+
+def _normal_inputs(cid, R, E, T=NORMAL_TOKENS, Hn=H):
+    ins = [nt._inputs(cid, r, T + 5 * r, Hn, K, E, R) for r in range(R)]
+    return [(x.cuda(), idx.cuda(), w.cuda()) for x, idx, w, _ in ins]
+
+
+def _normal_dispatch(buf, rank, ins, E, **kw):
+    x, idx, w = ins[rank]
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, **kw)
+
+
+def _check_normal_dispatch(rank, ins, E, out):
+    from epgen import reference as ref
+    recv, r_idx, r_w, counts, handle, _ = out
+    exp = ref.dispatch([i[0] for i in ins], [i[1] for i in ins], [i[2] for i in ins], E, rank)
+    nt._eq("recv_x", recv, exp.recv_x)
+    nt._eq("recv_topk_idx", r_idx, exp.recv_topk_idx)
+    nt._eq("recv_topk_weights", r_w, exp.recv_topk_weights)
+    assert counts == exp.num_recv_tokens_per_expert_list, (counts, exp.num_recv_tokens_per_expert_list)
+
+
+def _check_normal_combine(rank, ins, E, R, ys, combined):
+    from epgen import reference as ref
+    in_ranks = [ref.get_dispatch_layout(i[1], E, R)[2] for i in ins]
+    nt._eq("combined_x", combined, ref.combine(ys, in_ranks, rank).combined_x)
+
+
+# ---------------------------------------------------------------------------------- item 3
+def _run_alignment(buf, rank, R, E):
+    """Every row tensor a kernel reads or writes with 16-byte vectors is refused, naming it,
+    when its address is not 16-byte aligned; nothing is launched, the Buffer stays usable."""
+    import torch
+    from epgen import reference as ref
+    ins = _normal_inputs(10, R, E)
+    x, idx, w = ins[rank]
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+    _refused("x", lambda: buf.dispatch(_misaligned(x), **args))
+    xq, xs = ref.per_token_cast_to_fp8(x)
+    _refused("x[0]", lambda: buf.dispatch((_misaligned(xq), xs), **args))
+    out = buf.dispatch(x, **args)
+    handle = out[4]
+    y = out[0].clone()               # this rank's received rows as its expert output
+    _refused("x", lambda: buf.combine(_misaligned(y), handle))
+    bias = torch.zeros_like(x)
+    _refused("bias[0]", lambda: buf.combine(y, handle, bias=_misaligned(bias)))
+    torch.cuda.synchronize()
+    buf.check_errors()
+    combined, _, _ = buf.combine(y, handle)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    _check_normal_dispatch(rank, ins, E, out)
+    _check_normal_combine(rank, ins, E, R, _gather_var(y), combined)
+
+    lins = llt._all_inputs(11, R, [M] * R, H, K, E)
+    lx, lidx, lw = lins[rank]
+    _refused("x", lambda: buf.low_latency_dispatch(_misaligned(lx), lidx, M, E))
+    recv, count, lhandle, _, _ = buf.low_latency_dispatch(lx, lidx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_dispatch(rank, lins, E, (recv, count, lhandle), False, False, False)
+    y = llt._expert_out(recv, False, H)
+    _refused("x", lambda: buf.low_latency_combine(_misaligned(y), lidx, lw, lhandle))
+    nan_out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _refused("out", lambda: buf.low_latency_combine(y, lidx, lw, lhandle, out=_misaligned(nan_out)))
+    combined, _, _ = buf.low_latency_combine(y, lidx, lw, lhandle)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_combine(rank, lins, y, lhandle, combined)
+
+
+def _gather_var(t):
+    """all_gather of row tensors whose row counts differ by rank."""
+    import torch
+    import torch.distributed as dist
+    n = torch.tensor([t.shape[0]], device=t.device)
+    ns = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(ns, n)
+    top = int(max(v.item() for v in ns))
+    pad = torch.zeros((top,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    pad[:t.shape[0]] = t
+    out = [torch.empty_like(pad) for _ in ns]
+    dist.all_gather(out, pad)
+    return [o[:int(v.item())] for o, v in zip(out, ns)]
+
+
+# ---------------------------------------------------------------------------------- item 2
+LL_MODES = ("sync", "async", "hook", "graph")
+
+
+class _LLGraphs:
+    """One captured low-latency dispatch and one captured combine, replayed on new inputs
+    copied into their static tensors (a graph replays fixed shapes: T = M)."""
+
+    def __init__(self, buf, E):
+        import torch
+        self.buf, self.E = buf, E
+        ins = llt._all_inputs(20, 1, [M], H, K, E)
+        self.x, self.idx, self.w = (t.clone() for t in ins[0])
+        El = E // buf.group_size
+        R = buf.group_size
+        # warm-up (compiles) outside the captures; also gives the combine's static inputs
+        recv, _, handle, _, _ = buf.low_latency_dispatch(self.x, self.idx, M, E, use_fp8=False)
+        self.y = llt._expert_out(recv, False, H)
+        self.src = handle[0].clone()
+        self.lay = handle[1].clone()
+        self.handle = (self.src, self.lay, M, H, E)
+        buf.low_latency_combine(self.y, self.idx, self.w, self.handle)
+        torch.cuda.synchronize()
+        buf.check_errors()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        self.gd, self.gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(self.gd, stream=s):
+                self.recv, self.count, self.dhandle, _, _ = buf.low_latency_dispatch(
+                    self.x, self.idx, M, E, use_fp8=False)
+            with torch.cuda.graph(self.gc, stream=s):
+                self.out, _, _ = buf.low_latency_combine(self.y, self.idx, self.w, self.handle)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        assert El * R == E
+
+    def dispatch(self, x, idx):
+        """Replay on the current stream; returns clones (stream-ordered, no host sync) so the
+        next replay cannot overwrite what the test checks."""
+        self.x.copy_(x)
+        self.idx.copy_(idx)
+        self.gd.replay()
+        return (self.recv.clone(), self.count.clone(),
+                (self.dhandle[0].clone(), self.dhandle[1].clone(), M, H, self.E))
+
+    def combine(self, y, idx, w, handle):
+        self.y.copy_(y)
+        self.idx.copy_(idx)
+        self.w.copy_(w)
+        self.src.copy_(handle[0])
+        self.lay.copy_(handle[1])
+        self.gc.replay()
+        return self.out.clone()
+
+
+def _ll_call(buf, graphs, mode, op, *args):
+    """One low-latency call in `mode`; returns (outputs, finish) where finish() completes it
+    as a user would (hook, or wait for the event). Nothing is waited for before the next
+    call is made."""
+    if mode == "graph":
+        out = graphs.dispatch(*args[:2]) if op == "dispatch" else graphs.combine(*args)
+        return out, lambda: None
+    kw = dict(async_finish=mode == "async", return_recv_hook=mode == "hook")
+    if op == "dispatch":
+        recv, count, handle, event, hook = buf.low_latency_dispatch(*args[:2], M, graphs.E,
+                                                                    use_fp8=False, **kw)
+        out = (recv, count, handle)
+    else:
+        combined, event, hook = buf.low_latency_combine(*args, **kw)
+        out = combined
+
+    def finish():
+        if mode == "hook":
+            hook()
+        if mode == "async":
+            event.current_stream_wait()
+    return out, finish
+
+
+def _run_ll_orders(buf, rank, R, E, graphs):
+    """Every ordered pair of (sync, async, hook, graph) low-latency calls, back to back on
+    one Buffer, for dispatch and for combine; both results checked. An async call followed
+    by a graph replay is joined first: a replay is invisible to the Buffer (README)."""
+    import torch
+    for cid, (a, b) in enumerate(itertools.product(LL_MODES, repeat=2)):
+        ins = [llt._all_inputs(1000 + 2 * cid + j, R, [M] * R, H, K, E) for j in range(2)]
+        calls = []
+        for j, mode in enumerate((a, b)):
+            if j == 1 and a == "async" and mode == "graph":
+                calls[0][1]()
+            calls.append(_ll_call(buf, graphs, mode, "dispatch", ins[j][rank][0], ins[j][rank][1]))
+        for _, finish in calls:
+            finish()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        for j, (out, _) in enumerate(calls):
+            try:
+                llt._check_dispatch(rank, ins[j], E, out, False, False, False)
+            except AssertionError as exc:
+                raise AssertionError(f"dispatch {a} then {b}: call {j + 1}: {exc}") from exc
+        ys = [llt._expert_out(out[0], False, H) for out, _ in calls]
+        ccalls = []
+        for j, mode in enumerate((a, b)):
+            if j == 1 and a == "async" and mode == "graph":
+                ccalls[0][1]()
+            x, idx, w = ins[j][rank]
+            ccalls.append(_ll_call(buf, graphs, mode, "combine", ys[j], idx, w, calls[j][0][2]))
+        for _, finish in ccalls:
+            finish()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        for j, (out, _) in enumerate(ccalls):
+            try:
+                llt._check_combine(rank, ins[j], ys[j], calls[j][0][2], out)
+            except AssertionError as exc:
+                raise AssertionError(f"combine {a} then {b}: call {j + 1}: {exc}") from exc
+
+
+NORMAL_MODES = ("sync", "async", "previous_event", "allocate_on_comm_stream")
+
+
+def _normal_kw(buf, mode):
+    if mode == "sync":
+        return {}
+    if mode == "async":
+        return dict(async_finish=True)
+    kw = dict(async_finish=True, previous_event=buf.capture())
+    if mode == "allocate_on_comm_stream":
+        kw["allocate_on_comm_stream"] = True
+    return kw
+
+
+def _run_normal_orders(buf, rank, R, E):
+    """Every ordered pair of normal-mode dispatch / combine modes back to back (the layout
+    call in the same mode), both results checked."""
+    import torch
+    for cid, (a, b) in enumerate(itertools.product(NORMAL_MODES, repeat=2)):
+        ins = [_normal_inputs(2000 + 2 * cid + j, R, E) for j in range(2)]
+        outs = []
+        for j, mode in enumerate((a, b)):
+            x, idx, w = ins[j][rank]
+            kw = _normal_kw(buf, mode)
+            per_rank, _, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E, **kw)
+            if kw:
+                ev.current_stream_wait()
+            outs.append(buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                     num_tokens_per_expert=per_expert, topk_idx=idx,
+                                     topk_weights=w, **_normal_kw(buf, mode)))
+        for j, mode in enumerate((a, b)):
+            if mode != "sync":
+                outs[j][5].current_stream_wait()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        for j in range(2):
+            try:
+                _check_normal_dispatch(rank, ins[j], E, outs[j])
+            except AssertionError as exc:
+                raise AssertionError(f"dispatch {a} then {b}: call {j + 1}: {exc}") from exc
+        ys = [(o[0].float() * 0.5).to(torch.bfloat16) for o in outs]
+        combs = []
+        for j, mode in enumerate((a, b)):
+            combs.append(buf.combine(ys[j], outs[j][4], **_normal_kw(buf, mode)))
+        for j, mode in enumerate((a, b)):
+            if mode != "sync":
+                combs[j][2].current_stream_wait()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        for j in range(2):
+            try:
+                _check_normal_combine(rank, ins[j], E, R, _gather_var(ys[j]), combs[j][0])
+            except AssertionError as exc:
+                raise AssertionError(f"combine {a} then {b}: call {j + 1}: {exc}") from exc
+
+
+def _run_hook_stream_binding(buf, rank, R, E):
+    """The receive hook launches on the stream current at the dispatch call (DeepEP binds it
+    there), not on the stream current when it is called: with a busy other stream current at
+    the hook call, the dispatch's stream alone completes the receive."""
+    import torch
+    ins = llt._all_inputs(3000, R, [M] * R, H, K, E)
+    x, idx, w = ins[rank]
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):
+        recv, count, handle, _, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False,
+                                                                return_recv_hook=True)
+        recv.fill_(float("nan"))     # in stream order before the receive writes it
+    with torch.cuda.stream(s2):
+        torch.cuda._sleep(2_000_000_000)   # ~1 s: a receive queued here would not have run
+        hook()
+    s1.synchronize()
+    done = recv.clone()              # read before s2 finishes its sleep
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_dispatch(rank, ins, E, (done, count, handle), False, False, False)
+
+
+def _worker(rank, world):
+    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    import torch
+    import torch.distributed as dist
+    import epgen
+    E = LOCAL_EXPERTS * world
+    nvl = epgen.Config(20, 8, 256, 6, 128).get_nvl_buffer_size_hint(H * 2, world)
+    rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
+    buf = epgen.Buffer(dist.group.WORLD, nvl, rdma, low_latency_mode=True)
+    results = []
+    state = {}
+
+    def graphs():
+        if "g" not in state:
+            state["g"] = _LLGraphs(buf, E)
+        return state["g"]
+    jobs = [
+        ("misaligned tensors refused before launch", lambda: _run_alignment(buf, rank, world, E)),
+        ("low-latency sync/async/hook/graph in every order",
+         lambda: _run_ll_orders(buf, rank, world, E, graphs())),
+        ("normal sync/async/previous_event/allocate_on_comm_stream in every order",
+         lambda: _run_normal_orders(buf, rank, world, E)),
+        ("receive hook bound to its dispatch's stream",
+         lambda: _run_hook_stream_binding(buf, rank, world, E)),
+    ]
+    jobs += EXTRA_JOBS(buf, rank, world, E, graphs)
+    llt._run_jobs(jobs, results)
+    torch.cuda.synchronize()
+    buf.destroy()
+    return results
+
+
+def EXTRA_JOBS(buf, rank, world, E, graphs):   # noqa: N802 - extended below
+    return []
+
+
+@pytest.fixture(scope="module")
+def reliability_results():
+    cache = {}
+
+    def get(n):
+        if n not in cache:
+            gpu_harness.require_gpus(n)
+            cache[n] = gpu_harness.run_ranks(n, _worker, timeout_s=400)
+        return cache[n]
+    return get
+
+
+@pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
+def test_reliability(reliability_results, num_ranks):
+    bad = llt._failures(reliability_results(num_ranks))
+    assert not bad, "\n".join(bad)
