@@ -145,6 +145,22 @@ class Buffer:
         self._nvl.free()
         ctx.errors.free()
 
+    def _set_counters_for_test(self, ring: int | None = None, seq: int | None = None,
+                               ll_epoch: int | None = None) -> None:
+        """TEST ONLY, not part of the API: start this Buffer's device counters elsewhere, so
+        tests reach the wrap points a serving process reaches after millions of calls: the
+        normal-mode ring counters (int64) at `ring`, the normal-mode sequence words (int32)
+        at `seq`, the low-latency epochs (int64) at `ll_epoch`. Collective: every rank calls
+        it with the same values, with no call of this Buffer in flight."""
+        ctx = self._alive()
+        torch.cuda.synchronize(self.device)
+        if ring is not None or seq is not None:
+            self._intranode.set_counters_for_test(ring, seq)
+        if ll_epoch is not None:
+            self._low_latency().set_epochs_for_test(ll_epoch)
+        torch.cuda.synchronize(self.device)
+        ctx.nvshmem.barrier_all()
+
     def get_comm_stream(self) -> torch.cuda.Stream:
         return self._alive().comm_stream
 

@@ -76,10 +76,10 @@ LowLatencyDispatchArgs = struct(
     ("const int*", "pes"),                  # [R] NVSHMEM PE of each rank
     ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
     ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
-    ("int*", "seq"),
+    ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
     ("int*", "counters"),                   # [E] slot counters
-    ("int*", "call_epoch"),                 # [1] written by the send phase, read by receive
+    ("unsigned long long*", "call_epoch"),  # [1] written by the send phase, read by receive
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),
@@ -104,9 +104,9 @@ LowLatencyCombineArgs = struct(
     ("const int*", "pes"),
     ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
     ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
-    ("int*", "seq"),
+    ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
-    ("int*", "call_epoch"),
+    ("unsigned long long*", "call_epoch"),
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),

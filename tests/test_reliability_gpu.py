@@ -333,13 +333,131 @@ def _run_hook_stream_binding(buf, rank, R, E):
     llt._check_dispatch(rank, ins, E, (done, count, handle), False, False, False)
 
 
+# ---------------------------------------------------------------------------------- item 1
+# (normal ring counters, normal sequence words (int32), low-latency epochs): just below the
+# signed 32-bit wrap, the unsigned 32-bit wrap and the 48-bit tag wrap of the epochs.
+WRAP_STARTS = [(2 ** 31 - 40, 2 ** 31 - 3, 2 ** 32 - 3),
+               (2 ** 32 - 40, -3, 2 ** 48 - 4)]
+WRAP_CALLS = 6
+# 288 chunked receive tokens: 144-slot rings, not a power of two (DeepEP's EP16/32 tables)
+WRAP_CONFIG = dict(num_sms=20, num_max_nvl_chunked_send_tokens=8,
+                   num_max_nvl_chunked_recv_tokens=288)
+
+
+def _run_wrap(buf, rank, R, E, graphs):
+    """Calls across every counter's wrap point (started there by the test-only hook), each
+    result checked: ring slots stay FIFO, waits see the right side of the comparison, epochs
+    keep alternating halves and never match a stale word."""
+    import torch
+    import epgen
+    config = epgen.Config(**WRAP_CONFIG)
+    for w, (ring, seq, epoch) in enumerate(WRAP_STARTS):
+        buf._set_counters_for_test(ring=ring, seq=seq, ll_epoch=epoch)
+        for i in range(WRAP_CALLS):
+            cid = 4000 + 100 * w + i
+            ins = _normal_inputs(cid, R, E)
+            out = _normal_dispatch(buf, rank, ins, E, config=config)
+            cached = buf.dispatch(ins[rank][0] * 2, handle=out[4], config=config)
+            y = (out[0].float() * 0.5).to(torch.bfloat16)
+            combined, _, _ = buf.combine(y, out[4], config=config)
+            torch.cuda.synchronize()
+            buf.check_errors()
+            where = f"start {w}, call {i}"
+            try:
+                _check_normal_dispatch(rank, ins, E, out)
+                nt._eq("cached recv_x", cached[0], (out[0].float() * 2).to(torch.bfloat16))
+                _check_normal_combine(rank, ins, E, R, _gather_var(y), combined)
+            except AssertionError as exc:
+                raise AssertionError(f"normal, {where}: {exc}") from exc
+            mode = LL_MODES[i % len(LL_MODES)]
+            lins = llt._all_inputs(cid, R, [M] * R, H, K, E)
+            x, idx, wts = lins[rank]
+            d, finish = _ll_call(buf, graphs, mode, "dispatch", x, idx)
+            finish()
+            torch.cuda.synchronize()
+            buf.check_errors()
+            yl = llt._expert_out(d[0], False, H)
+            c, finish = _ll_call(buf, graphs, mode, "combine", yl, idx, wts, d[2])
+            finish()
+            torch.cuda.synchronize()
+            buf.check_errors()
+            try:
+                llt._check_dispatch(rank, lins, E, d, False, False, False)
+                llt._check_combine(rank, lins, yl, d[2], c)
+            except AssertionError as exc:
+                raise AssertionError(f"low latency {mode}, {where}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------- item 6
+def _capture_raises(fn, *needles):
+    import torch
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+            fn()
+    except ValueError as exc:
+        assert all(n in str(exc) for n in needles), str(exc)
+    else:
+        raise AssertionError(f"captured without the error naming {needles}")
+    torch.cuda.synchronize()
+
+
+def _run_graph_layout(buf, rank, R, E):
+    """Normal mode under CUDA graphs (review R6): a capture whose ring layout would need the
+    host-decided barrier is refused, as is a captured dispatch that would wait on the host;
+    a capture with the warmed-up layout replays correctly, and afterwards a layout change is
+    refused even eagerly (replays could not run its barrier). Runs last: it pins the layout."""
+    import torch
+    import epgen
+    cfg = epgen.Config(**WRAP_CONFIG)
+    other = epgen.Config(num_sms=10, num_max_nvl_chunked_send_tokens=8,
+                         num_max_nvl_chunked_recv_tokens=288)
+    ins = _normal_inputs(5000, R, E)
+    x, idx, w = ins[rank]
+    out = _normal_dispatch(buf, rank, ins, E, config=cfg)
+    y = (out[0].float() * 0.5).to(torch.bfloat16)
+    buf.combine(y, out[4], config=cfg)              # eager: the combine layout is cfg's
+    torch.cuda.synchronize()
+    buf.check_errors()
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    _capture_raises(lambda: buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                         num_tokens_per_expert=per_expert, topk_idx=idx,
+                                         topk_weights=w, config=cfg),
+                    "num_worst_tokens=0", "capture")
+    _capture_raises(lambda: buf.combine(y, out[4], config=other), "config=", "during CUDA graph capture")
+    sy = y.clone()
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        gout, _, _ = buf.combine(sy, out[4], config=cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    for rep in range(3):
+        yr = (out[0].float() * (0.25 * (rep + 1))).to(torch.bfloat16)
+        sy.copy_(yr)
+        g.replay()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        _check_normal_combine(rank, ins, E, R, _gather_var(yr), gout)
+    try:
+        buf.combine(y, out[4], config=other)
+    except ValueError as exc:
+        assert "a CUDA graph captured" in str(exc), str(exc)
+    else:
+        raise AssertionError("a layout change after a capture was accepted")
+    again, _, _ = buf.combine(y, out[4], config=cfg)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    _check_normal_combine(rank, ins, E, R, _gather_var(y), again)
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     import torch
     import torch.distributed as dist
     import epgen
     E = LOCAL_EXPERTS * world
-    nvl = epgen.Config(20, 8, 256, 6, 128).get_nvl_buffer_size_hint(H * 2, world)
+    nvl = epgen.Config(**WRAP_CONFIG).get_nvl_buffer_size_hint(H * 2, world)
     rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
     buf = epgen.Buffer(dist.group.WORLD, nvl, rdma, low_latency_mode=True)
     results = []
@@ -357,16 +475,15 @@ def _worker(rank, world):
          lambda: _run_normal_orders(buf, rank, world, E)),
         ("receive hook bound to its dispatch's stream",
          lambda: _run_hook_stream_binding(buf, rank, world, E)),
+        ("counters and epochs across their wrap points",
+         lambda: _run_wrap(buf, rank, world, E, graphs())),
     ]
-    jobs += EXTRA_JOBS(buf, rank, world, E, graphs)
+    jobs.append(("normal mode under CUDA graphs: layout rules (runs last: pins the layout)",
+                 lambda: _run_graph_layout(buf, rank, world, E)))
     llt._run_jobs(jobs, results)
     torch.cuda.synchronize()
     buf.destroy()
     return results
-
-
-def EXTRA_JOBS(buf, rank, world, E, graphs):   # noqa: N802 - extended below
-    return []
 
 
 @pytest.fixture(scope="module")

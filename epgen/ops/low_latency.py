@@ -2,19 +2,19 @@
 
 Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout:
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
-     dispatch signals u64 [2][1024]   (epoch << 32 | count) per (local expert, source rank)
-     combine signals  u64 [2][64]     (epoch << 32 | 1) per source rank
-     local words      int  dispatch seq, dispatch done, combine seq, combine done
+     dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
+     combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
+     local words      per op: u64 seq (its last epoch), int done; dispatch's, then combine's
      slot counters    int  [1024]     per global expert, reset by the send phase itself
-     verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch << 32 | in/out) per peer
+     verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch tag << 16 | in/out) per peer
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
      combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
-Signals carry an epoch from a device-side sequence word (one per op), and the half used is the
-epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
+Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
+sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
 step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
 MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
-WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done
+WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # per op: u64 seq, int done (16 bytes)
+OP_WORDS = 16
 COUNTERS_OFF = WORDS_OFF + 1024
 VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
 DATA_OFF = 32768
@@ -47,7 +48,7 @@ SEND, RECV = 1, 2
 class _OpPlaces:
     """Where one operation's control words and data areas sit in the region."""
     sig_off: int        # its signals
-    words_off: int      # its sequence word, then its done counter
+    words_off: int      # its 64-bit sequence word, then its int done counter
     verdicts_off: int   # its enable_shrink verdicts, u64 [2][64]
     recv_area: str      # _data_layout keys
     send_area: str
@@ -56,7 +57,7 @@ class _OpPlaces:
 _PLACES = {
     "low_latency_dispatch": _OpPlaces(DISP_SIG_OFF, WORDS_OFF, VERDICTS_OFF,
                                       "disp_recv", "disp_send"),
-    "low_latency_combine": _OpPlaces(COMB_SIG_OFF, WORDS_OFF + 8,
+    "low_latency_combine": _OpPlaces(COMB_SIG_OFF, WORDS_OFF + OP_WORDS,
                                      VERDICTS_OFF + 2 * MAX_RANK_SIG * 8, "comb_recv", "comb_send"),
 }
 
@@ -155,7 +156,7 @@ class LowLatencyOps:
             args.verdicts = self.base + places.verdicts_off
         args.any_remote = self.any_remote
         args.seq = self.base + places.words_off
-        args.done = self.base + places.words_off + 4
+        args.done = self.base + places.words_off + 8
         args.call_epoch = call_epoch.data_ptr()
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
@@ -224,7 +225,7 @@ class LowLatencyOps:
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        call_epoch = torch.empty(1, dtype=torch.int32, device=dev)   # send -> receive phase
+        call_epoch = torch.empty(1, dtype=torch.int64, device=dev)   # send -> receive phase
 
         def make_args(phases):
             a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch", lay,
@@ -297,7 +298,7 @@ class LowLatencyOps:
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
         kernel = ctx.kernel(spec)
-        call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)
+        call_epoch = torch.empty(1, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,
@@ -316,6 +317,12 @@ class LowLatencyOps:
                    combine_wait_recv_cost_stats)
         event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors)
         return out, event, hook
+
+    def set_epochs_for_test(self, epoch: int) -> None:
+        """TEST ONLY (Buffer._set_counters_for_test): both operations' last epoch to `epoch`,
+        so a test can run calls across the 32-bit and 48-bit tag wraps."""
+        for places in _PLACES.values():
+            self.ctx.rdma.view(torch.int64, (1,), places.words_off).fill_(epoch)
 
     # -- enable_shrink masks ---------------------------------------------------------------
     def _need_shrink(self, what):

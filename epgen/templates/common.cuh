@@ -64,6 +64,9 @@ __device__ __forceinline__ void st_release_sys(long long* p, long long v) {
 __device__ __forceinline__ int ld_volatile(const int* p) {
     int v; asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
 }
+__device__ __forceinline__ long long ld_volatile(const long long* p) {
+    long long v; asm volatile("ld.volatile.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
+}
 __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
     int old; asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
     return old;

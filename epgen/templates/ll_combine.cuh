@@ -30,9 +30,9 @@ struct LLCombine {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = ll::next_epoch(a.seq);
-        const int half = (int)(epoch & 1u);
-        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = (int)epoch;   // for the receive
+        const unsigned long long epoch = ll::next_epoch(a.seq);
+        const int half = (int)(epoch & 1ull);
+        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = epoch;   // for the receive
         const int M = a.max_tokens;
         const int64_t RM = (int64_t)R * M;
         char* base = reinterpret_cast<char*>(a.rdma_base);
@@ -85,21 +85,21 @@ struct LLCombine {
         if (!ll::last_block_arrives(a.done, any_remote)) return;
         for (int r = tid; r < R; r += THREADS) {
             if (ll::masked(a.mask, r)) continue;
-            const unsigned long long v = ((unsigned long long)epoch << 32) | 1ull;
             const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxRankSig + a.rank) * 8;
-            ll::put_signal(base, a.peer_bases, a.pes, r, soff, v);
+            ll::put_signal(base, a.peer_bases, a.pes, r, soff, ll::tag_word(epoch, 1u));
         }
         __syncthreads();
         if (tid == 0) {
             *a.done = 0;
-            *a.seq = (int)epoch;
+            *a.seq = epoch;
         }
     }
 
     static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = (uint32_t)ld_volatile(a.call_epoch);   // this call's send
-        const int half = (int)(epoch & 1u);
+        const unsigned long long epoch = (unsigned long long)ld_volatile(
+            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
+        const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
