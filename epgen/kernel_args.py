@@ -40,6 +40,7 @@ def c_struct(cls: type[ctypes.Structure]) -> str:
 # Fields every communicating kernel shares: where to report errors and when to give up.
 ERROR_FIELDS = (
     ("int*", "error_word"),           # mapped pinned host memory (runtime/errors.py)
+    ("int*", "error_flag"),           # device int: set by every report, read at kernel end
     ("unsigned long long", "timeout_ns"),   # each wait gives up this long after kernel start
     ("int", "rank"),
     ("int", "op"),                    # operation code, for the error message
@@ -79,7 +80,7 @@ LowLatencyDispatchArgs = struct(
     ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
     ("int*", "counters"),                   # [E] slot counters
-    ("unsigned long long*", "call_epoch"),  # [1] written by the send phase, read by receive
+    ("unsigned long long*", "call_epoch"),  # [2] epoch, receive blocks done: set by the send
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),

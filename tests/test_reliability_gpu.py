@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import traceback
 
 import pytest
 
@@ -451,6 +452,26 @@ def _run_graph_layout(buf, rank, R, E):
     _check_normal_combine(rank, ins, E, R, _gather_var(y), again)
 
 
+def _run_two_current_streams(buf, rank, R, E):
+    """Two synchronous low-latency dispatches made from two different current streams with
+    nothing joining them: the Buffer still runs them in call order (DeepEP's comm stream is
+    FIFO), so they take different epochs and both are right."""
+    import torch
+    ins = [llt._all_inputs(3100 + j, R, [M] * R, H, K, E) for j in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    for j, st in enumerate(streams):
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            x, idx, _ = ins[j][rank]
+            recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+            outs.append((recv, count, handle))
+    torch.cuda.synchronize()
+    buf.check_errors()
+    for j in range(2):
+        llt._check_dispatch(rank, ins[j], E, outs[j], False, False, False)
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     import torch
@@ -475,6 +496,8 @@ def _worker(rank, world):
          lambda: _run_normal_orders(buf, rank, world, E)),
         ("receive hook bound to its dispatch's stream",
          lambda: _run_hook_stream_binding(buf, rank, world, E)),
+        ("sync calls from two current streams run in call order",
+         lambda: _run_two_current_streams(buf, rank, world, E)),
         ("counters and epochs across their wrap points",
          lambda: _run_wrap(buf, rank, world, E, graphs())),
     ]
@@ -501,4 +524,123 @@ def reliability_results():
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_reliability(reliability_results, num_ranks):
     bad = llt._failures(reliability_results(num_ranks))
+    assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------- item 5
+FAULT_TIMEOUT_S = 3.0
+
+
+def _all_equal(name, t, value):
+    import torch
+    bad = ~(t.isnan() if value != value else t == value)
+    assert not bool(bad.any()), (f"{name}: {int(bad.sum())} of {t.numel()} elements not poisoned "
+                                 f"({value}); first at {bad.nonzero()[0].tolist()}")
+
+
+def _expect_deadline(buf, op):
+    from epgen.runtime.errors import EpgenDeviceError
+    try:
+        buf.check_errors()
+    except EpgenDeviceError as exc:
+        assert op in str(exc) and "timed out" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"{op}: no deadline error reported")
+
+
+def _fault_worker(rank, world):
+    """The last rank skips one call on each of three Buffers (as a crashed or stuck rank
+    would); the others' waits hit the deadline, the error is reported, and every output of the
+    failed call is poisoned on the device: NaN floats, -1 indices, 0 counts. The skipping rank
+    never destroys (its peers could not join the collective free); the harness ends it."""
+    import torch
+    import torch.distributed as dist
+    import epgen
+    os.environ["EPGEN_TIMEOUT_S"] = "20"
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(2 << 30))   # three Buffers' regions
+    R, E, skip = world, LOCAL_EXPERTS * world, world - 1
+    nvl = epgen.Config(**WRAP_CONFIG).get_nvl_buffer_size_hint(H * 2, world)
+    rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
+    normal = epgen.Buffer(dist.group.WORLD, nvl, 0)
+    lld = epgen.Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True)
+    llc = epgen.Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True)
+    results = []
+
+    def job(name, fn):
+        try:
+            fn()
+            results.append((name, "ok"))
+        except Exception as exc:  # noqa: BLE001 - reported per job
+            results.append((name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        torch.cuda.synchronize()
+        dist.barrier()
+
+    def normal_combine():
+        ins = _normal_inputs(6000, R, E)
+        out = _normal_dispatch(normal, rank, ins, E)
+        torch.cuda.synchronize()
+        normal.check_errors()
+        _check_normal_dispatch(rank, ins, E, out)
+        if rank == skip:
+            return
+        y = (out[0].float() * 0.5).to(torch.bfloat16)
+        w = torch.ones(out[0].shape[0], K, dtype=torch.float32, device="cuda")
+        os.environ["EPGEN_TIMEOUT_S"] = str(FAULT_TIMEOUT_S)
+        try:
+            combined, cw, _ = normal.combine(y, out[4], topk_weights=w)
+            torch.cuda.synchronize()
+        finally:
+            os.environ["EPGEN_TIMEOUT_S"] = "20"
+        _expect_deadline(normal, "combine")
+        _all_equal("combined_x", combined, float("nan"))
+        _all_equal("combined_topk_weights", cw, float("nan"))
+
+    def ll_dispatch():
+        if rank == skip:
+            return
+        x, idx, _ = llt._all_inputs(6100, R, [M] * R, H, K, E)[rank]
+        os.environ["EPGEN_TIMEOUT_S"] = str(FAULT_TIMEOUT_S)
+        try:
+            recv, count, handle, _, _ = lld.low_latency_dispatch(x, idx, M, E, use_fp8=True)
+            torch.cuda.synchronize()
+        finally:
+            os.environ["EPGEN_TIMEOUT_S"] = "20"
+        _expect_deadline(lld, "low_latency_dispatch")
+        _all_equal("recv_count", count, 0)
+        _all_equal("recv_x", recv[0].float(), float("nan"))
+        _all_equal("recv_x_scales", recv[1], float("nan"))
+        _all_equal("recv_src_info", handle[0], -1)
+        _all_equal("recv_layout_range", handle[1], 0)
+
+    def ll_combine():
+        ins = llt._all_inputs(6200, R, [M] * R, H, K, E)
+        x, idx, w = ins[rank]
+        recv, count, handle, _, _ = llc.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+        torch.cuda.synchronize()
+        llc.check_errors()
+        llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
+        if rank == skip:
+            return
+        os.environ["EPGEN_TIMEOUT_S"] = str(FAULT_TIMEOUT_S)
+        try:
+            out, _, _ = llc.low_latency_combine(llt._expert_out(recv, False, H), idx, w, handle)
+            torch.cuda.synchronize()
+        finally:
+            os.environ["EPGEN_TIMEOUT_S"] = "20"
+        _expect_deadline(llc, "low_latency_combine")
+        _all_equal("combined", out, float("nan"))
+
+    job("normal combine with a rank absent: deadline, outputs NaN", normal_combine)
+    job("low-latency dispatch with a rank absent: deadline, outputs poisoned", ll_dispatch)
+    job("low-latency combine with a rank absent: deadline, outputs NaN", ll_combine)
+    if rank != skip:
+        for b in (normal, lld, llc):
+            b.destroy()          # after an error: skips the collective free, never hangs
+    return results
+
+
+@pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
+def test_outputs_poisoned_after_deadline(num_ranks):
+    gpu_harness.require_gpus(num_ranks)
+    bad = llt._failures(gpu_harness.run_ranks(num_ranks, _fault_worker, timeout_s=240))
     assert not bad, "\n".join(bad)

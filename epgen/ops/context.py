@@ -78,6 +78,13 @@ class OpsContext:
     peer_tables: dict = field(default_factory=dict)
 
     _kernels: dict = field(default_factory=dict)
+    # Device mirror of "an error was reported": a kernel's last block reads it to poison the
+    # call's outputs (common.cuh last_block_sees_error). Allocated with the Buffer.
+    error_flag: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.error_flag is None:
+            self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     @functools.cached_property
     def device_sms(self) -> int:
@@ -97,6 +104,7 @@ class OpsContext:
 
     def fill_error_fields(self, args: ctypes.Structure, op: str) -> ctypes.Structure:
         args.error_word = self.errors.device_ptr
+        args.error_flag = self.error_flag.data_ptr()
         args.timeout_ns = timeout_ns()
         args.rank = self.rank
         args.op = OP_CODES[op]

@@ -225,7 +225,7 @@ class LowLatencyOps:
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        call_epoch = torch.empty(1, dtype=torch.int64, device=dev)   # send -> receive phase
+        call_epoch = torch.empty(2, dtype=torch.int64, device=dev)   # send -> receive phase
 
         def make_args(phases):
             a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch", lay,
@@ -298,7 +298,7 @@ class LowLatencyOps:
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
         kernel = ctx.kernel(spec)
-        call_epoch = torch.empty(1, dtype=torch.int64, device=ctx.device)
+        call_epoch = torch.empty(2, dtype=torch.int64, device=ctx.device)   # epoch, done
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,

@@ -14,8 +14,8 @@ trip (comm waits for compute, runs, compute waits for comm) orders it the same w
 events. What that shortcut must keep is DeepEP's FIFO between this Buffer's calls: two of its
 kernels share device state (normal ring counters, low-latency sequence words, slot counters and
 buffer halves) and must never run at once, so a call on the current stream first joins the
-Buffer's unjoined async work on the comm stream, and an async call after previous_event also
-waits for the Buffer's last call on the current stream.
+Buffer's unjoined async work on the comm stream and its last call if that ran on another
+stream, and a comm-stream call also waits for the Buffer's last call on a current stream.
 
 Under CUDA graph capture the bookkeeping is per mode: what was recorded eagerly is never waited
 on from a capture (that would cross the capture boundary; torch.cuda.graph synchronizes the
@@ -42,6 +42,7 @@ class StreamOrder:
         self.comm_busy = False          # async work of this Buffer on the comm stream not joined
         self.compute_pending = False    # the Buffer's last call ran on the current stream ...
         self.sync_done = torch.cuda.Event()   # ... and ended here
+        self.sync_stream = None         # ... which was this stream (cuda_stream handle)
         self._captured = False          # the state above was set under a capture
 
     def _enter_mode(self) -> bool:
@@ -70,17 +71,21 @@ class StreamOrder:
             if self.comm_busy:
                 compute.wait_stream(self.comm_stream)
                 self.comm_busy = False
+            elif self.compute_pending and self.sync_stream != compute.cuda_stream:
+                compute.wait_event(self.sync_done)      # the last call ran on another stream
             yield compute
             self.sync_done.record(compute)
             self.compute_pending = True
+            self.sync_stream = compute.cuda_stream
             result["event"] = EventOverlap(None)
             return
         if previous_event is not None:
             self.comm_stream.wait_event(previous_event.event.event)
-            if self.compute_pending:
-                self.comm_stream.wait_event(self.sync_done)
         else:
             self.comm_stream.wait_stream(compute)
+        if self.compute_pending and (previous_event is not None
+                                     or self.sync_stream != compute.cuda_stream):
+            self.comm_stream.wait_event(self.sync_done)
         self.compute_pending = False
         if allocate_on_comm_stream:
             with torch.cuda.stream(self.comm_stream):

@@ -32,7 +32,10 @@ struct LLCombine {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
-        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = epoch;   // for the receive
+        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
+            a.call_epoch[0] = epoch;
+            a.call_epoch[1] = 0;
+        }
         const int M = a.max_tokens;
         const int64_t RM = (int64_t)R * M;
         char* base = reinterpret_cast<char*>(a.rdma_base);
@@ -169,6 +172,8 @@ struct LLCombine {
                 st_v4(reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * (2 * H)) + c, o);
             }
         }
+        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err))
+            poison_fill(a.out, (int64_t)a.num_tokens * 2 * H, kPoisonNaN);      // outputs: NaN
     }
 };
 

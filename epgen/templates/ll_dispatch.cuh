@@ -117,7 +117,10 @@ struct LLDispatch {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
-        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = epoch;   // for the receive
+        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
+            a.call_epoch[0] = epoch;
+            a.call_epoch[1] = 0;
+        }
         const int M = a.max_tokens;
         char* base = reinterpret_cast<char*>(a.rdma_base);
         const bool any_remote = a.any_remote != 0;
@@ -376,6 +379,14 @@ struct LLDispatch {
                 }
             }
             __syncwarp();   // s_le / s_row are rewritten for the next message
+        }
+        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
+            const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
+            poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
+            if constexpr (FP8) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
+            poison_fill(a.recv_src_info, rows * 4, kPoisonNaN);
+            poison_fill(a.recv_layout_range, (int64_t)El * R * 8, kPoisonZero);
+            poison_fill(a.recv_count, (int64_t)El * 4, kPoisonZero);
         }
     }
 };

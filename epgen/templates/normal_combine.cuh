@@ -242,6 +242,10 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
             }
         }
     }
+    if (last_block_sees_error(word(own, kCombDone), err)) {     // outputs: NaN
+        poison_fill(a.combined_x, (int64_t)a.num_tokens * Cfg::kHB, kPoisonNaN);
+        poison_fill(a.combined_weights, (int64_t)a.num_tokens * K * 4, kPoisonNaN);
+    }
 }
 
 }  // namespace epgen

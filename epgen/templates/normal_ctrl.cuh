@@ -25,8 +25,10 @@ constexpr long long kDispTail = kDispHead + kMaxC * kMaxR * 8;             // by
 constexpr long long kCombSendTail = kDispTail + kMaxC * kMaxR * 8;         // own [c][owner]
 constexpr long long kCombHead = kCombSendTail + kMaxC * kMaxR * 8;         // own [c][sender]
 constexpr long long kCombTail = kCombHead + kMaxC * kMaxR * 8;             // by sender [c][sender]
+constexpr long long kDispDone = kCombTail + kMaxC * kMaxR * 8;            // own int: blocks done
+constexpr long long kCombDone = kDispDone + 4;                             // own int: blocks done
 constexpr long long kCtrlBytes = 196608;
-static_assert(kCombTail + kMaxC * kMaxR * 8 <= kCtrlBytes, "control area overflow");
+static_assert(kCombDone + 4 <= kCtrlBytes, "control area overflow");
 static_assert(kDispCall == 69632 && kDispSendTail == 102912 && kCtrlBytes == 196608,
               "mirrored in epgen/ops/intranode.py (DISP_CALL_OFF, RING_COUNTERS_OFF, CTRL_BYTES)");
 

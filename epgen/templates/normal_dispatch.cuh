@@ -231,6 +231,14 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
     }
     __syncthreads();
     if (tid == 0) st_volatile(word(own, kDispCall, c), seq);
+    if (last_block_sees_error(word(own, kDispDone), err)) {     // outputs: NaN, -1
+        const int64_t rows = a.num_recv_rows;
+        poison_fill(a.recv_x, rows * HB, kPoisonNaN);
+        poison_fill(a.recv_scales, rows * S * 4, kPoisonNaN);
+        poison_fill(a.recv_topk_idx, rows * K * 8, kPoisonNaN);
+        poison_fill(a.recv_topk_weights, rows * K * 4, kPoisonNaN);
+        poison_fill(a.recv_src_idx, rows * 4, kPoisonNaN);
+    }
 }
 
 }  // namespace epgen
