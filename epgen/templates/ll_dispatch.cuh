@@ -5,7 +5,7 @@
 //   sig_off : u64 [2][kMaxSig]            signal (epoch << 32 | count) per (local expert, source)
 //   recv_off: msg [2][R][M]               message slot per (source, source token)
 //   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
-// Message = header {token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
+// Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
 // bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
 // bytes; or the BF16 row. `slot` is the row's place in its (local expert, source) chunk, from
 // an atomic on the sender's per-expert counter.
@@ -46,6 +46,18 @@ struct LLDispatch {
     // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
     // (the receive refuses counts > M), T <= 1024 (ops/low_latency.py MAX_TOKENS).
     static_assert(1024 * K <= (int)ll::kValueMask, "count field of the signal word");
+
+    // 16 bits naming the message layout (the shapes that place headers): a header is taken
+    // only with this call's epoch and this tag, so after a shape change no old payload bytes
+    // that happen to sit where a header now is pass for one (review R5).
+    static __device__ __forceinline__ int layout_tag(int max_tokens) {
+        uint32_t h = 2166136261u;                               // FNV-1a over the shapes
+        const uint32_t v[6] = {(uint32_t)H, (uint32_t)K, (uint32_t)E, (uint32_t)R,
+                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2)), (uint32_t)max_tokens};
+        #pragma unroll
+        for (int i = 0; i < 6; ++i) { h ^= v[i]; h *= 16777619u; }
+        return (int)((h ^ (h >> 16)) & 0xffffu);
+    }
 
     // Byte offset of signal i = (local expert * R + source rank) of a half.
     static __device__ __forceinline__ uint64_t sig_off(const LowLatencyDispatchArgs& a, int half, int i) {
@@ -152,7 +164,8 @@ struct LLDispatch {
                     int* h = reinterpret_cast<int*>(s_hdr[d]);
                     h[4 + j] = ((ev % El) << 16) | slot;
                     if (lane == leader_lane) {
-                        h[0] = t; h[1] = (int)(uint32_t)epoch; h[2] = __popc(same);
+                        h[0] = (layout_tag(M) << 16) | t; h[1] = (int)(uint32_t)epoch;
+                        h[2] = __popc(same);
                         h[3] = (int)(uint32_t)(epoch >> 32);
                         s_dst[d] = dst;
                     }
@@ -231,6 +244,7 @@ struct LLDispatch {
             reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
         const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
+        const int tag = layout_tag(M);                  // headers of this layout only
         const int64_t RM = (int64_t)R * M;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
@@ -308,7 +322,8 @@ struct LLDispatch {
             const int4* msg = reinterpret_cast<const int4*>(
                 base + a.recv_off + (((uint64_t)half * R + src) * M + t) * kMsg);
             const int4 h = ld_v4(msg);                  // token, epoch low, n, epoch high
-            if ((uint32_t)h.y != (uint32_t)epoch || (uint32_t)h.w != (uint32_t)(epoch >> 32)) continue;
+            if ((uint32_t)h.y != (uint32_t)epoch || (uint32_t)h.w != (uint32_t)(epoch >> 32) ||
+                ((uint32_t)h.x >> 16) != (uint32_t)tag) continue;
             const int n = h.z >= 0 && h.z <= K ? h.z : 0;
             if (lane < n) {
                 const int ent = ld_volatile(reinterpret_cast<const int*>(msg) + 4 + lane);
@@ -316,7 +331,7 @@ struct LLDispatch {
                 int row = -1;
                 if (le < El && slot < s_cnt[le * R + src]) {
                     row = s_begin[le * R + src] + slot;
-                    if (part == 0) a.recv_src_info[le * RM + row] = h.x;
+                    if (part == 0) a.recv_src_info[le * RM + row] = h.x & 0xffff;
                 } else if (part == 0) {
                     report_error(err, kErrBadArg, src, ent);
                 }
