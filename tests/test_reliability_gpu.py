@@ -472,6 +472,131 @@ def _run_two_current_streams(buf, rank, R, E):
         llt._check_dispatch(rank, ins[j], E, outs[j], False, False, False)
 
 
+# ---------------------------------------------------------------------------------- item 8
+LATE_S = 5.0
+
+
+def _run_late_rank(buf, rank, R, E):
+    """A rank that arrives 5 s late (within the 20 s deadline) for a low-latency dispatch and
+    for a normal combine: the others wait for it and every result is right."""
+    import time
+
+    import torch
+    late = R - 1
+    ins = llt._all_inputs(7000, R, [M] * R, H, K, E)
+    x, idx, w = ins[rank]
+    if rank == late:
+        time.sleep(LATE_S)
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
+    nins = _normal_inputs(7001, R, E)
+    out = _normal_dispatch(buf, rank, nins, E)
+    y = (out[0].float() * 0.5).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    if rank == late:
+        time.sleep(LATE_S)
+    combined, _, _ = buf.combine(y, out[4])
+    torch.cuda.synchronize()
+    buf.check_errors()
+    _check_normal_combine(rank, nins, E, R, _gather_var(y), combined)
+
+
+# ---------------------------------------------------------------------------------- item 9
+def _invalid_calls(buf, R, E):
+    """(argument named in the error, call) pairs: each breaks one rule of a public call."""
+    import torch
+    import epgen
+    dev = "cuda"
+    x = torch.randn(M, H, device=dev).to(torch.bfloat16)
+    idx = torch.randint(0, E, (M, K), device=dev)
+    ll = buf.low_latency_dispatch
+    nx = torch.randn(64, H, device=dev).to(torch.bfloat16)
+    nidx = torch.randint(0, E, (64, K), device=dev)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(nidx, E)
+    nargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                 num_tokens_per_expert=per_expert, topk_idx=nidx)
+    return [
+        ("num_max_dispatch_tokens_per_rank", lambda v: ll(x[:1], idx[:1], v, E),
+         [0, -1, 1025, 4096]),
+        ("num_experts", lambda v: ll(x, idx, M, v), [E + 1, E * 2048, 0]),
+        ("x.dtype", lambda v: ll(x.to(v), idx, M, E), [torch.float32, torch.float16]),
+        ("x.shape", lambda v: ll(x.view(-1)[:v], idx, M, E), [H, 2 * H]),
+        ("topk_idx.dtype", lambda v: ll(x, idx.to(v), M, E), [torch.int32, torch.int16]),
+        ("topk_idx.shape[0]", lambda v: ll(x, idx[:v], M, E), [1, M - 1]),
+        ("x.shape[0]", lambda v: ll(torch.cat([x] * v), torch.cat([idx] * v), M, E), [2, 3]),
+        ("hidden", lambda v: ll(x[:, :v].contiguous(), idx, M, E), [H - 8, 24]),
+        ("round_scale", lambda v: ll(x, idx, M, E, use_fp8=False, round_scale=v), [True]),
+        ("async_finish", lambda v: ll(x, idx, M, E, async_finish=v, return_recv_hook=True),
+         [True]),
+        ("x.data_ptr()", lambda v: ll(_misaligned(x)[:v], idx[:v], M, E), [M, 1]),
+        ("config.num_sms", lambda v: buf.dispatch(nx, config=epgen.Config(num_sms=v), **nargs),
+         [4096, 1 << 20]),
+        ("expert_alignment", lambda v: buf.dispatch(nx, expert_alignment=v, **nargs), [0, -4]),
+        ("num_worst_tokens", lambda v: buf.dispatch(nx, num_worst_tokens=v, **nargs), [-1]),
+        ("num_tokens_per_rdma_rank",
+         lambda v: buf.dispatch(nx, num_tokens_per_rdma_rank=per_rank, **nargs), [None]),
+        ("num_experts", lambda v: buf.get_dispatch_layout(nidx, v), [E + 1, 0, -E]),
+    ]
+
+
+def _run_argument_properties(buf, rank, R, E):
+    """Property-based (hypothesis, the same examples on every rank: derandomized, no
+    shrinking): a public call with one argument broken raises ValueError naming it, before
+    anything is launched; a valid low-latency pair with random token counts, dtype and
+    dropped routes matches the reference."""
+    import torch
+    import torch.distributed as dist
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    calls = _invalid_calls(buf, R, E)
+    common = dict(derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+
+    @settings(max_examples=60, **common)
+    @given(st.data())
+    def invalid(data):
+        name, call, values = data.draw(st.sampled_from(calls))
+        v = data.draw(st.sampled_from(values))
+        if name == "num_experts" and R == 1 and v == E + 1:
+            return
+        try:
+            call(v)
+        except ValueError as exc:
+            assert str(exc).startswith(f"{name}="), f"{name}: {exc}"
+        else:
+            raise AssertionError(f"{name}={v!r} accepted")
+
+    @settings(max_examples=12, **common)
+    @given(tokens=st.lists(st.integers(0, M), min_size=R, max_size=R), fp8=st.booleans(),
+           neg=st.sampled_from([0.0, 0.3, 1.0]), cid=st.integers(0, 10 ** 6))
+    def valid(tokens, fp8, neg, cid):
+        ins = llt._all_inputs(cid, R, tokens, H, K, E, neg_frac=neg)
+        x, idx, w = ins[rank]
+        err = ""
+        try:
+            recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=fp8)
+            torch.cuda.synchronize()
+            buf.check_errors()
+            llt._check_dispatch(rank, ins, E, (recv, count, handle), fp8, False, False)
+            y = llt._expert_out(recv, fp8, H)
+            out, _, _ = buf.low_latency_combine(y, idx, w, handle)
+            torch.cuda.synchronize()
+            buf.check_errors()
+            llt._check_combine(rank, ins, y, handle, out)
+        except AssertionError as exc:
+            err = str(exc)
+        ok = torch.tensor([0 if err else 1], device="cuda")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)     # every rank stops at the same example
+        assert int(ok.item()) == 1, err or "another rank's result differs from the reference"
+
+    invalid()
+    torch.cuda.synchronize()
+    buf.check_errors()          # nothing was launched by a refused call
+    valid()
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     import torch
@@ -498,6 +623,9 @@ def _worker(rank, world):
          lambda: _run_hook_stream_binding(buf, rank, world, E)),
         ("sync calls from two current streams run in call order",
          lambda: _run_two_current_streams(buf, rank, world, E)),
+        ("argument checks and valid calls, property-based",
+         lambda: _run_argument_properties(buf, rank, world, E)),
+        ("a rank 5 s late (within the deadline)", lambda: _run_late_rank(buf, rank, world, E)),
         ("counters and epochs across their wrap points",
          lambda: _run_wrap(buf, rank, world, E, graphs())),
     ]
@@ -643,4 +771,92 @@ def _fault_worker(rank, world):
 def test_outputs_poisoned_after_deadline(num_ranks):
     gpu_harness.require_gpus(num_ranks)
     bad = llt._failures(gpu_harness.run_ranks(num_ranks, _fault_worker, timeout_s=240))
+    assert not bad, "\n".join(bad)
+
+
+def _killed_worker(rank, world, outdir):
+    """The last rank is killed (SIGKILL) between its low-latency dispatch and its combine; the
+    live ranks' combine hits the deadline, raises the documented error, poisons its output,
+    and destroy() returns at once. The live ranks write their outcome to `outdir` (the
+    harness reports the killed rank as missing and returns nothing)."""
+    import json
+    import signal
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import epgen
+    os.environ["EPGEN_TIMEOUT_S"] = "20"
+    E, dead = LOCAL_EXPERTS * world, world - 1
+    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E),
+                       low_latency_mode=True)
+    ins = llt._all_inputs(8000, world, [M] * world, H, K, E)
+    x, idx, w = ins[rank]
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
+    dist.barrier()
+    if rank == dead:
+        os.kill(os.getpid(), signal.SIGKILL)
+    outcome = {}
+    os.environ["EPGEN_TIMEOUT_S"] = str(FAULT_TIMEOUT_S)
+    try:
+        out, _, _ = buf.low_latency_combine(llt._expert_out(recv, False, H), idx, w, handle)
+        torch.cuda.synchronize()
+    finally:
+        os.environ["EPGEN_TIMEOUT_S"] = "20"
+    try:
+        _expect_deadline(buf, "low_latency_combine")
+        _all_equal("combined", out, float("nan"))
+        outcome["error"] = "ok"
+    except AssertionError as exc:
+        outcome["error"] = str(exc)
+    t0 = time.perf_counter()
+    buf.destroy()
+    outcome["destroy_s"] = time.perf_counter() - t0
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    return outcome
+
+
+def _fresh_worker(rank, world):
+    """A fresh set of processes on the same GPUs after a rank was killed: a correct pair."""
+    import torch
+    import torch.distributed as dist
+    import epgen
+    os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    E = LOCAL_EXPERTS * world
+    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E),
+                       low_latency_mode=True)
+    ins = llt._all_inputs(8100, world, [M] * world, H, K, E)
+    x, idx, w = ins[rank]
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
+    y = llt._expert_out(recv, False, H)
+    out, _, _ = buf.low_latency_combine(y, idx, w, handle)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    llt._check_combine(rank, ins, y, handle, out)
+    buf.destroy()
+    return [("fresh processes after a killed rank", "ok")]
+
+
+@pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
+def test_rank_killed_mid_call(num_ranks, tmp_path):
+    import json
+    gpu_harness.require_gpus(num_ranks)
+    dead = num_ranks - 1
+    with pytest.raises(AssertionError) as e:
+        gpu_harness.run_ranks(num_ranks, _killed_worker, str(tmp_path), timeout_s=90)
+    msg = str(e.value)
+    assert f"ranks [{dead}] did not finish" in msg, msg
+    assert "Traceback" not in msg, msg          # the live ranks returned normally
+    for r in range(dead):
+        outcome = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert outcome["error"] == "ok", f"rank {r}: {outcome}"
+        assert outcome["destroy_s"] < 5.0, f"rank {r}: destroy() took {outcome['destroy_s']:.1f} s"
+    bad = llt._failures(gpu_harness.run_ranks(num_ranks, _fresh_worker, timeout_s=120))
     assert not bad, "\n".join(bad)

@@ -28,6 +28,7 @@ from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyCombineSpec, LowLatencyDis
                      cached, num_scales)
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
+from .streams import StreamOrder
 
 THREADS = 1024
 MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
@@ -203,6 +204,7 @@ class LowLatencyOps:
             raise arg_error("round_scale", True, "needs use_fp8=True")
         if use_ue8m0 and not round_scale:
             raise arg_error("use_ue8m0", True, "needs round_scale=True")
+        StreamOrder.check_two_phase(async_finish, return_recv_hook)
         El = num_experts // R
         cum = self._check_stats("cumulative_local_expert_recv_stats",
                                 cumulative_local_expert_recv_stats, torch.int32, El)
@@ -288,12 +290,13 @@ class LowLatencyOps:
         if not 1 <= K <= min(MAX_TOPK, E):
             raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
         check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
+        StreamOrder.check_two_phase(async_finish, return_recv_hook)
         if out is not None:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
-        else:
-            out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
+        if out is None:
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)

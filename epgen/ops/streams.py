@@ -108,13 +108,18 @@ class StreamOrder:
             for t in tensors:
                 t.record_stream(compute)
 
+    @staticmethod
+    def check_two_phase(async_finish: bool, return_recv_hook: bool) -> None:
+        """two_phase's argument rule; the ops call it with their other checks, before they
+        allocate anything."""
+        from .context import arg_error
+        if async_finish and return_recv_hook:
+            raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
+
     def two_phase(self, send, receive, async_finish: bool, return_recv_hook: bool, tensors):
         """A low-latency call: send(stream) now and receive(stream) now or in the returned
         hook, which launches on the stream the send ran on (DeepEP binds the hook to the
         stream current at the dispatch / combine call). Returns (EventOverlap, hook)."""
-        from .context import arg_error
-        if async_finish and return_recv_hook:
-            raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
         result: dict = {"tensors": tensors}
         with self.scope(None, async_finish, False, result) as stream:
             send(stream)
