@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from . import toolchain
 from .config import Config
-from .ops.context import OpsContext, arg_error
+from .ops.context import OpsContext, arg_error, timeout_ns
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
@@ -130,7 +130,9 @@ class Buffer:
 
     def destroy(self) -> None:
         """Free the Buffer's symmetric memory. Never hangs: after a device error it skips the
-        collective free (leaking the memory, with a warning) and returns."""
+        collective free (leaking the memory, with a warning) and returns; a rank whose peers
+        do not join the free within EPGEN_TIMEOUT_S (they failed, or were killed) leaks it
+        the same way."""
         if self._destroyed:
             return
         ctx = self._ctx
@@ -140,9 +142,16 @@ class Buffer:
                           "its symmetric memory is leaked (freeing it would need every rank)")
             return
         torch.cuda.synchronize(self.device)
-        ctx.nvshmem.barrier_all()
-        self._rdma.free()
-        self._nvl.free()
+
+        def free():
+            ctx.nvshmem.barrier_all()
+            self._rdma.free()
+            self._nvl.free()
+        if not ctx.nvshmem.collective_within(free, timeout_ns() / 1e9, self.device.index):
+            warnings.warn(f"epgen: rank {self.rank}: the other ranks did not join "
+                          "Buffer.destroy() within EPGEN_TIMEOUT_S; its symmetric memory is "
+                          "leaked")
+            return
         ctx.errors.free()
 
     def _set_counters_for_test(self, ring: int | None = None, seq: int | None = None,

@@ -156,6 +156,34 @@ class NvshmemHost:
     def barrier_all(self) -> None:
         self.lib.nvshmem_barrier_all()
 
+    def collective_within(self, fn, timeout_s: float, device: int) -> bool:
+        """Run fn (collective NVSHMEM host calls: barrier, frees) on a helper thread, waiting
+        at most timeout_s: a peer that never joins (it stopped, or its own calls failed)
+        cannot hang the caller. True when fn completed; its exception is raised here. After
+        one timeout the helper thread is still inside NVSHMEM, so later collectives are not
+        attempted (False at once)."""
+        if getattr(self, "_wedged", False):
+            return False
+        box: dict = {}
+
+        def run():
+            try:
+                import torch
+                torch.cuda.set_device(device)      # the thread's current context: this GPU
+                fn()
+                box["ok"] = True
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["exc"] = exc
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if "exc" in box:
+            raise box["exc"]
+        if not box.get("ok", False):
+            self._wedged = True
+            return False
+        return True
+
     def finalize(self, timeout_s: float = 20.0) -> None:
         """Finalise if epgen owns NVSHMEM; never hangs (a stuck peer leaves it skipped)."""
         if not self.owned:
