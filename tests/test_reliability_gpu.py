@@ -660,7 +660,6 @@ FAULT_TIMEOUT_S = 3.0
 
 
 def _all_equal(name, t, value):
-    import torch
     bad = ~(t.isnan() if value != value else t == value)
     assert not bool(bad.any()), (f"{name}: {int(bad.sum())} of {t.numel()} elements not poisoned "
                                  f"({value}); first at {bad.nonzero()[0].tolist()}")
