@@ -2,7 +2,7 @@
 // owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
 //
 // Region layout (byte offsets are launch arguments):
-//   sig_off : u64 [2][64]                 signal (epoch << 32 | 1) per source rank
+//   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
 //   recv_off: bf16 [2][E][M][H]           rows by (global expert, owner's token index)
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts
 // Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout

@@ -1,6 +1,6 @@
 // Shared pieces of the low-latency kernels (ll_dispatch.cuh, ll_combine.cuh).
 //
-// Signals are 64-bit words (epoch << 16) | value written into the receiver's symmetric region:
+// Signals are 64-bit words (epoch tag << 16) | value written into the receiver's symmetric region:
 // a receiver waits until the tag equals its own epoch, so stale words from earlier calls never
 // match and nothing has to be cleaned. Epochs come from a device-side 64-bit sequence word per
 // op (graph replays advance it on the device); a signal carries the epoch's low 48 bits, a

@@ -2,7 +2,7 @@
 // (kernels.md 4.9): a token whose experts sit on one rank crosses NVLink once, not once per expert.
 //
 // Region layout (byte offsets are launch arguments, computed in epgen/ops/low_latency.py):
-//   sig_off : u64 [2][kMaxSig]            signal (epoch << 32 | count) per (local expert, source)
+//   sig_off : u64 [2][kMaxSig]            signal tag_word(epoch, count) per (local expert, source)
 //   recv_off: msg [2][R][M]               message slot per (source, source token)
 //   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
 // Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
@@ -164,7 +164,8 @@ struct LLDispatch {
                     int* h = reinterpret_cast<int*>(s_hdr[d]);
                     h[4 + j] = ((ev % El) << 16) | slot;
                     if (lane == leader_lane) {
-                        h[0] = (layout_tag(M) << 16) | t; h[1] = (int)(uint32_t)epoch;
+                        h[0] = (int)(((uint32_t)layout_tag(M) << 16) | (uint32_t)t);
+                        h[1] = (int)(uint32_t)epoch;
                         h[2] = __popc(same);
                         h[3] = (int)(uint32_t)(epoch >> 32);
                         s_dst[d] = dst;
