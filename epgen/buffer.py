@@ -155,7 +155,8 @@ class Buffer:
         the same order); later calls on the Buffer raise. Valid with or without
         explicitly_destroy, and a second call does nothing. Never hangs: after a device error,
         or with a peer masked out by enable_shrink (it may be gone), it skips the collective
-        free (leaking the memory, with a warning) and returns."""
+        free; and a rank whose peers do not join the free within EPGEN_TIMEOUT_S (they failed,
+        or were killed) gives it up. Either way the memory is leaked, with a warning."""
         if self._destroyed:
             return
         self._destroyed = True
@@ -165,14 +166,17 @@ class Buffer:
                           "symmetric memory is leaked (freeing it would need every rank)")
             return
         ctx = self._ctx
+
+        def free():
+            ctx.nvshmem.barrier_all()
+            self._rdma.free()
+            self._nvl.free()
         wait_s = timeout_ns() / 1e9
-        if not ctx.nvshmem.barrier_all_within(wait_s, self.device):
-            warnings.warn(f"epgen: rank {self.rank}: not every rank reached destroy() within "
-                          f"EPGEN_TIMEOUT_S={wait_s:g} s; the Buffer's symmetric memory is leaked "
-                          "and this process can create no new Buffer")
+        if not ctx.nvshmem.collective_within(free, wait_s, self.device.index):
+            warnings.warn(f"epgen: rank {self.rank}: the other ranks did not join "
+                          f"Buffer.destroy() within EPGEN_TIMEOUT_S={wait_s:g} s; its symmetric "
+                          "memory is leaked and this process can create no new Buffer")
             return
-        self._rdma.free()
-        self._nvl.free()
         ctx.errors.free()
 
     def _why_not_free(self) -> str | None:
@@ -191,6 +195,22 @@ class Buffer:
         if shrink and bool(self._ll.mask.any()):
             return "a peer was masked out (enable_shrink)"
         return None
+
+    def _set_counters_for_test(self, ring: int | None = None, seq: int | None = None,
+                               ll_epoch: int | None = None) -> None:
+        """TEST ONLY, not part of the API: start this Buffer's device counters elsewhere, so
+        tests reach the wrap points a serving process reaches after millions of calls: the
+        normal-mode ring counters (int64) at `ring`, the normal-mode sequence words (int32)
+        at `seq`, the low-latency epochs (int64) at `ll_epoch`. Collective: every rank calls
+        it with the same values, with no call of this Buffer in flight."""
+        ctx = self._alive()
+        torch.cuda.synchronize(self.device)
+        if ring is not None or seq is not None:
+            self._intranode.set_counters_for_test(ring, seq)
+        if ll_epoch is not None:
+            self._low_latency().set_epochs_for_test(ll_epoch)
+        torch.cuda.synchronize(self.device)
+        ctx.nvshmem.barrier_all()
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         return self._alive().comm_stream

@@ -40,6 +40,7 @@ def c_struct(cls: type[ctypes.Structure]) -> str:
 # Fields every communicating kernel shares: where to report errors and when to give up.
 ERROR_FIELDS = (
     ("int*", "error_word"),           # mapped pinned host memory (runtime/errors.py)
+    ("int*", "error_flag"),           # device int: set by every report, read at kernel end
     ("unsigned long long", "timeout_ns"),   # each wait gives up this long after kernel start
     ("int", "rank"),
     ("int", "op"),                    # operation code, for the error message
@@ -76,10 +77,10 @@ LowLatencyDispatchArgs = struct(
     ("const int*", "pes"),                  # [R] NVSHMEM PE of each rank
     ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
     ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
-    ("int*", "seq"),
+    ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
     ("int*", "counters"),                   # [E] slot counters
-    ("int*", "call_epoch"),                 # [1] written by the send phase, read by receive
+    ("unsigned long long*", "call_epoch"),  # [2] epoch, receive blocks done: set by the send
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),
@@ -104,9 +105,9 @@ LowLatencyCombineArgs = struct(
     ("const int*", "pes"),
     ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
     ("unsigned long long*", "verdicts"),    # [2][64] per-receive peer verdicts (enable_shrink)
-    ("int*", "seq"),
+    ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
-    ("int*", "call_epoch"),
+    ("unsigned long long*", "call_epoch"),
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),
@@ -125,7 +126,7 @@ LowLatencyBarrierArgs = struct(
     ("const int64_t*", "peer_bases"),
     ("const int*", "pes"),
     ("int*", "mask"),                       # [R] masked ranks (enable_shrink) or null
-    ("int*", "seq"),                        # this barrier's sequence word
+    ("unsigned long long*", "seq"),         # 64-bit: this barrier's last epoch
     ("unsigned long long", "sig_off"),      # its words: u64 [2][64], one per source rank
     ("int", "any_remote"),
     ("int", "pad0"),

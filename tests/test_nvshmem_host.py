@@ -1,4 +1,4 @@
-"""CPU: NvshmemHost's bounded barrier (a fake library stands in for NVSHMEM: a peer that never
+"""CPU: NvshmemHost's bounded collectives (a fake library stands in for NVSHMEM: a peer that never
 arrives cannot be produced without GPUs)."""
 from __future__ import annotations
 
@@ -30,19 +30,32 @@ def _host(monkeypatch):
     return h
 
 
-def test_barrier_within_returns_when_every_pe_arrives(monkeypatch):
+def test_collective_within_returns_when_every_pe_arrives(monkeypatch):
     h = _host(monkeypatch)
     h.lib.arrive.set()
-    assert h.barrier_all_within(5.0, "cuda:0") and h.stuck is None
+    assert h.collective_within(h.barrier_all, 5.0, 0) and h.stuck is None
 
 
-def test_barrier_within_gives_up_and_blocks_later_collectives(monkeypatch):
+def test_collective_within_raises_the_collectives_error(monkeypatch):
+    import pytest
+    h = _host(monkeypatch)
+
+    def broken():
+        raise RuntimeError("nvshmem_free failed")
+    with pytest.raises(RuntimeError, match="nvshmem_free failed"):
+        h.collective_within(broken, 5.0, 0)
+    assert h.stuck is None
+
+
+def test_collective_within_gives_up_and_blocks_later_collectives(monkeypatch):
     h = _host(monkeypatch)
     t0 = time.monotonic()
-    assert not h.barrier_all_within(0.3, "cuda:0")
+    assert not h.collective_within(h.barrier_all, 0.3, 0)
     assert 0.25 < time.monotonic() - t0 < 3.0
-    assert "never arrived" in h.stuck
-    assert not h.barrier_all_within(5.0, "cuda:0")      # refused at once, no second wait
+    assert "never joined" in h.stuck
+    t0 = time.monotonic()
+    assert not h.collective_within(h.barrier_all, 5.0, 0)   # refused at once, no second wait
+    assert time.monotonic() - t0 < 1.0
     h.finalize()
     assert not h.lib.finalized                          # no finalize after a stuck barrier
     h.lib.arrive.set()                                  # lets the fake's thread end

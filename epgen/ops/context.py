@@ -1,7 +1,6 @@
 """What every operation family gets from its Buffer: ranks, memory, streams, kernels, errors."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -12,10 +11,11 @@ import torch
 from .. import jit
 from ..runtime import module as modules
 from ..runtime.errors import OP_CODES, ErrorWord
-from ..runtime.events import EventHandle, EventOverlap
+from ..runtime.events import EventOverlap
 from ..runtime.nvshmem import NvshmemHost
 from ..runtime.symmetric import SymmetricRegion
 from ..specs import KernelSpec
+from .streams import StreamOrder, event_of  # noqa: F401 - event_of: part of the ops API
 
 DEFAULT_TIMEOUT_S = 100.0
 
@@ -29,8 +29,15 @@ def arg_error(name: str, value, rule: str) -> ValueError:
     return ValueError(f"{name}={value!r}: {rule}")
 
 
-def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None) -> None:
-    """A CUDA tensor of this dtype (and shape, device, contiguity), else arg_error naming it."""
+# Kernels move rows with 16-byte vector loads and stores (templates/common.cuh ld_nc_v4 /
+# st_v4): a row tensor whose address is not a multiple of this faults the GPU with a
+# misaligned address, a sticky error that kills the process's CUDA context.
+VECTOR_BYTES = 16
+
+
+def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None, align=0) -> None:
+    """A CUDA tensor of this dtype (and shape, device, contiguity, `align`-byte aligned
+    address), else arg_error naming it. Every check reads host-side metadata only."""
     if not isinstance(t, torch.Tensor):
         raise arg_error(name, type(t).__name__, "must be a torch.Tensor")
     if t.dtype != dtype:
@@ -41,19 +48,17 @@ def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None) -> No
         raise arg_error(f"{name}.shape", tuple(t.shape), f"must be {tuple(shape)}")
     if contiguous and not t.is_contiguous():
         raise arg_error(name, "non-contiguous", "must be contiguous")
+    check_aligned(name, t, align)
 
 
-def event_of(previous_event) -> torch.cuda.Event | None:
-    """The CUDA event a `previous_event` argument names. DeepEP reads
-    `getattr(previous_event, 'event', None)`, so None and an EventOverlap without an event
-    (what a synchronous call returns) both mean "no event to wait for"."""
-    if previous_event is None:
-        return None
-    if not isinstance(previous_event, EventOverlap):
-        raise arg_error("previous_event", type(previous_event).__name__,
-                        "must be None or an EventOverlap (Buffer.capture(), or an async call's event)")
-    handle = previous_event.event
-    return None if handle is None else handle.event
+def check_aligned(name, t: torch.Tensor, align: int) -> None:
+    """t's first element sits at an `align`-byte aligned address (empty tensors are never
+    read). A contiguous view at an element offset (x[1:], x.view(-1)[3:]...) is not."""
+    if align and t.numel() and t.data_ptr() % align:
+        raise arg_error(f"{name}.data_ptr()", hex(t.data_ptr()),
+                        f"must be {align}-byte aligned (it is {t.data_ptr() % align} bytes "
+                        f"past a {align}-byte boundary: the kernels read {align}-byte vectors; "
+                        "pass a fresh tensor, e.g. .clone())")
 
 
 @dataclass
@@ -73,9 +78,13 @@ class OpsContext:
     peer_tables: dict = field(default_factory=dict)
 
     _kernels: dict = field(default_factory=dict)
-    comm_busy: bool = False          # async work of this Buffer on the comm stream not yet joined
-    compute_pending: bool = False    # this Buffer's last work ran on the current stream ...
-    sync_done: torch.cuda.Event = field(default_factory=torch.cuda.Event)   # ... and ended here
+    # Device mirror of "an error was reported": a kernel's last block reads it to poison the
+    # call's outputs (common.cuh last_block_sees_error). Allocated with the Buffer.
+    error_flag: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.error_flag is None:
+            self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     @functools.cached_property
     def device_sms(self) -> int:
@@ -95,6 +104,7 @@ class OpsContext:
 
     def fill_error_fields(self, args: ctypes.Structure, op: str) -> ctypes.Structure:
         args.error_word = self.errors.device_ptr
+        args.error_flag = self.error_flag.data_ptr()
         args.timeout_ns = timeout_ns()
         args.rank = self.rank
         args.op = OP_CODES[op]
@@ -112,61 +122,12 @@ class OpsContext:
             self.peer_tables[region] = t
         return t
 
-    # -- streams (DeepEP semantics) -------------------------------------------------------
-    @contextlib.contextmanager
+    # -- streams (DeepEP semantics: ops/streams.py) ------------------------------------------
+    @functools.cached_property
+    def streams(self) -> StreamOrder:
+        return StreamOrder(self.device, self.comm_stream)
+
     def on_comm_stream(self, previous_event: EventOverlap | None, async_finish: bool,
                        allocate_on_comm_stream: bool, result: dict):
-        """DeepEP's stream semantics around one operation; yields the stream to launch on.
-
-        Synchronous calls without previous_event launch on the current stream (ordered as
-        DeepEP's comm-stream round trip would order them). Otherwise the launches run on the
-        comm stream after `previous_event` (else after the current stream's work), and then
-        either result['event'] is an EventOverlap the caller waits on (async_finish) or the
-        current stream waits for the comm stream. Tensors the body lists in result['tensors']
-        are recorded on the stream that did not allocate them."""
-        previous_event = event_of(previous_event)
-        if allocate_on_comm_stream and (previous_event is None or not async_finish):
-            raise arg_error("allocate_on_comm_stream", True,
-                            "needs previous_event and async_finish=True")
-        compute = torch.cuda.current_stream(self.device.index)
-        if previous_event is None and not async_finish:
-            # DeepEP's round trip (comm waits for compute, runs, compute waits for comm) orders
-            # the work like launching on the current stream, which needs no events, once
-            # earlier async work of this Buffer on the comm stream is joined.
-            if self.comm_busy:
-                compute.wait_stream(self.comm_stream)
-                self.comm_busy = False
-            yield compute
-            self.sync_done.record(compute)
-            self.compute_pending = True
-            result["event"] = EventOverlap(None)
-            return
-        if previous_event is not None:
-            self.comm_stream.wait_event(previous_event)
-            if self.compute_pending:
-                # also after this Buffer's last operation, run on the current stream: two of
-                # its kernels must never run at once (they share ring counters)
-                self.comm_stream.wait_event(self.sync_done)
-        else:
-            self.comm_stream.wait_stream(compute)
-        self.compute_pending = False
-        if allocate_on_comm_stream:
-            with torch.cuda.stream(self.comm_stream):
-                yield self.comm_stream
-        else:
-            yield self.comm_stream
-        tensors = [t for t in result.get("tensors", ()) if isinstance(t, torch.Tensor)]
-        if async_finish:
-            event = torch.cuda.Event()
-            event.record(self.comm_stream)
-            for t in tensors:
-                t.record_stream(self.comm_stream)
-            result["event"] = EventOverlap(EventHandle(event), tuple(tensors))
-            self.comm_busy = True
-        else:
-            compute.wait_stream(self.comm_stream)
-            self.comm_busy = False
-            result["event"] = EventOverlap(None)
-        if allocate_on_comm_stream:
-            for t in tensors:
-                t.record_stream(compute)
+        """StreamOrder.scope of this Buffer (one operation under DeepEP's stream semantics)."""
+        return self.streams.scope(previous_event, async_finish, allocate_on_comm_stream, result)

@@ -18,10 +18,17 @@ from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
 from ..specs import (MAX_SCALE_COLS, MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec,
                      normal_dispatch_wire)
-from .context import OpsContext, arg_error, check_tensor, timeout_ns
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, timeout_ns
 
-CTRL_BYTES = 131072
+CTRL_BYTES = 196608       # templates/normal_ctrl.cuh kCtrlBytes
 MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
+MAX_RANKS = 8            # templates/normal_ctrl.cuh kMaxR
+# Control words the test-only counter hook writes (normal_ctrl.cuh asserts these offsets):
+NOTIFY_SEQ_OFF = 0                                    # int, notify / barrier sequence
+DISP_CALL_OFF = 4096 + 2 * MAX_RANKS * 1024 * 4       # int [kMaxC], dispatch sequence per channel
+RING_COUNTERS_OFF = DISP_CALL_OFF + MAX_CHANNELS * 4 + 2 * MAX_CHANNELS * MAX_RANKS * 16
+RING_COUNTERS = 6 * MAX_CHANNELS * MAX_RANKS          # int64: send tails, heads, tails (x2 dirs)
+assert RING_COUNTERS_OFF + RING_COUNTERS * 8 <= CTRL_BYTES
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
 NOTIFY_THREADS = 256
 
@@ -65,6 +72,21 @@ class IntranodeOps:
         self.ctx = ctx
         self._host_counts: MappedHostArray | None = None
         self._layout = {"dispatch": None, "combine": None}
+        # The ring layout a CUDA graph captured, per direction: replays never run the host-
+        # decided barrier, so once captured the layout may not change (review R6).
+        self._pinned = {"dispatch": None, "combine": None}
+
+    def set_counters_for_test(self, ring: int | None, seq: int | None) -> None:
+        """TEST ONLY (Buffer._set_counters_for_test): every ring counter of this rank to
+        `ring` (int64) and every sequence word to `seq` (int32, as a signed value), so a
+        test can run calls across a wrap point. The caller ensures that no kernel runs and
+        that all ranks do the same."""
+        nvl = self.ctx.nvl
+        if ring is not None:
+            nvl.view(torch.int64, (RING_COUNTERS,), RING_COUNTERS_OFF).fill_(ring)
+        if seq is not None:
+            nvl.view(torch.int32, (MAX_CHANNELS,), DISP_CALL_OFF).fill_(seq)
+            nvl.view(torch.int32, (1,), NOTIFY_SEQ_OFF).fill_(seq)
 
     # -- helpers --------------------------------------------------------------------------
     def _half(self) -> tuple[int, int]:
@@ -99,6 +121,31 @@ class IntranodeOps:
         for k, v in kw.items():
             setattr(a, k, v)
         return a
+
+    def _check_graph_layout(self, which: str, key, self_barriered: bool) -> None:
+        """The ring-layout barrier is decided on the host, from the previous call's layout, and
+        CUDA graph replays neither run that decision nor update it. So: a capture may not need
+        the barrier (warm up eagerly with the same config first), and after a capture every
+        call in that direction keeps the captured layout. `self_barriered`: the call starts
+        with its own cross-rank barrier (the uncached dispatch's notify). Raises before
+        anything is launched."""
+        rule = ("channels = config.num_sms, slots = config.num_max_nvl_chunked_recv_tokens // 2, "
+                "record bytes from hidden, dtype and top-k")
+        pinned = self._pinned[which]
+        if pinned is not None and pinned != key:
+            raise arg_error("config", f"{which} ring layout (channels, slots, record bytes) {key}",
+                            f"must be {pinned}, the layout a CUDA graph captured on this Buffer "
+                            f"uses ({rule}): graph replays cannot run the cross-rank barrier a "
+                            "layout change needs")
+        if not torch.cuda.is_current_stream_capturing():
+            return
+        prev = self._layout[which]
+        if not self_barriered and prev is not None and prev != key:
+            raise arg_error("config", f"{which} ring layout {key} during CUDA graph capture",
+                            f"must equal the previous {which}'s {prev} ({rule}): the barrier "
+                            "a layout change needs is decided on the host and would not run at "
+                            "replay; make one eager call with this configuration before capture")
+        self._pinned[which] = key
 
     def _barrier_if_needed(self, which: str, key, notify, stream) -> None:
         if self._layout[which] is not None and self._layout[which] != key:
@@ -146,7 +193,7 @@ class IntranodeOps:
             name = "x[0]"
         if not isinstance(x, torch.Tensor):
             raise arg_error(name, type(x).__name__, "must be a torch.Tensor")
-        check_tensor(name, x, x.dtype, device=dev)
+        check_tensor(name, x, x.dtype, device=dev, align=VECTOR_BYTES)
         if x.dim() != 2:
             raise arg_error(f"{name}.shape", tuple(x.shape), "must be [num_tokens, hidden]")
         row_bytes = x.size(1) * x.element_size()
@@ -223,6 +270,11 @@ class IntranodeOps:
         spec = normal_dispatch_spec(wire_hidden, K, E, R, wire_dtype, S if S else -1)
         record = dispatch_record_bytes(row_bytes, S, K)
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
+        if not cached and num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
+            raise arg_error("num_worst_tokens", 0, "must be > 0 for a dispatch without a handle "
+                            "during CUDA graph capture (otherwise the host waits for the "
+                            "received counts, which a capture never produces)")
+        self._check_graph_layout("dispatch", (channels, cap, record), self_barriered=not cached)
         kernel = ctx.kernel(spec, "dispatch")
         notify = ctx.kernel(spec, "notify")
         El = spec.num_experts // R
@@ -305,7 +357,7 @@ class IntranodeOps:
         R, dev = ctx.num_ranks, ctx.device
         rpm, ntall, src_idx, in_rank = self._unpack_handle(handle)
         rows, T = src_idx.size(0), in_rank.size(0)
-        check_tensor("x", x, torch.bfloat16, device=dev)
+        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
         if x.dim() != 2 or x.size(0) != rows:
             raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
         H = x.size(1)
@@ -323,10 +375,12 @@ class IntranodeOps:
             raise arg_error("bias", f"{len(biases)} tensors", "at most two")
         biases = [b for b in biases if b is not None]
         for i, b in enumerate(biases):
-            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev)
+            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
+                         align=VECTOR_BYTES)
         spec = cached(NormalCombineSpec, hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)
+        self._check_graph_layout("combine", (channels, cap, record), self_barriered=False)
         kernel = ctx.kernel(spec)
         notify = ctx.kernel(spec, "notify")
         result: dict = {}

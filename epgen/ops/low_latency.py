@@ -2,12 +2,12 @@
 
 Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout:
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
-     dispatch signals u64 [2][1024]   (epoch << 32 | count) per (local expert, source rank)
-     combine signals  u64 [2][64]     (epoch << 32 | 1) per source rank
-     local words      int  dispatch seq, dispatch done, combine seq, combine done
+     dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
+     combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
+     local words      per op: u64 seq (its last epoch), int done; dispatch's, then combine's
      slot counters    int  [1024]     per global expert, reset by the send phase itself
-     verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch << 32 | in/out) per peer
-     barrier signals  u64  [2 barriers][2][64] (epoch << 32 | 1) per source rank:
+     verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch tag << 16 | in/out) per peer
+     barrier signals  u64  [2 barriers][2][64] (epoch tag << 16 | 1) per source rank:
                       clean_low_latency_buffer's, destroy()'s (enable_shrink)
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
@@ -15,8 +15,8 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
      combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
-Signals carry an epoch from a device-side sequence word (one per op), and the half used is the
-epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
+Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
+sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
 step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook).
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
-from ..runtime.events import EventHandle, EventOverlap
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
                      LowLatencyDispatchSpec, cached, num_scales)
-from .context import OpsContext, arg_error, check_tensor
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
+from .streams import StreamOrder
 
 THREADS = 1024
 MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
@@ -38,9 +38,10 @@ MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
 MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
-WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # dispatch seq, done, combine seq, done,
-CLEAN_SEQ_OFF = WORDS_OFF + 16                      # then the barriers' sequence words
-DESTROY_SEQ_OFF = WORDS_OFF + 20
+WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # per op: u64 seq, int done (16 bytes)
+OP_WORDS = 16
+CLEAN_SEQ_OFF = WORDS_OFF + 2 * OP_WORDS            # then the barriers' u64 sequence words
+DESTROY_SEQ_OFF = CLEAN_SEQ_OFF + 8
 COUNTERS_OFF = WORDS_OFF + 1024
 VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
 CLEAN_SIG_OFF = VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8
@@ -54,7 +55,7 @@ SEND, RECV = 1, 2
 class _OpPlaces:
     """Where one operation's control words and data areas sit in the region."""
     sig_off: int        # its signals
-    words_off: int      # its sequence word, then its done counter
+    words_off: int      # its 64-bit sequence word, then its int done counter
     verdicts_off: int   # its enable_shrink verdicts, u64 [2][64]
     recv_area: str      # _data_layout keys
     send_area: str
@@ -63,7 +64,7 @@ class _OpPlaces:
 _PLACES = {
     "low_latency_dispatch": _OpPlaces(DISP_SIG_OFF, WORDS_OFF, VERDICTS_OFF,
                                       "disp_recv", "disp_send"),
-    "low_latency_combine": _OpPlaces(COMB_SIG_OFF, WORDS_OFF + 8,
+    "low_latency_combine": _OpPlaces(COMB_SIG_OFF, WORDS_OFF + OP_WORDS,
                                      VERDICTS_OFF + 2 * MAX_RANK_SIG * 8, "comb_recv", "comb_send"),
 }
 
@@ -162,7 +163,7 @@ class LowLatencyOps:
             args.verdicts = self.base + places.verdicts_off
         args.any_remote = self.any_remote
         args.seq = self.base + places.words_off
-        args.done = self.base + places.words_off + 4
+        args.done = self.base + places.words_off + 8
         args.call_epoch = call_epoch.data_ptr()
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
@@ -173,37 +174,15 @@ class LowLatencyOps:
         return args
 
     def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
-        """Send phase now (current stream, or comm stream with async_finish); receive phase now
-        or in the returned hook (on the stream current when the hook is called)."""
-        ctx = self.ctx
-        if async_finish and return_recv_hook:
-            raise arg_error("async_finish", True, "cannot be combined with return_recv_hook=True")
-        compute = torch.cuda.current_stream(ctx.device.index)
-        stream = compute
-        if async_finish:
-            ctx.comm_stream.wait_stream(compute)
-            stream = ctx.comm_stream
-        send_args = make_args(SEND)
-        kernel.launch(self.sms, THREADS, send_args, stream.cuda_stream, smem=smem)
-        recv_args = make_args(RECV)
-        if not return_recv_hook:
-            kernel.launch(self.sms, THREADS, recv_args, stream.cuda_stream, smem=smem)
-        if async_finish:
-            event = torch.cuda.Event()
-            event.record(stream)
-            for t in tensors:
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(stream)
-            overlap = EventOverlap(EventHandle(event), tuple(tensors))
-        else:
-            overlap = EventOverlap(None)
+        """Send phase now, receive phase now or in the returned hook, under the Buffer's
+        stream semantics (ops/streams.py: the hook launches on the send's stream)."""
+        send_args, recv_args = make_args(SEND), make_args(RECV)
 
-        def hook():
-            if return_recv_hook:
-                _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
-                kernel.launch(self.sms, THREADS, recv_args,
-                              torch.cuda.current_stream(ctx.device.index).cuda_stream, smem=smem)
-        return overlap, hook
+        def launch(args):
+            return lambda stream: kernel.launch(self.sms, THREADS, args, stream.cuda_stream,
+                                                smem=smem)
+        return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
+                                          return_recv_hook, tensors)
 
     # -- API ------------------------------------------------------------------------------
     def _barrier(self, op, sig_off, seq_off, use_mask):
@@ -243,7 +222,7 @@ class LowLatencyOps:
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
-        check_tensor("x", x, torch.bfloat16)
+        check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES)
         if x.dim() != 2:
             raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
         T, H = x.shape
@@ -256,6 +235,7 @@ class LowLatencyOps:
             raise arg_error("round_scale", True, "needs use_fp8=True")
         if use_ue8m0 and not round_scale:
             raise arg_error("use_ue8m0", True, "needs round_scale=True")
+        StreamOrder.check_two_phase(async_finish, return_recv_hook)
         El = num_experts // R
         cum = self._check_stats("cumulative_local_expert_recv_stats",
                                 cumulative_local_expert_recv_stats, torch.int32, El)
@@ -278,7 +258,7 @@ class LowLatencyOps:
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        call_epoch = torch.empty(1, dtype=torch.int32, device=dev)   # send -> receive phase
+        call_epoch = torch.empty(2, dtype=torch.int64, device=dev)   # send -> receive phase
 
         def make_args(phases):
             a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch", lay,
@@ -331,7 +311,9 @@ class LowLatencyOps:
         ctx.check_errors()
         R = ctx.num_ranks
         src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
-        check_tensor("x", x, torch.bfloat16, (El, R * M, H))
+        # zero_copy sends the Buffer's own (aligned) combine buffer, not x
+        check_tensor("x", x, torch.bfloat16, (El, R * M, H),
+                     align=0 if zero_copy else VECTOR_BYTES)
         check_topk_idx(topk_idx)
         T, K = topk_idx.shape
         if T > M:
@@ -339,17 +321,18 @@ class LowLatencyOps:
         if not 1 <= K <= min(MAX_TOPK, E):
             raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
         check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
+        StreamOrder.check_two_phase(async_finish, return_recv_hook)
         if out is not None:
-            check_tensor("out", out, torch.bfloat16, (T, H))
-        else:
-            out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
+            check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
+        if out is None:
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
         spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
                                      threads=THREADS)
         kernel = ctx.kernel(spec)
-        call_epoch = torch.empty(1, dtype=torch.int32, device=ctx.device)
+        call_epoch = torch.empty(2, dtype=torch.int64, device=ctx.device)   # epoch, done
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,
@@ -368,6 +351,12 @@ class LowLatencyOps:
                    combine_wait_recv_cost_stats)
         event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors)
         return out, event, hook
+
+    def set_epochs_for_test(self, epoch: int) -> None:
+        """TEST ONLY (Buffer._set_counters_for_test): both operations' last epoch to `epoch`,
+        so a test can run calls across the 32-bit and 48-bit tag wraps."""
+        for places in _PLACES.values():
+            self.ctx.rdma.view(torch.int64, (1,), places.words_off).fill_(epoch)
 
     # -- enable_shrink masks ---------------------------------------------------------------
     def _need_shrink(self, what):

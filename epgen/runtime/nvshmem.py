@@ -157,24 +157,33 @@ class NvshmemHost:
     def barrier_all(self) -> None:
         self.lib.nvshmem_barrier_all()
 
-    def barrier_all_within(self, timeout_s: float, device) -> bool:
-        """nvshmem_barrier_all, given up after timeout_s: False when some PE never came (a
-        dead or stuck rank). The barrier then stays pending in a daemon thread, so this
-        process makes no NVSHMEM collective call again (`stuck` says why)."""
+    def collective_within(self, fn, timeout_s: float, device) -> bool:
+        """Run fn (collective NVSHMEM host calls: barrier, frees) on a helper thread, waiting
+        at most timeout_s: a peer that never joins (it stopped, or its own calls failed)
+        cannot hang the caller. True when fn completed; its exception is raised here. After
+        one timeout the helper thread is still inside NVSHMEM, so this process makes no
+        NVSHMEM collective call again (`stuck` says why; False at once)."""
         if self.stuck:
             return False
-        done = threading.Event()
+        box: dict = {}
 
         def run():
-            import torch
-            torch.cuda.set_device(device)      # a new thread starts on device 0
-            self.lib.nvshmem_barrier_all()
-            done.set()
-        threading.Thread(target=run, daemon=True, name="epgen-nvshmem-barrier").start()
-        if done.wait(timeout_s):
-            return True
-        self.stuck = f"a barrier was given up after {timeout_s:.0f} s (a peer never arrived)"
-        return False
+            try:
+                import torch
+                torch.cuda.set_device(device)      # a new thread starts on device 0
+                fn()
+                box["ok"] = True
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["exc"] = exc
+        t = threading.Thread(target=run, daemon=True, name="epgen-nvshmem-collective")
+        t.start()
+        t.join(timeout_s)
+        if "exc" in box:
+            raise box["exc"]
+        if not box.get("ok", False):
+            self.stuck = f"a collective was given up after {timeout_s:g} s (a peer never joined)"
+            return False
+        return True
 
     def finalize(self, timeout_s: float = 20.0) -> None:
         """Finalise if epgen owns NVSHMEM; never hangs (a stuck peer leaves it skipped)."""

@@ -18,6 +18,7 @@ enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadIndex = 2, kErrCapa
 
 struct ErrorCtx {
     int* word;
+    int* flag;                 // device memory: set by every report (read cheaply on the GPU)
     unsigned long long deadline;
     int rank;
     int op;
@@ -27,7 +28,7 @@ template <typename Args>
 __device__ __forceinline__ ErrorCtx make_error_ctx(const Args& a) {
     unsigned long long now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return ErrorCtx{a.error_word, now + a.timeout_ns, a.rank, a.op};
+    return ErrorCtx{a.error_word, a.error_flag, now + a.timeout_ns, a.rank, a.op};
 }
 
 __device__ __forceinline__ unsigned long long globaltimer() {
@@ -37,6 +38,7 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 }
 
 __device__ __forceinline__ void report_error(const ErrorCtx& e, int code, int peer, int detail) {
+    if (e.flag != nullptr) atomicExch(e.flag, 1);
     if (atomicCAS_system(e.word, 0, code) == 0) {
         volatile int* w = e.word;
         w[1] = e.op; w[2] = e.rank; w[3] = peer; w[4] = detail;
@@ -64,6 +66,9 @@ __device__ __forceinline__ void st_release_sys(long long* p, long long v) {
 __device__ __forceinline__ int ld_volatile(const int* p) {
     int v; asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
 }
+__device__ __forceinline__ long long ld_volatile(const long long* p) {
+    long long v; asm volatile("ld.volatile.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
+}
 __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
     int old; asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
     return old;
@@ -87,6 +92,45 @@ __device__ __forceinline__ bool wait_until(const ErrorCtx& e, int peer, int deta
         }
     }
     return true;
+}
+
+// ---- no silent garbage (design.md, Errors) ----------------------------------------------
+// Called by every thread of every block at the end of a kernel, after the block's output
+// writes. True in the block that arrives last when an error was reported (by this call or an
+// earlier one): that block then poisons all of the call's outputs, so a call whose wait hit
+// its deadline hands back nothing that looks valid. `done` is a counter no other kernel uses
+// meanwhile; it is left at 0.
+__device__ __forceinline__ bool last_block_sees_error(int* done, const ErrorCtx& e) {
+    __shared__ int s_poison;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();       // this block's outputs and reports before its arrival
+        int poison = 0;
+        if (atomicAdd(done, 1) == (int)gridDim.x - 1) {
+            atomicExch(done, 0);
+            __threadfence();   // every block's outputs and reports before the check
+            poison = e.flag != nullptr && *reinterpret_cast<volatile int*>(e.flag) != 0;
+        }
+        s_poison = poison;
+    }
+    __syncthreads();
+    return s_poison != 0;
+}
+
+// Poison byte patterns: 0xff is NaN in bf16, fp32 and e4m3 and -1 in every integer width.
+constexpr unsigned char kPoisonNaN = 0xff;
+constexpr unsigned char kPoisonZero = 0;
+
+// Fill n bytes at p (16-byte aligned, or null) with byte v, by the threads of one block.
+__device__ __forceinline__ void poison_fill(void* p, int64_t n, unsigned char v) {
+    if (p == nullptr || n <= 0) return;
+    const int w = (int)((unsigned)v * 0x01010101u);
+    const int4 q = make_int4(w, w, w, w);
+    int4* p16 = reinterpret_cast<int4*>(p);
+    const int64_t n16 = n / 16;
+    for (int64_t i = threadIdx.x; i < n16; i += blockDim.x) p16[i] = q;
+    for (int64_t i = n16 * 16 + threadIdx.x; i < n; i += blockDim.x)
+        reinterpret_cast<unsigned char*>(p)[i] = v;
 }
 
 // ---- 16-byte copies ---------------------------------------------------------------------

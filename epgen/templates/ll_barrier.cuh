@@ -16,7 +16,7 @@ template <int R, int THREADS>
 __device__ __forceinline__ void ll_barrier_kernel(const LowLatencyBarrierArgs& a) {
     static_assert(R >= 2 && R <= ll::kMaxRankSig && R <= THREADS, "ranks");
     const ErrorCtx err = make_error_ctx(a);
-    __shared__ uint32_t s_epoch;
+    __shared__ unsigned long long s_epoch;
     const int p = threadIdx.x;
     char* base = reinterpret_cast<char*>(a.rdma_base);
     if (p == 0) s_epoch = ll::next_epoch(a.seq);
@@ -24,11 +24,11 @@ __device__ __forceinline__ void ll_barrier_kernel(const LowLatencyBarrierArgs& a
     __threadfence_system();
     if (a.any_remote) nvshmem_quiet();
     __syncthreads();
-    const uint32_t epoch = s_epoch;
+    const unsigned long long epoch = s_epoch;
     const uint64_t half = epoch & 1u;
     const bool peer = p < R && p != a.rank && !ll::masked(a.mask, p);
     if (peer) {
-        const unsigned long long v = ((unsigned long long)epoch << 32) | 1ull;
+        const unsigned long long v = ll::tag_word(epoch, 1u);
         ll::put_signal(base, a.peer_bases, a.pes, p,
                        a.sig_off + (half * ll::kMaxRankSig + a.rank) * 8, v);
         int value = 0;
@@ -37,7 +37,7 @@ __device__ __forceinline__ void ll_barrier_kernel(const LowLatencyBarrierArgs& a
         if (!arrived && a.mask != nullptr && !error_raised(err)) atomicExch(a.mask + p, 1);
     }
     __syncthreads();
-    if (p == 0) *a.seq = (int)epoch;
+    if (p == 0) *a.seq = epoch;
 }
 
 }  // namespace epgen

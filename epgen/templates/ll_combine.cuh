@@ -2,7 +2,7 @@
 // owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
 //
 // Region layout (byte offsets are launch arguments):
-//   sig_off : u64 [2][64]                 signal (epoch << 32 | 1) per source rank
+//   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
 //   recv_off: bf16 [2][E][M][H]           rows by (global expert, owner's token index)
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts
 // Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
@@ -30,9 +30,12 @@ struct LLCombine {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = ll::next_epoch(a.seq);
-        const int half = (int)(epoch & 1u);
-        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = (int)epoch;   // for the receive
+        const unsigned long long epoch = ll::next_epoch(a.seq);
+        const int half = (int)(epoch & 1ull);
+        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
+            a.call_epoch[0] = epoch;
+            a.call_epoch[1] = 0;
+        }
         const int M = a.max_tokens;
         const int64_t RM = (int64_t)R * M;
         char* base = reinterpret_cast<char*>(a.rdma_base);
@@ -85,21 +88,21 @@ struct LLCombine {
         if (!ll::last_block_arrives(a.done, any_remote)) return;
         for (int r = tid; r < R; r += THREADS) {
             if (ll::masked(a.mask, r)) continue;
-            const unsigned long long v = ((unsigned long long)epoch << 32) | 1ull;
             const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxRankSig + a.rank) * 8;
-            ll::put_signal(base, a.peer_bases, a.pes, r, soff, v);
+            ll::put_signal(base, a.peer_bases, a.pes, r, soff, ll::tag_word(epoch, 1u));
         }
         __syncthreads();
         if (tid == 0) {
             *a.done = 0;
-            *a.seq = (int)epoch;
+            *a.seq = epoch;
         }
     }
 
     static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = (uint32_t)ld_volatile(a.call_epoch);   // this call's send
-        const int half = (int)(epoch & 1u);
+        const unsigned long long epoch = (unsigned long long)ld_volatile(
+            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
+        const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
@@ -169,6 +172,8 @@ struct LLCombine {
                 st_v4(reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * (2 * H)) + c, o);
             }
         }
+        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err))
+            poison_fill(a.out, (int64_t)a.num_tokens * 2 * H, kPoisonNaN);      // outputs: NaN
     }
 };
 

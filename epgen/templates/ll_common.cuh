@@ -1,9 +1,10 @@
 // Shared pieces of the low-latency kernels (ll_dispatch.cuh, ll_combine.cuh).
 //
-// Signals are 64-bit words (epoch << 32) | value written into the receiver's symmetric region:
+// Signals are 64-bit words (epoch tag << 16) | value written into the receiver's symmetric region:
 // a receiver waits until the tag equals its own epoch, so stale words from earlier calls never
-// match and nothing has to be cleaned. Epochs come from a device-side sequence word per op
-// (graph replays advance it on the device). The send phase's blocks finish with a
+// match and nothing has to be cleaned. Epochs come from a device-side 64-bit sequence word per
+// op (graph replays advance it on the device); a signal carries the epoch's low 48 bits, a
+// message header all 64, so no stale word matches for the life of a process (2^48 calls). The send phase's blocks finish with a
 // "last block signals" step: each block orders its peer writes (system fence; nvshmem_quiet
 // for proxy puts), bumps a local done counter, and the block that arrives last publishes the
 // signals with release stores (NVLink) or nvshmemx_signal_op (peers without P2P).
@@ -25,9 +26,24 @@ __device__ __forceinline__ bool masked(const int* mask, int r) {
     return mask != nullptr && ld_volatile(mask + r) != 0;
 }
 
-__device__ __forceinline__ uint32_t next_epoch(const int* seq) {
-    uint32_t e = (uint32_t)ld_volatile(seq) + 1u;
-    return e == 0u ? 1u : e;
+// Epoch tags in signal and verdict words: the epoch's low 48 bits above a 16-bit value.
+constexpr int kTagShift = 16;
+constexpr unsigned long long kTagMask = (1ull << 48) - 1ull;
+constexpr unsigned long long kValueMask = (1ull << kTagShift) - 1ull;
+__device__ __forceinline__ unsigned long long tag_word(unsigned long long epoch, unsigned v) {
+    return ((epoch & kTagMask) << kTagShift) | ((unsigned long long)v & kValueMask);
+}
+__device__ __forceinline__ bool tag_matches(unsigned long long word, unsigned long long epoch) {
+    return (word >> kTagShift) == (epoch & kTagMask);
+}
+
+// The epoch after sequence value *seq. The half a call uses is its parity, so consecutive
+// calls alternate halves; a tag of 0 (what a zeroed, never written word holds) is skipped by
+// 2, which keeps the alternation.
+__device__ __forceinline__ unsigned long long next_epoch(const unsigned long long* seq) {
+    unsigned long long e = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(seq)) + 1ull;
+    if ((e & kTagMask) == 0ull) e += 2ull;
+    return e;
 }
 
 // Publish one signal word at byte offset `off` of rank dst's region.
@@ -47,17 +63,17 @@ __device__ __forceinline__ void put_signal(char* base, const int64_t* peer_bases
 // masked out meanwhile, or when the deadline passed: an error naming the peer without a mask;
 // with a mask (enable_shrink) the caller's peer_verdict decides instead.
 __device__ __forceinline__ bool wait_signal(const ErrorCtx& err, const char* base, uint64_t off,
-                                            uint32_t epoch, int peer, int detail,
+                                            unsigned long long epoch, int peer, int detail,
                                             const int* mask, int* value) {
     const long long* sig = reinterpret_cast<const long long*>(base + off);
     long long v = 0;
     bool arrived = false;
     wait_until(err, peer, detail, [&] {
         v = ld_acquire_sys(sig);
-        arrived = (uint32_t)((unsigned long long)v >> 32) == epoch;
+        arrived = tag_matches((unsigned long long)v, epoch);
         return arrived || masked(mask, peer);
     }, mask == nullptr);
-    *value = arrived ? (int)(uint32_t)((unsigned long long)v & 0xffffffffull) : 0;
+    *value = arrived ? (int)((unsigned long long)v & kValueMask) : 0;
     return arrived;
 }
 
@@ -65,13 +81,13 @@ __device__ __forceinline__ bool wait_signal(const ErrorCtx& err, const char* bas
 // wait on their own clocks, so a late peer could arrive for one block and miss another's
 // deadline; the blocks agree through one verdict word per (half, peer), tagged with the epoch:
 // the first block to decide wins, and a peer found out is masked for later calls too.
-// Verdict words: u64 [2 halves][kMaxRankSig], (epoch << 32) | (1 = in, 2 = out).
+// Verdict words: u64 [2 halves][kMaxRankSig], tag_word(epoch, 1 = in, 2 = out).
 __device__ __forceinline__ bool peer_verdict(unsigned long long* verdicts, int* mask,
-                                             uint32_t epoch, int peer, bool arrived) {
+                                             unsigned long long epoch, int peer, bool arrived) {
     fence_acq_rel_sys();   // what this block saw arrive is visible to whoever reads our verdict
-    const unsigned long long mine = ((unsigned long long)epoch << 32) | (arrived ? 1ull : 2ull);
+    const unsigned long long mine = tag_word(epoch, arrived ? 1u : 2u);
     unsigned long long cur = *reinterpret_cast<volatile unsigned long long*>(verdicts + peer);
-    while ((uint32_t)(cur >> 32) != epoch) {
+    while (!tag_matches(cur, epoch)) {
         const unsigned long long prev = atomicCAS(verdicts + peer, cur, mine);
         if (prev == cur) { cur = mine; break; }
         cur = prev;

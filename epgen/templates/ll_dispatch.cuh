@@ -2,10 +2,10 @@
 // (kernels.md 4.9): a token whose experts sit on one rank crosses NVLink once, not once per expert.
 //
 // Region layout (byte offsets are launch arguments, computed in epgen/ops/low_latency.py):
-//   sig_off : u64 [2][kMaxSig]            signal (epoch << 32 | count) per (local expert, source)
+//   sig_off : u64 [2][kMaxSig]            signal tag_word(epoch, count) per (local expert, source)
 //   recv_off: msg [2][R][M]               message slot per (source, source token)
 //   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
-// Message = header {token, epoch, n, 0, n entries (local expert << 16 | slot)}, padded to 16
+// Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
 // bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
 // bytes; or the BF16 row. `slot` is the row's place in its (local expert, source) chunk, from
 // an atomic on the sender's per-expert counter.
@@ -43,6 +43,21 @@ struct LLDispatch {
                   "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
+    // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
+    // (the receive refuses counts > M), T <= 1024 (ops/low_latency.py MAX_TOKENS).
+    static_assert(1024 * K <= (int)ll::kValueMask, "count field of the signal word");
+
+    // 16 bits naming the message layout (the shapes that place headers): a header is taken
+    // only with this call's epoch and this tag, so after a shape change no old payload bytes
+    // that happen to sit where a header now is pass for one (review R5).
+    static __device__ __forceinline__ int layout_tag(int max_tokens) {
+        uint32_t h = 2166136261u;                               // FNV-1a over the shapes
+        const uint32_t v[6] = {(uint32_t)H, (uint32_t)K, (uint32_t)E, (uint32_t)R,
+                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2)), (uint32_t)max_tokens};
+        #pragma unroll
+        for (int i = 0; i < 6; ++i) { h ^= v[i]; h *= 16777619u; }
+        return (int)((h ^ (h >> 16)) & 0xffffu);
+    }
 
     // Byte offset of signal i = (local expert * R + source rank) of a half.
     static __device__ __forceinline__ uint64_t sig_off(const LowLatencyDispatchArgs& a, int half, int i) {
@@ -112,9 +127,12 @@ struct LLDispatch {
         __shared__ int s_dst[kMaxDst];
         __shared__ int s_ndst;
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = ll::next_epoch(a.seq);
-        const int half = (int)(epoch & 1u);
-        if (blockIdx.x == 0 && threadIdx.x == 0) *a.call_epoch = (int)epoch;   // for the receive
+        const unsigned long long epoch = ll::next_epoch(a.seq);
+        const int half = (int)(epoch & 1ull);
+        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
+            a.call_epoch[0] = epoch;
+            a.call_epoch[1] = 0;
+        }
         const int M = a.max_tokens;
         char* base = reinterpret_cast<char*>(a.rdma_base);
         const bool any_remote = a.any_remote != 0;
@@ -146,7 +164,10 @@ struct LLDispatch {
                     int* h = reinterpret_cast<int*>(s_hdr[d]);
                     h[4 + j] = ((ev % El) << 16) | slot;
                     if (lane == leader_lane) {
-                        h[0] = t; h[1] = (int)epoch; h[2] = __popc(same); h[3] = 0;
+                        h[0] = (int)(((uint32_t)layout_tag(M) << 16) | (uint32_t)t);
+                        h[1] = (int)(uint32_t)epoch;
+                        h[2] = __popc(same);
+                        h[3] = (int)(uint32_t)(epoch >> 32);
                         s_dst[d] = dst;
                     }
                 }
@@ -206,13 +227,13 @@ struct LLDispatch {
             const int cnt = atomicExch(a.counters + e, 0);
             const int dst = e / El, le = e % El;
             if (ll::masked(a.mask, dst)) continue;
-            const unsigned long long v = ((unsigned long long)epoch << 32) | (uint32_t)cnt;
-            ll::put_signal(base, a.peer_bases, a.pes, dst, sig_off(a, half, le * R + a.rank), v);
+            ll::put_signal(base, a.peer_bases, a.pes, dst, sig_off(a, half, le * R + a.rank),
+                           ll::tag_word(epoch, (unsigned)cnt));
         }
         __syncthreads();
         if (tid == 0) {
             *a.done = 0;
-            *a.seq = (int)epoch;
+            *a.seq = epoch;
         }
     }
 
@@ -220,9 +241,11 @@ struct LLDispatch {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const uint32_t epoch = (uint32_t)ld_volatile(a.call_epoch);   // this call's send
-        const int half = (int)(epoch & 1u);
+        const unsigned long long epoch = (unsigned long long)ld_volatile(
+            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
+        const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
+        const int tag = layout_tag(M);                  // headers of this layout only
         const int64_t RM = (int64_t)R * M;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
@@ -299,8 +322,9 @@ struct LLDispatch {
             if (!s_in[src]) continue;
             const int4* msg = reinterpret_cast<const int4*>(
                 base + a.recv_off + (((uint64_t)half * R + src) * M + t) * kMsg);
-            const int4 h = ld_v4(msg);                  // token, epoch, n, 0
-            if ((uint32_t)h.y != epoch) continue;
+            const int4 h = ld_v4(msg);                  // token, epoch low, n, epoch high
+            if ((uint32_t)h.y != (uint32_t)epoch || (uint32_t)h.w != (uint32_t)(epoch >> 32) ||
+                ((uint32_t)h.x >> 16) != (uint32_t)tag) continue;
             const int n = h.z >= 0 && h.z <= K ? h.z : 0;
             if (lane < n) {
                 const int ent = ld_volatile(reinterpret_cast<const int*>(msg) + 4 + lane);
@@ -308,7 +332,7 @@ struct LLDispatch {
                 int row = -1;
                 if (le < El && slot < s_cnt[le * R + src]) {
                     row = s_begin[le * R + src] + slot;
-                    if (part == 0) a.recv_src_info[le * RM + row] = h.x;
+                    if (part == 0) a.recv_src_info[le * RM + row] = h.x & 0xffff;
                 } else if (part == 0) {
                     report_error(err, kErrBadArg, src, ent);
                 }
@@ -371,6 +395,14 @@ struct LLDispatch {
                 }
             }
             __syncwarp();   // s_le / s_row are rewritten for the next message
+        }
+        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
+            const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
+            poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
+            if constexpr (FP8) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
+            poison_fill(a.recv_src_info, rows * 4, kPoisonNaN);
+            poison_fill(a.recv_layout_range, (int64_t)El * R * 8, kPoisonZero);
+            poison_fill(a.recv_count, (int64_t)El * 4, kPoisonZero);
         }
     }
 };

@@ -41,6 +41,7 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
     ErrorCtx err = make_error_ctx(a);
     __shared__ long long s_peer[R];
     __shared__ int s_b[R][4];
+    __shared__ long long s_ctr[R];   // a sender group's 64-bit ring counter at call start
     __shared__ int s_self;
 
     char* own = reinterpret_cast<char*>(a.nvl);
@@ -71,24 +72,27 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
             };
             s_b[sg][0] = lower(tb);
             s_b[sg][1] = lower(te);
-            s_b[sg][2] = ld_volatile(word(own, kCombSendTail, cr(c, s)));
+            s_ctr[sg] = ld_volatile(word64(own, kCombSendTail, cr(c, s)));
         }
         named_barrier(bar, kGT);
-        const int lo = s_b[sg][0], cnt = s_b[sg][1] - lo, tail0 = s_b[sg][2];
+        // 64-bit record counters; offsets within a call are ints, slots (slot0 + i) % cap
+        const int lo = s_b[sg][0], cnt = s_b[sg][1] - lo;
+        const long long tail0 = s_ctr[sg];
+        const int slot0 = (int)(tail0 % cap);
         char* ring = peer + a.ring_offset + (int64_t)(c * R + me) * cap * kRec;
-        const int* head = word(peer, kCombHead, cr(c, me));
+        const long long* head = word64(peer, kCombHead, cr(c, me));
         #pragma unroll 1
         for (int i0 = 0; i0 < cnt; i0 += kChunk) {
             const int n = min(kChunk, cnt - i0);
             if (lane == 0) {
-                const int need = tail0 + i0 + n - cap;
+                const long long need = tail0 + i0 + n - cap;
                 wait_until(err, s, 5, [&] { return ld_acquire_sys(head) - need >= 0; });
             }
             __syncwarp();
             #pragma unroll 1
             for (int i = wg; i < n; i += kWS) {
                 const int64_t row = lo + i0 + i;
-                char* rec = ring + (int64_t)((unsigned)(tail0 + i0 + i) % (unsigned)cap) * kRec;
+                char* rec = ring + (int64_t)((slot0 + i0 + i) % cap) * kRec;
                 warp_copy<kHV, 8, true>(reinterpret_cast<int4*>(rec),
                                         reinterpret_cast<const int4*>(a.x + row * Cfg::kHB), lane);
                 if (K > 0 && lane < K)
@@ -96,9 +100,9 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
                         a.topk_weights ? a.topk_weights[row * K + lane] : 0.0f;
             }
             named_barrier(bar, kGT);
-            if (gtid == 0) st_release_sys(word(peer, kCombTail, cr(c, me)), tail0 + i0 + n);
+            if (gtid == 0) st_release_sys(word64(peer, kCombTail, cr(c, me)), tail0 + i0 + n);
         }
-        if (gtid == 0) st_volatile(word(own, kCombSendTail, cr(c, s)), tail0 + cnt);
+        if (gtid == 0) st_volatile(word64(own, kCombSendTail, cr(c, s)), tail0 + cnt);
     } else {
         // -------------------------------------------------------------- reducer (owner me)
         const int wr = warp - (R - 1) * kWS, gtid = tid - (R - 1) * kWS * 32;
@@ -113,9 +117,14 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
         if (lane == 0 && before) atomicAdd(&s_self, before);
         named_barrier(bar, kGT);
         const int64_t self_row0 = (me == 0 ? 0 : a.rank_prefix[(me - 1) * R + me]) + s_self;
-        __shared__ int s_head0[R];
-        __shared__ int s_seen[Cfg::kWR][R];     // per warp: a tail value known to be reached
-        if (gtid < R) s_head0[gtid] = gtid == me ? 0 : ld_volatile(word(own, kCombHead, cr(c, gtid)));
+        __shared__ long long s_head0[R];         // 64-bit ring counters at call start
+        __shared__ int s_slot0[R];               // their slots (s_head0 % cap)
+        __shared__ long long s_seen[Cfg::kWR][R];   // per warp: a tail value known to be reached
+        if (gtid < R) {
+            const long long h = gtid == me ? 0 : ld_volatile(word64(own, kCombHead, cr(c, gtid)));
+            s_head0[gtid] = h;
+            s_slot0[gtid] = (int)(h % cap);
+        }
         named_barrier(bar, kGT);
         if (lane < R) s_seen[wr][lane] = s_head0[lane];
         __syncwarp();
@@ -144,17 +153,17 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
                     if (r == me) {
                         slot[r] = idx;
                     } else {
-                        const int need = s_head0[r] + idx;
+                        const long long need = s_head0[r] + idx;
                         if (__shfl_sync(0xffffffffu, (int)(s_seen[wr][r] - need <= 0), 0)) {
                             if (lane == 0) {
-                                const int* tp = word(own, kCombTail, cr(c, r));
-                                int tl = need;
+                                const long long* tp = word64(own, kCombTail, cr(c, r));
+                                long long tl = need;
                                 wait_until(err, r, 6, [&] { tl = ld_acquire_sys(tp); return tl - need > 0; });
                                 s_seen[wr][r] = tl;
                             }
                             __syncwarp();
                         }
-                        slot[r] = (int)((unsigned)need % (unsigned)cap);
+                        slot[r] = (s_slot0[r] + idx) % cap;
                     }
                 }
                 auto src_of = [&](int r) -> const char* {
@@ -229,9 +238,13 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
             if (gtid == 0) {
                 #pragma unroll
                 for (int r = 0; r < R; ++r)
-                    if (r != me) st_release_sys(word(own, kCombHead, cr(c, r)), s_head0[r] + running[r]);
+                    if (r != me) st_release_sys(word64(own, kCombHead, cr(c, r)), s_head0[r] + running[r]);
             }
         }
+    }
+    if (last_block_sees_error(word(own, kCombDone), err)) {     // outputs: NaN
+        poison_fill(a.combined_x, (int64_t)a.num_tokens * Cfg::kHB, kPoisonNaN);
+        poison_fill(a.combined_weights, (int64_t)a.num_tokens * K * 4, kPoisonNaN);
     }
 }
 

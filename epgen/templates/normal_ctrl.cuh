@@ -1,7 +1,11 @@
 // Fixed control area at the start of a Buffer's NVLink region (normal mode). Offsets are fixed
 // (sized for 128 channels x 8 ranks) so calls with different SM counts or ring sizes never
 // misalign them. Every counter is monotonic across calls: nothing is zeroed between calls.
-// Mirrored in epgen/ops/intranode.py (CTRL_BYTES).
+// Ring counters (send tails, heads, tails) are 64-bit: they count records for the life of the
+// process and never wrap, so slot = counter % cap holds for any cap. The per-call sequence
+// words are 32-bit and only compared for equality and parity (wrap-safe; incremented in
+// unsigned arithmetic). Mirrored in epgen/ops/intranode.py (CTRL_BYTES and the offsets its
+// test-only counter hook writes).
 #pragma once
 #include "common.cuh"
 
@@ -12,24 +16,37 @@ constexpr int kMaxR = 8;
 constexpr int kRowInts = 1024;                       // notify table row: [flag, T, per-rank R, El]
 constexpr long long kNotifySeq = 0;                  // own: notify/barrier calls so far
 constexpr long long kNotifyTable = 4096;             // [2 parity][8 src][kRowInts] written by src
-constexpr long long kDispCall = kNotifyTable + 2LL * kMaxR * kRowInts * 4;   // own [kMaxC]
-constexpr long long kDispSendTail = kDispCall + kMaxC * 4;                 // own [kMaxC][8 dst]
-constexpr long long kDispHead = kDispSendTail + kMaxC * kMaxR * 4;         // own [kMaxC][8 src]
-constexpr long long kDispTail = kDispHead + kMaxC * kMaxR * 4;             // by src [kMaxC][8 src]
-constexpr long long kDispMeta = kDispTail + kMaxC * kMaxR * 4;             // by src [2][kMaxC][8][4]
-constexpr long long kCombSendTail = kDispMeta + 2LL * kMaxC * kMaxR * 16;  // own [kMaxC][8 owner]
-constexpr long long kCombHead = kCombSendTail + kMaxC * kMaxR * 4;         // own [kMaxC][8 sender]
-constexpr long long kCombTail = kCombHead + kMaxC * kMaxR * 4;             // by sender [kMaxC][8]
-constexpr long long kCtrlBytes = 131072;
-static_assert(kCombTail + kMaxC * kMaxR * 4 <= kCtrlBytes, "control area overflow");
+constexpr long long kDispCall = kNotifyTable + 2LL * kMaxR * kRowInts * 4;   // own [kMaxC] int
+constexpr long long kDispMeta = kDispCall + kMaxC * 4;                     // by src [2][kMaxC][8][4] int
+// 64-bit ring counters, [kMaxC][8] each
+constexpr long long kDispSendTail = kDispMeta + 2LL * kMaxC * kMaxR * 16;  // own [c][dst]
+constexpr long long kDispHead = kDispSendTail + kMaxC * kMaxR * 8;         // own [c][src]
+constexpr long long kDispTail = kDispHead + kMaxC * kMaxR * 8;             // by src [c][src]
+constexpr long long kCombSendTail = kDispTail + kMaxC * kMaxR * 8;         // own [c][owner]
+constexpr long long kCombHead = kCombSendTail + kMaxC * kMaxR * 8;         // own [c][sender]
+constexpr long long kCombTail = kCombHead + kMaxC * kMaxR * 8;             // by sender [c][sender]
+constexpr long long kDispDone = kCombTail + kMaxC * kMaxR * 8;            // own int: blocks done
+constexpr long long kCombDone = kDispDone + 4;                             // own int: blocks done
+constexpr long long kCtrlBytes = 196608;
+static_assert(kCombDone + 4 <= kCtrlBytes, "control area overflow");
+static_assert(kDispCall == 69632 && kDispSendTail == 102912 && kCtrlBytes == 196608,
+              "mirrored in epgen/ops/intranode.py (DISP_CALL_OFF, RING_COUNTERS_OFF, CTRL_BYTES)");
 
 __device__ __forceinline__ int* word(char* base, long long off, int i = 0) {
     return reinterpret_cast<int*>(base + off) + i;
 }
+__device__ __forceinline__ long long* word64(char* base, long long off, int i = 0) {
+    return reinterpret_cast<long long*>(base + off) + i;
+}
+// The call after sequence value v (unsigned: defined across the 32-bit wrap).
+__device__ __forceinline__ int next_seq(int v) { return (int)((unsigned)v + 1u); }
 __device__ __forceinline__ int cr(int c, int r) { return c * kMaxR + r; }
 }  // namespace nctrl
 
 __device__ __forceinline__ void st_volatile(int* p, int v) {
     asm volatile("st.volatile.global.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_volatile(long long* p, long long v) {
+    asm volatile("st.volatile.global.s64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
 }
 }  // namespace epgen

@@ -40,13 +40,14 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
     __shared__ int s_seq;
     __shared__ int s_cnt[Cfg::kGroups][2];
     __shared__ int s_b[Cfg::kGroups][4];
+    __shared__ long long s_ctr[Cfg::kGroups];   // the group's 64-bit ring counter at call start
 
     char* own = reinterpret_cast<char*>(a.nvl);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, me = a.rank;
     const int c = blockIdx.x, C = gridDim.x;
     if (tid < R) s_peer[tid] = (long long)a.peers[tid];
     if (tid < Cfg::kGroups * 2) (&s_cnt[0][0])[tid] = 0;
-    if (tid == 0) s_seq = ld_volatile(word(own, kDispCall, c)) + 1;
+    if (tid == 0) s_seq = next_seq(ld_volatile(word(own, kDispCall, c)));
     __syncthreads();
     const int seq = s_seq, par = seq & 1;
     const int cap = a.cap;
@@ -71,24 +72,28 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
         named_barrier(bar, kGT);
         const int start = s_cnt[g][0], count = s_cnt[g][1];
         char* peer = reinterpret_cast<char*>(s_peer[p]);
-        int tail0 = 0;
+        // 64-bit record counters; within a call, offsets from them are ints (< 2^31 records)
+        // and the slot of record tail0 + i is (slot0 + i) % cap.
+        long long tail0 = 0;
+        int slot0 = 0;
         int64_t row_base = 0;
         if (p != me) {
             if (gtid == 0) {
-                tail0 = ld_volatile(word(own, kDispSendTail, cr(c, p)));
+                tail0 = ld_volatile(word64(own, kDispSendTail, cr(c, p)));
                 int* meta = word(peer, kDispMeta, (par * kMaxC * kMaxR + cr(c, me)) * 4);
                 meta[1] = count;
                 meta[2] = start;
                 st_release_sys(meta, seq);
-                s_b[g][0] = tail0;
+                s_ctr[g] = tail0;
             }
             named_barrier(bar, kGT);
-            tail0 = s_b[g][0];
+            tail0 = s_ctr[g];
+            slot0 = (int)(tail0 % cap);
         } else {
             row_base = (me == 0 ? 0 : a.rank_prefix[(me - 1) * R + me]) + start;
         }
         char* ring = peer + a.ring_offset + (int64_t)(c * R + me) * cap * kRec;
-        const int* head = word(peer, kDispHead, cr(c, me));
+        const long long* head = word64(peer, kDispHead, cr(c, me));
         int sent = 0;
         #pragma unroll 1
         for (int bt = tb; bt < te; bt += 32) {
@@ -99,7 +104,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
             if (n == 0) continue;
             if (p != me) {
                 if (lane == 0) {
-                    const int need = tail0 + sent + n - cap;
+                    const long long need = tail0 + sent + n - cap;
                     wait_until(err, p, 2, [&] { return ld_acquire_sys(head) - need >= 0; });
                 }
                 __syncwarp();
@@ -127,7 +132,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
                     }
                     if (lane == 0 && a.recv_src_idx != nullptr) a.recv_src_idx[row] = tok;
                 } else {
-                    char* rec = ring + (int64_t)((unsigned)(tail0 + sent + j) % (unsigned)cap) * kRec;
+                    char* rec = ring + (int64_t)((slot0 + sent + j) % cap) * kRec;
                     warp_copy<kHV, kUnroll, true>(reinterpret_cast<int4*>(rec), src, lane);
                     for (int j = lane; j < S; j += 32)
                         reinterpret_cast<float*>(rec + Cfg::kOffScales)[j] =
@@ -150,10 +155,10 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
             sent += n;
             if (p != me) {
                 named_barrier(bar, kGT);
-                if (gtid == 0) st_release_sys(word(peer, kDispTail, cr(c, me)), tail0 + sent);
+                if (gtid == 0) st_release_sys(word64(peer, kDispTail, cr(c, me)), tail0 + sent);
             }
         }
-        if (p != me && gtid == 0) st_volatile(word(own, kDispSendTail, cr(c, p)), tail0 + count);
+        if (p != me && gtid == 0) st_volatile(word64(own, kDispSendTail, cr(c, p)), tail0 + count);
     } else if (g < 2 * R - 1) {
         // ---------------------------------------------------------------- receiver from s
         const int rg = g - R;
@@ -167,23 +172,25 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
             }
             s_b[g][0] = count;
             s_b[g][1] = start;
-            s_b[g][2] = ld_volatile(word(own, kDispHead, cr(c, s)));
+            s_ctr[g] = ld_volatile(word64(own, kDispHead, cr(c, s)));
         }
         named_barrier(bar, kGT);
-        const int count = s_b[g][0], start = s_b[g][1], head0 = s_b[g][2];
+        const int count = s_b[g][0], start = s_b[g][1];
+        const long long head0 = s_ctr[g];
+        const int slot0 = (int)(head0 % cap);
         const int64_t row_base = (s == 0 ? 0 : a.rank_prefix[(s - 1) * R + me]) + start;
         const char* ring = own + a.ring_offset + (int64_t)(c * R + s) * cap * kRec;
-        int* tailp = word(own, kDispTail, cr(c, s));
+        const long long* tailp = word64(own, kDispTail, cr(c, s));
         int consumed = 0;
         #pragma unroll 1
         while (consumed < count) {
             named_barrier(bar, kGT);   // everyone has read s_b[g][3] of the previous round
             if (gtid == 0) {
-                const int pos = head0 + consumed;
-                int tail = pos;
+                const long long pos = head0 + consumed;
+                long long tail = pos;
                 int avail;
                 if (wait_until(err, s, 4, [&] { tail = ld_acquire_sys(tailp); return tail - pos > 0; }))
-                    avail = min(tail - pos, count - consumed);
+                    avail = (int)min(tail - pos, (long long)(count - consumed));
                 else
                     avail = count - consumed;   // give up: finish without data
                 s_b[g][3] = avail;
@@ -192,7 +199,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
             const int avail = s_b[g][3];
             #pragma unroll 1
             for (int i = wg; i < avail; i += kWG) {
-                const char* rec = ring + (int64_t)((unsigned)(head0 + consumed + i) % (unsigned)cap) * kRec;
+                const char* rec = ring + (int64_t)((slot0 + consumed + i) % cap) * kRec;
                 const int64_t row = row_base + consumed + i;
                 if (row >= a.num_recv_rows) continue;
                 warp_copy<kHV, kUnroll, false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
@@ -209,7 +216,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
             }
             consumed += avail;
             named_barrier(bar, kGT);
-            if (gtid == 0) st_release_sys(word(own, kDispHead, cr(c, s)), head0 + consumed);
+            if (gtid == 0) st_release_sys(word64(own, kDispHead, cr(c, s)), head0 + consumed);
         }
     }
     // Padding rows of a worst-sized output: recv_topk_idx = -1, recv_src_idx = -1.
@@ -224,6 +231,14 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
     }
     __syncthreads();
     if (tid == 0) st_volatile(word(own, kDispCall, c), seq);
+    if (last_block_sees_error(word(own, kDispDone), err)) {     // outputs: NaN, -1
+        const int64_t rows = a.num_recv_rows;
+        poison_fill(a.recv_x, rows * HB, kPoisonNaN);
+        poison_fill(a.recv_scales, rows * S * 4, kPoisonNaN);
+        poison_fill(a.recv_topk_idx, rows * K * 8, kPoisonNaN);
+        poison_fill(a.recv_topk_weights, rows * K * 4, kPoisonNaN);
+        poison_fill(a.recv_src_idx, rows * 4, kPoisonNaN);
+    }
 }
 
 }  // namespace epgen

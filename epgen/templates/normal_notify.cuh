@@ -17,7 +17,7 @@ __device__ __forceinline__ void notify_kernel(const NotifyArgs& a) {
     char* own = reinterpret_cast<char*>(a.nvl);
     const int tid = threadIdx.x, me = a.rank;
     if (tid < R) s_peer[tid] = (long long)a.peers[tid];
-    if (tid == 0) { s_seq = ld_volatile(word(own, kNotifySeq)) + 1; s_ok = 1; }
+    if (tid == 0) { s_seq = next_seq(ld_volatile(word(own, kNotifySeq))); s_ok = 1; }
     __syncthreads();
     const int seq = s_seq, par = seq & 1;
     constexpr int kFields = 1 + R + El;   // T, per-rank counts, my counts for the peer's experts
