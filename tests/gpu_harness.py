@@ -70,3 +70,25 @@ def usable_sms(requested: int) -> tuple[int, str]:
 def deadline_s(seconds: float = 20.0) -> str:
     """EPGEN_TIMEOUT_S for a worker: scaled where the GPU time-slices between ranks."""
     return str(launch.scaled_deadline(seconds))
+
+
+def cached_runs(worker, timeout_s: float):
+    """For a module-scoped fixture: get(n) runs `worker` on n ranks once per rank count and
+    returns its per-rank results (the module's tests share one run per count)."""
+    cache: dict[int, list] = {}
+
+    def get(n: int) -> list:
+        if n not in cache:
+            require_gpus(n)
+            cache[n] = run_ranks(n, worker, timeout_s=timeout_s)
+        return cache[n]
+    return get
+
+
+def failures(per_rank) -> list[str]:
+    """Every job's (name, status) printed (pytest -rA shows it); the failures returned."""
+    for r, res in enumerate(per_rank):
+        for name, status in res:
+            print(f"rank {r}: {name}: {status.splitlines()[0] if status else status}")
+    return [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
+            for name, status in res if status != "ok"]

@@ -23,7 +23,7 @@ import pytest
 from tests import gpu_harness
 from tests.test_deepep_surface import BUFFER_ATTRIBUTES, RETURNS
 from tests.test_low_latency_gpu import (M, _all_inputs, _check_combine, _check_dispatch,
-                                        _expert_out, _failures, _run_jobs)
+                                        _expert_out, _run_jobs)
 from tests.test_normal_gpu import _eq
 from tests.test_normal_gpu import _inputs as _normal_inputs
 
@@ -606,17 +606,10 @@ def _worker(rank, world):
 
 @pytest.fixture(scope="module")
 def conformance_results():
-    cache = {}
-
-    def get(n):
-        if n not in cache:
-            gpu_harness.require_gpus(n)
-            cache[n] = gpu_harness.run_ranks(n, _worker, timeout_s=400)
-        return cache[n]
-    return get
+    return gpu_harness.cached_runs(_worker, timeout_s=400)
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_deepep_conformance(conformance_results, num_ranks):
-    bad = _failures(conformance_results(num_ranks))
+    bad = gpu_harness.failures(conformance_results(num_ranks))
     assert not bad, "\n".join(bad)

@@ -143,7 +143,7 @@ def _fault_worker(rank, world):
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_outputs_poisoned_after_deadline(num_ranks):
     gpu_harness.require_gpus(num_ranks)
-    bad = llt._failures(gpu_harness.run_ranks(num_ranks, _fault_worker, timeout_s=240))
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _fault_worker, timeout_s=240))
     assert not bad, "\n".join(bad)
 
 
@@ -231,5 +231,5 @@ def test_rank_killed_mid_call(num_ranks, tmp_path):
         outcome = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert outcome["error"] == "ok", f"rank {r}: {outcome}"
         assert outcome["destroy_s"] < 5.0, f"rank {r}: destroy() took {outcome['destroy_s']:.1f} s"
-    bad = llt._failures(gpu_harness.run_ranks(num_ranks, _fresh_worker, timeout_s=120))
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _fresh_worker, timeout_s=120))
     assert not bad, "\n".join(bad)

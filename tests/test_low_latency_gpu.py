@@ -433,33 +433,19 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    cache = {}
-
-    def get(n):
-        if n not in cache:
-            gpu_harness.require_gpus(n)
-            cache[n] = gpu_harness.run_ranks(n, _worker, timeout_s=280)
-        return cache[n]
-    return get
+    return gpu_harness.cached_runs(_worker, timeout_s=280)
 
 
-def _failures(per_rank):
-    """Every job's outcome printed (pytest -rA shows it), the failures returned."""
-    for r, res in enumerate(per_rank):
-        for name, status in res:
-            print(f"rank {r}: {name}: {status.splitlines()[0] if status else status}")
-    return [f"rank {r}: {name}: {status}" for r, res in enumerate(per_rank)
-            for name, status in res if status != "ok"]
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_low_latency(ll_results, num_ranks):
-    bad = _failures(ll_results(num_ranks))
+    bad = gpu_harness.failures(ll_results(num_ranks))
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts()[:1])
 def test_low_latency_on_torch_nvshmem(num_ranks):
     gpu_harness.require_gpus(num_ranks)
-    bad = _failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker, timeout_s=180))
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker, timeout_s=180))
     assert not bad, "\n".join(bad)

@@ -640,17 +640,10 @@ def _worker(rank, world):
 
 @pytest.fixture(scope="module")
 def reliability_results():
-    cache = {}
-
-    def get(n):
-        if n not in cache:
-            gpu_harness.require_gpus(n)
-            cache[n] = gpu_harness.run_ranks(n, _worker, timeout_s=400)
-        return cache[n]
-    return get
+    return gpu_harness.cached_runs(_worker, timeout_s=400)
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_reliability(reliability_results, num_ranks):
-    bad = llt._failures(reliability_results(num_ranks))
+    bad = gpu_harness.failures(reliability_results(num_ranks))
     assert not bad, "\n".join(bad)

@@ -442,5 +442,5 @@ def _worker(rank, world):
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_serving_patterns(num_ranks):
     gpu_harness.require_gpus(num_ranks)
-    bad = tl._failures(gpu_harness.run_ranks(num_ranks, _worker, timeout_s=280))
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _worker, timeout_s=280))
     assert not bad, "\n".join(bad)
