@@ -217,13 +217,17 @@ class Buffer:
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None,
                  topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
                  config: Config | None = None, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False):
+                 allocate_on_comm_stream=False, *, wire_format=None):
+        """DeepEP's dispatch. epgen's one addition: wire_format (an epgen.formats name or
+        WireFormat, e.g. "nvfp4", "mxfp8", "opaque7168+64") checks x against that format before
+        launch (data width, scale dtype and shape) and lets opaque rows of any element type
+        carry a side tensor; rows still move as bytes."""
         self._alive()
         config = config or self.get_dispatch_config(self.group_size)
         return self._intranode.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-            config, previous_event, async_finish, allocate_on_comm_stream)
+            config, previous_event, async_finish, allocate_on_comm_stream, wire_format)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
