@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 SCALE_LAYOUTS = ("none", "f32", "bytes_x4", "nvfp4", "opaque")
 
 
@@ -47,7 +45,7 @@ class WireFormat:
     scale_layout: str             # one of SCALE_LAYOUTS
     packing: str                  # "bf16", "e4m3", "e2m1x2" (two per byte, low nibble first),
                                   # "bytes"
-    data_dtype: Optional[torch.dtype] = None   # None: any element type (opaque)
+    data_dtype: Optional[str] = None   # a torch dtype's name; None: any element type (opaque)
     row_bytes: int = 0            # opaque: bytes of a row (0 otherwise: from hidden)
     side_bytes: int = 0           # opaque: bytes of the side row (0: no side tensor)
     hidden_multiple: int = 1      # the format's own rule on hidden (whole groups, packed bytes)
@@ -74,15 +72,26 @@ class WireFormat:
             return _cdiv(groups, 4)
         return _cdiv(groups, 4) + 1                 # nvfp4: packed block scales + global scale
 
-    def scale_torch_dtype(self) -> Optional[torch.dtype]:
+    def data_torch_dtype(self):
+        """The torch dtype of the data (None: any); torch is imported only here and in check, so
+        spec files and the command line read formats without it."""
+        import torch
+        return None if self.data_dtype is None else getattr(torch, self.data_dtype)
+
+    def scale_torch_dtype(self):
+        import torch
         return {"f32": torch.float32, "bytes_x4": torch.int32, "nvfp4": torch.int32}.get(
             self.scale_layout)
 
+    def data_bytes(self, hidden: int) -> int:
+        """Bytes of one row of data (without the scales)."""
+        if self.scale_layout == "opaque" or self.packing == "bytes":
+            return self.row_bytes
+        return hidden * self.bits // 8
+
     def bytes_per_token(self, hidden: int) -> int:
         """Payload bytes of one token: data plus scales (what a dispatch moves per copy)."""
-        data = self.row_bytes if self.scale_layout == "opaque" or self.packing == "bytes" \
-            else hidden * self.bits // 8
-        return data + 4 * self.scale_cols(hidden)
+        return self.data_bytes(hidden) + 4 * self.scale_cols(hidden)
 
     # -- validation --------------------------------------------------------------------------
     def check_hidden(self, hidden: int, name: str = "hidden") -> None:
@@ -90,16 +99,18 @@ class WireFormat:
             raise _err(name, hidden, f"{self.name} needs a positive multiple of "
                                      f"{self.hidden_multiple} channels")
 
-    def check(self, data: torch.Tensor, scales: Optional[torch.Tensor]) -> int:
+    def check(self, data, scales) -> int:
         """Validate dispatch's x (data, scales or None) against this format; return hidden.
         Names x[0] / x[1] when scales are given (the DeepEP tuple), x otherwise."""
+        import torch
         dname = "x[0]" if scales is not None else "x"
         if not isinstance(data, torch.Tensor):
             raise _err(dname, type(data).__name__, "must be a torch.Tensor")
         if data.dim() != 2:
             raise _err(f"{dname}.shape", tuple(data.shape), "must be [num_tokens, width]")
-        if self.data_dtype is not None and data.dtype != self.data_dtype:
-            raise _err(f"{dname}.dtype", data.dtype, f"must be {self.data_dtype} for {self.name}")
+        want_data = self.data_torch_dtype()
+        if want_data is not None and data.dtype != want_data:
+            raise _err(f"{dname}.dtype", data.dtype, f"must be {want_data} for {self.name}")
         T = data.size(0)
         if self.scale_layout == "opaque" or self.packing == "bytes":
             got = data.size(1) * data.element_size()
@@ -140,14 +151,14 @@ def _builtin(*formats: WireFormat) -> dict[str, WireFormat]:
     return {f.name: f for f in formats}
 
 
-BF16 = WireFormat("bf16", 16, 0, "none", "none", "bf16", torch.bfloat16)
+BF16 = WireFormat("bf16", 16, 0, "none", "none", "bf16", "bfloat16")
 FP8_E4M3_F32_128 = WireFormat("fp8_e4m3_f32_128", 8, 128, "float32", "f32", "e4m3",
-                              torch.float8_e4m3fn, ll_cast=True)
+                              "float8_e4m3fn", ll_cast=True)
 FP8_UE8M0_128 = WireFormat("fp8_ue8m0_128", 8, 128, "e8m0", "bytes_x4", "e4m3",
-                           torch.float8_e4m3fn, ll_cast=True)
-MXFP8 = WireFormat("mxfp8", 8, 32, "e8m0", "bytes_x4", "e4m3", torch.float8_e4m3fn,
+                           "float8_e4m3fn", ll_cast=True)
+MXFP8 = WireFormat("mxfp8", 8, 32, "e8m0", "bytes_x4", "e4m3", "float8_e4m3fn",
                    hidden_multiple=32, ll_cast=True)
-NVFP4 = WireFormat("nvfp4", 4, 16, "e4m3", "nvfp4", "e2m1x2", torch.uint8, hidden_multiple=32,
+NVFP4 = WireFormat("nvfp4", 4, 16, "e4m3", "nvfp4", "e2m1x2", "uint8", hidden_multiple=32,
                    ll_cast=True)
 
 FORMATS: dict[str, WireFormat] = _builtin(BF16, FP8_E4M3_F32_128, FP8_UE8M0_128, MXFP8, NVFP4)
@@ -188,3 +199,19 @@ def of_low_latency_flags(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> s
     if not use_fp8:
         return BF16.name
     return FP8_UE8M0_128.name if use_ue8m0 else FP8_E4M3_F32_128.name
+
+
+LOW_LATENCY = ("bf16", "fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8", "nvfp4")
+
+
+def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:
+    """LowLatencyDispatchSpec's format fields for a format low-latency dispatch sends (BF16
+    copied; the others cast in the kernel). round_scale: power-of-two float32 scales, the one
+    variant of fp8_e4m3_f32_128 (DeepEP's round_scale without use_ue8m0)."""
+    if fmt.name not in LOW_LATENCY:
+        raise _err("wire_format", fmt.name, f"low-latency dispatch sends one of {LOW_LATENCY} "
+                                            "(cast from BF16 in the kernel)")
+    fp8 = fmt.name.startswith("fp8")
+    ue8m0 = fmt is FP8_UE8M0_128
+    return dict(use_fp8=fp8, round_scale=ue8m0 or (fp8 and round_scale), use_ue8m0=ue8m0,
+                wire_format="" if fp8 or fmt is BF16 else fmt.name)

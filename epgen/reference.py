@@ -327,10 +327,27 @@ def _ll_tokens(topk_idxs: Tensors, expert: int) -> list[torch.Tensor]:
     return [torch.nonzero((t == expert).any(dim=1)).flatten() for t in topk_idxs]
 
 
+def ll_cast(x: torch.Tensor, use_fp8: bool = True, round_scale: bool = False,
+            use_ue8m0: bool = False, wire_format: Optional[str] = None):
+    """(data, scales or None) a low-latency dispatch sends for bf16 rows x [..., H]: DeepEP's
+    flags (per_token_cast_to_fp8, or the BF16 rows), or wire_format "mxfp8" (mxfp8_quantize,
+    E8M0 bytes packed four per int32: [..., ceil(H/128)]) or "nvfp4" (nvfp4_quantize with the
+    per-token global scale, scales as nvfp4_wire_scales: [..., ceil(H/64) + 1] int32)."""
+    if wire_format == "mxfp8":
+        q, s = mxfp8_quantize(x)
+        return q, pack_scale_bytes(s)
+    if wire_format == "nvfp4":
+        d, b, g = nvfp4_quantize(x)
+        return d, nvfp4_wire_scales(b, g)
+    if wire_format is not None:
+        raise ValueError(f"wire_format={wire_format!r}: must be None, 'mxfp8' or 'nvfp4'")
+    return per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
+
+
 def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
                          num_max_dispatch_tokens_per_rank: int, use_fp8: bool = True,
-                         round_scale: bool = False,
-                         use_ue8m0: bool = False) -> LowLatencyDispatchResult:
+                         round_scale: bool = False, use_ue8m0: bool = False,
+                         wire_format: Optional[str] = None) -> LowLatencyDispatchResult:
     """What rank `rank` receives from a low-latency dispatch, in one canonical placement.
 
     xs[r]: rank r's [T_r, H] bf16 tokens (T_r <= M); topk_idxs[r]: [T_r, K] int64, -1 skipped,
@@ -341,6 +358,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
     FP8: rows are per_token_cast_to_fp8(row, round_scale, use_ue8m0); scales are returned as the
     logical [El, R*M, S] tensor (DeepEP's is column-major in the last two dims: compare values).
     Rows past recv_count[e] are unspecified (here zeros, src_info -1).
+    wire_format "mxfp8" / "nvfp4" (use_fp8 etc. then unused): rows and scales are ll_cast's.
     """
     R, M = len(xs), num_max_dispatch_tokens_per_rank
     El, H = num_experts // R, xs[0].shape[1]
@@ -350,11 +368,12 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         _check_no_duplicates(t)
         if t.shape[0] > M:
             raise ValueError(f"rank {r} has {t.shape[0]} tokens > M={M}")
-    casts = [per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
-             for x in xs]
-    recv_x = torch.zeros(El, R * M, H, dtype=torch.uint8 if use_fp8 else xs[0].dtype, device=dev)
+    casts = [ll_cast(x, use_fp8, round_scale, use_ue8m0, wire_format) for x in xs]
+    quant = casts[0][1] is not None
+    recv_x = torch.zeros(El, R * M, casts[0][0].shape[1],
+                         dtype=torch.uint8 if quant else xs[0].dtype, device=dev)
     recv_scales = None
-    if use_fp8:
+    if quant:
         recv_scales = torch.zeros(El, R * M, casts[0][1].shape[1], dtype=casts[0][1].dtype,
                                   device=dev)
     recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
@@ -366,7 +385,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
             n = len(toks)
             recv_x[le, begin:begin + n] = _as_bytes(casts[r][0])[toks]
-            if use_fp8:
+            if quant:
                 recv_scales[le, begin:begin + n] = casts[r][1][toks]
             src_info[le, begin:begin + n] = toks.to(torch.int32)
             layout[le, r] = (begin << 32) | n
@@ -374,7 +393,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
             begin += n
         recv_count[le] = begin
         sources.append(pairs)
-    recv_x = recv_x.view(FP8) if use_fp8 else recv_x
+    recv_x = recv_x.view(casts[0][0].dtype) if quant else recv_x
     return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout, sources)
 
 
@@ -384,21 +403,23 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
                                recv_layout_range: torch.Tensor,
                                recv_x_scales: Optional[torch.Tensor] = None,
                                round_scale: bool = False, use_ue8m0: bool = False,
-                               exact_fp8: bool = False) -> None:
+                               exact_fp8: bool = False,
+                               wire_format: Optional[str] = None) -> None:
     """Check a kernel's low-latency dispatch outputs for rank `rank`; raise AssertionError naming
     the first difference. FP8 is recognized from recv_x's dtype.
 
     Required: recv_count equal; for each local expert e and source r, layout range (begin, count)
     with count equal to the reference, ranges disjoint and inside [0, recv_count[e]); the src_info
     values of each range equal the reference tokens as a multiset; each row equals its source token
-    (named by src_info): BF16 bit-exact; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
+    (named by src_info): BF16 bit-exact; wire_format mxfp8 / nvfp4: bytes and scales bit-exact
+    with ll_cast; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
     scales equal (round_scale / UE8M0) or within 2^-20 relative (float scales), and every
     dequantized element within 2^-4 * |x| + 2^-9 * scale_inv of the BF16 source x (RNE to e4m3
     has relative error < 2^-4 for normals, and absolute error <= 2^-10 * scale_inv for subnormals).
     """
     use_fp8 = recv_x.dtype == FP8
     ref = low_latency_dispatch(xs, topk_idxs, num_experts, rank, num_max_dispatch_tokens_per_rank,
-                               use_fp8, round_scale, use_ue8m0)
+                               use_fp8, round_scale, use_ue8m0, wire_format)
     where = f"rank {rank}"
     got_count, exp_count = recv_count.tolist(), ref.recv_count.tolist()
     assert got_count == exp_count, f"{where}: recv_count {got_count}, expected {exp_count}"
@@ -424,11 +445,17 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
             if n > 0:
                 got_s = None if recv_x_scales is None else recv_x_scales[le, begin:begin + n]
                 _check_ll_rows(w, xs[r][toks.to(xs[r].device)], recv_x[le, begin:begin + n],
-                               got_s, round_scale, use_ue8m0, exact_fp8)
+                               got_s, round_scale, use_ue8m0, exact_fp8, wire_format)
 
 
-def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8):
+def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8, wire_format=None):
     """One (expert, source) chunk of LL dispatch rows against its BF16 source tokens."""
+    if wire_format is not None:     # MXFP8 / NVFP4: bit for bit with ll_cast
+        q, s = ll_cast(src, wire_format=wire_format)
+        assert got_s is not None, f"{w}: {wire_format} rows need recv_x_scales"
+        assert torch.equal(_as_bytes(got), _as_bytes(q)), f"{w}: {wire_format} bytes differ"
+        assert torch.equal(got_s, s), f"{w}: {wire_format} scales differ"
+        return
     if got.dtype != FP8:
         assert torch.equal(got, src), f"{w}: BF16 rows differ from the source tokens"
         return

@@ -26,6 +26,9 @@ SPECS = [
     LowLatencyDispatchSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=4,
                            round_scale=True, use_ue8m0=True),
     LowLatencyDispatchSpec(hidden=3584, num_topk=16, num_experts=384, num_ranks=8, use_fp8=False),
+    # the in-kernel MXFP8 / NVFP4 casts at DeepSeek's, a 4096 and gpt-oss's 2880 hidden
+    *(LowLatencyDispatchSpec(hidden=h, num_topk=8, num_experts=64, num_ranks=8, use_fp8=False,
+                             wire_format=f) for f in ("mxfp8", "nvfp4") for h in (7168, 4096, 2880)),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     LowLatencyBarrierSpec(num_ranks=8),

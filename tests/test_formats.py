@@ -93,3 +93,23 @@ def test_opaque_rows_of_any_element_type_with_a_side_row():
     with pytest.raises(F.FormatError, match=r"x\[1\].stride=\(1, 5\): side rows"):
         fmt.check(torch.zeros(5, 64, dtype=torch.uint8), torch.zeros(4, 5, dtype=torch.int16).t())
     assert F.OPAQUE(64).check(torch.zeros(5, 32, dtype=torch.int16), None) == 64
+
+
+def test_low_latency_format_from_flags_or_wire_format():
+    from epgen.ops.low_latency import _ll_format, payload_bytes
+    assert _ll_format(None, True, False, False) is F.FP8_E4M3_F32_128
+    assert _ll_format(None, True, True, True) is F.FP8_UE8M0_128
+    assert _ll_format(None, False, False, False) is F.BF16
+    for name in ("bf16", "mxfp8", "nvfp4", "fp8_ue8m0_128"):   # DeepEP's default flags
+        assert _ll_format(name, True, False, False) is F.get(name)
+    assert _ll_format("fp8_ue8m0_128", True, True, True) is F.FP8_UE8M0_128
+    assert _ll_format("fp8_e4m3_f32_128", True, True, False) is F.FP8_E4M3_F32_128
+    with pytest.raises(ValueError, match=r"wire_format='mxfp8': conflicts with use_fp8=False, "
+                                         r"round_scale=False, use_ue8m0=False \(which name bf16\)"):
+        _ll_format("mxfp8", False, False, False)
+    with pytest.raises(ValueError, match="wire_format=.opaque64.: low-latency dispatch sends"):
+        _ll_format("opaque64", True, False, False)
+    # payload = data + scale words, 16-byte padded (templates/ll_dispatch.cuh kPayload)
+    assert payload_bytes(7168, False, "mxfp8") == 7168 + 4 * 224
+    assert payload_bytes(2880, False, "nvfp4") == (1440 + 4 * 46 + 15) // 16 * 16
+    assert payload_bytes(7168, True) == 7168 + 4 * 56

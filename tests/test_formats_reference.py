@@ -231,3 +231,31 @@ def test_logfmt_error_bound():
     bound = (torch.exp2(step / 2) - 1)[keep] + 1e-5
     assert bool((rel <= bound).all()), (rel - bound).max()
     assert bool((torch.sign(y) == torch.sign(xf))[keep].all()) and meta.shape == (4, 8, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-latency dispatch of the new formats: the golden model and its checker
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+def test_ll_dispatch_reference_and_checker(fmt):
+    R, E, M, H = 2, 4, 4, 64
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, H, generator=g).to(torch.bfloat16) for _ in range(R)]
+    idxs = [torch.tensor([[0, 2], [1, -1], [3, 0]]), torch.tensor([[2, 1], [-1, -1], [0, 3]])]
+    res = ref.low_latency_dispatch(xs, idxs, E, 0, M, wire_format=fmt)
+    q, s = ref.ll_cast(xs[0][0:1], wire_format=fmt)
+    assert res.recv_x.dtype == q.dtype and res.recv_x.shape[-1] == q.shape[-1]
+    assert torch.equal(ref._as_bytes(res.recv_x[0, 0:1]), ref._as_bytes(q))   # expert 0, token 0
+    assert torch.equal(res.recv_x_scales[0, 0:1], s)
+    assert res.recv_x_scales.shape[-1] == (1 if fmt == "mxfp8" else 2)   # ceil(2/4); ceil(4/4) + 1
+    ref.check_low_latency_dispatch(xs, idxs, E, 0, M, res.recv_x, res.recv_count,
+                                   res.recv_src_info, res.recv_layout_range,
+                                   recv_x_scales=res.recv_x_scales, wire_format=fmt)
+    bad = ref._as_bytes(res.recv_x).clone()
+    bad[0, 0, 5] ^= 1
+    with pytest.raises(AssertionError, match=f"{fmt} bytes differ"):
+        ref.check_low_latency_dispatch(xs, idxs, E, 0, M, bad.view(res.recv_x.dtype),
+                                       res.recv_count, res.recv_src_info, res.recv_layout_range,
+                                       recv_x_scales=res.recv_x_scales, wire_format=fmt)
+    with pytest.raises(ValueError, match="wire_format='fp4'"):
+        ref.ll_cast(xs[0], wire_format="fp4")
