@@ -327,6 +327,18 @@ def _ll_tokens(topk_idxs: Tensors, expert: int) -> list[torch.Tensor]:
     return [torch.nonzero((t == expert).any(dim=1)).flatten() for t in topk_idxs]
 
 
+def wire_cast(x: torch.Tensor, wire_format: str):
+    """bf16 rows x [T, H] in a named wire format (epgen.formats): x itself for "bf16", else
+    dispatch's (data, scales) tuple, scales in the format's normal-mode layout."""
+    flags = {"bf16": (False, False, False), "fp8_e4m3_f32_128": (True, False, False),
+             "fp8_ue8m0_128": (True, True, True)}
+    if wire_format in flags:
+        data, scales = ll_cast(x, *flags[wire_format])
+    else:
+        data, scales = ll_cast(x, wire_format=wire_format)
+    return data if scales is None else (data, scales)
+
+
 def ll_cast(x: torch.Tensor, use_fp8: bool = True, round_scale: bool = False,
             use_ue8m0: bool = False, wire_format: Optional[str] = None):
     """(data, scales or None) a low-latency dispatch sends for bf16 rows x [..., H]: DeepEP's
