@@ -245,6 +245,20 @@ def normal_dispatch_wire(row_bytes: int, num_scale_cols: int) -> tuple[int, str]
     return row_bytes // 2, "bf16"
 
 
+def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
+    """A low-latency dispatch message's payload (templates/ll_dispatch.cuh kPayload, which the
+    rendered kernel static_asserts equal): FP8 row + float scale_inv per 128 channels, 16-byte
+    padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its wire scale words
+    (block-scale bytes four per word, then the global scale); or the BF16 row."""
+    if wire_format == "mxfp8":
+        return (hidden + 4 * (hidden // 32) + 15) // 16 * 16
+    if wire_format == "nvfp4":
+        return (hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1) + 15) // 16 * 16
+    if use_fp8:
+        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
+    return 2 * hidden
+
+
 @dataclass(frozen=True)
 class LowLatencyDispatchSpec(KernelSpec):
     """Low-latency dispatch: one launch per phase (send, receive, or both)."""
@@ -286,6 +300,10 @@ class LowLatencyDispatchSpec(KernelSpec):
     @property
     def num_scales(self) -> int:
         return num_scales(self.hidden) if self.use_fp8 else 0
+
+    @property
+    def payload_bytes(self) -> int:
+        return ll_payload_bytes(self.hidden, self.use_fp8, self.wire_format)
 
     @property
     def wire_format_code(self) -> int:

@@ -71,6 +71,18 @@ def test_compile_error_carries_log_and_spec(cache, monkeypatch):
     assert "error" in e.value.log
 
 
+def test_ll_payload_size_is_checked_against_the_kernel(cache, monkeypatch):
+    """The launch sizes shared memory as spec.payload_bytes; a rendering whose value differs
+    from the kernel's kPayload does not compile (the generated static_assert)."""
+    spec = LowLatencyDispatchSpec(hidden=2880, num_topk=4, num_experts=32, num_ranks=4,
+                                  use_fp8=False, wire_format="nvfp4")   # not in SPECS (memo)
+    monkeypatch.setattr(LowLatencyDispatchSpec, "payload_bytes",
+                        property(lambda s: (s.hidden // 2 + 15) // 16 * 16))   # scales forgotten
+    with pytest.raises(CompileError) as e:
+        jit.build(spec, "sm_90", cache)
+    assert "payload size" in e.value.log
+
+
 def test_precompiled_header_changes_speed_not_bytes(tmp_path, monkeypatch):
     """The prelude PCH (created once per toolchain/arch) must give byte-identical cubins."""
     spec = LayoutSpec(num_ranks=8, num_experts=128, num_topk=4)

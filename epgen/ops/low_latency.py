@@ -29,7 +29,7 @@ from .. import formats
 from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
 from ..runtime.events import EventHandle, EventOverlap
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                     LowLatencyDispatchSpec, cached, num_scales)
+                     LowLatencyDispatchSpec, cached, ll_payload_bytes, num_scales)
 from .context import OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 
@@ -76,17 +76,7 @@ def _align(v: int, a: int = 256) -> int:
 HEADER_MAX = 16 + 4 * MAX_TOPK     # dispatch message header with room for top-k entries
 
 
-def payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
-    """A dispatch message's payload: FP8 row + float scales (16-byte padded), or the BF16 row;
-    MXFP8: e4m3 row + a float 2^X per 32 channels; NVFP4: packed row + its wire scale words
-    (templates/ll_dispatch.cuh kPayload)."""
-    if wire_format == "mxfp8":
-        return (hidden + 4 * (hidden // 32) + 15) // 16 * 16
-    if wire_format == "nvfp4":
-        return (hidden // 2 + 4 * formats.NVFP4.scale_cols(hidden) + 15) // 16 * 16
-    if use_fp8:
-        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
-    return 2 * hidden
+payload_bytes = ll_payload_bytes     # a dispatch message's payload (specs.ll_payload_bytes)
 
 
 def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
@@ -333,7 +323,7 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, payload_bytes(H, use_fp8, cast), async_finish,
+        event, hook = self._run(kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)
         out = (recv_x, scales) if scales is not None else recv_x
