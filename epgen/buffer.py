@@ -237,13 +237,17 @@ class Buffer:
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None,
                  topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
                  config: Config | None = None, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False):
+                 allocate_on_comm_stream=False, *, wire_format=None):
+        """DeepEP's dispatch. epgen's one addition: wire_format (an epgen.formats name or
+        WireFormat, e.g. "nvfp4", "mxfp8", "opaque7168+64") checks x against that format before
+        launch (data width, scale dtype and shape) and lets opaque rows of any element type
+        carry a side tensor; rows still move as bytes."""
         self._alive()
         config = config or self.get_dispatch_config(self.group_size)
         return self._intranode.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-            config, previous_event, async_finish, allocate_on_comm_stream)
+            config, previous_event, async_finish, allocate_on_comm_stream, wire_format)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
@@ -285,11 +289,16 @@ class Buffer:
                              num_experts: int, cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False,
-                             async_finish: bool = False, return_recv_hook: bool = False):
+                             async_finish: bool = False, return_recv_hook: bool = False, *,
+                             wire_format=None):
+        """DeepEP's low_latency_dispatch. epgen's one addition: wire_format (README "Wire
+        formats") names what the kernel casts BF16 x to: "bf16", "fp8_e4m3_f32_128",
+        "fp8_ue8m0_128" (what DeepEP's flags name) or "mxfp8", "nvfp4"; the flags must then be
+        left at their defaults or name the same format."""
         return self._low_latency().low_latency_dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
-            round_scale, use_ue8m0, async_finish, return_recv_hook)
+            round_scale, use_ue8m0, async_finish, return_recv_hook, wire_format)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False,

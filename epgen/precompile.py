@@ -13,6 +13,10 @@ A spec file (YAML) lists models and/or explicit kernel configurations:
           normal: {dtypes: [bf16, fp8]}
           low_latency: {num_max_dispatch_tokens_per_rank: [128], dispatch_dtypes: [fp8, bf16]}
     kernels:                         # optional explicit specs
+
+A dtype is "bf16", "fp8" (e4m3 with float32 per-128 scales) or a wire-format name (epgen.formats,
+README "Wire formats"): normal mode any of them, "opaque<row bytes>[+<side bytes>]" included;
+low latency the ones its dispatch sends (bf16, fp8_e4m3_f32_128, fp8_ue8m0_128, mxfp8, nvfp4).
       - {family: normal_combine, hidden: 2880, num_topk: 4, num_ranks: 4, num_biases: 1}
 """
 from __future__ import annotations
@@ -26,10 +30,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from . import jit
+from . import formats, jit
 from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
                     LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
-                    normal_dispatch_spec, spec_from_json)
+                    normal_dispatch_spec, normal_dispatch_wire, spec_from_json)
 
 MAX_LL_TOKENS = 1024
 
@@ -55,9 +59,22 @@ def _int_list(v, path, where) -> list[int]:
     return v
 
 
-def _dtype_list(v, path, where) -> list[str]:
-    _expect(isinstance(v, list) and v and all(x in ("bf16", "fp8") for x in v), path, where,
-            "a non-empty list of 'bf16' / 'fp8'", v)
+def _format_of(dtype: str) -> formats.WireFormat:
+    """"fp8" is DeepEP's FP8 (float32 per-128 scales); any other dtype a wire-format name."""
+    return formats.get("fp8_e4m3_f32_128" if dtype == "fp8" else dtype)
+
+
+def _dtype_list(v, path, where, low_latency=False) -> list[str]:
+    allowed = ["fp8", *(formats.LOW_LATENCY if low_latency else formats.FORMATS),
+               *([] if low_latency else ["opaque<row>[+<side>]"])]
+    ok = isinstance(v, list) and bool(v)
+    for x in v if ok else []:
+        try:
+            fmt = _format_of(x) if isinstance(x, str) else None
+        except formats.FormatError:
+            fmt = None
+        ok = ok and fmt is not None and (not low_latency or fmt.name in formats.LOW_LATENCY)
+    _expect(ok, path, where, f"a non-empty list of {allowed}", v)
     return v
 
 
@@ -66,10 +83,15 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
     out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
                                         num_topk=num_topk)]
     for dtype in dtypes:
+        # The kernel a row of this format is keyed by (ops/intranode.py asks the same way).
+        fmt = _format_of(dtype)
+        cols = fmt.scale_cols(hidden)
+        wire_hidden, wire_dtype = normal_dispatch_wire(fmt.data_bytes(hidden), cols)
         # with top-k, and cached (an uncached dispatch without top-k, rare in models, is
         # (hidden, 0, num_experts): list it as an explicit kernel where a run needs it)
-        out.append(normal_dispatch_spec(hidden, num_topk, num_experts, num_ranks, dtype))
-        out.append(normal_dispatch_spec(hidden, 0, None, num_ranks, dtype))
+        for k, e in ((num_topk, num_experts), (0, None)):
+            out.append(normal_dispatch_spec(wire_hidden, k, e, num_ranks, wire_dtype,
+                                            cols if cols else -1))
     for k in (num_topk, 0):
         out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
     return out
@@ -80,7 +102,7 @@ def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
     for dtype in dtypes:
         out.append(LowLatencyDispatchSpec(hidden=hidden, num_topk=num_topk,
                                           num_experts=num_experts, num_ranks=num_ranks,
-                                          use_fp8=dtype == "fp8"))
+                                          **formats.low_latency_fields(_format_of(dtype))))
     out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
                                      num_ranks=num_ranks))
     out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
@@ -146,7 +168,7 @@ def load_spec_file(path: str) -> SpecFile:
                             f"{w}.num_max_dispatch_tokens_per_rank",
                             f"values in [1, {MAX_LL_TOKENS}]", tokens)
                     dtypes = _dtype_list(mode.get("dispatch_dtypes", ["fp8"]), path,
-                                         f"{w}.dispatch_dtypes")
+                                         f"{w}.dispatch_dtypes", low_latency=True)
                     # Max tokens per rank is a run-time argument: no spec per value.
                     specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, dtypes)
             except SpecError as e:

@@ -327,10 +327,39 @@ def _ll_tokens(topk_idxs: Tensors, expert: int) -> list[torch.Tensor]:
     return [torch.nonzero((t == expert).any(dim=1)).flatten() for t in topk_idxs]
 
 
+def wire_cast(x: torch.Tensor, wire_format: str):
+    """bf16 rows x [T, H] in a named wire format (epgen.formats): x itself for "bf16", else
+    dispatch's (data, scales) tuple, scales in the format's normal-mode layout."""
+    flags = {"bf16": (False, False, False), "fp8_e4m3_f32_128": (True, False, False),
+             "fp8_ue8m0_128": (True, True, True)}
+    if wire_format in flags:
+        data, scales = ll_cast(x, *flags[wire_format])
+    else:
+        data, scales = ll_cast(x, wire_format=wire_format)
+    return data if scales is None else (data, scales)
+
+
+def ll_cast(x: torch.Tensor, use_fp8: bool = True, round_scale: bool = False,
+            use_ue8m0: bool = False, wire_format: Optional[str] = None):
+    """(data, scales or None) a low-latency dispatch sends for bf16 rows x [..., H]: DeepEP's
+    flags (per_token_cast_to_fp8, or the BF16 rows), or wire_format "mxfp8" (mxfp8_quantize,
+    E8M0 bytes packed four per int32: [..., ceil(H/128)]) or "nvfp4" (nvfp4_quantize with the
+    per-token global scale, scales as nvfp4_wire_scales: [..., ceil(H/64) + 1] int32)."""
+    if wire_format == "mxfp8":
+        q, s = mxfp8_quantize(x)
+        return q, pack_scale_bytes(s)
+    if wire_format == "nvfp4":
+        d, b, g = nvfp4_quantize(x)
+        return d, nvfp4_wire_scales(b, g)
+    if wire_format is not None:
+        raise ValueError(f"wire_format={wire_format!r}: must be None, 'mxfp8' or 'nvfp4'")
+    return per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
+
+
 def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
                          num_max_dispatch_tokens_per_rank: int, use_fp8: bool = True,
-                         round_scale: bool = False,
-                         use_ue8m0: bool = False) -> LowLatencyDispatchResult:
+                         round_scale: bool = False, use_ue8m0: bool = False,
+                         wire_format: Optional[str] = None) -> LowLatencyDispatchResult:
     """What rank `rank` receives from a low-latency dispatch, in one canonical placement.
 
     xs[r]: rank r's [T_r, H] bf16 tokens (T_r <= M); topk_idxs[r]: [T_r, K] int64, -1 skipped,
@@ -341,6 +370,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
     FP8: rows are per_token_cast_to_fp8(row, round_scale, use_ue8m0); scales are returned as the
     logical [El, R*M, S] tensor (DeepEP's is column-major in the last two dims: compare values).
     Rows past recv_count[e] are unspecified (here zeros, src_info -1).
+    wire_format "mxfp8" / "nvfp4" (use_fp8 etc. then unused): rows and scales are ll_cast's.
     """
     R, M = len(xs), num_max_dispatch_tokens_per_rank
     El, H = num_experts // R, xs[0].shape[1]
@@ -350,11 +380,12 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         _check_no_duplicates(t)
         if t.shape[0] > M:
             raise ValueError(f"rank {r} has {t.shape[0]} tokens > M={M}")
-    casts = [per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
-             for x in xs]
-    recv_x = torch.zeros(El, R * M, H, dtype=torch.uint8 if use_fp8 else xs[0].dtype, device=dev)
+    casts = [ll_cast(x, use_fp8, round_scale, use_ue8m0, wire_format) for x in xs]
+    quant = casts[0][1] is not None
+    recv_x = torch.zeros(El, R * M, casts[0][0].shape[1],
+                         dtype=torch.uint8 if quant else xs[0].dtype, device=dev)
     recv_scales = None
-    if use_fp8:
+    if quant:
         recv_scales = torch.zeros(El, R * M, casts[0][1].shape[1], dtype=casts[0][1].dtype,
                                   device=dev)
     recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
@@ -366,7 +397,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
             n = len(toks)
             recv_x[le, begin:begin + n] = _as_bytes(casts[r][0])[toks]
-            if use_fp8:
+            if quant:
                 recv_scales[le, begin:begin + n] = casts[r][1][toks]
             src_info[le, begin:begin + n] = toks.to(torch.int32)
             layout[le, r] = (begin << 32) | n
@@ -374,7 +405,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
             begin += n
         recv_count[le] = begin
         sources.append(pairs)
-    recv_x = recv_x.view(FP8) if use_fp8 else recv_x
+    recv_x = recv_x.view(casts[0][0].dtype) if quant else recv_x
     return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout, sources)
 
 
@@ -384,21 +415,23 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
                                recv_layout_range: torch.Tensor,
                                recv_x_scales: Optional[torch.Tensor] = None,
                                round_scale: bool = False, use_ue8m0: bool = False,
-                               exact_fp8: bool = False) -> None:
+                               exact_fp8: bool = False,
+                               wire_format: Optional[str] = None) -> None:
     """Check a kernel's low-latency dispatch outputs for rank `rank`; raise AssertionError naming
     the first difference. FP8 is recognized from recv_x's dtype.
 
     Required: recv_count equal; for each local expert e and source r, layout range (begin, count)
     with count equal to the reference, ranges disjoint and inside [0, recv_count[e]); the src_info
     values of each range equal the reference tokens as a multiset; each row equals its source token
-    (named by src_info): BF16 bit-exact; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
+    (named by src_info): BF16 bit-exact; wire_format mxfp8 / nvfp4: bytes and scales bit-exact
+    with ll_cast; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
     scales equal (round_scale / UE8M0) or within 2^-20 relative (float scales), and every
     dequantized element within 2^-4 * |x| + 2^-9 * scale_inv of the BF16 source x (RNE to e4m3
     has relative error < 2^-4 for normals, and absolute error <= 2^-10 * scale_inv for subnormals).
     """
     use_fp8 = recv_x.dtype == FP8
     ref = low_latency_dispatch(xs, topk_idxs, num_experts, rank, num_max_dispatch_tokens_per_rank,
-                               use_fp8, round_scale, use_ue8m0)
+                               use_fp8, round_scale, use_ue8m0, wire_format)
     where = f"rank {rank}"
     got_count, exp_count = recv_count.tolist(), ref.recv_count.tolist()
     assert got_count == exp_count, f"{where}: recv_count {got_count}, expected {exp_count}"
@@ -424,11 +457,17 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
             if n > 0:
                 got_s = None if recv_x_scales is None else recv_x_scales[le, begin:begin + n]
                 _check_ll_rows(w, xs[r][toks.to(xs[r].device)], recv_x[le, begin:begin + n],
-                               got_s, round_scale, use_ue8m0, exact_fp8)
+                               got_s, round_scale, use_ue8m0, exact_fp8, wire_format)
 
 
-def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8):
+def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8, wire_format=None):
     """One (expert, source) chunk of LL dispatch rows against its BF16 source tokens."""
+    if wire_format is not None:     # MXFP8 / NVFP4: bit for bit with ll_cast
+        q, s = ll_cast(src, wire_format=wire_format)
+        assert got_s is not None, f"{w}: {wire_format} rows need recv_x_scales"
+        assert torch.equal(_as_bytes(got), _as_bytes(q)), f"{w}: {wire_format} bytes differ"
+        assert torch.equal(got_s, s), f"{w}: {wire_format} scales differ"
+        return
     if got.dtype != FP8:
         assert torch.equal(got, src), f"{w}: BF16 rows differ from the source tokens"
         return
@@ -497,3 +536,318 @@ def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch
     for k in range(K):
         acc = torch.where(valid[:, k:k + 1], acc + w[:, k:k + 1] * y[:, k], acc)
     return acc.to(xs[0].dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Wire formats: MXFP8 and NVFP4 quantizers (bit-exact definitions; see README "Wire formats")
+# ------------------------------------------------------------------------------------------------
+MX_GROUP = 32            # MXFP8: channels per E8M0 scale (OCP MX v1.0)
+E4M3_EMAX = 8            # exponent of e4m3's largest normal (448 = 1.75 * 2^8)
+E8M0_BIAS = 127
+NVFP4_GROUP = 16         # NVFP4: channels per e4m3 block scale
+E2M1_MAX = 6.0
+# e2m1 magnitudes by code (sign is bit 3): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """float32 [..., H] -> ([..., G, group] zero-padded, G = ceil(H / group))."""
+    H = x.shape[-1]
+    G = (H + group - 1) // group
+    padded = torch.nn.functional.pad(x.float(), (0, G * group - H))
+    return padded.view(*x.shape[:-1], G, group), G
+
+
+def _floor_log2(v: torch.Tensor) -> torch.Tensor:
+    """floor(log2(v)) of positive finite float32 v (normal or subnormal), exactly: frexp gives
+    v = m * 2^e with m in [0.5, 1)."""
+    return torch.frexp(v)[1] - 1
+
+
+def _exp2_int(e: torch.Tensor) -> torch.Tensor:
+    """2.0 ** e as float32, exactly, for integer e in [-149, 127] (ldexp on float64 then a cast
+    that is exact since the result is a float32 power of two)."""
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), e.to(torch.float64)).float()
+
+
+def mxfp8_quantize(x: torch.Tensor):
+    """MXFP8 (OCP MX v1.0): [..., H] -> (x_fp8 [..., H] float8_e4m3fn, scales [..., ceil(H/32)]
+    uint8, the E8M0 biased exponents).
+
+    Per token and per group of 32 channels (the last group partial when H % 32 != 0):
+      amax = max |float32(x)| of the group;
+      X = floor(log2(amax)) - 8 (e4m3's emax), clamped to [-127, 127]; amax == 0 gives X = -127;
+      scale byte = X + 127 (E8M0; 0xFF, NaN, never produced);
+      x_fp8 = e4m3(clamp(float32(x) * 2^-X, -448, 448)), round to nearest even (x * 2^-X is exact:
+      a power of two). |x| * 2^-X lies in [0, 512), so values in (464, 512) saturate to 448 (the
+      MX spec leaves overflow to the implementation; this is the satfinite choice).
+    """
+    g, _ = _groups(x, MX_GROUP)
+    amax = g.abs().amax(dim=-1)
+    X = torch.where(amax > 0, _floor_log2(torch.where(amax > 0, amax, torch.ones_like(amax)))
+                    - E4M3_EMAX, torch.full_like(amax, -E8M0_BIAS, dtype=torch.int32))
+    X = X.clamp(-E8M0_BIAS, E8M0_BIAS).to(torch.int32)
+    H = x.shape[-1]
+    inv = _exp2_int(-X).repeat_interleave(MX_GROUP, dim=-1)[..., :H]
+    q = (x.float() * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, (X + E8M0_BIAS).to(torch.uint8)
+
+
+def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes (uint8) -> float32 2^(byte - 127) (byte 0 is 2^-127, a float32 subnormal)."""
+    return _exp2_int(scales.to(torch.int32) - E8M0_BIAS)
+
+
+def mxfp8_dequantize(x_fp8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32(x_fp8) * 2^(scale byte - 127) of the channel's group (exact in float32 unless the
+    product is below float32's range)."""
+    H = x_fp8.shape[-1]
+    s = e8m0_to_float(scales).repeat_interleave(MX_GROUP, dim=-1)[..., :H]
+    return x_fp8.float() * s
+
+
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> e2m1 codes (uint8, 0..15): round to nearest, ties to the even code (the even
+    mantissa), |v| > 6 saturating to 6, the sign kept (negative values rounding to 0 give -0,
+    code 8). This is PTX cvt.rn.satfinite.e2m1x2.f32 on finite inputs."""
+    a = v.abs()
+    code = torch.zeros_like(a, dtype=torch.int32)
+    # Midpoints between codes c and c + 1; a tie goes to whichever of c, c + 1 is even.
+    for c, (lo, hi) in enumerate(zip(E2M1_VALUES, E2M1_VALUES[1:])):
+        mid = (lo + hi) / 2
+        code += ((a >= mid) if c % 2 else (a > mid)).to(torch.int32)
+    return (code | (torch.signbit(v).to(torch.int32) << 3)).to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (uint8, low 4 bits) -> float32."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    c = codes.to(torch.int64)
+    mag = table[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 2n] codes -> [..., n] uint8: element 2i in the low nibble of byte i, 2i + 1 high."""
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_e2m1: [..., n] uint8 -> [..., 2n] codes."""
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """The per-token float32 global scale: (448 * 6) / amax(|x| of the token), IEEE division
+    (amax clamped below by 1e-4, as the FP8 casts do), [...]."""
+    amax = x.float().abs().amax(dim=-1).clamp(min=AMAX_MIN)
+    return torch.full_like(amax, FP8_MAX * E2M1_MAX) / amax
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: Optional[torch.Tensor] = None):
+    """NVFP4: [..., H] (H even) -> (data [..., H/2] uint8, block_scales [..., ceil(H/16)] uint8
+    e4m3 bytes, global_scale [...] float32).
+
+    global_scale g: one float32 per token (nvfp4_global_scale when None; a caller's [...] or
+    broadcastable tensor otherwise). It travels with the token: dispatch mixes tokens from ranks
+    whose tensors had different global scales. Per token and group of 16 channels (last partial):
+      amax = max |float32(x)|;  sf = e4m3((amax / 6) * g) (float32 ops, each rounded to nearest
+      even; e4m3 round to nearest even, saturating at 448);
+      q = g / float32(sf) (IEEE division), 0 where sf == 0;
+      value = e2m1(float32(x) * q) (e2m1_encode), packed two per byte (pack_e2m1).
+    Dequantized: e2m1 * float32(sf) / g (nvfp4_dequantize).
+    """
+    H = x.shape[-1]
+    if H % 2:
+        raise ValueError(f"NVFP4 needs an even hidden size, got {H}")
+    g = nvfp4_global_scale(x) if global_scale is None else \
+        global_scale.float().expand(x.shape[:-1]).contiguous()
+    blocks, _ = _groups(x, NVFP4_GROUP)
+    amax = blocks.abs().amax(dim=-1)
+    sf_f = (amax / torch.full_like(amax, E2M1_MAX)) * g.unsqueeze(-1)
+    sf = sf_f.clamp(max=FP8_MAX).to(FP8)
+    sf32 = sf.float()
+    q = torch.where(sf32 != 0, g.unsqueeze(-1) / torch.where(sf32 != 0, sf32, torch.ones_like(sf32)),
+                    torch.zeros_like(sf32))
+    codes = e2m1_encode(x.float() * q.repeat_interleave(NVFP4_GROUP, dim=-1)[..., :H])
+    return pack_e2m1(codes), sf.view(torch.uint8), g
+
+
+def nvfp4_dequantize(data: torch.Tensor, block_scales: torch.Tensor,
+                     global_scale: torch.Tensor) -> torch.Tensor:
+    """float32 e2m1 value * float32(e4m3 block scale) / global scale, [..., H]."""
+    v = e2m1_decode(unpack_e2m1(data))
+    H = v.shape[-1]
+    sf = block_scales.view(FP8).float().repeat_interleave(NVFP4_GROUP, dim=-1)[..., :H]
+    return v * sf / global_scale.float().unsqueeze(-1)
+
+
+def pack_scale_bytes(b: torch.Tensor) -> torch.Tensor:
+    """[..., n] uint8 -> [..., ceil(n/4)] int32, byte i of int j = byte 4j + i (little-endian),
+    the last int zero-padded: DeepEP's UE8M0 packing, used for every 1-byte scale."""
+    pad = (-b.shape[-1]) % 4
+    return torch.nn.functional.pad(b.to(torch.uint8), (0, pad)).contiguous().view(torch.int32)
+
+
+def unpack_scale_bytes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return packed.contiguous().view(torch.uint8)[..., :n]
+
+
+def nvfp4_wire_scales(block_scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4's scale columns on the wire: the e4m3 block-scale bytes packed four per int32
+    (pack_scale_bytes), then one column holding the float32 global scale's bits: int32
+    [..., ceil(H/64) + 1]. The global scale so travels with its token through any dispatch."""
+    g = global_scale.float().contiguous().view(torch.int32).unsqueeze(-1)
+    return torch.cat([pack_scale_bytes(block_scales), g], dim=-1)
+
+
+def nvfp4_split_wire_scales(wire: torch.Tensor, hidden: int):
+    """Inverse of nvfp4_wire_scales: (block_scales uint8 [..., ceil(H/16)], global [...] f32)."""
+    G = (hidden + NVFP4_GROUP - 1) // NVFP4_GROUP
+    block = unpack_scale_bytes(wire[..., :-1], G)
+    return block, wire[..., -1].contiguous().view(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. LogFMT-10 combine wire format (DeepEP 567632d, csrc/kernels/internode_ll.cu logfmt_encode /
+#    logfmt_check_amaxmin / decode_and_accumulate)
+# ------------------------------------------------------------------------------------------------
+LOGFMT_GROUP = 128       # channels per (amax, amin) metadata pair
+LOGFMT_CODES = 1 << 9    # 9-bit magnitude codes; code 0 is zero, 1..511 a log scale
+LOGFMT_MIN_CLIP = 32.0   # log2 range clip: amin is at least amax * 2^-32
+LOGFMT_BLOCK = 16        # values per 20-byte packed block (16 x 9 code bits + 16 sign bits)
+
+
+class LogFMTMessage(NamedTuple):
+    meta: torch.Tensor       # [T, H/128, 2] bf16: (amax, amin) of the group's magnitudes
+    cast: torch.Tensor       # [T, H / chunk] bool: the chunk travels as LogFMT (else BF16)
+    payload: torch.Tensor    # [T, 4 * H/128 + 2 * H] uint8: meta bytes, then the chunks, padded
+    num_bytes: torch.Tensor  # [T] int64: the bytes of each token's message
+
+
+def logfmt_chunk(hidden: int) -> int:
+    """Channels per encode-or-not decision: one warp iteration of DeepEP's send (32 lanes x
+    kNumSendUnrolls int4 of 8 bf16): 1024 when hidden % 1024 == 0, else 512."""
+    if hidden % 256:
+        raise ValueError(f"LogFMT needs hidden % 256 == 0 (DeepEP's vectorization), got {hidden}")
+    return 1024 if hidden % 1024 == 0 else 512
+
+
+def _logfmt_log_range(meta: torch.Tensor):
+    """(log_amax, log_amin, ok) per group from the bf16 (amax, amin) metadata, float32:
+    log_amin = max(log2(amin), log_amax - 32) (amin == 0 gives log_amax - 32), and the group may
+    be encoded when log_amax < 0 (all magnitudes below 1) and log_amin < log_amax."""
+    amax, amin = meta[..., 0].float(), meta[..., 1].float()
+    log_amax = torch.log2(amax)
+    clip = log_amax - LOGFMT_MIN_CLIP
+    log_amin = torch.where(amin == 0, clip, torch.maximum(torch.log2(amin), clip))
+    return log_amax, log_amin, (log_amax < 0) & (log_amin < log_amax)
+
+
+def _f32(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float32)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once (as the CUDA compiler contracts DeepEP's expressions): the
+    product of two float32 is exact in float64, the sum rounded twice (float64 then float32),
+    which differs from a true FMA only in double-rounding ties."""
+    return _f32(a.double() * b.double() + c.double())
+
+
+def _logfmt_steps(log_amax: torch.Tensor, log_amin: torch.Tensor):
+    """(step, step_inv, fused_rounding) of logfmt_encode, float32."""
+    step = (log_amax - log_amin) / torch.full_like(log_amax, float(LOGFMT_CODES - 2))
+    step_inv = torch.ones_like(step) / step
+    half_log = torch.log2((torch.ones_like(step) + torch.exp2(step)) * 0.5)
+    rounding = _fma(-half_log, step_inv, torch.full_like(step, 2.0))
+    fused = _fma(-log_amin, step_inv, rounding)
+    return step, step_inv, fused
+
+
+def logfmt_encode(x: torch.Tensor) -> LogFMTMessage:
+    """LogFMT-10 encoding of bf16 [T, H] rows, the bytes DeepEP's combine sends per token.
+
+    Metadata: per group of 128 channels, (amax, amin) of the bf16 magnitudes (sign bit cleared),
+    as bf16, written first: 4 bytes a group. Then the chunks of logfmt_chunk(H) channels in
+    order; a chunk is encoded when every group in it may be (_logfmt_log_range: the receiver's
+    rule in logfmt_check_amaxmin, which the sender matches whenever its groups agree), else it
+    travels as its BF16 bytes (2 bytes a channel). Encoded, each block of 16 channels is 20
+    bytes, little-endian: bits 9j..9j+8 the code of value j, bits 144..159 the 16 sign bits.
+    Code, with the group's log range (float32):
+        step = (log_amax - log_amin) / 510; step_inv = 1 / step
+        rounding = 2 - log2((1 + 2^step) / 2) * step_inv; fused = rounding - log_amin * step_inv
+        code = floor(max(log2(|x|) * step_inv + fused, 0))       (|x| = 0: code 0)
+    (the products-and-sums are FMAs, as nvcc contracts them). DeepEP uses lg2.approx / ex2.approx,
+    so its codes may differ from these by one where the unrounded value is within ~2^-20
+    relative of an integer; epgen's definition is this function.
+    """
+    if x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise ValueError(f"logfmt_encode takes bf16 [T, H], got {x.dtype} {list(x.shape)}")
+    T, H = x.shape
+    C = logfmt_chunk(H)
+    bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    sign = (bits >> 15) & 1
+    mag = (bits & 0x7FFF).to(torch.int16).view(torch.bfloat16)
+    groups = mag.view(T, H // LOGFMT_GROUP, LOGFMT_GROUP)
+    meta = torch.stack([groups.amax(dim=-1), groups.amin(dim=-1)], dim=-1)
+    log_amax, log_amin, ok = _logfmt_log_range(meta)
+    cast = ok.view(T, H // C, C // LOGFMT_GROUP).all(dim=-1)
+    _, step_inv, fused = _logfmt_steps(log_amax, log_amin)
+    per_ch = lambda v: v.repeat_interleave(LOGFMT_GROUP, dim=-1)  # noqa: E731
+    t = _fma(torch.log2(mag.float()), per_ch(step_inv), per_ch(fused))
+    codes = torch.floor(torch.clamp(t, min=0)).to(torch.int64)   # -inf (zero) -> 0
+    # Pack 16-value blocks: 9-bit codes then 16 signs, as a 160-bit little-endian integer.
+    cb = codes.view(T, H // LOGFMT_BLOCK, LOGFMT_BLOCK)
+    sb = sign.view(T, H // LOGFMT_BLOCK, LOGFMT_BLOCK).to(torch.int64)
+    code_bits = (cb.unsqueeze(-1) >> torch.arange(9, device=x.device)) & 1   # [T, B, 16, 9]
+    stream = torch.zeros(T, H // LOGFMT_BLOCK, 160, dtype=torch.int64, device=x.device)
+    stream[..., :144] = code_bits.flatten(-2)
+    stream[..., 144:] = sb
+    enc = (stream.view(T, -1, 20, 8) << torch.arange(8, device=x.device)).sum(-1).to(torch.uint8)
+    enc = enc.view(T, H // C, C // LOGFMT_BLOCK * 20)                        # per chunk
+    raw = x.contiguous().view(torch.uint8).view(T, H // C, 2 * C)
+    meta_bytes = meta.contiguous().view(torch.uint8).view(T, -1)
+    out = torch.zeros(T, 4 * (H // LOGFMT_GROUP) + 2 * H, dtype=torch.uint8, device=x.device)
+    num_bytes = torch.zeros(T, dtype=torch.int64)
+    for ti in range(T):
+        parts = [meta_bytes[ti]] + [enc[ti, c] if cast[ti, c] else raw[ti, c]
+                                    for c in range(H // C)]
+        row = torch.cat(parts)
+        out[ti, :row.numel()] = row
+        num_bytes[ti] = row.numel()
+    return LogFMTMessage(meta, cast, out, num_bytes)
+
+
+def logfmt_decode(msg: LogFMTMessage, hidden: int) -> torch.Tensor:
+    """The float32 [T, H] values a receiver reads from logfmt_encode's bytes: BF16 chunks as they
+    are; encoded values, with the group's step = (log_amax - log_amin) / 510 from the metadata,
+    code == 0 -> 0, else 2^((code - 1) * step + log_amin) (an FMA), with the sign bit."""
+    T, H = msg.payload.shape[0], hidden
+    C = logfmt_chunk(H)
+    G = H // LOGFMT_GROUP
+    meta = msg.payload[:, :4 * G].contiguous().view(torch.bfloat16).view(T, G, 2)
+    log_amax, log_amin, _ = _logfmt_log_range(meta)
+    step = (log_amax - log_amin) / torch.full_like(log_amax, float(LOGFMT_CODES - 2))
+    out = torch.zeros(T, H, dtype=torch.float32)
+    for ti in range(T):
+        off = 4 * G
+        for c in range(H // C):
+            ch = slice(c * C, (c + 1) * C)
+            if not msg.cast[ti, c]:
+                out[ti, ch] = msg.payload[ti, off:off + 2 * C].view(torch.bfloat16).float()
+                off += 2 * C
+                continue
+            nb = C // LOGFMT_BLOCK * 20
+            blk = msg.payload[ti, off:off + nb].view(-1, 20).to(torch.int64)
+            off += nb
+            bit = ((blk.unsqueeze(-1) >> torch.arange(8)) & 1).flatten(-2)      # [B, 160]
+            codes = (bit[:, :144].view(-1, LOGFMT_BLOCK, 9) << torch.arange(9)).sum(-1).flatten()
+            signs = bit[:, 144:].flatten()
+            g = torch.arange(c * C, (c + 1) * C) // LOGFMT_GROUP
+            val = torch.exp2(_fma(_f32(codes - 1), step[ti, g], log_amin[ti, g]))
+            val = torch.where(codes == 0, torch.zeros_like(val), val)
+            out[ti, ch] = torch.where(signs == 1, -val, val)
+    return out

@@ -23,6 +23,9 @@ MAX_RANK_SIG = 64        # low-latency per-rank signal words (templates/ll_commo
 MAX_EXPERTS = 1024
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
+# Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
+# the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT.
+LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
 
 
 class SpecError(ValueError):
@@ -242,6 +245,20 @@ def normal_dispatch_wire(row_bytes: int, num_scale_cols: int) -> tuple[int, str]
     return row_bytes // 2, "bf16"
 
 
+def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
+    """A low-latency dispatch message's payload (templates/ll_dispatch.cuh kPayload, which the
+    rendered kernel static_asserts equal): FP8 row + float scale_inv per 128 channels, 16-byte
+    padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its wire scale words
+    (block-scale bytes four per word, then the global scale); or the BF16 row."""
+    if wire_format == "mxfp8":
+        return (hidden + 4 * (hidden // 32) + 15) // 16 * 16
+    if wire_format == "nvfp4":
+        return (hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1) + 15) // 16 * 16
+    if use_fp8:
+        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
+    return 2 * hidden
+
+
 @dataclass(frozen=True)
 class LowLatencyDispatchSpec(KernelSpec):
     """Low-latency dispatch: one launch per phase (send, receive, or both)."""
@@ -257,11 +274,19 @@ class LowLatencyDispatchSpec(KernelSpec):
     round_scale: bool = False
     use_ue8m0: bool = False
     threads: int = 1024
+    wire_format: str = ""   # LL_WIRE_FORMATS: "mxfp8" / "nvfp4" cast to that format
 
     def validate(self):
         _check_common(self)
         self._req(self.num_topk >= 1, "num_topk", "must be >= 1")
         self._req(self.hidden % 16 == 0, "hidden", "must be a multiple of 16 in low-latency mode")
+        self._req(self.wire_format in LL_WIRE_FORMATS, "wire_format",
+                  f"must be one of {LL_WIRE_FORMATS}")
+        if self.wire_format:
+            self._req(not (self.use_fp8 or self.round_scale or self.use_ue8m0), "wire_format",
+                      "names the format itself: use_fp8, round_scale and use_ue8m0 must be False")
+            self._req(self.hidden % 32 == 0, "hidden",
+                      f"must be a multiple of 32 for {self.wire_format}")
         if self.use_ue8m0:
             self._req(self.round_scale, "use_ue8m0", "needs round_scale=True")
         if not self.use_fp8:
@@ -276,9 +301,17 @@ class LowLatencyDispatchSpec(KernelSpec):
     def num_scales(self) -> int:
         return num_scales(self.hidden) if self.use_fp8 else 0
 
+    @property
+    def payload_bytes(self) -> int:
+        return ll_payload_bytes(self.hidden, self.use_fp8, self.wire_format)
+
+    @property
+    def wire_format_code(self) -> int:
+        return LL_WIRE_FORMATS.index(self.wire_format)
+
     def readable_tag(self):
         dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
-            if self.use_fp8 else "bf16"
+            if self.use_fp8 else self.wire_format or "bf16"
         return f"{dt}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 
 

@@ -134,7 +134,9 @@ def test_configs_from_arguments():
     (mode, cfg), = bench_cli.configs(_args("--mode", "low_latency", "--tokens", "64",
                                            "--experts", "64", "--topk", "6", "--hidden", "2880"))
     assert mode == "low_latency" and cfg == dict(tokens=[64], hidden=2880, topk=6, experts=64,
-                                                 runs=50, warmup=5)
+                                                 runs=50, warmup=5, wire_format="fp8_e4m3_f32_128")
+    (_, cfg), = bench_cli.configs(_args("--mode", "normal", "--wire-format", "nvfp4"))
+    assert cfg["wire_format"] == "nvfp4"
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -146,6 +148,10 @@ def test_configs_from_arguments():
     (["--tokens", "5", "--sweep-tokens", "1,2"], "give one of them"),
     (["--sweep-tokens", "1,x"], "--sweep-tokens='1,x': must be comma-separated ints"),
     (["--runs", "0"], "--runs=0: must be >= 1"),
+    (["--wire-format", "fp4"], "--wire-format='fp4': must be a WireFormat, one of"),
+    (["--wire-format", "opaque64"], "--wire-format='opaque64': low-latency dispatch sends one of"),
+    (["--wire-format", "mxfp8", "--hidden", "2896"],
+     "--hidden=2896: mxfp8 needs a positive multiple of 32 channels"),
 ])
 def test_bad_arguments_are_refused_before_anything_starts(argv, needle, capsys):
     with pytest.raises(ValueError, match=None) as e:

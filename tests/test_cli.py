@@ -40,7 +40,34 @@ def test_bundled_deepseek_spec_expands_to_the_kernel_set():
     assert len(sf.specs) == len(set(sf.specs))
 
 
+def test_spec_files_name_wire_formats(tmp_path):
+    """Normal-mode dtypes may be any wire format (keyed as the bytes they move, so MXFP8 rows
+    share FP8's kernel); low-latency dtypes the formats its dispatch casts to."""
+    sf = load_spec_file(write(tmp_path, """
+models:
+  - {name: m, hidden: 2880, num_experts: 64, num_topk: 4, ep_sizes: [2],
+     modes: {normal: {dtypes: [mxfp8, nvfp4, opaque2048+12]},
+             low_latency: {dispatch_dtypes: [mxfp8, nvfp4, fp8_ue8m0_128]}}}
+"""))
+    nd = lambda **kw: NormalDispatchSpec(num_topk=4, num_experts=64, num_ranks=2, **kw)  # noqa: E731
+    ld = lambda **kw: LowLatencyDispatchSpec(hidden=2880, num_topk=4, num_experts=64,  # noqa: E731
+                                             num_ranks=2, **kw)
+    assert nd(hidden=2880, dtype="fp8") in sf.specs                       # mxfp8: FP8's kernel
+    assert nd(hidden=1440, dtype="fp8", scale_cols=46) in sf.specs        # nvfp4
+    assert nd(hidden=2048, dtype="fp8", scale_cols=3) in sf.specs         # opaque + 12 bytes
+    assert ld(use_fp8=False, wire_format="mxfp8") in sf.specs
+    assert ld(use_fp8=False, wire_format="nvfp4") in sf.specs
+    assert ld(round_scale=True, use_ue8m0=True) in sf.specs
+
+
 @pytest.mark.parametrize("text, needle", [
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {dispatch_dtypes: [opaque64]}}}]",
+     "models[0].modes.low_latency.dispatch_dtypes: expected a non-empty list of ['fp8', 'bf16'"),
+    ("models: [{name: x, hidden: 2896, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {dispatch_dtypes: [nvfp4]}}}]", "hidden=2896: must be a multiple of 32"),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {normal: {dtypes: [fp4]}}}]", "'opaque<row>[+<side>]'"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: expected only keys"),
     ("models: [{name: x, hidden: '7168', num_experts: 256, num_topk: 8, ep_sizes: [2], "

@@ -26,6 +26,9 @@ SPECS = [
     LowLatencyDispatchSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=4,
                            round_scale=True, use_ue8m0=True),
     LowLatencyDispatchSpec(hidden=3584, num_topk=16, num_experts=384, num_ranks=8, use_fp8=False),
+    # the in-kernel MXFP8 / NVFP4 casts at DeepSeek's, a 4096 and gpt-oss's 2880 hidden
+    *(LowLatencyDispatchSpec(hidden=h, num_topk=8, num_experts=64, num_ranks=8, use_fp8=False,
+                             wire_format=f) for f in ("mxfp8", "nvfp4") for h in (7168, 4096, 2880)),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     LowLatencyBarrierSpec(num_ranks=8),
@@ -66,6 +69,18 @@ def test_compile_error_carries_log_and_spec(cache, monkeypatch):
     assert e.value.stage == "NVRTC"
     assert "LayoutSpec(" in str(e.value) and "sm_90" in str(e.value)
     assert "error" in e.value.log
+
+
+def test_ll_payload_size_is_checked_against_the_kernel(cache, monkeypatch):
+    """The launch sizes shared memory as spec.payload_bytes; a rendering whose value differs
+    from the kernel's kPayload does not compile (the generated static_assert)."""
+    spec = LowLatencyDispatchSpec(hidden=2880, num_topk=4, num_experts=32, num_ranks=4,
+                                  use_fp8=False, wire_format="nvfp4")   # not in SPECS (memo)
+    monkeypatch.setattr(LowLatencyDispatchSpec, "payload_bytes",
+                        property(lambda s: (s.hidden // 2 + 15) // 16 * 16))   # scales forgotten
+    with pytest.raises(CompileError) as e:
+        jit.build(spec, "sm_90", cache)
+    assert "payload size" in e.value.log
 
 
 def test_precompiled_header_changes_speed_not_bytes(tmp_path, monkeypatch):

@@ -98,10 +98,17 @@ DIFFERENCES = {
 }
 # Public Buffer methods DeepEP does not have.
 EXTENSIONS = {"check_errors"}
+# epgen's keyword-only additions to DeepEP methods (after all of DeepEP's parameters, so no
+# positional call changes meaning): the wire format (epgen.formats, README "Wire formats").
+EXTRA_KEYWORDS = {"dispatch": {"wire_format": None}, "low_latency_dispatch": {"wire_format": None}}
 
 
 def _params(fn, drop_self):
     ps = list(inspect.signature(fn).parameters.values())
+    extra = EXTRA_KEYWORDS.get(fn.__name__, {})
+    got_extra = {p.name: p.default for p in ps if p.kind == p.KEYWORD_ONLY}
+    assert got_extra == extra, f"{fn.__qualname__}: keyword-only {got_extra}, expected {extra}"
+    ps = [p for p in ps if p.kind != p.KEYWORD_ONLY]
     if drop_self:
         assert ps and ps[0].name == "self", f"{fn.__qualname__}: first parameter is not self"
         ps = ps[1:]

@@ -152,6 +152,55 @@ def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
     _check_combine(rank, ins, y, handle, combined)
 
 
+# (name, H, K, wire_format, hook): the in-kernel casts named by wire_format, rows and scales bit
+# for bit with reference.ll_cast (fp8_ue8m0_128: per_token_cast_to_fp8, exact); run after the
+# other jobs so QUICK keeps its meaning.
+FORMAT_CASES = [
+    ("wire_format mxfp8 h7168 k8", 7168, 8, "mxfp8", False),
+    ("wire_format mxfp8 h2880 k16 hook", 2880, 16, "mxfp8", True),
+    ("wire_format nvfp4 h7168 k8 hook", 7168, 8, "nvfp4", True),
+    ("wire_format nvfp4 h4096 k16", 4096, 16, "nvfp4", False),
+    ("wire_format nvfp4 h2880 k8", 2880, 8, "nvfp4", False),
+    ("wire_format fp8_ue8m0_128 h4096 k8", 4096, 8, "fp8_ue8m0_128", False),
+]
+
+
+def _run_format_case(buf, rank, R, E, cid, name, H, K, wf, hook):
+    import torch
+    from epgen import reference as ref
+    tokens = [M] * R
+    tokens[-1] = M - 3
+    ins = _all_inputs(cid, R, tokens, H, K, E)
+    for x, _, _ in ins:          # the casts' edges: a zero group, bf16 subnormals, a huge value
+        x[0, :32] = 0
+        x[1, 32:64] = 1e-39
+        x[2, 5] = 3e30
+    x, idx, w = ins[rank]
+    _poison()
+    recv, count, handle, ev, hk = buf.low_latency_dispatch(x, idx, M, E, return_recv_hook=hook,
+                                                           wire_format=wf)
+    _finish(buf, ev, hk, hook, False)
+    recv_x, scales = recv
+    xs, idxs = [i[0] for i in ins], [i[1] for i in ins]
+    if wf == "fp8_ue8m0_128":
+        ref.check_low_latency_dispatch(xs, idxs, E, rank, M, recv_x, count, handle[0], handle[1],
+                                       recv_x_scales=scales, round_scale=True, use_ue8m0=True,
+                                       exact_fp8=True)
+        y = _expert_out(recv, True, H)
+    else:
+        ref.check_low_latency_dispatch(xs, idxs, E, rank, M, recv_x, count, handle[0], handle[1],
+                                       recv_x_scales=scales, wire_format=wf)
+        if wf == "mxfp8":
+            deq = ref.mxfp8_dequantize(recv_x, ref.unpack_scale_bytes(scales.contiguous(), H // 32))
+        else:
+            blocks, g = ref.nvfp4_split_wire_scales(scales.contiguous(), H)
+            deq = ref.nvfp4_dequantize(recv_x, blocks, g)
+        y = (torch.nan_to_num(deq) * 0.5).to(torch.bfloat16)
+    combined, ev, hk = buf.low_latency_combine(y, idx, w, handle, return_recv_hook=hook)
+    _finish(buf, ev, hk, hook, False)
+    _check_combine(rank, ins, y, handle, combined)
+
+
 def _run_double(buf, rank, R, E):
     """Two calls in flight (hooks): send 1, send 2, recv 1, recv 2, for dispatch and combine."""
     import torch
@@ -341,6 +390,8 @@ def _worker(rank, world):
     jobs.append(("cuda graph bf16 replays", lambda: _run_graph(buf, rank, world, E, False)))
     jobs.append(("cuda graph fp8 replays", lambda: _run_graph(buf, rank, world, E, True)))
     jobs.append(("compile during capture is an error", lambda: _run_compile_in_capture(buf, E)))
+    jobs += [(c[0], lambda c=c, i=i: _run_format_case(buf, rank, world, E, 400 + i, *c))
+             for i, c in enumerate(FORMAT_CASES)]
     _run_jobs(gpu_harness.select(jobs, QUICK), results)
     torch.cuda.synchronize()
     buf.destroy()
@@ -433,9 +484,7 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    return gpu_harness.cached_runs(_worker, timeout_s=280)
-
-
+    return gpu_harness.cached_runs(_worker, timeout_s=360)     # + FORMAT_CASES
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())

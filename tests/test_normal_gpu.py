@@ -34,7 +34,16 @@ CASES = [
     (7168, 8, "i8", False, False, 4, False, 20, None),
     (7168, 8, "fp8_ue8m0", True, False, 1, False, 20, None),
     (2880, 16, "fp8_ue8m0", False, True, 1, True, 24, None),
+    # named wire formats (epgen.formats, dispatch's wire_format=): checked, then moved as bytes
+    (7168, 8, "mxfp8", True, False, 1, False, 20, None),
+    (2880, 8, "nvfp4", True, True, 1, True, 24, None),
+    (4096, 16, "nvfp4", False, False, 4, False, 20, None),
+    (2880, 8, "fp8_e4m3_f32_128", True, False, 1, False, 20, None),
+    (4096, 8, "opaque", True, False, 1, True, 20, None),
 ]
+# dtype -> the wire_format dispatch is given (None: DeepEP's call, no wire_format)
+WIRE = {"mxfp8": "mxfp8", "nvfp4": "nvfp4", "fp8_e4m3_f32_128": "fp8_e4m3_f32_128",
+        "opaque": "opaque8192+12"}
 TOKENS = 768
 QUICK = [1, 5, 9, 13, 15]   # quick tier: FP8 async, worst FP8, no top-k, i8 rows, UE8M0
 
@@ -80,9 +89,20 @@ def _run_case(buf, rank, world, cid, case):
     tokens = [0 if r == zero_rank else TOKENS + 37 * r for r in range(R)]
     ins = [_inputs(cid, r, tokens[r], H, K, E, R) for r in range(R)]
     xs, idxs, ws, x2s = ([i[j] for i in ins] for j in range(4))
-    fp8 = dtype.startswith("fp8")
+    fp8 = dtype.startswith("fp8") or dtype in WIRE     # rows with scales (a side tensor)
+    wire = WIRE.get(dtype)
 
     def make_x(xl):
+        if dtype == "mxfp8":
+            q = [ref.mxfp8_quantize(v.cuda()) for v in xl]
+            return [a for a, _ in q], [ref.pack_scale_bytes(s).t().contiguous().t() for _, s in q]
+        if dtype == "nvfp4":
+            q = [ref.nvfp4_quantize(v.cuda()) for v in xl]
+            return [d for d, _, _ in q], [ref.nvfp4_wire_scales(b, g).t().contiguous().t()
+                                          for _, b, g in q]
+        if dtype == "opaque":   # bf16 bits as int16 rows, a 12-byte int16 side row per token
+            return ([v.cuda().view(torch.int16) for v in xl],
+                    [v[:, :6].cuda().view(torch.int16).contiguous() for v in xl])
         if dtype == "f32":
             return [v.float().cuda() for v in xl], None
         if dtype == "i8":    # arbitrary bytes (every bit pattern) without scales
@@ -112,8 +132,17 @@ def _run_case(buf, rank, world, cid, case):
                        num_tokens_per_expert=per_expert,
                        topk_idx=idx if with_topk else None, topk_weights=w if with_topk else None,
                        expert_alignment=align, num_worst_tokens=n_worst, config=config,
-                       async_finish=async_finish)
+                       async_finish=async_finish, wire_format=wire)
     recv, r_idx, r_w, counts, handle, event = out
+    if wire:   # another format's name: refused before launch, naming the mismatch
+        other = "bf16" if wire != "bf16" else "mxfp8"
+        try:
+            buf.dispatch(x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=per_expert, config=config, wire_format=other)
+        except ValueError as e:
+            assert str(e).startswith("x") and other in str(e), str(e)
+        else:
+            raise AssertionError(f"wire_format={other!r} accepted {dtype} rows")
     if async_finish:
         event.current_stream_wait()
     buf.check_errors()          # a deadline reads as a deadline, not as mismatches
@@ -141,7 +170,7 @@ def _run_case(buf, rank, world, cid, case):
     cx, csc = make_x(x2s)
     c_in = (cx[rank], csc[rank]) if fp8 else cx[rank]
     crecv, *rest, cevent = buf.dispatch(c_in, handle=handle, config=config,
-                                        async_finish=async_finish)
+                                        async_finish=async_finish, wire_format=wire)
     assert all(v is None for v in rest), "cached dispatch returns Nones"
     if async_finish:
         cevent.current_stream_wait()

@@ -25,6 +25,12 @@ from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpe
                                     use_ue8m0=True), "use_ue8m0", True),
     (lambda: LowLatencyCombineSpec(hidden=2880, num_topk=0, num_experts=64, num_ranks=2),
      "num_topk", 0),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    use_fp8=False, wire_format="fp4"), "wire_format", "fp4"),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    wire_format="mxfp8"), "wire_format", "mxfp8"),
+    (lambda: LowLatencyDispatchSpec(hidden=2896, num_topk=8, num_experts=288, num_ranks=2,
+                                    use_fp8=False, wire_format="nvfp4"), "hidden", 2896),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
     (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
     (lambda: LowLatencyBarrierSpec(num_ranks=48, threads=32), "threads", 32),
@@ -101,3 +107,18 @@ def test_cached_normal_dispatch_canonicalises_experts_but_uncached_keeps_them():
     from epgen.specs import normal_dispatch_spec
     assert normal_dispatch_spec(4096, 0, 64, 4, "bf16").num_experts == 64
     assert normal_dispatch_spec(4096, 0, None, 4, "bf16").num_experts == 4
+
+
+def test_ll_wire_format_field_keeps_existing_names_and_selects_the_cast():
+    """wire_format defaults to "" (the flags' format): existing specs keep their names, and only
+    a named format renders the template's FMT argument."""
+    base = LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2)
+    assert base.name == "dispatch_fp8_h7168_k8_e288_r2_fd2750"      # as before wire_format
+    assert "wire_format" not in base.rendered_fields()
+    assert "1024>(args)" in codegen.render(base)
+    for code, fmt in ((1, "mxfp8"), (2, "nvfp4")):
+        s = LowLatencyDispatchSpec(hidden=2880, num_topk=8, num_experts=288, num_ranks=2,
+                                   use_fp8=False, wire_format=fmt)
+        assert s.name.startswith(f"dispatch_{fmt}_h2880") and s.wire_format_code == code
+        assert f"1024, {code}>(args)" in codegen.render(s)
+        assert spec_from_json(s.to_json()) == s

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=None,
                    help="experts in all (default: 256 normal, 288 low latency)")
+    p.add_argument("--wire-format", default="fp8_e4m3_f32_128",
+                   help="the format dispatch moves beside BF16 (normal) or casts to (low "
+                        "latency): fp8_e4m3_f32_128 (default, DeepEP's FP8), fp8_ue8m0_128, "
+                        "mxfp8, nvfp4; records name it in `dtype`")
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--commit", default="unknown", help="recorded with the results")
@@ -66,6 +70,13 @@ def configs(args) -> list[tuple[str, dict]]:
     if args.hidden <= 0 or args.hidden % 16:
         raise ValueError(f"--hidden={args.hidden}: must be a positive multiple of 16 (FP8 "
                          "dispatch and every low-latency kernel)")
+    from .. import formats
+    try:
+        fmt = formats.get(args.wire_format, "--wire-format")
+        formats.low_latency_fields(fmt)
+        fmt.check_hidden(args.hidden, "--hidden")
+    except ValueError as e:
+        raise ValueError(str(e).replace("wire_format=", "--wire-format=")) from None
     out = []
     for mode in (MODES if args.mode == "all" else (args.mode,)):
         tokens = (_ints(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens
@@ -81,7 +92,8 @@ def configs(args) -> list[tuple[str, dict]]:
         if not 1 <= args.topk <= min(MAX_TOPK, E):
             raise ValueError(f"--topk={args.topk}: must be in [1, min({MAX_TOPK}, experts={E})]")
         out.append((mode, dict(tokens=sorted(set(tokens)), hidden=args.hidden, topk=args.topk,
-                               experts=E, runs=args.runs, warmup=args.warmup)))
+                               experts=E, runs=args.runs, warmup=args.warmup,
+                               wire_format=fmt.name)))
     return out
 
 

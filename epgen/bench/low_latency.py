@@ -2,7 +2,7 @@
 
 epgen's kernel time from the profiler (DeepEP's bench_kineto method; host-inclusive event times
 kept beside it), median of the runs after warm-up, L2 flushed and ranks aligned on the GPU before
-each (timing.py): dispatch (FP8), combine (BF16), both back to back, and the hooked send /
+each (timing.py): dispatch (--wire-format, DeepEP's FP8 by default), combine (BF16), both back to back, and the hooked send /
 receive halves. num_max_dispatch_tokens_per_rank is the largest token count of the run, so a
 sweep over tokens is the cost of one serving Buffer against its load. Same run, where every rank
 has its own GPU: NCCL all_to_all_single on the same bytes and the GPU-to-GPU copy bound.
@@ -14,7 +14,8 @@ import os
 from . import timing
 from .progress import Progress
 
-OPS = (("ll_dispatch", "fp8"), ("ll_combine", "bf16"), ("ll_dispatch_combine", "fp8"))
+# dtype None: the run's wire format (cfg["wire_format"], DeepEP's FP8 by default)
+OPS = (("ll_dispatch", None), ("ll_combine", "bf16"), ("ll_dispatch_combine", None))
 
 
 def steps(cfg: dict, shared_gpu: bool) -> int:
@@ -48,8 +49,10 @@ def worker(rank, world, cfg):
     import torch
     import torch.distributed as dist
     import epgen
-    from epgen import launch
+    from epgen import formats, launch
     H, K, E, runs, warm = cfg["hidden"], cfg["topk"], cfg["experts"], cfg["runs"], cfg["warmup"]
+    fmt = formats.get(cfg.get("wire_format", "fp8_e4m3_f32_128"))
+    per_token = {fmt.name: fmt.bytes_per_token(H), "bf16": formats.BF16.bytes_per_token(H)}
     M = max(cfg["tokens"])
     shared = launch.worker_shares_gpu()
     progress = Progress(steps(cfg, shared)) if rank == 0 else None
@@ -71,15 +74,15 @@ def worker(rank, world, cfg):
             idx[torch.randint(0, T, (10,), device=dev), torch.randint(0, K, (10,), device=dev)] = -1
             w = torch.rand(T, K, device=dev)
             valid = int((idx != -1).sum())
-            fp8_bytes = valid * (H + H // 128 * 4 + 16)
+            q_bytes = valid * (per_token[fmt.name] + 16)       # + a message header
             bf16_bytes = valid * 2 * H
-            _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=True)
+            _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, wire_format=fmt)
             buf.low_latency_combine(y, idx, w, handle)
             torch.cuda.synchronize()
             buf.check_errors()
 
             def disp():
-                return buf.low_latency_dispatch(x, idx, M, E, use_fp8=True)
+                return buf.low_latency_dispatch(x, idx, M, E, wire_format=fmt)
 
             def comb():
                 return buf.low_latency_combine(y, idx, w, handle)
@@ -89,15 +92,16 @@ def worker(rank, world, cfg):
                 buf.low_latency_combine(y, idx, w, r[2])
 
             for (op, dtype), fn, nb in zip(OPS, (disp, comb, both),
-                                           (fp8_bytes, bf16_bytes, fp8_bytes + bf16_bytes)):
-                records.append(_record(op, dtype, T, nb, timing.time_kernels(fn, runs, flush, warmup=warm),
+                                           (q_bytes, bf16_bytes, q_bytes + bf16_bytes)):
+                records.append(_record(op, dtype or fmt.name, T, nb,
+                                       timing.time_kernels(fn, runs, flush, warmup=warm),
                                        host_inclusive_us=timing.median(
                                            timing.time_events(fn, runs, flush, warm))))
                 tick(f"{op}, {T} tokens")
             ds, dr = _time_split(lambda: buf.low_latency_dispatch(
-                x, idx, M, E, use_fp8=True, return_recv_hook=True)[4], runs, flush, warm)
-            records += [_record("ll_dispatch_send", "fp8", T, fp8_bytes, ds),
-                        _record("ll_dispatch_recv", "fp8", T, fp8_bytes, dr)]
+                x, idx, M, E, wire_format=fmt, return_recv_hook=True)[4], runs, flush, warm)
+            records += [_record("ll_dispatch_send", fmt.name, T, q_bytes, ds),
+                        _record("ll_dispatch_recv", fmt.name, T, q_bytes, dr)]
             tick(f"hooked dispatch, {T} tokens")
             cs, cr = _time_split(lambda: buf.low_latency_combine(
                 y, idx, w, handle, return_recv_hook=True)[2], runs, flush, warm)
@@ -106,7 +110,7 @@ def worker(rank, world, cfg):
             tick(f"hooked combine, {T} tokens")
             buf.check_errors()
             if not shared:       # NCCL on the same bytes (already packed: no layout)
-                for dtype, nb in (("fp8", fp8_bytes), ("bf16", bf16_bytes)):
+                for dtype, nb in ((fmt.name, q_bytes), ("bf16", bf16_bytes)):
                     n = (nb + world - 1) // world * world
                     src = torch.empty(n, dtype=torch.uint8, device=dev)
                     dst = torch.empty(n, dtype=torch.uint8, device=dev)
@@ -119,6 +123,9 @@ def worker(rank, world, cfg):
                 records.append(_record("copy", "bf16", 0, cb[1], [cb[0]]))
             tick("GPU-to-GPU copy")
         num_sms = buf._ll.sms
+        for r in records:     # payload bytes of one token in the record's format
+            if r["op"] != "copy" and r["dtype"] in per_token:
+                r["bytes_per_token"] = per_token[r["dtype"]]
         torch.cuda.synchronize()
         dist.barrier()
     finally:

@@ -31,8 +31,10 @@ def worker(rank, world, cfg):
     import torch.distributed as dist
     import epgen
     from epgen import launch
+    from epgen import formats
     from epgen import reference as ref
     H, K, E, runs = cfg["hidden"], cfg["topk"], cfg["experts"], cfg["runs"]
+    fmt = formats.get(cfg.get("wire_format", "fp8_e4m3_f32_128"))
     shared = launch.worker_shares_gpu()
     progress = Progress(steps(cfg, shared)) if rank == 0 else None
 
@@ -51,7 +53,7 @@ def worker(rank, world, cfg):
         for T in cfg["tokens"]:
             torch.manual_seed(1 + rank)
             x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-            x_fp8 = ref.per_token_cast_to_fp8(x)
+            x_q = ref.wire_cast(x, fmt.name)
             idx = torch.randn(T, E, device="cuda").topk(K, dim=-1).indices.to(torch.int64)
             w = torch.rand(T, K, device="cuda")
             per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
@@ -59,8 +61,8 @@ def worker(rank, world, cfg):
                 x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg24)
             torch.cuda.synchronize()
-            bf16_bytes = recv.size(0) * H * 2
-            fp8_bytes = bf16_bytes * (1 + 4 / 128) / 2
+            bf16_bytes = recv.size(0) * formats.BF16.bytes_per_token(H)
+            q_bytes = recv.size(0) * fmt.bytes_per_token(H)
 
             def add(op, dtype, sms, nbytes, fn, kernels=True):
                 samples = timing.time_events(fn, runs, flush, cfg["warmup"])
@@ -71,13 +73,14 @@ def worker(rank, world, cfg):
                     extra = dict(kernel_us=timing.median(ks),
                                  kernel_gbps=nbytes / timing.median(ks) / 1e3, kernel_samples=ks,
                                  launch_gap_us=timing.median([r["launch_gap"] for r in prof]))
+                extra["bytes_per_token"] = formats.get(dtype).bytes_per_token(H)
                 records.append(_record(op, dtype, sms, T, nbytes, samples, **extra))
                 tick(f"{op} {dtype} {sms} SMs, {T} tokens")
 
             add("normal_dispatch", "bf16", sms24, bf16_bytes,
                 lambda: buf.dispatch(x, handle=handle, config=cfg24))
-            add("normal_dispatch", "fp8", sms24, fp8_bytes,
-                lambda: buf.dispatch(x_fp8, handle=handle, config=cfg24))
+            add("normal_dispatch", fmt.name, sms24, q_bytes,
+                lambda: buf.dispatch(x_q, handle=handle, config=cfg24, wire_format=fmt))
             add("normal_dispatch", "bf16", sms16, bf16_bytes,
                 lambda: buf.dispatch(x, handle=handle, config=cfg16))
             add("normal_combine", "bf16", sms24, bf16_bytes,

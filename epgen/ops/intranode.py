@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .. import formats
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
@@ -180,10 +181,13 @@ class IntranodeOps:
                 raise EpgenDeviceError(CODE_TIMEOUT, OP_CODES["dispatch notify"], ctx.rank, -1, -1)
             time.sleep(0)
 
-    def _check_rows(self, x):
+    def _check_rows(self, x, wire_format=None):
         """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are
         a multiple of 16 bytes wide (the kernel moves bytes), or (x, scales) with 1-byte elements
-        and float32 or int32 (packed UE8M0) scales [num_tokens, S], any strides (DeepEP's rules)."""
+        and float32 or int32 (packed UE8M0) scales [num_tokens, S], any strides (DeepEP's rules).
+        With wire_format (epgen.formats), x must match that format (data width, scale dtype and
+        shape); an opaque format's rows and side rows of other element types travel as bytes and
+        4-byte words (x and scales returned as such views)."""
         dev = self.ctx.device
         scales, name = None, "x"
         if isinstance(x, tuple):
@@ -191,9 +195,17 @@ class IntranodeOps:
                 raise arg_error("x", f"tuple of {len(x)}", "must be x or (x, x_scales)")
             x, scales = x
             name = "x[0]"
+        if wire_format is not None:
+            formats.get(wire_format).check(x, scales)
         if not isinstance(x, torch.Tensor):
             raise arg_error(name, type(x).__name__, "must be a torch.Tensor")
         check_tensor(name, x, x.dtype, device=dev, align=VECTOR_BYTES)
+        if wire_format is not None and scales is not None:
+            if x.element_size() != 1:
+                x = x.view(torch.uint8)
+            if scales.dtype not in (torch.float32, torch.int32):
+                check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
+                scales = scales.view(torch.int32)
         if x.dim() != 2:
             raise arg_error(f"{name}.shape", tuple(x.shape), "must be [num_tokens, hidden]")
         row_bytes = x.size(1) * x.element_size()
@@ -218,11 +230,13 @@ class IntranodeOps:
     # -- dispatch -------------------------------------------------------------------------
     def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                  num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-                 config, previous_event, async_finish, allocate_on_comm_stream):
+                 config, previous_event, async_finish, allocate_on_comm_stream, wire_format=None):
         ctx = self.ctx
         ctx.check_errors()
         R, dev = ctx.num_ranks, ctx.device
-        x, scales, S = self._check_rows(x)
+        given = x[0] if isinstance(x, tuple) and len(x) == 2 else x
+        given_scales = x[1] if isinstance(x, tuple) and len(x) == 2 else None
+        x, scales, S = self._check_rows(x, wire_format)
         T, H = x.shape
         if num_tokens_per_rdma_rank is not None:
             raise arg_error("num_tokens_per_rdma_rank", "a tensor", "must be None intranode")
@@ -344,6 +358,10 @@ class IntranodeOps:
             result["tensors"] = (x, scales, topk_idx, topk_weights, in_rank, recv_x, recv_scales,
                                  recv_idx, recv_w, rpm, ntall, recv_src, num_tokens_per_rank,
                                  num_tokens_per_expert)
+        if recv_x.dtype != given.dtype:            # an opaque format's rows, moved as bytes
+            recv_x = recv_x.view(given.dtype)
+        if recv_scales is not None and recv_scales.dtype != given_scales.dtype:
+            recv_scales = recv_scales.view(given_scales.dtype)
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
         if cached:      # DeepEP: no top-k, no counts list, no new handle
             return out_x, None, None, None, None, result["event"]

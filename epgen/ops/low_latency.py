@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import formats
 from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                     LowLatencyDispatchSpec, cached, num_scales)
+                     LowLatencyDispatchSpec, cached, ll_payload_bytes, num_scales)
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 from .streams import StreamOrder
@@ -76,11 +77,7 @@ def _align(v: int, a: int = 256) -> int:
 HEADER_MAX = 16 + 4 * MAX_TOPK     # dispatch message header with room for top-k entries
 
 
-def payload_bytes(hidden: int, use_fp8: bool) -> int:
-    """A dispatch message's payload: FP8 row + float scales (16-byte padded), or the BF16 row."""
-    if use_fp8:
-        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
-    return 2 * hidden
+payload_bytes = ll_payload_bytes     # a dispatch message's payload (specs.ll_payload_bytes)
 
 
 def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
@@ -102,6 +99,22 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
                                num_ranks: int, num_experts: int) -> int:
     """Bytes of num_rdma_bytes a Buffer needs for these low-latency shapes."""
     return _data_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["end"]
+
+
+def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireFormat:
+    """The format a low-latency dispatch sends: DeepEP's flags name it, or wire_format does; then
+    the flags must be DeepEP's defaults or name the same format (no silent override)."""
+    by_flags = formats.of_low_latency_flags(use_fp8, round_scale, use_ue8m0)
+    if wire_format is None:
+        return formats.get(by_flags)
+    fmt = formats.get(wire_format)
+    formats.low_latency_fields(fmt)          # one low-latency dispatch can send, else the error
+    defaults = (use_fp8, round_scale, use_ue8m0) == (True, False, False)
+    if not defaults and by_flags != fmt.name:
+        raise arg_error("wire_format", fmt.name,
+                        f"conflicts with use_fp8={use_fp8}, round_scale={round_scale}, "
+                        f"use_ue8m0={use_ue8m0} (which name {by_flags})")
+    return fmt
 
 
 class LowLatencyOps:
@@ -218,7 +231,8 @@ class LowLatencyOps:
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                              cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False,
-                             use_ue8m0=False, async_finish=False, return_recv_hook=False):
+                             use_ue8m0=False, async_finish=False, return_recv_hook=False,
+                             wire_format=None):
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
@@ -236,20 +250,32 @@ class LowLatencyOps:
         if use_ue8m0 and not round_scale:
             raise arg_error("use_ue8m0", True, "needs round_scale=True")
         StreamOrder.check_two_phase(async_finish, return_recv_hook)
+        fmt = _ll_format(wire_format, use_fp8, round_scale, use_ue8m0)
+        fmt.check_hidden(H, "x.shape[1]")
+        fields = formats.low_latency_fields(fmt, bool(round_scale))
+        use_fp8, round_scale, use_ue8m0 = (fields[k] for k in ("use_fp8", "round_scale",
+                                                                "use_ue8m0"))
+        cast = fields["wire_format"]
         El = num_experts // R
         cum = self._check_stats("cumulative_local_expert_recv_stats",
                                 cumulative_local_expert_recv_stats, torch.int32, El)
         wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                                 torch.int64, R)
-        spec = cached(LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=num_experts, num_ranks=R,
-                                      use_fp8=bool(use_fp8), round_scale=bool(round_scale),
-                                      use_ue8m0=bool(use_ue8m0), threads=THREADS)
+        spec = cached(LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=num_experts,
+                      num_ranks=R, threads=THREADS, **fields)
         kernel = ctx.kernel(spec)
 
         dev = ctx.device
-        recv_x = torch.empty(El, R * M, H, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                             device=dev)
         scales = None
+        if cast:   # the format's row and scale columns, scales column-major as DeepEP's
+            recv_x = torch.empty(El, R * M, fmt.data_width(H), dtype=fmt.data_torch_dtype(),
+                                 device=dev)
+            scales = torch.empty(El, fmt.scale_cols(H), R * M, dtype=torch.int32,
+                                 device=dev).transpose(1, 2)
+        else:
+            recv_x = torch.empty(El, R * M, H,
+                                 dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                                 device=dev)
         if use_fp8:
             S = num_scales(H)
             cols = (S + 3) // 4 if use_ue8m0 else S
@@ -277,10 +303,10 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, payload_bytes(H, use_fp8), async_finish,
+        event, hook = self._run(kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)
-        out = (recv_x, scales) if use_fp8 else recv_x
+        out = (recv_x, scales) if scales is not None else recv_x
         return out, recv_count, handle, event, hook
 
     def _check_handle(self, handle):

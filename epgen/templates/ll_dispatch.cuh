@@ -23,12 +23,23 @@
 
 namespace epgen {
 
-template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS>
+// FMT: a wire format beyond DeepEP's flags (epgen.formats, the spec's wire_format), cast from
+// BF16 here exactly as epgen/reference.py defines it: 0 = the flags' (BF16, FP8 per 128),
+// 1 = MXFP8 (e4m3 + E8M0 per 32), 2 = NVFP4 (e2m1 two per byte + e4m3 per 16 + float32 global).
+template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0>
 struct LLDispatch {
     static constexpr int El = E / R;
     static constexpr int S = (H + 127) / 128;
     static constexpr int S4 = (S + 3) / 4;
-    static constexpr int kPayload = FP8 ? ll::align16(H + 4 * S) : 2 * H;
+    static constexpr bool kQuant = FP8 || FMT != 0;
+    static constexpr int kDataBytes = FMT == 2 ? H / 2 : kQuant ? H : 2 * H;   // a recv_x row
+    // 4-byte scale words after the data: float scale_inv per 128 (FP8), float 2^X per 32 (MXFP8:
+    // the receive packs the exponent bytes, as for UE8M0), or NVFP4's wire words (block-scale
+    // bytes four per word, then the global scale), copied as they are.
+    static constexpr int kSW = FMT == 1 ? H / 32 : FMT == 2 ? (H / 16 + 3) / 4 + 1 : S;
+    static constexpr int kSW4 = (kSW + 3) / 4;
+    static constexpr bool kPackScales = UE8M0 || FMT == 1;
+    static constexpr int kPayload = kQuant ? ll::align16(kDataBytes + 4 * kSW) : 2 * H;
     static constexpr int kMaxDst = K < R ? K : R;              // destinations of one token
     static constexpr int kHdr = ll::align16(16 + 4 * K);        // room for K entries
     static constexpr int kHdrN16 = kHdr / 16;
@@ -37,12 +48,13 @@ struct LLDispatch {
     static constexpr int kWarps = THREADS / 32;
     static constexpr int kParts = kWarps / kMaxDst >= 1 ? kWarps / kMaxDst : 1;
     static constexpr int kPart = (kN16 + kParts - 1) / kParts;
-    static constexpr int kRowN16 = FP8 ? H / 16 : H / 8;     // 16-byte units of a recv_x row
+    static constexpr int kRowN16 = kDataBytes / 16;         // 16-byte units of a recv_x row
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
     static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
                   "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
+    static_assert(FMT == 0 || (!FP8 && H % 32 == 0), "MXFP8 / NVFP4: use_fp8 off, hidden % 32");
     // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
     // (the receive refuses counts > M), T <= 1024 (ops/low_latency.py MAX_TOKENS).
     static_assert(1024 * K <= (int)ll::kValueMask, "count field of the signal word");
@@ -53,7 +65,7 @@ struct LLDispatch {
     static __device__ __forceinline__ int layout_tag(int max_tokens) {
         uint32_t h = 2166136261u;                               // FNV-1a over the shapes
         const uint32_t v[6] = {(uint32_t)H, (uint32_t)K, (uint32_t)E, (uint32_t)R,
-                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2)), (uint32_t)max_tokens};
+                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2) | (FMT << 3)), (uint32_t)max_tokens};
         #pragma unroll
         for (int i = 0; i < 6; ++i) { h ^= v[i]; h *= 16777619u; }
         return (int)((h ^ (h >> 16)) & 0xffffu);
@@ -68,6 +80,8 @@ struct LLDispatch {
     static constexpr int kCopyThreads = THREADS - 32;
 
     // FP8 cast of one BF16 token into the message payload (shared memory), by warps 1...
+    // (Its own copy of load8 / e4m3x8 below: written over them, the FP8 kernels' machine code
+    // changes; kept as it was, it stays byte-identical.)
     static __device__ __forceinline__ void cast_fp8(const int4* xrow, char* payload) {
         constexpr int kNC = H / 8;                            // 8-channel chunks
         constexpr int kIter = (kNC + kCopyThreads - 1) / kCopyThreads;
@@ -117,6 +131,128 @@ struct LLDispatch {
                 }
                 *reinterpret_cast<uint2*>(payload + c * 8) = make_uint2(packed[0], packed[1]);
                 if ((c & 15) == 0) scales[c >> 4] = scale_inv;
+            }
+        }
+    }
+
+    // 8 floats already scaled -> 8 e4m3 bytes: clamp to +-448, round to nearest even.
+    static __device__ __forceinline__ uint2 e4m3x8(const float* v, float scale) {
+        uint32_t packed[2];
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float2 lo = make_float2(fminf(fmaxf(__fmul_rn(v[4 * j], scale), -448.f), 448.f),
+                                    fminf(fmaxf(__fmul_rn(v[4 * j + 1], scale), -448.f), 448.f));
+            float2 hi = make_float2(fminf(fmaxf(__fmul_rn(v[4 * j + 2], scale), -448.f), 448.f),
+                                    fminf(fmaxf(__fmul_rn(v[4 * j + 3], scale), -448.f), 448.f));
+            const uint32_t a = __nv_cvt_float2_to_fp8x2(lo, __NV_SATFINITE, __NV_E4M3);
+            const uint32_t b = __nv_cvt_float2_to_fp8x2(hi, __NV_SATFINITE, __NV_E4M3);
+            packed[j] = a | (b << 16);
+        }
+        return make_uint2(packed[0], packed[1]);
+    }
+
+    // 8 BF16 channels of chunk c (8 zeros past the row) as floats, and their amax.
+    static __device__ __forceinline__ float load8(const int4* xrow, int c, bool active, float* v) {
+        float amax = 0.f;
+        if (active) {
+            int4 raw = ld_nc_v4(xrow + c);
+            const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw);
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float2 f = __bfloat1622float2(b[j]);
+                v[2 * j] = f.x; v[2 * j + 1] = f.y;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+        } else {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = 0.f;
+        }
+        return amax;
+    }
+
+    // MXFP8 cast (reference.mxfp8_quantize), by warps 1..: per 32 channels (4 lanes) the shared
+    // exponent X = floor(log2(amax)) - 8 clamped to >= -127, read from amax's exponent field:
+    // the E8M0 byte X + 127 is max(field - 8, 0) (zero and subnormal amax give 0). The payload
+    // word is the float with that exponent field (2^X, or 0 for byte 0); the receive packs it.
+    static __device__ __forceinline__ void cast_mxfp8(const int4* xrow, char* payload) {
+        constexpr int kNC = H / 8;
+        constexpr int kIter = (kNC + kCopyThreads - 1) / kCopyThreads;
+        float* scales = reinterpret_cast<float*>(payload + H);
+        #pragma unroll
+        for (int it = 0; it < kIter; ++it) {
+            const int c = it * kCopyThreads + (int)threadIdx.x - 32;
+            const bool active = c < kNC;
+            float v[8];
+            float amax = load8(xrow, c, active, v);
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            const uint32_t ex = (__float_as_uint(amax) >> 23) & 0xffu;
+            const uint32_t byte = ex > 8u ? ex - 8u : 0u;
+            const float scale = __uint_as_float((254u - byte) << 23);   // 2^-X, exact
+            if (active) {
+                *reinterpret_cast<uint2*>(payload + c * 8) = e4m3x8(v, scale);
+                if ((c & 3) == 0) scales[c >> 2] = __uint_as_float(byte << 23);
+            }
+        }
+    }
+
+    // e2m1 code of v (reference.e2m1_encode): nearest, ties to the even code, saturating at 6,
+    // the sign kept. sm_90 has no e2m1 conversion instruction, so it is compares.
+    static __device__ __forceinline__ uint32_t e2m1(float v) {
+        const float m = fabsf(v);
+        const uint32_t c = (m > 0.25f) + (m >= 0.75f) + (m > 1.25f) + (m >= 1.75f) + (m > 2.5f) +
+                           (m >= 3.5f) + (m > 5.f);
+        return c | ((__float_as_uint(v) >> 31) << 3);
+    }
+
+    // NVFP4 cast (reference.nvfp4_quantize), by warps 1..: the token's amax first (they meet at
+    // named barrier 1 while warp 0 routes), global scale g = 2688 / max(amax, 1e-4); then per 16
+    // channels (2 lanes) sf = e4m3((amax16 / 6) * g), q = g / sf (0 for sf 0), values e2m1(x * q)
+    // two per byte (low nibble first), block-scale bytes after the data, zero-padded to 4 bytes,
+    // then g.
+    static __device__ __forceinline__ void cast_nvfp4(const int4* xrow, char* payload) {
+        constexpr int kNC = H / 8;
+        constexpr int kIter = (kNC + kCopyThreads - 1) / kCopyThreads;
+        constexpr int G = H / 16;
+        constexpr int kBlockBytes = 4 * ((G + 3) / 4);
+        __shared__ float s_wmax[kWarps];
+        float v[kIter][8];
+        float amax = 0.f;
+        #pragma unroll
+        for (int it = 0; it < kIter; ++it) {
+            const int c = it * kCopyThreads + (int)threadIdx.x - 32;
+            amax = fmaxf(amax, load8(xrow, c, c < kNC, v[it]));
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if ((threadIdx.x & 31) == 0) s_wmax[threadIdx.x >> 5] = amax;
+        asm volatile("bar.sync 1, %0;" ::"r"(kCopyThreads));
+        amax = 0.f;
+        #pragma unroll 1
+        for (int w = 1; w < kWarps; ++w) amax = fmaxf(amax, s_wmax[w]);
+        const float g = __fdiv_rn(2688.f, fmaxf(amax, 1e-4f));
+        #pragma unroll
+        for (int it = 0; it < kIter; ++it) {
+            const int c = it * kCopyThreads + (int)threadIdx.x - 32;
+            float bmax = 0.f;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) bmax = fmaxf(bmax, fabsf(v[it][j]));
+            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+            const float sf_f = fminf(__fmul_rn(__fdiv_rn(bmax, 6.f), g), 448.f);
+            const __nv_fp8_storage_t sf = __nv_cvt_float_to_fp8(sf_f, __NV_SATFINITE, __NV_E4M3);
+            const float sf32 = __half2float(__half(__nv_cvt_fp8_to_halfraw(sf, __NV_E4M3)));
+            const float q = sf32 != 0.f ? __fdiv_rn(g, sf32) : 0.f;
+            if (c < kNC) {
+                uint32_t packed = 0;
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) packed |= e2m1(__fmul_rn(v[it][j], q)) << (4 * j);
+                *reinterpret_cast<uint32_t*>(payload + c * 4) = packed;
+                if ((c & 1) == 0) payload[H / 2 + (c >> 1)] = (char)sf;
+                if (c == 0) {
+                    for (int b = G; b < kBlockBytes; ++b) payload[H / 2 + b] = 0;
+                    *reinterpret_cast<float*>(payload + H / 2 + kBlockBytes) = g;
+                }
             }
         }
     }
@@ -175,7 +311,11 @@ struct LLDispatch {
             } else {           // warps 1..: the token into shared memory, cast once
                 const int4* xrow = reinterpret_cast<const int4*>(
                     reinterpret_cast<const char*>(a.x) + (int64_t)t * H * 2);
-                if constexpr (FP8) {
+                if constexpr (FMT == 1) {
+                    cast_mxfp8(xrow, reinterpret_cast<char*>(smem_payload));
+                } else if constexpr (FMT == 2) {
+                    cast_nvfp4(xrow, reinterpret_cast<char*>(smem_payload));
+                } else if constexpr (FP8) {
                     cast_fp8(xrow, reinterpret_cast<char*>(smem_payload));
                 } else {
                     for (int i = tid - 32; i < H / 8; i += kCopyThreads)
@@ -307,7 +447,7 @@ struct LLDispatch {
         // carries this call's epoch (slots of tokens not sent here keep older epochs).
         __shared__ int s_le[kWarps][K];
         __shared__ int s_row[kWarps][K];
-        constexpr int64_t kRowBytes = FP8 ? H : 2 * H;
+        constexpr int64_t kRowBytes = kDataBytes;
         // A message's payload is split into `parts` slices, each a unit of work, so that the
         // R x M slots keep every warp busy (one warp per message would leave most idle).
         constexpr int kBatch = 2;
@@ -362,17 +502,17 @@ struct LLDispatch {
                     }
                 }
             }
-            if constexpr (FP8) {
+            if constexpr (kQuant) {
                 const float* sc = reinterpret_cast<const float*>(
-                    reinterpret_cast<const char*>(pay) + H);
-                if constexpr (UE8M0) {
+                    reinterpret_cast<const char*>(pay) + kDataBytes);
+                if constexpr (kPackScales) {
                     int* out = reinterpret_cast<int*>(a.recv_scales);
-                    for (int q4 = part * 32 + lane; q4 < S4; q4 += parts * 32) {
+                    for (int q4 = part * 32 + lane; q4 < kSW4; q4 += parts * 32) {
                         uint32_t packed = 0;
                         #pragma unroll
                         for (int q = 0; q < 4; ++q) {
                             const int g = 4 * q4 + q;
-                            if (g < S) {
+                            if (g < kSW) {
                                 const uint32_t bits = __float_as_uint(
                                     *reinterpret_cast<const volatile float*>(sc + g));
                                 packed |= ((bits >> 23) & 0xffu) << (8 * q);
@@ -380,16 +520,16 @@ struct LLDispatch {
                         }
                         for (int j = 0; j < n; ++j) {
                             const int row = s_row[warp][j];
-                            if (row >= 0) out[((int64_t)s_le[warp][j] * S4 + q4) * RM + row] = (int)packed;
+                            if (row >= 0) out[((int64_t)s_le[warp][j] * kSW4 + q4) * RM + row] = (int)packed;
                         }
                     }
                 } else {
                     float* out = reinterpret_cast<float*>(a.recv_scales);
-                    for (int g = part * 32 + lane; g < S; g += parts * 32) {
+                    for (int g = part * 32 + lane; g < kSW; g += parts * 32) {
                         const float v = *reinterpret_cast<const volatile float*>(sc + g);
                         for (int j = 0; j < n; ++j) {
                             const int row = s_row[warp][j];
-                            if (row >= 0) out[((int64_t)s_le[warp][j] * S + g) * RM + row] = v;
+                            if (row >= 0) out[((int64_t)s_le[warp][j] * kSW + g) * RM + row] = v;
                         }
                     }
                 }
@@ -407,9 +547,9 @@ struct LLDispatch {
     }
 };
 
-template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS>
+template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0>
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
-    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS>;
+    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
     if (a.phases & 1) D::send(a, err);
     if (a.phases & 2) D::recv(a, err);
