@@ -28,7 +28,8 @@ import yaml
 
 from . import jit
 from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
-                    LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
+                    LowLatencyCombineRankSpec, LowLatencyCombineSpec,
+                    LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
                     normal_dispatch_spec, spec_from_json)
 
 MAX_LL_TOKENS = 1024
@@ -83,6 +84,10 @@ def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                           use_fp8=dtype == "fp8"))
     out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
                                      num_ranks=num_ranks))
+    from .ops.low_latency import combine_variant     # torch only where this runs
+    if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
+        out.append(LowLatencyCombineRankSpec(hidden=hidden, num_topk=num_topk,
+                                             num_experts=num_experts, num_ranks=num_ranks))
     out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
     return out
 

@@ -9,11 +9,15 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch tag << 16 | in/out) per peer
      barrier signals  u64  [2 barriers][2][64] (epoch tag << 16 | 1) per source rank:
                       clean_low_latency_buffer's, destroy()'s (enable_shrink)
+     routes signals   u64  [2][64] (epoch tag << 16 | tokens) per owner rank: the per-rank
+                      combine's (EPGEN_LL_COMBINE=per_rank) top-k exchange
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
+     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token]); the per-rank
+                      combine uses each half for its routes, partials and staging instead
+                      (templates/ll_combine_rank.cuh, per_rank_half_bytes)
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
@@ -21,13 +25,15 @@ step is ever needed. Send phase = launch with phases=1, receive phase = phases=2
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
-from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                     LowLatencyDispatchSpec, cached, num_scales)
+from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
+                           LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
+from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
+                     LowLatencyCombineSpec, LowLatencyDispatchSpec, cached, num_scales)
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 from .streams import StreamOrder
@@ -46,8 +52,9 @@ COUNTERS_OFF = WORDS_OFF + 1024
 VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
 CLEAN_SIG_OFF = VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8
 DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
+ROUTES_SIG_OFF = DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8
 DATA_OFF = 32768
-assert DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
+assert ROUTES_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
 SEND, RECV = 1, 2
 
 
@@ -96,6 +103,40 @@ def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     end = _align(comb_send + num_experts * M * row)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
                 comb_send=comb_send, end=end)
+
+
+def per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
+    """Bytes of one half of the per-rank combine's receive area (ll_combine_rank.cuh: routes
+    [R][M][K] x 8 B, partials [R][M][H] bf16, route staging [M][K] x 8 B, partial staging)."""
+    rows = num_ranks * M * 2 * hidden
+    return _align(num_ranks * M * num_topk * 8) + rows + _align(M * num_topk * 8) + rows
+
+
+COMBINE_ENV = "EPGEN_LL_COMBINE"
+COMBINE_VARIANTS = ("per_expert", "per_rank")
+
+
+def combine_variant() -> str:
+    """EPGEN_LL_COMBINE: per_expert (default: one row per (token, expert) crosses the wire) or
+    per_rank (each expert rank sums its experts' rows per token first; ll_combine_rank.cuh).
+    Every rank must use the same one."""
+    v = os.environ.get(COMBINE_ENV, "per_expert").strip() or "per_expert"
+    if v not in COMBINE_VARIANTS:
+        raise arg_error(COMBINE_ENV, v, f"must be one of {', '.join(COMBINE_VARIANTS)}")
+    return v
+
+
+def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
+                          return_recv_hook: bool, enable_shrink: bool) -> bool:
+    """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
+    send half would wait on a peer that must not be waited on (return_recv_hook: the send half
+    must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
+    a half of the per-expert receive area (about 2 experts per rank or fewer): those calls run
+    the per-expert kernel, which gives the same result within BF16 rounding."""
+    if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
+        return False
+    return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
+            <= num_experts * M * 2 * hidden)
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -326,16 +367,18 @@ class LowLatencyOps:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
+        per_rank = combine_runs_per_rank(M, H, R, E, K, return_recv_hook, self.enable_shrink)
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
-                                     threads=THREADS)
+        spec_cls = LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec
+        spec = cached(spec_cls, hidden=H, num_topk=K, num_experts=E, num_ranks=R, threads=THREADS)
         kernel = ctx.kernel(spec)
         call_epoch = torch.empty(2, dtype=torch.int64, device=ctx.device)   # epoch, done
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,
+            a = self._fill_common(LowLatencyCombineRankArgs() if per_rank
+                                  else LowLatencyCombineArgs(), "low_latency_combine", lay,
                                   call_epoch, T, M, phases)
             a.x = src.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
@@ -345,6 +388,9 @@ class LowLatencyOps:
             a.out = out.data_ptr()
             a.wait_stats = wst
             a.zero_copy = int(bool(zero_copy))
+            if per_rank:
+                a.wsig_off = ROUTES_SIG_OFF
+                a.half_bytes = E * M * 2 * H
             return a
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
