@@ -27,6 +27,19 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return (1 - sim).item()
 
 
+def deepep_routes(rank, T, K, E, seed, g=None):
+    """DeepEP's top-k and weights for `rank` (test_low_latency.py's recipe: sorted top-k of
+    |randn| + 1 scores, |randn| weights, 10 slots set to -1)."""
+    random.seed(seed + rank)
+    g = g or torch.Generator().manual_seed(seed + rank)
+    scores = torch.randn(T, E, generator=g).abs() + 1
+    idx = torch.topk(scores, K, dim=-1, largest=True, sorted=True)[1]
+    w = torch.randn(T, K, generator=g).abs()
+    for _ in range(10):
+        idx[random.randint(0, T - 1), random.randint(0, K - 1)] = -1
+    return idx, w
+
+
 def deepep_inputs(rank, T, H, K, E, seed):
     """DeepEP's x list for `rank`, its top-k and weights (test_low_latency.py's recipe)."""
     random.seed(seed + rank)
@@ -35,11 +48,7 @@ def deepep_inputs(rank, T, H, K, E, seed):
     x[:, -128:] = torch.arange(T).to(torch.bfloat16).view(-1, 1)
     xs = [x, (torch.randn(T, H, generator=g) * 0.5 * random.random()).to(torch.bfloat16),
           (torch.randn(T, H, generator=g) * 0.1).to(torch.bfloat16)]
-    scores = torch.randn(T, E, generator=g).abs() + 1
-    idx = torch.topk(scores, K, dim=-1, largest=True, sorted=True)[1]
-    w = torch.randn(T, K, generator=g).abs()
-    for _ in range(10):
-        idx[random.randint(0, T - 1), random.randint(0, K - 1)] = -1
+    idx, w = deepep_routes(rank, T, K, E, seed, g)
     return xs, idx, w
 
 

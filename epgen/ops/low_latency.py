@@ -4,7 +4,8 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
      dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
      combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
-     local words      per op: u64 seq (its last epoch), int done; dispatch's, then combine's
+     local words      per op: u64 seq (its last epoch), int done, int recv_done (the
+                      per-rank combine's receive count); dispatch's, then combine's
      slot counters    int  [1024]     per global expert, reset by the send phase itself
      verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch tag << 16 | in/out) per peer
      barrier signals  u64  [2 barriers][2][64] (epoch tag << 16 | 1) per source rank:
@@ -25,6 +26,7 @@ step is ever needed. Send phase = launch with phases=1, receive phase = phases=2
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -90,6 +92,7 @@ def payload_bytes(hidden: int, use_fp8: bool) -> int:
     return 2 * hidden
 
 
+@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
 def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
     # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
@@ -205,7 +208,7 @@ class LowLatencyOps:
         args.any_remote = self.any_remote
         args.seq = self.base + places.words_off
         args.done = self.base + places.words_off + 8
-        args.call_epoch = call_epoch.data_ptr()
+        args.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
         args.send_off = lay[places.send_area]
@@ -214,14 +217,21 @@ class LowLatencyOps:
         args.phases = phases
         return args
 
-    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
+    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
+             fused=False):
         """Send phase now, receive phase now or in the returned hook, under the Buffer's
-        stream semantics (ops/streams.py: the hook launches on the send's stream)."""
-        send_args, recv_args = make_args(SEND), make_args(RECV)
-
+        stream semantics (ops/streams.py: the hook launches on the send's stream). fused: one
+        launch running both phases (kernels whose receive takes the epoch from its own send).
+        The receive's arguments are the send's with another phase (one struct filled)."""
         def launch(args):
             return lambda stream: kernel.launch(self.sms, THREADS, args, stream.cuda_stream,
                                                 smem=smem)
+        if fused:
+            return self.ctx.streams.two_phase(launch(make_args(SEND | RECV)), lambda stream: None,
+                                              async_finish, False, tensors)
+        send_args = make_args(SEND)
+        recv_args = type(send_args).from_buffer_copy(send_args)
+        recv_args.phases = RECV
         return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
                                           return_recv_hook, tensors)
 
@@ -374,7 +384,8 @@ class LowLatencyOps:
         spec_cls = LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec
         spec = cached(spec_cls, hidden=H, num_topk=K, num_experts=E, num_ranks=R, threads=THREADS)
         kernel = ctx.kernel(spec)
-        call_epoch = torch.empty(2, dtype=torch.int64, device=ctx.device)   # epoch, done
+        # epoch, done for a receive launched on its own (the per-rank kernel runs fused)
+        call_epoch = None if per_rank else torch.empty(2, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineRankArgs() if per_rank
@@ -395,7 +406,8 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
                    combine_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors)
+        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors,
+                                fused=per_rank)
         return out, event, hook
 
     def set_epochs_for_test(self, epoch: int) -> None:

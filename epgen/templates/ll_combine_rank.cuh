@@ -12,8 +12,9 @@
 //      experts in ascending rank order (all loads issued before the first add), in float32
 //      from +0, and rounds once to BF16.
 // The send half waits on the peers' routes, so return_recv_hook and enable_shrink use the
-// per-expert kernel (ops/low_latency.py); this one assumes every block of the grid is
-// resident at once or block 0 is scheduled first (it is: blocks start in index order).
+// per-expert kernel (ops/low_latency.py). Without a hook both phases run in one launch
+// (phases = 3: one cuLaunchKernel per call); like DeepEP's low-latency kernels, this assumes
+// every block of the grid (one per SM) is resident at once.
 //
 // Region (byte offsets are launch arguments; the python mirror is ops/low_latency.py
 // per_rank_half_bytes): the per-expert receive area's half h (stride half_bytes) holds
@@ -94,17 +95,15 @@ struct LLCombineRank {
                            ll::tag_word(epoch, (unsigned)T));
     }
 
-    static __device__ void send(const LowLatencyCombineRankArgs& a, const ErrorCtx& err) {
+    static __device__ unsigned long long send(const LowLatencyCombineRankArgs& a, const ErrorCtx& err) {
         __shared__ int s_cnt[E];        // chunk (local expert, owner) = index le * R + owner
         __shared__ int s_begin[E];
         __shared__ int s_first[R + 1];  // owners' first unit (prefix of their token counts)
         const int tid = threadIdx.x, lane = tid & 31;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
-        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
-            a.call_epoch[0] = epoch;
-            a.call_epoch[1] = 0;
-        }
+        if (blockIdx.x == 0 && threadIdx.x == 0 && a.call_epoch != nullptr)
+            a.call_epoch[0] = epoch;                 // for a receive launched separately
         const int M = a.max_tokens;
         const int64_t RM = (int64_t)R * M;
         char* base = reinterpret_cast<char*>(a.rdma_base);
@@ -240,22 +239,27 @@ struct LLCombineRank {
             }
         }
 
-        if (!ll::last_block_arrives(a.done, a.any_remote != 0)) return;
+        if (!ll::last_block_arrives(a.done, a.any_remote != 0)) return epoch;
+        // done and seq before the signals: with both phases in one launch, a block's receive
+        // may finish as soon as the signals are out (every block has arrived by now)
+        if (tid == 0) {
+            *a.done = 0;
+            *a.seq = epoch;
+            __threadfence();
+        }
+        __syncthreads();
         for (int r = tid; r < R; r += THREADS) {
             const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxRankSig + a.rank) * 8;
             ll::put_signal(base, a.peer_bases, a.pes, r, soff, ll::tag_word(epoch, 1u));
         }
-        __syncthreads();
-        if (tid == 0) {
-            *a.done = 0;
-            *a.seq = epoch;
-        }
+        return epoch;
     }
 
-    static __device__ void recv(const LowLatencyCombineRankArgs& a, const ErrorCtx& err) {
+    // epoch: this call's, from the send phase of the same launch or (a launch of its own)
+    // from call_epoch.
+    static __device__ void recv(const LowLatencyCombineRankArgs& a, const ErrorCtx& err,
+                                unsigned long long epoch) {
         const int tid = threadIdx.x, lane = tid & 31;
-        const unsigned long long epoch = (unsigned long long)ld_volatile(
-            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
         const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
@@ -333,7 +337,10 @@ struct LLCombineRank {
                 st_v4(reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * kRow) + c, o);
             }
         }
-        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err))
+        // The blocks' count for the poison check: the int after `done` (ops/low_latency.py
+        // control words), 0 between calls (last_block_sees_error leaves it so); never reset by
+        // the send phase, which may still be running in other blocks of a fused launch.
+        if (last_block_sees_error(a.done + 1, err))
             poison_fill(a.out, (int64_t)a.num_tokens * kRow, kPoisonNaN);      // outputs: NaN
     }
 };
@@ -342,8 +349,10 @@ template <int H, int K, int E, int R, int THREADS>
 __device__ __forceinline__ void ll_combine_rank_kernel(const LowLatencyCombineRankArgs& a) {
     using C = LLCombineRank<H, K, E, R, THREADS>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & 1) C::send(a, err);
-    if (a.phases & 2) C::recv(a, err);
+    unsigned long long epoch = 0;
+    if (a.phases & 1) epoch = C::send(a, err);
+    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
+    if (a.phases & 2) C::recv(a, err, epoch);
 }
 
 }  // namespace epgen
