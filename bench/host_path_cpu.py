@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from epgen import variants  # noqa: E402
 from epgen.ops import low_latency as ll  # noqa: E402
 from tests.fake_launch import fake_cuda, fake_ll_ops  # noqa: E402
 
@@ -54,7 +55,7 @@ def main(argv=None):
 
     def combine(variant):
         def call():
-            os.environ[ll.COMBINE_ENV] = variant
+            os.environ[variants.COMBINE_ENV] = variant
             return ops.low_latency_combine(y, idx, w, handle)
         return call
     kernel = ops.ctx.kernel(ll.cached(ll.LowLatencyCombineSpec, hidden=H, num_topk=K,
@@ -80,7 +81,7 @@ def main(argv=None):
           f"launches (no cuLaunchKernel), EP{R} at DeepEP's shape; torch {torch.__version__}")
     for name, fn in rows:
         print(f"| {name} | {per_call_us(fn, a.calls):.1f} us |")
-    os.environ.pop(ll.COMBINE_ENV, None)
+    os.environ.pop(variants.COMBINE_ENV, None)
 
 
 if __name__ == "__main__":

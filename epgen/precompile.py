@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import yaml
 
 from . import jit
+from .variants import combine_variant
 from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
                     LowLatencyCombineRankSpec, LowLatencyCombineSpec,
                     LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
@@ -84,7 +85,6 @@ def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                           use_fp8=dtype == "fp8"))
     out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
                                      num_ranks=num_ranks))
-    from .ops.low_latency import combine_variant     # torch only where this runs
     if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
         out.append(LowLatencyCombineRankSpec(hidden=hidden, num_topk=num_topk,
                                              num_experts=num_experts, num_ranks=num_ranks))

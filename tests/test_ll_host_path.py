@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epgen.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
+from epgen import variants
 from epgen.ops import low_latency as ll
 from epgen.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
 from tests.fake_launch import fake_cuda, fake_ll_ops
@@ -40,7 +41,7 @@ def _without_phases(args):
 
 
 def test_per_expert_two_launches_one_struct(call, monkeypatch):
-    monkeypatch.delenv(ll.COMBINE_ENV, raising=False)
+    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
     (s1, send), (s2, recv) = call()
     assert type(s1) is LowLatencyCombineSpec and s1 == s2
     assert type(send) is LowLatencyCombineArgs and (send.phases, recv.phases) == (1, 2)
@@ -49,7 +50,7 @@ def test_per_expert_two_launches_one_struct(call, monkeypatch):
 
 
 def test_per_rank_one_fused_launch(call, monkeypatch):
-    monkeypatch.setenv(ll.COMBINE_ENV, "per_rank")
+    monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     [(spec, a)] = call()
     assert type(spec) is LowLatencyCombineRankSpec and type(a) is LowLatencyCombineRankArgs
     assert a.phases == 3 and a.call_epoch == 0
@@ -58,13 +59,13 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
 
 
 def test_per_rank_hook_runs_per_expert(call, monkeypatch):
-    monkeypatch.setenv(ll.COMBINE_ENV, "per_rank")
+    monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     launches = call(return_recv_hook=True)
     assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec]   # the hook holds recv
 
 
 def test_bad_variant_refused_before_any_launch(call, monkeypatch):
-    monkeypatch.setenv(ll.COMBINE_ENV, "fast")
+    monkeypatch.setenv(variants.COMBINE_ENV, "fast")
     with pytest.raises(ValueError, match="EPGEN_LL_COMBINE='fast'"):
         call()
     assert call.fake.launches == []

@@ -125,7 +125,7 @@ def run(args) -> int:
                           hidden=cfg["hidden"], topk=cfg["topk"], num_experts=cfg["experts"],
                           commit=args.commit, versions=timing.versions(), **placement.record())
         if mode != "normal":     # which combine kernel ran (hooked splits always per_expert)
-            from ..ops.low_latency import combine_variant
+            from ..variants import combine_variant
             run_fields["ll_combine"] = combine_variant()
         records = report.merge(per_rank, run_fields)
         path = os.path.join(args.out, f"{mode}.json")

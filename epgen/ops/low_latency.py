@@ -27,13 +27,13 @@ step is ever needed. Send phase = launch with phases=1, receive phase = phases=2
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
+from ..variants import combine_variant
 from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
                      LowLatencyCombineSpec, LowLatencyDispatchSpec, cached, num_scales)
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
@@ -113,20 +113,6 @@ def per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> i
     [R][M][K] x 8 B, partials [R][M][H] bf16, route staging [M][K] x 8 B, partial staging)."""
     rows = num_ranks * M * 2 * hidden
     return _align(num_ranks * M * num_topk * 8) + rows + _align(M * num_topk * 8) + rows
-
-
-COMBINE_ENV = "EPGEN_LL_COMBINE"
-COMBINE_VARIANTS = ("per_expert", "per_rank")
-
-
-def combine_variant() -> str:
-    """EPGEN_LL_COMBINE: per_expert (default: one row per (token, expert) crosses the wire) or
-    per_rank (each expert rank sums its experts' rows per token first; ll_combine_rank.cuh).
-    Every rank must use the same one."""
-    v = os.environ.get(COMBINE_ENV, "per_expert").strip() or "per_expert"
-    if v not in COMBINE_VARIANTS:
-        raise arg_error(COMBINE_ENV, v, f"must be one of {', '.join(COMBINE_VARIANTS)}")
-    return v
 
 
 def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
