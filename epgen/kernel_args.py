@@ -120,6 +120,16 @@ LowLatencyCombineArgs = struct(
     *ERROR_FIELDS,
 )
 
+# The per-rank combine (templates/ll_combine_rank.cuh): the per-expert fields plus where the
+# routes signals sit and the stride of the receive area's halves.
+LowLatencyCombineRankArgs = struct(
+    "LowLatencyCombineRankArgs",
+    *[f for f in LowLatencyCombineArgs._c_fields_ if f not in ERROR_FIELDS],
+    ("unsigned long long", "wsig_off"),     # routes signals u64 [2][64], per owner rank
+    ("unsigned long long", "half_bytes"),   # receive area: bytes from half 0 to half 1
+    *ERROR_FIELDS,
+)
+
 LowLatencyBarrierArgs = struct(
     "LowLatencyBarrierArgs",
     ("void*", "rdma_base"),
@@ -137,6 +147,7 @@ ARGS: dict[str, type[ctypes.Structure]] = {
     "layout": LayoutArgs,
     "ll_dispatch": LowLatencyDispatchArgs,
     "ll_combine": LowLatencyCombineArgs,
+    "ll_combine_rank": LowLatencyCombineRankArgs,
     "ll_barrier": LowLatencyBarrierArgs,
 }
 

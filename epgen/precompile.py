@@ -32,8 +32,10 @@ import yaml
 
 from . import formats, jit
 from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
-                    LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec, SpecError,
-                    normal_dispatch_spec, normal_dispatch_wire, spec_from_json)
+                    LowLatencyCombineRankSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
+                    NormalCombineSpec, SpecError, normal_dispatch_spec, normal_dispatch_wire,
+                    spec_from_json)
+from .variants import combine_variant
 
 MAX_LL_TOKENS = 1024
 
@@ -105,6 +107,9 @@ def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                           **formats.low_latency_fields(_format_of(dtype))))
     out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
                                      num_ranks=num_ranks))
+    if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
+        out.append(LowLatencyCombineRankSpec(hidden=hidden, num_topk=num_topk,
+                                             num_experts=num_experts, num_ranks=num_ranks))
     out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
     return out
 

@@ -493,19 +493,10 @@ def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8, wire_f
 # ------------------------------------------------------------------------------------------------
 # 6. Low-latency combine
 # ------------------------------------------------------------------------------------------------
-def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        rank: int, recv_src_infos: Tensors,
-                        recv_layout_ranges: Tensors) -> torch.Tensor:
-    """What token owner `rank` gets from a low-latency combine: [T, H] in xs' dtype (bf16).
-
-    xs[j]: rank j's expert outputs [El, R*M, H], row i of local expert e being the output for the
-    row the LL dispatch placed there; recv_src_infos[j] / recv_layout_ranges[j]: rank j's LL handle
-    (any placement, e.g. a kernel's). topk_idx / topk_weights: rank `rank`'s [T, K] int64 / float32
-    (the dispatch's top-k). combined[t] = sum over k ascending with topk_idx[t][k] != -1 of
-    float32(weight[t][k]) * float32(y_k), added in float32 (multiply, round, add, round), rounded
-    once to bf16; y_k is the row of expert topk_idx[t][k] (on rank e // El, local e % El) inside
-    source `rank`'s range whose src_info is t. Tokens with no expert get zeros.
-    """
+def _ll_combine_rows(xs: Tensors, topk_idx: torch.Tensor, rank: int, recv_src_infos: Tensors,
+                     recv_layout_ranges: Tensors, skip_ranks=()) -> torch.Tensor:
+    """y[t, k]: float32 expert output of slot k of owner `rank`'s token t (zeros where the slot
+    is -1 or its expert lives on a rank in skip_ranks), found through the expert ranks' handles."""
     R = len(xs)
     El, RM, H = xs[0].shape
     _check_topk(topk_idx, El * R, R)
@@ -522,6 +513,8 @@ def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch
     y = torch.zeros(T, K, H, dtype=torch.float32, device=dev)  # y[t, k] = output of slot k
     idx = topk_idx.tolist()
     for j in range(R):
+        if j in skip_ranks:
+            continue
         slots = [(t, k) for t in range(T) for k in range(K) if idx[t][k] // El == j]
         for t, k in slots:
             if (idx[t][k], t) not in row_of:
@@ -531,11 +524,90 @@ def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch
             ts, ks = (torch.tensor(v, device=dev) for v in zip(*slots))
             rows = torch.tensor([row_of[(idx[t][k], t)] for t, k in slots], device=dev)
             y[ts, ks] = xs[j].reshape(El * RM, H)[rows].float()
-    valid, w = (topk_idx >= 0).to(dev), topk_weights.float().to(dev)
-    acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    return y
+
+
+def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        rank: int, recv_src_infos: Tensors,
+                        recv_layout_ranges: Tensors) -> torch.Tensor:
+    """What token owner `rank` gets from a low-latency combine: [T, H] in xs' dtype (bf16).
+
+    xs[j]: rank j's expert outputs [El, R*M, H], row i of local expert e being the output for the
+    row the LL dispatch placed there; recv_src_infos[j] / recv_layout_ranges[j]: rank j's LL handle
+    (any placement, e.g. a kernel's). topk_idx / topk_weights: rank `rank`'s [T, K] int64 / float32
+    (the dispatch's top-k). combined[t] = sum over k ascending with topk_idx[t][k] != -1 of
+    float32(weight[t][k]) * float32(y_k), added in float32 (multiply, round, add, round), rounded
+    once to bf16; y_k is the row of expert topk_idx[t][k] (on rank e // El, local e % El) inside
+    source `rank`'s range whose src_info is t. Tokens with no expert get zeros.
+    This is the per-expert combine's order (templates/ll_combine.cuh, EPGEN_LL_COMBINE=per_expert).
+    """
+    y = _ll_combine_rows(xs, topk_idx, rank, recv_src_infos, recv_layout_ranges)
+    return sum_rows_per_expert(y, topk_idx, topk_weights).to(xs[0].dtype)
+
+
+def sum_rows_per_expert(y: torch.Tensor, topk_idx: torch.Tensor,
+                        topk_weights: torch.Tensor) -> torch.Tensor:
+    """low_latency_combine's float32 sum of y [T, K, H] (float32 slot rows) over k ascending."""
+    T, K = topk_idx.shape
+    valid, w = (topk_idx >= 0).to(y.device), topk_weights.float().to(y.device)
+    acc = torch.zeros(T, y.shape[2], dtype=torch.float32, device=y.device)
     for k in range(K):
         acc = torch.where(valid[:, k:k + 1], acc + w[:, k:k + 1] * y[:, k], acc)
-    return acc.to(xs[0].dtype)
+    return acc
+
+
+# The per-rank combine's partial sums cross the wire in BF16: at DeepEP's shape and inputs their
+# calc_diff to the float64 truth is at most 2.8e-6 (EP2/4/8), under DeepEP's 1e-5 bound, so
+# float32 partials (2x the bytes) are not needed (bench/ll_partial_precision.py, bench/NOTES.md).
+PER_RANK_PARTIAL_DTYPE = torch.bfloat16
+
+
+def low_latency_combine_per_rank(xs: Tensors, topk_idx: torch.Tensor,
+                                 topk_weights: torch.Tensor, rank: int, recv_src_infos: Tensors,
+                                 recv_layout_ranges: Tensors,
+                                 partial_dtype: torch.dtype = PER_RANK_PARTIAL_DTYPE,
+                                 masked_ranks: Sequence[int] = ()) -> torch.Tensor:
+    """The per-rank combine (templates/ll_combine_per_rank.cuh, EPGEN_LL_COMBINE=per_rank), bit
+    for bit. Arguments as low_latency_combine's.
+
+    Expert rank j's partial for owner `rank`'s token t: p_j[t] = sum over k ascending with
+    topk_idx[t][k] on rank j of float32(weight[t][k]) * float32(y_k) (multiply, round, add,
+    round, starting from +0), rounded to partial_dtype (float32: exact). The owner adds, for j
+    ascending over the ranks holding an expert of t and not in masked_ranks (enable_shrink: their
+    partials are absent), float32(p_j[t]) to a float32 +0 (add, round), and rounds once to bf16.
+    Tokens with no expert (or only masked ranks' experts) get zeros.
+    """
+    if partial_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"partial_dtype={partial_dtype}: must be torch.float32 or torch.bfloat16")
+    R = len(xs)
+    El = xs[0].shape[0]
+    y = _ll_combine_rows(xs, topk_idx, rank, recv_src_infos, recv_layout_ranges,
+                         skip_ranks=set(masked_ranks))
+    return sum_rows_per_rank(y, topk_idx, topk_weights, El, R, partial_dtype,
+                             masked_ranks).to(xs[0].dtype)
+
+
+def sum_rows_per_rank(y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                      num_local_experts: int, num_ranks: int,
+                      partial_dtype: torch.dtype = PER_RANK_PARTIAL_DTYPE,
+                      masked_ranks: Sequence[int] = ()) -> torch.Tensor:
+    """low_latency_combine_per_rank's float32 result from y [T, K, H] (float32 slot rows)."""
+    T, K = topk_idx.shape
+    dev = y.device
+    w = topk_weights.float().to(dev)
+    home = torch.where(topk_idx >= 0, topk_idx // num_local_experts,
+                       torch.full_like(topk_idx, -1)).to(dev)
+    acc = torch.zeros(T, y.shape[2], dtype=torch.float32, device=dev)
+    for j in range(num_ranks):
+        if j in masked_ranks:
+            continue
+        on_j = home == j
+        part = torch.zeros_like(acc)
+        for k in range(K):
+            part = torch.where(on_j[:, k:k + 1], part + w[:, k:k + 1] * y[:, k], part)
+        part = part.to(partial_dtype).float()
+        acc = torch.where(on_j.any(dim=1, keepdim=True), acc + part, acc)
+    return acc
 
 
 # ------------------------------------------------------------------------------------------------

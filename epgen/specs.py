@@ -342,6 +342,17 @@ class LowLatencyCombineSpec(KernelSpec):
 
 
 @dataclass(frozen=True)
+class LowLatencyCombineRankSpec(LowLatencyCombineSpec):
+    """Low-latency combine reduced per expert rank (EPGEN_LL_COMBINE=per_rank): same fields and
+    rules as the per-expert one, its own family so that kernel's source stays as it is."""
+    family: ClassVar[str] = "ll_combine_rank"
+    template: ClassVar[str] = "ll_combine_rank.cu.j2"
+
+    def readable_tag(self):
+        return "rank_" + super().readable_tag()
+
+
+@dataclass(frozen=True)
 class LowLatencyBarrierSpec(KernelSpec):
     """clean_low_latency_buffer's barrier (per peer, with deadlines; with enable_shrink a peer
     that misses it is masked), also run by destroy() with enable_shrink."""
@@ -370,7 +381,7 @@ def cached(cls: type, **fields) -> KernelSpec:
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
                                 LowLatencyDispatchSpec, LowLatencyCombineSpec,
-                                LowLatencyBarrierSpec)
+                                LowLatencyCombineRankSpec, LowLatencyBarrierSpec)
 }
 
 

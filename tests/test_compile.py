@@ -9,7 +9,8 @@ from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
 from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec)
+                         LowLatencyCombineRankSpec, LowLatencyDispatchSpec, NormalCombineSpec,
+                         NormalDispatchSpec)
 
 SPECS = [
     LayoutSpec(num_ranks=8, num_experts=256, num_topk=8),
@@ -32,6 +33,14 @@ SPECS = [
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     LowLatencyBarrierSpec(num_ranks=8),
+    # the per-rank combine (EPGEN_LL_COMBINE=per_rank): hidden 7168/4096/2880 x top-k 8/16,
+    # ranks 2/4/8
+    LowLatencyCombineRankSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
+    LowLatencyCombineRankSpec(hidden=7168, num_topk=16, num_experts=256, num_ranks=4),
+    LowLatencyCombineRankSpec(hidden=4096, num_topk=8, num_experts=256, num_ranks=8),
+    LowLatencyCombineRankSpec(hidden=4096, num_topk=16, num_experts=32, num_ranks=2),
+    LowLatencyCombineRankSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
+    LowLatencyCombineRankSpec(hidden=2880, num_topk=8, num_experts=64, num_ranks=4),
 ]
 
 

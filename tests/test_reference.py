@@ -398,6 +398,125 @@ def test_ll_combine():
                                                [lays[0], k.recv_layout_range]), out)
 
 
+def test_ll_combine_per_rank_hand():
+    # Same outputs as test_ll_combine (2^e * token): each rank's partial, then the ranks' sum.
+    ds = [ll(r, use_fp8=False) for r in range(R)]
+    ys = []
+    for rank, d in enumerate(ds):
+        y = torch.zeros(2, R * M, H, dtype=BF16)
+        for le in range(2):
+            for i, (r, t) in enumerate(d.recv_sources[le]):
+                y[le, i] = XS[r][t] * 2 ** (rank * 2 + le)
+        ys.append(y)
+    infos, lays = [d.recv_src_info for d in ds], [d.recv_layout_range for d in ds]
+    x = XS[0].float()
+    expected = torch.stack([(0.5 * x[0]) + (0.25 * 4 * x[0]),   # rank 0's partial + rank 1's
+                            0.75 * 2 * x[1],
+                            0.125 * 8 * x[2] + 1.5 * 4 * x[2]]).to(BF16)
+    for dt in (torch.float32, BF16):
+        out = ref.low_latency_combine_per_rank(ys, TOPK[0], WEIGHTS[0], 0, infos, lays,
+                                               partial_dtype=dt)
+        assert out.dtype == BF16 and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="partial_dtype"):
+        ref.low_latency_combine_per_rank(ys, TOPK[0], WEIGHTS[0], 0, infos, lays,
+                                         partial_dtype=torch.float16)
+
+
+def _per_rank_case(nr, seed, T=6, K=3, El=3, h=64):
+    """Random routes and expert outputs that differ per (expert, token) row."""
+    g = torch.Generator().manual_seed(seed)
+    e = El * nr
+    xs = [torch.randn(T, h, generator=g).to(BF16) for _ in range(nr)]
+    idx = [torch.randn(T, e, generator=g).topk(K, dim=-1).indices for _ in range(nr)]
+    for t in idx:
+        t[0] = -1                                   # a token with no expert
+        t[1, 1] = -1
+    ws = [torch.rand(T, K, generator=g) + 0.1 for _ in range(nr)]
+    ds = [ref.low_latency_dispatch(xs, idx, e, r, T, use_fp8=False) for r in range(nr)]
+    ys = [torch.randn(El, nr * T, h, generator=g).to(BF16) * 4 for _ in range(nr)]
+    return xs, idx, ws, ys, [d.recv_src_info for d in ds], [d.recv_layout_range for d in ds]
+
+
+def _token_by_hand(ys, idx, w, rank, infos, lays, t, El, pdt):
+    """One token of the per-rank combine, scalar by scalar in float32 (the documented order)."""
+    nr = len(ys)
+    acc = torch.zeros(ys[0].shape[2])
+    for j in range(nr):
+        part, any_k = torch.zeros(ys[0].shape[2]), False
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if e < 0 or e // El != j:
+                continue
+            le = e % El
+            b, n = ref.decode_layout_range(int(lays[j][le, rank]))
+            row = b + infos[j][le, b:b + n].tolist().index(t)
+            part = part + torch.tensor(float(w[t, k])) * ys[j][le, row].float()
+            any_k = True
+        if any_k:
+            acc = acc + part.to(pdt).float()
+    return acc.to(BF16)
+
+
+@pytest.mark.parametrize("nr", [2, 4])
+def test_ll_combine_per_rank_random(nr):
+    xs, idx, ws, ys, infos, lays = _per_rank_case(nr, seed=nr)
+    El = ys[0].shape[0]
+    for rank in range(nr):
+        old = ref.low_latency_combine(ys, idx[rank], ws[rank], rank, infos, lays)
+        # |sum| bound of the terms: each order's roundings stay within 2^-8 of it
+        mag = ref.low_latency_combine([y.abs() for y in ys], idx[rank], ws[rank], rank, infos,
+                                      lays).float()
+        for dt in (torch.float32, BF16):
+            new = ref.low_latency_combine_per_rank(ys, idx[rank], ws[rank], rank, infos, lays, dt)
+            again = ref.low_latency_combine_per_rank(ys, idx[rank], ws[rank], rank, infos, lays, dt)
+            assert torch.equal(new.view(torch.int16), again.view(torch.int16))   # same bits
+            for t in range(idx[rank].shape[0]):
+                assert torch.equal(new[t].view(torch.int16), _token_by_hand(
+                    ys, idx[rank], ws[rank], rank, infos, lays, t, El, dt).view(torch.int16))
+            assert new[0].abs().sum().item() == 0                               # no expert
+            tol = mag * 2 ** -7 + 1e-6
+            assert bool(((new.float() - old.float()).abs() <= tol).all())
+    # The order is really a different one: some bits differ from the per-expert order.
+    diffs = sum(int((ref.low_latency_combine_per_rank(ys, idx[r], ws[r], r, infos, lays)
+                     != ref.low_latency_combine(ys, idx[r], ws[r], r, infos, lays)).sum())
+                for r in range(nr))
+    assert diffs > 0
+
+
+def test_ll_combine_per_rank_pairing_matters():
+    """A weight applied to another of the token's experts on the same rank changes the bits."""
+    xs, idx, ws, ys, infos, lays = _per_rank_case(2, seed=11, K=4, El=4)
+    good = ref.low_latency_combine_per_rank(ys, idx[0], ws[0], 0, infos, lays)
+    El = 4
+    for t in range(idx[0].shape[0]):
+        ks = [k for k in range(4) if idx[0][t, k] >= 0]
+        same = [(a, b) for a in ks for b in ks if a < b and idx[0][t, a] // El == idx[0][t, b] // El]
+        if same:
+            a, b = same[0]
+            w = ws[0].clone()
+            w[t, a], w[t, b] = ws[0][t, b], ws[0][t, a]
+            bad = ref.low_latency_combine_per_rank(ys, idx[0], w, 0, infos, lays)
+            assert not torch.equal(bad[t], good[t])
+            return
+    raise AssertionError("the case has no token with two experts on one rank")
+
+
+def test_ll_combine_per_rank_masked_and_empty():
+    nr = 4
+    xs, idx, ws, ys, infos, lays = _per_rank_case(nr, seed=5)
+    El, dead = ys[0].shape[0], nr - 1
+    junk = [y.clone() for y in ys]
+    junk[dead].fill_(float("nan"))                  # a masked rank's rows are never read
+    for rank in range(nr - 1):
+        live = torch.where(idx[rank] // El == dead, torch.full_like(idx[rank], -1), idx[rank])
+        masked = ref.low_latency_combine_per_rank(junk, idx[rank], ws[rank], rank, infos, lays,
+                                                  masked_ranks=[dead])
+        assert torch.equal(masked.view(torch.int16), ref.low_latency_combine_per_rank(
+            ys, live, ws[rank], rank, infos, lays).view(torch.int16))
+    none = ref.low_latency_combine_per_rank(ys, idx[0][:0], ws[0][:0], 0, infos, lays)
+    assert none.shape == (0, ys[0].shape[2]) and none.dtype == BF16
+
+
 def test_ll_rejects():
     with pytest.raises(ValueError, match="M="):
         ref.low_latency_dispatch(XS, TOPK, E, 0, 2)

@@ -136,6 +136,9 @@ def run(args) -> int:
         run_fields = dict(card=timing.card(per_rank[0]["device"]), num_ranks=args.ranks,
                           hidden=cfg["hidden"], topk=cfg["topk"], num_experts=cfg["experts"],
                           commit=args.commit, versions=timing.versions(), **placement.record())
+        if mode != "normal":     # which combine kernel ran (hooked splits always per_expert)
+            from ..variants import combine_variant
+            run_fields["ll_combine"] = combine_variant()
         records = report.merge(per_rank, run_fields)
         path = os.path.join(args.out, f"{mode}.json")
         report.write_json(records, path)

@@ -4,16 +4,21 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
      dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
      combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
-     local words      per op: u64 seq (its last epoch), int done; dispatch's, then combine's
+     local words      per op: u64 seq (its last epoch), int done, int recv_done (the
+                      per-rank combine's receive count); dispatch's, then combine's
      slot counters    int  [1024]     per global expert, reset by the send phase itself
      verdicts         u64  [2 ops][2][64]  enable_shrink: (epoch tag << 16 | in/out) per peer
      barrier signals  u64  [2 barriers][2][64] (epoch tag << 16 | 1) per source rank:
                       clean_low_latency_buffer's, destroy()'s (enable_shrink)
+     routes signals   u64  [2][64] (epoch tag << 16 | tokens) per owner rank: the per-rank
+                      combine's (EPGEN_LL_COMBINE=per_rank) top-k exchange
   then data (offsets depend on M, hidden, ranks, experts, so every rank must pass the same):
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token])
+     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token]); the per-rank
+                      combine uses each half for its routes, partials and staging instead
+                      (templates/ll_combine_rank.cuh, per_rank_half_bytes)
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
@@ -21,14 +26,18 @@ step is ever needed. Send phase = launch with phases=1, receive phase = phases=2
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .. import formats
-from ..kernel_args import LowLatencyBarrierArgs, LowLatencyCombineArgs, LowLatencyDispatchArgs
-from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                     LowLatencyDispatchSpec, cached, ll_payload_bytes, num_scales)
+from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
+                           LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
+from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
+                     LowLatencyCombineSpec, LowLatencyDispatchSpec, cached, ll_payload_bytes,
+                     num_scales)
+from ..variants import combine_variant
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
 from .layout import check_topk_idx
 from .streams import StreamOrder
@@ -47,8 +56,9 @@ COUNTERS_OFF = WORDS_OFF + 1024
 VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
 CLEAN_SIG_OFF = VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8
 DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
+ROUTES_SIG_OFF = DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8
 DATA_OFF = 32768
-assert DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
+assert ROUTES_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
 SEND, RECV = 1, 2
 
 
@@ -80,6 +90,7 @@ HEADER_MAX = 16 + 4 * MAX_TOPK     # dispatch message header with room for top-k
 payload_bytes = ll_payload_bytes     # a dispatch message's payload (specs.ll_payload_bytes)
 
 
+@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
 def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
     # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
@@ -93,6 +104,26 @@ def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     end = _align(comb_send + num_experts * M * row)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
                 comb_send=comb_send, end=end)
+
+
+def per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
+    """Bytes of one half of the per-rank combine's receive area (ll_combine_rank.cuh: routes
+    [R][M][K] x 8 B, partials [R][M][H] bf16, route staging [M][K] x 8 B, partial staging)."""
+    rows = num_ranks * M * 2 * hidden
+    return _align(num_ranks * M * num_topk * 8) + rows + _align(M * num_topk * 8) + rows
+
+
+def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
+                          return_recv_hook: bool, enable_shrink: bool) -> bool:
+    """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
+    send half would wait on a peer that must not be waited on (return_recv_hook: the send half
+    must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
+    a half of the per-expert receive area (about 2 experts per rank or fewer): those calls run
+    the per-expert kernel, which gives the same result within BF16 rounding."""
+    if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
+        return False
+    return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
+            <= num_experts * M * 2 * hidden)
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -177,7 +208,7 @@ class LowLatencyOps:
         args.any_remote = self.any_remote
         args.seq = self.base + places.words_off
         args.done = self.base + places.words_off + 8
-        args.call_epoch = call_epoch.data_ptr()
+        args.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
         args.send_off = lay[places.send_area]
@@ -186,14 +217,21 @@ class LowLatencyOps:
         args.phases = phases
         return args
 
-    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors):
+    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
+             fused=False):
         """Send phase now, receive phase now or in the returned hook, under the Buffer's
-        stream semantics (ops/streams.py: the hook launches on the send's stream)."""
-        send_args, recv_args = make_args(SEND), make_args(RECV)
-
+        stream semantics (ops/streams.py: the hook launches on the send's stream). fused: one
+        launch running both phases (kernels whose receive takes the epoch from its own send).
+        The receive's arguments are the send's with another phase (one struct filled)."""
         def launch(args):
             return lambda stream: kernel.launch(self.sms, THREADS, args, stream.cuda_stream,
                                                 smem=smem)
+        if fused:
+            return self.ctx.streams.two_phase(launch(make_args(SEND | RECV)), lambda stream: None,
+                                              async_finish, False, tensors)
+        send_args = make_args(SEND)
+        recv_args = type(send_args).from_buffer_copy(send_args)
+        recv_args.phases = RECV
         return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
                                           return_recv_hook, tensors)
 
@@ -352,16 +390,19 @@ class LowLatencyOps:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
+        per_rank = combine_runs_per_rank(M, H, R, E, K, return_recv_hook, self.enable_shrink)
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        spec = cached(LowLatencyCombineSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
-                                     threads=THREADS)
+        spec_cls = LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec
+        spec = cached(spec_cls, hidden=H, num_topk=K, num_experts=E, num_ranks=R, threads=THREADS)
         kernel = ctx.kernel(spec)
-        call_epoch = torch.empty(2, dtype=torch.int64, device=ctx.device)   # epoch, done
+        # epoch, done for a receive launched on its own (the per-rank kernel runs fused)
+        call_epoch = None if per_rank else torch.empty(2, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyCombineArgs(), "low_latency_combine", lay,
+            a = self._fill_common(LowLatencyCombineRankArgs() if per_rank
+                                  else LowLatencyCombineArgs(), "low_latency_combine", lay,
                                   call_epoch, T, M, phases)
             a.x = src.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
@@ -371,11 +412,15 @@ class LowLatencyOps:
             a.out = out.data_ptr()
             a.wait_stats = wst
             a.zero_copy = int(bool(zero_copy))
+            if per_rank:
+                a.wsig_off = ROUTES_SIG_OFF
+                a.half_bytes = E * M * 2 * H
             return a
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
                    combine_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors)
+        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors,
+                                fused=per_rank)
         return out, event, hook
 
     def set_epochs_for_test(self, epoch: int) -> None:

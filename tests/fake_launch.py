@@ -1,0 +1,105 @@
+"""FAKES of the GPU-side pieces under epgen's low-latency ops, so their host path (checks, spec
+lookup, allocation, argument packing, launches) runs on CPU: CPU tests of what a call launches
+(tests/test_ll_host_path.py) and its Python-side cost (bench/host_path_cpu.py). Everything
+here is a fake and named so; nothing here touches a GPU."""
+from __future__ import annotations
+
+import torch
+
+from epgen.ops import low_latency as ll
+from epgen.ops.context import OpsContext
+from epgen.runtime.cuda import c_params
+
+
+class FakeCudaTensor(torch.Tensor):
+    """FAKE: a CPU tensor that says it is on a CUDA device (the checks read is_cuda only);
+    torch-function dispatch disabled so every other attribute costs what a plain tensor's does."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def fake_cuda(t):
+    return t.as_subclass(FakeCudaTensor)
+
+
+class FakeLaunchKernel:
+    """FAKE: Kernel.launch's parameter packing without cuLaunchKernel; keeps what each
+    launch was given (spec, a copy of the argument struct) when `record`."""
+    def __init__(self, record=True):
+        self.record, self.launches = record, []
+
+    def bind(self, spec):
+        return _BoundFakeKernel(self, spec)
+
+
+class _BoundFakeKernel:
+    def __init__(self, owner, spec):
+        self.owner, self.spec = owner, spec
+
+    def launch(self, grid, block, args, stream, smem=0, cooperative=False):
+        params, _keep = c_params(args)
+        if self.owner.record:
+            self.owner.launches.append((self.spec, type(args).from_buffer_copy(args)))
+
+
+class FakeRegion:
+    """FAKE: a symmetric region as host memory (address, size, peers, typed views)."""
+    def __init__(self, nbytes, num_ranks):
+        self.bytes = torch.zeros(nbytes, dtype=torch.uint8)
+        self.nbytes, self.addr = nbytes, self.bytes.data_ptr()
+        self.peer_addrs = [self.addr] * num_ranks
+
+    def view(self, dtype, shape, offset=0):
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        return self.bytes[offset:offset + nbytes].view(dtype).view(*shape)
+
+
+class FakeErrorWord:
+    """FAKE: the mapped error word (nothing is ever reported here)."""
+    device_ptr = 0
+
+    def check(self):
+        pass
+
+
+class _FakeStream:
+    cuda_stream = 0
+
+
+class FakeStreams:
+    """FAKE: StreamOrder.two_phase without CUDA streams or events."""
+    def two_phase(self, send, receive, async_finish, return_recv_hook, tensors):
+        s = _FakeStream()
+        send(s)
+        if not return_recv_hook:
+            receive(s)
+        return None, (lambda: receive(s)) if return_recv_hook else (lambda: None)
+
+
+class FakeLaunchContext(OpsContext):
+    """OpsContext whose kernels are FakeLaunchKernel's and whose streams are FakeStreams."""
+    fake: FakeLaunchKernel = None
+
+    def kernel(self, spec, kind=None):
+        k = self._kernels.get(spec)
+        if k is None:
+            k = self._kernels[spec] = self.fake.bind(spec)
+        return k
+
+
+def fake_ll_ops(R, M, H, E, record=True):
+    """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel."""
+    region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E), R)
+    ctx = FakeLaunchContext(group=None, rank=0, num_ranks=R, device=torch.device("cpu"),
+                            pes=list(range(R)), nvshmem=None, nvl=None, rdma=region,
+                            comm_stream=None, errors=FakeErrorWord(), arch="sm_90")
+    ctx.fake = FakeLaunchKernel(record)
+    ctx.__dict__["streams"] = FakeStreams()
+    ctx.__dict__["device_sms"] = 132
+    return ll.LowLatencyOps(ctx), ctx.fake
