@@ -1,167 +1,14 @@
-"""Spec file -> the exact set of kernel specs those runs need -> parallel jit.build.
-
-A spec file (YAML) lists models and/or explicit kernel configurations:
-
-    arch: sm_90                      # optional; --arch and EPGEN_ARCH win over it
-    models:
-      - name: deepseek-v3
-        hidden: 7168
-        num_experts: 256
-        num_topk: 8
-        ep_sizes: [2, 4, 8]
-        modes:
-          normal: {dtypes: [bf16, fp8]}
-          low_latency: {num_max_dispatch_tokens_per_rank: [128], dispatch_dtypes: [fp8, bf16]}
-    kernels:                         # optional explicit specs
-      - {family: normal_combine, hidden: 2880, num_topk: 4, num_ranks: 4, num_biases: 1}
-"""
+"""A spec file's kernels -> parallel jit.build, with progress and a compiled / cached / failed
+summary (the spec file itself: epgen/specfile.py)."""
 from __future__ import annotations
 
-import concurrent.futures as futures
-import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-import yaml
-
 from . import jit
-from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyCombineSpec,
-                    LowLatencyDispatchSpec, NormalCombineSpec, SpecError, normal_dispatch_spec,
-                    spec_from_json)
-
-MAX_LL_TOKENS = 1024
-
-
-class SpecFileError(ValueError):
-    """A spec file that cannot be read: names the file, the key and what was expected."""
-
-
-def _expect(cond: bool, path: str, where: str, expected: str, got=None) -> None:
-    if not cond:
-        got_txt = "" if got is None else f", got {got!r}"
-        raise SpecFileError(f"{path}: {where}: expected {expected}{got_txt}")
-
-
-def _check_keys(d: dict, allowed: set, path: str, where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    _expect(not unknown, path, where, f"only keys {sorted(allowed)}", f"unknown key(s) {unknown}")
-
-
-def _int_list(v, path, where) -> list[int]:
-    _expect(isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool)
-                                              for x in v), path, where, "a non-empty list of ints", v)
-    return v
-
-
-def _dtype_list(v, path, where) -> list[str]:
-    _expect(isinstance(v, list) and v and all(x in ("bf16", "fp8") for x in v), path, where,
-            "a non-empty list of 'bf16' / 'fp8'", v)
-    return v
-
-
-# What each mode asks the JIT for at run time (the ops modules build the same specs).
-def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
-    out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
-                                        num_topk=num_topk)]
-    for dtype in dtypes:
-        for k in (num_topk, 0):      # with top-k, and cached / without top-k
-            out.append(normal_dispatch_spec(hidden, k, num_experts, num_ranks, dtype))
-    for k in (num_topk, 0):
-        out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
-    return out
-
-
-def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
-    out: list[KernelSpec] = []
-    for dtype in dtypes:
-        out.append(LowLatencyDispatchSpec(hidden=hidden, num_topk=num_topk,
-                                          num_experts=num_experts, num_ranks=num_ranks,
-                                          use_fp8=dtype == "fp8"))
-    out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
-                                     num_ranks=num_ranks))
-    return out
-
-
-@dataclass
-class SpecFile:
-    path: str
-    arch: str | None
-    specs: list[KernelSpec]
-
-
-def load_spec_file(path: str) -> SpecFile:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise SpecFileError(f"{path}: cannot read ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise SpecFileError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', e)})") from e
-    _expect(isinstance(data, dict), path, "top level", "a mapping with 'models' and/or 'kernels'",
-            type(data).__name__)
-    _check_keys(data, {"arch", "models", "kernels"}, path, "top level")
-    _expect("models" in data or "kernels" in data, path, "top level",
-            "at least one of 'models' or 'kernels'")
-    arch = data.get("arch")
-    _expect(arch is None or isinstance(arch, str), path, "arch", "a string like 'sm_90'", arch)
-    specs: list[KernelSpec] = []
-    models = data.get("models", [])
-    _expect(isinstance(models, list), path, "models", "a list", type(models).__name__)
-    for i, m in enumerate(models):
-        where = f"models[{i}]"
-        _expect(isinstance(m, dict), path, where, "a mapping", type(m).__name__)
-        _check_keys(m, {"name", "hidden", "num_experts", "num_topk", "ep_sizes", "modes"}, path, where)
-        for key in ("hidden", "num_experts", "num_topk"):
-            _expect(isinstance(m.get(key), int) and not isinstance(m.get(key), bool), path,
-                    f"{where}.{key}", "an int", m.get(key))
-        ep_sizes = _int_list(m.get("ep_sizes"), path, f"{where}.ep_sizes")
-        modes = m.get("modes")
-        _expect(isinstance(modes, dict) and modes, path, f"{where}.modes",
-                "a mapping with 'normal' and/or 'low_latency'", modes)
-        _check_keys(modes, {"normal", "low_latency"}, path, f"{where}.modes")
-        for ep in ep_sizes:
-            try:
-                if "normal" in modes:
-                    mode = modes["normal"] or {}
-                    _expect(isinstance(mode, dict), path, f"{where}.modes.normal", "a mapping", mode)
-                    _check_keys(mode, {"dtypes"}, path, f"{where}.modes.normal")
-                    dtypes = _dtype_list(mode.get("dtypes", ["bf16"]), path,
-                                         f"{where}.modes.normal.dtypes")
-                    specs += normal_mode_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, dtypes)
-                if "low_latency" in modes:
-                    mode = modes["low_latency"] or {}
-                    w = f"{where}.modes.low_latency"
-                    _expect(isinstance(mode, dict), path, w, "a mapping", mode)
-                    _check_keys(mode, {"num_max_dispatch_tokens_per_rank", "dispatch_dtypes"}, path, w)
-                    tokens = _int_list(mode.get("num_max_dispatch_tokens_per_rank", [128]), path,
-                                       f"{w}.num_max_dispatch_tokens_per_rank")
-                    _expect(all(0 < t <= MAX_LL_TOKENS for t in tokens), path,
-                            f"{w}.num_max_dispatch_tokens_per_rank",
-                            f"values in [1, {MAX_LL_TOKENS}]", tokens)
-                    dtypes = _dtype_list(mode.get("dispatch_dtypes", ["fp8"]), path,
-                                         f"{w}.dispatch_dtypes")
-                    # Max tokens per rank is a run-time argument: no spec per value.
-                    specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, dtypes)
-            except SpecError as e:
-                raise SpecFileError(f"{path}: {where} (ep_size {ep}): {e}") from e
-    kernels = data.get("kernels", [])
-    _expect(isinstance(kernels, list), path, "kernels", "a list", type(kernels).__name__)
-    for i, k in enumerate(kernels):
-        where = f"kernels[{i}]"
-        _expect(isinstance(k, dict) and k.get("family") in FAMILIES, path, f"{where}.family",
-                f"one of {sorted(FAMILIES)}", k.get("family") if isinstance(k, dict) else k)
-        try:
-            specs.append(spec_from_json(k))
-        except TypeError as e:
-            raise SpecFileError(f"{path}: {where}: {e}") from e
-        except SpecError as e:
-            raise SpecFileError(f"{path}: {where}: {e}") from e
-    unique = list(dict.fromkeys(specs))       # keep order, drop duplicates
-    return SpecFile(path, arch, unique)
+from .specs import KernelSpec
 
 
 @dataclass
@@ -169,7 +16,11 @@ class BuildOutcome:
     spec: KernelSpec
     status: str          # "compiled" | "cached" | "failed"
     seconds: float
-    detail: str = ""
+    detail: str = ""     # failed: the error with the compiler's message
+    log_path: str = ""   # failed compile: the whole log, kept in the cache's .failed/
+
+
+FAILED_LOG_LINES = 12    # of the compiler's message, in the summary (the rest: log_path)
 
 
 def _build_one(spec: KernelSpec, arch: str, cache_root: str) -> BuildOutcome:
@@ -179,14 +30,28 @@ def _build_one(spec: KernelSpec, arch: str, cache_root: str) -> BuildOutcome:
     try:
         jit.build(spec, arch, Cache(cache_root), stats)
     except Exception as e:   # reported per kernel; the summary counts it as failed
-        return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+        return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}",
+                            getattr(e, "log_path", None) or "")
     return BuildOutcome(spec, "cached" if stats.get("cached") else "compiled",
                         stats.get("seconds", time.perf_counter() - t0))
 
 
+def failure_lines(o: BuildOutcome) -> list[str]:
+    """What a failed kernel's summary shows: the error's first lines, where the rest is."""
+    lines = [ln for ln in o.detail.splitlines() if ln.strip()]
+    shown = lines[:FAILED_LOG_LINES]
+    if len(lines) > len(shown):
+        shown.append(f"... ({len(lines) - len(shown)} more lines)")
+    if o.log_path:
+        shown.append(f"whole log: {o.log_path}")
+    return shown
+
+
 def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
                progress=None) -> list[BuildOutcome]:
-    """Build every spec (in `jobs` processes); prints one progress line per kernel."""
+    """Build every spec (in `jobs` processes); one progress line per kernel, then a summary.
+    Ctrl-C stops at once (workers killed) and returns the outcomes so far, after the summary."""
+    from .workers import WorkerDied, run
     progress = progress or sys.stderr
     outcomes: list[BuildOutcome] = []
     total = len(specs)
@@ -198,27 +63,37 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
         bar = "#" * int(20 * done / max(total, 1))
         print(f"\r[{bar:<20}] {done}/{total} {o.status:<8} {o.seconds:6.2f}s {o.spec.name}",
               file=progress, flush=True)
-        if o.status == "failed":
-            print(f"    {o.detail.splitlines()[0] if o.detail else ''}", file=progress)
+        for line in failure_lines(o) if o.status == "failed" else ():
+            print(f"    {line}", file=progress)
 
-    if jobs <= 1 or total <= 1:
-        for s in specs:
-            report(_build_one(s, arch, cache_root))
-    else:
-        # Processes, not threads: NVRTC/nvJitLink hold the GIL-free C work but Python-side
-        # hashing and file I/O would serialise; a spawn pool also isolates a crashing compile.
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            pending = [pool.submit(_build_one, s, arch, cache_root) for s in specs]
-            for f in futures.as_completed(pending):
-                report(f.result())
+    def on_result(i: int, value) -> None:
+        if isinstance(value, WorkerDied):
+            value = BuildOutcome(specs[i], "failed", 0.0,
+                                 f"{value} while building {specs[i].describe()}")
+        report(value)
+
+    interrupted = False
+    try:
+        if jobs <= 1 or total <= 1:
+            for s in specs:
+                report(_build_one(s, arch, cache_root))
+        else:
+            # Processes, not threads: Python-side hashing and file I/O would serialise, and a
+            # crashing (or OOM-killed) compile takes only its own kernel down.
+            run(_build_one, [(s, arch, cache_root) for s in specs], jobs, on_result)
+    except KeyboardInterrupt:
+        interrupted = True
     elapsed = time.perf_counter() - start
     counts = {k: sum(o.status == k for o in outcomes) for k in ("compiled", "cached", "failed")}
     compiled = [o.seconds for o in outcomes if o.status == "compiled"]
     mean = f", {sum(compiled) / len(compiled):.2f}s per compiled kernel" if compiled else ""
+    stopped = f" (interrupted: {total - len(outcomes)} not built)" if interrupted else ""
     print(f"epgen precompile: {counts['compiled']} compiled, {counts['cached']} cached, "
-          f"{counts['failed']} failed in {elapsed:.1f}s ({jobs} jobs{mean}) -> {cache_root}",
-          file=progress)
+          f"{counts['failed']} failed in {elapsed:.1f}s ({jobs} jobs{mean}){stopped} -> "
+          f"{cache_root}", file=progress)
+    for o in outcomes:
+        if o.status == "failed":
+            print(f"  failed: {o.spec.name}: {(failure_lines(o) or [''])[0]}", file=progress)
     return outcomes
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from epgen import jit
 from epgen.cli import main
-from epgen.precompile import SpecFileError, load_spec_file
+from epgen.specfile import SpecFileError, load_spec_file
 from epgen.specs import LayoutSpec, LowLatencyDispatchSpec, NormalDispatchSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_bundled_deepseek_spec_expands_to_the_kernel_set():
 
 @pytest.mark.parametrize("text, needle", [
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
-     "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: expected only keys"),
+     "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: unknown key(s) ['colour']"),
     ("models: [{name: x, hidden: '7168', num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {normal: {}}}]", "models[0].hidden: expected an int"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
