@@ -21,14 +21,15 @@ def _cache(args):
 
 
 def cmd_precompile(args) -> int:
-    from . import toolchain
+    from . import env, toolchain
     from .precompile import precompile
     from .specfile import SpecFileError, load_spec_file
     try:
+        check_env()
         spec_file = load_spec_file(args.spec)
         arch = toolchain.resolve_arch(args.arch, spec_file.arch)
         toolchain.discover()
-    except (SpecFileError, ValueError, toolchain.ToolchainError) as e:
+    except (SpecFileError, env.EnvError, ValueError, toolchain.ToolchainError) as e:
         print(f"epgen precompile: error: {e}", file=sys.stderr)
         return 2
     if args.jobs < 1:

@@ -34,7 +34,8 @@ def epgen_argv(*args) -> list[str]:
 
 def run(argv, timeout=300, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("env", env())
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+    # cwd: `python -m` puts it first on sys.path; SRC keeps the epgen under test the one run
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=SRC, **kw)
 
 
 @functools.lru_cache(maxsize=None)
