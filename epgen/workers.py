@@ -65,13 +65,17 @@ def run(fn: Callable, tasks: list[tuple], jobs: int, on_result: Callable[[int, o
     workers: dict = {}                               # conn -> [process, task index or None]
 
     def assign(conn) -> None:
+        task = None
         if queue:
             i = queue.pop()
             workers[conn][1] = i
-            conn.send((i, tasks[i]))
+            task = (i, tasks[i])
         else:
             workers[conn][1] = None
-            conn.send(None)
+        try:
+            conn.send(task)
+        except OSError:     # it died already: its sentinel reports that (with its task) below
+            pass
 
     def start() -> None:
         parent, child = ctx.Pipe()
