@@ -49,10 +49,11 @@ def describe_key(spec: KernelSpec, arch: str) -> tuple[str, str, dict]:
 
 
 def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
-          stats: dict | None = None) -> CacheEntry:
+          stats: dict | None = None, pch: bool = True) -> CacheEntry:
     """The cache entry for `spec` on `arch`, compiling it if no valid entry exists.
 
-    stats (optional) receives {"cached": bool, "seconds": float}.
+    stats (optional) receives {"cached": bool, "seconds": float}. pch=False: this process will
+    compile too few kernels for its prelude PCH (one plain compile's cost) to pay.
     """
     arch = toolchain.check_arch("arch", arch) if arch else toolchain.resolve_arch()
     cache = cache or Cache()
@@ -80,7 +81,7 @@ def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
                         env.positive_seconds("EPGEN_COMPILE_LOCK_TIMEOUT_S", LOCK_TIMEOUT_S)):
             entry = cache.lookup(spec.name, key)   # another process may have built it meanwhile
             if entry is None:
-                entry = _compile_and_publish(spec, arch, source, key, parts, cache)
+                entry = _compile_and_publish(spec, arch, source, key, parts, cache, pch)
                 if stats is not None:
                     stats.update(cached=False, seconds=time.perf_counter() - t0)
     if stats is not None and "cached" not in stats:
@@ -90,11 +91,11 @@ def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
     return entry
 
 
-def _pch(cache: Cache, parts: dict) -> tuple[str, str] | None:
+def _pch(cache: Cache, parts: dict, wanted: bool) -> tuple[str, str] | None:
     """(folder, tag) of the prelude PCH for these key parts: tagged by all of them but the
     kernel's source, so a new toolchain, header or option makes a new one. EPGEN_PCH=0
     compiles without."""
-    if not env.flag("EPGEN_PCH", True):
+    if not (wanted and env.flag("EPGEN_PCH", True)):
         return None
     return os.path.join(cache.root, ".pch"), cache_key(
         {k: v for k, v in parts.items() if k != "source_sha256"})
@@ -112,13 +113,13 @@ def _keep_failed_log(cache: Cache, base: str, source: str, e: Exception) -> str 
     return path
 
 
-def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
+def _compile_and_publish(spec, arch, source, key, parts, cache, pch) -> CacheEntry:
     tc = toolchain.discover()
     entries = [spec.entry(kind) for kind in spec.entry_kinds]
     what = f"{spec.describe()} on {arch}"
     try:
         result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc,
-                                         entries, what, _pch(cache, parts))
+                                         entries, what, _pch(cache, parts, pch))
     except compiler.CompileError as e:
         e.log_path = _keep_failed_log(cache, f"{spec.name}.{key}", source, e)
         raise

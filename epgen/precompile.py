@@ -23,12 +23,18 @@ class BuildOutcome:
 FAILED_LOG_LINES = 12    # of the compiler's message, in the summary (the rest: log_path)
 
 
-def _build_one(spec: KernelSpec, arch: str, cache_root: str) -> BuildOutcome:
+# A process makes its own prelude PCH (compiler.ensure_pch) at about the cost of one plain
+# compile (~2.8 s here); each compile with it then takes ~0.4-0.8 s instead of ~2.7 s
+# (bench/NOTES.md, "Precompiled header"): it pays from ~1.3 kernels per process on.
+PCH_MIN_KERNELS = 1.5
+
+
+def _build_one(spec: KernelSpec, arch: str, cache_root: str, pch: bool = True) -> BuildOutcome:
     from .cache import Cache
     stats: dict = {}
     t0 = time.perf_counter()
     try:
-        jit.build(spec, arch, Cache(cache_root), stats)
+        jit.build(spec, arch, Cache(cache_root), stats, pch=pch)
     except Exception as e:   # reported per kernel; the summary counts it as failed
         return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}",
                             getattr(e, "log_path", None) or "")
@@ -73,14 +79,15 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
         report(value)
 
     interrupted = False
+    pch = total / max(1, min(jobs, total)) >= PCH_MIN_KERNELS
     try:
         if jobs <= 1 or total <= 1:
             for s in specs:
-                report(_build_one(s, arch, cache_root))
+                report(_build_one(s, arch, cache_root, pch))
         else:
             # Processes, not threads: Python-side hashing and file I/O would serialise, and a
             # crashing (or OOM-killed) compile takes only its own kernel down.
-            run(_build_one, [(s, arch, cache_root) for s in specs], jobs, on_result)
+            run(_build_one, [(s, arch, cache_root, pch) for s in specs], jobs, on_result)
     except KeyboardInterrupt:
         interrupted = True
     elapsed = time.perf_counter() - start
