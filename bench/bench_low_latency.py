@@ -1,4 +1,4 @@
-"""Low-latency dispatch / combine benchmark (DeepEP's LL shape), per docs/targets.md "Method".
+"""Low-latency dispatch / combine benchmark (DeepEP's LL shape), per bench/NOTES.md "Method".
 
 python bench/bench_low_latency.py --ranks 2 --commit SHA --out DIR
 Times (bench/timing.py): epgen's kernel time from the profiler (DeepEP's bench_kineto method;
@@ -6,7 +6,7 @@ host-inclusive event times are kept beside it), median of --runs after warm-up, 
 ranks aligned on the GPU before each run: dispatch (FP8), combine (BF16), both back to back,
 and the hooked send / recv halves; plus NCCL all_to_all_single on the same bytes (events) and a
 GPU->GPU copy, in the same run.
-Writes DIR/low_latency.json (targets.md record schema) and prints a short table last.
+Writes DIR/low_latency.json (the record schema of bench/results/) and prints a short table last.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Normal-mode intranode dispatch / combine benchmark (DeepEP's normal shape), per targets.md.
+"""Normal-mode intranode dispatch / combine benchmark (DeepEP's normal shape), per bench/NOTES.md "Method".
 
     python bench/bench_normal.py --ranks 2 --commit SHA --out DIR
 

@@ -161,7 +161,8 @@ spec_file = (maybe({"arch": st.sampled_from(["sm_90", "sm_80", None]) | anything
                     "extra": anything}) | anything)
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=300, deadline=2000, database=None,  # nothing written to disk
+          suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])
 @given(data=spec_file, raw=st.none() | st.binary(max_size=64))
 def test_random_spec_files_give_a_clear_error_or_a_valid_kernel_set(tmp_path, data, raw):
