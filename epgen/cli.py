@@ -17,7 +17,10 @@ from . import __version__
 
 def _cache(args):
     from .cache import Cache
-    return Cache(args.cache_dir)
+    cache = Cache(args.cache_dir)
+    if os.path.exists(cache.root) and not os.path.isdir(cache.root):
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a cache folder", cache.root)
+    return cache
 
 
 def cmd_precompile(args) -> int:
@@ -87,6 +90,10 @@ def cmd_cache_ls(args) -> int:
 def cmd_cache_inspect(args) -> int:
     from .cache.store import LOG, CorruptEntry, EntryUnreadable, read_entry
     cache = _cache(args)
+    if not args.key.strip():
+        print("epgen cache inspect: KEY='': give a key (or a prefix), an entry folder name or a "
+              "kernel name", file=sys.stderr)
+        return 2
     matches = cache.find(args.key)
     if not matches:
         print(f"epgen cache inspect: no entry matches {args.key!r} in {cache.root}", file=sys.stderr)

@@ -131,3 +131,14 @@ def test_kernel_names_tell_the_families_apart():
     assert LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=256,
                                  num_ranks=2).name.startswith("ll_combine_")
     assert NormalCombineSpec(hidden=7168, num_topk=8, num_ranks=2).name.startswith("combine_")
+
+
+def test_a_cache_dir_that_is_a_file_and_an_empty_key(tmp_path, cache_dir):
+    a_file = tmp_path / "f"
+    a_file.write_text("mine")
+    for args in (["cache", "ls"], ["cache", "clear"], ["cache", "gc"]):
+        r = run(epgen_argv("--cache-dir", str(a_file), *args))
+        assert r.returncode == 1 and "is a file, not a cache folder" in r.stderr, (args, r.stderr)
+    assert a_file.read_text() == "mine"
+    r = run(epgen_argv("--cache-dir", cache_dir, "cache", "inspect", ""))
+    assert r.returncode == 2 and "give a key" in r.stderr, r.stdout + r.stderr
