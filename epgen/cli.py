@@ -317,21 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _os_fix(e: OSError) -> str:
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ("the folder is read-only for this user: pass --cache-dir (or EPGEN_CACHE_DIR) "
-                "a writable folder, or ask its owner for write access")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk is full: free space (`epgen cache gc`) or pick another --cache-dir"
-    if e.errno == errno.ENOENT:
-        return "create the missing folder first, or give another path"
-    if e.errno in (errno.ENOTDIR, errno.EISDIR):
-        return "a file stands where a folder is needed (or the other way round): pick another path"
-    return "check the path and its permissions"
-
-
 def main(argv=None) -> int:
     from . import env
+    from .cache.store import explain_os_error
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
     try:
@@ -347,9 +335,7 @@ def main(argv=None) -> int:
         print(f"epgen: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        where = e.filename or ""
-        print(f"epgen {name}: error: {where}{': ' if where else ''}"
-              f"{e.strerror or e}; fix: {_os_fix(e)}", file=sys.stderr)
+        print(f"epgen {name}: error: {explain_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"epgen {name}: interrupted", file=sys.stderr)

@@ -36,7 +36,9 @@ def _build_one(spec: KernelSpec, arch: str, cache_root: str, pch: bool = True) -
     try:
         jit.build(spec, arch, Cache(cache_root), stats, pch=pch)
     except Exception as e:   # reported per kernel; the summary counts it as failed
-        return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}",
+        from .cache.store import explain_os_error
+        text = explain_os_error(e) if isinstance(e, OSError) else str(e)
+        return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {text}",
                             getattr(e, "log_path", None) or "")
     return BuildOutcome(spec, "cached" if stats.get("cached") else "compiled",
                         stats.get("seconds", time.perf_counter() - t0))
@@ -81,12 +83,13 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
     interrupted = False
     pch = total / max(1, min(jobs, total)) >= PCH_MIN_KERNELS
     try:
-        if jobs <= 1 or total <= 1:
+        if total <= 1:
             for s in specs:
                 report(_build_one(s, arch, cache_root, pch))
         else:
-            # Processes, not threads: Python-side hashing and file I/O would serialise, and a
-            # crashing (or OOM-killed) compile takes only its own kernel down.
+            # Processes (even for one job), not threads: Python-side hashing and file I/O would
+            # serialise, a crashing (or OOM-killed) compile takes only its own kernel down, and
+            # Ctrl-C kills a compile at once instead of waiting for NVRTC to return.
             run(_build_one, [(s, arch, cache_root, pch) for s in specs], jobs, on_result)
     except KeyboardInterrupt:
         interrupted = True

@@ -144,6 +144,8 @@ def test_read_only_cache_serves_hits_and_maintenance_says_it_removed_nothing(tmp
     from epgen.cache.transfer import export_cache
     export_cache(Cache(other), archive)
     py = f"{sys.executable} -m epgen --cache-dir $d"
+    spec = tmp_path / "missing.yaml"      # a kernel the read-only cache lacks
+    spec.write_text("kernels: [{family: layout, num_ranks: 2, num_experts: 32, num_topk: 2}]\n")
     r = in_mount_namespace(f"""
 d=$(mktemp -d)
 trap 'umount $d 2>/dev/null; rmdir $d' EXIT
@@ -156,6 +158,7 @@ EPGEN_JIT=0 $PY -c '{HIT.format(k=4)}' $d
 {py} cache gc || echo "gc rc=$?"
 {py} cache import {archive} || echo "import rc=$?"
 {py} doctor || true
+{py} precompile --spec {spec} --arch sm_90 --jobs 1 || echo "precompile rc=$?"
 """)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
@@ -167,6 +170,8 @@ EPGEN_JIT=0 $PY -c '{HIT.format(k=4)}' $d
     assert "import rc=1" in r.stdout and "epgen cache import: error:" in r.stderr
     assert "fix: the folder is read-only" in r.stderr, out
     assert "[ok] cache:" in r.stdout and "read-only (a deploy cache" in r.stdout, out
+    assert "precompile rc=1" in r.stdout and "Read-only file system; fix: the folder is " \
+        "read-only" in r.stderr.split("epgen precompile: 1 kernels", 1)[1], out
 
 
 def test_doctor_judges_the_cache_path(tmp_path, capsys):

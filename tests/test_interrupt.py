@@ -104,9 +104,10 @@ def finish(p, timeout_s: float) -> str:
     return err.decode()
 
 
-def test_ctrl_c_stops_within_seconds_with_a_summary(started):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_within_seconds_with_a_summary(started, jobs):
     start, track, _ = started
-    p = start()
+    p = start(jobs, EPGEN_PCH="0")              # the slowest compiles: ~3 s each
     read_until(p, "1/8")
     workers = track(workers_of(p.pid))
     assert workers, "no worker processes"

@@ -53,6 +53,26 @@ class NotACacheError(RuntimeError):
     """`clear` was pointed at a folder epgen did not create as a cache."""
 
 
+def _os_fix(e: OSError) -> str:
+    """The fix for an OSError met on a cache path or a file the user named."""
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ("the folder is read-only for this user: pass --cache-dir (or EPGEN_CACHE_DIR) "
+                "a writable folder, or ask its owner for write access")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full: free space (`epgen cache gc`) or pick another --cache-dir"
+    if e.errno == errno.ENOENT:
+        return "create the missing folder first, or give another path"
+    if e.errno in (errno.ENOTDIR, errno.EISDIR):
+        return "a file stands where a folder is needed (or the other way round): pick another path"
+    return "check the path and its permissions"
+
+
+def explain_os_error(e: OSError) -> str:
+    """`<path>: <reason>; fix: <what to do>` (the CLI's one line for any OSError)."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; fix: {_os_fix(e)}"
+
+
 def umask() -> int:
     old = os.umask(0)
     os.umask(old)
@@ -386,7 +406,11 @@ def _pch_in_use(name: str) -> bool:
         return False
     except PermissionError:
         pass
-    return True
+    try:                     # a killed process not yet reaped (a zombie) holds no file
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _rmtree(path: str) -> None:
