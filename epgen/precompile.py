@@ -37,7 +37,11 @@ def _build_one(spec: KernelSpec, arch: str, cache_root: str, pch: bool = True) -
         jit.build(spec, arch, Cache(cache_root), stats, pch=pch)
     except Exception as e:   # reported per kernel; the summary counts it as failed
         from .cache.store import explain_os_error
-        text = explain_os_error(e) if isinstance(e, OSError) else str(e)
+        from .compiler import CompileError
+        if isinstance(e, CompileError):     # the log from its start: the first error first
+            text = f"{e.stage} failed for {e.what}:\n{e.log}"
+        else:
+            text = explain_os_error(e) if isinstance(e, OSError) else str(e)
         return BuildOutcome(spec, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {text}",
                             getattr(e, "log_path", None) or "")
     return BuildOutcome(spec, "cached" if stats.get("cached") else "compiled",
@@ -103,7 +107,9 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
           f"{cache_root}", file=progress)
     for o in outcomes:
         if o.status == "failed":
-            print(f"  failed: {o.spec.name}: {(failure_lines(o) or [''])[0]}", file=progress)
+            lines = failure_lines(o) or [""]
+            first = next((ln for ln in lines[1:] if "error" in ln), lines[0])
+            print(f"  failed: {o.spec.name}: {first.strip()}", file=progress)
     return outcomes
 
 
