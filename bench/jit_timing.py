@@ -1,4 +1,4 @@
-"""Compile and load costs (targets.md: cold compile <= 1.5 s per kernel, warm first call
+"""Compile and load costs (targets: cold compile <= 1.5 s per kernel, warm first call
 <= 20 ms per kernel, precompile of the DeepSeek-V3 spec <= 60 s on 16 cores).
 
     python bench/jit_timing.py --out DIR [--commit SHA]

@@ -9,7 +9,14 @@ __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
 
 def __getattr__(name):
     if name == "Buffer":
-        from .buffer import Buffer
+        try:
+            from .buffer import Buffer
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise ModuleNotFoundError(
+                "epgen.Buffer needs PyTorch, which epgen does not install: install the torch "
+                "build for your CUDA first (README, Set up)", name="torch") from e
         return Buffer
     if name == "Config":
         from .config import Config

@@ -1,17 +1,15 @@
 """NVRTC (to LTO-IR) + nvJitLink (with libnvshmem_device.a) of one translation unit.
 
-The recipe is ../shared/docs/nvshmem-nvrtc.md's recipe A: `-rdc -dlto` with every NVSHMEM
-transfer function inlined from the headers (NVRTC's `uint64_t` mangles differently from the
+The recipe: `-rdc -dlto` with every NVSHMEM transfer function inlined from the headers (NVRTC's `uint64_t` mangles differently from the
 nvcc-built archive, so non-inline calls would not resolve), the archive linked only for the
 device-state symbols that `nvshmemx_cumodule_init` fills.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
-import tempfile
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ class CompileError(RuntimeError):
 
     def __init__(self, stage: str, log: str, what: str):
         self.stage, self.log, self.what = stage, log, what
+        self.log_path: str | None = None     # where jit kept the whole log, if it could
         super().__init__(f"{stage} failed for {what}:\n{log[-12000:]}")
 
 
@@ -68,37 +67,62 @@ def _nvrtc_log(nvrtc, prog) -> str:
     return buf.decode(errors="replace").rstrip("\x00 \n")
 
 
-def ensure_pch(path: str, arch: str, toolchain: Toolchain) -> str | None:
-    """Create the prelude PCH at `path` once (across threads and processes); None if NVRTC
-    can't. The caller names the file after everything that keys a kernel but its source."""
+# NVRTC accepts a PCH only in the process (the "dynamic instance" of libnvrtc) that created it:
+# in any other it warns "incompatible PCH heap allocation address" and parses everything again,
+# slower than with no PCH at all (bench/NOTES.md, "Precompiled header"). So each process makes
+# its own, once per arch and toolchain, and keeps it only as an open file: created under
+# <cache>/.pch/ with this host and pid in its name, unlinked at once, read through
+# /proc/self/fd. It vanishes with the process; a kill during its creation leaves a named file
+# that `epgen cache gc` removes (its pid is gone).
+_pch_open: dict[str, str | None] = {}
+_pch_heap_set = False
+
+
+def pch_file_name(tag: str) -> str:
+    return f"prelude.{socket.gethostname()}.{os.getpid()}.{tag}.pch"
+
+
+def ensure_pch(pch_dir: str, tag: str, arch: str, toolchain: Toolchain) -> str | None:
+    """This process's prelude PCH for `tag` (everything that keys a kernel but its source),
+    created on first use; None if NVRTC can't make one (the compile goes on without)."""
+    global _pch_heap_set
     from cuda.bindings import nvrtc
-    if os.path.isfile(path):
-        return path
-    pch_dir = os.path.dirname(path)
-    os.makedirs(pch_dir, exist_ok=True)
-    with _pch_lock, open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(path):
-            return path
-        fd, tmp = tempfile.mkstemp(dir=pch_dir, suffix=".pch.tmp")
-        os.close(fd)
-        nvrtc.nvrtcSetPCHHeapSize(PCH_HEAP_BYTES)
+    with _pch_lock:
+        if tag in _pch_open:
+            return _pch_open[tag]
+        if not os.path.isdir("/proc/self/fd"):
+            _pch_open[tag] = None
+            return None
+        path = os.path.join(pch_dir, pch_file_name(tag))
+        try:
+            os.makedirs(pch_dir, exist_ok=True)
+        except OSError:          # a read-only cache: no PCH (and no publish: that will say so)
+            _pch_open[tag] = None
+            return None
+        if not _pch_heap_set:    # resizing the heap later would invalidate every PCH made
+            nvrtc.nvrtcSetPCHHeapSize(PCH_HEAP_BYTES)
+            _pch_heap_set = True
         src = f'#include "{PRELUDE}"\n'
         err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"epgen_prelude.cu", 0, [], [])
         try:
             opts = [o.encode() for o in options_for(arch) + include_options(toolchain)
-                    + [f"--create-pch={tmp}"]]
+                    + [f"--create-pch={path}"]]
             (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             (status,) = nvrtc.nvrtcGetPCHCreateStatus(prog)
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
-        if res != nvrtc.nvrtcResult.NVRTC_SUCCESS or status != nvrtc.nvrtcResult.NVRTC_SUCCESS \
-                or os.path.getsize(tmp) == 0:
+        fd_path = None
+        try:
+            if res == status == nvrtc.nvrtcResult.NVRTC_SUCCESS and os.path.getsize(path) > 0:
+                fd = os.open(path, os.O_RDONLY)
+                fd_path = f"/proc/self/fd/{fd}"
+        except OSError:
+            fd_path = None
+        finally:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return None
-        os.replace(tmp, path)
-        return path
+                os.unlink(path)
+        _pch_open[tag] = fd_path
+        return fd_path
 
 
 def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
@@ -186,11 +210,13 @@ def link(ltoir: bytes, arch: str, toolchain: Toolchain, what: str) -> tuple[byte
 
 def compile_source(source: str, filename: str, arch: str, toolchain: Toolchain,
                    name_expressions: list[str], what: str,
-                   pch_path: str | None = None) -> CompileResult:
-    """pch_path: the prelude PCH to use (created on first use); None compiles without."""
-    pch = None
-    if pch_path and f'#include "{PRELUDE}"' in source.splitlines()[:3]:
-        pch = ensure_pch(pch_path, arch, toolchain)
+                   pch: tuple[str, str] | None = None) -> CompileResult:
+    """pch: (folder, tag) of the prelude PCH to use (this process's, made on first use); None
+    compiles without."""
+    if pch and f'#include "{PRELUDE}"' in source.splitlines()[:3]:
+        pch = ensure_pch(pch[0], pch[1], arch, toolchain)
+    else:
+        pch = None
     t0 = time.perf_counter()
     ltoir, lowered, nvrtc_log = nvrtc_to_ltoir(source, filename, arch, toolchain,
                                                name_expressions, what, pch)

@@ -9,11 +9,11 @@ import sys
 import threading
 import time
 
-from . import codegen, compiler, toolchain
+from . import codegen, compiler, env, toolchain
 from .cache import Cache, CacheEntry, cache_key, key_parts
 from .specs import KernelSpec
 
-LOCK_TIMEOUT_S = float(os.environ.get("EPGEN_COMPILE_LOCK_TIMEOUT_S", "900"))
+LOCK_TIMEOUT_S = 900.0     # EPGEN_COMPILE_LOCK_TIMEOUT_S, read at each compile
 
 
 class JitDisabledError(RuntimeError):
@@ -29,7 +29,7 @@ _memo_lock = threading.Lock()
 
 
 def jit_enabled() -> bool:
-    return os.environ.get("EPGEN_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env.flag("EPGEN_JIT", True)
 
 
 def _capturing() -> bool:
@@ -49,12 +49,13 @@ def describe_key(spec: KernelSpec, arch: str) -> tuple[str, str, dict]:
 
 
 def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
-          stats: dict | None = None) -> CacheEntry:
+          stats: dict | None = None, pch: bool = True) -> CacheEntry:
     """The cache entry for `spec` on `arch`, compiling it if no valid entry exists.
 
-    stats (optional) receives {"cached": bool, "seconds": float}.
+    stats (optional) receives {"cached": bool, "seconds": float}. pch=False: this process will
+    compile too few kernels for its prelude PCH (one plain compile's cost) to pay.
     """
-    arch = arch or toolchain.resolve_arch()
+    arch = toolchain.check_arch("arch", arch) if arch else toolchain.resolve_arch()
     cache = cache or Cache()
     memo_key = (spec, arch, cache.root)
     with _memo_lock:
@@ -76,10 +77,11 @@ def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
             raise CompileDuringCaptureError(
                 f"{spec.describe()} on {arch} must be compiled, but a CUDA graph is being "
                 "captured; run the operation once before capture (or precompile it)")
-        with cache.lock(spec.name, key, LOCK_TIMEOUT_S):
+        with cache.lock(spec.name, key,
+                        env.positive_seconds("EPGEN_COMPILE_LOCK_TIMEOUT_S", LOCK_TIMEOUT_S)):
             entry = cache.lookup(spec.name, key)   # another process may have built it meanwhile
             if entry is None:
-                entry = _compile_and_publish(spec, arch, source, key, parts, cache)
+                entry = _compile_and_publish(spec, arch, source, key, parts, cache, pch)
                 if stats is not None:
                     stats.update(cached=False, seconds=time.perf_counter() - t0)
     if stats is not None and "cached" not in stats:
@@ -89,21 +91,38 @@ def build(spec: KernelSpec, arch: str | None = None, cache: Cache | None = None,
     return entry
 
 
-def _pch_path(cache: Cache, arch: str, parts: dict) -> str | None:
-    """The prelude PCH for these key parts: keyed by all of them but the kernel's source, so a
-    new toolchain, header or option makes a new one. EPGEN_PCH=0 compiles without."""
-    if os.environ.get("EPGEN_PCH", "1") == "0":
+def _pch(cache: Cache, parts: dict, wanted: bool) -> tuple[str, str] | None:
+    """(folder, tag) of the prelude PCH for these key parts: tagged by all of them but the
+    kernel's source, so a new toolchain, header or option makes a new one. EPGEN_PCH=0
+    compiles without."""
+    if not (wanted and env.flag("EPGEN_PCH", True)):
         return None
-    tag = cache_key({k: v for k, v in parts.items() if k != "source_sha256"})
-    return os.path.join(cache.root, ".pch", f"prelude.{arch}.{tag}.pch")
+    return os.path.join(cache.root, ".pch"), cache_key(
+        {k: v for k, v in parts.items() if k != "source_sha256"})
 
 
-def _compile_and_publish(spec, arch, source, key, parts, cache) -> CacheEntry:
+def _keep_failed_log(cache: Cache, base: str, source: str, e: Exception) -> str | None:
+    """The whole compiler log of a failed compile, kept as <cache>/.failed/<entry>.log (with
+    the source it came from); its path, or None where the cache is not writable."""
+    try:
+        path = os.path.join(cache.own_dir(".failed"), f"{base}.log")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"# {e.stage} failed for {e.what}\n{e.log}\n# source\n{source}")
+    except OSError:
+        return None
+    return path
+
+
+def _compile_and_publish(spec, arch, source, key, parts, cache, pch) -> CacheEntry:
     tc = toolchain.discover()
     entries = [spec.entry(kind) for kind in spec.entry_kinds]
     what = f"{spec.describe()} on {arch}"
-    result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc, entries,
-                                     what, _pch_path(cache, arch, parts))
+    try:
+        result = compiler.compile_source(source, codegen.source_filename(spec), arch, tc,
+                                         entries, what, _pch(cache, parts, pch))
+    except compiler.CompileError as e:
+        e.log_path = _keep_failed_log(cache, f"{spec.name}.{key}", source, e)
+        raise
     manifest = {
         "name": spec.name,
         "key": key,

@@ -26,6 +26,9 @@ MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
 # the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT.
 LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
+# The largest hidden size accepted (README): every family compiles there without spills; the
+# GPU suites run up to 7168, and a Buffer's own size checks still apply at run time.
+MAX_HIDDEN = 16384
 
 
 class SpecError(ValueError):
@@ -123,7 +126,7 @@ def _check_common(spec: KernelSpec, *, hidden: bool = True, topk: bool = True,
             spec._req(spec.num_topk <= spec.num_experts, "num_topk",
                       f"must be <= num_experts={spec.num_experts}")
     if hidden:
-        spec._req(spec.hidden > 0, "hidden", "must be positive")
+        spec._req(0 < spec.hidden <= MAX_HIDDEN, "hidden", f"must be in [1, {MAX_HIDDEN}]")
 
 
 def num_scales(hidden: int) -> int:
@@ -183,6 +186,11 @@ class NormalDispatchSpec(KernelSpec):
                       "scale_cols", f"must be -1 (one per 128 channels) or in [1, {MAX_SCALE_COLS}]")
         else:
             self._req(self.scale_cols == -1, "scale_cols", "must be -1 (bf16 rows have no scales)")
+        # normal_dispatch.cuh: a warp group per sender (self included) and per receiver.
+        groups = 2 * self.num_ranks - 1
+        self._req(self.threads // 32 >= groups, "threads",
+                  f"must be >= {32 * groups} for num_ranks={self.num_ranks} (one warp for each "
+                  f"of the {groups} sender/receiver groups)")
 
     @property
     def num_scales(self) -> int:
@@ -213,6 +221,12 @@ class NormalCombineSpec(KernelSpec):
         self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
         self._req(self.threads % 32 == 0 and 256 <= self.threads <= 1024, "threads",
                   "must be a multiple of 32 in [256, 1024]")
+        # normal_combine.cuh's CombineCfg: sender warps per remote rank, the rest reduce.
+        warps, remote = self.threads // 32, self.num_ranks - 1
+        reducers = warps - remote * max(1, warps // (2 * remote))
+        self._req(reducers >= 1, "threads",
+                  f"must leave a reducer warp beside one sender warp per remote rank "
+                  f"(num_ranks={self.num_ranks}: at least {32 * (remote + 1)})")
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
@@ -264,7 +278,8 @@ class LowLatencyDispatchSpec(KernelSpec):
     """Low-latency dispatch: one launch per phase (send, receive, or both)."""
     family: ClassVar[str] = "ll_dispatch"
     template: ClassVar[str] = "ll_dispatch.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch",)
+    # "ll_": its kernel (and cache entry) names differ from the normal family's at a glance.
+    entry_kinds: ClassVar[tuple[str, ...]] = ("ll_dispatch",)
 
     hidden: int
     num_topk: int
@@ -320,7 +335,7 @@ class LowLatencyCombineSpec(KernelSpec):
     """Low-latency combine: weighted sum of expert outputs, skipping topk_idx == -1."""
     family: ClassVar[str] = "ll_combine"
     template: ClassVar[str] = "ll_combine.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+    entry_kinds: ClassVar[tuple[str, ...]] = ("ll_combine",)
 
     hidden: int
     num_topk: int

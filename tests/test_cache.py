@@ -133,10 +133,10 @@ def test_gc_removes_other_toolchains_and_leftovers(tmp_path):
     entry, _ = fresh_build(cache)
     from epgen import toolchain
     sig = toolchain.discover().signature()
-    assert cache.gc(sig) == []
+    assert cache.gc(sig).removed == []
     other = dict(sig, nvrtc="99.9")
     os.makedirs(os.path.join(cache.root, ".tmp", "stale"), exist_ok=True)
     os.utime(os.path.join(cache.root, ".tmp", "stale"), (0, 0))
-    removed = cache.gc(other)
+    removed = cache.gc(other).removed
     assert any("other toolchain" in r for r in removed) and any("stale" in r for r in removed)
     assert cache.entries() == []

@@ -8,7 +8,7 @@ import pytest
 
 from epgen import jit
 from epgen.cli import main
-from epgen.precompile import SpecFileError, load_spec_file
+from epgen.specfile import SpecFileError, load_spec_file
 from epgen.specs import LayoutSpec, LowLatencyBarrierSpec, LowLatencyDispatchSpec, NormalDispatchSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,13 +63,13 @@ models:
 @pytest.mark.parametrize("text, needle", [
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {low_latency: {dispatch_dtypes: [opaque64]}}}]",
-     "models[0].modes.low_latency.dispatch_dtypes: expected a non-empty list of ['fp8', 'bf16'"),
+     "models[0].modes.low_latency.dispatch_dtypes: 'opaque64' is not one of ['fp8', 'bf16'"),
     ("models: [{name: x, hidden: 2896, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {low_latency: {dispatch_dtypes: [nvfp4]}}}]", "hidden=2896: must be a multiple of 32"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {normal: {dtypes: [fp4]}}}]", "'opaque<row>[+<side>]'"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
-     "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: expected only keys"),
+     "modes: {normal: {dtypes: [bf16]}}, colour: red}]", "models[0]: unknown key(s) ['colour']"),
     ("models: [{name: x, hidden: '7168', num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {normal: {}}}]", "models[0].hidden: expected an int"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "

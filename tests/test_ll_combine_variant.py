@@ -49,7 +49,7 @@ def test_precompile_lists_the_per_rank_kernel_without_torch():
     """`epgen precompile` runs without torch (.ci/cu12-compile): asking which combine kernel
     a deployment runs must not import it."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import epgen.precompile as p\n"
+            "import epgen.specfile as p\n"
             "print(sorted({s.family for s in p.low_latency_specs(2880, 128, 4, 4, ['fp8'])}))")
     env = dict(os.environ, EPGEN_LL_COMBINE="per_rank")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

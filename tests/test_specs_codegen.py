@@ -113,12 +113,12 @@ def test_ll_wire_format_field_keeps_existing_names_and_selects_the_cast():
     """wire_format defaults to "" (the flags' format): existing specs keep their names, and only
     a named format renders the template's FMT argument."""
     base = LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2)
-    assert base.name == "dispatch_fp8_h7168_k8_e288_r2_fd2750"      # as before wire_format
+    assert base.name == "ll_dispatch_fp8_h7168_k8_e288_r2_fd2750"      # as before wire_format
     assert "wire_format" not in base.rendered_fields()
     assert "1024>(args)" in codegen.render(base)
     for code, fmt in ((1, "mxfp8"), (2, "nvfp4")):
         s = LowLatencyDispatchSpec(hidden=2880, num_topk=8, num_experts=288, num_ranks=2,
                                    use_fp8=False, wire_format=fmt)
-        assert s.name.startswith(f"dispatch_{fmt}_h2880") and s.wire_format_code == code
+        assert s.name.startswith(f"ll_dispatch_{fmt}_h2880") and s.wire_format_code == code
         assert f"1024, {code}>(args)" in codegen.render(s)
         assert spec_from_json(s.to_json()) == s

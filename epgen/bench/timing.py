@@ -1,15 +1,18 @@
-"""Measurement helpers of `epgen bench` (../shared/docs/targets.md, Method).
+"""Measurement helpers of `epgen bench` (bench/NOTES.md, Method).
 
 Two clocks, both after warm-up, with L2 flushed and ranks aligned on the GPU before each run:
 - `time_events`: CUDA events around the whole Python call (host overhead included), the way
   DeepEP's `bench()` times its normal mode;
 - `time_kernels`: the profiler's kernel durations of epgen's work kernels in each call (names
-  containing `epgen::dispatch` / `epgen::combine`, design.md), the way DeepEP's `bench_kineto`
+  in WORK_KERNELS), the way DeepEP's `bench_kineto`
   times its low-latency mode. A call of several launches (send + receive phase) sums them.
 """
 from __future__ import annotations
 
 import statistics
+
+# The work kernels' qualified-name prefixes (specs.KernelSpec.entry): normal, then low latency.
+WORK_KERNELS = ("epgen::dispatch_", "epgen::combine_", "epgen::ll_dispatch_", "epgen::ll_combine_")
 
 
 def card(device_name: str) -> str:
@@ -71,7 +74,7 @@ def time_events(fn, runs: int, flush, warmup: int = 5) -> list[float]:
     return samples
 
 
-def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
+def profile_runs(fn, runs: int, flush, names=WORK_KERNELS,
                  warmup: int = 5) -> list[dict]:
     """Per run: `durations`, the device durations (us) of the matching kernels fn() launched,
     in order; `launch_gap`, the device time (us) from the end of the previous kernel (the
@@ -111,13 +114,13 @@ def profile_runs(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine
     return out
 
 
-def kernel_durations(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
+def kernel_durations(fn, runs: int, flush, names=WORK_KERNELS,
                      warmup: int = 5) -> list[list[float]]:
     """Per run, the device durations (us) of the matching kernels fn() launched, in order."""
     return [r["durations"] for r in profile_runs(fn, runs, flush, names, warmup)]
 
 
-def time_kernels(fn, runs: int, flush, names=("epgen::dispatch", "epgen::combine"),
+def time_kernels(fn, runs: int, flush, names=WORK_KERNELS,
                  warmup: int = 5) -> list[float]:
     """Per-run microseconds of the matching kernels' device durations, summed per call."""
     return [sum(d) for d in kernel_durations(fn, runs, flush, names, warmup)]

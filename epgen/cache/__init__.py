@@ -1,4 +1,4 @@
-"""Content-addressed on-disk cache of compiled kernels (design.md, Cache key details)."""
+"""Content-addressed on-disk cache of compiled kernels (key: cache/key.py; layout: cache/store.py)."""
 from .key import cache_key, key_parts
 from .store import Cache, CacheEntry, CorruptEntry, default_root
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import jit
+from .. import env, jit
 from ..runtime import module as modules
 from ..runtime.errors import OP_CODES, ErrorWord
 from ..runtime.events import EventOverlap
@@ -22,7 +22,7 @@ DEFAULT_TIMEOUT_S = 100.0
 
 def timeout_ns() -> int:
     """Device-side wait deadline (EPGEN_TIMEOUT_S, default 100 s); a launch argument."""
-    return int(float(os.environ.get("EPGEN_TIMEOUT_S", DEFAULT_TIMEOUT_S)) * 1e9)
+    return int(env.positive_seconds("EPGEN_TIMEOUT_S", DEFAULT_TIMEOUT_S) * 1e9)
 
 
 def arg_error(name: str, value, rule: str) -> ValueError:

@@ -1,0 +1,243 @@
+"""Spec file (YAML) -> the exact set of kernel specs those runs need. Never a traceback: every
+problem is a SpecFileError naming the file, the key and what was expected.
+
+    arch: sm_90                      # optional; --arch and EPGEN_ARCH win over it
+    models:
+      - name: deepseek-v3
+        hidden: 7168
+        num_experts: 256
+        num_topk: 8
+        ep_sizes: [2, 4, 8]
+        modes:
+          normal: {dtypes: [bf16, fp8]}
+          low_latency: {dispatch_dtypes: [fp8, bf16]}
+    kernels:                         # optional explicit specs (the fields of epgen/specs.py)
+      - {family: normal_combine, hidden: 2880, num_topk: 4, num_ranks: 4, num_biases: 1}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import yaml
+
+from . import formats
+from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
+                    LowLatencyCombineRankSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
+                    NormalCombineSpec, SpecError, normal_dispatch_spec, normal_dispatch_wire)
+from .variants import combine_variant
+
+ECHO_CHARS = 80          # a value shown in an error is cut to this many characters
+
+
+class SpecFileError(ValueError):
+    """A spec file that cannot be read: names the file, the key and what was expected."""
+
+
+def echo(v) -> str:
+    text = repr(v)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text)} chars)"
+
+
+def _fail(path: str, where: str, expected: str, got=dataclasses.MISSING):
+    got_txt = "" if got is dataclasses.MISSING else f", got {type(got).__name__} {echo(got)}"
+    raise SpecFileError(f"{path}: {where}: expected {expected}{got_txt}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _mapping(v, path, where, what) -> dict:
+    if not isinstance(v, dict):
+        _fail(path, where, what, v)
+    return v
+
+
+def _check_keys(d: dict, allowed, path: str, where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise SpecFileError(f"{path}: {where}: unknown key(s) {echo(sorted(map(str, unknown)))}; "
+                            f"the keys are {sorted(allowed)}")
+
+
+def _int_list(v, path, where) -> list[int]:
+    if not (isinstance(v, list) and v and all(_is_int(x) for x in v)):
+        _fail(path, where, "a non-empty list of ints", v)
+    return v
+
+
+def _format_of(dtype: str) -> formats.WireFormat:
+    """"fp8" is DeepEP's FP8 (float32 per-128 scales); any other dtype a wire-format name."""
+    return formats.get("fp8_e4m3_f32_128" if dtype == "fp8" else dtype)
+
+
+def _dtype_list(v, path, where, low_latency=False) -> list[str]:
+    """A dtype is "bf16", "fp8" (e4m3 with float32 per-128 scales) or a wire-format name
+    (epgen.formats, README "Wire formats"): normal mode any of them, "opaque<row bytes>[+<side
+    bytes>]" included; low latency the ones its dispatch sends."""
+    allowed = ["fp8", *(formats.LOW_LATENCY if low_latency else formats.FORMATS),
+               *([] if low_latency else ["opaque<row>[+<side>]"])]
+    if not (isinstance(v, list) and v):
+        _fail(path, where, f"a non-empty list of {allowed}", v)
+    for x in v:
+        try:
+            fmt = _format_of(x) if isinstance(x, str) else None
+        except formats.FormatError:
+            fmt = None
+        if fmt is None or (low_latency and fmt.name not in formats.LOW_LATENCY):
+            raise SpecFileError(f"{path}: {where}: {echo(x)} is not one of {allowed}")
+    return v
+
+
+# What each mode asks the JIT for at run time (the ops modules build the same specs).
+def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
+    out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
+                                        num_topk=num_topk)]
+    for dtype in dtypes:
+        # The kernel a row of this format is keyed by (ops/intranode.py asks the same way).
+        fmt = _format_of(dtype)
+        cols = fmt.scale_cols(hidden)
+        wire_hidden, wire_dtype = normal_dispatch_wire(fmt.data_bytes(hidden), cols)
+        # with top-k, and cached (an uncached dispatch without top-k, rare in models, is
+        # (hidden, 0, num_experts): list it as an explicit kernel where a run needs it)
+        for k, e in ((num_topk, num_experts), (0, None)):
+            out.append(normal_dispatch_spec(wire_hidden, k, e, num_ranks, wire_dtype,
+                                            cols if cols else -1))
+    for k in (num_topk, 0):
+        out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
+    return out
+
+
+def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
+    out: list[KernelSpec] = []
+    for dtype in dtypes:
+        out.append(LowLatencyDispatchSpec(hidden=hidden, num_topk=num_topk,
+                                          num_experts=num_experts, num_ranks=num_ranks,
+                                          **formats.low_latency_fields(_format_of(dtype))))
+    out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
+                                     num_ranks=num_ranks))
+    if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
+        out.append(LowLatencyCombineRankSpec(hidden=hidden, num_topk=num_topk,
+                                             num_experts=num_experts, num_ranks=num_ranks))
+    out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
+    return out
+
+
+@dataclass
+class SpecFile:
+    path: str
+    arch: str | None
+    specs: list[KernelSpec]
+
+
+def _read(path: str):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise SpecFileError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecFileError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                            f"{e.start}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise SpecFileError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', None) or e})") \
+            from None
+    except RecursionError:
+        raise SpecFileError(f"{path}: nested too deeply to be a spec file") from None
+
+
+def _model_specs(m, path: str, where: str) -> list[KernelSpec]:
+    m = _mapping(m, path, where, "a mapping with hidden, num_experts, num_topk, ep_sizes, modes")
+    _check_keys(m, {"name", "hidden", "num_experts", "num_topk", "ep_sizes", "modes"}, path, where)
+    if "name" in m and not isinstance(m["name"], str):
+        _fail(path, f"{where}.name", "a string", m["name"])
+    for key in ("hidden", "num_experts", "num_topk"):
+        if not _is_int(m.get(key)):
+            _fail(path, f"{where}.{key}", "an int", m.get(key))
+    ep_sizes = _int_list(m.get("ep_sizes"), path, f"{where}.ep_sizes")
+    modes = m.get("modes")
+    if not (isinstance(modes, dict) and modes):
+        _fail(path, f"{where}.modes", "a mapping with 'normal' and/or 'low_latency'", modes)
+    _check_keys(modes, {"normal", "low_latency"}, path, f"{where}.modes")
+    normal = low = None
+    if "normal" in modes:
+        w = f"{where}.modes.normal"
+        mode = _mapping(modes["normal"] or {}, path, w, "a mapping (or nothing)")
+        _check_keys(mode, {"dtypes"}, path, w)
+        normal = _dtype_list(mode.get("dtypes", ["bf16"]), path, f"{w}.dtypes")
+    if "low_latency" in modes:
+        w = f"{where}.modes.low_latency"
+        mode = _mapping(modes["low_latency"] or {}, path, w, "a mapping (or nothing)")
+        if "num_max_dispatch_tokens_per_rank" in mode:
+            raise SpecFileError(
+                f"{path}: {w}.num_max_dispatch_tokens_per_rank: no kernel depends on it (it is "
+                "a run-time argument of low_latency_dispatch, up to 1024): remove it")
+        _check_keys(mode, {"dispatch_dtypes"}, path, w)
+        low = _dtype_list(mode.get("dispatch_dtypes", ["fp8"]), path, f"{w}.dispatch_dtypes",
+                          low_latency=True)
+    specs: list[KernelSpec] = []
+    for ep in ep_sizes:
+        try:
+            if normal:
+                specs += normal_mode_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, normal)
+            if low:
+                specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, low)
+        except SpecError as e:
+            raise SpecFileError(f"{path}: {where} (ep_size {ep}): {e}") from None
+    return specs
+
+
+def _kernel_spec(k, path: str, where: str) -> KernelSpec:
+    k = _mapping(k, path, where, "a mapping with 'family' and that family's fields")
+    family = k.get("family")
+    if not (isinstance(family, str) and family in FAMILIES):
+        _fail(path, f"{where}.family", f"one of {sorted(FAMILIES)}", family)
+    cls = FAMILIES[family]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(k, {"family", *fields}, path, where)
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in k]
+    if missing:
+        raise SpecFileError(f"{path}: {where}: family {family} needs {missing}")
+    values = {}
+    for name, v in k.items():
+        if name == "family":
+            continue
+        if fields[name].type in ("bool", bool) and _is_int(v) and v in (0, 1):
+            v = bool(v)          # 0 / 1 mean what they say; so do false / true
+        values[name] = v
+    try:
+        return cls(**values)
+    except SpecError as e:
+        raise SpecFileError(f"{path}: {where}: {e}") from None
+
+
+def load_spec_file(path: str) -> SpecFile:
+    data = _read(path)
+    data = _mapping(data, path, "top level", "a mapping with 'models' and/or 'kernels'")
+    _check_keys(data, {"arch", "models", "kernels"}, path, "top level")
+    if "models" not in data and "kernels" not in data:
+        _fail(path, "top level", "at least one of 'models' or 'kernels'")
+    arch = data.get("arch")
+    if arch is not None:
+        from .toolchain import check_arch
+        try:
+            check_arch(f"{path}: arch", arch)
+        except ValueError as e:
+            raise SpecFileError(str(e)) from None
+    specs: list[KernelSpec] = []
+    for key, expand in (("models", _model_specs), ("kernels", _kernel_spec)):
+        items = data.get(key) or []
+        if not isinstance(items, list):
+            _fail(path, key, "a list", items)
+        for i, item in enumerate(items):
+            got = expand(item, path, f"{key}[{i}]")
+            specs += got if isinstance(got, list) else [got]
+    unique = list(dict.fromkeys(specs))       # keep order, drop duplicates
+    return SpecFile(path, arch, unique)
