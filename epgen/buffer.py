@@ -5,7 +5,6 @@ WORLD: every WORLD rank creates its Buffers with the same sizes in the same orde
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -17,7 +16,7 @@ from .ops.context import OpsContext, arg_error, timeout_ns
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
-from .runtime import nvshmem, sharing
+from .runtime import nvshmem, sharing, topology
 from .runtime.errors import ErrorWord
 from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
@@ -61,17 +60,22 @@ class Buffer:
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.init()
         torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
-        if self.group_size > local_world and not low_latency_mode:
+        # Which ranks form a node (low-latency mode treats every peer alike: it needs none).
+        self.topology = None if low_latency_mode else topology.resolve(group)
+        if self.topology is not None and self.topology.spans_nodes:
+            t = self.topology
             raise arg_error("group", f"{self.group_size} ranks",
-                            f"normal mode spans one node here ({local_world} local ranks); the "
-                            "internode (RDMA) normal mode is not implemented")
+                            f"normal mode needs the ranks of one node, and these form {t.num_nodes}"
+                            f" nodes of {t.ranks_per_node} (from {t.source}); the internode "
+                            "(RDMA + NVLink forwarding) normal mode is not implemented")
         # Ranks sharing a GPU must all be resident at once (refused before anything is allocated).
         self._gpu_shares = sharing.gather_shares(group, self.rank, self.device)
         sharing.check_co_residency(self._gpu_shares)
 
-        host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes,
-                            multi_node=self.group_size > local_world)
+        # NVSHMEM is initialised over WORLD once: whether its ranks span hosts is WORLD's
+        # question, asked (collectively, as every WORLD rank makes every Buffer) only then.
+        spans_hosts = nvshmem.current() is None and topology.count_hosts(dist.group.WORLD) > 1
+        host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes, multi_node=spans_hosts)
         if host.stuck:
             raise RuntimeError(f"epgen.Buffer: rank {self.rank}: NVSHMEM is unusable in this "
                                f"process ({host.stuck}); start fresh processes")
