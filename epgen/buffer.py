@@ -22,6 +22,13 @@ from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
 
 
+_INTERNODE_MISSING = (
+    "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
+    "node) has its topology, layout (num_tokens_per_rdma_rank) and golden model "
+    "(epgen/reference_internode.py) but not yet its notify, dispatch and combine kernels; use "
+    "the ranks of one node, or the low-latency mode")
+
+
 class Buffer:
     num_sms: int = 20
 
@@ -62,12 +69,7 @@ class Buffer:
         torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
         # Which ranks form a node (low-latency mode treats every peer alike: it needs none).
         self.topology = None if low_latency_mode else topology.resolve(group)
-        if self.topology is not None and self.topology.spans_nodes:
-            t = self.topology
-            raise arg_error("group", f"{self.group_size} ranks",
-                            f"normal mode needs the ranks of one node, and these form {t.num_nodes}"
-                            f" nodes of {t.ranks_per_node} (from {t.source}); the internode "
-                            "(RDMA + NVLink forwarding) normal mode is not implemented")
+        spans_nodes = self.topology is not None and self.topology.spans_nodes
         # Ranks sharing a GPU must all be resident at once (refused before anything is allocated).
         self._gpu_shares = sharing.gather_shares(group, self.rank, self.device)
         sharing.check_co_residency(self._gpu_shares)
@@ -93,7 +95,7 @@ class Buffer:
             nvshmem=host, nvl=self._nvl, rdma=self._rdma,
             comm_stream=torch.cuda.Stream(self.device), errors=ErrorWord(),
             arch=toolchain.resolve_arch())
-        self._layout = LayoutOps(self._ctx)
+        self._layout = LayoutOps(self._ctx, self.topology.ranks_per_node if spans_nodes else 0)
         self._intranode = IntranodeOps(self._ctx)
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode) \
@@ -223,6 +225,7 @@ class Buffer:
                  config: Config | None = None, previous_event=None, async_finish=False,
                  allocate_on_comm_stream=False):
         self._alive()
+        self._refuse_internode("dispatch")
         config = config or self.get_dispatch_config(self.group_size)
         return self._intranode.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
@@ -232,6 +235,7 @@ class Buffer:
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         self._alive()
+        self._refuse_internode("combine")
         config = config or self.get_combine_config(self.group_size)
         return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
                                        async_finish, allocate_on_comm_stream)
@@ -242,14 +246,23 @@ class Buffer:
                            expert_alignment: int = 1, num_worst_tokens: int = 0,
                            config: Config | None = None, previous_event=None, async_finish=False,
                            allocate_on_comm_stream=False):
-        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
-                                  "implemented yet; use ranks of one node")
+        self._alive()
+        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_dispatch"))
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None,
                           config: Config | None = None, previous_event=None, async_finish=False,
                           allocate_on_comm_stream=False):
-        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
-                                  "implemented yet; use ranks of one node")
+        self._alive()
+        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_combine"))
+
+    def _refuse_internode(self, op: str) -> None:
+        """dispatch / combine of a Buffer whose group spans nodes would take the two-level path,
+        which does not exist yet (get_dispatch_layout does: it counts per node)."""
+        t = self.topology
+        if t is not None and t.spans_nodes:
+            raise NotImplementedError(
+                _INTERNODE_MISSING.format(op=op) + f" (this group: {t.num_nodes} nodes of "
+                f"{t.ranks_per_node} ranks, from {t.source})")
 
     # -- low-latency mode -----------------------------------------------------------------
     def _low_latency(self) -> LowLatencyOps:

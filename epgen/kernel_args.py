@@ -57,6 +57,15 @@ LayoutArgs = struct(
     *ERROR_FIELDS,
 )
 
+# The same, across nodes (LayoutSpec.ranks_per_node > 0): a struct of its own, so that the
+# one-node layout kernels keep their source.
+LayoutNodesArgs = struct(
+    "LayoutNodesArgs",
+    *LayoutArgs._c_fields_[:4],
+    ("int*", "num_tokens_per_rdma_rank"),   # [R / ranks_per_node] zeroed by the host
+    *LayoutArgs._c_fields_[4:],
+)
+
 # ---------------------------------------------------------------------------- low latency
 # Region byte offsets (sig_off, recv_off, send_off) are computed in epgen/ops/low_latency.py;
 # seq/done/counters are this rank's local control words inside the same region.
@@ -134,6 +143,7 @@ LowLatencyBarrierArgs = struct(
 
 ARGS: dict[str, type[ctypes.Structure]] = {
     "layout": LayoutArgs,
+    "layout_nodes": LayoutNodesArgs,
     "ll_dispatch": LowLatencyDispatchArgs,
     "ll_combine": LowLatencyCombineArgs,
     "ll_barrier": LowLatencyBarrierArgs,

@@ -27,6 +27,10 @@ from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpe
      "num_topk", 0),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
     (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
+    (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=3),
+     "ranks_per_node", 3),
+    (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=8),
+     "ranks_per_node", 8),
     (lambda: LowLatencyBarrierSpec(num_ranks=48, threads=32), "threads", 32),
 ])
 def test_impossible_specs_name_field_value_rule(make, field, value):
@@ -101,3 +105,18 @@ def test_cached_normal_dispatch_canonicalises_experts_but_uncached_keeps_them():
     from epgen.specs import normal_dispatch_spec
     assert normal_dispatch_spec(4096, 0, 64, 4, "bf16").num_experts == 64
     assert normal_dispatch_spec(4096, 0, None, 4, "bf16").num_experts == 4
+
+
+def test_layout_across_nodes_is_its_own_kernel_and_leaves_the_one_node_source_alone():
+    one = LayoutSpec(num_ranks=8, num_experts=256, num_topk=8)
+    nodes = LayoutSpec(num_ranks=8, num_experts=256, num_topk=8, ranks_per_node=2)
+    src_one, src_nodes = codegen.render(one), codegen.render(nodes)
+    # The field added later stays out of the one-node source (its description, its args, its
+    # template call), so every one-node layout kernel keeps its bytes and its cache key.
+    assert "ranks_per_node" not in src_one and "LayoutNodesArgs" not in src_one
+    assert "layout_kernel<8, 256, 8, 256>(args)" in src_one
+    assert "ranks_per_node=2" in src_nodes and "layout_kernel<8, 256, 8, 256, 2>(args)" in src_nodes
+    assert "int* num_tokens_per_rdma_rank;" in src_nodes
+    assert "static_assert(sizeof(LayoutNodesArgs)" in src_nodes
+    assert nodes.name != one.name and "_n4_" in nodes.name
+    assert spec_from_json(nodes.to_json()) == nodes
