@@ -114,9 +114,10 @@ def test_two_level_dispatch_and_combine_equal_the_one_level(nodes, L, H, K, fp8)
     R, T, C = nodes * L, 12, 3
     E = R * max(2, -(-2 * K // R))
     xs, topk, ws, scales = _inputs(R, L, T, H, K, E, seed=R * 1000 + H + K, fp8=fp8)
-    for rank in range(R):
+    ones = [ref.dispatch(xs, topk, ws, E, rank, expert_alignment=4, x_scales=scales)
+            for rank in range(R)]
+    for rank, one in enumerate(ones):
         two = iref.dispatch(xs, topk, ws, E, rank, L, C, expert_alignment=4, x_scales=scales)
-        one = ref.dispatch(xs, topk, ws, E, rank, expert_alignment=4, x_scales=scales)
         assert torch.equal(two.recv_x.view(torch.uint8), one.recv_x.view(torch.uint8))
         assert (two.recv_x_scales is None) == (scales is None)
         if scales is not None:
@@ -132,10 +133,10 @@ def test_two_level_dispatch_and_combine_equal_the_one_level(nodes, L, H, K, fp8)
         assert h.send_nvl_head.shape == (two.num_rdma_recv_tokens, L)
     # Combine back with integer-valued expert outputs: no partial rounds, so the two paths agree
     # exactly; the weights are disjoint per rank (dispatch zeroes the others') and sum exactly.
-    ys = [torch.randint(-4, 5, (ref.dispatch(xs, topk, ws, E, j).num_recv_tokens, 256),
+    ys = [torch.randint(-4, 5, (ones[j].num_recv_tokens, 256),
                         generator=torch.Generator().manual_seed(j)).to(torch.bfloat16)
           for j in range(R)]
-    rw = [ref.dispatch(xs, topk, ws, E, j).recv_topk_weights for j in range(R)]
+    rw = [one.recv_topk_weights for one in ones]
     in_ranks = [ref.get_dispatch_layout(t, E, R)[2] for t in topk]
     bias = torch.ones(T, 256, dtype=torch.bfloat16)
     for rank in range(R):
@@ -230,3 +231,22 @@ def test_worst_case_sizes_and_cached():
     assert cached.num_recv_tokens_per_expert_list is None and cached.recv_topk_idx is None
     with pytest.raises(ValueError, match="num_worst_tokens=1"):
         iref.dispatch(xs, topk, ws, E, 1, L, 2, num_worst_tokens=1)
+
+
+@pytest.mark.parametrize("T, R, L, C", [(5, 4, 2, 2), (0, 4, 2, 3), (1, 8, 2, 10),
+                                        (333, 8, 4, 10), (4096, 16, 8, 12), (7, 2, 1, 24)])
+def test_device_side_sender_matrices_equal_the_reference(T, R, L, C):
+    """epgen/ops/internode_handle.py (tensor ops the GPU runs before the notify) against the
+    reference's per-channel loops, including T < C (empty channels) and T = 0."""
+    from epgen.ops import internode_handle
+    gen = torch.Generator().manual_seed(T + R + C)
+    mask = torch.rand(T, R, generator=gen) < 0.3
+    rdma, gbl, head = internode_handle.sender_side(mask, L, C)
+    h = iref.dispatch_handle([mask] * R, L, C, rank=0)
+    for name, got, exp in (("rdma_channel_prefix_matrix", rdma, h.rdma_channel_prefix_matrix),
+                           ("gbl_channel_prefix_matrix", gbl, h.gbl_channel_prefix_matrix),
+                           ("send_rdma_head", head, h.send_rdma_head)):
+        assert got.dtype == torch.int32 and got.is_contiguous(), name
+        assert torch.equal(got, exp), name
+    assert torch.equal(internode_handle.sender_side(HAND[0], 2, 2)[2],
+                       _i32([[0, 0], [-1, 1], [-1, -1], [0, -1], [1, 0]]))     # the hand example
