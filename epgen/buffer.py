@@ -13,6 +13,7 @@ import torch.distributed as dist
 from . import lifecycle, toolchain
 from .config import Config
 from .ops.context import OpsContext, arg_error, timeout_ns
+from .ops.internode import InternodeOps
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
@@ -24,9 +25,9 @@ from .runtime.symmetric import SymmetricRegion
 
 _INTERNODE_MISSING = (
     "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
-    "node) has its topology, layout (num_tokens_per_rdma_rank) and golden model "
-    "(epgen/reference_internode.py) but not yet its notify, dispatch and combine kernels; use "
-    "the ranks of one node, or the low-latency mode")
+    "node) has its topology, layout (num_tokens_per_rdma_rank), golden model "
+    "(epgen/reference_internode.py) and counts exchange (notify), but not yet its dispatch and "
+    "combine kernels; use the ranks of one node, or the low-latency mode")
 
 
 class Buffer:
@@ -97,6 +98,8 @@ class Buffer:
             arch=toolchain.resolve_arch())
         self._layout = LayoutOps(self._ctx, self.topology.ranks_per_node if spans_nodes else 0)
         self._intranode = IntranodeOps(self._ctx)
+        # Across nodes only the notify exists yet (internal: dispatch / combine refuse).
+        self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode) \
             if num_rdma_bytes > 0 else None

@@ -216,3 +216,25 @@ ARGS.update({
     "normal_dispatch": (NormalDispatchArgs, NotifyArgs),
     "normal_combine": (NormalCombineArgs, NotifyArgs),   # combine + its barrier
 })
+
+# ---------------------------------------------------------------------------- internode
+InternodeNotifyArgs = struct(
+    "InternodeNotifyArgs",
+    ("void*", "rdma"),                      # this rank's RDMA region (notify area at offset 0)
+    ("const int*", "pes"),                  # [R] the PE of each group rank
+    ("const int*", "num_tokens_per_rank"),  # [R]
+    ("const int*", "num_tokens_per_rdma_rank"),  # [Nn]
+    ("const int*", "num_tokens_per_expert"),     # [E]
+    ("const int*", "gbl_prefix"),           # [R, C] this rank's gbl_channel_prefix_matrix
+    ("const int*", "rdma_prefix"),          # [Nn, C] this rank's rdma_channel_prefix_matrix
+    ("int*", "recv_rdma_rank_prefix_sum"),  # [Nn] out
+    ("int*", "recv_rdma_channel_prefix"),   # [Nn, C] out
+    ("int*", "recv_gbl_rank_prefix_sum"),   # [R] out
+    ("int*", "recv_gbl_channel_prefix"),    # [R, C] out
+    ("int*", "host_counts"),                # mapped host [2 + El]: N, N_rdma, aligned per expert; or null
+    ("int", "num_channels"),
+    ("int", "expert_alignment"),
+    *ERROR_FIELDS,
+)
+
+ARGS["internode_notify"] = InternodeNotifyArgs

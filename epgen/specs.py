@@ -358,10 +358,34 @@ def cached(cls: type, **fields) -> KernelSpec:
     return cls(**fields)
 
 
+@dataclass(frozen=True)
+class InternodeNotifySpec(KernelSpec):
+    """The internode normal mode's counts exchange (NVSHMEM puts with signals to every rank)."""
+    family: ClassVar[str] = "internode_notify"
+    template: ClassVar[str] = "internode_notify.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("notify",)
+
+    num_ranks: int
+    ranks_per_node: int
+    num_experts: int
+    threads: int = 256
+
+    def validate(self):
+        _check_common(self, hidden=False, topk=False)
+        L = self.ranks_per_node
+        self._req(0 < L < self.num_ranks and self.num_ranks % L == 0, "ranks_per_node",
+                  f"must divide num_ranks={self.num_ranks} and be below it (the ranks span nodes)")
+        self._req(self.threads in (128, 256, 512) and self.threads >= self.num_ranks, "threads",
+                  "must be 128, 256 or 512, and >= num_ranks")
+
+    def readable_tag(self):
+        return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"
+
+
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
                                 LowLatencyDispatchSpec, LowLatencyCombineSpec,
-                                LowLatencyBarrierSpec)
+                                LowLatencyBarrierSpec, InternodeNotifySpec)
 }
 
 

@@ -8,8 +8,9 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                         LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec)
+from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
+                         LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec,
+                         NormalDispatchSpec)
 
 SPECS = [
     LayoutSpec(num_ranks=8, num_experts=256, num_topk=8),
@@ -31,6 +32,8 @@ SPECS = [
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     LowLatencyBarrierSpec(num_ranks=8),
+    InternodeNotifySpec(num_ranks=8, ranks_per_node=2, num_experts=256),
+    InternodeNotifySpec(num_ranks=64, ranks_per_node=8, num_experts=1024),
 ]
 
 

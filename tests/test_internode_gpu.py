@@ -1,7 +1,8 @@
 """Internode normal mode on GPUs, over virtual nodes (EPGEN_RANKS_PER_NODE) on one host, against
 epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_dispatch_layout
-returns num_tokens_per_rdma_rank, and dispatch / combine refuse with NotImplementedError naming
-what is missing (the two-level kernels). Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose
+returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
+handle, and dispatch / combine refuse with NotImplementedError naming what is missing (the
+two-level data kernels). Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose
 rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
@@ -56,13 +57,14 @@ def _worker(rank, world, L):
     import torch.distributed as dist
     import epgen
     from epgen import reference_internode as iref
-    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 0)
+    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 8 << 20)
     results = []
     try:
         t = buf.topology
         assert (t.num_nodes, t.ranks_per_node) == (world // L, L), t
         for E, K, T, routing in CASES:
             name = f"e{E}_k{K}_t{T}_{routing}"
+            got = None
             try:
                 idx = _topk(rank, world, L, E, K, T, routing).cuda()
                 got = buf.get_dispatch_layout(idx, E)
@@ -76,6 +78,15 @@ def _worker(rank, world, L):
                 results.append((name, "ok"))
             except Exception:
                 results.append((name, traceback.format_exc()))
+            if got is None:      # no layout to exchange (every rank fails alike: same inputs)
+                continue
+            for C, align, worst in ((10, 1, 0), (3, 4, 0), (10, 1, world * max(T, 1))):
+                try:
+                    _check_notify(buf, rank, world, L, E, K, T, routing, C, align, worst, got)
+                    results.append((f"notify_{name}_c{C}_a{align}_w{worst}", "ok"))
+                except Exception:
+                    results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
+                                    traceback.format_exc()))
         try:
             idx = _topk(rank, world, L, 64, 8, 16, "any").cuda()
             per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 64)
@@ -90,13 +101,42 @@ def _worker(rank, world, L):
                     call()
                     raise AssertionError("an internode call did not raise")
                 except NotImplementedError as e:
-                    assert "notify, dispatch and combine kernels" in str(e), str(e)
+                    assert "not yet its dispatch and combine kernels" in str(e), str(e)
             results.append(("refusals", "ok"))
         except Exception:
             results.append(("refusals", traceback.format_exc()))
     finally:
         buf.destroy()
     return results
+
+
+def _check_notify(buf, rank, world, L, E, K, T, routing, C, align, worst, layout):
+    """The counts exchange (buf._internode.notify) against the reference handle and counts."""
+    import torch
+    from epgen import reference as ref
+    from epgen import reference_internode as iref
+    per_rank, per_node, per_expert, in_rank, _ = layout
+    out = buf._internode.notify(in_rank, per_rank, per_node, per_expert, num_channels=C,
+                                expert_alignment=align, num_worst_tokens=worst)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    idxs = [_topk(r, world, L, E, K, T, routing).cuda() for r in range(world)]
+    lay = [ref.get_dispatch_layout(i, E, world) for i in idxs]
+    h = iref.dispatch_handle([x[2] for x in lay], L, C, rank)
+    for field in ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "send_rdma_head",
+                  "recv_rdma_rank_prefix_sum", "recv_rdma_channel_prefix_matrix",
+                  "recv_gbl_rank_prefix_sum", "recv_gbl_channel_prefix_matrix"):
+        g, e = out[field], getattr(h, field)
+        assert g.dtype == e.dtype and torch.equal(g, e), f"{field}: {g.tolist()} vs {e.tolist()}"
+    if worst:
+        assert "num_recv_tokens" not in out
+        return
+    El = E // world
+    mine = sum(x[1][rank * El:(rank + 1) * El].long() for x in lay)
+    assert out["num_recv_tokens_per_expert_list"] == [(int(c) + align - 1) // align * align
+                                                      for c in mine]
+    assert out["num_recv_tokens"] == int(h.recv_gbl_rank_prefix_sum[-1])
+    assert out["num_rdma_recv_tokens"] == int(h.recv_rdma_rank_prefix_sum[-1])
 
 
 def _layouts():

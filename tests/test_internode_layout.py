@@ -36,7 +36,10 @@ def test_region_of_a_small_config_by_hand():
     assert rec == 256 + 8 + 8 + 256                # row, 2 scales, meta, 32 x (int32 + float)
     assert il.control_bytes(2, 2, 2) == 4096       # (2*2*2 + 2*2*2*6) words of 8 bytes, aligned
     assert il.half_bytes(c, 2, rec) == 2 * 20480   # recv + send: 2 nodes x 2 channels x 8 x 528
-    assert il.region_bytes(c, 2, 2, rec) == 4096 + 2 * 40960
+    # notify: 256 B header + 2 x 4 signals -> staging at 512; 4 x 4 rows of (2 + 3 + 128 -> 136)
+    # ints; 512 + 16 * 544 = 9216 -> 12288
+    assert il.notify_row_ints(3) == 136 and il.notify_area_bytes(4, 3) == 12288
+    assert il.region_bytes(c, 2, 2, rec, 3) == 12288 + 4096 + 2 * 40960
 
 
 def test_hint_is_zero_on_one_node_and_grows_with_nodes(no_node_env):
@@ -65,4 +68,4 @@ def test_hint_holds_every_call_it_promises(no_node_env, hidden, nodes, L):
         hint = il.rdma_buffer_size_hint(c, hidden * 2, nodes * L, L)
         for row, scales in ((hidden * 2, 0), (hidden, -(-hidden // 128))):
             rec = max(il.dispatch_record_bytes(row, scales, 32, L), il.combine_record_bytes(hidden, 32))
-            assert il.region_bytes(c, nodes, L, rec) <= hint
+            assert il.region_bytes(c, nodes, L, rec, 1024 // (nodes * L)) <= hint

@@ -2,7 +2,7 @@
 import pytest
 
 from epgen import codegen
-from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
                          LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
                          spec_from_json)
 
@@ -27,6 +27,10 @@ from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpe
      "num_topk", 0),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
     (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
+    (lambda: InternodeNotifySpec(num_ranks=8, ranks_per_node=8, num_experts=64),
+     "ranks_per_node", 8),
+    (lambda: InternodeNotifySpec(num_ranks=8, ranks_per_node=2, num_experts=60),
+     "num_experts", 60),
     (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=3),
      "ranks_per_node", 3),
     (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=8),
@@ -53,6 +57,8 @@ def test_entry_names_follow_design():
     assert "dispatch" not in d.kernel_name("notify") and "combine" not in d.kernel_name("notify")
     assert NormalCombineSpec(hidden=7168, num_topk=8, num_ranks=2).entry().startswith("epgen::combine_")
     assert LayoutSpec(num_ranks=2, num_experts=64, num_topk=8).entry().startswith("epgen::layout_")
+    n = InternodeNotifySpec(num_ranks=4, ranks_per_node=2, num_experts=64)
+    assert n.entry("notify").startswith("epgen::notify_") and "dispatch" not in n.name
     with pytest.raises(KeyError):
         d.kernel_name("combine")
 

@@ -9,6 +9,8 @@ rounded up to a multiple of num_max_rdma_chunked_send_tokens, so that one put of
 wraps around the ring's end; DeepEP rounds the same way).
 
 Region, in order:
+  notify   the counts exchange (templates/internode_notify.cuh; notify_area_bytes): a sequence
+           word, uint64 signals [2][R], staging rows [2][R] and received rows [2][R]
   control  tails   uint64 [Nn][C]          receiver side: records delivered from source node m
                                            into ring (m, c), set by m's put-with-signal
            heads   uint64 [Nn][C]          sender side: records ring (n, c) on node n has
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import os
 
-from ..specs import MAX_TOPK
+from ..specs import MAX_EXPERTS, MAX_TOPK
 
 ALIGN = 4096
 _MAX_RANKS_PER_NODE_DEFAULT = 8     # DeepEP's NUM_MAX_NVL_PEERS, when nothing says otherwise
@@ -57,6 +59,20 @@ def combine_record_bytes(hidden: int, num_topk: int) -> int:
     return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
 
 
+NOTIFY_MAX_CHANNELS = 64      # templates/internode_notify.cuh inotify::kMaxC
+
+
+def notify_row_ints(num_local_experts: int) -> int:
+    return (2 + num_local_experts + 2 * NOTIFY_MAX_CHANNELS + 3) // 4 * 4
+
+
+def notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
+    """Bytes of the notify area at offset 0 (inotify::area_bytes)."""
+    row = notify_row_ints(num_local_experts) * 4
+    stage = (256 + 16 * num_ranks + 255) // 256 * 256
+    return _align(stage + 4 * num_ranks * row)
+
+
 def control_bytes(num_nodes: int, num_channels: int, ranks_per_node: int) -> int:
     words = 2 * num_nodes * num_channels + 2 * num_nodes * num_channels * (2 * ranks_per_node + 2)
     return _align(8 * words)
@@ -67,8 +83,10 @@ def half_bytes(config, num_nodes: int, record: int) -> int:
     return 2 * _align(rings)                        # recv + send
 
 
-def region_bytes(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
-    return control_bytes(num_nodes, config.num_sms // 2, ranks_per_node) + \
+def region_bytes(config, num_nodes: int, ranks_per_node: int, record: int,
+                 num_local_experts: int) -> int:
+    return notify_area_bytes(num_nodes * ranks_per_node, num_local_experts) + \
+        control_bytes(num_nodes, config.num_sms // 2, ranks_per_node) + \
         2 * half_bytes(config, num_nodes, record)
 
 
@@ -101,4 +119,5 @@ def rdma_buffer_size_hint(config, hidden_bytes: int, num_ranks: int,
     scale_cols = -(-hidden_bytes // 128)
     record = max(dispatch_record_bytes(hidden_bytes, scale_cols, MAX_TOPK, L),
                  combine_record_bytes(max(1, hidden_bytes // 2), MAX_TOPK))
-    return _align(region_bytes(config, num_ranks // L, L, record), 1 << 20)
+    return _align(region_bytes(config, num_ranks // L, L, record, MAX_EXPERTS // num_ranks),
+                  1 << 20)
