@@ -80,9 +80,10 @@ def _worker(rank, world, L):
                 results.append((name, traceback.format_exc()))
             if got is None:      # no layout to exchange (every rank fails alike: same inputs)
                 continue
+            idxs = [_topk(r, world, L, E, K, T, routing).cuda() for r in range(world)]
             for C, align, worst in ((10, 1, 0), (3, 4, 0), (10, 1, world * max(T, 1))):
                 try:
-                    _check_notify(buf, rank, world, L, E, K, T, routing, C, align, worst, got)
+                    _check_notify(buf, rank, world, L, E, idxs, C, align, worst, got)
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}", "ok"))
                 except Exception:
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
@@ -110,8 +111,9 @@ def _worker(rank, world, L):
     return results
 
 
-def _check_notify(buf, rank, world, L, E, K, T, routing, C, align, worst, layout):
-    """The counts exchange (buf._internode.notify) against the reference handle and counts."""
+def _check_notify(buf, rank, world, L, E, idxs, C, align, worst, layout):
+    """The counts exchange (buf._internode.notify) against the reference handle and counts;
+    idxs: every rank's topk_idx (each rank regenerates them all from the seeds)."""
     import torch
     from epgen import reference as ref
     from epgen import reference_internode as iref
@@ -120,7 +122,6 @@ def _check_notify(buf, rank, world, L, E, K, T, routing, C, align, worst, layout
                                 expert_alignment=align, num_worst_tokens=worst)
     torch.cuda.synchronize()
     buf.check_errors()
-    idxs = [_topk(r, world, L, E, K, T, routing).cuda() for r in range(world)]
     lay = [ref.get_dispatch_layout(i, E, world) for i in idxs]
     h = iref.dispatch_handle([x[2] for x in lay], L, C, rank)
     for field in ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "send_rdma_head",

@@ -35,6 +35,7 @@ class InternodeOps:
         num_recv_tokens, num_rdma_recv_tokens and num_recv_tokens_per_expert_list (a host wait
         on mapped memory, as DeepEP's)."""
         ctx, t = self.ctx, self.topology
+        ctx.check_errors()
         R, L, Nn, dev = ctx.num_ranks, t.ranks_per_node, t.num_nodes, ctx.device
         check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, device=dev)
         T = is_token_in_rank.size(0)
