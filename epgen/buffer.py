@@ -5,7 +5,6 @@ WORLD: every WORLD rank creates its Buffers with the same sizes in the same orde
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -14,13 +13,21 @@ import torch.distributed as dist
 from . import lifecycle, toolchain
 from .config import Config
 from .ops.context import OpsContext, arg_error, timeout_ns
+from .ops.internode import InternodeOps
 from .ops.intranode import IntranodeOps
 from .ops.layout import LayoutOps
 from .ops.low_latency import LowLatencyOps, low_latency_rdma_size_hint
-from .runtime import nvshmem, sharing
+from .runtime import nvshmem, sharing, topology
 from .runtime.errors import ErrorWord
 from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
+
+
+_INTERNODE_MISSING = (
+    "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
+    "node) has its topology, layout (num_tokens_per_rdma_rank), golden model "
+    "(epgen/reference_internode.py) and counts exchange (notify), but not yet its dispatch and "
+    "combine kernels; use the ranks of one node, or the low-latency mode")
 
 
 class Buffer:
@@ -61,17 +68,17 @@ class Buffer:
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.init()
         torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
-        if self.group_size > local_world and not low_latency_mode:
-            raise arg_error("group", f"{self.group_size} ranks",
-                            f"normal mode spans one node here ({local_world} local ranks); the "
-                            "internode (RDMA) normal mode is not implemented")
+        # Which ranks form a node (low-latency mode treats every peer alike: it needs none).
+        self.topology = None if low_latency_mode else topology.resolve(group)
+        spans_nodes = self.topology is not None and self.topology.spans_nodes
         # Ranks sharing a GPU must all be resident at once (refused before anything is allocated).
         self._gpu_shares = sharing.gather_shares(group, self.rank, self.device)
         sharing.check_co_residency(self._gpu_shares)
 
-        host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes,
-                            multi_node=self.group_size > local_world)
+        # NVSHMEM is initialised over WORLD once: whether its ranks span hosts is WORLD's
+        # question, asked (collectively, as every WORLD rank makes every Buffer) only then.
+        spans_hosts = nvshmem.current() is None and topology.count_hosts(dist.group.WORLD) > 1
+        host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes, multi_node=spans_hosts)
         if host.stuck:
             raise RuntimeError(f"epgen.Buffer: rank {self.rank}: NVSHMEM is unusable in this "
                                f"process ({host.stuck}); start fresh processes")
@@ -89,8 +96,10 @@ class Buffer:
             nvshmem=host, nvl=self._nvl, rdma=self._rdma,
             comm_stream=torch.cuda.Stream(self.device), errors=ErrorWord(),
             arch=toolchain.resolve_arch())
-        self._layout = LayoutOps(self._ctx)
+        self._layout = LayoutOps(self._ctx, self.topology.ranks_per_node if spans_nodes else 0)
         self._intranode = IntranodeOps(self._ctx)
+        # Across nodes only the notify exists yet (internal: dispatch / combine refuse).
+        self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode) \
             if num_rdma_bytes > 0 else None
@@ -243,6 +252,7 @@ class Buffer:
         launch (data width, scale dtype and shape) and lets opaque rows of any element type
         carry a side tensor; rows still move as bytes."""
         self._alive()
+        self._refuse_internode("dispatch")
         config = config or self.get_dispatch_config(self.group_size)
         return self._intranode.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
@@ -252,6 +262,7 @@ class Buffer:
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         self._alive()
+        self._refuse_internode("combine")
         config = config or self.get_combine_config(self.group_size)
         return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
                                        async_finish, allocate_on_comm_stream)
@@ -262,14 +273,23 @@ class Buffer:
                            expert_alignment: int = 1, num_worst_tokens: int = 0,
                            config: Config | None = None, previous_event=None, async_finish=False,
                            allocate_on_comm_stream=False):
-        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
-                                  "implemented yet; use ranks of one node")
+        self._alive()
+        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_dispatch"))
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None,
                           config: Config | None = None, previous_event=None, async_finish=False,
                           allocate_on_comm_stream=False):
-        raise NotImplementedError("epgen: internode (RDMA + NVLink forwarding) normal mode is not "
-                                  "implemented yet; use ranks of one node")
+        self._alive()
+        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_combine"))
+
+    def _refuse_internode(self, op: str) -> None:
+        """dispatch / combine of a Buffer whose group spans nodes would take the two-level path,
+        which does not exist yet (get_dispatch_layout does: it counts per node)."""
+        t = self.topology
+        if t is not None and t.spans_nodes:
+            raise NotImplementedError(
+                _INTERNODE_MISSING.format(op=op) + f" (this group: {t.num_nodes} nodes of "
+                f"{t.ranks_per_node} ranks, from {t.source})")
 
     # -- low-latency mode -----------------------------------------------------------------
     def _low_latency(self) -> LowLatencyOps:

@@ -35,7 +35,7 @@ def cpp_bool(value: bool) -> str:
 
 def render(spec: KernelSpec) -> str:
     template = environment().get_template(spec.template)
-    args = kernel_args.ARGS[spec.family]
+    args = kernel_args.ARGS[spec.args_key()]
     args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
     return template.render(
         spec=spec,

@@ -24,10 +24,27 @@ class Config:
             raise ValueError(     # DeepEP's rule (csrc/config.hpp): strictly fewer
                 f"Config.num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}: "
                 f"must be < num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}")
+        if self.num_max_rdma_chunked_send_tokens > self.rdma_ring_slots // 2:
+            raise ValueError(     # DeepEP's rule: the receiver's lazy head update needs room
+                f"Config.num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens}: "
+                f"must be <= half of num_max_rdma_chunked_recv_tokens="
+                f"{self.num_max_rdma_chunked_recv_tokens} rounded up to a multiple of it "
+                f"({self.rdma_ring_slots})")
+
+    @property
+    def rdma_ring_slots(self) -> int:
+        """Slots of an internode RDMA ring: num_max_rdma_chunked_recv_tokens rounded up to a
+        multiple of num_max_rdma_chunked_send_tokens (a chunk's put never wraps; DeepEP rounds
+        the same way, though epgen's field keeps the value given)."""
+        send = self.num_max_rdma_chunked_send_tokens
+        return -(-self.num_max_rdma_chunked_recv_tokens // send) * send
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         from .ops.intranode import nvl_buffer_size_hint
         return nvl_buffer_size_hint(self, hidden_bytes, num_ranks)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        return 0   # intranode only: the normal-mode RDMA path is not implemented
+        """num_rdma_bytes for the internode normal mode (epgen/ops/internode_layout.py); 0 when
+        num_ranks fit one node (EPGEN_RANKS_PER_NODE, else LOCAL_WORLD_SIZE, else 8 ranks)."""
+        from .ops.internode_layout import rdma_buffer_size_hint
+        return rdma_buffer_size_hint(self, hidden_bytes, num_ranks)

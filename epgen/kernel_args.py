@@ -58,6 +58,15 @@ LayoutArgs = struct(
     *ERROR_FIELDS,
 )
 
+# The same, across nodes (LayoutSpec.ranks_per_node > 0): a struct of its own, so that the
+# one-node layout kernels keep their source.
+LayoutNodesArgs = struct(
+    "LayoutNodesArgs",
+    *LayoutArgs._c_fields_[:4],
+    ("int*", "num_tokens_per_rdma_rank"),   # [R / ranks_per_node] zeroed by the host
+    *LayoutArgs._c_fields_[4:],
+)
+
 # ---------------------------------------------------------------------------- low latency
 # Region byte offsets (sig_off, recv_off, send_off) are computed in epgen/ops/low_latency.py;
 # seq/done/counters are this rank's local control words inside the same region.
@@ -145,6 +154,7 @@ LowLatencyBarrierArgs = struct(
 
 ARGS: dict[str, type[ctypes.Structure]] = {
     "layout": LayoutArgs,
+    "layout_nodes": LayoutNodesArgs,
     "ll_dispatch": LowLatencyDispatchArgs,
     "ll_combine": LowLatencyCombineArgs,
     "ll_combine_rank": LowLatencyCombineRankArgs,
@@ -218,3 +228,25 @@ ARGS.update({
     "normal_dispatch": (NormalDispatchArgs, NotifyArgs),
     "normal_combine": (NormalCombineArgs, NotifyArgs),   # combine + its barrier
 })
+
+# ---------------------------------------------------------------------------- internode
+InternodeNotifyArgs = struct(
+    "InternodeNotifyArgs",
+    ("void*", "rdma"),                      # this rank's RDMA region (notify area at offset 0)
+    ("const int*", "pes"),                  # [R] the PE of each group rank
+    ("const int*", "num_tokens_per_rank"),  # [R]
+    ("const int*", "num_tokens_per_rdma_rank"),  # [Nn]
+    ("const int*", "num_tokens_per_expert"),     # [E]
+    ("const int*", "gbl_prefix"),           # [R, C] this rank's gbl_channel_prefix_matrix
+    ("const int*", "rdma_prefix"),          # [Nn, C] this rank's rdma_channel_prefix_matrix
+    ("int*", "recv_rdma_rank_prefix_sum"),  # [Nn] out
+    ("int*", "recv_rdma_channel_prefix"),   # [Nn, C] out
+    ("int*", "recv_gbl_rank_prefix_sum"),   # [R] out
+    ("int*", "recv_gbl_channel_prefix"),    # [R, C] out
+    ("int*", "host_counts"),                # mapped host [2 + El]: N, N_rdma, aligned per expert; or null
+    ("int", "num_channels"),
+    ("int", "expert_alignment"),
+    *ERROR_FIELDS,
+)
+
+ARGS["internode_notify"] = InternodeNotifyArgs

@@ -31,6 +31,10 @@ LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
 MAX_HIDDEN = 16384
 
 
+# Metadata of a field added after kernels were cached: left out of describe() at its default.
+NEW_FIELD = {"new_field": True}
+
+
 class SpecError(ValueError):
     """An impossible spec: names the field, its value and the rule it breaks."""
 
@@ -107,7 +111,16 @@ class KernelSpec:
         return self.kernel_name()
 
     def describe(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
+        """Every field, except those added later with metadata NEW_FIELD while at their
+        default: the description is rendered into the source, and a kernel that does not
+        use a new field must keep its bytes."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if not (f.metadata.get("new_field") and getattr(self, f.name) == f.default)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def args_key(self) -> str:
+        """Which kernel_args.ARGS entry the translation unit declares."""
+        return self.family
 
     def to_json(self) -> dict:
         return {"family": self.family, **self.fields()}
@@ -145,14 +158,25 @@ class LayoutSpec(KernelSpec):
     num_experts: int
     num_topk: int
     threads: int = 256
+    # Ranks per node when the Buffer spans nodes (then num_tokens_per_rdma_rank is counted too);
+    # 0: one node, the kernel of before.
+    ranks_per_node: int = dataclasses.field(default=0, metadata=NEW_FIELD)
 
     def validate(self):
         _check_common(self, hidden=False)
         self._req(self.num_topk >= 1, "num_topk", "must be >= 1 (layout needs top-k indices)")
         self._req(self.threads in (128, 256, 512), "threads", "must be 128, 256 or 512")
+        L = self.ranks_per_node
+        self._req(L == 0 or (0 < L < self.num_ranks and self.num_ranks % L == 0),
+                  "ranks_per_node", f"must be 0 (one node) or a divisor of num_ranks="
+                  f"{self.num_ranks} below it")
 
     def readable_tag(self):
-        return f"k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+        nodes = f"_n{self.num_ranks // self.ranks_per_node}" if self.ranks_per_node else ""
+        return f"k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}{nodes}"
+
+    def args_key(self) -> str:
+        return "layout_nodes" if self.ranks_per_node else "layout"
 
 
 @dataclass(frozen=True)
@@ -393,10 +417,35 @@ def cached(cls: type, **fields) -> KernelSpec:
     return cls(**fields)
 
 
+@dataclass(frozen=True)
+class InternodeNotifySpec(KernelSpec):
+    """The internode normal mode's counts exchange (NVSHMEM puts with signals to every rank)."""
+    family: ClassVar[str] = "internode_notify"
+    template: ClassVar[str] = "internode_notify.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("notify",)
+
+    num_ranks: int
+    ranks_per_node: int
+    num_experts: int
+    threads: int = 256
+
+    def validate(self):
+        _check_common(self, hidden=False, topk=False)
+        L = self.ranks_per_node
+        self._req(0 < L < self.num_ranks and self.num_ranks % L == 0, "ranks_per_node",
+                  f"must divide num_ranks={self.num_ranks} and be below it (the ranks span nodes)")
+        self._req(self.threads in (128, 256, 512) and self.threads >= self.num_ranks, "threads",
+                  "must be 128, 256 or 512, and >= num_ranks")
+
+    def readable_tag(self):
+        return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"
+
+
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
                                 LowLatencyDispatchSpec, LowLatencyCombineSpec,
-                                LowLatencyCombineRankSpec, LowLatencyBarrierSpec)
+                                LowLatencyCombineRankSpec, LowLatencyBarrierSpec,
+                                InternodeNotifySpec)
 }
 
 

@@ -8,13 +8,16 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
-                         LowLatencyCombineRankSpec, LowLatencyDispatchSpec, NormalCombineSpec,
+from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
+                         LowLatencyCombineSpec, LowLatencyCombineRankSpec, LowLatencyDispatchSpec,
+                         NormalCombineSpec,
                          NormalDispatchSpec)
 
 SPECS = [
     LayoutSpec(num_ranks=8, num_experts=256, num_topk=8),
     LayoutSpec(num_ranks=2, num_experts=384, num_topk=16),
+    LayoutSpec(num_ranks=8, num_experts=256, num_topk=8, ranks_per_node=2),     # 4 nodes
+    LayoutSpec(num_ranks=64, num_experts=256, num_topk=16, ranks_per_node=32),  # 2 nodes of 32
     NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=2, dtype="bf16"),
     NormalDispatchSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=4, dtype="fp8"),
     NormalDispatchSpec(hidden=3584, num_topk=0, num_experts=384, num_ranks=8, dtype="bf16"),
@@ -41,6 +44,8 @@ SPECS = [
     LowLatencyCombineRankSpec(hidden=4096, num_topk=16, num_experts=32, num_ranks=2),
     LowLatencyCombineRankSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     LowLatencyCombineRankSpec(hidden=2880, num_topk=8, num_experts=64, num_ranks=4),
+    InternodeNotifySpec(num_ranks=8, ranks_per_node=2, num_experts=256),
+    InternodeNotifySpec(num_ranks=64, ranks_per_node=8, num_experts=1024),
 ]
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from epgen import codegen
-from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
                          LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
                          spec_from_json)
 
@@ -33,6 +33,14 @@ from epgen.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpe
                                     use_fp8=False, wire_format="nvfp4"), "hidden", 2896),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
     (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
+    (lambda: InternodeNotifySpec(num_ranks=8, ranks_per_node=8, num_experts=64),
+     "ranks_per_node", 8),
+    (lambda: InternodeNotifySpec(num_ranks=8, ranks_per_node=2, num_experts=60),
+     "num_experts", 60),
+    (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=3),
+     "ranks_per_node", 3),
+    (lambda: LayoutSpec(num_ranks=8, num_experts=64, num_topk=8, ranks_per_node=8),
+     "ranks_per_node", 8),
     (lambda: LowLatencyBarrierSpec(num_ranks=48, threads=32), "threads", 32),
 ])
 def test_impossible_specs_name_field_value_rule(make, field, value):
@@ -55,6 +63,8 @@ def test_entry_names_follow_design():
     assert "dispatch" not in d.kernel_name("notify") and "combine" not in d.kernel_name("notify")
     assert NormalCombineSpec(hidden=7168, num_topk=8, num_ranks=2).entry().startswith("epgen::combine_")
     assert LayoutSpec(num_ranks=2, num_experts=64, num_topk=8).entry().startswith("epgen::layout_")
+    n = InternodeNotifySpec(num_ranks=4, ranks_per_node=2, num_experts=64)
+    assert n.entry("notify").startswith("epgen::notify_") and "dispatch" not in n.name
     with pytest.raises(KeyError):
         d.kernel_name("combine")
 
@@ -122,3 +132,18 @@ def test_ll_wire_format_field_keeps_existing_names_and_selects_the_cast():
         assert s.name.startswith(f"ll_dispatch_{fmt}_h2880") and s.wire_format_code == code
         assert f"1024, {code}>(args)" in codegen.render(s)
         assert spec_from_json(s.to_json()) == s
+
+
+def test_layout_across_nodes_is_its_own_kernel_and_leaves_the_one_node_source_alone():
+    one = LayoutSpec(num_ranks=8, num_experts=256, num_topk=8)
+    nodes = LayoutSpec(num_ranks=8, num_experts=256, num_topk=8, ranks_per_node=2)
+    src_one, src_nodes = codegen.render(one), codegen.render(nodes)
+    # The field added later stays out of the one-node source (its description, its args, its
+    # template call), so every one-node layout kernel keeps its bytes and its cache key.
+    assert "ranks_per_node" not in src_one and "LayoutNodesArgs" not in src_one
+    assert "layout_kernel<8, 256, 8, 256>(args)" in src_one
+    assert "ranks_per_node=2" in src_nodes and "layout_kernel<8, 256, 8, 256, 2>(args)" in src_nodes
+    assert "int* num_tokens_per_rdma_rank;" in src_nodes
+    assert "static_assert(sizeof(LayoutNodesArgs)" in src_nodes
+    assert nodes.name != one.name and "_n4_" in nodes.name
+    assert spec_from_json(nodes.to_json()) == nodes

@@ -64,6 +64,20 @@ def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
     return _align(CTRL_BYTES + 2 * _align(ring_bytes(config, num_ranks, rec)) + 512, 1 << 20)
 
 
+def wait_host_counts(ctx: OpsContext, counts: MappedHostArray, n: int) -> list[int]:
+    """The notify's counts in mapped host memory (filled with -1 before the launch), once all n
+    are written; a device error or the deadline raises (DeepEP's CPU sync)."""
+    deadline = time.monotonic() + timeout_ns() / 1e9 + 5.0
+    vals = counts.values
+    while True:
+        if all(vals[i] >= 0 for i in range(n)):
+            return [int(vals[i]) for i in range(n)]
+        ctx.check_errors()
+        if time.monotonic() > deadline:
+            raise EpgenDeviceError(CODE_TIMEOUT, OP_CODES["dispatch notify"], ctx.rank, -1, -1)
+        time.sleep(0)
+
+
 def _is_cuda(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda
 
@@ -170,16 +184,7 @@ class IntranodeOps:
         return rpm, ntall, src_idx, in_rank
 
     def _wait_host(self, counts: MappedHostArray, n: int) -> list[int]:
-        ctx = self.ctx
-        deadline = time.monotonic() + timeout_ns() / 1e9 + 5.0
-        vals = counts.values
-        while True:
-            if all(vals[i] >= 0 for i in range(n)):
-                return [int(vals[i]) for i in range(n)]
-            ctx.check_errors()
-            if time.monotonic() > deadline:
-                raise EpgenDeviceError(CODE_TIMEOUT, OP_CODES["dispatch notify"], ctx.rank, -1, -1)
-            time.sleep(0)
+        return wait_host_counts(self.ctx, counts, n)
 
     def _check_rows(self, x, wire_format=None):
         """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_args import LayoutArgs
+from ..kernel_args import LayoutArgs, LayoutNodesArgs
 from ..specs import LayoutSpec, cached
 from .context import OpsContext, arg_error
 
@@ -26,8 +26,11 @@ def check_topk_idx(topk_idx, name: str = "topk_idx", num_tokens: int | None = No
 
 
 class LayoutOps:
-    def __init__(self, ctx: OpsContext):
+    def __init__(self, ctx: OpsContext, ranks_per_node: int = 0):
+        """ranks_per_node > 0: the group spans nodes of that many ranks, and the layout also
+        counts tokens per node (num_tokens_per_rdma_rank); 0: one node (None returned)."""
         self.ctx = ctx
+        self.ranks_per_node = ranks_per_node
 
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
                             allocate_on_comm_stream=False):
@@ -38,17 +41,23 @@ class LayoutOps:
             raise arg_error("num_experts", num_experts,
                             f"must be a positive multiple of num_ranks={ctx.num_ranks}")
         num_tokens, num_topk = topk_idx.shape
+        L = self.ranks_per_node
         spec = cached(LayoutSpec, num_ranks=ctx.num_ranks, num_experts=num_experts,
-                      num_topk=max(num_topk, 1), threads=THREADS)
+                      num_topk=max(num_topk, 1), threads=THREADS, ranks_per_node=L)
         kernel = ctx.kernel(spec)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
             per_rank = torch.zeros(ctx.num_ranks, dtype=torch.int32, device=ctx.device)
             per_expert = torch.zeros(num_experts, dtype=torch.int32, device=ctx.device)
+            per_node = torch.zeros(ctx.num_ranks // L, dtype=torch.int32, device=ctx.device) \
+                if L else None
             in_rank = torch.empty(num_tokens, ctx.num_ranks, dtype=torch.bool, device=ctx.device)
             if num_tokens > 0 and num_topk > 0:
-                args = ctx.fill_error_fields(LayoutArgs(), "get_dispatch_layout")
+                args = ctx.fill_error_fields(LayoutNodesArgs() if L else LayoutArgs(),
+                                             "get_dispatch_layout")
+                if L:
+                    args.num_tokens_per_rdma_rank = per_node.data_ptr()
                 args.topk_idx = topk_idx.data_ptr()
                 args.num_tokens_per_rank = per_rank.data_ptr()
                 args.num_tokens_per_expert = per_expert.data_ptr()
@@ -58,5 +67,6 @@ class LayoutOps:
                 kernel.launch(grid, THREADS, args, stream.cuda_stream)
             elif num_tokens > 0:
                 in_rank.zero_()
-            result["tensors"] = (topk_idx, per_rank, per_expert, in_rank)
-        return per_rank, None, per_expert, in_rank, result["event"]
+            result["tensors"] = (topk_idx, per_rank, per_expert, in_rank) + \
+                ((per_node,) if L else ())
+        return per_rank, per_node, per_expert, in_rank, result["event"]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import socket
 import struct
 import threading
+import warnings
 
 from .. import toolchain
+from . import netif
 
 # Must be in place before NVSHMEM (or NCCL) loads: multicast objects can take the shared GPUs
 # down, so these are forced, not defaulted.
@@ -25,9 +28,10 @@ FORCED_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 }
 DEFAULT_ENV = {
-    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",   # single node: rendezvous on loopback
     "NVSHMEM_DISABLE_NCCL": "1",
 }
+BOOTSTRAP_IFNAME = "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"
+BOOTSTRAP_FAMILY = "NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY"
 
 INIT_WITH_UNIQUEID = 1 << 3
 STATUS_IS_INITIALIZED = 2
@@ -40,11 +44,38 @@ def apply_environment(heap_bytes: int, multi_node: bool) -> None:
         os.environ[k] = v
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
+    if BOOTSTRAP_IFNAME not in os.environ:
+        ifname, family = bootstrap_interface(multi_node, os.environ.get("MASTER_ADDR"))
+        if ifname is not None:
+            os.environ[BOOTSTRAP_IFNAME] = ifname
+            if family == socket.AF_INET6:
+                os.environ.setdefault(BOOTSTRAP_FAMILY, "AF_INET6")
     if not multi_node:
         os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")   # NVLink P2P only
     if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
         size = max(1 << 30, -(-int(heap_bytes * 1.05 + (256 << 20)) // _GRANULE) * _GRANULE)
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
+
+
+def bootstrap_interface(multi_node: bool, master_addr: str | None):
+    """(interface, address family) for NVSHMEM's bootstrap socket, or (None, None) to leave
+    NVSHMEM's own choice: loopback on one host (or when MASTER_ADDR is a loopback address),
+    across hosts the interface that routes to MASTER_ADDR, where every rank's torch.distributed
+    rendezvous already connects."""
+    if not multi_node or (master_addr and netif.is_loopback(master_addr)):
+        try:
+            return netif.interface_to("127.0.0.1")[0], socket.AF_INET
+        except OSError:
+            return "lo", socket.AF_INET
+    if not master_addr:
+        return None, None
+    try:
+        return netif.interface_to(master_addr)
+    except OSError as e:
+        warnings.warn(f"epgen: no interface found that routes to MASTER_ADDR={master_addr!r} "
+                      f"({e}); NVSHMEM picks its bootstrap interface itself (set "
+                      f"{BOOTSTRAP_IFNAME} to choose)", RuntimeWarning, stacklevel=3)
+        return None, None
 
 
 class NvshmemError(RuntimeError):

@@ -6,14 +6,18 @@
 
 namespace epgen {
 
-template <int R, int E, int K, int THREADS>
-__device__ __forceinline__ void layout_kernel(const LayoutArgs& a) {
+// L > 0: the ranks form R / L nodes of L ranks (rank r on node r / L), and the kernel also
+// counts each token once per node it touches (num_tokens_per_rdma_rank); L == 0 is one node.
+template <int R, int E, int K, int THREADS, int L = 0, typename Args>
+__device__ __forceinline__ void layout_kernel(const Args& a) {
     static_assert(R <= 64, "rank mask is one 64-bit word");
+    static_assert(L == 0 || (L > 0 && L < R && R % L == 0), "L must divide R");
     constexpr int kLocalExperts = E / R;
+    constexpr int kNodes = L > 0 ? R / L : 0;
     __shared__ int s_expert[E];
-    __shared__ int s_rank[R];
+    __shared__ int s_rank[R + kNodes];      // [R, R + kNodes): per-node counts
     for (int i = threadIdx.x; i < E; i += THREADS) s_expert[i] = 0;
-    for (int i = threadIdx.x; i < R; i += THREADS) s_rank[i] = 0;
+    for (int i = threadIdx.x; i < R + kNodes; i += THREADS) s_rank[i] = 0;
     __syncthreads();
 
     ErrorCtx err = make_error_ctx(a);
@@ -38,12 +42,22 @@ __device__ __forceinline__ void layout_kernel(const LayoutArgs& a) {
             out[r] = in;
             if (in) atomicAdd(&s_rank[r], 1);
         }
+        if constexpr (kNodes > 0) {
+            constexpr unsigned long long kNodeBits = L >= 64 ? ~0ull : (1ull << L) - 1;
+            #pragma unroll
+            for (int n = 0; n < kNodes; ++n)
+                if ((mask >> (n * L)) & kNodeBits) atomicAdd(&s_rank[R + n], 1);
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < E; i += THREADS)
         if (s_expert[i]) atomicAdd(a.num_tokens_per_expert + i, s_expert[i]);
     for (int i = threadIdx.x; i < R; i += THREADS)
         if (s_rank[i]) atomicAdd(a.num_tokens_per_rank + i, s_rank[i]);
+    if constexpr (kNodes > 0) {
+        for (int i = threadIdx.x; i < kNodes; i += THREADS)
+            if (s_rank[R + i]) atomicAdd(a.num_tokens_per_rdma_rank + i, s_rank[R + i]);
+    }
 }
 
 }  // namespace epgen
