@@ -39,7 +39,6 @@ def render(spec: KernelSpec) -> str:
     args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
     return template.render(
         spec=spec,
-        fields=spec.rendered_fields(),
         ns=NAMESPACE,
         name={kind: spec.kernel_name(kind) for kind in spec.entry_kinds},
         args_struct="".join(kernel_args.c_struct(c) for c in args_classes),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +62,6 @@ def check_aligned(name, t: torch.Tensor, align: int) -> None:
 
 @dataclass
 class OpsContext:
-    group: object
     rank: int
     num_ranks: int
     device: torch.device
