@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import layout_facts
+
 NAMESPACE = "epgen"
 DTYPES = ("bf16", "fp8")
 MAX_TOPK = 32
 MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
-MAX_NVL_RANKS = 8
-MAX_RANK_SIG = 64        # low-latency per-rank signal words (templates/ll_common.cuh kMaxRankSig)
+MAX_NVL_RANKS = layout_facts.NORMAL_MAX_RANKS
+MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # low-latency per-rank signal words
 MAX_EXPERTS = 1024
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .. import formats
+from .. import formats, layout_facts
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
@@ -21,15 +21,15 @@ from ..specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispat
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
                       timeout_ns)
 
-CTRL_BYTES = 196608       # templates/normal_ctrl.cuh kCtrlBytes
-MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
-MAX_RANKS = 8            # templates/normal_ctrl.cuh kMaxR
-# Control words the test-only counter hook writes (normal_ctrl.cuh asserts these offsets):
-NOTIFY_SEQ_OFF = 0                                    # int, notify / barrier sequence
-DISP_CALL_OFF = 4096 + 2 * MAX_RANKS * 1024 * 4       # int [kMaxC], dispatch sequence per channel
-RING_COUNTERS_OFF = DISP_CALL_OFF + MAX_CHANNELS * 4 + 2 * MAX_CHANNELS * MAX_RANKS * 16
-RING_COUNTERS = 6 * MAX_CHANNELS * MAX_RANKS          # int64: send tails, heads, tails (x2 dirs)
-assert RING_COUNTERS_OFF + RING_COUNTERS * 8 <= CTRL_BYTES
+# The control area and the control words the test-only counter hook writes: defined in
+# layout_facts (every TU static_asserts normal_ctrl.cuh against them).
+CTRL_BYTES = layout_facts.NORMAL_CTRL_BYTES
+MAX_CHANNELS = layout_facts.NORMAL_MAX_CHANNELS
+MAX_RANKS = layout_facts.NORMAL_MAX_RANKS
+NOTIFY_SEQ_OFF = layout_facts.NORMAL_NOTIFY_SEQ_OFF
+DISP_CALL_OFF = layout_facts.NORMAL_DISP_CALL_OFF
+RING_COUNTERS_OFF = layout_facts.NORMAL_RING_COUNTERS_OFF
+RING_COUNTERS = layout_facts.NORMAL_RING_COUNTERS
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
 
 

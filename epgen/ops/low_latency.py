@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import formats, layout_facts
 from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
 from ..specs import (MAX_EXPERTS, MAX_TOPK, ll_barrier_spec, ll_combine_spec, ll_dispatch_spec,
@@ -42,8 +42,8 @@ from .layout import check_topk_idx
 from .streams import StreamOrder
 
 MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
-MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
-MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
+MAX_SIG = layout_facts.LL_MAX_SIG              # dispatch signal words per half
+MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # combine signal / verdict words per half
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
 WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # per op: u64 seq, int done (16 bytes)
@@ -57,7 +57,7 @@ DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
 ROUTES_SIG_OFF = DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8
 DATA_OFF = 32768
 assert ROUTES_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
-SEND, RECV = 1, 2
+SEND, RECV = layout_facts.LL_SEND, layout_facts.LL_RECV
 
 
 @dataclass(frozen=True)
