@@ -58,16 +58,14 @@ def main(argv=None):
             os.environ[variants.COMBINE_ENV] = variant
             return ops.low_latency_combine(y, idx, w, handle)
         return call
-    kernel = ops.ctx.kernel(ll.cached(ll.LowLatencyCombineSpec, hidden=H, num_topk=K,
-                                      num_experts=E, num_ranks=R, threads=ll.THREADS))
+    kernel = ops.ctx.kernel(ll.ll_combine_spec(H, K, E, R))
     rows = [
         ("LL dispatch FP8 (whole call; CPU allocation of recv_x dominates)",
          lambda: ops.low_latency_dispatch(x, idx, M, E)),
         ("LL combine per_expert (whole call, 2 launches)", combine("per_expert")),
         ("LL combine per_rank (whole call, 1 launch)", combine("per_rank")),
-        ("  of which: dispatch spec lookup", lambda: ll.cached(
-            ll.LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=E, num_ranks=R,
-            use_fp8=True, round_scale=False, use_ue8m0=False, threads=ll.THREADS)),
+        ("  of which: dispatch spec lookup", lambda: ll.ll_dispatch_spec(
+            H, K, E, R, use_fp8=True, round_scale=False, use_ue8m0=False)),
         ("  of which: combine validation (checks + layout)", lambda: (
             ops._check_handle(handle), ll.check_tensor("x", y, torch.bfloat16, (E // R, R * M, H)),
             ll.check_topk_idx(idx), ll.check_tensor("topk_weights", w, torch.float32, (M, K)))),

@@ -92,7 +92,7 @@ class Buffer:
         host.barrier_all()                    # every rank's regions are zeroed before use
 
         self._ctx = OpsContext(
-            group=group, rank=self.rank, num_ranks=self.group_size, device=self.device, pes=pes,
+            rank=self.rank, num_ranks=self.group_size, device=self.device, pes=pes,
             nvshmem=host, nvl=self._nvl, rdma=self._rdma,
             comm_stream=torch.cuda.Stream(self.device), errors=ErrorWord(),
             arch=toolchain.resolve_arch())

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import jinja2
 
-from . import kernel_args
+from . import kernel_args, layout_facts
 from .compiler import TEMPLATES_DIR
 from .specs import NAMESPACE, KernelSpec
 
@@ -39,13 +40,27 @@ def render(spec: KernelSpec) -> str:
     args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
     return template.render(
         spec=spec,
-        fields=spec.rendered_fields(),
         ns=NAMESPACE,
         name={kind: spec.kernel_name(kind) for kind in spec.entry_kinds},
         args_struct="".join(kernel_args.c_struct(c) for c in args_classes),
         args_name=args_classes[0].__name__,
         cpp_bool=cpp_bool,
+        facts=layout_facts.render(included_headers(spec.template)),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def included_headers(name: str) -> frozenset[str]:
+    """The package headers a template includes, directly or through other headers."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        with open(os.path.join(TEMPLATES_DIR, todo.pop()), encoding="utf-8") as f:
+            for inc in re.findall(r'^\s*#include "([^"]+)"', f.read(), re.M):
+                if inc not in seen and os.path.exists(os.path.join(TEMPLATES_DIR, inc)):
+                    seen.add(inc)
+                    todo.append(inc)
+    return frozenset(seen)
 
 
 def source_filename(spec: KernelSpec) -> str:

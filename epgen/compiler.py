@@ -18,7 +18,7 @@ from .toolchain import Toolchain
 
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
-# Options that change the binary. Include paths are added separately and never hashed.
+# NVRTC options that change the binary. Include paths are added separately and never hashed.
 BASE_OPTIONS = (
     "-std=c++17",
     "-rdc=true",
@@ -26,6 +26,25 @@ BASE_OPTIONS = (
     "-default-device",                       # NVSHMEM 3.4 headers: an unannotated ctor
     "-DNVSHMEM_ENABLE_ALL_DEVICE_INLINING",  # see module docstring
 )
+LINK_OPTIONS = ("-lto", "-verbose")          # nvJitLink; -verbose: the ptxas resource lines
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every option of one build, NVRTC's and nvJitLink's: hashed whole into the cache key
+    (cache/key.py), so no option can change the binary without changing the key. Include paths
+    are not in it: they are where the headers are, and the headers are hashed by content."""
+    arch: str
+    nvrtc_options: tuple[str, ...]
+    nvjitlink_options: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"arch": self.arch, "nvrtc_options": list(self.nvrtc_options),
+                "nvjitlink_options": list(self.nvjitlink_options)}
+
+
+def recipe(arch: str) -> Recipe:
+    return Recipe(arch, (f"-arch={arch}", *BASE_OPTIONS), (f"-arch={arch}", *LINK_OPTIONS))
 
 
 class CompileError(RuntimeError):
@@ -50,10 +69,6 @@ class CompileResult:
 PRELUDE = "prelude.cuh"
 PCH_HEAP_BYTES = 1 << 30          # NVSHMEM's headers need ~190 MB of PCH heap
 _pch_lock = threading.Lock()
-
-
-def options_for(arch: str) -> list[str]:
-    return [f"-arch={arch}", *BASE_OPTIONS]
 
 
 def include_options(toolchain: Toolchain) -> list[str]:
@@ -105,8 +120,8 @@ def ensure_pch(pch_dir: str, tag: str, arch: str, toolchain: Toolchain) -> str |
         src = f'#include "{PRELUDE}"\n'
         err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"epgen_prelude.cu", 0, [], [])
         try:
-            opts = [o.encode() for o in options_for(arch) + include_options(toolchain)
-                    + [f"--create-pch={path}"]]
+            opts = [o.encode() for o in (*recipe(arch).nvrtc_options,
+                                         *include_options(toolchain), f"--create-pch={path}")]
             (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             (status,) = nvrtc.nvrtcGetPCHCreateStatus(prog)
         finally:
@@ -125,7 +140,7 @@ def ensure_pch(pch_dir: str, tag: str, arch: str, toolchain: Toolchain) -> str |
         return fd_path
 
 
-def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
+def nvrtc_to_ltoir(source: str, filename: str, rec: Recipe, toolchain: Toolchain,
                    name_expressions: list[str], what: str,
                    pch: str | None = None) -> tuple[bytes, dict[str, str], str]:
     from cuda.bindings import nvrtc
@@ -140,7 +155,7 @@ def nvrtc_to_ltoir(source: str, filename: str, arch: str, toolchain: Toolchain,
         # A PCH only saves parsing: it never changes the binary (tests check), so it is not
         # part of the key.
         extra = [f"--use-pch={pch}"] if pch else []
-        opts = [o.encode() for o in options_for(arch) + include_options(toolchain) + extra]
+        opts = [o.encode() for o in (*rec.nvrtc_options, *include_options(toolchain), *extra)]
         (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         log = _nvrtc_log(nvrtc, prog)
         if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -181,9 +196,9 @@ def parse_resources(info_log: str) -> dict[str, dict]:
     return {k: v for k, v in out.items() if v}
 
 
-def link(ltoir: bytes, arch: str, toolchain: Toolchain, what: str) -> tuple[bytes, str]:
+def link(ltoir: bytes, rec: Recipe, toolchain: Toolchain, what: str) -> tuple[bytes, str]:
     from cuda.bindings import nvjitlink
-    opts = [f"-arch={arch}", "-lto", "-verbose"]
+    opts = list(rec.nvjitlink_options)
     handle = nvjitlink.create(len(opts), opts)
     try:
         try:
@@ -217,11 +232,13 @@ def compile_source(source: str, filename: str, arch: str, toolchain: Toolchain,
         pch = ensure_pch(pch[0], pch[1], arch, toolchain)
     else:
         pch = None
+    rec = recipe(arch)
     t0 = time.perf_counter()
-    ltoir, lowered, nvrtc_log = nvrtc_to_ltoir(source, filename, arch, toolchain,
+    ltoir, lowered, nvrtc_log = nvrtc_to_ltoir(source, filename, rec, toolchain,
                                                name_expressions, what, pch)
     t1 = time.perf_counter()
-    cubin, link_log = link(ltoir, arch, toolchain, what)
+    cubin, link_log = link(ltoir, rec, toolchain, what)
     t2 = time.perf_counter()
-    log = f"# NVRTC {' '.join(options_for(arch))}\n{nvrtc_log}\n# nvJitLink -lto\n{link_log}\n"
+    log = (f"# NVRTC {' '.join(rec.nvrtc_options)}\n{nvrtc_log}\n"
+           f"# nvJitLink {' '.join(rec.nvjitlink_options)}\n{link_log}\n")
     return CompileResult(cubin, lowered, log, t1 - t0, t2 - t1, parse_resources(link_log))

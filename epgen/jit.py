@@ -43,7 +43,7 @@ def describe_key(spec: KernelSpec, arch: str) -> tuple[str, str, dict]:
     """(source, key, key parts) of a spec for an arch, without compiling."""
     tc = toolchain.discover()
     source = codegen.render(spec)
-    parts = key_parts(source, arch, compiler.options_for(arch), tc.signature(),
+    parts = key_parts(source, compiler.recipe(arch), tc.signature(),
                       compiler.TEMPLATES_DIR, codegen.header_files())
     return source, cache_key(parts), parts
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import yaml
 
 from . import formats
-from .specs import (FAMILIES, KernelSpec, LayoutSpec, LowLatencyBarrierSpec,
-                    LowLatencyCombineRankSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
-                    NormalCombineSpec, SpecError, normal_dispatch_spec, normal_dispatch_wire)
+from .specs import (FAMILIES, KernelSpec, SpecError, layout_spec, ll_barrier_spec,
+                    ll_combine_spec, ll_dispatch_spec, normal_combine_spec,
+                    normal_dispatch_rows_spec)
 from .variants import combine_variant
 
 ECHO_CHARS = 80          # a value shown in an error is cut to this many characters
@@ -90,37 +90,31 @@ def _dtype_list(v, path, where, low_latency=False) -> list[str]:
     return v
 
 
-# What each mode asks the JIT for at run time (the ops modules build the same specs).
+# What each mode asks the JIT for at run time: the ops' own builders (specs.py), at the
+# file's shapes.
 def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
-    out: list[KernelSpec] = [LayoutSpec(num_ranks=num_ranks, num_experts=num_experts,
-                                        num_topk=num_topk)]
+    out: list[KernelSpec] = [layout_spec(num_ranks, num_experts, num_topk)]
     for dtype in dtypes:
-        # The kernel a row of this format is keyed by (ops/intranode.py asks the same way).
         fmt = _format_of(dtype)
-        cols = fmt.scale_cols(hidden)
-        wire_hidden, wire_dtype = normal_dispatch_wire(fmt.data_bytes(hidden), cols)
         # with top-k, and cached (an uncached dispatch without top-k, rare in models, is
         # (hidden, 0, num_experts): list it as an explicit kernel where a run needs it)
         for k, e in ((num_topk, num_experts), (0, None)):
-            out.append(normal_dispatch_spec(wire_hidden, k, e, num_ranks, wire_dtype,
-                                            cols if cols else -1))
+            out.append(normal_dispatch_rows_spec(fmt.data_bytes(hidden), fmt.scale_cols(hidden),
+                                                 k, e, num_ranks))
     for k in (num_topk, 0):
-        out.append(NormalCombineSpec(hidden=hidden, num_topk=k, num_ranks=num_ranks))
+        out.append(normal_combine_spec(hidden, k, num_ranks))
     return out
 
 
 def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
     out: list[KernelSpec] = []
     for dtype in dtypes:
-        out.append(LowLatencyDispatchSpec(hidden=hidden, num_topk=num_topk,
-                                          num_experts=num_experts, num_ranks=num_ranks,
-                                          **formats.low_latency_fields(_format_of(dtype))))
-    out.append(LowLatencyCombineSpec(hidden=hidden, num_topk=num_topk, num_experts=num_experts,
-                                     num_ranks=num_ranks))
+        out.append(ll_dispatch_spec(hidden, num_topk, num_experts, num_ranks,
+                                    **formats.low_latency_fields(_format_of(dtype))))
+    out.append(ll_combine_spec(hidden, num_topk, num_experts, num_ranks))
     if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
-        out.append(LowLatencyCombineRankSpec(hidden=hidden, num_topk=num_topk,
-                                             num_experts=num_experts, num_ranks=num_ranks))
-    out.append(LowLatencyBarrierSpec(num_ranks=num_ranks))     # clean_low_latency_buffer
+        out.append(ll_combine_spec(hidden, num_topk, num_experts, num_ranks, per_rank=True))
+    out.append(ll_barrier_spec(num_ranks))     # clean_low_latency_buffer
     return out
 
 

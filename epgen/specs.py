@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import layout_facts
+
 NAMESPACE = "epgen"
 DTYPES = ("bf16", "fp8")
 MAX_TOPK = 32
 MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
-MAX_NVL_RANKS = 8
-MAX_RANK_SIG = 64        # low-latency per-rank signal words (templates/ll_common.cuh kMaxRankSig)
+MAX_NVL_RANKS = layout_facts.NORMAL_MAX_RANKS
+MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # low-latency per-rank signal words
 MAX_EXPERTS = 1024
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
@@ -36,12 +38,17 @@ NEW_FIELD = {"new_field": True}
 
 
 class SpecError(ValueError):
-    """An impossible spec: names the field, its value and the rule it breaks."""
+    """An impossible spec: names the field, its value and the rule it breaks (kept apart too,
+    so an operation can re-word it with its caller's argument names: ops/context.py)."""
+
+    def __init__(self, spec: str, field: str, value, rule: str):
+        self.spec, self.field, self.value, self.rule = spec, field, value, rule
+        super().__init__(f"{spec}.{field}={value!r}: {rule}")
 
 
 def _require(ok: bool, spec: str, field: str, value, rule: str) -> None:
     if not ok:
-        raise SpecError(f"{spec}.{field}={value!r}: {rule}")
+        raise SpecError(spec, field, value, rule)
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,9 @@ class NormalDispatchSpec(KernelSpec):
     family: ClassVar[str] = "normal_dispatch"
     template: ClassVar[str] = "normal_dispatch.cu.j2"
     entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch", "notify")
+    # The notify kernel the TU also holds: a block of this many threads (not a field: one size
+    # serves every spec, and the ops launch it with the spec's value).
+    notify_threads: ClassVar[int] = 256
 
     hidden: int
     num_topk: int          # 0: dispatch without top-k indices/weights
@@ -232,6 +242,9 @@ class NormalCombineSpec(KernelSpec):
     family: ClassVar[str] = "normal_combine"
     template: ClassVar[str] = "normal_combine.cu.j2"
     entry_kinds: ClassVar[tuple[str, ...]] = ("combine", "notify")
+    # The notify kernel the TU also holds: a block of this many threads (not a field: one size
+    # serves every spec, and the ops launch it with the spec's value).
+    notify_threads: ClassVar[int] = 256
 
     hidden: int
     num_topk: int          # 0: no top-k weights to combine
@@ -417,6 +430,58 @@ def cached(cls: type, **fields) -> KernelSpec:
     return cls(**fields)
 
 
+# One builder per operation family: the spec a call needs, from the call's own parameters.
+# The ops and the spec-file expansion behind `epgen precompile` (specfile.py) both ask here, so a
+# precompiled cache holds exactly what the calls look up (EPGEN_JIT=0 deploys must not miss).
+# Each returns the one validated instance (`cached`): the per-call path builds no object.
+def layout_spec(num_ranks: int, num_experts: int, num_topk: int,
+                ranks_per_node: int = 0) -> LayoutSpec:
+    """get_dispatch_layout. num_topk 0 launches nothing, yet the op looks its kernel up before
+    knowing: it is the top-k 1 kernel."""
+    return cached(LayoutSpec, num_ranks=num_ranks, num_experts=num_experts,
+                  num_topk=max(num_topk, 1), ranks_per_node=ranks_per_node)
+
+
+def normal_dispatch_rows_spec(row_bytes: int, num_scale_cols: int, num_topk: int,
+                              num_experts: int | None, num_ranks: int) -> "NormalDispatchSpec":
+    """A normal dispatch of rows `row_bytes` wide with `num_scale_cols` scales (0: none): the
+    kernel its wire shape is keyed by (normal_dispatch_wire, then normal_dispatch_spec)."""
+    wire_hidden, wire_dtype = normal_dispatch_wire(row_bytes, num_scale_cols)
+    return normal_dispatch_spec(wire_hidden, num_topk, num_experts, num_ranks, wire_dtype,
+                                num_scale_cols if num_scale_cols else -1)
+
+
+def normal_combine_spec(hidden: int, num_topk: int, num_ranks: int,
+                        num_biases: int = 0) -> "NormalCombineSpec":
+    return cached(NormalCombineSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
+                  num_biases=num_biases)
+
+
+def ll_dispatch_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
+                     **format_fields) -> "LowLatencyDispatchSpec":
+    """format_fields: formats.low_latency_fields of the format the dispatch sends."""
+    return cached(LowLatencyDispatchSpec, hidden=hidden, num_topk=num_topk,
+                  num_experts=num_experts, num_ranks=num_ranks, **format_fields)
+
+
+def ll_combine_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
+                    per_rank: bool = False) -> "LowLatencyCombineSpec":
+    """per_rank: the per-rank kernel (ops/low_latency.combine_runs_per_rank decides)."""
+    return cached(LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec,
+                  hidden=hidden, num_topk=num_topk, num_experts=num_experts,
+                  num_ranks=num_ranks)
+
+
+def ll_barrier_spec(num_ranks: int) -> "LowLatencyBarrierSpec":
+    return cached(LowLatencyBarrierSpec, num_ranks=num_ranks)
+
+
+def internode_notify_spec(num_ranks: int, ranks_per_node: int,
+                          num_experts: int) -> "InternodeNotifySpec":
+    return cached(InternodeNotifySpec, num_ranks=num_ranks, ranks_per_node=ranks_per_node,
+                  num_experts=num_experts)
+
+
 @dataclass(frozen=True)
 class InternodeNotifySpec(KernelSpec):
     """The internode normal mode's counts exchange (NVSHMEM puts with signals to every rank)."""
@@ -453,5 +518,5 @@ def spec_from_json(data: dict) -> KernelSpec:
     data = dict(data)
     family = data.pop("family")
     if family not in FAMILIES:
-        raise SpecError(f"family={family!r}: must be one of {sorted(FAMILIES)}")
+        raise SpecError("spec", "family", family, f"must be one of {sorted(FAMILIES)}")
     return FAMILIES[family](**data)

@@ -83,10 +83,6 @@ class Toolchain:
     notes: tuple[str, ...] = field(default=())
 
     @property
-    def cuda_major(self) -> int:
-        return self.nvrtc_version[0]
-
-    @property
     def device_library(self) -> str:
         return os.path.join(self.nvshmem_lib, "libnvshmem_device.a")
 

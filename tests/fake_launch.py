@@ -39,7 +39,7 @@ class _BoundFakeKernel:
     def __init__(self, owner, spec):
         self.owner, self.spec = owner, spec
 
-    def launch(self, grid, block, args, stream, smem=0, cooperative=False):
+    def launch(self, grid, block, args, stream, smem=0):
         params, _keep = c_params(args)
         if self.owner.record:
             self.owner.launches.append((self.spec, type(args).from_buffer_copy(args)))
@@ -96,7 +96,7 @@ class FakeLaunchContext(OpsContext):
 def fake_ll_ops(R, M, H, E, record=True):
     """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel."""
     region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E), R)
-    ctx = FakeLaunchContext(group=None, rank=0, num_ranks=R, device=torch.device("cpu"),
+    ctx = FakeLaunchContext(rank=0, num_ranks=R, device=torch.device("cpu"),
                             pes=list(range(R)), nvshmem=None, nvl=None, rdma=region,
                             comm_stream=None, errors=FakeErrorWord(), arch="sm_90")
     ctx.fake = FakeLaunchKernel(record)

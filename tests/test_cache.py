@@ -22,6 +22,30 @@ def fresh_build(cache, spec=SPEC):
     return entry, stats
 
 
+def test_every_compile_option_is_in_the_key(monkeypatch):
+    """An nvJitLink option (or an NVRTC one) that would change the cubin changes the key, so a
+    cache never serves a cubin linked with other options; and the build uses the options
+    hashed (the build log shows them)."""
+    from epgen import compiler
+    _, key, _ = jit.describe_key(SPEC, "sm_90")
+    monkeypatch.setattr(compiler, "LINK_OPTIONS", (*compiler.LINK_OPTIONS, "-ptxas-options=-O2"))
+    _, link_key, parts = jit.describe_key(SPEC, "sm_90")
+    assert link_key != key
+    assert parts["recipe"]["nvjitlink_options"][-1] == "-ptxas-options=-O2"
+    monkeypatch.setattr(compiler, "BASE_OPTIONS", (*compiler.BASE_OPTIONS, "-DEPGEN_UNUSED=1"))
+    _, nvrtc_key, _ = jit.describe_key(SPEC, "sm_90")
+    assert nvrtc_key not in (key, link_key)
+
+
+def test_build_log_names_the_options_hashed(tmp_path):
+    entry, _ = fresh_build(Cache(str(tmp_path)))
+    recipe = entry.manifest["key_parts"]["recipe"]
+    with open(os.path.join(entry.path, "build.log")) as f:
+        log = f.read()
+    assert f"# NVRTC {' '.join(recipe['nvrtc_options'])}\n" in log
+    assert f"# nvJitLink {' '.join(recipe['nvjitlink_options'])}\n" in log
+
+
 def test_miss_then_hit_and_entry_layout(tmp_path):
     cache = Cache(str(tmp_path))
     entry, stats = fresh_build(cache)
@@ -31,9 +55,12 @@ def test_miss_then_hit_and_entry_layout(tmp_path):
     m = entry.manifest
     assert m["spec"] == SPEC.to_json() and m["cubin_bytes"] == len(entry.cubin)
     for part in ("source_sha256", "headers_sha256", "nvshmem", "nvshmem_device_lib_sha256",
-                 "nvrtc", "nvjitlink", "cudart_headers", "cccl", "arch", "options"):
+                 "nvrtc", "nvjitlink", "cudart_headers", "cccl", "arch", "recipe"):
         assert part in m["key_parts"], part
-    assert not any(o.startswith("-I") or "/" in o for o in m["key_parts"]["options"])
+    recipe = m["key_parts"]["recipe"]
+    options = recipe["nvrtc_options"] + recipe["nvjitlink_options"]
+    assert "-lto" in recipe["nvjitlink_options"] and "-dlto" in recipe["nvrtc_options"]
+    assert not any(o.startswith("-I") or "/" in o for o in options)
     again, stats = fresh_build(cache)
     assert stats["cached"] is True and again.cubin == entry.cubin
 

@@ -23,7 +23,7 @@ def _context(world):
     host = nvshmem.host(heap_bytes=64 << 20)
     pes = [dist.get_global_rank(dist.group.WORLD, r) for r in range(world)]
     region = SymmetricRegion(host, 1 << 20, device, pes)
-    return OpsContext(group=dist.group.WORLD, rank=dist.get_rank(), num_ranks=world,
+    return OpsContext(rank=dist.get_rank(), num_ranks=world,
                       device=device, pes=pes, nvshmem=host, nvl=region, rdma=None,
                       comm_stream=torch.cuda.Stream(device), errors=ErrorWord(),
                       arch=toolchain.resolve_arch())

@@ -16,13 +16,14 @@ def _headers_digest(templates_dir: str, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def key_parts(source: str, arch: str, options: list[str], toolchain_signature: dict,
+def key_parts(source: str, recipe, toolchain_signature: dict,
               templates_dir: str, header_files: list[str]) -> dict:
+    """recipe: the compiler.Recipe of the build (every NVRTC and nvJitLink option), whole."""
     return {
         "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
         "headers_sha256": _headers_digest(templates_dir, header_files),
-        "arch": arch,
-        "options": [o for o in options if not o.startswith("-I")],
+        "arch": recipe.arch,
+        "recipe": recipe.to_json(),
         **toolchain_signature,
     }
 

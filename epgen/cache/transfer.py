@@ -105,7 +105,7 @@ def verify_by_recompiling(manifest: dict, files: dict[str, bytes], where: str) -
     if source != codegen.render(spec):
         raise CorruptEntry(f"{where}: stored source is not what epgen renders for its spec")
     tc = toolchain.discover()
-    parts = key_parts(source, arch, compiler.options_for(arch), tc.signature(),
+    parts = key_parts(source, compiler.recipe(arch), tc.signature(),
                       compiler.TEMPLATES_DIR, codegen.header_files())
     if cache_key(parts) != manifest["key"]:
         raise CorruptEntry(f"{where}: key {manifest['key']} is not what this epgen and toolchain "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +13,7 @@ from ..runtime.errors import OP_CODES, ErrorWord
 from ..runtime.events import EventOverlap
 from ..runtime.nvshmem import NvshmemHost
 from ..runtime.symmetric import SymmetricRegion
-from ..specs import KernelSpec
+from ..specs import KernelSpec, SpecError
 from .streams import StreamOrder, event_of  # noqa: F401 - event_of: part of the ops API
 
 DEFAULT_TIMEOUT_S = 100.0
@@ -27,6 +26,18 @@ def timeout_ns() -> int:
 
 def arg_error(name: str, value, rule: str) -> ValueError:
     return ValueError(f"{name}={value!r}: {rule}")
+
+
+def spec_for_call(build, names: dict[str, str], *params):
+    """build(*params) (a specs.py builder); a SpecError in a field the caller set is raised
+    again in the caller's words: names maps the spec field to the argument as the caller
+    writes it. The rules stay in the spec's validate; the ops do not repeat them."""
+    try:
+        return build(*params)
+    except SpecError as e:
+        if e.field in names:
+            raise arg_error(names[e.field], e.value, e.rule) from None
+        raise
 
 
 # Kernels move rows with 16-byte vector loads and stores (templates/common.cuh ld_nc_v4 /
@@ -63,7 +74,6 @@ def check_aligned(name, t: torch.Tensor, align: int) -> None:
 
 @dataclass
 class OpsContext:
-    group: object
     rank: int
     num_ranks: int
     device: torch.device

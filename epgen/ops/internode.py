@@ -10,12 +10,11 @@ import torch
 from ..kernel_args import InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
-from ..specs import InternodeNotifySpec, cached
+from ..specs import internode_notify_spec
 from . import internode_handle, internode_layout
 from .context import OpsContext, arg_error, check_tensor
 from .intranode import wait_host_counts
 
-NOTIFY_THREADS = 256
 
 
 class InternodeOps:
@@ -58,8 +57,7 @@ class InternodeOps:
             raise arg_error("num_rdma_bytes", 0 if ctx.rdma is None else ctx.rdma.nbytes,
                             f"the internode notify needs at least {need} bytes "
                             "(Config.get_rdma_buffer_size_hint)")
-        spec = cached(InternodeNotifySpec, num_ranks=R, ranks_per_node=L, num_experts=E,
-                      threads=NOTIFY_THREADS)
+        spec = internode_notify_spec(R, L, E)
         kernel = ctx.kernel(spec, "notify")
         rdma_prefix, gbl_prefix, send_rdma_head = internode_handle.sender_side(
             is_token_in_rank, L, C)
@@ -94,7 +92,7 @@ class InternodeOps:
             counts.fill(-1)
             a.host_counts = counts.device_ptr
         stream = stream if stream is not None else torch.cuda.current_stream(dev)
-        kernel.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
+        kernel.launch(1, spec.threads, a, stream.cuda_stream)
         if counts is not None:
             vals = wait_host_counts(ctx, counts, 2 + El)
             out.update(num_recv_tokens=vals[0], num_rdma_recv_tokens=vals[1],

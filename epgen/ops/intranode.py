@@ -13,25 +13,24 @@ import time
 
 import torch
 
-from .. import formats
+from .. import formats, layout_facts
 from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
-from ..specs import (MAX_SCALE_COLS, MAX_TOPK, NormalCombineSpec, cached, normal_dispatch_spec,
-                     normal_dispatch_wire)
-from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, timeout_ns
+from ..specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
+from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
+                      timeout_ns)
 
-CTRL_BYTES = 196608       # templates/normal_ctrl.cuh kCtrlBytes
-MAX_CHANNELS = 128       # templates/normal_ctrl.cuh kMaxC
-MAX_RANKS = 8            # templates/normal_ctrl.cuh kMaxR
-# Control words the test-only counter hook writes (normal_ctrl.cuh asserts these offsets):
-NOTIFY_SEQ_OFF = 0                                    # int, notify / barrier sequence
-DISP_CALL_OFF = 4096 + 2 * MAX_RANKS * 1024 * 4       # int [kMaxC], dispatch sequence per channel
-RING_COUNTERS_OFF = DISP_CALL_OFF + MAX_CHANNELS * 4 + 2 * MAX_CHANNELS * MAX_RANKS * 16
-RING_COUNTERS = 6 * MAX_CHANNELS * MAX_RANKS          # int64: send tails, heads, tails (x2 dirs)
-assert RING_COUNTERS_OFF + RING_COUNTERS * 8 <= CTRL_BYTES
+# The control area and the control words the test-only counter hook writes: defined in
+# layout_facts (every TU static_asserts normal_ctrl.cuh against them).
+CTRL_BYTES = layout_facts.NORMAL_CTRL_BYTES
+MAX_CHANNELS = layout_facts.NORMAL_MAX_CHANNELS
+MAX_RANKS = layout_facts.NORMAL_MAX_RANKS
+NOTIFY_SEQ_OFF = layout_facts.NORMAL_NOTIFY_SEQ_OFF
+DISP_CALL_OFF = layout_facts.NORMAL_DISP_CALL_OFF
+RING_COUNTERS_OFF = layout_facts.NORMAL_RING_COUNTERS_OFF
+RING_COUNTERS = layout_facts.NORMAL_RING_COUNTERS
 MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
-NOTIFY_THREADS = 256
 
 
 def _align(v: int, a: int = 256) -> int:
@@ -162,11 +161,11 @@ class IntranodeOps:
                             "replay; make one eager call with this configuration before capture")
         self._pinned[which] = key
 
-    def _barrier_if_needed(self, which: str, key, notify, stream) -> None:
+    def _barrier_if_needed(self, which: str, key, spec, notify, stream) -> None:
         if self._layout[which] is not None and self._layout[which] != key:
             a = self._notify_args(barrier_only=1, expert_alignment=1)
             a.op = OP_CODES["barrier"]
-            notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
+            notify.launch(1, spec.notify_threads, a, stream.cuda_stream)
         self._layout[which] = key
 
     def _unpack_handle(self, handle, num_tokens: int | None = None):
@@ -285,8 +284,7 @@ class IntranodeOps:
             elif topk_weights is not None:
                 raise arg_error("topk_weights", "a tensor", "needs topk_idx")
         row_bytes = H * x.element_size()
-        wire_hidden, wire_dtype = normal_dispatch_wire(row_bytes, S)
-        spec = normal_dispatch_spec(wire_hidden, K, E, R, wire_dtype, S if S else -1)
+        spec = normal_dispatch_rows_spec(row_bytes, S, K, E, R)
         record = dispatch_record_bytes(row_bytes, S, K)
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
         if not cached and num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
@@ -303,7 +301,7 @@ class IntranodeOps:
             counts = []
             if cached:
                 rows = hsrc.size(0)
-                self._barrier_if_needed("dispatch", (channels, cap, record), notify, stream)
+                self._barrier_if_needed("dispatch", (channels, cap, record), spec, notify, stream)
             else:
                 rpm = torch.empty(R, R, dtype=torch.int32, device=dev)
                 ntall = torch.empty(R, dtype=torch.int32, device=dev)
@@ -321,7 +319,7 @@ class IntranodeOps:
                     rank_prefix=rpm.data_ptr(), num_tokens_all=ntall.data_ptr(),
                     host_counts=host.device_ptr if host is not None else 0,
                     num_tokens=T, expert_alignment=expert_alignment, barrier_only=0)
-                notify.launch(1, NOTIFY_THREADS, a, stream.cuda_stream)
+                notify.launch(1, spec.notify_threads, a, stream.cuda_stream)
                 self._layout["dispatch"] = (channels, cap, record)
                 if host is not None:
                     vals = self._wait_host(host, 1 + El)
@@ -384,8 +382,6 @@ class IntranodeOps:
         if x.dim() != 2 or x.size(0) != rows:
             raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
         H = x.size(1)
-        if H == 0 or H % 8:
-            raise arg_error("hidden", H, "must be a positive multiple of 8")
         K = 0
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
@@ -400,7 +396,9 @@ class IntranodeOps:
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
                          align=VECTOR_BYTES)
-        spec = cached(NormalCombineSpec, hidden=H, num_topk=K, num_ranks=R, num_biases=len(biases))
+        spec = spec_for_call(normal_combine_spec, {"hidden": "x.shape[1]",
+                                                   "num_topk": "topk_weights.shape[1]"},
+                             H, K, R, len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)
         self._check_graph_layout("combine", (channels, cap, record), self_barriered=False)
@@ -409,7 +407,7 @@ class IntranodeOps:
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
-            self._barrier_if_needed("combine", (channels, cap, record), notify, stream)
+            self._barrier_if_needed("combine", (channels, cap, record), spec, notify, stream)
             out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
             out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
             a = ctx.fill_error_fields(NormalCombineArgs(), "combine")

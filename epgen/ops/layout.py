@@ -4,10 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..kernel_args import LayoutArgs, LayoutNodesArgs
-from ..specs import LayoutSpec, cached
+from ..specs import layout_spec
 from .context import OpsContext, arg_error
-
-THREADS = 256
 
 
 def check_topk_idx(topk_idx, name: str = "topk_idx", num_tokens: int | None = None) -> None:
@@ -42,8 +40,7 @@ class LayoutOps:
                             f"must be a positive multiple of num_ranks={ctx.num_ranks}")
         num_tokens, num_topk = topk_idx.shape
         L = self.ranks_per_node
-        spec = cached(LayoutSpec, num_ranks=ctx.num_ranks, num_experts=num_experts,
-                      num_topk=max(num_topk, 1), threads=THREADS, ranks_per_node=L)
+        spec = layout_spec(ctx.num_ranks, num_experts, num_topk, L)
         kernel = ctx.kernel(spec)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
@@ -63,8 +60,8 @@ class LayoutOps:
                 args.num_tokens_per_expert = per_expert.data_ptr()
                 args.is_token_in_rank = in_rank.data_ptr()
                 args.num_tokens = num_tokens
-                grid = max(1, min(ctx.device_sms, -(-num_tokens // THREADS)))
-                kernel.launch(grid, THREADS, args, stream.cuda_stream)
+                grid = max(1, min(ctx.device_sms, -(-num_tokens // spec.threads)))
+                kernel.launch(grid, spec.threads, args, stream.cuda_stream)
             elif num_tokens > 0:
                 in_rank.zero_()
             result["tensors"] = (topk_idx, per_rank, per_expert, in_rank) + \

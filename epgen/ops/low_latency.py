@@ -31,21 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import formats, layout_facts
 from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
-from ..specs import (MAX_EXPERTS, MAX_TOPK, LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
-                     LowLatencyCombineSpec, LowLatencyDispatchSpec, cached, ll_payload_bytes,
-                     num_scales)
+from ..specs import (MAX_EXPERTS, MAX_TOPK, ll_barrier_spec, ll_combine_spec, ll_dispatch_spec,
+                     ll_payload_bytes, num_scales)
 from ..variants import combine_variant
-from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .layout import check_topk_idx
 from .streams import StreamOrder
 
-THREADS = 1024
 MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
-MAX_SIG = 1024               # dispatch signal words per half (= ll::kMaxSig)
-MAX_RANK_SIG = 64            # combine signal / verdict words per half (= ll::kMaxRankSig)
+MAX_SIG = layout_facts.LL_MAX_SIG              # dispatch signal words per half
+MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # combine signal / verdict words per half
 DISP_SIG_OFF = 0
 COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
 WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # per op: u64 seq, int done (16 bytes)
@@ -59,7 +57,7 @@ DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
 ROUTES_SIG_OFF = DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8
 DATA_OFF = 32768
 assert ROUTES_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
-SEND, RECV = 1, 2
+SEND, RECV = layout_facts.LL_SEND, layout_facts.LL_RECV
 
 
 @dataclass(frozen=True)
@@ -217,14 +215,14 @@ class LowLatencyOps:
         args.phases = phases
         return args
 
-    def _run(self, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
+    def _run(self, spec, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
              fused=False):
         """Send phase now, receive phase now or in the returned hook, under the Buffer's
         stream semantics (ops/streams.py: the hook launches on the send's stream). fused: one
         launch running both phases (kernels whose receive takes the epoch from its own send).
         The receive's arguments are the send's with another phase (one struct filled)."""
         def launch(args):
-            return lambda stream: kernel.launch(self.sms, THREADS, args, stream.cuda_stream,
+            return lambda stream: kernel.launch(self.sms, spec.threads, args, stream.cuda_stream,
                                                 smem=smem)
         if fused:
             return self.ctx.streams.two_phase(launch(make_args(SEND | RECV)), lambda stream: None,
@@ -239,7 +237,7 @@ class LowLatencyOps:
     def _barrier(self, op, sig_off, seq_off, use_mask):
         """One launch of the per-peer barrier (templates/ll_barrier.cuh) on the current stream."""
         ctx = self.ctx
-        spec = cached(LowLatencyBarrierSpec, num_ranks=ctx.num_ranks)
+        spec = ll_barrier_spec(ctx.num_ranks)
         kernel = ctx.kernel(spec)
         a = ctx.fill_error_fields(LowLatencyBarrierArgs(), op)
         a.rdma_base = self.base
@@ -299,8 +297,9 @@ class LowLatencyOps:
                                 cumulative_local_expert_recv_stats, torch.int32, El)
         wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                                 torch.int64, R)
-        spec = cached(LowLatencyDispatchSpec, hidden=H, num_topk=K, num_experts=num_experts,
-                      num_ranks=R, threads=THREADS, **fields)
+        spec = spec_for_call(functools.partial(ll_dispatch_spec, **fields),
+                             {"hidden": "x.shape[1]", "num_topk": "topk_idx.shape[1]",
+                              "num_experts": "num_experts"}, H, K, num_experts, R)
         kernel = ctx.kernel(spec)
 
         dev = ctx.device
@@ -341,7 +340,7 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, spec.payload_bytes, async_finish,
+        event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)
         out = (recv_x, scales) if scales is not None else recv_x
@@ -394,8 +393,8 @@ class LowLatencyOps:
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        spec_cls = LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec
-        spec = cached(spec_cls, hidden=H, num_topk=K, num_experts=E, num_ranks=R, threads=THREADS)
+        spec = spec_for_call(ll_combine_spec, {"num_topk": "topk_idx.shape[1]"},
+                             H, K, E, R, per_rank)
         kernel = ctx.kernel(spec)
         # epoch, done for a receive launched on its own (the per-rank kernel runs fused)
         call_epoch = None if per_rank else torch.empty(2, dtype=torch.int64, device=ctx.device)
@@ -419,7 +418,7 @@ class LowLatencyOps:
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
                    combine_wait_recv_cost_stats)
-        event, hook = self._run(kernel, make_args, 0, async_finish, return_recv_hook, tensors,
+        event, hook = self._run(spec, kernel, make_args, 0, async_finish, return_recv_hook, tensors,
                                 fused=per_rank)
         return out, event, hook
 

@@ -7,12 +7,14 @@ receive hook stay intact.
 """
 from __future__ import annotations
 
+from .. import layout_facts
 from .hostmem import MappedHostArray
 
-WORDS = 8
-CODE_TIMEOUT = 1
-CODES = {1: "timed out waiting", 2: "topk_idx value out of range", 3: "count over capacity",
-         4: "bad argument"}
+WORDS = layout_facts.ERROR_WORDS
+CODE_TIMEOUT = layout_facts.ERR_TIMEOUT
+CODES = {layout_facts.ERR_TIMEOUT: "timed out waiting",
+         layout_facts.ERR_BAD_INDEX: "topk_idx value out of range",
+         layout_facts.ERR_CAPACITY: "count over capacity", layout_facts.ERR_BAD_ARG: "bad argument"}
 OPS = {1: "get_dispatch_layout", 2: "dispatch", 3: "combine", 4: "dispatch notify",
        5: "low_latency_dispatch", 6: "low_latency_combine", 7: "barrier",
        8: "clean_low_latency_buffer"}

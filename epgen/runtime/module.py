@@ -25,10 +25,8 @@ class LoadedModule:
         self.device = device
         self.module = check(d.cuModuleLoadData(entry.cubin), f"cuModuleLoadData({entry.name})")
         self.uses_nvshmem = NVSHMEM_STATE_SYMBOL in entry.cubin
-        self.nvshmem_initialized = False
         if self.uses_nvshmem and nvshmem_init is not None:
             nvshmem_init(self.module)
-            self.nvshmem_initialized = True
         self.functions: dict[str, Kernel] = {}
 
     def function(self, entry_name: str) -> "Kernel":
@@ -55,17 +53,13 @@ class Kernel:
             self._max_smem_set = nbytes
 
     def launch(self, grid: int, block: int, args: ctypes.Structure, stream: int,
-               smem: int = 0, cooperative: bool = False) -> None:
+               smem: int = 0) -> None:
         """Launch with one by-value struct argument on a raw stream handle (int)."""
         d = driver()
         self.set_max_dynamic_smem(smem)
         params, _keep = c_params(args)
-        if cooperative:
-            check(d.cuLaunchCooperativeKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
-                                              ctypes.addressof(params)), f"launch {self.name}")
-        else:
-            check(d.cuLaunchKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
-                                   ctypes.addressof(params), 0), f"launch {self.name}")
+        check(d.cuLaunchKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
+                               ctypes.addressof(params), 0), f"launch {self.name}")
 
 
 def load(entry: CacheEntry, device: int, nvshmem_init=None) -> LoadedModule:

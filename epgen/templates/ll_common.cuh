@@ -116,8 +116,6 @@ __device__ __forceinline__ bool last_block_arrives(int* done, bool any_remote) {
     return last;
 }
 
-__device__ __forceinline__ int4 ld_shared_v4(const int4* p) { return *p; }
-
 // Global warp index for work split into units: consecutive units go to different blocks
 // (SMs) first, so a few hundred units use every SM instead of the first few blocks' warps.
 __device__ __forceinline__ int spread_warp_index() {

@@ -4,8 +4,8 @@
 // Ring counters (send tails, heads, tails) are 64-bit: they count records for the life of the
 // process and never wrap, so slot = counter % cap holds for any cap. The per-call sequence
 // words are 32-bit and only compared for equality and parity (wrap-safe; incremented in
-// unsigned arithmetic). Mirrored in epgen/ops/intranode.py (CTRL_BYTES and the offsets its
-// test-only counter hook writes).
+// unsigned arithmetic). The host's values are epgen/layout_facts.py's: every generated unit
+// static_asserts these constants against them (kMaxC, kMaxR, the offsets, kCtrlBytes).
 #pragma once
 #include "common.cuh"
 
@@ -29,8 +29,6 @@ constexpr long long kDispDone = kCombTail + kMaxC * kMaxR * 8;            // own
 constexpr long long kCombDone = kDispDone + 4;                             // own int: blocks done
 constexpr long long kCtrlBytes = 196608;
 static_assert(kCombDone + 4 <= kCtrlBytes, "control area overflow");
-static_assert(kDispCall == 69632 && kDispSendTail == 102912 && kCtrlBytes == 196608,
-              "mirrored in epgen/ops/intranode.py (DISP_CALL_OFF, RING_COUNTERS_OFF, CTRL_BYTES)");
 
 __device__ __forceinline__ int* word(char* base, long long off, int i = 0) {
     return reinterpret_cast<int*>(base + off) + i;

@@ -1,0 +1,139 @@
+"""A spec file precompiled into an empty cache serves every operation family with EPGEN_JIT=0.
+
+`epgen precompile` expands a model (specfile.normal_mode_specs / low_latency_specs) with the
+same spec builders the operations call (specs.py); this runs the operations at the file's
+shapes against a cache holding only what the precompile built, with compiling forbidden: a
+builder that drifted from the expansion (another threads, another canonical form) fails here
+with JitDisabledError, naming the kernel it missed. The results are checked against
+epgen.reference too (the serving-pattern suite's checks), so a kernel that was found is also
+the right one. internode_notify is not covered: a model's expansion is one node.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import gpu_harness
+from tests import test_low_latency_gpu as tl
+from tests import test_serving_patterns_gpu as sp
+
+pytestmark = pytest.mark.gpu
+
+H, K, LOCAL_EXPERTS = 2048, 8, 4
+M = tl.M                      # low-latency num_max_dispatch_tokens_per_rank
+
+
+def _spec_file(path, R: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"""models:
+  - name: precompiled-test
+    hidden: {H}
+    num_experts: {LOCAL_EXPERTS * R}
+    num_topk: {K}
+    ep_sizes: [{R}]
+    modes:
+      normal: {{dtypes: [bf16, fp8]}}
+      low_latency: {{dispatch_dtypes: [fp8, bf16]}}
+""")
+
+
+def _entries(cache: str) -> list[str]:
+    return sorted(n for n in os.listdir(cache) if not n.startswith("."))
+
+
+def _normal(buf, rank, R, fp8, cid):
+    """Layout, uncached dispatch with top-k, combine with and without weights (the K and 0
+    combine kernels), cached dispatch (the no-top-k kernel) and its combine."""
+    import torch
+    E = LOCAL_EXPERTS * R
+    case = sp._normal_case(cid, R, H, K, E, fp8)
+    idx, w = case[2][rank], case[3][rank]
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    recv, r_idx, r_w, counts, handle, _ = buf.dispatch(
+        sp._x_in(case, rank), num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=w)
+    sp._check_normal_dispatch(rank, case, E, recv, r_idx, r_w, counts)
+    ys, yws = sp._expert_rows(cid, R, case[4], H, K)
+    combined, combined_w, _ = buf.combine(ys[rank], handle, topk_weights=yws[rank])
+    sp._check_normal_combine(rank, case, ys, combined, combined_w, yws)
+    combined, _, _ = buf.combine(ys[rank], handle)
+    sp._check_normal_combine(rank, case, ys, combined)
+    again, _, _, _, _, _ = buf.dispatch(sp._x_in(case, rank), handle=handle)
+    rx = again[0] if fp8 else again
+    first = recv[0] if fp8 else recv
+    assert torch.equal(rx.view(torch.uint8), first.view(torch.uint8)), \
+        "cached dispatch received other rows than the dispatch it reuses"
+    torch.cuda.synchronize()
+    buf.check_errors()
+
+
+def _low_latency(buf, rank, R, fp8, cid):
+    """clean_low_latency_buffer (the barrier kernel), dispatch in the format, combine."""
+    import torch
+    E = LOCAL_EXPERTS * R
+    buf.clean_low_latency_buffer(M, H, E)
+    ins = sp._ll_case(cid, R, H, K, E)
+    x, idx, w = ins[rank]
+    recv, count, handle, event, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=fp8)
+    event.current_stream_wait()
+    torch.cuda.synchronize()
+    buf.check_errors()
+    tl._check_dispatch(rank, ins, E, (recv, count, handle), fp8, False, False)
+    y = tl._expert_out(recv, fp8, H)
+    combined, event, _ = buf.low_latency_combine(y, idx, w, handle)
+    event.current_stream_wait()
+    torch.cuda.synchronize()
+    buf.check_errors()
+    tl._check_combine(rank, ins, y, handle, combined)
+
+
+def _worker(rank, world, cache):
+    os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
+    os.environ["EPGEN_CACHE_DIR"] = cache
+    os.environ["EPGEN_JIT"] = "0"              # a miss raises JitDisabledError
+    import torch.distributed as dist
+    from epgen import Buffer
+    E = LOCAL_EXPERTS * world
+    group = dist.group.WORLD
+    num_nvl = max(c.get_nvl_buffer_size_hint(H * 2, world)
+                  for c in (Buffer.get_dispatch_config(world), Buffer.get_combine_config(world)))
+    num_rdma = Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
+    # Normal mode runs one block per channel, all resident: at most this rank's share of SMs
+    # where ranks share a GPU (as the serving-pattern suite does).
+    Buffer.set_num_sms(gpu_harness.usable_sms(20)[0])
+    buf = Buffer(group, num_nvl, num_rdma, low_latency_mode=True,
+                 num_qps_per_rank=max(Buffer.num_sms, E // world))
+    results = []
+    try:
+        jobs = [(f"normal {'fp8' if fp8 else 'bf16'}",
+                 lambda fp8=fp8, c=c: _normal(buf, rank, world, fp8, 900 + c))
+                for c, fp8 in enumerate((False, True))]
+        jobs += [(f"low latency {'fp8' if fp8 else 'bf16'}",
+                  lambda fp8=fp8, c=c: _low_latency(buf, rank, world, fp8, 910 + c))
+                 for c, fp8 in enumerate((True, False))]
+        tl._run_jobs(jobs, results)
+    finally:
+        buf.destroy()
+        Buffer.set_num_sms(20)
+    return results
+
+
+@pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
+def test_precompiled_cache_serves_every_family(num_ranks, tmp_path):
+    gpu_harness.require_gpus(num_ranks)
+    spec, cache = str(tmp_path / "model.yaml"), str(tmp_path / "cache")
+    _spec_file(spec, num_ranks)
+    env = {k: v for k, v in os.environ.items() if k not in ("EPGEN_CACHE_DIR", "EPGEN_JIT")}
+    out = subprocess.run([sys.executable, "-m", "epgen", "precompile", "--cache-dir", cache,
+                          "--spec", spec, "--jobs", str(min(8, os.cpu_count() or 1))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    built = _entries(cache)
+    assert built, f"precompile built nothing into {cache}: {out.stderr[-2000:]}"
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _worker, cache, timeout_s=280))
+    assert not bad, "\n".join(bad)
+    assert _entries(cache) == built, "a kernel was compiled after the precompile"
