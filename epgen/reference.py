@@ -373,7 +373,7 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
     wire_format "mxfp8" / "nvfp4" (use_fp8 etc. then unused): rows and scales are ll_cast's.
     """
     R, M = len(xs), num_max_dispatch_tokens_per_rank
-    El, H = num_experts // R, xs[0].shape[1]
+    El = num_experts // R
     dev = xs[0].device
     for r, t in enumerate(topk_idxs):
         _check_topk(t, num_experts, R)
