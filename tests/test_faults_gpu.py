@@ -165,10 +165,7 @@ def _killed_worker(rank, world, outdir):
                        low_latency_mode=True)
     ins = llt._all_inputs(8000, world, [M] * world, H, K, E)
     x, idx, w = ins[rank]
-    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    torch.cuda.synchronize()
-    buf.check_errors()
-    llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
+    recv, count, handle = llt._checked_dispatch(buf, rank, ins, E)
     dist.barrier()
     if rank == dead:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -195,24 +192,13 @@ def _killed_worker(rank, world, outdir):
 
 def _fresh_worker(rank, world):
     """A fresh set of processes on the same GPUs after a rank was killed: a correct pair."""
-    import torch
     import torch.distributed as dist
     import epgen
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
     E = LOCAL_EXPERTS * world
     buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E),
                        low_latency_mode=True)
-    ins = llt._all_inputs(8100, world, [M] * world, H, K, E)
-    x, idx, w = ins[rank]
-    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    torch.cuda.synchronize()
-    buf.check_errors()
-    llt._check_dispatch(rank, ins, E, (recv, count, handle), False, False, False)
-    y = llt._expert_out(recv, False, H)
-    out, _, _ = buf.low_latency_combine(y, idx, w, handle)
-    torch.cuda.synchronize()
-    buf.check_errors()
-    llt._check_combine(rank, ins, y, handle, out)
+    llt._checked_pair(buf, rank, llt._all_inputs(8100, world, [M] * world, H, K, E), E)
     buf.destroy()
     return [("fresh processes after a killed rank", "ok")]
 

@@ -76,7 +76,6 @@ def _expert_out(recv, fp8, H):
 
 
 def _check_combine(rank, ins, y, handle, out):
-    import torch
     from epgen import reference as ref
     ys, srcs, lays = _gather(y), _gather(handle[0]), _gather(handle[1])
     exp = ref.low_latency_combine(ys, ins[rank][1], ins[rank][2], rank, srcs, lays)
@@ -84,6 +83,29 @@ def _check_combine(rank, ins, y, handle, out):
     diff = (out.float() - exp.float()).abs()
     tol = exp.float().abs() * 2 ** -7 + 1e-6
     assert bool((diff <= tol).all()), f"combine max abs diff {diff.max().item()}"
+
+
+def _checked_dispatch(buf, rank, ins, E, fp8=False):
+    """A plain low-latency dispatch of rank `rank`'s inputs, waited for, error word read,
+    checked against the golden model; returns (recv, count, handle)."""
+    import torch
+    x, idx, _ = ins[rank]
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=fp8)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    _check_dispatch(rank, ins, E, (recv, count, handle), fp8, False, False)
+    return recv, count, handle
+
+
+def _checked_pair(buf, rank, ins, E, fp8=False):
+    """_checked_dispatch, then a combine of the simulated expert outputs, checked too."""
+    import torch
+    recv, _, handle = _checked_dispatch(buf, rank, ins, E, fp8)
+    y = _expert_out(recv, fp8, ins[rank][0].shape[1])
+    out, _, _ = buf.low_latency_combine(y, ins[rank][1], ins[rank][2], handle)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    _check_combine(rank, ins, y, handle, out)
 
 
 def _finish(buf, event, hook_fn, hooked, async_finish):

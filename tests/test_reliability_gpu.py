@@ -574,18 +574,9 @@ def _run_argument_properties(buf, rank, R, E):
            neg=st.sampled_from([0.0, 0.3, 1.0]), cid=st.integers(0, 10 ** 6))
     def valid(tokens, fp8, neg, cid):
         ins = llt._all_inputs(cid, R, tokens, H, K, E, neg_frac=neg)
-        x, idx, w = ins[rank]
         err = ""
         try:
-            recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=fp8)
-            torch.cuda.synchronize()
-            buf.check_errors()
-            llt._check_dispatch(rank, ins, E, (recv, count, handle), fp8, False, False)
-            y = llt._expert_out(recv, fp8, H)
-            out, _, _ = buf.low_latency_combine(y, idx, w, handle)
-            torch.cuda.synchronize()
-            buf.check_errors()
-            llt._check_combine(rank, ins, y, handle, out)
+            llt._checked_pair(buf, rank, ins, E, fp8)
         except AssertionError as exc:
             err = str(exc)
         ok = torch.tensor([0 if err else 1], device="cuda")
