@@ -1,6 +1,5 @@
 """The cache: hit/miss, corrupt entries rebuilt (never loaded), relocation, one compile for
 several processes, EPGEN_JIT=0, compile-during-capture, export/import with checksums."""
-import json
 import multiprocessing
 import os
 import shutil

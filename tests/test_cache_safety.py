@@ -1,9 +1,7 @@
 """The cache commands touch only what epgen created, a cache serves every user who can read it
 (read-only included), and maintenance says truthfully what it could not do. Real processes:
 another user is uid 65534 (setpriv), a read-only cache is a real read-only tmpfs (unshare -m)."""
-import json
 import os
-import shutil
 import stat
 import sys
 

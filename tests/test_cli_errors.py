@@ -3,7 +3,6 @@ and where its whole log is; broken pipes, missing folders, missing logs, bad EPG
 truncated archives are one clear line each; options go where a user puts them."""
 import os
 import subprocess
-import sys
 
 import pytest
 
