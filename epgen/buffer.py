@@ -101,7 +101,8 @@ class Buffer:
         # Across nodes only the notify exists yet (internal: dispatch / combine refuse).
         self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
-                                 allow_nvlink=allow_nvlink_for_low_latency_mode) \
+                                 allow_nvlink=allow_nvlink_for_low_latency_mode,
+                                 gpu_shared=sharing.ranks_per_gpu(self._gpu_shares) > 1) \
             if num_rdma_bytes > 0 else None
         self._destroyed = False
         lifecycle.track(self)

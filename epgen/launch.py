@@ -203,7 +203,8 @@ def _worker(rank, placement, port, env, fn, args, results):
     import torch.distributed as dist
     try:
         device = rank % placement.gpus
-        torch.cuda.set_device(device)
+        if torch.cuda.is_available():       # (a CPU-only host runs gloo workers: the tests)
+            torch.cuda.set_device(device)
         if placement.backend == "nccl":
             dist.init_process_group("nccl", rank=rank, world_size=placement.world,
                                     device_id=torch.device("cuda", device))
@@ -221,11 +222,15 @@ def _worker(rank, placement, port, env, fn, args, results):
             pass
 
 
+FAIL_FAST_GRACE_S = 45.0
+
+
 def run_ranks(world: int, fn, *args, timeout_s: float = 280.0,
               placement: Placement | None = None) -> list:
     """fn(rank, world, *args) on `world` ranks placed by `plan` (or `placement`); returns the
     per-rank results. Raises AssertionError with every failing rank's traceback, or naming the
-    ranks that did not finish within timeout_s (scaled by the placement's slowdown)."""
+    ranks that did not finish within timeout_s (scaled by the placement's slowdown), or within
+    FAIL_FAST_GRACE_S of the first rank that failed."""
     import torch.multiprocessing as mp
     placement = placement or plan(world)
     timeout_s *= placement.slowdown
@@ -246,13 +251,21 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 280.0,
             p.start()
         deadline = time.monotonic() + timeout_s
         got: dict[int, tuple] = {}
+        failed = False
         while len(got) < world and time.monotonic() < deadline:
             try:
                 rank, status, out = results.get(timeout=1.0)
                 got[rank] = (status, out)
+                failed = failed or status != "ok"
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and results.empty():
                     break
+                failed = failed or any(p.exitcode not in (None, 0) for p in procs)
+            if failed:
+                # a rank raised or died: its peers get FAIL_FAST_GRACE_S to report (their
+                # device waits end at EPGEN_TIMEOUT_S), not the whole timeout in a host wait
+                # such as NVSHMEM's bootstrap, which has no deadline
+                deadline = min(deadline, time.monotonic() + FAIL_FAST_GRACE_S * placement.slowdown)
         for p in procs:
             p.join(timeout=max(0.0, min(20.0, deadline - time.monotonic())))
             if p.is_alive():
@@ -265,7 +278,9 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 280.0,
     missing = [r for r in range(world) if r not in got]
     errors = [f"rank {r}:\n{out}" for r, (s, out) in sorted(got.items()) if s != "ok"]
     if missing:
-        errors.append(f"ranks {missing} did not finish within {timeout_s:.0f}s "
+        why = (f"within {FAIL_FAST_GRACE_S * placement.slowdown:.0f}s of a rank's failure"
+               if failed else f"within {timeout_s:.0f}s")
+        errors.append(f"ranks {missing} did not finish {why} "
                       f"(killed; a hang or a crash) [{placement.describe()}]")
     if errors:
         if daemon is not None and mps_log:

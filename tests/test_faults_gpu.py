@@ -46,7 +46,6 @@ def _fault_worker(rank, world):
     import torch.distributed as dist
     import epgen
     os.environ["EPGEN_TIMEOUT_S"] = "20"
-    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(2 << 30))   # three Buffers' regions
     R, E, skip = world, LOCAL_EXPERTS * world, world - 1
     nvl = epgen.Config(**WRAP_CONFIG).get_nvl_buffer_size_hint(H * 2, world)
     rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)

@@ -91,3 +91,26 @@ def test_doctor_report_says_when_local_ranks_share_a_gpu(monkeypatch):
     assert sharing.doctor_report(1)[0]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert sharing.doctor_report(2) == (True, "2 local ranks on 2 GPU(s): one GPU per rank")
+
+
+def _fail_or_hang(rank, world):
+    import time
+    if rank == 0:
+        raise RuntimeError("rank 0 fails on purpose")
+    time.sleep(600)          # as a peer stuck in a host wait with no deadline would
+
+
+def test_run_ranks_fails_fast_when_a_rank_fails(monkeypatch):
+    """One rank raising ends the run FAIL_FAST_GRACE_S later, with its traceback, instead of
+    waiting the whole timeout for a peer stuck in a host wait (NVSHMEM's bootstrap)."""
+    import time
+    monkeypatch.setattr(launch, "FAIL_FAST_GRACE_S", 2.0)
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError) as err:
+        launch.run_ranks(2, _fail_or_hang, timeout_s=300,
+                         placement=launch.Placement(2, 1, "time-sliced"))
+    took = time.monotonic() - t0
+    msg = str(err.value)
+    assert "rank 0 fails on purpose" in msg and "ranks [1] did not finish" in msg, msg
+    assert "of a rank's failure" in msg, msg
+    assert took < 120, f"took {took:.0f} s"

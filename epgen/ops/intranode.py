@@ -20,6 +20,7 @@ from ..runtime.hostmem import MappedHostArray
 from ..specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
                       timeout_ns)
+from .streams import zeros_on
 
 # The control area and the control words the test-only counter hook writes: defined in
 # layout_facts (every TU static_asserts normal_ctrl.cuh against them).
@@ -332,7 +333,7 @@ class IntranodeOps:
             if K:
                 recv_idx = torch.empty(rows, K, dtype=torch.int64, device=dev)
                 if topk_weights is not None:
-                    recv_w = torch.zeros(rows, K, dtype=torch.float32, device=dev)
+                    recv_w = zeros_on(stream, rows, K, dtype=torch.float32, device=dev)
             recv_src = None if cached else torch.empty(rows, dtype=torch.int32, device=dev)
             a = ctx.fill_error_fields(NormalDispatchArgs(), "dispatch")
             a.x = x.data_ptr() if T else 0

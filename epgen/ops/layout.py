@@ -6,6 +6,7 @@ import torch
 from ..kernel_args import LayoutArgs, LayoutNodesArgs
 from ..specs import layout_spec
 from .context import OpsContext, arg_error
+from .streams import zeros_on
 
 
 def check_topk_idx(topk_idx, name: str = "topk_idx", num_tokens: int | None = None) -> None:
@@ -45,10 +46,11 @@ class LayoutOps:
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
-            per_rank = torch.zeros(ctx.num_ranks, dtype=torch.int32, device=ctx.device)
-            per_expert = torch.zeros(num_experts, dtype=torch.int32, device=ctx.device)
-            per_node = torch.zeros(ctx.num_ranks // L, dtype=torch.int32, device=ctx.device) \
-                if L else None
+            # counts the kernel accumulates into, zeroed on its stream
+            per_rank = zeros_on(stream, ctx.num_ranks, dtype=torch.int32, device=ctx.device)
+            per_expert = zeros_on(stream, num_experts, dtype=torch.int32, device=ctx.device)
+            per_node = zeros_on(stream, ctx.num_ranks // L, dtype=torch.int32,
+                                device=ctx.device) if L else None
             in_rank = torch.empty(num_tokens, ctx.num_ranks, dtype=torch.bool, device=ctx.device)
             if num_tokens > 0 and num_topk > 0:
                 args = ctx.fill_error_fields(LayoutNodesArgs() if L else LayoutArgs(),
@@ -63,7 +65,8 @@ class LayoutOps:
                 grid = max(1, min(ctx.device_sms, -(-num_tokens // spec.threads)))
                 kernel.launch(grid, spec.threads, args, stream.cuda_stream)
             elif num_tokens > 0:
-                in_rank.zero_()
+                with torch.cuda.stream(stream):
+                    in_rank.zero_()
             result["tensors"] = (topk_idx, per_rank, per_expert, in_rank) + \
                 ((per_node,) if L else ())
         return per_rank, per_node, per_expert, in_rank, result["event"]

@@ -147,9 +147,16 @@ def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireForm
 
 
 class LowLatencyOps:
-    def __init__(self, ctx: OpsContext, enable_shrink: bool = False, allow_nvlink: bool = True):
+    def __init__(self, ctx: OpsContext, enable_shrink: bool = False, allow_nvlink: bool = True,
+                 gpu_shared: bool = False):
         self.ctx = ctx
         self.enable_shrink = enable_shrink
+        # A kernel running both phases in one launch needs its whole grid resident: its early
+        # blocks wait (receive) for what its late blocks send. Ranks sharing a GPU under MPS
+        # do not get that: a peer's spinning blocks can hold SMs of this rank's share, so the
+        # late blocks start only when the peer's deadline frees them (seen on 1x H200, 2 ranks,
+        # per-rank combine). There the phases run as two launches.
+        self.fuse_phases = not gpu_shared
         R = ctx.num_ranks
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
@@ -396,8 +403,9 @@ class LowLatencyOps:
         spec = spec_for_call(ll_combine_spec, {"num_topk": "topk_idx.shape[1]"},
                              H, K, E, R, per_rank)
         kernel = ctx.kernel(spec)
-        # epoch, done for a receive launched on its own (the per-rank kernel runs fused)
-        call_epoch = None if per_rank else torch.empty(2, dtype=torch.int64, device=ctx.device)
+        # epoch, done for a receive launched on its own (not needed when both phases run fused)
+        fused = per_rank and self.fuse_phases
+        call_epoch = None if fused else torch.empty(2, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineRankArgs() if per_rank
@@ -419,7 +427,7 @@ class LowLatencyOps:
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
                    combine_wait_recv_cost_stats)
         event, hook = self._run(spec, kernel, make_args, 0, async_finish, return_recv_hook, tensors,
-                                fused=per_rank)
+                                fused=fused)
         return out, event, hook
 
     def set_epochs_for_test(self, epoch: int) -> None:

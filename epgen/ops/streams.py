@@ -35,6 +35,17 @@ def _capturing() -> bool:
     return bool(torch.cuda.is_current_stream_capturing())
 
 
+def zeros_on(stream, *shape, dtype, device) -> torch.Tensor:
+    """A zeroed output for a scope's body: allocated on the current stream (DeepEP's
+    allocate_on_comm_stream=False), zeroed on the launch stream. The comm stream joined the
+    current stream before the body ran, so a zero-fill left on the current stream could still
+    be running, or not yet have run, when the kernel accumulates into it."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    with torch.cuda.stream(stream):
+        t.zero_()
+    return t
+
+
 def event_of(previous_event) -> torch.cuda.Event | None:
     """The CUDA event a `previous_event` argument names. DeepEP reads
     `getattr(previous_event, 'event', None)`, so None and an EventOverlap without an event

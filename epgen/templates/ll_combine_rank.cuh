@@ -14,7 +14,8 @@
 // The send half waits on the peers' routes, so return_recv_hook and enable_shrink use the
 // per-expert kernel (ops/low_latency.py). Without a hook both phases run in one launch
 // (phases = 3: one cuLaunchKernel per call); like DeepEP's low-latency kernels, this assumes
-// every block of the grid (one per SM) is resident at once.
+// every block of the grid (one per SM) is resident at once, so where ranks share a GPU (MPS
+// does not guarantee it) the phases run as two launches, the receive's epoch from call_epoch.
 //
 // Region (byte offsets are launch arguments; the python mirror is ops/low_latency.py
 // per_rank_half_bytes): the per-expert receive area's half h (stride half_bytes) holds
