@@ -93,7 +93,7 @@ class FakeLaunchContext(OpsContext):
         return k
 
 
-def fake_ll_ops(R, M, H, E, record=True):
+def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False):
     """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel."""
     region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E), R)
     ctx = FakeLaunchContext(rank=0, num_ranks=R, device=torch.device("cpu"),
@@ -102,4 +102,4 @@ def fake_ll_ops(R, M, H, E, record=True):
     ctx.fake = FakeLaunchKernel(record)
     ctx.__dict__["streams"] = FakeStreams()
     ctx.__dict__["device_sms"] = 132
-    return ll.LowLatencyOps(ctx), ctx.fake
+    return ll.LowLatencyOps(ctx, gpu_shared=gpu_shared), ctx.fake

@@ -14,9 +14,9 @@ from tests.fake_launch import fake_cuda, fake_ll_ops
 R, M, H, E, K = 2, 16, 256, 16, 4
 
 
-@pytest.fixture
-def call():
-    ops, fake = fake_ll_ops(R, M, H, E)
+@pytest.fixture(params=[False], ids=["own-gpu"])
+def call(request):
+    ops, fake = fake_ll_ops(R, M, H, E, gpu_shared=request.param)
     g = torch.Generator().manual_seed(0)
     x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
     idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
@@ -56,6 +56,17 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     assert a.phases == 3 and a.call_epoch == 0
     assert a.wsig_off == ll.ROUTES_SIG_OFF and a.half_bytes == E * M * 2 * H
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
+
+
+@pytest.mark.parametrize("call", [True], ids=["shared-gpu"], indirect=True)
+def test_per_rank_two_launches_where_ranks_share_a_gpu(call, monkeypatch):
+    """Under MPS a grid is not kept resident, so the fused launch (whose early blocks wait for
+    its late blocks' sends) is split: send then receive, the epoch passed through call_epoch."""
+    monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
+    (s1, send), (s2, recv) = call()
+    assert type(s1) is LowLatencyCombineRankSpec and s1 == s2
+    assert (send.phases, recv.phases) == (1, 2) and send.call_epoch != 0
+    assert _without_phases(send) == _without_phases(recv)
 
 
 def test_per_rank_hook_runs_per_expert(call, monkeypatch):
