@@ -78,10 +78,8 @@ class Buffer:
         # NVSHMEM is initialised over WORLD once: whether its ranks span hosts is WORLD's
         # question, asked (collectively, as every WORLD rank makes every Buffer) only then.
         spans_hosts = nvshmem.current() is None and topology.count_hosts(dist.group.WORLD) > 1
+        nvshmem.check_usable_everywhere()     # every rank raises, none waits in the allocation
         host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes, multi_node=spans_hosts)
-        if host.stuck:
-            raise RuntimeError(f"epgen.Buffer: rank {self.rank}: NVSHMEM is unusable in this "
-                               f"process ({host.stuck}); start fresh processes")
         pes = [dist.get_global_rank(group, r) for r in range(self.group_size)]
         self._nvl = SymmetricRegion(host, num_nvl_bytes, self.device, pes)
         self._rdma = SymmetricRegion(host, num_rdma_bytes, self.device, pes)
@@ -185,7 +183,8 @@ class Buffer:
         if not ctx.nvshmem.collective_within(free, wait_s, self.device.index):
             warnings.warn(f"epgen: rank {self.rank}: the other ranks did not join "
                           f"Buffer.destroy() within EPGEN_TIMEOUT_S={wait_s:g} s; its symmetric "
-                          "memory is leaked and this process can create no new Buffer")
+                          "memory is leaked and no rank can create a new Buffer (start fresh "
+                          "processes)")
             return
         ctx.errors.free()
 

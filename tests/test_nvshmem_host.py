@@ -59,3 +59,27 @@ def test_collective_within_gives_up_and_blocks_later_collectives(monkeypatch):
     h.finalize()
     assert not h.lib.finalized                          # no finalize after a stuck barrier
     h.lib.arrive.set()                                  # lets the fake's thread end
+
+
+def _usable_everywhere(rank, world):
+    """Rank 1's NVSHMEM is stuck (a fake host: a collective given up cannot be produced
+    without GPUs); every rank must raise, naming rank 1."""
+    import types
+    nvshmem._host = types.SimpleNamespace(
+        stuck="a collective was given up after 3 s (a peer never joined)" if rank == 1 else None)
+    try:
+        nvshmem.check_usable_everywhere()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_stuck_nvshmem_on_one_rank_makes_every_rank_raise():
+    """Buffer creation checks over WORLD first: the healthy ranks raise too, instead of waiting
+    in NVSHMEM's allocation for the stuck one (no deadline there)."""
+    from epgen import launch
+    out = launch.run_ranks(2, _usable_everywhere, timeout_s=120,
+                           placement=launch.Placement(2, 1, "time-sliced"))
+    for msg in out:
+        assert "NVSHMEM is unusable in WORLD rank(s) [1]" in msg and "never joined" in msg, msg
+        assert "start fresh processes" in msg, msg

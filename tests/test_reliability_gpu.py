@@ -351,7 +351,8 @@ def _wrap_config():
     dispatch refuses more channels than the SMs the process may use). Buffers are sized for
     WRAP_CONFIG itself, which needs at least as many bytes."""
     import epgen
-    return epgen.Config(**{**WRAP_CONFIG, "num_sms": gpu_harness.usable_sms(WRAP_CONFIG["num_sms"])[0]})
+    share = gpu_harness.usable_sms(WRAP_CONFIG["num_sms"])[0]
+    return epgen.Config(**{**WRAP_CONFIG, "num_sms": share})
 
 
 def _run_wrap(buf, rank, R, E, graphs):
