@@ -183,8 +183,9 @@ class Buffer:
         if not ctx.nvshmem.collective_within(free, wait_s, self.device.index):
             warnings.warn(f"epgen: rank {self.rank}: the other ranks did not join "
                           f"Buffer.destroy() within EPGEN_TIMEOUT_S={wait_s:g} s; its symmetric "
-                          "memory is leaked and no rank can create a new Buffer (start fresh "
-                          "processes)")
+                          "memory is leaked, no rank can create a new Buffer, and NVSHMEM's "
+                          "barrier kernel keeps waiting on this GPU (a device-wide synchronize "
+                          "would too): start fresh processes")
             return
         ctx.errors.free()
 
@@ -192,6 +193,10 @@ class Buffer:
         """Why the collective free could hang (some rank may never come), or None."""
         if self._ctx.errors.raised():
             return "a device error"
+        if self._ctx.nvshmem.stuck:
+            # the kernel of the collective given up still spins on the GPU: the device-wide
+            # synchronize below would wait for it forever (the next Buffer's destroy, at exit)
+            return f"NVSHMEM became unusable in this process ({self._ctx.nvshmem.stuck})"
         shrink = self._ll is not None and self._ll.enable_shrink
         if shrink:
             try:

@@ -83,3 +83,27 @@ def test_a_stuck_nvshmem_on_one_rank_makes_every_rank_raise():
     for msg in out:
         assert "NVSHMEM is unusable in WORLD rank(s) [1]" in msg and "never joined" in msg, msg
         assert "start fresh processes" in msg, msg
+
+
+def test_destroy_after_a_given_up_collective_does_not_synchronize_the_device(monkeypatch):
+    """NVSHMEM's barrier kernel of a collective given up keeps spinning on the GPU, so a
+    device-wide synchronize would never return: a later Buffer's destroy() (or the exit hook)
+    leaks it at once, with a warning. A fake Buffer state: a stuck NVSHMEM needs GPUs."""
+    import types
+
+    import pytest
+    import torch
+
+    from epgen import Buffer
+
+    def no_device_sync(*a, **k):
+        raise AssertionError("torch.cuda.synchronize() called with NVSHMEM stuck")
+    monkeypatch.setattr(torch.cuda, "synchronize", no_device_sync)
+    buf = Buffer.__new__(Buffer)
+    buf._destroyed, buf.rank, buf._ll = False, 0, None
+    buf._ctx = types.SimpleNamespace(
+        errors=types.SimpleNamespace(raised=lambda: False),
+        nvshmem=types.SimpleNamespace(stuck="a collective was given up after 3 s"))
+    with pytest.warns(UserWarning, match="became unusable.*given up.*leaked"):
+        buf.destroy()
+    assert buf._destroyed
