@@ -1,13 +1,13 @@
 """Run the GPU suites one module at a time within a wall-clock budget (one device call).
 
     python tests/gpu_suites.py --tier quick --ranks 2 --budget 540 [--per-module 150] \
-        [modules...] --out DIR
+        [modules[:seconds]...] --out DIR
 
 First `epgen precompile` of tests/data/gpu-suites.yaml (every kernel the suites use, compiled in
 parallel), then each module (`faults`, `test_faults_gpu` or `tests/test_faults_gpu.py`; all
 tests/test_*_gpu.py by default, in ORDER) as its own `pytest -m gpu -v -s -rA` process with
 EPGEN_TEST_TIER / EPGEN_TEST_RANKS set and EPGEN_TEST_PRECOMPILE=0. A module gets
-min(--per-module, the budget left); at its limit it gets SIGINT (pytest prints what finished,
+min(its limit, the budget left), its limit being --per-module or its own (`faults:240`); at it it gets SIGINT (pytest prints what finished,
 run_ranks stops its MPS daemon), then SIGKILL for its whole process group (the rank workers die
 with their parent anyway); an MPS daemon a killed module left behind is stopped. Once the budget
 is spent the remaining modules are skipped. Everything goes to DIR/gpu_suites.log (appended),
@@ -72,6 +72,23 @@ def module_paths(names: list[str], tests_dir: str = TESTS) -> list[str]:
                              f"{', '.join(found)}")
         out.append(found[short])
     return out
+
+
+def split_limits(names: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Module arguments with an optional own limit ("faults:240"): (names, {name: seconds}).
+    Raises ValueError naming a bad one."""
+    plain, limits = [], {}
+    for arg in names:
+        name, sep, secs = arg.partition(":")
+        if sep:
+            try:
+                limits[name] = float(secs)
+            except ValueError:
+                raise ValueError(f"module {arg!r}: the limit after ':' must be seconds") from None
+            if limits[name] <= 0:
+                raise ValueError(f"module {arg!r}: the limit after ':' must be > 0")
+        plain.append(name)
+    return plain, limits
 
 
 def next_limit(budget_left: float, per_module: float, floor: float | None = None) -> float | None:
@@ -166,7 +183,9 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("modules", nargs="*", help="modules to run (default: every GPU module)")
+    ap.add_argument("modules", nargs="*",
+                    help="modules to run, each optionally with its own limit (faults:240); "
+                         "default: every GPU module")
     ap.add_argument("--tier", choices=("quick", "full"), default="quick")
     ap.add_argument("--ranks", default="2", help="EPGEN_TEST_RANKS, e.g. 2 or 2,8")
     ap.add_argument("--budget", type=float, required=True, help="seconds for everything")
@@ -178,9 +197,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-dir", default=TESTS, help=argparse.SUPPRESS)   # the CPU test's fakes
     args = ap.parse_args(argv)
     try:
-        paths = module_paths(args.modules, args.tests_dir)
+        names, own_limits = split_limits(args.modules)
+        paths = module_paths(names, args.tests_dir)
     except ValueError as exc:
         ap.error(str(exc))
+    own = {p: own_limits[n] for n, p in zip(names, paths) if n in own_limits}
     if args.budget <= 0 or args.per_module <= 0:
         ap.error(f"--budget={args.budget:g} / --per-module={args.per_module:g}: must be > 0")
     os.makedirs(args.out, exist_ok=True)
@@ -209,7 +230,7 @@ def main(argv=None) -> int:
                 name = os.path.basename(path)
                 # the limit leaves the grace (SIGINT to SIGKILL) within the budget
                 limit = next_limit(args.budget - (time.monotonic() - t_start) - args.grace,
-                                   args.per_module)
+                                   own.get(path, args.per_module))
                 if limit is None:
                     outcomes.append(Outcome(name))
                     say(f"===== {name}: not run (budget spent)")

@@ -56,6 +56,14 @@ def test_module_names_in_every_form_and_unknown_refused(tmp_path):
     assert "test_faults_gpu.py" in real
 
 
+def test_own_limits_parsed_and_bad_ones_refused():
+    assert gpu_suites.split_limits(["faults:240", "normal"]) == (["faults", "normal"],
+                                                                {"faults": 240.0})
+    for bad in ("faults:x", "faults:0"):
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            gpu_suites.split_limits([bad])
+
+
 FAKES = {
     "pass": "def test_ok():\n    print('ran ok')\n",
     "fail": "def test_bad():\n    assert 1 == 2, 'fails on purpose'\n\n\ndef test_ok():\n    pass\n",
@@ -114,8 +122,8 @@ def test_runner_reports_each_module_and_keeps_to_the_budget(tmp_path, monkeypatc
     monkeypatch.setenv("HANG_PID_FILE", str(pid_file))
     monkeypatch.setattr(gpu_suites, "MIN_LIMIT_S", 3.0)
     t0 = time.monotonic()
-    rc = gpu_suites.main(["--budget", "10", "--per-module", "5", "--grace", "2",
-                          "hang", "later", *common])
+    rc = gpu_suites.main(["--budget", "10", "--per-module", "60", "--grace", "2",
+                          "hang:5", "later", *common])
     took = time.monotonic() - t0
     assert rc == 1 and took < 11, f"took {took:.1f} s"
     assert _gone(int(pid_file.read_text())), "the hung module's child survived"
