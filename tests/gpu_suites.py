@@ -11,7 +11,8 @@ min(its limit, the budget left), its limit being --per-module or its own (`fault
 run_ranks stops its MPS daemon), then SIGKILL for its whole process group (the rank workers die
 with their parent anyway); an MPS daemon a killed module left behind is stopped. Once the budget
 is spent the remaining modules are skipped. Everything goes to DIR/gpu_suites.log (appended),
-the table to stdout last and to DIR/gpu_suites.json.
+the table to stdout last and to DIR/gpu_suites.json; kernels the modules compiled at first use
+(not in the list) to DIR/compiled_at_first_use.yaml, as lines to add to it.
 """
 from __future__ import annotations
 
@@ -120,6 +121,27 @@ def parse_pytest(text: str) -> dict:
     return {**counts, "first_failure": first}
 
 
+def compiled_during(cache_root: str, since: float, spec_file: str = SPEC) -> list[str]:
+    """The kernels built into cache_root at or after `since` (epoch seconds) that spec_file does
+    not list, as its entry lines: what the suites compiled at first use, to add to the list."""
+    sys.path.insert(0, ROOT)
+    from epgen import specfile, specs
+
+    def line(spec) -> str:
+        return json.dumps(spec.to_json(), sort_keys=True)
+    listed = {line(sp) for sp in specfile.load_spec_file(spec_file).specs}
+    out = set()
+    for path in glob.glob(os.path.join(cache_root, "*", "manifest.json")):
+        try:
+            with open(path) as f:
+                m = json.load(f)
+            if m.get("created", 0) >= since:
+                out.add(line(specs.spec_from_json(m["spec"])))
+        except (OSError, ValueError, KeyError, TypeError, specs.SpecError):
+            continue              # an entry being written, or not a kernel of this epgen
+    return sorted(out - listed)
+
+
 def _stop_left_mps(tmp: str, log) -> None:
     """Stop any MPS daemon a killed run_ranks left in `tmp` (its TMPDIR)."""
     sys.path.insert(0, ROOT)
@@ -205,7 +227,7 @@ def main(argv=None) -> int:
     if args.budget <= 0 or args.per_module <= 0:
         ap.error(f"--budget={args.budget:g} / --per-module={args.per_module:g}: must be > 0")
     os.makedirs(args.out, exist_ok=True)
-    t_start = time.monotonic()
+    t_start, wall_start = time.monotonic(), time.time()
     scratch = tempfile.mkdtemp(prefix="epgen-suites-")
     env = {**os.environ, "EPGEN_TEST_TIER": args.tier, "EPGEN_TEST_RANKS": args.ranks,
            "EPGEN_TEST_PRECOMPILE": "0",
@@ -249,6 +271,17 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
             total = time.monotonic() - t_start
             text = table(outcomes)
+            sys.path.insert(0, ROOT)
+            from epgen.cache.store import default_root
+            try:
+                late = compiled_during(default_root(), wall_start - 1.0)
+            except Exception as exc:  # noqa: BLE001 - a report, never the run's failure
+                late, text = [], text + f"\n(cache not scanned: {exc})"
+            if late:
+                with open(os.path.join(args.out, "compiled_at_first_use.yaml"), "w") as f:
+                    f.write("".join(f"  - {k}\n" for k in late))
+                text += (f"\n{len(late)} kernels compiled at first use, not in {SPEC}: "
+                         f"{args.out}/compiled_at_first_use.yaml lists them")
             say(f"===== summary ({total:.0f} s of {args.budget:g})\n{text}")
             with open(os.path.join(args.out, "gpu_suites.json"), "w") as f:
                 json.dump({"tier": args.tier, "ranks": args.ranks, "budget_s": args.budget,

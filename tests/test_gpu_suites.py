@@ -56,6 +56,24 @@ def test_module_names_in_every_form_and_unknown_refused(tmp_path):
     assert "test_faults_gpu.py" in real
 
 
+def test_kernels_compiled_at_first_use_are_the_new_unlisted_ones(tmp_path):
+    from epgen import specs
+    listed = specs.ll_barrier_spec(2)
+    (tmp_path / "list.yaml").write_text(
+        f"arch: sm_90\nkernels:\n  - {json.dumps(listed.to_json())}\n")
+    cache = tmp_path / "cache"
+    entries = {"old": (specs.ll_barrier_spec(4), 100.0), "listed": (listed, 2000.0),
+               "new": (specs.layout_spec(2, 16, 4), 2000.0)}
+    for name, (spec, created) in entries.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "manifest.json").write_text(
+            json.dumps({"spec": spec.to_json(), "created": created}))
+    (cache / "torn").mkdir()
+    (cache / "torn" / "manifest.json").write_text("{")      # an entry being written
+    got = gpu_suites.compiled_during(str(cache), 1000.0, str(tmp_path / "list.yaml"))
+    assert got == [json.dumps(specs.layout_spec(2, 16, 4).to_json(), sort_keys=True)]
+
+
 def test_own_limits_parsed_and_bad_ones_refused():
     assert gpu_suites.split_limits(["faults:240", "normal"]) == (["faults", "normal"],
                                                                 {"faults": 240.0})
