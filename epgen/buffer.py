@@ -67,7 +67,9 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.init()
-        torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
+        here = nvshmem.current()
+        if here is None or not here.stuck:    # (stuck: its barrier kernel spins; raised below)
+            torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
         # Which ranks form a node (low-latency mode treats every peer alike: it needs none).
         self.topology = None if low_latency_mode else topology.resolve(group)
         spans_nodes = self.topology is not None and self.topology.spans_nodes

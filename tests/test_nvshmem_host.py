@@ -63,12 +63,27 @@ def test_collective_within_gives_up_and_blocks_later_collectives(monkeypatch):
 
 def _usable_everywhere(rank, world):
     """Rank 1's NVSHMEM is stuck (a fake host: a collective given up cannot be produced
-    without GPUs); every rank must raise, naming rank 1."""
+    without GPUs; so are the CUDA calls a CPU host lacks). Creating a Buffer must raise on
+    every rank, naming rank 1, with no device-wide synchronize on rank 1 (NVSHMEM's barrier
+    kernel of the given-up collective would keep it waiting forever)."""
     import types
+
+    import torch
+    import torch.distributed as dist
+
+    import epgen
+    from epgen.runtime import sharing
+
+    def synchronize(*a, **k):
+        if rank == 1:
+            raise AssertionError("torch.cuda.synchronize() with NVSHMEM stuck")
+    torch.cuda.is_available, torch.cuda.current_device = (lambda: True), (lambda: 0)
+    torch.cuda.init, torch.cuda.synchronize = (lambda: None), synchronize
+    sharing.local_share = lambda r, device: sharing.GpuShare(r, "fake-gpu", False, 100, 132)
     nvshmem._host = types.SimpleNamespace(
         stuck="a collective was given up after 3 s (a peer never joined)" if rank == 1 else None)
     try:
-        nvshmem.check_usable_everywhere()
+        epgen.Buffer(dist.group.WORLD, 0, 1 << 20, low_latency_mode=True)
     except RuntimeError as exc:
         return str(exc)
     return "no error"
