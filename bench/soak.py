@@ -134,6 +134,7 @@ def soak(rank, world, cfg):
     import torch.distributed as dist
     import epgen
     from tests import test_reliability_gpu as rel
+    rel.share_sms()           # normal mode's default channels within this rank's SMs (8 per GPU: 16)
     R, E = world, LOCAL_EXPERTS * world
     Hmax = max(h for h, _, _ in LL_SPECS)
     nvl = epgen.Config(20, 8, 256, 6, 128).get_nvl_buffer_size_hint(Hmax * 2, R)

@@ -67,7 +67,9 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.init()
-        torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
+        here = nvshmem.current()
+        if here is None or not here.stuck:    # (stuck: its barrier kernel spins; raised below)
+            torch.cuda.synchronize(self.device)   # makes the primary context current for NVSHMEM
         # Which ranks form a node (low-latency mode treats every peer alike: it needs none).
         self.topology = None if low_latency_mode else topology.resolve(group)
         spans_nodes = self.topology is not None and self.topology.spans_nodes
@@ -78,10 +80,8 @@ class Buffer:
         # NVSHMEM is initialised over WORLD once: whether its ranks span hosts is WORLD's
         # question, asked (collectively, as every WORLD rank makes every Buffer) only then.
         spans_hosts = nvshmem.current() is None and topology.count_hosts(dist.group.WORLD) > 1
+        nvshmem.check_usable_everywhere()     # every rank raises, none waits in the allocation
         host = nvshmem.host(heap_bytes=num_nvl_bytes + num_rdma_bytes, multi_node=spans_hosts)
-        if host.stuck:
-            raise RuntimeError(f"epgen.Buffer: rank {self.rank}: NVSHMEM is unusable in this "
-                               f"process ({host.stuck}); start fresh processes")
         pes = [dist.get_global_rank(group, r) for r in range(self.group_size)]
         self._nvl = SymmetricRegion(host, num_nvl_bytes, self.device, pes)
         self._rdma = SymmetricRegion(host, num_rdma_bytes, self.device, pes)
@@ -185,7 +185,9 @@ class Buffer:
         if not ctx.nvshmem.collective_within(free, wait_s, self.device.index):
             warnings.warn(f"epgen: rank {self.rank}: the other ranks did not join "
                           f"Buffer.destroy() within EPGEN_TIMEOUT_S={wait_s:g} s; its symmetric "
-                          "memory is leaked and this process can create no new Buffer")
+                          "memory is leaked, no rank can create a new Buffer, and NVSHMEM's "
+                          "barrier kernel keeps waiting on this GPU (a device-wide synchronize "
+                          "would too): start fresh processes")
             return
         ctx.errors.free()
 
@@ -193,6 +195,10 @@ class Buffer:
         """Why the collective free could hang (some rank may never come), or None."""
         if self._ctx.errors.raised():
             return "a device error"
+        if self._ctx.nvshmem.stuck:
+            # the kernel of the collective given up still spins on the GPU: the device-wide
+            # synchronize below would wait for it forever (the next Buffer's destroy, at exit)
+            return f"NVSHMEM became unusable in this process ({self._ctx.nvshmem.stuck})"
         shrink = self._ll is not None and self._ll.enable_shrink
         if shrink:
             try:

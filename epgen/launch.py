@@ -129,12 +129,16 @@ class MpsDaemon:
     def available(cls) -> bool:
         return shutil.which(cls.CONTROL) is not None
 
-    def __init__(self):
-        self.root = tempfile.mkdtemp(prefix="epgen-mps-")
+    PREFIX = "epgen-mps-"      # its folder in the temporary directory
+
+    def __init__(self, root: str | None = None):
+        """A new daemon's folders, or with `root` the folders of one a killed run left (to
+        stop it: tests/gpu_suites.py)."""
+        self.root = root or tempfile.mkdtemp(prefix=self.PREFIX)
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(self.root, "pipe"),
                     "CUDA_MPS_LOG_DIRECTORY": os.path.join(self.root, "log")}
         for d in self.env.values():
-            os.makedirs(d)
+            os.makedirs(d, exist_ok=root is not None)
 
     def _control(self, *args, stdin=None, timeout=20.0) -> subprocess.CompletedProcess:
         return subprocess.run([self.CONTROL, *args], input=stdin, env={**os.environ, **self.env},
@@ -149,7 +153,8 @@ class MpsDaemon:
 
     def stop(self) -> None:
         try:
-            self._control(stdin="quit\n")
+            if self._control(stdin="quit\n").returncode != 0:
+                raise OSError("no daemon answered")     # (gone already): nothing to wait for
             deadline = time.monotonic() + 20.0      # the daemon removes its pipe on exit
             while time.monotonic() < deadline and os.path.exists(
                     os.path.join(self.env["CUDA_MPS_PIPE_DIRECTORY"], "control")):

@@ -14,7 +14,7 @@ import pytest
 from tests import gpu_harness
 from tests import test_low_latency_gpu as llt
 from tests.test_reliability_gpu import (H, K, LOCAL_EXPERTS, M, WRAP_CONFIG, _check_normal_dispatch,
-                                        _normal_dispatch, _normal_inputs)
+                                        _normal_dispatch, _normal_inputs, share_sms)
 
 pytestmark = pytest.mark.gpu
 
@@ -46,6 +46,7 @@ def _fault_worker(rank, world):
     import torch.distributed as dist
     import epgen
     os.environ["EPGEN_TIMEOUT_S"] = "20"
+    share_sms()                 # the default config's channels within this rank's SMs
     R, E, skip = world, LOCAL_EXPERTS * world, world - 1
     nvl = epgen.Config(**WRAP_CONFIG).get_nvl_buffer_size_hint(H * 2, world)
     rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)

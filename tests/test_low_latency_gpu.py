@@ -135,6 +135,8 @@ CASES = [
 
 
 QUICK = [1, 7, 10]         # the quick tier: FP8 hooked, zero-copy async, FP8 graph replays
+# and, after them, the NVSHMEM-put path (enable_shrink is in the conformance suite's quick tier)
+QUICK_AFTER = [1]
 
 
 def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
@@ -422,7 +424,7 @@ def _worker(rank, world):
         [("enable_shrink: a rank masked out, explicitly and by the deadline",
           lambda: _run_shrink(rank, world, E)),
          ("allow_nvlink_for_low_latency_mode=False: every peer through NVSHMEM puts",
-          lambda: _run_without_nvlink(rank, world, E))], [0]), results)
+          lambda: _run_without_nvlink(rank, world, E))], QUICK_AFTER), results)
     return results
 
 

@@ -59,3 +59,66 @@ def test_collective_within_gives_up_and_blocks_later_collectives(monkeypatch):
     h.finalize()
     assert not h.lib.finalized                          # no finalize after a stuck barrier
     h.lib.arrive.set()                                  # lets the fake's thread end
+
+
+def _usable_everywhere(rank, world):
+    """Rank 1's NVSHMEM is stuck (a fake host: a collective given up cannot be produced
+    without GPUs; so are the CUDA calls a CPU host lacks). Creating a Buffer must raise on
+    every rank, naming rank 1, with no device-wide synchronize on rank 1 (NVSHMEM's barrier
+    kernel of the given-up collective would keep it waiting forever)."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    import epgen
+    from epgen.runtime import sharing
+
+    def synchronize(*a, **k):
+        if rank == 1:
+            raise AssertionError("torch.cuda.synchronize() with NVSHMEM stuck")
+    torch.cuda.is_available, torch.cuda.current_device = (lambda: True), (lambda: 0)
+    torch.cuda.init, torch.cuda.synchronize = (lambda: None), synchronize
+    sharing.local_share = lambda r, device: sharing.GpuShare(r, "fake-gpu", False, 100, 132)
+    nvshmem._host = types.SimpleNamespace(
+        stuck="a collective was given up after 3 s (a peer never joined)" if rank == 1 else None)
+    try:
+        epgen.Buffer(dist.group.WORLD, 0, 1 << 20, low_latency_mode=True)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_stuck_nvshmem_on_one_rank_makes_every_rank_raise():
+    """Buffer creation checks over WORLD first: the healthy ranks raise too, instead of waiting
+    in NVSHMEM's allocation for the stuck one (no deadline there)."""
+    from epgen import launch
+    out = launch.run_ranks(2, _usable_everywhere, timeout_s=120,
+                           placement=launch.Placement(2, 1, "time-sliced"))
+    for msg in out:
+        assert "NVSHMEM is unusable in WORLD rank(s) [1]" in msg and "never joined" in msg, msg
+        assert "start fresh processes" in msg, msg
+
+
+def test_destroy_after_a_given_up_collective_does_not_synchronize_the_device(monkeypatch):
+    """NVSHMEM's barrier kernel of a collective given up keeps spinning on the GPU, so a
+    device-wide synchronize would never return: a later Buffer's destroy() (or the exit hook)
+    leaks it at once, with a warning. A fake Buffer state: a stuck NVSHMEM needs GPUs."""
+    import types
+
+    import pytest
+    import torch
+
+    from epgen import Buffer
+
+    def no_device_sync(*a, **k):
+        raise AssertionError("torch.cuda.synchronize() called with NVSHMEM stuck")
+    monkeypatch.setattr(torch.cuda, "synchronize", no_device_sync)
+    buf = Buffer.__new__(Buffer)
+    buf._destroyed, buf.rank, buf._ll = False, 0, None
+    buf._ctx = types.SimpleNamespace(
+        errors=types.SimpleNamespace(raised=lambda: False),
+        nvshmem=types.SimpleNamespace(stuck="a collective was given up after 3 s"))
+    with pytest.warns(UserWarning, match="became unusable.*given up.*leaked"):
+        buf.destroy()
+    assert buf._destroyed

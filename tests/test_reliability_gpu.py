@@ -346,13 +346,21 @@ WRAP_CONFIG = dict(num_sms=20, num_max_nvl_chunked_send_tokens=8,
                    num_max_nvl_chunked_recv_tokens=288)
 
 
+def _wrap_config():
+    """WRAP_CONFIG with at most this rank's share of the SMs (16 where 8 ranks share a GPU:
+    dispatch refuses more channels than the SMs the process may use). Buffers are sized for
+    WRAP_CONFIG itself, which needs at least as many bytes."""
+    import epgen
+    share = gpu_harness.usable_sms(WRAP_CONFIG["num_sms"])[0]
+    return epgen.Config(**{**WRAP_CONFIG, "num_sms": share})
+
+
 def _run_wrap(buf, rank, R, E, graphs):
     """Calls across every counter's wrap point (started there by the test-only hook), each
     result checked: ring slots stay FIFO, waits see the right side of the comparison, epochs
     keep alternating halves and never match a stale word."""
     import torch
-    import epgen
-    config = epgen.Config(**WRAP_CONFIG)
+    config = _wrap_config()
     for w, (ring, seq, epoch) in enumerate(WRAP_STARTS):
         buf._set_counters_for_test(ring=ring, seq=seq, ll_epoch=epoch)
         for i in range(WRAP_CALLS):
@@ -412,7 +420,7 @@ def _run_graph_layout(buf, rank, R, E):
     refused even eagerly (replays could not run its barrier). Runs last: it pins the layout."""
     import torch
     import epgen
-    cfg = epgen.Config(**WRAP_CONFIG)
+    cfg = _wrap_config()
     other = epgen.Config(num_sms=10, num_max_nvl_chunked_send_tokens=8,
                          num_max_nvl_chunked_recv_tokens=288)
     ins = _normal_inputs(5000, R, E)
@@ -589,8 +597,30 @@ def _run_argument_properties(buf, rank, R, E):
     valid()
 
 
+def share_sms():
+    """For a worker: DeepEP's default 20 channels lowered to this rank's share of the SMs where
+    ranks share a GPU (16 at 8 ranks; the default configs' normal-mode calls refuse more), as
+    the serving-pattern suite does. Returns the undo."""
+    import epgen
+    epgen.Buffer.set_num_sms(gpu_harness.usable_sms(20)[0])
+    return lambda: epgen.Buffer.set_num_sms(20)
+
+
+# the quick tier: every job but the 5 s late rank (10 s of sleeps; the deadline suites cover
+# waits on a peer)
+QUICK = [0, 1, 2, 3, 4, 5, 7, 8]
+
+
 def _worker(rank, world):
     os.environ.setdefault("EPGEN_TIMEOUT_S", "20")
+    undo = share_sms()
+    try:
+        return _jobs(rank, world)
+    finally:
+        undo()
+
+
+def _jobs(rank, world):
     import torch
     import torch.distributed as dist
     import epgen
@@ -623,7 +653,7 @@ def _worker(rank, world):
     ]
     jobs.append(("normal mode under CUDA graphs: layout rules (runs last: pins the layout)",
                  lambda: _run_graph_layout(buf, rank, world, E)))
-    llt._run_jobs(jobs, results)
+    llt._run_jobs(gpu_harness.select(jobs, QUICK), results)
     torch.cuda.synchronize()
     buf.destroy()
     return results

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.gpu
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 SHORT = dict(ll_pairs=2000, normal_pairs=300, check_every=50, buffers=10, seed=14,
              gpu_growth_mb=64.0, host_growth_mb=256.0)
+# the quick tier: the same mix, a quarter of the pairs, three Buffer cycles
+QUICK = dict(SHORT, ll_pairs=500, normal_pairs=100, buffers=3)
 
 
 def _soak_worker(rank, world, cfg):
@@ -27,9 +29,10 @@ def _soak_worker(rank, world, cfg):
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
 def test_soak_short(num_ranks):
     gpu_harness.require_gpus(num_ranks)
-    per_rank = gpu_harness.run_ranks(num_ranks, _soak_worker, SHORT, timeout_s=500)
+    cfg = QUICK if gpu_harness.tier() == "quick" else SHORT
+    per_rank = gpu_harness.run_ranks(num_ranks, _soak_worker, cfg, timeout_s=500)
     for s in per_rank:
         print(s)
-        expect = (SHORT["ll_pairs"] + SHORT["normal_pairs"]) // SHORT["check_every"]
+        expect = cfg["ll_pairs"] // cfg["check_every"] + cfg["normal_pairs"] // cfg["check_every"]
         assert s["checked"] == expect, s
         assert s["errors"] == 0 and not s["deadline_fired"], s

@@ -248,3 +248,20 @@ def host(heap_bytes: int = 0, multi_node: bool = False) -> NvshmemHost:
 
 def current() -> NvshmemHost | None:
     return _host
+
+
+def check_usable_everywhere() -> None:
+    """Collective over WORLD, before a Buffer's first NVSHMEM call: raise on every rank when
+    NVSHMEM is unusable on any (a collective given up there leaves a thread inside NVSHMEM).
+    Each rank only checking its own would leave its peers waiting for it in NVSHMEM's
+    allocation, which has no deadline."""
+    import torch.distributed as dist
+    mine = _host.stuck if _host is not None else None
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    stuck = [(r, why) for r, why in enumerate(every) if why]
+    if stuck:
+        raise RuntimeError(
+            "epgen.Buffer: NVSHMEM is unusable in WORLD rank(s) "
+            f"{[r for r, _ in stuck]} ({stuck[0][1]}); no Buffer can be created on any rank: "
+            "start fresh processes")

@@ -1,0 +1,172 @@
+"""tests/gpu_suites.py, the one-call GPU suite runner, on fake modules (no GPU): module names,
+the budget, pytest's summary, a module killed at its limit with its process group, the rest
+skipped once the budget is spent; and MpsDaemon.stop() of a daemon that is gone."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+
+import pytest
+
+import gpu_suites
+from epgen import launch
+
+SUMMARIES = """\
+tests/test_ll_combine_rank_gpu.py::test_ll_combine_per_rank[2] [placement] 2 ranks
+FAILED
+
+=========================== short test summary info ============================
+FAILED tests/test_ll_combine_rank_gpu.py::test_ll_combine_per_rank[2] - Asser...
+ERROR tests/test_x_gpu.py::test_y[2] - RuntimeError
+==== 1 failed, 2 passed, 3 skipped, 1 error, 40 deselected in 72.95s (0:01:12) ====
+"""
+
+
+def test_parse_pytest_counts_and_first_failure():
+    got = gpu_suites.parse_pytest(SUMMARIES)
+    assert got == {"passed": 2, "failed": 2, "skipped": 3,
+                   "first_failure": "FAILED tests/test_ll_combine_rank_gpu.py::"
+                                    "test_ll_combine_per_rank[2] - Asser..."}
+    one = "============================== 1 passed in 32.24s =============================="
+    assert gpu_suites.parse_pytest(one) == {"passed": 1, "failed": 0, "skipped": 0,
+                                            "first_failure": ""}
+    assert gpu_suites.parse_pytest("killed before any summary")["passed"] == 0
+
+
+def test_next_limit_is_the_smaller_of_module_and_budget_left():
+    assert gpu_suites.next_limit(500, 120) == 120
+    assert gpu_suites.next_limit(50, 120) == 50
+    assert gpu_suites.next_limit(19, 120) is None          # below MIN_LIMIT_S: not started
+    assert gpu_suites.next_limit(5, 120, floor=3) == 5
+
+
+def test_module_names_in_every_form_and_unknown_refused(tmp_path):
+    for n in ("b", "a", "zz"):
+        (tmp_path / f"test_{n}_gpu.py").write_text("")
+    d = str(tmp_path)
+    paths = gpu_suites.module_paths(["a", "test_b_gpu", "tests/test_zz_gpu.py"], d)
+    assert [os.path.basename(p) for p in paths] == ["test_a_gpu.py", "test_b_gpu.py",
+                                                    "test_zz_gpu.py"]
+    with pytest.raises(ValueError, match=r"'nope'.*known: a, b, zz"):
+        gpu_suites.module_paths(["nope"], d)
+    real = [os.path.basename(p) for p in gpu_suites.module_paths([])]
+    assert real[:2] == ["test_runtime_gpu.py", "test_normal_gpu.py"] and len(real) == len(set(real))
+    assert "test_faults_gpu.py" in real
+
+
+def test_kernels_compiled_at_first_use_are_the_new_unlisted_ones(tmp_path):
+    from epgen import specs
+    listed = specs.ll_barrier_spec(2)
+    (tmp_path / "list.yaml").write_text(
+        f"arch: sm_90\nkernels:\n  - {json.dumps(listed.to_json())}\n")
+    cache = tmp_path / "cache"
+    entries = {"old": (specs.ll_barrier_spec(4), 100.0), "listed": (listed, 2000.0),
+               "new": (specs.layout_spec(2, 16, 4), 2000.0)}
+    for name, (spec, created) in entries.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "manifest.json").write_text(
+            json.dumps({"spec": spec.to_json(), "created": created}))
+    (cache / "torn").mkdir()
+    (cache / "torn" / "manifest.json").write_text("{")      # an entry being written
+    got = gpu_suites.compiled_during(str(cache), 1000.0, str(tmp_path / "list.yaml"))
+    assert got == [json.dumps(specs.layout_spec(2, 16, 4).to_json(), sort_keys=True)]
+
+
+def test_own_limits_parsed_and_bad_ones_refused():
+    assert gpu_suites.split_limits(["faults:240", "normal"]) == (["faults", "normal"],
+                                                                {"faults": 240.0})
+    for bad in ("faults:x", "faults:0"):
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            gpu_suites.split_limits([bad])
+
+
+FAKES = {
+    "pass": "def test_ok():\n    print('ran ok')\n",
+    "fail": "def test_bad():\n    assert 1 == 2, 'fails on purpose'\n\n\ndef test_ok():\n    pass\n",
+    # a module that hangs, with a child process of its own (as the rank workers are)
+    "hang": textwrap.dedent("""\
+        import os, subprocess, time
+
+        def test_hangs():
+            child = subprocess.Popen(["sleep", "600"])
+            with open(os.environ["HANG_PID_FILE"], "w") as f:
+                f.write(str(child.pid))
+            time.sleep(600)
+        """),
+    "later": "def test_never():\n    pass\n",
+}
+
+
+def _fakes(tmp_path):
+    d = tmp_path / "fakes"
+    d.mkdir()
+    for name, body in FAKES.items():
+        (d / f"test_{name}_gpu.py").write_text("import pytest\n\npytestmark = pytest.mark.gpu\n\n"
+                                               + body)
+    return str(d)
+
+
+def _gone(pid, within_s=10.0):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True                       # a zombie: killed, not yet reaped
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_runner_reports_each_module_and_keeps_to_the_budget(tmp_path, monkeypatch, capsys):
+    fakes, out = _fakes(tmp_path), str(tmp_path / "out")
+    common = ["--tier", "quick", "--ranks", "2", "--no-precompile", "--tests-dir", fakes,
+              "--out", out]
+    rc = gpu_suites.main(["--budget", "300", "--per-module", "60", "pass", "fail", *common])
+    assert rc == 1
+    table = capsys.readouterr().out.split("===== summary")[1]
+    rows = {line.split()[0]: line.split(None, 6) for line in table.splitlines()[1:]
+            if line.startswith("test_")}
+    assert rows["test_pass_gpu.py"][1:2] + rows["test_pass_gpu.py"][3:6] == ["0", "1", "0", "0"]
+    assert rows["test_fail_gpu.py"][1] == "1" and rows["test_fail_gpu.py"][3:5] == ["1", "1"]
+    assert "test_bad" in rows["test_fail_gpu.py"][6]
+
+    # the hanging module: SIGINT at its limit, then its whole group killed; no budget is left
+    # for the next one, which is reported as not run
+    pid_file = tmp_path / "hang.pid"
+    monkeypatch.setenv("HANG_PID_FILE", str(pid_file))
+    monkeypatch.setattr(gpu_suites, "MIN_LIMIT_S", 3.0)
+    t0 = time.monotonic()
+    # limit 10 s (pytest itself may take seconds to start on a loaded 2-core machine): killed
+    # at 10, gone by 12 at most; then 15 - 10 - grace < MIN_LIMIT_S is left: not started
+    rc = gpu_suites.main(["--budget", "15", "--per-module", "60", "--grace", "2",
+                          "hang:10", "later", *common])
+    took = time.monotonic() - t0
+    assert rc == 1 and took < 16, f"took {took:.1f} s"
+    assert pid_file.exists(), "the hanging test never started within its 10 s"
+    assert _gone(int(pid_file.read_text())), "the hung module's child survived"
+    summary = json.loads((tmp_path / "out" / "gpu_suites.json").read_text())
+    hang, later = summary["modules"]
+    assert hang["timed_out"] and hang["rc"] != 0 and hang["seconds"] < 13, hang
+    assert later["rc"] is None, later
+    text = capsys.readouterr().out
+    assert "killed at its limit" in text and "not run: budget spent" in text
+    log = (tmp_path / "out" / "gpu_suites.log").read_text()
+    assert "ran ok" in log and "fails on purpose" in log          # both calls, appended
+
+
+def test_mps_stop_of_a_daemon_that_is_gone_returns_at_once(tmp_path, monkeypatch):
+    """A daemon a killed run left (its folders still there, no daemon answering): stop()
+    removes the folders at once instead of waiting 20 s for the pipe to vanish."""
+    monkeypatch.setattr(launch.MpsDaemon, "CONTROL", "false")   # a control that answers nothing
+    root = tmp_path / "epgen-mps-left"
+    (root / "pipe").mkdir(parents=True)
+    (root / "pipe" / "control").write_text("")
+    d = launch.MpsDaemon(str(root))
+    assert d.root == str(root) and d.env["CUDA_MPS_PIPE_DIRECTORY"] == str(root / "pipe")
+    t0 = time.monotonic()
+    d.stop()
+    assert time.monotonic() - t0 < 5 and not root.exists()
