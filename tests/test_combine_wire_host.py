@@ -1,6 +1,6 @@
-"""The LogFMT-10 device code of templates/ll_combine_wire.cuh, built for the host (a warp as 32
-threads, tests/host/wire_host.cpp), against epgen.reference bit for bit: message bytes and
-decoded float32 values. CPU only; needs a C++20 compiler (g++), skipped without one."""
+"""The combine wire formats' device code (templates/ll_combine_wire.cuh), built for the host (a
+warp as 32 threads, tests/host/wire_host.cpp), against epgen.reference bit for bit: message
+bytes and decoded float32 values. CPU only; needs a C++20 compiler (g++), skipped without one."""
 import os
 import re
 import shutil
@@ -27,9 +27,9 @@ def wire_host(tmp_path_factory):
     return exe
 
 
-def _run(exe, x):
+def _run(exe, x, fmt=2):
     T, H = x.shape
-    inp = f"{H} {T}\n".encode() + x.contiguous().view(torch.int16).numpy().tobytes()
+    inp = f"{fmt} {H} {T}\n".encode() + x.contiguous().view(torch.int16).numpy().tobytes()
     lines = subprocess.run([exe], input=inp, capture_output=True, check=True).stdout.split(b"\n")
     out = []
     for t in range(T):
@@ -73,3 +73,15 @@ def test_header_constants_are_the_reference_definitions():
     assert _header_array("kLog2_1pM") == bits(ref.LOG2_1P_M)
     assert _header_array("kExp2Poly") == bits(ref.EXP2_POLY)
     assert _header_array("kLog2_1pPoly") == bits(ref.LOG2_1P_POLY)
+
+
+@pytest.mark.parametrize("H", [2880, 7168])
+def test_device_fp8_matches_reference(wire_host, H):
+    x = _rows(H, H + 1)
+    x[0, 5] = 3e4                                 # a group whose small values flush to zero
+    want, nbytes = ref.combine_wire_encode(x, "fp8_e4m3_f32_128")
+    vals_want = ref.combine_wire_values(x, "fp8_e4m3_f32_128")
+    for t, (n, msg, vals) in enumerate(_run(wire_host, x, fmt=1)):
+        assert n == int(nbytes[t]) == H + 4 * ((H + 127) // 128)
+        assert msg == bytes(want[t, :n].tolist()), f"row {t}: message bytes differ"
+        assert torch.equal(vals, vals_want[t].view(torch.int32)), f"row {t}: values differ"

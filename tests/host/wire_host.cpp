@@ -1,9 +1,11 @@
-// Host build of templates/ll_combine_wire.cuh's LogFMT-10 paths (tests/test_combine_wire_host.py):
+// Host build of templates/ll_combine_wire.cuh's encoders and decoders (tests/test_combine_wire_host.py):
 // a warp is 32 std::threads in lockstep at the shuffles, the float intrinsics are the host's
 // IEEE single operations (built with -ffp-contract=off), so the device code itself, not a
 // re-statement of it, is checked bit for bit against epgen.reference on a CPU.
-// stdin: H, T, then T rows of H bf16 (uint16). stdout: per row the message bytes (count, then
-// bytes), then the H decoded float32 bit patterns.
+// stdin: format (1 fp8_e4m3_f32_128, 2 logfmt10), H, T, then T rows of H bf16 (uint16). stdout:
+// per row the message bytes (count, then bytes), then the H decoded float32 bit patterns. The
+// CUDA conversions the FP8 path uses are written out below (e4m3: round to nearest even over the
+// finite values, the kernel having clamped to +-448).
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -24,14 +26,32 @@ inline float2 make_float2(float a, float b) { return {a, b}; }
 struct Dim { unsigned x; };
 static thread_local Dim threadIdx{0};
 static Dim blockDim{32};
-// Declared only (the FP8 paths are not instantiated here).
-struct __nv_bfloat162 {}; struct __half2 {}; struct __half2_raw {};
+struct __nv_bfloat162 { uint16_t x, y; };
+struct __half2_raw { float x, y; };        // e4m3 -> half -> float is exact: hold the floats
+typedef __half2_raw __half2;
 typedef unsigned short __nv_fp8x2_storage_t;
 enum { __NV_SATFINITE, __NV_E4M3 };
-float2 __bfloat1622float2(__nv_bfloat162);
-uint32_t __nv_cvt_float2_to_fp8x2(float2, int, int);
-__half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t, int);
-float2 __half22float2(__half2);
+inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float2 __bfloat1622float2(__nv_bfloat162 b) { return {bf16_to_float(b.x), bf16_to_float(b.y)}; }
+inline float e4m3_value(uint32_t c) {                 // finite codes 0..126 (no sign)
+    const int e = (c >> 3) & 15, m = c & 7;
+    return e == 0 ? std::ldexp((float)m, -9) : std::ldexp(1.f + m / 8.f, e - 7);
+}
+inline uint32_t e4m3_rn(float v) {
+    const float a = std::fabs(v);
+    uint32_t best = 0;
+    for (uint32_t c = 1; c < 127; ++c) {
+        const float d = std::fabs(e4m3_value(c) - a), db = std::fabs(e4m3_value(best) - a);
+        if (d < db || (d == db && (c & 1) == 0)) best = c;
+    }
+    return best | (std::signbit(v) ? 0x80u : 0u);
+}
+inline uint32_t __nv_cvt_float2_to_fp8x2(float2 v, int, int) { return e4m3_rn(v.x) | (e4m3_rn(v.y) << 8); }
+inline float e4m3_signed(uint32_t c) { const float f = e4m3_value(c & 0x7f); return (c & 0x80) ? -f : f; }
+inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t v, int) {
+    return {e4m3_signed(v & 0xff), e4m3_signed(v >> 8)};
+}
+inline float2 __half22float2(__half2 h) { return {h.x, h.y}; }
 inline int4 ld_nc_v4(const int4* p) { return *p; }
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -77,7 +97,7 @@ inline uint32_t __reduce_or_sync(unsigned, uint32_t v) {
 using namespace epgen::llw;
 
 template <int H>
-void run(int T) {
+void run(int fmt, int T) {
     using W = Wire<H>;
     std::vector<uint16_t> x((size_t)T * H);
     if (fread(x.data(), 2, x.size(), stdin) != x.size()) { fprintf(stderr, "short input\n"); exit(2); }
@@ -96,6 +116,13 @@ void run(int T) {
             lanes.emplace_back([&, l] {
                 threadIdx.x = l;
                 char* dst = reinterpret_cast<char*>(msg.data());
+                if (fmt == 1) {
+                    const int n = W::fp8_encode(row.data(), dst, l);
+                    if (l == 0) nbytes = n;
+                    bar.arrive_and_wait();
+                    for (int c = l; c < H / 8; c += 32) W::fp8_decode8(dst, c, &out[8 * c]);
+                    return;
+                }
                 const int n = W::logfmt_encode(row.data(), dst, l, tab);
                 if (l == 0) nbytes = n;
                 bar.arrive_and_wait();
@@ -121,14 +148,14 @@ void run(int T) {
 }
 
 int main() {
-    int H, T;
-    if (scanf("%d %d", &H, &T) != 2) return 2;
+    int fmt, H, T;
+    if (scanf("%d %d %d", &fmt, &H, &T) != 3) return 2;
     getchar();
     switch (H) {
-        case 7168: run<7168>(T); break;
-        case 4096: run<4096>(T); break;
-        case 2880: run<2880>(T); break;
-        case 512: run<512>(T); break;
+        case 7168: run<7168>(fmt, T); break;
+        case 4096: run<4096>(fmt, T); break;
+        case 2880: run<2880>(fmt, T); break;
+        case 512: run<512>(fmt, T); break;
         default: fprintf(stderr, "hidden %d not built\n", H); return 2;
     }
     return 0;
