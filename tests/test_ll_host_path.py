@@ -5,6 +5,7 @@ import ctypes
 import pytest
 import torch
 
+from epgen import formats
 from epgen.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
@@ -75,7 +76,9 @@ def test_bad_variant_refused_before_any_launch(call, monkeypatch):
 @pytest.mark.parametrize("kw, want", [({}, ""), ({"use_logfmt": True}, "logfmt10"),
                                       ({"wire_format": "logfmt10"}, "logfmt10"),
                                       ({"wire_format": "fp8_e4m3_f32_128"}, "fp8_e4m3_f32_128"),
-                                      ({"wire_format": "bf16"}, "")])
+                                      ({"wire_format": "bf16"}, ""),
+                                      ({"wire_format": formats.FP8_E4M3_F32_128},
+                                       "fp8_e4m3_f32_128")])
 def test_combine_format_is_the_spec_field(call, monkeypatch, kw, want):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
     (s1, _), (s2, _) = call(**kw)
