@@ -330,10 +330,14 @@ class Buffer:
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out=None,
-                            combine_wait_recv_cost_stats=None):
+                            combine_wait_recv_cost_stats=None, *, wire_format=None):
+        """DeepEP's low_latency_combine. use_logfmt=True sends DeepEP's LogFMT-10; epgen's one
+        addition: wire_format (README "Wire formats") names what the rows cross the wire as:
+        "bf16", "fp8_e4m3_f32_128" or "logfmt10" (use_logfmt must then be False or name the
+        same). Formats other than bf16 refuse zero_copy. The receiver sums in float32."""
         return self._low_latency().low_latency_combine(
             x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
-            return_recv_hook, out, combine_wait_recv_cost_stats)
+            return_recv_hook, out, combine_wait_recv_cost_stats, wire_format)
 
     def get_next_low_latency_combine_buffer(self, handle):
         return self._low_latency().get_next_low_latency_combine_buffer(handle)

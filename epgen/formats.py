@@ -215,3 +215,39 @@ def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:
     ue8m0 = fmt is FP8_UE8M0_128
     return dict(use_fp8=fp8, round_scale=ue8m0 or (fp8 and round_scale), use_ue8m0=ue8m0,
                 wire_format="" if fp8 or fmt is BF16 else fmt.name)
+
+
+# -- low-latency combine ------------------------------------------------------------------------
+# What a low-latency combine's expert outputs (always BF16 in and out) cross the wire as; the
+# receiver decodes to float32 and sums there (reference.combine_wire_values, README "Wire
+# formats"). bf16 and fp8_e4m3_f32_128 are the dispatch formats of those names (FP8: e4m3 +
+# float32 scale_inv per 128 channels, reference.per_token_cast_to_fp8); logfmt10 is DeepEP's
+# LogFMT-10 (use_logfmt=True). Name one with low_latency_combine(wire_format=...).
+LOGFMT10 = "logfmt10"
+COMBINE_FORMATS = (BF16.name, FP8_E4M3_F32_128.name, LOGFMT10)
+
+
+def combine_format(wire_format, use_logfmt: bool = False, zero_copy: bool = False) -> str:
+    """The combine format's name from low_latency_combine's arguments: wire_format (a name in
+    COMBINE_FORMATS, or the WireFormat of bf16 / fp8_e4m3_f32_128), else use_logfmt's choice;
+    FormatError naming the argument otherwise (a conflict with use_logfmt, zero_copy with a
+    format that is not BF16: zero_copy hands over the BF16 rows themselves)."""
+    if wire_format is None:
+        name = LOGFMT10 if use_logfmt else BF16.name
+    else:
+        name = wire_format.name if isinstance(wire_format, WireFormat) else wire_format
+        if name not in COMBINE_FORMATS:
+            raise _err("wire_format", wire_format, f"a low-latency combine sends one of "
+                                                   f"{COMBINE_FORMATS}")
+        if use_logfmt and name != LOGFMT10:
+            raise _err("wire_format", name, "conflicts with use_logfmt=True (which names "
+                                            f"{LOGFMT10!r})")
+    if zero_copy and name != BF16.name:
+        raise _err("zero_copy", True, f"needs the bf16 combine format, not {name!r} (as DeepEP "
+                                      "refuses zero_copy with use_logfmt)")
+    return name
+
+
+def combine_fields(name: str) -> dict:
+    """LowLatencyCombineSpec's format field for a COMBINE_FORMATS name."""
+    return dict(wire_format="" if name == BF16.name else name)

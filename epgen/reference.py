@@ -17,6 +17,7 @@ Orderings a kernel is free to change (everything else here is exact):
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -528,8 +529,8 @@ def _ll_combine_rows(xs: Tensors, topk_idx: torch.Tensor, rank: int, recv_src_in
 
 
 def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        rank: int, recv_src_infos: Tensors,
-                        recv_layout_ranges: Tensors) -> torch.Tensor:
+                        rank: int, recv_src_infos: Tensors, recv_layout_ranges: Tensors,
+                        wire_format: str = "bf16") -> torch.Tensor:
     """What token owner `rank` gets from a low-latency combine: [T, H] in xs' dtype (bf16).
 
     xs[j]: rank j's expert outputs [El, R*M, H], row i of local expert e being the output for the
@@ -540,9 +541,23 @@ def low_latency_combine(xs: Tensors, topk_idx: torch.Tensor, topk_weights: torch
     once to bf16; y_k is the row of expert topk_idx[t][k] (on rank e // El, local e % El) inside
     source `rank`'s range whose src_info is t. Tokens with no expert get zeros.
     This is the per-expert combine's order (templates/ll_combine.cuh, EPGEN_LL_COMBINE=per_expert).
+    wire_format (COMBINE_FORMATS): the rows cross the wire in it, so float32(y_k) is
+    combine_wire_values(y_k) (section 8); "bf16" adds the rows themselves.
     """
     y = _ll_combine_rows(xs, topk_idx, rank, recv_src_infos, recv_layout_ranges)
-    return sum_rows_per_expert(y, topk_idx, topk_weights).to(xs[0].dtype)
+    if wire_format != "bf16":    # a message's values depend on its row alone
+        T, K, H = y.shape
+        y = combine_wire_values(y.view(T * K, H).to(torch.bfloat16), wire_format).view(T, K, H)
+    return sum_rows_per_expert(y, topk_idx, topk_weights).to(torch.bfloat16)
+
+
+def low_latency_combine_slot_rows(xs: Tensors, topk_idx: torch.Tensor, rank: int,
+                                  recv_src_infos: Tensors,
+                                  recv_layout_ranges: Tensors) -> torch.Tensor:
+    """The bf16 rows [T, K, H] token owner `rank` receives, slot (t, k) from expert
+    topk_idx[t][k] (zeros for -1): what combine_wire_encode turns into that slot's message."""
+    return _ll_combine_rows(xs, topk_idx, rank, recv_src_infos,
+                            recv_layout_ranges).to(torch.bfloat16)
 
 
 def sum_rows_per_expert(y: torch.Tensor, topk_idx: torch.Tensor,
@@ -783,143 +798,270 @@ def nvfp4_split_wire_scales(wire: torch.Tensor, hidden: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. LogFMT-10 combine wire format (DeepEP 567632d, csrc/kernels/internode_ll.cu logfmt_encode /
-#    logfmt_check_amaxmin / decode_and_accumulate)
+# 8. Combine wire formats: LogFMT-10 (DeepEP 567632d, csrc/kernels/internode_ll.cu logfmt_encode /
+#    logfmt_check_amaxmin / decode_and_accumulate) and FP8 per-128; README "Wire formats"
 # ------------------------------------------------------------------------------------------------
 LOGFMT_GROUP = 128       # channels per (amax, amin) metadata pair
 LOGFMT_CODES = 1 << 9    # 9-bit magnitude codes; code 0 is zero, 1..511 a log scale
 LOGFMT_MIN_CLIP = 32.0   # log2 range clip: amin is at least amax * 2^-32
 LOGFMT_BLOCK = 16        # values per 20-byte packed block (16 x 9 code bits + 16 sign bits)
 
+# DeepEP computes its logarithms with lg2.approx / ex2.approx, which no CPU reproduces; epgen's
+# LogFMT-10 defines them by float32 operations a kernel repeats exactly (each rounded to nearest
+# even, no FMA), so the bytes on the wire and the decoded values are bit-exact everywhere:
+#   log2 of a bf16 magnitude 2^e * (1 + m/128) (subnormals normalised first): float32(e) +
+#     LOG2_1P_M[m], LOG2_1P_M[m] = float32(log2(1 + m/128)); log2(0) = -inf;
+#   exp2(v): n = rint(v), f = v - n (exact), p = Horner(EXP2_POLY, f), then p * 2^n (for n below
+#     -126 as (p * 2^(n+64)) * 2^-64, one rounding into the subnormals; n < -150 gives 0);
+#   log2(y) for y in [1, 1.03125] (only (1 + 2^step) / 2 needs it): d = y - 1 (exact),
+#     d * Horner(LOG2_1P_POLY, d).
+# The polynomials: Taylor coefficients rounded to float32 (exp2: ln2^k / k!, k = 0..7, |f| <= 1/2;
+# log2(1+d): (-1)^(k+1) / (k ln2), k = 1..6, d <= 1/32); errors below 2 ulp (test_formats_reference).
+# templates/ll_combine_wire.cuh holds the same constants as bit patterns (a CPU test compares).
+
+
+def _f32_const(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float64).float())
+
+
+LOG2_1P_M = tuple(_f32_const(math.log2(1 + m / 128)) for m in range(128))
+EXP2_POLY = tuple(_f32_const(math.log(2) ** k / math.factorial(k)) for k in range(7, -1, -1))
+LOG2_1P_POLY = tuple(_f32_const((-1) ** (k + 1) / (k * math.log(2))) for k in range(6, 0, -1))
+
+
+def _fconst(v: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, v, dtype=torch.float32)
+
+
+def _horner(coeffs, x: torch.Tensor) -> torch.Tensor:
+    """coeffs highest degree first; each multiply and add rounded (float32)."""
+    acc = _fconst(coeffs[0], x)
+    for c in coeffs[1:]:
+        acc = acc * x + _fconst(c, x)
+    return acc
+
+
+def logfmt_log2_bf16(mag_bits: torch.Tensor) -> torch.Tensor:
+    """epgen's log2 of bf16 magnitudes given as their 15-bit patterns (int32), float32."""
+    b = mag_bits.to(torch.int32)
+    e, m = b >> 7, b & 0x7F
+    # Subnormal m * 2^-133: shift the leading one into the implicit bit.
+    lead = sum((m >= (1 << k)).to(torch.int32) for k in range(1, 7))   # floor(log2 m), exact
+    sub = (e == 0) & (m > 0)
+    ex = torch.where(sub, lead - 133, e - 127)
+    mm = torch.where(sub, (m << (7 - lead)) & 0x7F, m)
+    table = torch.tensor(LOG2_1P_M, dtype=torch.float32, device=b.device)
+    out = ex.float() + table[mm.long()]
+    return torch.where(b == 0, torch.full_like(out, float("-inf")), out)
+
+
+def logfmt_exp2(v: torch.Tensor) -> torch.Tensor:
+    """epgen's exp2 of float32 v (finite), float32."""
+    v = v.float()
+    n = torch.round(v)                       # half to even, as rintf
+    p = _horner(EXP2_POLY, v - n)
+    ni = n.clamp(-200, 127).to(torch.int32)
+    def pow2(k):                              # 2^k as float32 from the bits, k in [-126, 127]
+        return ((k + 127) << 23).view(torch.float32)
+    normal = p * pow2(ni.clamp(min=-126))
+    sub = (p * pow2((ni + 64).clamp(-126, 127))) * _fconst(2.0 ** -64, p)
+    out = torch.where(ni >= -126, normal, sub)
+    return torch.where(n < -150, torch.zeros_like(out), out)
+
+
+def logfmt_log2_near1(y: torch.Tensor) -> torch.Tensor:
+    """epgen's log2 of float32 y in [1, 1.03125], float32."""
+    d = y.float() - _fconst(1.0, y)
+    return d * _horner(LOG2_1P_POLY, d)
+
 
 class LogFMTMessage(NamedTuple):
-    meta: torch.Tensor       # [T, H/128, 2] bf16: (amax, amin) of the group's magnitudes
-    cast: torch.Tensor       # [T, H / chunk] bool: the chunk travels as LogFMT (else BF16)
-    payload: torch.Tensor    # [T, 4 * H/128 + 2 * H] uint8: meta bytes, then the chunks, padded
+    meta: torch.Tensor       # [T, G, 2] bf16: (amax, amin) of the group's magnitudes
+    cast: torch.Tensor       # [T, ceil(H / chunk)] bool: the chunk travels as LogFMT (else BF16)
+    payload: torch.Tensor    # [T, 4 * G + 2 * H] uint8: meta bytes, then the chunks, padded
     num_bytes: torch.Tensor  # [T] int64: the bytes of each token's message
 
 
 def logfmt_chunk(hidden: int) -> int:
     """Channels per encode-or-not decision: one warp iteration of DeepEP's send (32 lanes x
-    kNumSendUnrolls int4 of 8 bf16): 1024 when hidden % 1024 == 0, else 512."""
-    if hidden % 256:
-        raise ValueError(f"LogFMT needs hidden % 256 == 0 (DeepEP's vectorization), got {hidden}")
+    kNumSendUnrolls int4 of 8 bf16): 1024 when hidden % 1024 == 0, else 512. epgen extends the
+    format to hidden % 16 == 0 (DeepEP needs hidden % 512 == 0): the last chunk and the last
+    128-channel group may then be partial."""
+    if hidden <= 0 or hidden % LOGFMT_BLOCK:
+        raise ValueError(f"LogFMT needs a positive hidden % 16 == 0 (its 16-value blocks), "
+                         f"got {hidden}")
     return 1024 if hidden % 1024 == 0 else 512
+
+
+def logfmt_message_bytes(hidden: int) -> int:
+    """The largest message: the metadata and every chunk as BF16."""
+    return 4 * ((hidden + LOGFMT_GROUP - 1) // LOGFMT_GROUP) + 2 * hidden
 
 
 def _logfmt_log_range(meta: torch.Tensor):
     """(log_amax, log_amin, ok) per group from the bf16 (amax, amin) metadata, float32:
     log_amin = max(log2(amin), log_amax - 32) (amin == 0 gives log_amax - 32), and the group may
     be encoded when log_amax < 0 (all magnitudes below 1) and log_amin < log_amax."""
-    amax, amin = meta[..., 0].float(), meta[..., 1].float()
-    log_amax = torch.log2(amax)
-    clip = log_amax - LOGFMT_MIN_CLIP
-    log_amin = torch.where(amin == 0, clip, torch.maximum(torch.log2(amin), clip))
+    bits = meta.contiguous().view(torch.int16).to(torch.int32) & 0x7FFF
+    log_amax = logfmt_log2_bf16(bits[..., 0])
+    clip = log_amax - _fconst(LOGFMT_MIN_CLIP, log_amax)
+    log_amin = torch.where(bits[..., 1] == 0, clip,
+                           torch.maximum(logfmt_log2_bf16(bits[..., 1]), clip))
     return log_amax, log_amin, (log_amax < 0) & (log_amin < log_amax)
 
 
-def _f32(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float32)
-
-
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a * b + c rounded once (as the CUDA compiler contracts DeepEP's expressions): the
-    product of two float32 is exact in float64, the sum rounded twice (float64 then float32),
-    which differs from a true FMA only in double-rounding ties."""
-    return _f32(a.double() * b.double() + c.double())
+def _logfmt_step(log_amax: torch.Tensor, log_amin: torch.Tensor) -> torch.Tensor:
+    return (log_amax - log_amin) / _fconst(float(LOGFMT_CODES - 2), log_amax)
 
 
 def _logfmt_steps(log_amax: torch.Tensor, log_amin: torch.Tensor):
-    """(step, step_inv, fused_rounding) of logfmt_encode, float32."""
-    step = (log_amax - log_amin) / torch.full_like(log_amax, float(LOGFMT_CODES - 2))
-    step_inv = torch.ones_like(step) / step
-    half_log = torch.log2((torch.ones_like(step) + torch.exp2(step)) * 0.5)
-    rounding = _fma(-half_log, step_inv, torch.full_like(step, 2.0))
-    fused = _fma(-log_amin, step_inv, rounding)
+    """(step, step_inv, fused_rounding) of logfmt_encode, float32 (each op rounded)."""
+    step = _logfmt_step(log_amax, log_amin)
+    step_inv = _fconst(1.0, step) / step
+    half = logfmt_log2_near1((_fconst(1.0, step) + logfmt_exp2(step)) * _fconst(0.5, step))
+    rounding = _fconst(2.0, step) - half * step_inv
+    fused = rounding - log_amin * step_inv
     return step, step_inv, fused
 
 
-def logfmt_encode(x: torch.Tensor) -> LogFMTMessage:
-    """LogFMT-10 encoding of bf16 [T, H] rows, the bytes DeepEP's combine sends per token.
+def _chunk_bounds(H: int):
+    C = logfmt_chunk(H)
+    return [(c, min(c + C, H)) for c in range(0, H, C)]
 
-    Metadata: per group of 128 channels, (amax, amin) of the bf16 magnitudes (sign bit cleared),
-    as bf16, written first: 4 bytes a group. Then the chunks of logfmt_chunk(H) channels in
-    order; a chunk is encoded when every group in it may be (_logfmt_log_range: the receiver's
-    rule in logfmt_check_amaxmin, which the sender matches whenever its groups agree), else it
-    travels as its BF16 bytes (2 bytes a channel). Encoded, each block of 16 channels is 20
-    bytes, little-endian: bits 9j..9j+8 the code of value j, bits 144..159 the 16 sign bits.
-    Code, with the group's log range (float32):
+
+def logfmt_encode(x: torch.Tensor) -> LogFMTMessage:
+    """LogFMT-10 encoding of bf16 [T, H] rows, the bytes one combine message carries.
+
+    Metadata: per group of 128 channels (the last may be partial), (amax, amin) of the bf16
+    magnitudes (sign bit cleared), as bf16, written first: 4 bytes a group. Then the chunks of
+    logfmt_chunk(H) channels in order; a chunk is encoded when every group in it may be
+    (_logfmt_log_range, the receiver's rule of logfmt_check_amaxmin), else it travels as its
+    BF16 bytes (2 bytes a channel). Encoded, each block of 16 channels is 20 bytes, little-endian:
+    bits 9j..9j+8 the code of value j, bits 144..159 the 16 sign bits. Code, with the group's
+    log range (float32, each operation rounded; log2 / exp2 as defined above):
         step = (log_amax - log_amin) / 510; step_inv = 1 / step
-        rounding = 2 - log2((1 + 2^step) / 2) * step_inv; fused = rounding - log_amin * step_inv
-        code = floor(max(log2(|x|) * step_inv + fused, 0))       (|x| = 0: code 0)
-    (the products-and-sums are FMAs, as nvcc contracts them). DeepEP uses lg2.approx / ex2.approx,
-    so its codes may differ from these by one where the unrounded value is within ~2^-20
-    relative of an integer; epgen's definition is this function.
+        rounding = 2 - log2((1 + 2^step) * 0.5) * step_inv; fused = rounding - log_amin * step_inv
+        code = min(floor(max(log2(|x|) * step_inv + fused, 0)), 511)    (|x| = 0: code 0)
     """
     if x.dim() != 2 or x.dtype != torch.bfloat16:
         raise ValueError(f"logfmt_encode takes bf16 [T, H], got {x.dtype} {list(x.shape)}")
     T, H = x.shape
-    C = logfmt_chunk(H)
+    chunks = _chunk_bounds(H)
+    G = (H + LOGFMT_GROUP - 1) // LOGFMT_GROUP
     bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
     sign = (bits >> 15) & 1
-    mag = (bits & 0x7FFF).to(torch.int16).view(torch.bfloat16)
-    groups = mag.view(T, H // LOGFMT_GROUP, LOGFMT_GROUP)
-    meta = torch.stack([groups.amax(dim=-1), groups.amin(dim=-1)], dim=-1)
+    magb = bits & 0x7FFF
+    padded = torch.nn.functional.pad(magb, (0, G * LOGFMT_GROUP - H), value=-1)
+    amax = padded.view(T, G, LOGFMT_GROUP).amax(dim=-1)
+    amin = torch.where(padded < 0, torch.full_like(padded, 0xFFFF), padded).view(
+        T, G, LOGFMT_GROUP).amin(dim=-1)
+    meta = torch.stack([amax, amin], dim=-1).to(torch.int16).view(torch.bfloat16)
     log_amax, log_amin, ok = _logfmt_log_range(meta)
-    cast = ok.view(T, H // C, C // LOGFMT_GROUP).all(dim=-1)
+    grp = lambda a, b: slice(a // LOGFMT_GROUP, (b + LOGFMT_GROUP - 1) // LOGFMT_GROUP)  # noqa
+    cast = torch.stack([ok[:, grp(a, b)].all(dim=-1) for a, b in chunks], dim=-1)
     _, step_inv, fused = _logfmt_steps(log_amax, log_amin)
-    per_ch = lambda v: v.repeat_interleave(LOGFMT_GROUP, dim=-1)  # noqa: E731
-    t = _fma(torch.log2(mag.float()), per_ch(step_inv), per_ch(fused))
-    codes = torch.floor(torch.clamp(t, min=0)).to(torch.int64)   # -inf (zero) -> 0
+    per_ch = lambda v: v.repeat_interleave(LOGFMT_GROUP, dim=-1)[:, :H]  # noqa: E731
+    t = logfmt_log2_bf16(magb) * per_ch(step_inv) + per_ch(fused)
+    codes = torch.floor(torch.clamp(t, min=0)).clamp(max=LOGFMT_CODES - 1)
+    codes = torch.nan_to_num(codes, nan=0.0).to(torch.int64)     # groups not encoded: unused
     # Pack 16-value blocks: 9-bit codes then 16 signs, as a 160-bit little-endian integer.
-    cb = codes.view(T, H // LOGFMT_BLOCK, LOGFMT_BLOCK)
-    sb = sign.view(T, H // LOGFMT_BLOCK, LOGFMT_BLOCK).to(torch.int64)
+    B = H // LOGFMT_BLOCK
+    cb = codes.view(T, B, LOGFMT_BLOCK)
+    sb = sign.view(T, B, LOGFMT_BLOCK).to(torch.int64)
     code_bits = (cb.unsqueeze(-1) >> torch.arange(9, device=x.device)) & 1   # [T, B, 16, 9]
-    stream = torch.zeros(T, H // LOGFMT_BLOCK, 160, dtype=torch.int64, device=x.device)
+    stream = torch.zeros(T, B, 160, dtype=torch.int64, device=x.device)
     stream[..., :144] = code_bits.flatten(-2)
     stream[..., 144:] = sb
-    enc = (stream.view(T, -1, 20, 8) << torch.arange(8, device=x.device)).sum(-1).to(torch.uint8)
-    enc = enc.view(T, H // C, C // LOGFMT_BLOCK * 20)                        # per chunk
-    raw = x.contiguous().view(torch.uint8).view(T, H // C, 2 * C)
+    enc = (stream.view(T, B, 20, 8) << torch.arange(8, device=x.device)).sum(-1).to(torch.uint8)
+    raw = x.contiguous().view(torch.uint8).view(T, H, 2)
     meta_bytes = meta.contiguous().view(torch.uint8).view(T, -1)
-    out = torch.zeros(T, 4 * (H // LOGFMT_GROUP) + 2 * H, dtype=torch.uint8, device=x.device)
-    num_bytes = torch.zeros(T, dtype=torch.int64)
-    for ti in range(T):
-        parts = [meta_bytes[ti]] + [enc[ti, c] if cast[ti, c] else raw[ti, c]
-                                    for c in range(H // C)]
-        row = torch.cat(parts)
-        out[ti, :row.numel()] = row
-        num_bytes[ti] = row.numel()
+    out = torch.zeros(T, logfmt_message_bytes(H), dtype=torch.uint8, device=x.device)
+    out[:, :4 * G] = meta_bytes
+    off = torch.full((T,), 4 * G, dtype=torch.int64, device=x.device)
+    rows = torch.arange(T, device=x.device)
+    for c, (a, b) in enumerate(chunks):      # every row's chunk c, at that row's offset
+        for form, piece in ((True, enc[:, a // 16:b // 16].flatten(1)),
+                            (False, raw[:, a:b].flatten(1))):
+            sel = rows[cast[:, c] == form]
+            cols = off[sel, None] + torch.arange(piece.shape[1], device=x.device)
+            out[sel[:, None], cols] = piece[sel]
+        off += torch.where(cast[:, c], (b - a) // 16 * 20, 2 * (b - a))
+    num_bytes = off.cpu()
     return LogFMTMessage(meta, cast, out, num_bytes)
 
 
 def logfmt_decode(msg: LogFMTMessage, hidden: int) -> torch.Tensor:
-    """The float32 [T, H] values a receiver reads from logfmt_encode's bytes: BF16 chunks as they
-    are; encoded values, with the group's step = (log_amax - log_amin) / 510 from the metadata,
-    code == 0 -> 0, else 2^((code - 1) * step + log_amin) (an FMA), with the sign bit."""
+    """The float32 [T, H] values a receiver reads from logfmt_encode's bytes (it finds the
+    chunks' forms from the metadata alone): BF16 chunks as they are; encoded values, with the
+    group's step = (log_amax - log_amin) / 510, code == 0 -> 0, else
+    exp2(float32(code - 1) * step + log_amin) (multiply and add each rounded), with the sign."""
     T, H = msg.payload.shape[0], hidden
-    C = logfmt_chunk(H)
-    G = H // LOGFMT_GROUP
+    G = (H + LOGFMT_GROUP - 1) // LOGFMT_GROUP
     meta = msg.payload[:, :4 * G].contiguous().view(torch.bfloat16).view(T, G, 2)
-    log_amax, log_amin, _ = _logfmt_log_range(meta)
-    step = (log_amax - log_amin) / torch.full_like(log_amax, float(LOGFMT_CODES - 2))
-    out = torch.zeros(T, H, dtype=torch.float32)
-    for ti in range(T):
-        off = 4 * G
-        for c in range(H // C):
-            ch = slice(c * C, (c + 1) * C)
-            if not msg.cast[ti, c]:
-                out[ti, ch] = msg.payload[ti, off:off + 2 * C].view(torch.bfloat16).float()
-                off += 2 * C
-                continue
-            nb = C // LOGFMT_BLOCK * 20
-            blk = msg.payload[ti, off:off + nb].view(-1, 20).to(torch.int64)
-            off += nb
-            bit = ((blk.unsqueeze(-1) >> torch.arange(8)) & 1).flatten(-2)      # [B, 160]
-            codes = (bit[:, :144].view(-1, LOGFMT_BLOCK, 9) << torch.arange(9)).sum(-1).flatten()
-            signs = bit[:, 144:].flatten()
-            g = torch.arange(c * C, (c + 1) * C) // LOGFMT_GROUP
-            val = torch.exp2(_fma(_f32(codes - 1), step[ti, g], log_amin[ti, g]))
-            val = torch.where(codes == 0, torch.zeros_like(val), val)
-            out[ti, ch] = torch.where(signs == 1, -val, val)
+    log_amax, log_amin, ok = _logfmt_log_range(meta)
+    step = _logfmt_step(log_amax, log_amin)
+    dev = msg.payload.device
+    out = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    off = torch.full((T,), 4 * G, dtype=torch.int64, device=dev)
+    rows = torch.arange(T, device=dev)
+    for a, b in _chunk_bounds(H):
+        n = b - a
+        cast = ok[:, a // LOGFMT_GROUP:(b + LOGFMT_GROUP - 1) // LOGFMT_GROUP].all(dim=-1)
+        sel = rows[~cast]                       # BF16 chunks as they are
+        cols = off[sel, None] + torch.arange(2 * n, device=dev)
+        out[sel, a:b] = msg.payload[sel[:, None], cols].view(torch.bfloat16).float()
+        sel = rows[cast]
+        nb = n // LOGFMT_BLOCK * 20
+        cols = off[sel, None] + torch.arange(nb, device=dev)
+        blk = msg.payload[sel[:, None], cols].view(len(sel), n // LOGFMT_BLOCK, 20).to(torch.int64)
+        bit = ((blk.unsqueeze(-1) >> torch.arange(8, device=dev)) & 1).flatten(-2)  # [S, B, 160]
+        codes = (bit[..., :144].reshape(len(sel), n // LOGFMT_BLOCK, LOGFMT_BLOCK, 9)
+                 << torch.arange(9, device=dev)).sum(-1).flatten(1)
+        signs = bit[..., 144:].flatten(1)
+        g = torch.arange(a, b, device=dev) // LOGFMT_GROUP
+        val = logfmt_exp2((codes - 1).float() * step[sel][:, g] + log_amin[sel][:, g])
+        val = torch.where(codes == 0, torch.zeros_like(val), val)
+        out[sel, a:b] = torch.where(signs == 1, -val, val)
+        off += torch.where(cast, nb, 2 * n)
     return out
+
+
+# The combine's FP8 wire format (epgen.formats "fp8_e4m3_f32_128"): per_token_cast_to_fp8's cast
+# (float32 scale_inv = max(amax, 1e-4) / 448 per 128 channels, the last group partial), the
+# message being the H e4m3 bytes then the S float32 scale_inv, 16-byte padded.
+def fp8_combine_message_bytes(hidden: int) -> int:
+    return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
+
+
+COMBINE_FORMATS = ("bf16", "fp8_e4m3_f32_128", "logfmt10")
+
+
+def combine_wire_encode(x: torch.Tensor, wire_format: str = "bf16"):
+    """The bytes a low-latency combine sends for bf16 rows x [N, H] in `wire_format`:
+    (payload [N, max bytes] uint8, num_bytes [N] int64); a row's message is payload[i, :n_i]."""
+    N, H = x.shape
+    if wire_format == "bf16":
+        return x.contiguous().view(torch.uint8).view(N, 2 * H), torch.full((N,), 2 * H)
+    if wire_format == "fp8_e4m3_f32_128":
+        q, s = per_token_cast_to_fp8(x)
+        out = torch.zeros(N, fp8_combine_message_bytes(H), dtype=torch.uint8, device=x.device)
+        out[:, :H] = q.view(torch.uint8)
+        out[:, H:H + 4 * s.shape[1]] = s.contiguous().view(torch.uint8)
+        return out, torch.full((N,), H + 4 * s.shape[1])
+    if wire_format == "logfmt10":
+        m = logfmt_encode(x)
+        return m.payload, m.num_bytes
+    raise ValueError(f"wire_format={wire_format!r}: must be one of {COMBINE_FORMATS}")
+
+
+def combine_wire_values(x: torch.Tensor, wire_format: str = "bf16") -> torch.Tensor:
+    """The float32 values the receiver adds for rows x [N, H] sent in `wire_format`: the BF16
+    values; FP8: float32(e4m3) * scale_inv (rounded); LogFMT-10: logfmt_decode."""
+    if wire_format == "bf16":
+        return x.float()
+    if wire_format == "fp8_e4m3_f32_128":
+        q, s = per_token_cast_to_fp8(x)
+        return per_token_cast_back(q, s)
+    if wire_format == "logfmt10":
+        return logfmt_decode(logfmt_encode(x), x.shape[1])
+    raise ValueError(f"wire_format={wire_format!r}: must be one of {COMBINE_FORMATS}")

@@ -28,6 +28,9 @@ MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
 # the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT.
 LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
+# Low-latency combine wire formats (epgen.formats.COMBINE_FORMATS; "" is BF16). The index is
+# the template's FMT (templates/ll_combine_wire.cuh).
+LL_COMBINE_FORMATS = ("", "fp8_e4m3_f32_128", "logfmt10")
 # The largest hidden size accepted (README): every family compiles there without spills; the
 # GPU suites run up to 7168, and a Buffer's own size checks still apply at run time.
 MAX_HIDDEN = 16384
@@ -379,6 +382,8 @@ class LowLatencyCombineSpec(KernelSpec):
     num_experts: int
     num_ranks: int
     threads: int = 1024
+    # LL_COMBINE_FORMATS: what the rows cross the wire as ("": BF16)
+    wire_format: str = dataclasses.field(default="", metadata=NEW_FIELD)
 
     def validate(self):
         _check_common(self)
@@ -388,9 +393,16 @@ class LowLatencyCombineSpec(KernelSpec):
                   "must be a multiple of 32 in [256, 1024]")
         self._req(self.threads >= self.num_experts, "threads",
                   f"must be >= num_experts={self.num_experts} (one thread per expert signal)")
+        self._req(self.wire_format in LL_COMBINE_FORMATS, "wire_format",
+                  f"must be one of {LL_COMBINE_FORMATS}")
+
+    @property
+    def wire_format_code(self) -> int:
+        return LL_COMBINE_FORMATS.index(self.wire_format)
 
     def readable_tag(self):
-        return f"bf16_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+        return (f"{self.wire_format or 'bf16'}_h{self.hidden}_k{self.num_topk}"
+                f"_e{self.num_experts}_r{self.num_ranks}")
 
 
 @dataclass(frozen=True)
@@ -399,6 +411,11 @@ class LowLatencyCombineRankSpec(LowLatencyCombineSpec):
     rules as the per-expert one, its own family so that kernel's source stays as it is."""
     family: ClassVar[str] = "ll_combine_rank"
     template: ClassVar[str] = "ll_combine_rank.cu.j2"
+
+    def validate(self):
+        super().validate()
+        self._req(self.wire_format == "", "wire_format",
+                  "the per-rank combine sends BF16 partial sums only")
 
     def readable_tag(self):
         return "rank_" + super().readable_tag()
@@ -465,11 +482,12 @@ def ll_dispatch_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: in
 
 
 def ll_combine_spec(hidden: int, num_topk: int, num_experts: int, num_ranks: int,
-                    per_rank: bool = False) -> "LowLatencyCombineSpec":
-    """per_rank: the per-rank kernel (ops/low_latency.combine_runs_per_rank decides)."""
+                    per_rank: bool = False, wire_format: str = "") -> "LowLatencyCombineSpec":
+    """per_rank: the per-rank kernel (ops/low_latency.combine_runs_per_rank decides);
+    wire_format: LL_COMBINE_FORMATS (formats.combine_fields)."""
     return cached(LowLatencyCombineRankSpec if per_rank else LowLatencyCombineSpec,
                   hidden=hidden, num_topk=num_topk, num_experts=num_experts,
-                  num_ranks=num_ranks)
+                  num_ranks=num_ranks, wire_format=wire_format)
 
 
 def ll_barrier_spec(num_ranks: int) -> "LowLatencyBarrierSpec":

@@ -35,6 +35,9 @@ SPECS = [
                              wire_format=f) for f in ("mxfp8", "nvfp4") for h in (7168, 4096, 2880)),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
+    # the combine wire formats (FP8 + float scales, LogFMT-10) at 7168, 4096 and 2880
+    *(LowLatencyCombineSpec(hidden=h, num_topk=8, num_experts=64, num_ranks=8, wire_format=f)
+      for f in ("fp8_e4m3_f32_128", "logfmt10") for h in (7168, 4096, 2880)),
     LowLatencyBarrierSpec(num_ranks=8),
     # the per-rank combine (EPGEN_LL_COMBINE=per_rank): hidden 7168/4096/2880 x top-k 8/16,
     # ranks 2/4/8

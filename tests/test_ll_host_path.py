@@ -5,6 +5,7 @@ import ctypes
 import pytest
 import torch
 
+from epgen import formats
 from epgen.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
@@ -80,3 +81,59 @@ def test_bad_variant_refused_before_any_launch(call, monkeypatch):
     with pytest.raises(ValueError, match="EPGEN_LL_COMBINE='fast'"):
         call()
     assert call.fake.launches == []
+
+
+# -- combine wire formats (use_logfmt / wire_format): the spec field, the refusals ---------------
+@pytest.mark.parametrize("kw, want", [({}, ""), ({"use_logfmt": True}, "logfmt10"),
+                                      ({"wire_format": "logfmt10"}, "logfmt10"),
+                                      ({"wire_format": "fp8_e4m3_f32_128"}, "fp8_e4m3_f32_128"),
+                                      ({"wire_format": "bf16"}, ""),
+                                      ({"wire_format": formats.FP8_E4M3_F32_128},
+                                       "fp8_e4m3_f32_128")])
+def test_combine_format_is_the_spec_field(call, monkeypatch, kw, want):
+    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
+    (s1, _), (s2, _) = call(**kw)
+    assert type(s1) is LowLatencyCombineSpec and s1.wire_format == want and s1 == s2
+
+
+def test_combine_format_runs_the_per_expert_kernel_under_per_rank(call, monkeypatch):
+    monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
+    launches = call(wire_format="fp8_e4m3_f32_128")
+    assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec] * 2
+    assert launches[0][0].wire_format == "fp8_e4m3_f32_128"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"use_logfmt": True, "zero_copy": True}, r"zero_copy=True: needs the bf16 combine format"),
+    ({"wire_format": "fp8_e4m3_f32_128", "zero_copy": True}, r"zero_copy=True"),
+    ({"wire_format": "mxfp8"}, r"wire_format='mxfp8': a low-latency combine sends one of"),
+    ({"wire_format": "fp8_e4m3_f32_128", "use_logfmt": True},
+     r"wire_format='fp8_e4m3_f32_128': conflicts with use_logfmt=True"),
+])
+def test_combine_format_errors_before_any_launch(call, kw, match):
+    with pytest.raises(ValueError, match=match):
+        call(**kw)
+    assert call.fake.launches == []
+
+
+def test_combine_area_holds_the_largest_message():
+    # LogFMT-10's BF16 fallback plus its metadata (templates/ll_combine_wire.cuh kLogfmtBytes),
+    # per slot, in both halves of the receive area and in the staging area.
+    for hidden in (2880, 4096, 7168):
+        slot = ll.combine_slot_bytes(hidden)
+        assert slot == (2 * hidden + 4 * ((hidden + 127) // 128) + 15) // 16 * 16
+        lay = ll._data_layout(M, hidden, R, E)
+        assert lay["comb_send"] - lay["comb_recv"] >= 2 * E * M * slot
+        assert lay["end"] - lay["comb_send"] >= E * M * slot
+
+
+def test_combine_spec_format_rules():
+    from epgen.specs import SpecError
+    base = dict(hidden=H, num_topk=K, num_experts=E, num_ranks=R)
+    with pytest.raises(SpecError, match=r"wire_format='fp4': must be one of"):
+        LowLatencyCombineSpec(**base, wire_format="fp4")
+    with pytest.raises(SpecError, match="per-rank combine sends BF16 partial sums only"):
+        LowLatencyCombineRankSpec(**base, wire_format="logfmt10")
+    bf16, lf = LowLatencyCombineSpec(**base), LowLatencyCombineSpec(**base, wire_format="logfmt10")
+    assert "wire_format" not in bf16.describe() and bf16.name != lf.name
+    assert (bf16.wire_format_code, lf.wire_format_code) == (0, 2)

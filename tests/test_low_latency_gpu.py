@@ -225,6 +225,85 @@ def _run_format_case(buf, rank, R, E, cid, name, H, K, wf, hook):
     _check_combine(rank, ins, y, handle, combined)
 
 
+# (name, H, K, use_logfmt, wire_format, hook): the combine wire formats, after
+# FORMAT_CASES (QUICK keeps its meaning; QUICK_COMBINE adds the first). Each checks the message
+# bytes in the owner's receive slots against reference.combine_wire_encode and the output bit
+# for bit against reference.low_latency_combine(wire_format=...).
+COMBINE_FORMAT_CASES = [
+    ("combine use_logfmt h7168 k8", 7168, 8, True, None, False),
+    ("combine wire_format logfmt10 h2880 k16 hook", 2880, 16, False, "logfmt10", True),
+    ("combine wire_format logfmt10 h4096 k8", 4096, 8, False, "logfmt10", False),
+    ("combine wire_format fp8_e4m3_f32_128 h7168 k8 hook", 7168, 8, False, "fp8_e4m3_f32_128",
+     True),
+    ("combine wire_format fp8_e4m3_f32_128 h2880 k16", 2880, 16, False, "fp8_e4m3_f32_128",
+     False),
+]
+QUICK_COMBINE = [0]
+
+
+def _format_expert_out(recv):
+    """Expert outputs that exercise LogFMT-10's both forms: even rows scaled below 1 (their chunks
+    encode, but for a zero group in every fourth: its chunk goes as BF16), odd rows as they are
+    (|y| >= 1 in every chunk: BF16)."""
+    y = _expert_out(recv, False, recv.shape[-1])
+    rows = y.view(-1, y.shape[-1])
+    rows[0::2] *= 2 ** -7
+    rows[0::4, 128:256] = 0
+    return y
+
+
+def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
+    """The bytes each of this rank's receive slots holds after the call: the message of the row
+    its expert sent, as reference.combine_wire_encode makes it."""
+    import torch
+    from epgen import reference as ref
+    from epgen.ops import low_latency as ll
+    T, K = idx.shape
+    H = ys[0].shape[-1]
+    ops = buf._low_latency()
+    epoch = int(ops.ctx.rdma.view(torch.int64, (1,), ll.WORDS_OFF + ll.OP_WORDS).item())
+    slot = ref.fp8_combine_message_bytes(H) if fmt == "fp8_e4m3_f32_128" else \
+        ll.combine_slot_bytes(H)
+    lay = ll._data_layout(M, H, R, E)
+    area = ops.ctx.rdma.view(torch.uint8, (E * M, slot),
+                             lay["comb_recv"] + (epoch & 1) * E * M * slot)
+    rows = ref.low_latency_combine_slot_rows(ys, idx, rank, srcs, lays)
+    want, nbytes = ref.combine_wire_encode(rows.view(T * K, H), fmt)
+    valid = (idx >= 0).flatten()
+    tok = torch.arange(T, device=idx.device).repeat_interleave(K)
+    got = area[(idx.flatten() * M + tok)[valid]][:, :want.shape[1]]
+    want, nbytes = want[valid], nbytes.to(idx.device)[valid]
+    inside = torch.arange(want.shape[1], device=idx.device) < nbytes[:, None]
+    bad = (got != want) & inside
+    assert not bool(bad.any()), \
+        f"{fmt}: slot bytes differ, first at (slot, byte) {bad.nonzero()[0].tolist()}"
+    if fmt == "logfmt10":                    # the case is meaningful: both forms were sent
+        assert bool((nbytes < want.shape[1]).any()) and bool((nbytes == want.shape[1]).any())
+
+
+def _run_combine_format_case(buf, rank, R, E, cid, name, H, K, use_logfmt, wf, hook):
+    import torch
+    from epgen import reference as ref
+    tokens = [M] * R
+    tokens[-1] = M - 3
+    ins = _all_inputs(cid, R, tokens, H, K, E)
+    _, idx, w = ins[rank]
+    _poison()
+    recv, _, handle = _checked_dispatch(buf, rank, ins, E)
+    y = _format_expert_out(recv)
+    combined, ev, hk = buf.low_latency_combine(y, idx, w, handle, use_logfmt=use_logfmt,
+                                               return_recv_hook=hook, wire_format=wf)
+    _finish(buf, ev, hk, hook, False)
+    fmt = "logfmt10" if use_logfmt else wf
+    ys, srcs, lays = _gather(y), _gather(handle[0]), _gather(handle[1])
+    _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx)
+    exp = ref.low_latency_combine(ys, idx, w, rank, srcs, lays, wire_format=fmt)
+    assert not bool(combined.isnan().any()), "combine output has NaN (rows not written)"
+    same = combined.view(torch.int16) == exp.view(torch.int16)
+    assert bool(same.all()), f"{fmt}: output differs from the golden model at " \
+        f"{(~same).nonzero()[0].tolist()} ({int((~same).sum())} values)"
+
+
 def _run_double(buf, rank, R, E):
     """Two calls in flight (hooks): send 1, send 2, recv 1, recv 2, for dispatch and combine."""
     import torch
@@ -416,7 +495,11 @@ def _worker(rank, world):
     jobs.append(("compile during capture is an error", lambda: _run_compile_in_capture(buf, E)))
     jobs += [(c[0], lambda c=c, i=i: _run_format_case(buf, rank, world, E, 400 + i, *c))
              for i, c in enumerate(FORMAT_CASES)]
-    _run_jobs(gpu_harness.select(jobs, QUICK), results)
+    first_combine = len(jobs)
+    jobs += [(c[0], lambda c=c, i=i: _run_combine_format_case(buf, rank, world, E, 600 + i, *c))
+             for i, c in enumerate(COMBINE_FORMAT_CASES)]
+    _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE]),
+              results)
     torch.cuda.synchronize()
     buf.destroy()
     # Each with its own Buffer (the heap holds one of each size at a time), after the main one.
@@ -441,6 +524,9 @@ def _run_without_nvlink(rank, R, E):
     try:
         for cid, case in ((300, CASES[1]), (301, CASES[7]), (302, CASES[2])):
             _run_case(buf, rank, R, E, cid, *case)
+        # the formats' staged messages: NVSHMEM puts of each message's own length
+        for cid, case in ((303, COMBINE_FORMAT_CASES[1]), (304, COMBINE_FORMAT_CASES[4])):
+            _run_combine_format_case(buf, rank, R, E, cid, *case)
     finally:
         torch.cuda.synchronize()
         buf.destroy()
@@ -508,7 +594,7 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    return gpu_harness.cached_runs(_worker, timeout_s=360)     # + FORMAT_CASES
+    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())

@@ -16,10 +16,12 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token]); the per-rank
+     combine receive  [2][E][M] slots of combine_slot_bytes (slot [global expert][owner's
+                      token]: a BF16 row, or its message in the call's wire format); the per-rank
                       combine uses each half for its routes, partials and staging instead
                       (templates/ll_combine_rank.cuh, per_rank_half_bytes)
-     combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
+     combine send     [E*M] slots of combine_slot_bytes: bf16 [El][R*M][H] as the zero-copy
+                      buffer; staging of NVSHMEM puts
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
 step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook).
@@ -93,7 +95,7 @@ def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
     # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
     msg = HEADER_MAX + payload_bytes(hidden, False)
-    row = 2 * hidden
+    row = combine_slot_bytes(hidden)
     disp_recv = DATA_OFF
     disp_send = _align(disp_recv + 2 * num_ranks * M * msg)
     comb_recv = _align(disp_send + M * (payload_bytes(hidden, False)
@@ -102,6 +104,12 @@ def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
     end = _align(comb_send + num_experts * M * row)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
                 comb_send=comb_send, end=end)
+
+
+def combine_slot_bytes(hidden: int) -> int:
+    """A combine slot: room for the largest message of any combine format, LogFMT-10's (its
+    metadata and every chunk as BF16; templates/ll_combine_wire.cuh kLogfmtBytes)."""
+    return _align(4 * ((hidden + 127) // 128) + 2 * hidden, 16)
 
 
 def per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
@@ -374,10 +382,12 @@ class LowLatencyOps:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False,
                             zero_copy=False, async_finish=False, return_recv_hook=False, out=None,
-                            combine_wait_recv_cost_stats=None):
-        # use_logfmt is DeepEP's internal lossy wire format; epgen sends BF16 (the same result
-        # up to that format's rounding), so the flag is accepted and has no effect.
+                            combine_wait_recv_cost_stats=None, wire_format=None):
+        # use_logfmt / wire_format: the rows' format on the wire (formats.combine_format; README
+        # "Wire formats"); the per-rank kernel sends BF16 partials only, so a call naming another
+        # format runs the per-expert kernel.
         ctx = self.ctx
+        fmt = formats.combine_format(wire_format, bool(use_logfmt), bool(zero_copy))
         ctx.check_errors()
         R = ctx.num_ranks
         src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
@@ -396,12 +406,13 @@ class LowLatencyOps:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
-        per_rank = combine_runs_per_rank(M, H, R, E, K, return_recv_hook, self.enable_shrink)
+        per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
+            M, H, R, E, K, return_recv_hook, self.enable_shrink)
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        spec = spec_for_call(ll_combine_spec, {"num_topk": "topk_idx.shape[1]"},
-                             H, K, E, R, per_rank)
+        spec = spec_for_call(functools.partial(ll_combine_spec, **formats.combine_fields(fmt)),
+                             {"num_topk": "topk_idx.shape[1]"}, H, K, E, R, per_rank)
         kernel = ctx.kernel(spec)
         # epoch, done for a receive launched on its own (not needed when both phases run fused)
         fused = per_rank and self.fuse_phases

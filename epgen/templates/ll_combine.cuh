@@ -3,8 +3,10 @@
 //
 // Region layout (byte offsets are launch arguments):
 //   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
-//   recv_off: bf16 [2][E][M][H]           rows by (global expert, owner's token index)
-//   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts
+//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index)
+//   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
+//                                         [El][R*M] slots of kSlot bytes, no zero-copy)
+// FMT: the wire format (ll_combine_wire.cuh): 0 BF16 rows, 1 FP8 + float scales, 2 LogFMT-10.
 // Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
 // range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
 // the last block signals every rank. Receive phase (phases & 2): every block waits for all
@@ -12,11 +14,15 @@
 // add rounded separately, k ascending) and store BF16.
 #pragma once
 #include "ll_common.cuh"
+#include "ll_combine_wire.cuh"
 
 namespace epgen {
 
-template <int H, int K, int E, int R, int THREADS>
+template <int H, int K, int E, int R, int THREADS, int FMT>
 struct LLCombine {
+    using W = llw::Wire<H>;
+    static constexpr int kSlot = FMT == 1 ? W::kFp8Bytes : FMT == 2 ? W::kLogfmtBytes : 2 * H;
+    static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
     static constexpr int kSlices = (kRowN16 + 31) / 32;
@@ -25,10 +31,13 @@ struct LLCombine {
     static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
                   "experts / ranks");
     static_assert(K >= 1 && K <= 32, "top-k");
+    static_assert(FMT >= 0 && FMT <= 2 && kSlot <= W::kLogfmtBytes, "format / slot");
 
     static __device__ void send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
+        __shared__ float s_log2[FMT == 2 ? 128 : 1];
+        if (FMT == 2) llw::load_log2_table(s_log2);
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
@@ -68,11 +77,21 @@ struct LLCombine {
             const int t = a.src_info[le * RM + row];
             if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
             const int e = a.rank * El + le;
-            const uint64_t off = a.recv_off + (((uint64_t)half * E + e) * (uint64_t)M + t) * (2 * H);
+            const uint64_t off = a.recv_off + (((uint64_t)half * E + e) * (uint64_t)M + t) * kSlot;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
-            if (pb != 0) {
+            if (FMT != 0) {          // encode into the peer's slot, or stage and put what it took
+                char* dst = pb != 0 ? reinterpret_cast<char*>(pb + off)
+                                    : base + a.send_off + (le * RM + row) * (int64_t)kSlot;
+                const int n = FMT == 1 ? W::fp8_encode(xrow, dst, lane)
+                                       : W::logfmt_encode(xrow, dst, lane, s_log2);
+                if (pb == 0) {
+                    __threadfence();
+                    __syncwarp();
+                    nvshmemx_putmem_nbi_warp(base + off, dst, (size_t)n, a.pes[src]);
+                }
+            } else if (pb != 0) {
                 warp_copy<kRowN16, 8, true>(reinterpret_cast<int4*>(pb + off), xrow, lane);
             } else {
                 char* stage = base + a.send_off + (le * RM + row) * (int64_t)(2 * H);
@@ -98,6 +117,54 @@ struct LLCombine {
         }
     }
 
+    // LogFMT-10 receive: warps reduce (token, 512-channel piece) units, a lane a 16-channel
+    // block; each message's metadata says which of its chunks came encoded (every lane reads it,
+    // so the chunk offsets need no exchange with the other pieces' warps).
+    static __device__ void recv_logfmt(const LowLatencyCombineArgs& a, const ErrorCtx& err,
+                                       const bool* s_in, const char* area, const float* tab,
+                                       int64_t gw, int64_t nw) {
+        const int lane = threadIdx.x & 31;
+        const int M = a.max_tokens;
+        const int64_t units = (int64_t)a.num_tokens * kPieces;
+        for (int64_t u = gw; u < units; u += nw) {
+            const int t = (int)(u / kPieces), piece = (int)(u % kPieces);
+            int my_e = -1;
+            float my_w = 0.f;
+            if (lane < K) {
+                const int64_t e = a.topk_idx[(int64_t)t * K + lane];
+                if (e >= 0 && e < E) {
+                    if (s_in[(int)e / El]) my_e = (int)e;
+                } else if (e != -1) {
+                    report_error(err, kErrBadIndex, -1, t);
+                }
+                my_w = a.topk_weights[(int64_t)t * K + lane];
+            }
+            const int b = piece * 32 + lane;
+            const bool active = b < W::kBlocks;
+            float acc[16];
+            #pragma unroll
+            for (int j = 0; j < 16; ++j) acc[j] = 0.f;
+            for (int k = 0; k < K; ++k) {
+                const int e = __shfl_sync(0xffffffffu, my_e, k);
+                const float w = __shfl_sync(0xffffffffu, my_w, k);
+                if (e < 0) continue;                       // the same for the whole warp
+                const char* slot = area + ((uint64_t)e * M + t) * kSlot;
+                const uint32_t bad = W::logfmt_bad_chunks(slot, lane, tab);
+                if (!active) continue;
+                W::logfmt_add16(slot, b, bad, tab, w, acc);
+            }
+            if (active) {
+                int4 o[2];
+                __nv_bfloat162* ob = reinterpret_cast<__nv_bfloat162*>(o);
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) ob[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+                int4* dst = reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * (2 * H)) + 2 * b;
+                st_v4(dst, o[0]);
+                st_v4(dst + 1, o[1]);
+            }
+        }
+    }
+
     static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = (unsigned long long)ld_volatile(
@@ -107,6 +174,8 @@ struct LLCombine {
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
 
         __shared__ bool s_in[R];   // ranks whose rows this receive adds
+        __shared__ float s_log2[FMT == 2 ? 128 : 1];
+        if (FMT == 2) llw::load_log2_table(s_log2);
         for (int r = tid; r < R; r += THREADS) {
             bool arrived = false;
             if (!ll::masked(a.mask, r)) {
@@ -130,8 +199,11 @@ struct LLCombine {
 
         const int64_t gw = ll::spread_warp_index();
         const int64_t nw = (int64_t)gridDim.x * kWarps;
+        const char* area = base + a.recv_off + (uint64_t)half * E * (uint64_t)M * kSlot;
+        if (FMT == 2) {
+            recv_logfmt(a, err, s_in, area, s_log2, gw, nw);
+        } else {
         const int64_t units = (int64_t)a.num_tokens * kSlices;
-        const char* area = base + a.recv_off + (uint64_t)half * E * (uint64_t)M * (2 * H);
         for (int64_t u = gw; u < units; u += nw) {
             const int t = (int)(u / kSlices), sl = (int)(u % kSlices);
             int my_e = -1;
@@ -154,6 +226,13 @@ struct LLCombine {
                 const int e = __shfl_sync(0xffffffffu, my_e, k);
                 const float w = __shfl_sync(0xffffffffu, my_w, k);
                 if (e < 0 || c >= kRowN16) continue;
+                if (FMT == 1) {
+                    float v[8];
+                    W::fp8_decode8(area + ((uint64_t)e * M + t) * kSlot, c, v);
+                    #pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, v[j]));
+                    continue;
+                }
                 int4 raw = ld_v4(reinterpret_cast<const int4*>(
                     area + ((uint64_t)e * M + t) * (2 * H)) + c);
                 const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -172,14 +251,15 @@ struct LLCombine {
                 st_v4(reinterpret_cast<int4*>(reinterpret_cast<char*>(a.out) + (int64_t)t * (2 * H)) + c, o);
             }
         }
+        }
         if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err))
             poison_fill(a.out, (int64_t)a.num_tokens * 2 * H, kPoisonNaN);      // outputs: NaN
     }
 };
 
-template <int H, int K, int E, int R, int THREADS>
+template <int H, int K, int E, int R, int THREADS, int FMT>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
-    using C = LLCombine<H, K, E, R, THREADS>;
+    using C = LLCombine<H, K, E, R, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
     if (a.phases & 1) C::send(a, err);
     if (a.phases & 2) C::recv(a, err);
