@@ -1,9 +1,10 @@
 """Internode normal mode on GPUs, over virtual nodes (EPGEN_RANKS_PER_NODE) on one host, against
 epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_dispatch_layout
 returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
-handle, and dispatch / combine refuse with NotImplementedError naming what is missing (the
-two-level data kernels). Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose
-rank count EPGEN_TEST_RANKS names)."""
+handle, the uncached dispatch (every output and DeepEP's internode handle) and the cached one
+through that handle (also with rows of another width: a ring-layout change), and combine and
+num_worst_tokens refuse with NotImplementedError naming what is missing.
+Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
 import os
@@ -50,6 +51,110 @@ def _topk(rank, world, L, E, K, T, routing):
     return torch.stack(rows) if rows else torch.zeros(0, K, dtype=torch.int64)
 
 
+# Dispatch: (experts, top-k, tokens, routing, hidden, fp8, with top-k, config) where config is
+# (num_sms, nvl send, nvl recv, rdma send, rdma recv) tokens: "roomy" rings, or "tiny" ones (2
+# RDMA slots in flight, NVLink rings of 2-4 slots) that make every sender wait for credit and
+# every ring wrap many times in a call.
+ROOMY, TINY = (8, 4, 32, 4, 16), (4, 2, 8, 2, 4)
+DISPATCH_CASES = [
+    (64, 8, 333, "any", 7168, False, True, ROOMY),
+    (256, 16, 500, "any", 4096, True, True, ROOMY),     # FP8, 32 scale groups
+    (64, 8, 200, "node0", 2880, True, True, ROOMY),     # partial last group; nodes 1.. get nothing
+    (128, 16, 257, "one_node", 2880, False, True, TINY),
+    (64, 16, 300, "any", 7168, True, True, TINY),
+    (64, 8, 150, "any", 4096, False, False, ROOMY),     # no top-k (is_token_in_rank only)
+    (128, 8, 180, "one_node", 7168, False, True, TINY),
+    (32, 8, 0, "any", 7168, True, True, ROOMY),         # no tokens anywhere
+]
+DISPATCH_CASES_RUN = gpu_harness.select(DISPATCH_CASES, [0, 1, 3])
+
+
+def _inputs(rank, world, L, E, K, T, routing, H, fp8):
+    """Rank `rank`'s dispatch inputs on CPU (every rank regenerates every rank's): topk_idx,
+    weights, x (BF16, or FP8 with float32 scales from reference.per_token_cast_to_fp8)."""
+    import torch
+    from epgen import reference as ref
+    idx = _topk(rank, world, L, E, K, T, routing)
+    g = torch.Generator().manual_seed(31 * rank + H + K + T)
+    w = torch.rand(T, K, generator=g)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    scales = None
+    if fp8:
+        x, scales = ref.per_token_cast_to_fp8(x)
+    return idx, w, x, scales
+
+
+def _bits(t):
+    import torch
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16) \
+        if t.element_size() == 2 else t
+
+
+def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cfg):
+    """One uncached dispatch against reference_internode.dispatch, every output and the handle."""
+    import torch
+    import epgen
+    from epgen import reference_internode as iref
+    config = epgen.Config(*cfg)
+    C = config.num_sms // 2
+    cpu = [_inputs(r, world, L, E, K, T, routing, H, fp8) for r in range(world)]
+    idx, w, x, scales = (None if v is None else v.cuda() for v in cpu[rank])
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
+    got = buf.dispatch((x, scales) if fp8 else x, num_tokens_per_rank=per_rank,
+                       num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                       num_tokens_per_expert=per_expert,
+                       topk_idx=idx if with_topk else None, topk_weights=w if with_topk else None,
+                       expert_alignment=2, config=config)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    recv, recv_idx, recv_w, counts, handle, event = got
+    exp = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
+                        [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
+                        expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
+                        is_token_in_ranks=[lay[3] for lay in layouts],
+                        num_tokens_per_experts=[lay[2] for lay in layouts])
+    recv_x, recv_scales = recv if fp8 else (recv, None)
+    assert isinstance(recv, tuple) == fp8
+    assert recv_x.dtype == exp.recv_x.dtype and recv_x.shape == exp.recv_x.shape, \
+        (recv_x.dtype, tuple(recv_x.shape), exp.recv_x.dtype, tuple(exp.recv_x.shape))
+    assert torch.equal(_bits(recv_x.cpu()), _bits(exp.recv_x)), "recv_x differs"
+    if fp8:
+        assert torch.equal(recv_scales.cpu(), exp.recv_x_scales), "recv_x_scales differ"
+    if with_topk:
+        assert torch.equal(recv_idx.cpu(), exp.recv_topk_idx), \
+            f"recv_topk_idx: {recv_idx.tolist()} vs {exp.recv_topk_idx.tolist()}"
+        assert torch.equal(recv_w.cpu(), exp.recv_topk_weights), "recv_topk_weights differ"
+    else:
+        assert recv_idx is None and recv_w is None
+    assert counts == exp.num_recv_tokens_per_expert_list, (counts, exp.num_recv_tokens_per_expert_list)
+    assert isinstance(handle, tuple) and len(handle) == 10
+    for field, g, e in zip(iref.InternodeHandle._fields, handle, exp.handle):
+        g = g.cpu()
+        assert g.dtype == e.dtype and g.shape == e.shape, \
+            f"handle.{field}: {g.dtype} {tuple(g.shape)}, expected {e.dtype} {tuple(e.shape)}"
+        assert torch.equal(g, e), f"handle.{field}: {g.tolist()} vs {e.tolist()}"
+    assert event.event is None          # a synchronous call: nothing to wait on
+    # Cached: the same rows again through the handle (DeepEP's returns: rows only).
+    again = buf.dispatch((x, scales) if fp8 else x, handle=handle, config=config)
+    torch.cuda.synchronize()
+    buf.check_errors()
+    assert again[1:5] == (None, None, None, None), again[1:5]
+    rx = again[0][0] if fp8 else again[0]
+    assert torch.equal(_bits(rx.cpu()), _bits(exp.recv_x)), "cached recv_x differs"
+    if fp8:
+        assert torch.equal(again[0][1].cpu(), exp.recv_x_scales), "cached recv_x_scales differ"
+    # Cached with rows of another width (a new ring layout: the barrier runs first).
+    small = [torch.randn(T, 128, generator=torch.Generator().manual_seed(7 * r + T)).to(
+        torch.bfloat16) for r in range(world)]
+    got_small = buf.dispatch(small[rank].cuda(), handle=handle, config=config)[0]
+    torch.cuda.synchronize()
+    buf.check_errors()
+    exp_small = iref.dispatch(small, None, None, E, rank, L, C, cached=True,
+                              is_token_in_ranks=[lay[3] for lay in layouts]).recv_x
+    assert torch.equal(_bits(got_small.cpu()), _bits(exp_small)), "cached 128-wide recv_x differs"
+
+
 def _worker(rank, world, L):
     os.environ["EPGEN_RANKS_PER_NODE"] = str(L)
     os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
@@ -57,7 +162,7 @@ def _worker(rank, world, L):
     import torch.distributed as dist
     import epgen
     from epgen import reference_internode as iref
-    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 8 << 20)
+    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 16 << 20)
     results = []
     try:
         t = buf.topology
@@ -88,21 +193,29 @@ def _worker(rank, world, L):
                 except Exception:
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
                                     traceback.format_exc()))
+        for case in DISPATCH_CASES_RUN:
+            name = "dispatch_" + "_".join(str(v) for v in case)
+            try:
+                _check_dispatch(buf, rank, world, L, *case)
+                results.append((name, "ok"))
+            except Exception:
+                results.append((name, traceback.format_exc()))
         try:
             idx = _topk(rank, world, L, 64, 8, 16, "any").cuda()
             per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 64)
             x = torch.randn(16, 128, dtype=torch.bfloat16, device="cuda")
-            for call in (lambda: buf.dispatch(x, num_tokens_per_rank=per_rank,
-                                              num_tokens_per_rdma_rank=per_node,
-                                              is_token_in_rank=in_rank,
-                                              num_tokens_per_expert=per_expert, topk_idx=idx),
-                         lambda: buf.internode_dispatch(x),
-                         lambda: buf.combine(x, None), lambda: buf.internode_combine(x, None)):
+            layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+            for call, words in (
+                    (lambda: buf.combine(x, None), "not yet its combine kernel"),
+                    (lambda: buf.internode_combine(x, None), "not yet its combine kernel"),
+                    (lambda: buf.dispatch(x, topk_idx=idx, num_worst_tokens=64, **layout),
+                     "num_worst_tokens")):
                 try:
                     call()
                     raise AssertionError("an internode call did not raise")
                 except NotImplementedError as e:
-                    assert "not yet its dispatch and combine kernels" in str(e), str(e)
+                    assert words in str(e), str(e)
             results.append(("refusals", "ok"))
         except Exception:
             results.append(("refusals", traceback.format_exc()))

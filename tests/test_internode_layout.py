@@ -34,7 +34,7 @@ def test_region_of_a_small_config_by_hand():
     c = epgen.Config(4, 2, 8, 2, 8)              # 2 channels, 8 slots per ring
     rec = il.dispatch_record_bytes(256, 2, 32, 2)
     assert rec == 256 + 8 + 8 + 256                # row, 2 scales, meta, 32 x (int32 + float)
-    assert il.control_bytes(2, 2, 2) == 4096       # (2*2*2 + 2*2*2*6) words of 8 bytes, aligned
+    assert il.control_bytes(2) == 4096             # 4 x 2 nodes x 64 channels x 8 bytes
     assert il.half_bytes(c, 2, rec) == 2 * 20480   # recv + send: 2 nodes x 2 channels x 8 x 528
     # notify: 256 B header + 2 x 4 signals -> staging at 512; 4 x 4 rows of (2 + 3 + 128 -> 136)
     # ints; 512 + 16 * 544 = 9216 -> 12288
