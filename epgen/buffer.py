@@ -25,7 +25,7 @@ from .runtime.symmetric import SymmetricRegion
 
 _INTERNODE_MISSING = (
     "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
-    "node) has its uncached dispatch, but not yet its combine kernel; use the ranks of one "
+    "node) has its dispatch, but not yet its combine kernel; use the ranks of one "
     "node, or the low-latency mode")
 
 

@@ -286,7 +286,7 @@ InternodeDispatchArgs = struct(
     ("int", "rdma_slots"),                  # Config.rdma_ring_slots
     ("int", "rdma_chunk"),                  # Config.num_max_rdma_chunked_send_tokens
     ("int", "nvl_cap"),                     # NVLink ring slots per (channel, forwarder, node)
-    ("int", "pad0"),
+    ("int", "num_worst_tokens"),            # > 0: outputs sized by it (no host counts)
     *ERROR_FIELDS,
 )
 

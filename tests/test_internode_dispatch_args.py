@@ -48,7 +48,6 @@ def _args(ranks=R, per_node=L, **over):
      "handle='tuple': must be the 10-tuple an internode dispatch returned"),
     (dict(handle=(None,) * 10), ValueError,
      "topk_idx='a tensor': must be None with a handle (cached dispatch)"),
-    (dict(num_worst_tokens=8), NotImplementedError, "num_worst_tokens > 0"),
     (dict(num_worst_tokens=-1), ValueError, "num_worst_tokens=-1: must be an int >= 0"),
     (dict(expert_alignment=0), ValueError, "expert_alignment=0: must be an int >= 1"),
     (dict(num_tokens_per_rdma_rank=None), ValueError,

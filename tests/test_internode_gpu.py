@@ -1,9 +1,9 @@
 """Internode normal mode on GPUs, over virtual nodes (EPGEN_RANKS_PER_NODE) on one host, against
 epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_dispatch_layout
 returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
-handle, the uncached dispatch (every output and DeepEP's internode handle) and the cached one
-through that handle (also with rows of another width: a ring-layout change), and combine and
-num_worst_tokens refuse with NotImplementedError naming what is missing.
+handle, the uncached dispatch (every output and DeepEP's internode handle), the cached one
+through that handle (also with rows of another width: a ring-layout change) and the one sized
+by num_worst_tokens; combine refuses with NotImplementedError naming what is missing.
 Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
@@ -91,31 +91,49 @@ def _bits(t):
 
 
 def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cfg):
-    """One uncached dispatch against reference_internode.dispatch, every output and the handle."""
+    """One uncached dispatch, the cached one through its handle, a cached one of rows of
+    another width (a new ring layout: the barrier runs first) and a num_worst_tokens one, against
+    reference_internode.dispatch: every output and the handle. The collective calls all come
+    first, so a rank whose comparison fails does not leave its peers waiting in a call."""
     import torch
     import epgen
     from epgen import reference_internode as iref
     config = epgen.Config(*cfg)
     C = config.num_sms // 2
     cpu = [_inputs(r, world, L, E, K, T, routing, H, fp8) for r in range(world)]
+    small = [torch.randn(T, 128, generator=torch.Generator().manual_seed(7 * r + T)).to(
+        torch.bfloat16) for r in range(world)]
     idx, w, x, scales = (None if v is None else v.cuda() for v in cpu[rank])
+    rows = (x, scales) if fp8 else x
     per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
-    got = buf.dispatch((x, scales) if fp8 else x, num_tokens_per_rank=per_rank,
+    got = buf.dispatch(rows, num_tokens_per_rank=per_rank,
                        num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
                        num_tokens_per_expert=per_expert,
                        topk_idx=idx if with_topk else None, topk_weights=w if with_topk else None,
                        expert_alignment=2, config=config)
+    handle = got[4]
+    again = buf.dispatch(rows, handle=handle, config=config)
+    got_small = buf.dispatch(small[rank].cuda(), handle=handle, config=config)[0]
+    worst = world * max(T, 1)           # >= every rank's received and RDMA-received counts
+    got_worst = buf.dispatch(rows, num_tokens_per_rank=per_rank,
+                             num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert,
+                             topk_idx=idx if with_topk else None,
+                             topk_weights=w if with_topk else None, expert_alignment=2,
+                             num_worst_tokens=worst, config=config)
     torch.cuda.synchronize()
     buf.check_errors()
-    recv, recv_idx, recv_w, counts, handle, event = got
+
+    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
+    in_ranks = [lay[3] for lay in layouts]
     exp = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
                         [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
                         expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
-                        is_token_in_ranks=[lay[3] for lay in layouts],
+                        is_token_in_ranks=in_ranks,
                         num_tokens_per_experts=[lay[2] for lay in layouts])
-    recv_x, recv_scales = recv if fp8 else (recv, None)
+    recv, recv_idx, recv_w, counts, handle, event = got
     assert isinstance(recv, tuple) == fp8
+    recv_x, recv_scales = recv if fp8 else (recv, None)
     assert recv_x.dtype == exp.recv_x.dtype and recv_x.shape == exp.recv_x.shape, \
         (recv_x.dtype, tuple(recv_x.shape), exp.recv_x.dtype, tuple(exp.recv_x.shape))
     assert torch.equal(_bits(recv_x.cpu()), _bits(exp.recv_x)), "recv_x differs"
@@ -135,24 +153,41 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
             f"handle.{field}: {g.dtype} {tuple(g.shape)}, expected {e.dtype} {tuple(e.shape)}"
         assert torch.equal(g, e), f"handle.{field}: {g.tolist()} vs {e.tolist()}"
     assert event.event is None          # a synchronous call: nothing to wait on
-    # Cached: the same rows again through the handle (DeepEP's returns: rows only).
-    again = buf.dispatch((x, scales) if fp8 else x, handle=handle, config=config)
-    torch.cuda.synchronize()
-    buf.check_errors()
+    # Cached: the same rows (DeepEP's returns: rows only), and the 128-wide BF16 rows.
     assert again[1:5] == (None, None, None, None), again[1:5]
+    assert isinstance(again[0], tuple) == fp8
     rx = again[0][0] if fp8 else again[0]
     assert torch.equal(_bits(rx.cpu()), _bits(exp.recv_x)), "cached recv_x differs"
     if fp8:
         assert torch.equal(again[0][1].cpu(), exp.recv_x_scales), "cached recv_x_scales differ"
-    # Cached with rows of another width (a new ring layout: the barrier runs first).
-    small = [torch.randn(T, 128, generator=torch.Generator().manual_seed(7 * r + T)).to(
-        torch.bfloat16) for r in range(world)]
-    got_small = buf.dispatch(small[rank].cuda(), handle=handle, config=config)[0]
-    torch.cuda.synchronize()
-    buf.check_errors()
     exp_small = iref.dispatch(small, None, None, E, rank, L, C, cached=True,
-                              is_token_in_ranks=[lay[3] for lay in layouts]).recv_x
+                              is_token_in_ranks=in_ranks).recv_x
     assert torch.equal(_bits(got_small.cpu()), _bits(exp_small)), "cached 128-wide recv_x differs"
+    # num_worst_tokens: every output and the handle sized by it; the valid rows as before,
+    # padding rows of recv_topk_idx and send_nvl_head -1 (the rest is unspecified).
+    ew = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
+                       [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
+                       expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
+                       is_token_in_ranks=in_ranks, num_worst_tokens=worst,
+                       num_tokens_per_experts=[lay[2] for lay in layouts])
+    N = exp.num_recv_tokens
+    wx, widx, ww, wcounts, wh, _ = got_worst
+    wx, wscales = wx if fp8 else (wx, None)
+    assert wx.shape == ew.recv_x.shape, (tuple(wx.shape), tuple(ew.recv_x.shape))
+    assert torch.equal(_bits(wx[:N].cpu()), _bits(exp.recv_x)), "worst-sized recv_x differs"
+    if fp8:
+        assert torch.equal(wscales[:N].cpu(), exp.recv_x_scales), "worst-sized scales differ"
+    if with_topk:
+        assert torch.equal(widx.cpu(), ew.recv_topk_idx), "worst-sized recv_topk_idx differs"
+        assert torch.equal(ww[:N].cpu(), exp.recv_topk_weights), "worst-sized weights differ"
+    assert wcounts == [], wcounts
+    for i, (field, g, e) in enumerate(zip(iref.InternodeHandle._fields, wh, ew.handle)):
+        g = g.cpu()
+        assert g.dtype == e.dtype and g.shape == e.shape, \
+            f"worst handle.{field}: {g.dtype} {tuple(g.shape)}, expected {tuple(e.shape)}"
+        if i == 7:                       # recv_src_meta: the padding rows are unspecified
+            g, e = g[:N], e[:N]
+        assert torch.equal(g, e), f"worst handle.{field}: {g.tolist()} vs {e.tolist()}"
 
 
 def _worker(rank, world, L):
@@ -201,16 +236,10 @@ def _worker(rank, world, L):
             except Exception:
                 results.append((name, traceback.format_exc()))
         try:
-            idx = _topk(rank, world, L, 64, 8, 16, "any").cuda()
-            per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 64)
             x = torch.randn(16, 128, dtype=torch.bfloat16, device="cuda")
-            layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
-                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
             for call, words in (
                     (lambda: buf.combine(x, None), "not yet its combine kernel"),
-                    (lambda: buf.internode_combine(x, None), "not yet its combine kernel"),
-                    (lambda: buf.dispatch(x, topk_idx=idx, num_worst_tokens=64, **layout),
-                     "num_worst_tokens")):
+                    (lambda: buf.internode_combine(x, None), "not yet its combine kernel")):
                 try:
                     call()
                     raise AssertionError("an internode call did not raise")

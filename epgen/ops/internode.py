@@ -2,7 +2,8 @@
 dispatch (notify: templates/internode_notify.cuh, with the handle's sender side from
 ops/internode_handle.py; then the data kernel templates/internode_dispatch.cuh), returning
 DeepEP V1's internode handle, and the cached dispatch through that handle (the same kernel,
-its counts from the handle). Not yet: num_worst_tokens, CUDA graph capture, combine.
+its counts from the handle), and num_worst_tokens (outputs sized by it, no host wait). Not
+yet: CUDA graph capture, combine.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .context import OpsContext, arg_error, check_tensor
 from .intranode import check_rows, check_topk, wait_host_counts
 
 # What a Buffer spanning nodes cannot do yet (NotImplementedError, naming it).
-NOT_YET = "the internode {what} is not implemented yet (uncached and cached dispatch are)"
+NOT_YET = ("the internode {what} is not implemented yet (uncached, cached and "
+           "worst-case-sized dispatch are)")
 
 
 
@@ -121,8 +123,6 @@ class InternodeOps:
         cached = handle is not None
         if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
             raise arg_error("num_worst_tokens", num_worst_tokens, "must be an int >= 0")
-        if num_worst_tokens:
-            raise NotImplementedError(NOT_YET.format(what="dispatch with num_worst_tokens > 0"))
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise arg_error("expert_alignment", expert_alignment, "must be an int >= 1")
         given = x[0] if isinstance(x, tuple) and len(x) == 2 else x
@@ -198,8 +198,13 @@ class InternodeOps:
                 rows, rdma_rows = h[7].size(0), h[9].size(0)
             else:
                 n = self.notify(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                num_tokens_per_expert, C, expert_alignment, 0, stream=stream)
-                rows, rdma_rows = n["num_recv_tokens"], n["num_rdma_recv_tokens"]
+                                num_tokens_per_expert, C, expert_alignment, num_worst_tokens,
+                                stream=stream)
+                if num_worst_tokens:        # no host wait: both receive counts sized by it
+                    rows = rdma_rows = num_worst_tokens
+                    n["num_recv_tokens_per_expert_list"] = []
+                else:
+                    rows, rdma_rows = n["num_recv_tokens"], n["num_rdma_recv_tokens"]
             self._layout = layout
             recv_x = torch.empty(rows, x.size(1), dtype=x.dtype, device=dev)
             recv_scales = torch.empty(rows, S, dtype=scales.dtype, device=dev) if S else None
@@ -245,6 +250,7 @@ class InternodeOps:
             a.rdma_slots = config.rdma_ring_slots
             a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
             a.nvl_cap = cap
+            a.num_worst_tokens = 0 if cached else num_worst_tokens
             kernel.launch(C, spec.threads, a, stream.cuda_stream)
             if not cached:
                 handle = (in_rank, n["rdma_channel_prefix_matrix"], n["gbl_channel_prefix_matrix"],

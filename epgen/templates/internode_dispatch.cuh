@@ -302,6 +302,22 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         }
         if (lane == 0) st_volatile_ll(headp, head + done);
     }
+    if (a.num_worst_tokens > 0) {
+        // Outputs sized by num_worst_tokens: the received counts must fit (else a capacity
+        // error, and the receivers above dropped the rows past the end); padding rows get
+        // recv_topk_idx -1 and send_nvl_head -1 (DeepEP's), the rest is unspecified.
+        const int N = a.recv_gbl_rank_prefix_sum[R - 1];
+        const int N_rdma = a.recv_rdma_rank_prefix_sum[kNodes - 1];
+        if (c == 0 && threadIdx.x == 0 && max(N, N_rdma) > a.num_worst_tokens)
+            report_error(err, kErrCapacity, -1, max(N, N_rdma));
+        const int64_t step = (int64_t)C * THREADS, first = (int64_t)c * THREADS + threadIdx.x;
+        if (K > 0 && a.recv_topk_idx != nullptr)
+            for (int64_t i = (int64_t)N * K + first; i < (int64_t)a.num_worst_tokens * K; i += step)
+                a.recv_topk_idx[i] = -1;
+        if (a.send_nvl_head != nullptr)
+            for (int64_t i = (int64_t)N_rdma * L + first; i < (int64_t)a.num_worst_tokens * L; i += step)
+                a.send_nvl_head[i] = -1;
+    }
     if (last_block_sees_error(reinterpret_cast<int*>(nvl + a.done_off), err)) {   // NaN, -1
         const int64_t rows = a.num_recv_rows;
         poison_fill(a.recv_x, rows * HB, kPoisonNaN);
