@@ -292,7 +292,7 @@ def internode_results(request):
     nodes, L = request.param
     world = nodes * L
     gpu_harness.require_gpus(world)
-    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, timeout_s=280.0)
+    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, timeout_s=480.0)
 
 
 def test_internode_layout_over_virtual_nodes(internode_results):

@@ -69,3 +69,16 @@ def test_hint_holds_every_call_it_promises(no_node_env, hidden, nodes, L):
         for row, scales in ((hidden * 2, 0), (hidden, -(-hidden // 128))):
             rec = max(il.dispatch_record_bytes(row, scales, 32, L), il.combine_record_bytes(hidden, 32))
             assert il.region_bytes(c, nodes, L, rec, 1024 // (nodes * L)) <= hint
+
+
+@pytest.mark.parametrize("hidden", [7168, 4096, 2880])
+@pytest.mark.parametrize("nodes, L", [(2, 1), (2, 4), (4, 2), (2, 8)])
+def test_nvl_hint_holds_the_internode_dispatch(hidden, nodes, L):
+    """DeepEP users size num_nvl_bytes with Config.get_nvl_buffer_size_hint: it holds the
+    internode dispatch's forwarding rings too (BF16 or FP8 rows, top-k up to 32)."""
+    R = nodes * L
+    for c in (epgen.Buffer.get_dispatch_config(R), epgen.Config(24, 6, 256, 20, 128)):
+        hint = c.get_nvl_buffer_size_hint(hidden * 2, R)
+        for row, scales in ((hidden * 2, 0), (hidden, -(-hidden // 128))):
+            rec = il.dispatch_record_bytes(row, scales, 32, L)
+            assert il.nvl_ring_offset(R) + il.nvl_rings_bytes(c, nodes, L, rec) <= hint
