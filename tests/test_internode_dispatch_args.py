@@ -69,13 +69,13 @@ def test_refusals_name_the_argument(over, exc, words):
 
 def test_buffers_too_small_name_the_size_they_need():
     rec = il.dispatch_record_bytes(2 * H, 0, K, L)
-    need_rdma = il.rdma_ring_offset(R, 2) + 2 * il.rdma_rings_bytes(CFG, 2, rec)
-    ops, fake = _ops(rdma_bytes=need_rdma - 16)
-    with pytest.raises(ValueError, match=rf"num_rdma_bytes={need_rdma - 16}: .* needs >= {need_rdma} B"):
+    need_rdma = il.rdma_need(CFG, R, 2, rec)
+    ops, fake = _ops(rdma_bytes=need_rdma - 4096)
+    with pytest.raises(ValueError, match=rf"num_rdma_bytes={need_rdma - 4096}: .* needs >= {need_rdma} B"):
         ops.dispatch(**_args())
-    need_nvl = il.nvl_ring_offset(R) + il.nvl_rings_bytes(CFG, 2, L, rec)
-    ops, fake = _ops(nvl_bytes=need_nvl - 16)
-    with pytest.raises(ValueError, match=rf"num_nvl_bytes={need_nvl - 16}: .* needs >= {need_nvl} B"):
+    need_nvl = il.nvl_need(CFG, 2, L, rec)
+    ops, fake = _ops(nvl_bytes=need_nvl - 4096)
+    with pytest.raises(ValueError, match=rf"num_nvl_bytes={need_nvl - 4096}: .* needs >= {need_nvl} B"):
         ops.dispatch(**_args())
     assert fake.launches == []
 

@@ -197,7 +197,7 @@ def _worker(rank, world, L):
     import torch.distributed as dist
     import epgen
     from epgen import reference_internode as iref
-    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 16 << 20)
+    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 32 << 20)
     results = []
     try:
         t = buf.topology

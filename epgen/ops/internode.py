@@ -155,24 +155,7 @@ class InternodeOps:
         row_bytes = x.size(1) * x.element_size()
         spec = internode_dispatch_spec(row_bytes, S, K, R, L)
         record = spec.record_bytes
-        rdma_ring_off = internode_layout.rdma_ring_offset(R, Nn)
-        need = rdma_ring_off + 2 * internode_layout.rdma_rings_bytes(config, Nn, record)
-        if ctx.rdma is None or ctx.rdma.nbytes < need:
-            raise arg_error("num_rdma_bytes", 0 if ctx.rdma is None else ctx.rdma.nbytes,
-                            f"this dispatch ({C} channels x {Nn} nodes x "
-                            f"{config.rdma_ring_slots} slots x {record} B records, recv and "
-                            f"send rings) needs >= {need} B (Config.get_rdma_buffer_size_hint)")
-        cap = internode_layout.nvl_cap(config, Nn)
-        if cap < 1:
-            raise arg_error("config.num_max_nvl_chunked_recv_tokens",
-                            config.num_max_nvl_chunked_recv_tokens,
-                            f"must be >= the number of nodes ({Nn}) across nodes")
-        nvl_ring_off = internode_layout.nvl_ring_offset(R)
-        need = nvl_ring_off + internode_layout.nvl_rings_bytes(config, Nn, L, record)
-        if ctx.nvl is None or ctx.nvl.nbytes < need:
-            raise arg_error("num_nvl_bytes", 0 if ctx.nvl is None else ctx.nvl.nbytes,
-                            f"this dispatch ({C} channels x {R} rings x {cap} slots x "
-                            f"{record} B records) needs >= {need} B")
+        rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "dispatch", record, 0)
         node = ctx.rank // L
         if not all(ctx.nvl.peer_addrs[node * L + k] for k in range(L)):
             raise RuntimeError(f"epgen: rank {ctx.rank}: a rank of this node ({node}) has no "
@@ -269,6 +252,36 @@ class InternodeOps:
             return out_x, None, None, None, None, result["event"]
         return out_x, recv_idx, recv_w, n["num_recv_tokens_per_expert_list"], handle, \
             result["event"]
+
+    def _check_rings(self, config, op: str, record: int, half: int) -> tuple[int, int, int]:
+        """(RDMA ring offset, NVLink ring offset, NVLink ring slots) of direction `half` (0
+        dispatch, 1 combine) for records of `record` bytes; a region too small for them is an
+        error naming the bytes it needs."""
+        ctx, t = self.ctx, self.topology
+        R, L, Nn, C = ctx.num_ranks, t.ranks_per_node, t.num_nodes, config.num_sms // 2
+        lay = internode_layout
+        nbytes = 0 if ctx.rdma is None else ctx.rdma.nbytes
+        if 2 * lay.rdma_rings_bytes(config, Nn, record) > lay.rdma_half(nbytes, R, Nn):
+            raise arg_error("num_rdma_bytes", nbytes,
+                            f"the internode {op} ({C} channels x {Nn} nodes x "
+                            f"{config.rdma_ring_slots} slots x {record} B records, recv and "
+                            f"send rings, in each direction's half) needs >= "
+                            f"{lay.rdma_need(config, R, Nn, record)} B "
+                            "(Config.get_rdma_buffer_size_hint)")
+        cap = lay.nvl_cap(config, Nn)
+        if cap < 1:
+            raise arg_error("config.num_max_nvl_chunked_recv_tokens",
+                            config.num_max_nvl_chunked_recv_tokens,
+                            f"must be >= the number of nodes ({Nn}) across nodes")
+        nbytes = 0 if ctx.nvl is None else ctx.nvl.nbytes
+        if lay.nvl_rings_bytes(config, Nn, L, record) > lay.nvl_half(nbytes, R):
+            raise arg_error("num_nvl_bytes", nbytes,
+                            f"the internode {op} ({C} channels x {R} rings x {cap} slots x "
+                            f"{record} B records in each direction's half) needs >= "
+                            f"{lay.nvl_need(config, Nn, L, record)} B "
+                            "(Config.get_nvl_buffer_size_hint)")
+        return (lay.rdma_ring_offset(R, Nn) + half * lay.rdma_half(ctx.rdma.nbytes, R, Nn),
+                lay.nvl_ring_offset(R) + half * lay.nvl_half(ctx.nvl.nbytes, R), cap)
 
     def _barrier(self, is_token_in_rank, num_channels: int, stream) -> None:
         """A cross-rank barrier: the notify kernel on dummy counts (one expert per rank, no host

@@ -12,23 +12,26 @@ Region, in order (offsets fixed for a group: they never depend on a call's chann
 so the 64-bit counters keep their places across calls):
   notify   the counts exchange (templates/internode_notify.cuh; notify_area_bytes), sized for
            the most experts a call may have (MAX_EXPERTS)
-  control  uint64 [4][Nn][MAX_CHANNELS] (templates/internode_dispatch.cuh idisp::kRdma*):
+  control  uint64 [8][Nn][MAX_CHANNELS] (templates/internode_dispatch.cuh idisp::kRdma*; the
+           combine's four follow, templates/internode_combine.cuh):
            tails       receiver side: records source node m put into ring (m, c), set by m's
                        put-with-signal
            heads       sender side: records node n's forwarder consumed (credit), set by n's
                        signal op
            send tails  sender, local: records put to node n in channel c
            recv heads  receiver, local: records consumed of ring (m, c)
-  then two halves, dispatch then combine (a rank may start its combine while a peer still
-  forwards its dispatch records: the two never share ring memory); each half:
+  then two halves of the rest (rdma_half), dispatch then combine (a rank may start its combine
+  while a peer still forwards its dispatch records: the two never share ring memory); each:
            recv    [Nn][C][S] records      ring (m, c): what source node m's rank of this
                                            local index sends in channel c
            send    [Nn][C][S] records      staging of the records bound for node n (a put reads
                                            registered, i.e. symmetric, memory)
 NVLink region (ctx.nvl) of an internode Buffer (the intranode kernels never run on it):
-  control  uint64 [4][MAX_CHANNELS][L][Nn] (idisp::kFwd*, kNvl*), then the dispatch's done
-           counter (an int)
-  rings    [C][L forwarder][Nn source node][cap] dispatch records, cap = nvl_cap(config)
+  control  uint64 [8][MAX_CHANNELS][L][Nn] (idisp::kFwd*, kNvl*, then the combine's four), then
+           the dispatch's and the combine's done counters (ints)
+  then two halves of the rest (nvl_half), dispatch then combine:
+  rings    [C][L forwarder][Nn source node][cap] dispatch records on each receiver, cap =
+           nvl_cap(config); combine: [C][L sender][Nn source node][cap] on each forwarder
 Counters are 64-bit and monotonic across calls (nothing is zeroed between calls, CUDA graph
 replays stay valid), as the intranode rings'.
 """
@@ -83,7 +86,8 @@ MAX_CHANNELS = 64            # templates/internode_dispatch.cuh idisp::kMaxC (==
 
 
 def control_bytes(num_nodes: int) -> int:
-    return _align(8 * 4 * num_nodes * MAX_CHANNELS)
+    """uint64 [8][Nn][MAX_CHANNELS]: four words per (node, channel) for each direction."""
+    return _align(8 * 8 * num_nodes * MAX_CHANNELS)
 
 
 def notify_max_bytes(num_ranks: int) -> int:
@@ -100,6 +104,16 @@ def rdma_ring_offset(num_ranks: int, num_nodes: int) -> int:
     return rdma_ctrl_offset(num_ranks) + control_bytes(num_nodes)
 
 
+def rdma_half(nbytes: int, num_ranks: int, num_nodes: int) -> int:
+    """Bytes of each direction's half after the control area (dispatch first, then combine)."""
+    return max(0, (nbytes - rdma_ring_offset(num_ranks, num_nodes)) // 2 // ALIGN * ALIGN)
+
+
+def rdma_need(config, num_ranks: int, num_nodes: int, record: int) -> int:
+    """num_rdma_bytes a call with this config and record needs: both halves hold its rings."""
+    return rdma_ring_offset(num_ranks, num_nodes) + 2 * _align(2 * rdma_rings_bytes(config, num_nodes, record))
+
+
 def rdma_rings_bytes(config, num_nodes: int, record: int) -> int:
     """One direction's recv rings (its send staging rings follow them directly)."""
     return num_nodes * (config.num_sms // 2) * config.rdma_ring_slots * record
@@ -112,11 +126,21 @@ def nvl_cap(config, num_nodes: int) -> int:
 
 
 def nvl_done_offset(num_ranks: int) -> int:
-    return 8 * 4 * MAX_CHANNELS * num_ranks
+    """The dispatch's done counter (an int; the combine's follows it)."""
+    return 8 * 8 * MAX_CHANNELS * num_ranks
 
 
 def nvl_ring_offset(num_ranks: int) -> int:
     return _align(nvl_done_offset(num_ranks) + 16)
+
+
+def nvl_half(nbytes: int, num_ranks: int) -> int:
+    return max(0, (nbytes - nvl_ring_offset(num_ranks)) // 2 // ALIGN * ALIGN)
+
+
+def nvl_need(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
+    return nvl_ring_offset(num_nodes * ranks_per_node) + \
+        2 * _align(nvl_rings_bytes(config, num_nodes, ranks_per_node, record))
 
 
 def nvl_rings_bytes(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
