@@ -23,12 +23,6 @@ from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
 
 
-_INTERNODE_MISSING = (
-    "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
-    "node) has its dispatch, but not yet its combine kernel; use the ranks of one "
-    "node, or the low-latency mode")
-
-
 class Buffer:
     num_sms: int = 20
 
@@ -97,7 +91,7 @@ class Buffer:
             arch=toolchain.resolve_arch())
         self._layout = LayoutOps(self._ctx, self.topology.ranks_per_node if spans_nodes else 0)
         self._intranode = IntranodeOps(self._ctx)
-        # Across nodes: the uncached dispatch (combine refuses).
+        # Across nodes: the two-level dispatch and combine.
         self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode,
@@ -262,10 +256,10 @@ class Buffer:
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         self._alive()
-        self._refuse_internode("combine")
         config = config or self.get_combine_config(self.group_size)
-        return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
-                                       async_finish, allocate_on_comm_stream)
+        ops = self._internode if self._internode is not None else self._intranode
+        return ops.combine(x, handle, topk_weights, bias, config, previous_event,
+                           async_finish, allocate_on_comm_stream)
 
     def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None,
                            num_tokens_per_rdma_rank=None, is_token_in_rank=None,
@@ -288,17 +282,15 @@ class Buffer:
     def internode_combine(self, x, handle, topk_weights=None, bias=None,
                           config: Config | None = None, previous_event=None, async_finish=False,
                           allocate_on_comm_stream=False):
+        """DeepEP's internode_combine (which its combine calls across nodes): only for a
+        Buffer whose group spans nodes."""
         self._alive()
-        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_combine"))
-
-    def _refuse_internode(self, op: str) -> None:
-        """dispatch / combine of a Buffer whose group spans nodes would take the two-level path,
-        which does not exist yet (get_dispatch_layout does: it counts per node)."""
-        t = self.topology
-        if t is not None and t.spans_nodes:
-            raise NotImplementedError(
-                _INTERNODE_MISSING.format(op=op) + f" (this group: {t.num_nodes} nodes of "
-                f"{t.ranks_per_node} ranks, from {t.source})")
+        if self._internode is None:
+            raise RuntimeError("epgen.Buffer.internode_combine: this Buffer's group is one node "
+                               "(use combine); set EPGEN_RANKS_PER_NODE for virtual nodes")
+        config = config or self.get_combine_config(self.group_size)
+        return self._internode.combine(x, handle, topk_weights, bias, config, previous_event,
+                                       async_finish, allocate_on_comm_stream)
 
     # -- low-latency mode -----------------------------------------------------------------
     def _low_latency(self) -> LowLatencyOps:

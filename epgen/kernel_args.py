@@ -291,3 +291,37 @@ InternodeDispatchArgs = struct(
 )
 
 ARGS["internode_dispatch"] = InternodeDispatchArgs
+
+InternodeCombineArgs = struct(
+    "InternodeCombineArgs",
+    ("const char*", "x"),                   # [rows, H] bf16, the dispatch's receive order
+    ("const float*", "topk_weights"),       # [rows, K] or null
+    ("const char*", "bias0"),               # [T, H] bf16 or null
+    ("const char*", "bias1"),
+    ("const int*", "send_rdma_head"),       # [T, Nn]   the handle's
+    ("const int*", "send_nvl_head"),        # [rdma rows, L]
+    ("const int*", "recv_rdma_channel_prefix"),   # [Nn, C]
+    ("const int*", "recv_rdma_rank_prefix_sum"),  # [Nn]
+    ("const int*", "recv_gbl_channel_prefix"),    # [R, C]
+    ("const int*", "recv_gbl_rank_prefix_sum"),   # [R]
+    ("char*", "combined_x"),                # [T, H] bf16
+    ("float*", "combined_w"),               # [T, K] or null
+    ("void*", "rdma"),
+    ("void*", "nvl"),
+    ("const int64_t*", "nvl_peers"),
+    ("const int*", "pes"),
+    ("int64_t", "rdma_ctrl_off"),
+    ("int64_t", "rdma_ring_off"),           # the combine half
+    ("int64_t", "nvl_ctrl_off"),
+    ("int64_t", "nvl_ring_off"),            # the combine half
+    ("int64_t", "done_off"),
+    ("int64_t", "num_rows"),                # rows of x
+    ("int64_t", "num_rdma_rows"),           # rows of send_nvl_head
+    ("int", "num_tokens"),
+    ("int", "rdma_slots"),
+    ("int", "rdma_chunk"),
+    ("int", "nvl_cap"),
+    *ERROR_FIELDS,
+)
+
+ARGS["internode_combine"] = InternodeCombineArgs

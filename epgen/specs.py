@@ -577,11 +577,53 @@ class InternodeDispatchSpec(KernelSpec):
                 f"_n{self.num_ranks // self.ranks_per_node}")
 
 
+def internode_combine_spec(hidden: int, num_topk: int, num_ranks: int, ranks_per_node: int,
+                           num_biases: int = 0) -> "InternodeCombineSpec":
+    return cached(InternodeCombineSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
+                  ranks_per_node=ranks_per_node, num_biases=num_biases)
+
+
+@dataclass(frozen=True)
+class InternodeCombineSpec(KernelSpec):
+    """The internode normal mode's combine (templates/internode_combine.cuh): BF16 rows back
+    along the dispatch's path, summed inside each node first; a block per channel, a warp per
+    role (an NVLink sender per source rank, a forwarder per node, a reducer)."""
+    family: ClassVar[str] = "internode_combine"
+    template: ClassVar[str] = "internode_combine.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+
+    hidden: int
+    num_topk: int          # 0: no weights
+    num_ranks: int
+    ranks_per_node: int
+    num_biases: int = 0
+
+    def validate(self):
+        _check_common(self, experts=False)
+        L, R = self.ranks_per_node, self.num_ranks
+        self._req(0 < L < R and R % L == 0, "ranks_per_node",
+                  f"must divide num_ranks={R} and be below it (the ranks span nodes)")
+        self._req(L <= 32, "ranks_per_node", "must be <= 32")
+        self._req(self.hidden % 8 == 0, "hidden", "must be a multiple of 8 (16-byte BF16 rows)")
+        self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
+        self._req(R + R // L + 1 <= 32, "num_ranks",
+                  f"with {R // L} nodes needs {R + R // L + 1} warps (a sender per rank, a "
+                  "forwarder per node, a reducer): at most 32 per block")
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.num_ranks + self.num_ranks // self.ranks_per_node + 1)
+
+    def readable_tag(self):
+        return (f"h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
+                f"_n{self.num_ranks // self.ranks_per_node}_b{self.num_biases}")
+
+
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
                                 LowLatencyDispatchSpec, LowLatencyCombineSpec,
                                 LowLatencyCombineRankSpec, LowLatencyBarrierSpec,
-                                InternodeNotifySpec, InternodeDispatchSpec)
+                                InternodeNotifySpec, InternodeDispatchSpec, InternodeCombineSpec)
 }
 
 

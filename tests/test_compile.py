@@ -8,7 +8,7 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
+from epgen.specs import (InternodeCombineSpec, InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
                          LowLatencyCombineSpec, LowLatencyCombineRankSpec, LowLatencyDispatchSpec,
                          NormalCombineSpec,
                          NormalDispatchSpec)
@@ -51,6 +51,10 @@ SPECS = [
     InternodeDispatchSpec(hidden=7168, num_topk=8, num_ranks=2, ranks_per_node=1),
     InternodeDispatchSpec(hidden=2880, num_topk=16, num_ranks=8, ranks_per_node=4, dtype="fp8"),
     InternodeDispatchSpec(hidden=4096, num_topk=0, num_ranks=8, ranks_per_node=2),
+    # internode combine: top-k 8 / 16 / none, biases, 2 x 1, 2 x 4 and 4 x 2
+    InternodeCombineSpec(hidden=7168, num_topk=8, num_ranks=2, ranks_per_node=1),
+    InternodeCombineSpec(hidden=2880, num_topk=16, num_ranks=8, ranks_per_node=4, num_biases=2),
+    InternodeCombineSpec(hidden=4096, num_topk=0, num_ranks=8, ranks_per_node=2, num_biases=1),
 ]
 
 

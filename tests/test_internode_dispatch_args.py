@@ -121,3 +121,42 @@ def test_cached_dispatch_checks_the_handle_and_its_channels():
     with pytest.raises(ValueError, match=r"handle\[0\].shape=\(9, 4\): must be \(8, 4\)"):
         ops.dispatch(**_args(handle=tuple(bad), **kw))
     assert fake.launches == []
+
+
+def _combine(ops, **over):
+    a = dict(x=fake_cuda(torch.zeros(5, H, dtype=torch.bfloat16)), handle=_handle(2),
+             topk_weights=fake_cuda(torch.zeros(5, K)), bias=None, config=CFG,
+             previous_event=None, async_finish=False, allocate_on_comm_stream=False)
+    a.update(over)
+    return ops.combine(**a)
+
+
+@pytest.mark.parametrize("over, words", [
+    (dict(handle=(None,) * 6), "handle='tuple': must be the 10-tuple an internode dispatch returned"),
+    (dict(config=epgen.Config(6, 2, 8, 2, 4)),
+     "config.num_sms=6: must be 4 (2 per channel of the handle's 2 channels)"),
+    (dict(x=fake_cuda(torch.zeros(4, H, dtype=torch.bfloat16))),
+     "x.shape=(4, 256): must be [5, hidden] (the dispatch's rows)"),
+    (dict(x=fake_cuda(torch.zeros(5, H))), "x.dtype=torch.float32: must be torch.bfloat16"),
+    (dict(topk_weights=fake_cuda(torch.zeros(4, K))), "topk_weights.shape=(4, 4): must be [5, num_topk"),
+    (dict(bias=(None, None, None)), "bias='3 tensors': at most two"),
+    (dict(bias=fake_cuda(torch.zeros(T, H + 8, dtype=torch.bfloat16))),
+     "bias[0].shape=(8, 264): must be (8, 256)"),
+    (dict(x=fake_cuda(torch.zeros(5, 100, dtype=torch.bfloat16)), bias=None),
+     "x.shape[1]=100: must be a multiple of 8"),
+])
+def test_combine_refusals_name_the_argument(over, words):
+    ops, fake = _ops()
+    with pytest.raises(ValueError) as e:
+        _combine(ops, **over)
+    assert words in str(e.value)
+    assert fake.launches == []
+
+
+def test_combine_buffers_too_small_name_the_size_they_need():
+    rec = il.combine_record_bytes(H, K)
+    need = il.rdma_need(CFG, R, 2, rec)
+    ops, fake = _ops(rdma_bytes=need - 4096)
+    with pytest.raises(ValueError, match=rf"num_rdma_bytes={need - 4096}: the internode combine .* needs >= {need} B"):
+        _combine(ops)
+    assert fake.launches == []

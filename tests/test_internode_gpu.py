@@ -2,8 +2,8 @@
 epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_dispatch_layout
 returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
 handle, the uncached dispatch (every output and DeepEP's internode handle), the cached one
-through that handle (also with rows of another width: a ring-layout change) and the one sized
-by num_worst_tokens; combine refuses with NotImplementedError naming what is missing.
+through that handle (also with rows of another width: a ring-layout change), the one sized by
+num_worst_tokens, and the combine through the handle (with weights and a bias).
 Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ def _bits(t):
 
 def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cfg):
     """One uncached dispatch, the cached one through its handle, a cached one of rows of
-    another width (a new ring layout: the barrier runs first) and a num_worst_tokens one, against
-    reference_internode.dispatch: every output and the handle. The collective calls all come
+    another width (a new ring layout: the barrier runs first), a num_worst_tokens one and a
+    combine through the handle, against reference_internode.dispatch / combine: every output
+    and the handle. The collective calls all come
     first, so a rank whose comparison fails does not leave its peers waiting in a call."""
     import torch
     import epgen
@@ -103,6 +104,17 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
     cpu = [_inputs(r, world, L, E, K, T, routing, H, fp8) for r in range(world)]
     small = [torch.randn(T, 128, generator=torch.Generator().manual_seed(7 * r + T)).to(
         torch.bfloat16) for r in range(world)]
+    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
+    in_ranks = [lay[3] for lay in layouts]
+    # Combine inputs: every rank's rows in its dispatch receive order (random BF16) and
+    # weights, and this rank's bias.
+    received = [sum(int(m[:, j].sum()) for m in in_ranks) for j in range(world)]
+    comb_x = [torch.randn(n, H, generator=torch.Generator().manual_seed(11 * j + H)).to(
+        torch.bfloat16) for j, n in enumerate(received)]
+    comb_w = [torch.rand(n, K, generator=torch.Generator().manual_seed(17 * j + K))
+              for j, n in enumerate(received)] if with_topk else None
+    bias = torch.randn(T, H, generator=torch.Generator().manual_seed(13 * rank + T)).to(
+        torch.bfloat16)
     idx, w, x, scales = (None if v is None else v.cuda() for v in cpu[rank])
     rows = (x, scales) if fp8 else x
     per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
@@ -121,11 +133,12 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
                              topk_idx=idx if with_topk else None,
                              topk_weights=w if with_topk else None, expert_alignment=2,
                              num_worst_tokens=worst, config=config)
+    combined = buf.combine(comb_x[rank].cuda(), handle,
+                           topk_weights=comb_w[rank].cuda() if with_topk else None,
+                           bias=bias.cuda(), config=config)
     torch.cuda.synchronize()
     buf.check_errors()
 
-    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
-    in_ranks = [lay[3] for lay in layouts]
     exp = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
                         [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
                         expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
@@ -163,6 +176,17 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
     exp_small = iref.dispatch(small, None, None, E, rank, L, C, cached=True,
                               is_token_in_ranks=in_ranks).recv_x
     assert torch.equal(_bits(got_small.cpu()), _bits(exp_small)), "cached 128-wide recv_x differs"
+    # Combine through the uncached handle: bit-exact with the reference's rounding order.
+    ec = iref.combine(comb_x, in_ranks, rank, L, topk_weights=comb_w, bias=bias)
+    cx, cw, cev = combined
+    assert cx.dtype == torch.bfloat16 and cx.shape == (T, H), (cx.dtype, tuple(cx.shape))
+    assert torch.equal(_bits(cx.cpu()), _bits(ec.combined_x)), \
+        f"combined_x differs in {int((cx.cpu() != ec.combined_x).any(dim=1).sum())} tokens"
+    if with_topk:
+        assert torch.equal(cw.cpu(), ec.combined_topk_weights), "combined weights differ"
+    else:
+        assert cw is None
+    assert cev.event is None
     # num_worst_tokens: every output and the handle sized by it; the valid rows as before,
     # padding rows of recv_topk_idx and send_nvl_head -1 (the rest is unspecified).
     ew = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
@@ -235,19 +259,6 @@ def _worker(rank, world, L):
                 results.append((name, "ok"))
             except Exception:
                 results.append((name, traceback.format_exc()))
-        try:
-            x = torch.randn(16, 128, dtype=torch.bfloat16, device="cuda")
-            for call, words in (
-                    (lambda: buf.combine(x, None), "not yet its combine kernel"),
-                    (lambda: buf.internode_combine(x, None), "not yet its combine kernel")):
-                try:
-                    call()
-                    raise AssertionError("an internode call did not raise")
-                except NotImplementedError as e:
-                    assert words in str(e), str(e)
-            results.append(("refusals", "ok"))
-        except Exception:
-            results.append(("refusals", traceback.format_exc()))
     finally:
         buf.destroy()
     return results

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_args import InternodeDispatchArgs, InternodeNotifyArgs
+from ..kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
-from ..specs import internode_dispatch_spec, internode_notify_spec
+from ..specs import MAX_TOPK, internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from . import internode_handle, internode_layout
-from .context import OpsContext, arg_error, check_tensor
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .intranode import check_rows, check_topk, wait_host_counts
 
 # What a Buffer spanning nodes cannot do yet (NotImplementedError, naming it).
@@ -32,6 +32,7 @@ class InternodeOps:
         # The previous dispatch's ring layout (channels, RDMA slots, NVLink slots, record bytes):
         # a cached dispatch with another one runs a barrier first.
         self._layout = None
+        self._combine_layout = None       # the same for the combine direction
 
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
                num_tokens_per_expert, num_channels: int, expert_alignment: int = 1,
@@ -119,7 +120,7 @@ class InternodeOps:
         (recv_x or (recv_x, scales), None, None, None, None, event), as DeepEP."""
         ctx, t = self.ctx, self.topology
         ctx.check_errors()
-        R, L, Nn, dev = ctx.num_ranks, t.ranks_per_node, t.num_nodes, ctx.device
+        R, L, dev = ctx.num_ranks, t.ranks_per_node, ctx.device
         cached = handle is not None
         if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
             raise arg_error("num_worst_tokens", num_worst_tokens, "must be an int >= 0")
@@ -252,6 +253,95 @@ class InternodeOps:
             return out_x, None, None, None, None, result["event"]
         return out_x, recv_idx, recv_w, n["num_recv_tokens_per_expert_list"], handle, \
             result["event"]
+
+    # -- combine --------------------------------------------------------------------------
+    def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                allocate_on_comm_stream):
+        """DeepEP V1's internode_combine: (combined_x [T, H] bf16, combined_topk_weights [T, K]
+        or None, event); epgen/reference_internode.combine defines the values and rounding."""
+        ctx, t = self.ctx, self.topology
+        ctx.check_errors()
+        R, L, dev = ctx.num_ranks, t.ranks_per_node, ctx.device
+        if not isinstance(handle, tuple) or len(handle) != 10:
+            raise arg_error("handle", type(handle).__name__,
+                            "must be the 10-tuple an internode dispatch returned")
+        check_tensor("handle[0]", handle[0], torch.bool, device=dev)
+        T = handle[0].size(0)
+        h = self._unpack_handle(handle, T)
+        rows, C = h[7].size(0), h[1].size(1)
+        if C != config.num_sms // 2:
+            raise arg_error("config.num_sms", config.num_sms,
+                            f"must be {2 * C} (2 per channel of the handle's {C} channels)")
+        self._channels(config)
+        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
+        if x.dim() != 2 or x.size(0) != rows:
+            raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
+        H = x.size(1)
+        K = 0
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
+            if topk_weights.dim() != 2 or topk_weights.size(0) != rows or \
+                    not 1 <= topk_weights.size(1) <= MAX_TOPK:
+                raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
+                                f"must be [{rows}, num_topk <= {MAX_TOPK}]")
+            K = topk_weights.size(1)
+        biases = bias if isinstance(bias, (tuple, list)) else (bias,)
+        if len(biases) > 2:
+            raise arg_error("bias", f"{len(biases)} tensors", "at most two")
+        biases = [b for b in biases if b is not None]
+        for i, b in enumerate(biases):
+            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
+                         align=VECTOR_BYTES)
+        spec = spec_for_call(internode_combine_spec, {"hidden": "x.shape[1]",
+                                                      "num_topk": "topk_weights.shape[1]"},
+                             H, K, R, L, len(biases))
+        record = internode_layout.combine_record_bytes(H, K)
+        rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "combine", record, 1)
+        if torch.cuda.is_current_stream_capturing():
+            raise NotImplementedError(NOT_YET.format(what="combine under CUDA graph capture"))
+        peers = ctx.peer_table("nvl")
+        kernel = ctx.kernel(spec, "combine")
+        layout = (C, config.rdma_ring_slots, cap, record)
+        result: dict = {}
+        with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
+                                result) as stream:
+            # As the cached dispatch: a new ring layout waits for every rank first.
+            if self._combine_layout is not None and self._combine_layout != layout:
+                self._barrier(h[0], C, stream)
+            self._combine_layout = layout
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+            out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
+            a = ctx.fill_error_fields(InternodeCombineArgs(), "combine")
+            a.x = x.data_ptr() if rows else 0
+            a.topk_weights = topk_weights.data_ptr() if K and rows else 0
+            a.bias0 = biases[0].data_ptr() if biases and T else 0
+            a.bias1 = biases[1].data_ptr() if len(biases) > 1 and T else 0
+            a.send_rdma_head = h[8].data_ptr() if T else 0
+            a.send_nvl_head = h[9].data_ptr() if h[9].size(0) else 0
+            a.recv_rdma_channel_prefix = h[3].data_ptr()
+            a.recv_rdma_rank_prefix_sum = h[4].data_ptr()
+            a.recv_gbl_channel_prefix = h[5].data_ptr()
+            a.recv_gbl_rank_prefix_sum = h[6].data_ptr()
+            a.combined_x = out.data_ptr() if T else 0
+            a.combined_w = out_w.data_ptr() if out_w is not None and T else 0
+            a.rdma = ctx.rdma.addr
+            a.nvl = ctx.nvl.addr
+            a.nvl_peers = peers.data_ptr()
+            a.pes = self.pes.data_ptr()
+            a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(R)
+            a.rdma_ring_off = rdma_ring_off
+            a.nvl_ctrl_off = 0
+            a.nvl_ring_off = nvl_ring_off
+            a.done_off = internode_layout.nvl_done_offset(R) + 4
+            a.num_rows = rows
+            a.num_rdma_rows = h[9].size(0)
+            a.num_tokens = T
+            a.rdma_slots = config.rdma_ring_slots
+            a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
+            a.nvl_cap = cap
+            kernel.launch(C, spec.threads, a, stream.cuda_stream)
+            result["tensors"] = (x, topk_weights, *biases, *h, out, out_w)
+        return out, out_w, result["event"]
 
     def _check_rings(self, config, op: str, record: int, half: int) -> tuple[int, int, int]:
         """(RDMA ring offset, NVLink ring offset, NVLink ring slots) of direction `half` (0
