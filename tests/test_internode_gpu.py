@@ -124,7 +124,8 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
                        topk_idx=idx if with_topk else None, topk_weights=w if with_topk else None,
                        expert_alignment=2, config=config)
     handle = got[4]
-    again = buf.dispatch(rows, handle=handle, config=config)
+    again = buf.dispatch(rows, handle=handle, config=config, async_finish=True)
+    again[5].current_stream_wait()      # async: the comm stream's event
     got_small = buf.dispatch(small[rank].cuda(), handle=handle, config=config)[0]
     worst = world * max(T, 1)           # >= every rank's received and RDMA-received counts
     got_worst = buf.dispatch(rows, num_tokens_per_rank=per_rank,
@@ -135,7 +136,8 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
                              num_worst_tokens=worst, config=config)
     combined = buf.combine(comb_x[rank].cuda(), handle,
                            topk_weights=comb_w[rank].cuda() if with_topk else None,
-                           bias=bias.cuda(), config=config)
+                           bias=bias.cuda(), config=config, async_finish=True)
+    combined[2].current_stream_wait()
     torch.cuda.synchronize()
     buf.check_errors()
 
@@ -166,7 +168,7 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
             f"handle.{field}: {g.dtype} {tuple(g.shape)}, expected {e.dtype} {tuple(e.shape)}"
         assert torch.equal(g, e), f"handle.{field}: {g.tolist()} vs {e.tolist()}"
     assert event.event is None          # a synchronous call: nothing to wait on
-    # Cached: the same rows (DeepEP's returns: rows only), and the 128-wide BF16 rows.
+    # Cached (async_finish): the same rows (DeepEP's returns: rows only), and the 128-wide rows.
     assert again[1:5] == (None, None, None, None), again[1:5]
     assert isinstance(again[0], tuple) == fp8
     rx = again[0][0] if fp8 else again[0]
@@ -186,7 +188,7 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
         assert torch.equal(cw.cpu(), ec.combined_topk_weights), "combined weights differ"
     else:
         assert cw is None
-    assert cev.event is None
+    assert cev.event is not None        # async_finish: an event to wait on
     # num_worst_tokens: every output and the handle sized by it; the valid rows as before,
     # padding rows of recv_topk_idx and send_nvl_head -1 (the rest is unspecified).
     ew = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
