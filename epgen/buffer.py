@@ -23,13 +23,6 @@ from .runtime.events import EventHandle, EventOverlap
 from .runtime.symmetric import SymmetricRegion
 
 
-_INTERNODE_MISSING = (
-    "epgen: {op}: the internode normal mode (RDMA between nodes, NVLink forwarding inside a "
-    "node) has its topology, layout (num_tokens_per_rdma_rank), golden model "
-    "(epgen/reference_internode.py) and counts exchange (notify), but not yet its dispatch and "
-    "combine kernels; use the ranks of one node, or the low-latency mode")
-
-
 class Buffer:
     num_sms: int = 20
 
@@ -98,7 +91,7 @@ class Buffer:
             arch=toolchain.resolve_arch())
         self._layout = LayoutOps(self._ctx, self.topology.ranks_per_node if spans_nodes else 0)
         self._intranode = IntranodeOps(self._ctx)
-        # Across nodes only the notify exists yet (internal: dispatch / combine refuse).
+        # Across nodes: the two-level dispatch and combine.
         self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode,
@@ -259,9 +252,9 @@ class Buffer:
         launch (data width, scale dtype and shape) and lets opaque rows of any element type
         carry a side tensor; rows still move as bytes."""
         self._alive()
-        self._refuse_internode("dispatch")
         config = config or self.get_dispatch_config(self.group_size)
-        return self._intranode.dispatch(
+        ops = self._internode if self._internode is not None else self._intranode
+        return ops.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
             config, previous_event, async_finish, allocate_on_comm_stream, wire_format)
@@ -269,10 +262,10 @@ class Buffer:
     def combine(self, x, handle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         self._alive()
-        self._refuse_internode("combine")
         config = config or self.get_combine_config(self.group_size)
-        return self._intranode.combine(x, handle, topk_weights, bias, config, previous_event,
-                                       async_finish, allocate_on_comm_stream)
+        ops = self._internode if self._internode is not None else self._intranode
+        return ops.combine(x, handle, topk_weights, bias, config, previous_event,
+                           async_finish, allocate_on_comm_stream)
 
     def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None,
                            num_tokens_per_rdma_rank=None, is_token_in_rank=None,
@@ -280,23 +273,30 @@ class Buffer:
                            expert_alignment: int = 1, num_worst_tokens: int = 0,
                            config: Config | None = None, previous_event=None, async_finish=False,
                            allocate_on_comm_stream=False):
+        """DeepEP's internode_dispatch (which its dispatch calls across nodes): only for a
+        Buffer whose group spans nodes."""
         self._alive()
-        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_dispatch"))
+        if self._internode is None:
+            raise RuntimeError("epgen.Buffer.internode_dispatch: this Buffer's group is one node "
+                               "(use dispatch); set EPGEN_RANKS_PER_NODE for virtual nodes")
+        config = config or self.get_dispatch_config(self.group_size)
+        return self._internode.dispatch(
+            x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+            num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+            config, previous_event, async_finish, allocate_on_comm_stream)
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None,
                           config: Config | None = None, previous_event=None, async_finish=False,
                           allocate_on_comm_stream=False):
+        """DeepEP's internode_combine (which its combine calls across nodes): only for a
+        Buffer whose group spans nodes."""
         self._alive()
-        raise NotImplementedError(_INTERNODE_MISSING.format(op="internode_combine"))
-
-    def _refuse_internode(self, op: str) -> None:
-        """dispatch / combine of a Buffer whose group spans nodes would take the two-level path,
-        which does not exist yet (get_dispatch_layout does: it counts per node)."""
-        t = self.topology
-        if t is not None and t.spans_nodes:
-            raise NotImplementedError(
-                _INTERNODE_MISSING.format(op=op) + f" (this group: {t.num_nodes} nodes of "
-                f"{t.ranks_per_node} ranks, from {t.source})")
+        if self._internode is None:
+            raise RuntimeError("epgen.Buffer.internode_combine: this Buffer's group is one node "
+                               "(use combine); set EPGEN_RANKS_PER_NODE for virtual nodes")
+        config = config or self.get_combine_config(self.group_size)
+        return self._internode.combine(x, handle, topk_weights, bias, config, previous_event,
+                                       async_finish, allocate_on_comm_stream)
 
     # -- low-latency mode -----------------------------------------------------------------
     def _low_latency(self) -> LowLatencyOps:

@@ -250,3 +250,78 @@ InternodeNotifyArgs = struct(
 )
 
 ARGS["internode_notify"] = InternodeNotifyArgs
+
+InternodeDispatchArgs = struct(
+    "InternodeDispatchArgs",
+    ("const char*", "x"),                   # [T, row bytes]
+    ("const float*", "x_scales"),           # [T, S] any strides (float32 or int32 bits), or null
+    ("int64_t", "scale_stride_t"),
+    ("int64_t", "scale_stride_s"),
+    ("const int64_t*", "topk_idx"),         # [T, K] or null
+    ("const float*", "topk_weights"),       # [T, K] or null
+    ("const bool*", "is_token_in_rank"),    # [T, R]
+    ("const int*", "recv_rdma_channel_prefix"),   # [Nn, C] (the notify's, or the handle's)
+    ("const int*", "recv_rdma_rank_prefix_sum"),  # [Nn]
+    ("const int*", "recv_gbl_channel_prefix"),    # [R, C]
+    ("const int*", "recv_gbl_rank_prefix_sum"),   # [R]
+    ("char*", "recv_x"),                    # [rows, row bytes]
+    ("float*", "recv_scales"),              # [rows, S] or null
+    ("int64_t*", "recv_topk_idx"),          # [rows, K] or null
+    ("float*", "recv_topk_weights"),        # [rows, K] or null
+    ("char*", "recv_src_meta"),             # [rows, 8], or null (cached)
+    ("int*", "send_nvl_head"),              # [rdma rows, L], or null (cached)
+    ("void*", "rdma"),                      # this rank's RDMA region (symmetric)
+    ("void*", "nvl"),                       # this rank's NVLink region
+    ("const int64_t*", "nvl_peers"),        # [R] NVLink region address of each rank (this node's)
+    ("const int*", "pes"),                  # [R] the PE of each group rank
+    ("int64_t", "rdma_ctrl_off"),           # ops/internode_layout.py: byte offsets
+    ("int64_t", "rdma_ring_off"),
+    ("int64_t", "nvl_ctrl_off"),
+    ("int64_t", "nvl_ring_off"),
+    ("int64_t", "done_off"),                # int in the NVLink region: blocks done (poisoning)
+    ("int64_t", "num_recv_rows"),           # rows of recv_x (bounds every write)
+    ("int64_t", "num_rdma_recv_rows"),      # rows of send_nvl_head
+    ("int", "num_tokens"),
+    ("int", "num_local_experts"),
+    ("int", "rdma_slots"),                  # Config.rdma_ring_slots
+    ("int", "rdma_chunk"),                  # Config.num_max_rdma_chunked_send_tokens
+    ("int", "nvl_cap"),                     # NVLink ring slots per (channel, forwarder, node)
+    ("int", "num_worst_tokens"),            # > 0: outputs sized by it (no host counts)
+    *ERROR_FIELDS,
+)
+
+ARGS["internode_dispatch"] = InternodeDispatchArgs
+
+InternodeCombineArgs = struct(
+    "InternodeCombineArgs",
+    ("const char*", "x"),                   # [rows, H] bf16, the dispatch's receive order
+    ("const float*", "topk_weights"),       # [rows, K] or null
+    ("const char*", "bias0"),               # [T, H] bf16 or null
+    ("const char*", "bias1"),
+    ("const int*", "send_rdma_head"),       # [T, Nn]   the handle's
+    ("const int*", "send_nvl_head"),        # [rdma rows, L]
+    ("const int*", "recv_rdma_channel_prefix"),   # [Nn, C]
+    ("const int*", "recv_rdma_rank_prefix_sum"),  # [Nn]
+    ("const int*", "recv_gbl_channel_prefix"),    # [R, C]
+    ("const int*", "recv_gbl_rank_prefix_sum"),   # [R]
+    ("char*", "combined_x"),                # [T, H] bf16
+    ("float*", "combined_w"),               # [T, K] or null
+    ("void*", "rdma"),
+    ("void*", "nvl"),
+    ("const int64_t*", "nvl_peers"),
+    ("const int*", "pes"),
+    ("int64_t", "rdma_ctrl_off"),
+    ("int64_t", "rdma_ring_off"),           # the combine half
+    ("int64_t", "nvl_ctrl_off"),
+    ("int64_t", "nvl_ring_off"),            # the combine half
+    ("int64_t", "done_off"),
+    ("int64_t", "num_rows"),                # rows of x
+    ("int64_t", "num_rdma_rows"),           # rows of send_nvl_head
+    ("int", "num_tokens"),
+    ("int", "rdma_slots"),
+    ("int", "rdma_chunk"),
+    ("int", "nvl_cap"),
+    *ERROR_FIELDS,
+)
+
+ARGS["internode_combine"] = InternodeCombineArgs

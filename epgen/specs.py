@@ -524,11 +524,124 @@ class InternodeNotifySpec(KernelSpec):
         return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"
 
 
+def internode_dispatch_spec(row_bytes: int, num_scale_cols: int, num_topk: int, num_ranks: int,
+                            ranks_per_node: int) -> "InternodeDispatchSpec":
+    """An internode dispatch of rows `row_bytes` wide with `num_scale_cols` 4-byte scales (0:
+    none), keyed by its wire shape as the intranode dispatch (normal_dispatch_wire). Experts
+    are a launch argument (only the local-expert arithmetic uses them)."""
+    hidden, dtype = normal_dispatch_wire(row_bytes, num_scale_cols)
+    scale_cols = -1 if dtype != "fp8" or num_scale_cols == num_scales(hidden) else num_scale_cols
+    return cached(InternodeDispatchSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
+                  ranks_per_node=ranks_per_node, dtype=dtype, scale_cols=scale_cols)
+
+
+@dataclass(frozen=True)
+class InternodeDispatchSpec(KernelSpec):
+    """The internode normal mode's dispatch (templates/internode_dispatch.cuh): RDMA puts with
+    signals between nodes, NVLink forwarding inside a node; a block per channel, a warp per role
+    (a sender per node, a forwarder per node, a receiver per source rank)."""
+    family: ClassVar[str] = "internode_dispatch"
+    template: ClassVar[str] = "internode_dispatch.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch",)
+
+    hidden: int
+    num_topk: int          # 0: no top-k indices / weights
+    num_ranks: int
+    ranks_per_node: int
+    dtype: str = "bf16"    # as NormalDispatchSpec: "bf16" rows of 2 * hidden bytes, "fp8" rows
+    scale_cols: int = -1   # of hidden bytes with scale_cols 4-byte scales (-1: ceil(hidden / 128))
+
+    def validate(self):
+        _check_common(self, experts=False)
+        L, R = self.ranks_per_node, self.num_ranks
+        self._req(0 < L < R and R % L == 0, "ranks_per_node",
+                  f"must divide num_ranks={R} and be below it (the ranks span nodes)")
+        self._req(L <= 32, "ranks_per_node", "must be <= 32 (one source-meta word of local ranks)")
+        self._req(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        rule = 16 if self.dtype == "fp8" else 8
+        self._req(self.hidden % rule == 0, "hidden",
+                  f"must be a multiple of {rule} for {self.dtype} (16-byte rows)")
+        if self.dtype == "fp8":
+            self._req(self.scale_cols == -1 or 1 <= self.scale_cols <= MAX_SCALE_COLS,
+                      "scale_cols", f"must be -1 (one per 128 channels) or in [1, {MAX_SCALE_COLS}]")
+        else:
+            self._req(self.scale_cols == -1, "scale_cols", "must be -1 (bf16 rows have no scales)")
+        self._req(2 * (R // L) + R <= 32, "num_ranks",
+                  f"with {R // L} nodes needs {2 * (R // L) + R} warps (a sender and a forwarder "
+                  "per node, a receiver per rank): at most 32 per block")
+
+    @property
+    def threads(self) -> int:
+        return 32 * (2 * (self.num_ranks // self.ranks_per_node) + self.num_ranks)
+
+    @property
+    def num_scales(self) -> int:
+        if self.dtype != "fp8":
+            return 0
+        return num_scales(self.hidden) if self.scale_cols < 0 else self.scale_cols
+
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden * (1 if self.dtype == "fp8" else 2)
+
+    @property
+    def record_bytes(self) -> int:
+        from .ops.internode_layout import dispatch_record_bytes
+        return dispatch_record_bytes(self.row_bytes, self.num_scales, self.num_topk,
+                                     self.ranks_per_node)
+
+    def readable_tag(self):
+        return (f"{self.dtype}_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
+                f"_n{self.num_ranks // self.ranks_per_node}")
+
+
+def internode_combine_spec(hidden: int, num_topk: int, num_ranks: int, ranks_per_node: int,
+                           num_biases: int = 0) -> "InternodeCombineSpec":
+    return cached(InternodeCombineSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
+                  ranks_per_node=ranks_per_node, num_biases=num_biases)
+
+
+@dataclass(frozen=True)
+class InternodeCombineSpec(KernelSpec):
+    """The internode normal mode's combine (templates/internode_combine.cuh): BF16 rows back
+    along the dispatch's path, summed inside each node first; a block per channel, a warp per
+    role (an NVLink sender per source rank, a forwarder per node, a reducer)."""
+    family: ClassVar[str] = "internode_combine"
+    template: ClassVar[str] = "internode_combine.cu.j2"
+    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+
+    hidden: int
+    num_topk: int          # 0: no weights
+    num_ranks: int
+    ranks_per_node: int
+    num_biases: int = 0
+
+    def validate(self):
+        _check_common(self, experts=False)
+        L, R = self.ranks_per_node, self.num_ranks
+        self._req(0 < L < R and R % L == 0, "ranks_per_node",
+                  f"must divide num_ranks={R} and be below it (the ranks span nodes)")
+        self._req(L <= 32, "ranks_per_node", "must be <= 32")
+        self._req(self.hidden % 8 == 0, "hidden", "must be a multiple of 8 (16-byte BF16 rows)")
+        self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
+        self._req(R + R // L + 1 <= 32, "num_ranks",
+                  f"with {R // L} nodes needs {R + R // L + 1} warps (a sender per rank, a "
+                  "forwarder per node, a reducer): at most 32 per block")
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.num_ranks + self.num_ranks // self.ranks_per_node + 1)
+
+    def readable_tag(self):
+        return (f"h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
+                f"_n{self.num_ranks // self.ranks_per_node}_b{self.num_biases}")
+
+
 FAMILIES: dict[str, type[KernelSpec]] = {
     cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
                                 LowLatencyDispatchSpec, LowLatencyCombineSpec,
                                 LowLatencyCombineRankSpec, LowLatencyBarrierSpec,
-                                InternodeNotifySpec)
+                                InternodeNotifySpec, InternodeDispatchSpec, InternodeCombineSpec)
 }
 
 

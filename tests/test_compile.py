@@ -8,7 +8,7 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.compiler import CompileError
-from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
+from epgen.specs import (InternodeCombineSpec, InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
                          LowLatencyCombineSpec, LowLatencyCombineRankSpec, LowLatencyDispatchSpec,
                          NormalCombineSpec,
                          NormalDispatchSpec)
@@ -49,6 +49,15 @@ SPECS = [
     LowLatencyCombineRankSpec(hidden=2880, num_topk=8, num_experts=64, num_ranks=4),
     InternodeNotifySpec(num_ranks=8, ranks_per_node=2, num_experts=256),
     InternodeNotifySpec(num_ranks=64, ranks_per_node=8, num_experts=1024),
+    # internode dispatch: BF16 and FP8 (the partial last scale group of 2880), top-k 16 / 8 / none,
+    # 2 x 1, 2 x 4 and 4 x 2 nodes x ranks
+    InternodeDispatchSpec(hidden=7168, num_topk=8, num_ranks=2, ranks_per_node=1),
+    InternodeDispatchSpec(hidden=2880, num_topk=16, num_ranks=8, ranks_per_node=4, dtype="fp8"),
+    InternodeDispatchSpec(hidden=4096, num_topk=0, num_ranks=8, ranks_per_node=2),
+    # internode combine: top-k 8 / 16 / none, biases, 2 x 1, 2 x 4 and 4 x 2
+    InternodeCombineSpec(hidden=7168, num_topk=8, num_ranks=2, ranks_per_node=1),
+    InternodeCombineSpec(hidden=2880, num_topk=16, num_ranks=8, ranks_per_node=4, num_biases=2),
+    InternodeCombineSpec(hidden=4096, num_topk=0, num_ranks=8, ranks_per_node=2, num_biases=1),
 ]
 
 

@@ -379,8 +379,8 @@ def _argument_errors(normal, ll, rank, R):
     for name, x, kw in bad:
         with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
             normal.dispatch(x, **kw)
-    with pytest.raises(NotImplementedError):
-        normal.internode_dispatch(xs[rank], **args)
+    with pytest.raises(RuntimeError, match="this Buffer's group is one node"):
+        normal.internode_dispatch(xs[rank], **args)     # one node: dispatch is the call
     with pytest.raises(ValueError, match="enable_shrink"):
         ll.low_latency_update_mask_buffer(0, True)
     # still usable afterwards

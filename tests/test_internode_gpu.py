@@ -1,9 +1,10 @@
 """Internode normal mode on GPUs, over virtual nodes (EPGEN_RANKS_PER_NODE) on one host, against
 epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_dispatch_layout
 returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
-handle, and dispatch / combine refuse with NotImplementedError naming what is missing (the
-two-level data kernels). Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose
-rank count EPGEN_TEST_RANKS names)."""
+handle, the uncached dispatch (every output and DeepEP's internode handle), the cached one
+through that handle (also with rows of another width: a ring-layout change), the one sized by
+num_worst_tokens, and the combine through the handle (with weights and a bias).
+Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
 import os
@@ -50,6 +51,171 @@ def _topk(rank, world, L, E, K, T, routing):
     return torch.stack(rows) if rows else torch.zeros(0, K, dtype=torch.int64)
 
 
+# Dispatch: (experts, top-k, tokens, routing, hidden, fp8, with top-k, config) where config is
+# (num_sms, nvl send, nvl recv, rdma send, rdma recv) tokens: "roomy" rings, or "tiny" ones (2
+# RDMA slots in flight, NVLink rings of 2-4 slots) that make every sender wait for credit and
+# every ring wrap many times in a call.
+ROOMY, TINY = (8, 4, 32, 4, 16), (4, 2, 8, 2, 4)
+DISPATCH_CASES = [
+    (64, 8, 333, "any", 7168, False, True, ROOMY),
+    (256, 16, 500, "any", 4096, True, True, ROOMY),     # FP8, 32 scale groups
+    (64, 8, 200, "node0", 2880, True, True, ROOMY),     # partial last group; nodes 1.. get nothing
+    (128, 16, 257, "one_node", 2880, False, True, TINY),
+    (64, 16, 300, "any", 7168, True, True, TINY),
+    (64, 8, 150, "any", 4096, False, False, ROOMY),     # no top-k (is_token_in_rank only)
+    (128, 8, 180, "one_node", 7168, False, True, TINY),
+    (32, 8, 0, "any", 7168, True, True, ROOMY),         # no tokens anywhere
+]
+DISPATCH_CASES_RUN = gpu_harness.select(DISPATCH_CASES, [0, 1, 3])
+
+
+def _inputs(rank, world, L, E, K, T, routing, H, fp8):
+    """Rank `rank`'s dispatch inputs on CPU (every rank regenerates every rank's): topk_idx,
+    weights, x (BF16, or FP8 with float32 scales from reference.per_token_cast_to_fp8)."""
+    import torch
+    from epgen import reference as ref
+    idx = _topk(rank, world, L, E, K, T, routing)
+    g = torch.Generator().manual_seed(31 * rank + H + K + T)
+    w = torch.rand(T, K, generator=g)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    scales = None
+    if fp8:
+        x, scales = ref.per_token_cast_to_fp8(x)
+    return idx, w, x, scales
+
+
+def _bits(t):
+    import torch
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16) \
+        if t.element_size() == 2 else t
+
+
+def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cfg):
+    """One uncached dispatch, the cached one through its handle, a cached one of rows of
+    another width (a new ring layout: the barrier runs first), a num_worst_tokens one and a
+    combine through the handle, against reference_internode.dispatch / combine: every output
+    and the handle. The collective calls all come
+    first, so a rank whose comparison fails does not leave its peers waiting in a call."""
+    import torch
+    import epgen
+    from epgen import reference_internode as iref
+    config = epgen.Config(*cfg)
+    C = config.num_sms // 2
+    cpu = [_inputs(r, world, L, E, K, T, routing, H, fp8) for r in range(world)]
+    small = [torch.randn(T, 128, generator=torch.Generator().manual_seed(7 * r + T)).to(
+        torch.bfloat16) for r in range(world)]
+    layouts = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
+    in_ranks = [lay[3] for lay in layouts]
+    # Combine inputs: every rank's rows in its dispatch receive order (random BF16) and
+    # weights, and this rank's bias.
+    received = [sum(int(m[:, j].sum()) for m in in_ranks) for j in range(world)]
+    comb_x = [torch.randn(n, H, generator=torch.Generator().manual_seed(11 * j + H)).to(
+        torch.bfloat16) for j, n in enumerate(received)]
+    comb_w = [torch.rand(n, K, generator=torch.Generator().manual_seed(17 * j + K))
+              for j, n in enumerate(received)] if with_topk else None
+    bias = torch.randn(T, H, generator=torch.Generator().manual_seed(13 * rank + T)).to(
+        torch.bfloat16)
+    idx, w, x, scales = (None if v is None else v.cuda() for v in cpu[rank])
+    rows = (x, scales) if fp8 else x
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    got = buf.dispatch(rows, num_tokens_per_rank=per_rank,
+                       num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                       num_tokens_per_expert=per_expert,
+                       topk_idx=idx if with_topk else None, topk_weights=w if with_topk else None,
+                       expert_alignment=2, config=config)
+    handle = got[4]
+    again = buf.dispatch(rows, handle=handle, config=config, async_finish=True)
+    again[5].current_stream_wait()      # async: the comm stream's event
+    got_small = buf.dispatch(small[rank].cuda(), handle=handle, config=config)[0]
+    worst = world * max(T, 1)           # >= every rank's received and RDMA-received counts
+    got_worst = buf.dispatch(rows, num_tokens_per_rank=per_rank,
+                             num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert,
+                             topk_idx=idx if with_topk else None,
+                             topk_weights=w if with_topk else None, expert_alignment=2,
+                             num_worst_tokens=worst, config=config)
+    combined = buf.combine(comb_x[rank].cuda(), handle,
+                           topk_weights=comb_w[rank].cuda() if with_topk else None,
+                           bias=bias.cuda(), config=config, async_finish=True)
+    combined[2].current_stream_wait()
+    torch.cuda.synchronize()
+    buf.check_errors()
+
+    exp = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
+                        [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
+                        expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
+                        is_token_in_ranks=in_ranks,
+                        num_tokens_per_experts=[lay[2] for lay in layouts])
+    recv, recv_idx, recv_w, counts, handle, event = got
+    assert isinstance(recv, tuple) == fp8
+    recv_x, recv_scales = recv if fp8 else (recv, None)
+    assert recv_x.dtype == exp.recv_x.dtype and recv_x.shape == exp.recv_x.shape, \
+        (recv_x.dtype, tuple(recv_x.shape), exp.recv_x.dtype, tuple(exp.recv_x.shape))
+    assert torch.equal(_bits(recv_x.cpu()), _bits(exp.recv_x)), "recv_x differs"
+    if fp8:
+        assert torch.equal(recv_scales.cpu(), exp.recv_x_scales), "recv_x_scales differ"
+    if with_topk:
+        assert torch.equal(recv_idx.cpu(), exp.recv_topk_idx), \
+            f"recv_topk_idx: {recv_idx.tolist()} vs {exp.recv_topk_idx.tolist()}"
+        assert torch.equal(recv_w.cpu(), exp.recv_topk_weights), "recv_topk_weights differ"
+    else:
+        assert recv_idx is None and recv_w is None
+    assert counts == exp.num_recv_tokens_per_expert_list, (counts, exp.num_recv_tokens_per_expert_list)
+    assert isinstance(handle, tuple) and len(handle) == 10
+    for field, g, e in zip(iref.InternodeHandle._fields, handle, exp.handle):
+        g = g.cpu()
+        assert g.dtype == e.dtype and g.shape == e.shape, \
+            f"handle.{field}: {g.dtype} {tuple(g.shape)}, expected {e.dtype} {tuple(e.shape)}"
+        assert torch.equal(g, e), f"handle.{field}: {g.tolist()} vs {e.tolist()}"
+    assert event.event is None          # a synchronous call: nothing to wait on
+    # Cached (async_finish): the same rows (DeepEP's returns: rows only), and the 128-wide rows.
+    assert again[1:5] == (None, None, None, None), again[1:5]
+    assert isinstance(again[0], tuple) == fp8
+    rx = again[0][0] if fp8 else again[0]
+    assert torch.equal(_bits(rx.cpu()), _bits(exp.recv_x)), "cached recv_x differs"
+    if fp8:
+        assert torch.equal(again[0][1].cpu(), exp.recv_x_scales), "cached recv_x_scales differ"
+    exp_small = iref.dispatch(small, None, None, E, rank, L, C, cached=True,
+                              is_token_in_ranks=in_ranks).recv_x
+    assert torch.equal(_bits(got_small.cpu()), _bits(exp_small)), "cached 128-wide recv_x differs"
+    # Combine through the uncached handle: bit-exact with the reference's rounding order.
+    ec = iref.combine(comb_x, in_ranks, rank, L, topk_weights=comb_w, bias=bias)
+    cx, cw, cev = combined
+    assert cx.dtype == torch.bfloat16 and cx.shape == (T, H), (cx.dtype, tuple(cx.shape))
+    assert torch.equal(_bits(cx.cpu()), _bits(ec.combined_x)), \
+        f"combined_x differs in {int((cx.cpu() != ec.combined_x).any(dim=1).sum())} tokens"
+    if with_topk:
+        assert torch.equal(cw.cpu(), ec.combined_topk_weights), "combined weights differ"
+    else:
+        assert cw is None
+    assert cev.event is not None        # async_finish: an event to wait on
+    # num_worst_tokens: every output and the handle sized by it; the valid rows as before,
+    # padding rows of recv_topk_idx and send_nvl_head -1 (the rest is unspecified).
+    ew = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu] if with_topk else None,
+                       [c[1] for c in cpu] if with_topk else None, E, rank, L, C,
+                       expert_alignment=2, x_scales=[c[3] for c in cpu] if fp8 else None,
+                       is_token_in_ranks=in_ranks, num_worst_tokens=worst,
+                       num_tokens_per_experts=[lay[2] for lay in layouts])
+    N = exp.num_recv_tokens
+    wx, widx, ww, wcounts, wh, _ = got_worst
+    wx, wscales = wx if fp8 else (wx, None)
+    assert wx.shape == ew.recv_x.shape, (tuple(wx.shape), tuple(ew.recv_x.shape))
+    assert torch.equal(_bits(wx[:N].cpu()), _bits(exp.recv_x)), "worst-sized recv_x differs"
+    if fp8:
+        assert torch.equal(wscales[:N].cpu(), exp.recv_x_scales), "worst-sized scales differ"
+    if with_topk:
+        assert torch.equal(widx.cpu(), ew.recv_topk_idx), "worst-sized recv_topk_idx differs"
+        assert torch.equal(ww[:N].cpu(), exp.recv_topk_weights), "worst-sized weights differ"
+    assert wcounts == [], wcounts
+    for i, (field, g, e) in enumerate(zip(iref.InternodeHandle._fields, wh, ew.handle)):
+        g = g.cpu()
+        assert g.dtype == e.dtype and g.shape == e.shape, \
+            f"worst handle.{field}: {g.dtype} {tuple(g.shape)}, expected {tuple(e.shape)}"
+        if i == 7:                       # recv_src_meta: the padding rows are unspecified
+            g, e = g[:N], e[:N]
+        assert torch.equal(g, e), f"worst handle.{field}: {g.tolist()} vs {e.tolist()}"
+
+
 def _worker(rank, world, L):
     os.environ["EPGEN_RANKS_PER_NODE"] = str(L)
     os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
@@ -57,7 +223,7 @@ def _worker(rank, world, L):
     import torch.distributed as dist
     import epgen
     from epgen import reference_internode as iref
-    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 8 << 20)
+    buf = epgen.Buffer(dist.group.WORLD, 64 << 20, 32 << 20)
     results = []
     try:
         t = buf.topology
@@ -88,24 +254,13 @@ def _worker(rank, world, L):
                 except Exception:
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
                                     traceback.format_exc()))
-        try:
-            idx = _topk(rank, world, L, 64, 8, 16, "any").cuda()
-            per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 64)
-            x = torch.randn(16, 128, dtype=torch.bfloat16, device="cuda")
-            for call in (lambda: buf.dispatch(x, num_tokens_per_rank=per_rank,
-                                              num_tokens_per_rdma_rank=per_node,
-                                              is_token_in_rank=in_rank,
-                                              num_tokens_per_expert=per_expert, topk_idx=idx),
-                         lambda: buf.internode_dispatch(x),
-                         lambda: buf.combine(x, None), lambda: buf.internode_combine(x, None)):
-                try:
-                    call()
-                    raise AssertionError("an internode call did not raise")
-                except NotImplementedError as e:
-                    assert "not yet its dispatch and combine kernels" in str(e), str(e)
-            results.append(("refusals", "ok"))
-        except Exception:
-            results.append(("refusals", traceback.format_exc()))
+        for case in DISPATCH_CASES_RUN:
+            name = "dispatch_" + "_".join(str(v) for v in case)
+            try:
+                _check_dispatch(buf, rank, world, L, *case)
+                results.append((name, "ok"))
+            except Exception:
+                results.append((name, traceback.format_exc()))
     finally:
         buf.destroy()
     return results
@@ -154,7 +309,7 @@ def internode_results(request):
     nodes, L = request.param
     world = nodes * L
     gpu_harness.require_gpus(world)
-    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, timeout_s=280.0)
+    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, timeout_s=480.0)
 
 
 def test_internode_layout_over_virtual_nodes(internode_results):

@@ -34,12 +34,12 @@ def test_region_of_a_small_config_by_hand():
     c = epgen.Config(4, 2, 8, 2, 8)              # 2 channels, 8 slots per ring
     rec = il.dispatch_record_bytes(256, 2, 32, 2)
     assert rec == 256 + 8 + 8 + 256                # row, 2 scales, meta, 32 x (int32 + float)
-    assert il.control_bytes(2, 2, 2) == 4096       # (2*2*2 + 2*2*2*6) words of 8 bytes, aligned
+    assert il.control_bytes(2) == 8192             # 8 x 2 nodes x 64 channels x 8 bytes
     assert il.half_bytes(c, 2, rec) == 2 * 20480   # recv + send: 2 nodes x 2 channels x 8 x 528
     # notify: 256 B header + 2 x 4 signals -> staging at 512; 4 x 4 rows of (2 + 3 + 128 -> 136)
     # ints; 512 + 16 * 544 = 9216 -> 12288
     assert il.notify_row_ints(3) == 136 and il.notify_area_bytes(4, 3) == 12288
-    assert il.region_bytes(c, 2, 2, rec, 3) == 12288 + 4096 + 2 * 40960
+    assert il.region_bytes(c, 2, 2, rec, 3) == 12288 + 8192 + 2 * 40960
 
 
 def test_hint_is_zero_on_one_node_and_grows_with_nodes(no_node_env):
@@ -69,3 +69,16 @@ def test_hint_holds_every_call_it_promises(no_node_env, hidden, nodes, L):
         for row, scales in ((hidden * 2, 0), (hidden, -(-hidden // 128))):
             rec = max(il.dispatch_record_bytes(row, scales, 32, L), il.combine_record_bytes(hidden, 32))
             assert il.region_bytes(c, nodes, L, rec, 1024 // (nodes * L)) <= hint
+
+
+@pytest.mark.parametrize("hidden", [7168, 4096, 2880])
+@pytest.mark.parametrize("nodes, L", [(2, 1), (2, 4), (4, 2), (2, 8)])
+def test_nvl_hint_holds_the_internode_dispatch(hidden, nodes, L):
+    """DeepEP users size num_nvl_bytes with Config.get_nvl_buffer_size_hint: it holds the
+    internode dispatch's forwarding rings too (BF16 or FP8 rows, top-k up to 32)."""
+    R = nodes * L
+    for c in (epgen.Buffer.get_dispatch_config(R), epgen.Config(24, 6, 256, 20, 128)):
+        hint = c.get_nvl_buffer_size_hint(hidden * 2, R)
+        for row, scales in ((hidden * 2, 0), (hidden, -(-hidden // 128))):
+            rec = il.dispatch_record_bytes(row, scales, 32, L)
+            assert il.nvl_need(c, nodes, L, rec) <= hint

@@ -1,19 +1,25 @@
-"""Internode normal mode (RDMA between nodes, NVLink forwarding inside a node): what exists so
-far is the notify step of an uncached dispatch (ops/internode_handle.py for the handle's sender
-side, templates/internode_notify.cuh for the counts exchange). The dispatch and combine data
-kernels are not written: Buffer.internode_dispatch / internode_combine raise NotImplementedError.
+"""Internode normal mode (RDMA between nodes, NVLink forwarding inside a node): the uncached
+dispatch (notify: templates/internode_notify.cuh, with the handle's sender side from
+ops/internode_handle.py; then the data kernel templates/internode_dispatch.cuh), returning
+DeepEP V1's internode handle, and the cached dispatch through that handle (the same kernel,
+its counts from the handle), and num_worst_tokens (outputs sized by it, no host wait). Not
+yet: CUDA graph capture, combine.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernel_args import InternodeNotifyArgs
+from ..kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
-from ..specs import internode_notify_spec
+from ..specs import MAX_TOPK, internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from . import internode_handle, internode_layout
-from .context import OpsContext, arg_error, check_tensor
-from .intranode import wait_host_counts
+from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
+from .intranode import check_rows, check_topk, wait_host_counts
+
+# What a Buffer spanning nodes cannot do yet (NotImplementedError, naming it).
+NOT_YET = ("the internode {what} is not implemented yet (uncached, cached and "
+           "worst-case-sized dispatch are)")
 
 
 
@@ -23,6 +29,10 @@ class InternodeOps:
         self.topology = topology
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
         self._host_counts: MappedHostArray | None = None
+        # The previous dispatch's ring layout (channels, RDMA slots, NVLink slots, record bytes):
+        # a cached dispatch with another one runs a barrier first.
+        self._layout = None
+        self._combine_layout = None       # the same for the combine direction
 
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
                num_tokens_per_expert, num_channels: int, expert_alignment: int = 1,
@@ -98,3 +108,308 @@ class InternodeOps:
             out.update(num_recv_tokens=vals[0], num_rdma_recv_tokens=vals[1],
                        num_recv_tokens_per_expert_list=vals[2:])
         return out
+
+    # -- dispatch -------------------------------------------------------------------------
+    def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                 config, previous_event, async_finish, allocate_on_comm_stream, wire_format=None):
+        """DeepEP V1's internode_dispatch: uncached, returns (recv_x or (recv_x, scales),
+        recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event), the
+        handle DeepEP's 10-tuple (epgen/reference_internode.py defines each value); cached
+        (handle given: the rows move as the handle's dispatch moved its tokens), returns
+        (recv_x or (recv_x, scales), None, None, None, None, event), as DeepEP."""
+        ctx, t = self.ctx, self.topology
+        ctx.check_errors()
+        R, L, dev = ctx.num_ranks, t.ranks_per_node, ctx.device
+        cached = handle is not None
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise arg_error("num_worst_tokens", num_worst_tokens, "must be an int >= 0")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise arg_error("expert_alignment", expert_alignment, "must be an int >= 1")
+        given = x[0] if isinstance(x, tuple) and len(x) == 2 else x
+        given_scales = x[1] if isinstance(x, tuple) and len(x) == 2 else None
+        x, scales, S = check_rows(ctx, x, wire_format)
+        T = x.size(0)
+        if cached:
+            for name, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+                if v is not None:
+                    raise arg_error(name, "a tensor", "must be None with a handle (cached dispatch)")
+            h = self._unpack_handle(handle, T)
+            in_rank, K = h[0], 0
+            if h[1].size(1) != config.num_sms // 2:
+                raise arg_error("config.num_sms", config.num_sms,
+                                f"must be {2 * h[1].size(1)} (2 per channel of the handle's "
+                                f"{h[1].size(1)} channels)")
+        else:
+            for name, v in (("num_tokens_per_rank", num_tokens_per_rank),
+                            ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                            ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert)):
+                if v is None:
+                    raise arg_error(name, None, "required without a handle across nodes "
+                                    "(get_dispatch_layout's outputs)")
+            check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=(T, R),
+                         device=dev)
+            in_rank = is_token_in_rank
+            K = check_topk(dev, T, topk_idx, topk_weights)
+        C = self._channels(config)
+        row_bytes = x.size(1) * x.element_size()
+        spec = internode_dispatch_spec(row_bytes, S, K, R, L)
+        record = spec.record_bytes
+        rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "dispatch", record, 0)
+        node = ctx.rank // L
+        if not all(ctx.nvl.peer_addrs[node * L + k] for k in range(L)):
+            raise RuntimeError(f"epgen: rank {ctx.rank}: a rank of this node ({node}) has no "
+                               "NVLink (P2P) mapping of the NVLink region; the ranks of a node "
+                               "must be NVLink peers (EPGEN_RANKS_PER_NODE)")
+        if torch.cuda.is_current_stream_capturing():
+            raise NotImplementedError(NOT_YET.format(what="dispatch under CUDA graph capture"))
+        peers = ctx.peer_table("nvl")
+        kernel = ctx.kernel(spec, "dispatch")
+        layout = (C, config.rdma_ring_slots, cap, record)
+        result: dict = {}
+        with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
+                                result) as stream:
+            if cached:
+                # Ring layout changed since the previous dispatch: a cross-rank barrier first
+                # (the uncached dispatch's notify is one), so no rank writes the new layout
+                # while a peer still reads the old one.
+                if self._layout is not None and self._layout != layout:
+                    self._barrier(in_rank, C, stream)
+                n = dict(zip(("recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+                              "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum"),
+                             h[3:7]))
+                rows, rdma_rows = h[7].size(0), h[9].size(0)
+            else:
+                n = self.notify(in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                num_tokens_per_expert, C, expert_alignment, num_worst_tokens,
+                                stream=stream)
+                if num_worst_tokens:        # no host wait: both receive counts sized by it
+                    rows = rdma_rows = num_worst_tokens
+                    n["num_recv_tokens_per_expert_list"] = []
+                else:
+                    rows, rdma_rows = n["num_recv_tokens"], n["num_rdma_recv_tokens"]
+            self._layout = layout
+            recv_x = torch.empty(rows, x.size(1), dtype=x.dtype, device=dev)
+            recv_scales = torch.empty(rows, S, dtype=scales.dtype, device=dev) if S else None
+            recv_idx = torch.empty(rows, K, dtype=torch.int64, device=dev) if K else None
+            recv_w = torch.empty(rows, K, dtype=torch.float32, device=dev) \
+                if K and topk_weights is not None else None
+            recv_src_meta = send_nvl_head = None
+            if not cached:
+                recv_src_meta = torch.empty(rows, internode_layout.source_meta_bytes(L),
+                                            dtype=torch.uint8, device=dev)
+                send_nvl_head = torch.empty(rdma_rows, L, dtype=torch.int32, device=dev)
+            a = ctx.fill_error_fields(InternodeDispatchArgs(), "dispatch")
+            a.x = x.data_ptr() if T else 0
+            a.x_scales = scales.data_ptr() if scales is not None and T else 0
+            a.scale_stride_t = scales.stride(0) if scales is not None else 0
+            a.scale_stride_s = scales.stride(1) if scales is not None else 0
+            a.topk_idx = topk_idx.data_ptr() if K and T else 0
+            a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
+            a.is_token_in_rank = in_rank.data_ptr() if T else 0
+            a.recv_rdma_channel_prefix = n["recv_rdma_channel_prefix_matrix"].data_ptr()
+            a.recv_rdma_rank_prefix_sum = n["recv_rdma_rank_prefix_sum"].data_ptr()
+            a.recv_gbl_channel_prefix = n["recv_gbl_channel_prefix_matrix"].data_ptr()
+            a.recv_gbl_rank_prefix_sum = n["recv_gbl_rank_prefix_sum"].data_ptr()
+            a.recv_x = recv_x.data_ptr() if rows else 0
+            a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
+            a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
+            a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
+            a.recv_src_meta = recv_src_meta.data_ptr() if recv_src_meta is not None and rows else 0
+            a.send_nvl_head = send_nvl_head.data_ptr() if send_nvl_head is not None and rdma_rows else 0
+            a.rdma = ctx.rdma.addr
+            a.nvl = ctx.nvl.addr
+            a.nvl_peers = peers.data_ptr()
+            a.pes = self.pes.data_ptr()
+            a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(R)
+            a.rdma_ring_off = rdma_ring_off
+            a.nvl_ctrl_off = 0
+            a.nvl_ring_off = nvl_ring_off
+            a.done_off = internode_layout.nvl_done_offset(R)
+            a.num_recv_rows = rows
+            a.num_rdma_recv_rows = rdma_rows
+            a.num_tokens = T
+            a.num_local_experts = num_tokens_per_expert.numel() // R if K else 0
+            a.rdma_slots = config.rdma_ring_slots
+            a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
+            a.nvl_cap = cap
+            a.num_worst_tokens = 0 if cached else num_worst_tokens
+            kernel.launch(C, spec.threads, a, stream.cuda_stream)
+            if not cached:
+                handle = (in_rank, n["rdma_channel_prefix_matrix"], n["gbl_channel_prefix_matrix"],
+                          n["recv_rdma_channel_prefix_matrix"], n["recv_rdma_rank_prefix_sum"],
+                          n["recv_gbl_channel_prefix_matrix"], n["recv_gbl_rank_prefix_sum"],
+                          recv_src_meta, n["send_rdma_head"], send_nvl_head)
+            result["tensors"] = (x, scales, topk_idx, topk_weights, recv_x, recv_scales,
+                                 recv_idx, recv_w, *handle, num_tokens_per_rank,
+                                 num_tokens_per_rdma_rank, num_tokens_per_expert)
+        if recv_x.dtype != given.dtype:            # an opaque format's rows, moved as bytes
+            recv_x = recv_x.view(given.dtype)
+        if recv_scales is not None and recv_scales.dtype != given_scales.dtype:
+            recv_scales = recv_scales.view(given_scales.dtype)
+        out_x = (recv_x, recv_scales) if scales is not None else recv_x
+        if cached:      # DeepEP: no top-k, no counts list, no new handle
+            return out_x, None, None, None, None, result["event"]
+        return out_x, recv_idx, recv_w, n["num_recv_tokens_per_expert_list"], handle, \
+            result["event"]
+
+    # -- combine --------------------------------------------------------------------------
+    def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                allocate_on_comm_stream):
+        """DeepEP V1's internode_combine: (combined_x [T, H] bf16, combined_topk_weights [T, K]
+        or None, event); epgen/reference_internode.combine defines the values and rounding."""
+        ctx, t = self.ctx, self.topology
+        ctx.check_errors()
+        R, L, dev = ctx.num_ranks, t.ranks_per_node, ctx.device
+        if not isinstance(handle, tuple) or len(handle) != 10:
+            raise arg_error("handle", type(handle).__name__,
+                            "must be the 10-tuple an internode dispatch returned")
+        check_tensor("handle[0]", handle[0], torch.bool, device=dev)
+        T = handle[0].size(0)
+        h = self._unpack_handle(handle, T)
+        rows, C = h[7].size(0), h[1].size(1)
+        if C != config.num_sms // 2:
+            raise arg_error("config.num_sms", config.num_sms,
+                            f"must be {2 * C} (2 per channel of the handle's {C} channels)")
+        self._channels(config)
+        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
+        if x.dim() != 2 or x.size(0) != rows:
+            raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
+        H = x.size(1)
+        K = 0
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
+            if topk_weights.dim() != 2 or topk_weights.size(0) != rows or \
+                    not 1 <= topk_weights.size(1) <= MAX_TOPK:
+                raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
+                                f"must be [{rows}, num_topk <= {MAX_TOPK}]")
+            K = topk_weights.size(1)
+        biases = bias if isinstance(bias, (tuple, list)) else (bias,)
+        if len(biases) > 2:
+            raise arg_error("bias", f"{len(biases)} tensors", "at most two")
+        biases = [b for b in biases if b is not None]
+        for i, b in enumerate(biases):
+            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
+                         align=VECTOR_BYTES)
+        spec = spec_for_call(internode_combine_spec, {"hidden": "x.shape[1]",
+                                                      "num_topk": "topk_weights.shape[1]"},
+                             H, K, R, L, len(biases))
+        record = internode_layout.combine_record_bytes(H, K)
+        rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "combine", record, 1)
+        if torch.cuda.is_current_stream_capturing():
+            raise NotImplementedError(NOT_YET.format(what="combine under CUDA graph capture"))
+        peers = ctx.peer_table("nvl")
+        kernel = ctx.kernel(spec, "combine")
+        layout = (C, config.rdma_ring_slots, cap, record)
+        result: dict = {}
+        with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
+                                result) as stream:
+            # As the cached dispatch: a new ring layout waits for every rank first.
+            if self._combine_layout is not None and self._combine_layout != layout:
+                self._barrier(h[0], C, stream)
+            self._combine_layout = layout
+            out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+            out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
+            a = ctx.fill_error_fields(InternodeCombineArgs(), "combine")
+            a.x = x.data_ptr() if rows else 0
+            a.topk_weights = topk_weights.data_ptr() if K and rows else 0
+            a.bias0 = biases[0].data_ptr() if biases and T else 0
+            a.bias1 = biases[1].data_ptr() if len(biases) > 1 and T else 0
+            a.send_rdma_head = h[8].data_ptr() if T else 0
+            a.send_nvl_head = h[9].data_ptr() if h[9].size(0) else 0
+            a.recv_rdma_channel_prefix = h[3].data_ptr()
+            a.recv_rdma_rank_prefix_sum = h[4].data_ptr()
+            a.recv_gbl_channel_prefix = h[5].data_ptr()
+            a.recv_gbl_rank_prefix_sum = h[6].data_ptr()
+            a.combined_x = out.data_ptr() if T else 0
+            a.combined_w = out_w.data_ptr() if out_w is not None and T else 0
+            a.rdma = ctx.rdma.addr
+            a.nvl = ctx.nvl.addr
+            a.nvl_peers = peers.data_ptr()
+            a.pes = self.pes.data_ptr()
+            a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(R)
+            a.rdma_ring_off = rdma_ring_off
+            a.nvl_ctrl_off = 0
+            a.nvl_ring_off = nvl_ring_off
+            a.done_off = internode_layout.nvl_done_offset(R) + 4
+            a.num_rows = rows
+            a.num_rdma_rows = h[9].size(0)
+            a.num_tokens = T
+            a.rdma_slots = config.rdma_ring_slots
+            a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
+            a.nvl_cap = cap
+            kernel.launch(C, spec.threads, a, stream.cuda_stream)
+            result["tensors"] = (x, topk_weights, *biases, *h, out, out_w)
+        return out, out_w, result["event"]
+
+    def _check_rings(self, config, op: str, record: int, half: int) -> tuple[int, int, int]:
+        """(RDMA ring offset, NVLink ring offset, NVLink ring slots) of direction `half` (0
+        dispatch, 1 combine) for records of `record` bytes; a region too small for them is an
+        error naming the bytes it needs."""
+        ctx, t = self.ctx, self.topology
+        R, L, Nn, C = ctx.num_ranks, t.ranks_per_node, t.num_nodes, config.num_sms // 2
+        lay = internode_layout
+        nbytes = 0 if ctx.rdma is None else ctx.rdma.nbytes
+        if 2 * lay.rdma_rings_bytes(config, Nn, record) > lay.rdma_half(nbytes, R, Nn):
+            raise arg_error("num_rdma_bytes", nbytes,
+                            f"the internode {op} ({C} channels x {Nn} nodes x "
+                            f"{config.rdma_ring_slots} slots x {record} B records, recv and "
+                            f"send rings, in each direction's half) needs >= "
+                            f"{lay.rdma_need(config, R, Nn, record)} B "
+                            "(Config.get_rdma_buffer_size_hint)")
+        cap = lay.nvl_cap(config, Nn)
+        if cap < 1:
+            raise arg_error("config.num_max_nvl_chunked_recv_tokens",
+                            config.num_max_nvl_chunked_recv_tokens,
+                            f"must be >= the number of nodes ({Nn}) across nodes")
+        nbytes = 0 if ctx.nvl is None else ctx.nvl.nbytes
+        if lay.nvl_rings_bytes(config, Nn, L, record) > lay.nvl_half(nbytes, R):
+            raise arg_error("num_nvl_bytes", nbytes,
+                            f"the internode {op} ({C} channels x {R} rings x {cap} slots x "
+                            f"{record} B records in each direction's half) needs >= "
+                            f"{lay.nvl_need(config, Nn, L, record)} B "
+                            "(Config.get_nvl_buffer_size_hint)")
+        return (lay.rdma_ring_offset(R, Nn) + half * lay.rdma_half(ctx.rdma.nbytes, R, Nn),
+                lay.nvl_ring_offset(R) + half * lay.nvl_half(ctx.nvl.nbytes, R), cap)
+
+    def _barrier(self, is_token_in_rank, num_channels: int, stream) -> None:
+        """A cross-rank barrier: the notify kernel on dummy counts (one expert per rank, no host
+        counts), whose outputs are dropped; every rank's previous kernels are done when it ends."""
+        R, Nn, dev = self.ctx.num_ranks, self.topology.num_nodes, self.ctx.device
+        zeros = [torch.zeros(k, dtype=torch.int32, device=dev) for k in (R, Nn, R)]
+        self.notify(is_token_in_rank, *zeros, num_channels, 1, num_worst_tokens=1, stream=stream)
+
+    def _unpack_handle(self, handle, num_tokens: int) -> tuple:
+        """The internode handle (DeepEP's 10-tuple), each entry checked (dtype, shape, device)."""
+        R, L, Nn, dev = self.ctx.num_ranks, self.topology.ranks_per_node, \
+            self.topology.num_nodes, self.ctx.device
+        if not isinstance(handle, tuple) or len(handle) != 10:
+            raise arg_error("handle", type(handle).__name__,
+                            "must be the 10-tuple an internode dispatch returned")
+        check_tensor("handle[1]", handle[1], torch.int32, device=dev)
+        if handle[1].dim() != 2 or handle[1].size(0) != Nn:
+            raise arg_error("handle[1].shape", tuple(handle[1].shape), f"must be [{Nn}, channels]")
+        C = handle[1].size(1)
+        check_tensor("handle[7]", handle[7], torch.uint8, device=dev)
+        check_tensor("handle[9]", handle[9], torch.int32, device=dev)
+        meta = internode_layout.source_meta_bytes(L)
+        shapes = [(num_tokens, R), (Nn, C), (R, C), (Nn, C), (Nn,), (R, C), (R,),
+                  (handle[7].size(0), meta), (num_tokens, Nn), (handle[9].size(0), L)]
+        for i, shape in enumerate(shapes):
+            dtype = torch.bool if i == 0 else torch.uint8 if i == 7 else torch.int32
+            check_tensor(f"handle[{i}]", handle[i], dtype, shape=shape, device=dev)
+        return handle
+
+    def _channels(self, config) -> int:
+        """Channels of an internode call: config.num_sms // 2 (DeepEP's: the handle's matrices
+        have that many columns); one block of this rank's grid each."""
+        sms, most = self.ctx.device_sms, 2 * internode_layout.MAX_CHANNELS
+        if config.num_sms % 2 or not 2 <= config.num_sms <= most:
+            raise arg_error("config.num_sms", config.num_sms,
+                            f"must be even and in [2, {most}] across nodes (2 per channel)")
+        if config.num_sms // 2 > sms:
+            raise arg_error("config.num_sms", config.num_sms,
+                            f"gives {config.num_sms // 2} channels (blocks), more than the {sms} "
+                            "SMs this process may use (after any MPS limit)")
+        return config.num_sms // 2

@@ -8,21 +8,30 @@ ranks. Ring slots per (channel, node): S = Config.rdma_ring_slots (num_max_rdma_
 rounded up to a multiple of num_max_rdma_chunked_send_tokens, so that one put of a chunk never
 wraps around the ring's end; DeepEP rounds the same way).
 
-Region, in order:
-  notify   the counts exchange (templates/internode_notify.cuh; notify_area_bytes): a sequence
-           word, uint64 signals [2][R], staging rows [2][R] and received rows [2][R]
-  control  tails   uint64 [Nn][C]          receiver side: records delivered from source node m
-                                           into ring (m, c), set by m's put-with-signal
-           heads   uint64 [Nn][C]          sender side: records ring (n, c) on node n has
-                                           consumed, added by n's forwarders (credits)
-           meta    uint64 [2][Nn][C][2L+2] per call parity: source node m's channel-c prefix
-                                           counts for this node, (epoch << 32) | count
-  then two halves, dispatch then combine (a rank may start its combine while a peer still
-  forwards its dispatch records: the two never share ring memory); each half:
+Region, in order (offsets fixed for a group: they never depend on a call's channels or experts,
+so the 64-bit counters keep their places across calls):
+  notify   the counts exchange (templates/internode_notify.cuh; notify_area_bytes), sized for
+           the most experts a call may have (MAX_EXPERTS)
+  control  uint64 [8][Nn][MAX_CHANNELS] (templates/internode_dispatch.cuh idisp::kRdma*; the
+           combine's four follow, templates/internode_combine.cuh):
+           tails       receiver side: records source node m put into ring (m, c), set by m's
+                       put-with-signal
+           heads       sender side: records node n's forwarder consumed (credit), set by n's
+                       signal op
+           send tails  sender, local: records put to node n in channel c
+           recv heads  receiver, local: records consumed of ring (m, c)
+  then two halves of the rest (rdma_half), dispatch then combine (a rank may start its combine
+  while a peer still forwards its dispatch records: the two never share ring memory); each:
            recv    [Nn][C][S] records      ring (m, c): what source node m's rank of this
                                            local index sends in channel c
            send    [Nn][C][S] records      staging of the records bound for node n (a put reads
                                            registered, i.e. symmetric, memory)
+NVLink region (ctx.nvl) of an internode Buffer (the intranode kernels never run on it):
+  control  uint64 [8][MAX_CHANNELS][L][Nn] (idisp::kFwd*, kNvl*, then the combine's four), then
+           the dispatch's and the combine's done counters (ints)
+  then two halves of the rest (nvl_half), dispatch then combine:
+  rings    [C][L forwarder][Nn source node][cap] dispatch records on each receiver, cap =
+           nvl_cap(config); combine: [C][L sender][Nn source node][cap] on each forwarder
 Counters are 64-bit and monotonic across calls (nothing is zeroed between calls, CUDA graph
 replays stay valid), as the intranode rings'.
 """
@@ -73,9 +82,69 @@ def notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
     return _align(stage + 4 * num_ranks * row)
 
 
-def control_bytes(num_nodes: int, num_channels: int, ranks_per_node: int) -> int:
-    words = 2 * num_nodes * num_channels + 2 * num_nodes * num_channels * (2 * ranks_per_node + 2)
-    return _align(8 * words)
+MAX_CHANNELS = 64            # templates/internode_dispatch.cuh idisp::kMaxC (== NOTIFY_MAX_CHANNELS)
+
+
+def control_bytes(num_nodes: int) -> int:
+    """uint64 [8][Nn][MAX_CHANNELS]: four words per (node, channel) for each direction."""
+    return _align(8 * 8 * num_nodes * MAX_CHANNELS)
+
+
+def notify_max_bytes(num_ranks: int) -> int:
+    """The notify area for any expert count (where the control area starts)."""
+    return notify_area_bytes(num_ranks, MAX_EXPERTS // num_ranks)
+
+
+def rdma_ctrl_offset(num_ranks: int) -> int:
+    return notify_max_bytes(num_ranks)
+
+
+def rdma_ring_offset(num_ranks: int, num_nodes: int) -> int:
+    """Start of the dispatch half."""
+    return rdma_ctrl_offset(num_ranks) + control_bytes(num_nodes)
+
+
+def rdma_half(nbytes: int, num_ranks: int, num_nodes: int) -> int:
+    """Bytes of each direction's half after the control area (dispatch first, then combine)."""
+    return max(0, (nbytes - rdma_ring_offset(num_ranks, num_nodes)) // 2 // ALIGN * ALIGN)
+
+
+def rdma_need(config, num_ranks: int, num_nodes: int, record: int) -> int:
+    """num_rdma_bytes a call with this config and record needs: both halves hold its rings."""
+    return rdma_ring_offset(num_ranks, num_nodes) + 2 * _align(2 * rdma_rings_bytes(config, num_nodes, record))
+
+
+def rdma_rings_bytes(config, num_nodes: int, record: int) -> int:
+    """One direction's recv rings (its send staging rings follow them directly)."""
+    return num_nodes * (config.num_sms // 2) * config.rdma_ring_slots * record
+
+
+def nvl_cap(config, num_nodes: int) -> int:
+    """NVLink ring slots per (channel, forwarder, source node): DeepEP's per-(channel,
+    forwarder) count split over the source nodes, so the rings take DeepEP's memory."""
+    return config.num_max_nvl_chunked_recv_tokens // num_nodes
+
+
+def nvl_done_offset(num_ranks: int) -> int:
+    """The dispatch's done counter (an int; the combine's follows it)."""
+    return 8 * 8 * MAX_CHANNELS * num_ranks
+
+
+def nvl_ring_offset(num_ranks: int) -> int:
+    return _align(nvl_done_offset(num_ranks) + 16)
+
+
+def nvl_half(nbytes: int, num_ranks: int) -> int:
+    return max(0, (nbytes - nvl_ring_offset(num_ranks)) // 2 // ALIGN * ALIGN)
+
+
+def nvl_need(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
+    return nvl_ring_offset(num_nodes * ranks_per_node) + \
+        2 * _align(nvl_rings_bytes(config, num_nodes, ranks_per_node, record))
+
+
+def nvl_rings_bytes(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
+    return (config.num_sms // 2) * ranks_per_node * num_nodes * nvl_cap(config, num_nodes) * record
 
 
 def half_bytes(config, num_nodes: int, record: int) -> int:
@@ -86,8 +155,7 @@ def half_bytes(config, num_nodes: int, record: int) -> int:
 def region_bytes(config, num_nodes: int, ranks_per_node: int, record: int,
                  num_local_experts: int) -> int:
     return notify_area_bytes(num_nodes * ranks_per_node, num_local_experts) + \
-        control_bytes(num_nodes, config.num_sms // 2, ranks_per_node) + \
-        2 * half_bytes(config, num_nodes, record)
+        control_bytes(num_nodes) + 2 * half_bytes(config, num_nodes, record)
 
 
 def default_ranks_per_node() -> int:

@@ -82,6 +82,71 @@ def _is_cuda(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda
 
 
+def check_rows(ctx, x, wire_format=None):
+    """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are
+    a multiple of 16 bytes wide (the kernel moves bytes), or (x, scales) with 1-byte elements
+    and float32 or int32 (packed UE8M0) scales [num_tokens, S], any strides (DeepEP's rules).
+    With wire_format (epgen.formats), x must match that format (data width, scale dtype and
+    shape); an opaque format's rows and side rows of other element types travel as bytes and
+    4-byte words (x and scales returned as such views)."""
+    dev = ctx.device
+    scales, name = None, "x"
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise arg_error("x", f"tuple of {len(x)}", "must be x or (x, x_scales)")
+        x, scales = x
+        name = "x[0]"
+    if wire_format is not None:
+        formats.get(wire_format).check(x, scales)
+    if not isinstance(x, torch.Tensor):
+        raise arg_error(name, type(x).__name__, "must be a torch.Tensor")
+    check_tensor(name, x, x.dtype, device=dev, align=VECTOR_BYTES)
+    if wire_format is not None and scales is not None:
+        if x.element_size() != 1:
+            x = x.view(torch.uint8)
+        if scales.dtype not in (torch.float32, torch.int32):
+            check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
+            scales = scales.view(torch.int32)
+    if x.dim() != 2:
+        raise arg_error(f"{name}.shape", tuple(x.shape), "must be [num_tokens, hidden]")
+    row_bytes = x.size(1) * x.element_size()
+    if row_bytes == 0 or row_bytes % 16:
+        raise arg_error(f"{name}.shape[1]", x.size(1),
+                        f"rows of {x.dtype} must be a positive multiple of 16 bytes wide "
+                        f"({row_bytes} bytes)")
+    if scales is None:
+        return x, None, 0
+    if x.element_size() != 1:
+        raise arg_error("x[0].dtype", x.dtype, "with scales, rows must have 1-byte elements "
+                        "(e.g. torch.float8_e4m3fn)")
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float32, torch.int32):
+        raise arg_error("x[1].dtype", getattr(scales, "dtype", type(scales).__name__),
+                        "must be torch.float32 or torch.int32 (packed UE8M0)")
+    check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
+    if scales.dim() != 2 or scales.size(0) != x.size(0) or not 1 <= scales.size(1) <= MAX_SCALE_COLS:
+        raise arg_error("x[1].shape", tuple(scales.shape),
+                        f"must be [{x.size(0)}, S] with 1 <= S <= {MAX_SCALE_COLS}")
+    return x, scales, scales.size(1)
+
+
+def check_topk(dev, T: int, topk_idx, topk_weights) -> int:
+    """K of an uncached dispatch's topk_idx [T, K] int64 (0 without), topk_weights [T, K]
+    float32 or None (only with topk_idx)."""
+    if topk_idx is None:
+        if topk_weights is not None:
+            raise arg_error("topk_weights", "a tensor", "needs topk_idx")
+        return 0
+    check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
+    if topk_idx.dim() != 2 or topk_idx.size(0) != T:
+        raise arg_error("topk_idx.shape", tuple(topk_idx.shape), f"must be [{T}, num_topk]")
+    K = topk_idx.size(1)
+    if not 1 <= K <= MAX_TOPK:
+        raise arg_error("topk_idx.shape[1]", K, f"must be in [1, {MAX_TOPK}]")
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
+    return K
+
+
 class IntranodeOps:
     def __init__(self, ctx: OpsContext):
         self.ctx = ctx
@@ -187,50 +252,7 @@ class IntranodeOps:
         return wait_host_counts(self.ctx, counts, n)
 
     def _check_rows(self, x, wire_format=None):
-        """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are
-        a multiple of 16 bytes wide (the kernel moves bytes), or (x, scales) with 1-byte elements
-        and float32 or int32 (packed UE8M0) scales [num_tokens, S], any strides (DeepEP's rules).
-        With wire_format (epgen.formats), x must match that format (data width, scale dtype and
-        shape); an opaque format's rows and side rows of other element types travel as bytes and
-        4-byte words (x and scales returned as such views)."""
-        dev = self.ctx.device
-        scales, name = None, "x"
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise arg_error("x", f"tuple of {len(x)}", "must be x or (x, x_scales)")
-            x, scales = x
-            name = "x[0]"
-        if wire_format is not None:
-            formats.get(wire_format).check(x, scales)
-        if not isinstance(x, torch.Tensor):
-            raise arg_error(name, type(x).__name__, "must be a torch.Tensor")
-        check_tensor(name, x, x.dtype, device=dev, align=VECTOR_BYTES)
-        if wire_format is not None and scales is not None:
-            if x.element_size() != 1:
-                x = x.view(torch.uint8)
-            if scales.dtype not in (torch.float32, torch.int32):
-                check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
-                scales = scales.view(torch.int32)
-        if x.dim() != 2:
-            raise arg_error(f"{name}.shape", tuple(x.shape), "must be [num_tokens, hidden]")
-        row_bytes = x.size(1) * x.element_size()
-        if row_bytes == 0 or row_bytes % 16:
-            raise arg_error(f"{name}.shape[1]", x.size(1),
-                            f"rows of {x.dtype} must be a positive multiple of 16 bytes wide "
-                            f"({row_bytes} bytes)")
-        if scales is None:
-            return x, None, 0
-        if x.element_size() != 1:
-            raise arg_error("x[0].dtype", x.dtype, "with scales, rows must have 1-byte elements "
-                            "(e.g. torch.float8_e4m3fn)")
-        if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float32, torch.int32):
-            raise arg_error("x[1].dtype", getattr(scales, "dtype", type(scales).__name__),
-                            "must be torch.float32 or torch.int32 (packed UE8M0)")
-        check_tensor("x[1]", scales, scales.dtype, contiguous=False, device=dev)
-        if scales.dim() != 2 or scales.size(0) != x.size(0) or not 1 <= scales.size(1) <= MAX_SCALE_COLS:
-            raise arg_error("x[1].shape", tuple(scales.shape),
-                            f"must be [{x.size(0)}, S] with 1 <= S <= {MAX_SCALE_COLS}")
-        return x, scales, scales.size(1)
+        return check_rows(self.ctx, x, wire_format)
 
     # -- dispatch -------------------------------------------------------------------------
     def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
@@ -273,17 +295,7 @@ class IntranodeOps:
                 raise arg_error("num_tokens_per_expert.shape", tuple(num_tokens_per_expert.shape),
                                 f"must be [num_experts], num_experts a positive multiple of "
                                 f"num_ranks={R}")
-            if topk_idx is not None:
-                check_tensor("topk_idx", topk_idx, torch.int64, device=dev)
-                if topk_idx.dim() != 2 or topk_idx.size(0) != T:
-                    raise arg_error("topk_idx.shape", tuple(topk_idx.shape), f"must be [{T}, num_topk]")
-                K = topk_idx.size(1)
-                if not 1 <= K <= MAX_TOPK:
-                    raise arg_error("topk_idx.shape[1]", K, f"must be in [1, {MAX_TOPK}]")
-                if topk_weights is not None:
-                    check_tensor("topk_weights", topk_weights, torch.float32, shape=(T, K), device=dev)
-            elif topk_weights is not None:
-                raise arg_error("topk_weights", "a tensor", "needs topk_idx")
+            K = check_topk(dev, T, topk_idx, topk_weights)
         row_bytes = H * x.element_size()
         spec = normal_dispatch_rows_spec(row_bytes, S, K, E, R)
         record = dispatch_record_bytes(row_bytes, S, K)
