@@ -6,9 +6,9 @@ where a device header defines its own constant for it, a static_assert ties the 
 that drifts from this table no longer compiles. The Python side imports these names; no op
 module spells the numbers.
 
-Not yet here (issue 11, item 1, later steps): the per-spec record and message sizes
-(DispatchCfg::kRec, LLDispatch::kPayload), the LL data areas, and the device headers reading
-their values from `epgen::facts` instead of declaring their own.
+Facts that depend on a spec (ring record sizes, message header and payload sizes, the
+per-rank combine's areas) are functions here; each spec lists the device values they must
+equal (specs.KernelSpec.device_checks) and its unit static_asserts them (codegen).
 """
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ from dataclasses import dataclass
 # -- the error word (templates/common.cuh, runtime/errors.py) -------------------------------
 ERROR_WORDS = 8                   # int words: [0] code, [1] op, [2] rank, [3] peer, [4] detail
 ERR_TIMEOUT, ERR_BAD_INDEX, ERR_CAPACITY, ERR_BAD_ARG = 1, 2, 3, 4
+
+# -- shapes every mode shares (specs.py checks them; the low-latency region is sized by them)
+MAX_EXPERTS = 1024                # experts of a spec; LL slot counters, one per global expert
+MAX_TOPK = 32                     # top-k entries a token may carry
 
 # -- normal mode's control area at the start of the NVLink region (templates/normal_ctrl.cuh)
 NORMAL_MAX_CHANNELS = 128
@@ -33,10 +37,92 @@ NORMAL_RING_COUNTERS = 6 * NORMAL_MAX_CHANNELS * NORMAL_MAX_RANKS   # int64, 3 p
 NORMAL_CTRL_BYTES = 196608
 assert NORMAL_RING_COUNTERS_OFF + NORMAL_RING_COUNTERS * 8 + 8 <= NORMAL_CTRL_BYTES
 
-# -- low-latency control area (templates/ll_common.cuh, ops/low_latency.py) ----------------
+NORMAL_NOTIFY_THREADS = 256       # the notify kernel's block (one size for every spec)
+# Rows a combine reducer takes per batch and a sender publishes per tail (normal_combine.cuh
+# CombineCfg::kReduceBatch / kChunk): a ring needs room for one of each, or the two deadlock.
+NORMAL_RING_BATCH = 32
+NORMAL_MIN_RING_SLOTS = 2 * NORMAL_RING_BATCH
+
+
+def normal_dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int) -> int:
+    """One dispatch ring record (normal_dispatch.cuh DispatchCfg::kRec): row, 4-byte scales,
+    int32 top-k indices, float32 weights, int32 source index, 16-byte padded."""
+    return (row_bytes + 4 * num_scale_cols + 8 * num_topk + 4 + 15) // 16 * 16
+
+
+def normal_combine_record_bytes(hidden: int, num_topk: int) -> int:
+    """One combine ring record (normal_combine.cuh CombineCfg::kRec): BF16 row, float32 weights."""
+    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
+
+
+# -- low-latency region (templates/ll_common.cuh, ops/low_latency.py) ----------------------
 LL_MAX_SIG = 1024                 # dispatch signal words per half (local expert * R + source)
 LL_MAX_RANK_SIG = 64              # per-rank words per half (combine signals, verdicts)
+LL_MAX_TOKENS = 1024              # num_max_dispatch_tokens_per_rank (a signal's 16-bit count)
 LL_SEND, LL_RECV = 1, 2           # phase bits of a launch (args.phases)
+# The control area, at fixed offsets whatever the shapes (u64 words unless said).
+LL_DISP_SIG_OFF = 0                                        # [2 halves][LL_MAX_SIG]
+LL_COMB_SIG_OFF = LL_DISP_SIG_OFF + 2 * LL_MAX_SIG * 8     # [2][LL_MAX_RANK_SIG]
+LL_WORDS_OFF = LL_COMB_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8   # per op: u64 seq, int done, int
+LL_OP_WORDS = 16                                           # (dispatch's, then combine's)
+LL_CLEAN_SEQ_OFF = LL_WORDS_OFF + 2 * LL_OP_WORDS          # the barriers' u64 sequence words
+LL_DESTROY_SEQ_OFF = LL_CLEAN_SEQ_OFF + 8
+LL_COUNTERS_OFF = LL_WORDS_OFF + 1024                      # int [MAX_EXPERTS]
+LL_VERDICTS_OFF = LL_COUNTERS_OFF + MAX_EXPERTS * 4        # [2 ops][2][LL_MAX_RANK_SIG]
+LL_CLEAN_SIG_OFF = LL_VERDICTS_OFF + 2 * 2 * LL_MAX_RANK_SIG * 8   # [2][LL_MAX_RANK_SIG]
+LL_DESTROY_SIG_OFF = LL_CLEAN_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8   # [2][LL_MAX_RANK_SIG]
+LL_ROUTES_SIG_OFF = LL_DESTROY_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8  # [2][LL_MAX_RANK_SIG]
+LL_DATA_OFF = 32768                                        # the data areas (_data_layout)
+assert LL_DESTROY_SEQ_OFF + 8 <= LL_COUNTERS_OFF
+assert LL_ROUTES_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8 <= LL_DATA_OFF
+LL_HEADER_FIXED = 16              # a message header's fixed part (token, epoch, n), then n entries
+
+
+def _align16(v: int) -> int:
+    return (v + 15) // 16 * 16
+
+
+def ll_header_bytes(num_topk: int) -> int:
+    """A dispatch message header with room for num_topk entries (ll_dispatch.cuh kHdr)."""
+    return _align16(LL_HEADER_FIXED + 4 * num_topk)
+
+
+LL_HEADER_MAX = ll_header_bytes(MAX_TOPK)
+
+
+def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
+    """A dispatch message's payload (ll_dispatch.cuh kPayload): FP8 row + float scale_inv per
+    128 channels, 16-byte padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its
+    wire scale words (block-scale bytes four per word, then the global scale); or the BF16 row."""
+    if wire_format == "mxfp8":
+        return _align16(hidden + 4 * (hidden // 32))
+    if wire_format == "nvfp4":
+        return _align16(hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1))
+    if use_fp8:
+        return _align16(hidden + 4 * ((hidden + 127) // 128))
+    return 2 * hidden
+
+
+def ll_message_slot_bytes(hidden: int) -> int:
+    """A receive slot: sized for the largest message (BF16 payload, MAX_TOPK header), so the
+    data areas do not depend on dtype or top-k."""
+    return LL_HEADER_MAX + ll_payload_bytes(hidden, False)
+
+
+def _align256(v: int) -> int:
+    return (v + 255) // 256 * 256
+
+
+LL_ROUTE_BYTES = 8                # ll_combine_rank.cuh LLRoute: int expert, float weight
+
+
+def ll_per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
+    """One half of the per-rank combine's receive area (ll_combine_rank.cuh LLCombineRank::
+    half_bytes): routes [R][M][K], partials [R][M][H] bf16, route staging [M][K], partial
+    staging [R][M][H]."""
+    rows = num_ranks * M * 2 * hidden
+    return (_align256(num_ranks * M * num_topk * LL_ROUTE_BYTES) + rows
+            + _align256(M * num_topk * LL_ROUTE_BYTES) + rows)
 
 
 @dataclass(frozen=True)
@@ -66,8 +152,19 @@ FACTS = (
     Fact("kNormalRingCountersOff", NORMAL_RING_COUNTERS_OFF, "::epgen::nctrl::kDispSendTail",
          "normal_ctrl.cuh"),
     Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES, "::epgen::nctrl::kCtrlBytes", "normal_ctrl.cuh"),
+    Fact("kNormalRingBatch", NORMAL_RING_BATCH),
+    Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
     Fact("kLLMaxSig", LL_MAX_SIG, "::epgen::ll::kMaxSig", "ll_common.cuh"),
     Fact("kLLMaxRankSig", LL_MAX_RANK_SIG, "::epgen::ll::kMaxRankSig", "ll_common.cuh"),
+    Fact("kLLMaxTokens", LL_MAX_TOKENS, "::epgen::ll::kMaxTokens", "ll_common.cuh"),
+    Fact("kMaxTopk", MAX_TOPK, "::epgen::ll::kMaxTopk", "ll_common.cuh"),
+    Fact("kLLHeaderFixed", LL_HEADER_FIXED, "::epgen::ll::kHeaderFixed", "ll_common.cuh"),
+    Fact("kLLRouteBytes", LL_ROUTE_BYTES, "sizeof(::epgen::LLRoute)", "ll_combine_rank.cuh"),
+    Fact("kMaxExperts", MAX_EXPERTS),
+    Fact("kLLDispSigOff", LL_DISP_SIG_OFF), Fact("kLLCombSigOff", LL_COMB_SIG_OFF),
+    Fact("kLLWordsOff", LL_WORDS_OFF), Fact("kLLOpWords", LL_OP_WORDS),
+    Fact("kLLCountersOff", LL_COUNTERS_OFF), Fact("kLLVerdictsOff", LL_VERDICTS_OFF),
+    Fact("kLLRoutesSigOff", LL_ROUTES_SIG_OFF), Fact("kLLDataOff", LL_DATA_OFF),
     Fact("kLLSend", LL_SEND),
     Fact("kLLRecv", LL_RECV),
 )

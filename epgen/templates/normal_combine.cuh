@@ -248,4 +248,14 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
     }
 }
 
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// NormalCombineSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+using CombineCfgOf = CombineCfg<S::num_ranks, S::num_topk, S::hidden, S::num_biases, S::threads>;
+template <class S>
+__device__ __forceinline__ void normal_combine_entry(const NormalCombineArgs& a) {
+    combine_kernel<S::num_ranks, S::num_topk, S::hidden, S::num_biases, S::threads>(a);
+}
+
 }  // namespace epgen
