@@ -12,6 +12,7 @@ equal (specs.KernelSpec.device_checks) and its unit static_asserts them (codegen
 """
 from __future__ import annotations
 
+import functools
 import textwrap
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ assert NORMAL_RING_COUNTERS_OFF + NORMAL_RING_COUNTERS * 8 + 8 <= NORMAL_CTRL_BY
 
 NORMAL_NOTIFY_THREADS = 256       # the notify kernel's block (one size for every spec)
 # Rows a combine reducer takes per batch and a sender publishes per tail (normal_combine.cuh
-# CombineCfg::kReduceBatch / kChunk): a ring needs room for one of each, or the two deadlock.
+# CombineCfg::kReduceBatch / kChunk; a dispatch sender's batch, DispatchCfg::kBatch): a ring
+# needs room for one batch of each side, or the two deadlock.
 NORMAL_RING_BATCH = 32
 NORMAL_MIN_RING_SLOTS = 2 * NORMAL_RING_BATCH
 
@@ -53,6 +55,24 @@ def normal_dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: 
 def normal_combine_record_bytes(hidden: int, num_topk: int) -> int:
     """One combine ring record (normal_combine.cuh CombineCfg::kRec): BF16 row, float32 weights."""
     return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
+
+
+# -- internode notify area at offset 0 of the RDMA region (templates/internode_notify.cuh) --
+INODE_NOTIFY_MAX_CHANNELS = 64    # channels (num_sms / 2) a row has room for
+INODE_NOTIFY_SIG_OFF = 256        # uint64 [2][R]: row of source s arrived
+
+
+def inode_notify_row_ints(num_local_experts: int) -> int:
+    """A notify row (inotify::row_ints): T, T_rdma, per-expert counts, 2 channel prefixes."""
+    return (2 + num_local_experts + 2 * INODE_NOTIFY_MAX_CHANNELS + 3) // 4 * 4
+
+
+def inode_notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
+    """Bytes of the notify area (inotify::area_bytes): signals, then staging and table rows
+    [2 parities][R] each, 4096-aligned."""
+    row = inode_notify_row_ints(num_local_experts) * 4
+    stage = (INODE_NOTIFY_SIG_OFF + 16 * num_ranks + 255) // 256 * 256
+    return (stage + 4 * num_ranks * row + 4095) // 4096 * 4096
 
 
 # -- low-latency region (templates/ll_common.cuh, ops/low_latency.py) ----------------------
@@ -109,8 +129,38 @@ def ll_message_slot_bytes(hidden: int) -> int:
     return LL_HEADER_MAX + ll_payload_bytes(hidden, False)
 
 
+def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
+    """A token's send staging (ll_dispatch.cuh: payload, then a header per destination rank),
+    for the largest message."""
+    return ll_payload_bytes(hidden, False) + min(MAX_TOPK, num_ranks) * LL_HEADER_MAX
+
+
 def _align256(v: int) -> int:
     return (v + 255) // 256 * 256
+
+
+def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
+    """One half of the combine receive area: bf16 [E][M][H] (ll_combine.cuh's slot
+    [global expert][owner's token]; the per-rank combine's half stride)."""
+    return num_experts * M * 2 * hidden
+
+
+@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
+def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
+    """Byte offsets of the data areas after the control area (every rank passes the same
+    shapes). Sized for the largest message (BF16 payload, MAX_TOPK header): offsets do not
+    depend on the dtype or top-k, so every configuration of these shapes fits one Buffer.
+      disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
+      disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
+      comb_recv  [2 halves] of ll_combine_recv_half_bytes
+      comb_send  bf16 [El][R * M][H] (the zero-copy buffer; staging of NVSHMEM puts)"""
+    disp_recv = LL_DATA_OFF
+    disp_send = _align256(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden))
+    comb_recv = _align256(disp_send + M * ll_staging_bytes(hidden, num_ranks))
+    comb_send = _align256(comb_recv + 2 * ll_combine_recv_half_bytes(M, hidden, num_experts))
+    end = _align256(comb_send + num_experts * M * 2 * hidden)
+    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
+                comb_send=comb_send, end=end)
 
 
 LL_ROUTE_BYTES = 8                # ll_combine_rank.cuh LLRoute: int expert, float weight
@@ -154,6 +204,10 @@ FACTS = (
     Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES, "::epgen::nctrl::kCtrlBytes", "normal_ctrl.cuh"),
     Fact("kNormalRingBatch", NORMAL_RING_BATCH),
     Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
+    Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS, "::epgen::inotify::kMaxC",
+         "internode_notify.cuh"),
+    Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF, "::epgen::inotify::kSigOff",
+         "internode_notify.cuh"),
     Fact("kLLMaxSig", LL_MAX_SIG, "::epgen::ll::kMaxSig", "ll_common.cuh"),
     Fact("kLLMaxRankSig", LL_MAX_RANK_SIG, "::epgen::ll::kMaxRankSig", "ll_common.cuh"),
     Fact("kLLMaxTokens", LL_MAX_TOKENS, "::epgen::ll::kMaxTokens", "ll_common.cuh"),
@@ -165,8 +219,8 @@ FACTS = (
     Fact("kLLWordsOff", LL_WORDS_OFF), Fact("kLLOpWords", LL_OP_WORDS),
     Fact("kLLCountersOff", LL_COUNTERS_OFF), Fact("kLLVerdictsOff", LL_VERDICTS_OFF),
     Fact("kLLRoutesSigOff", LL_ROUTES_SIG_OFF), Fact("kLLDataOff", LL_DATA_OFF),
-    Fact("kLLSend", LL_SEND),
-    Fact("kLLRecv", LL_RECV),
+    Fact("kLLSend", LL_SEND, "::epgen::ll::kSend", "ll_common.cuh"),
+    Fact("kLLRecv", LL_RECV, "::epgen::ll::kRecv", "ll_common.cuh"),
 )
 
 

@@ -288,7 +288,9 @@ class NormalDispatchSpec(KernelSpec):
 
     def device_checks(self):
         return (("DispatchCfgOf<{S}>::kRec", layout_facts.normal_dispatch_record_bytes(
-            self.hidden_bytes, self.num_scales, self.num_topk), "ring record size"),)
+                    self.hidden_bytes, self.num_scales, self.num_topk), "ring record size"),
+                ("DispatchCfgOf<{S}>::kBatch", layout_facts.NORMAL_RING_BATCH,
+                 "sender batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
 
     def readable_tag(self):
         return f"{self.dtype}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
@@ -334,7 +336,9 @@ class NormalCombineSpec(KernelSpec):
         return (("CombineCfgOf<{S}>::kRec", layout_facts.normal_combine_record_bytes(
                     self.hidden, self.num_topk), "ring record size"),
                 ("CombineCfgOf<{S}>::kChunk", layout_facts.NORMAL_RING_BATCH,
-                 "sender chunk (layout_facts.NORMAL_MIN_RING_SLOTS)"))
+                 "sender chunk (layout_facts.NORMAL_MIN_RING_SLOTS)"),
+                ("CombineCfgOf<{S}>::kReduceBatch", layout_facts.NORMAL_RING_BATCH,
+                 "reducer batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
@@ -433,8 +437,9 @@ class LowLatencyDispatchSpec(KernelSpec):
                  "message header size"),
                 ("LLDispatchOf<{S}>::kMsg <= " + str(layout_facts.ll_message_slot_bytes(H)),
                  None, "message fits its receive slot"),
-                ("LLDispatchOf<{S}>::kPayload <= " + str(layout_facts.ll_payload_bytes(H, False)),
-                 None, "payload fits its staging slot"))
+                ("LLDispatchOf<{S}>::kPayload + LLDispatchOf<{S}>::kMaxDst * LLDispatchOf<{S}>::kHdr"
+                 " <= " + str(layout_facts.ll_staging_bytes(H, self.num_ranks)), None,
+                 "a token's send staging fits its slot"))
 
     def readable_tag(self):
         dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
@@ -587,6 +592,11 @@ class InternodeNotifySpec(KernelSpec):
 
     def derived(self):
         return dict(experts_per_rank=self.num_experts // self.num_ranks)
+
+    def device_checks(self):
+        El = self.num_experts // self.num_ranks
+        return (("inotify::area_bytes<{S}::num_ranks, {S}::experts_per_rank>()",
+                 layout_facts.inode_notify_area_bytes(self.num_ranks, El), "notify area size"),)
 
     def readable_tag(self):
         return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"

@@ -11,8 +11,8 @@ from epgen import codegen, compiler, jit, layout_facts
 from epgen.cache import Cache
 from epgen.ops import intranode, low_latency
 from epgen.runtime import errors
-from epgen.specs import (FAMILIES, ll_barrier_spec, ll_combine_spec, ll_dispatch_spec,
-                         normal_combine_spec, normal_dispatch_spec)
+from epgen.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
+                         ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
 from tests.fake_launch import fake_ll_ops
 
 
@@ -20,6 +20,7 @@ from tests.fake_launch import fake_ll_ops
     (normal_combine_spec(1024, 0, 2), "kNormalCtrlBytes"),
     (ll_barrier_spec(2), "kLLMaxRankSig"),
     (ll_barrier_spec(2), "kErrTimeout"),
+    (ll_barrier_spec(2), "kLLRecv"),
 ])
 def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkeypatch, tmp_path):
     drifted = tuple(dataclasses.replace(f, value=f.value + 8) if f.cpp == fact else f
@@ -46,6 +47,9 @@ def test_the_host_reads_the_same_definitions():
     assert low_latency.ROUTES_SIG_OFF == layout_facts.LL_ROUTES_SIG_OFF
     assert low_latency.DATA_OFF == layout_facts.LL_DATA_OFF
     assert low_latency.per_rank_half_bytes is layout_facts.ll_per_rank_half_bytes
+    assert low_latency._data_layout is layout_facts.ll_data_layout
+    # the region's size for DeepSeek-V3 decode at 8 ranks, as before the layout moved here
+    assert low_latency.low_latency_rdma_size_hint(128, 7168, 8, 256) == 1440956416
     assert intranode.MIN_CAP == layout_facts.NORMAL_MIN_RING_SLOTS
     assert intranode.dispatch_record_bytes is layout_facts.normal_dispatch_record_bytes
 
@@ -55,6 +59,7 @@ def test_the_host_reads_the_same_definitions():
     (normal_combine_spec(1024, 4, 2), "normal_combine_record_bytes", "ring record size"),
     (ll_dispatch_spec(1024, 4, 8, 2, use_fp8=False), "ll_header_bytes", "message header size"),
     (ll_combine_spec(1024, 4, 8, 2, per_rank=True), "ll_per_rank_half_bytes", "area half for M=7"),
+    (internode_notify_spec(4, 2, 8), "inode_notify_area_bytes", "notify area size"),
 ])
 def test_a_spec_size_that_drifts_from_the_kernel_does_not_compile(spec, fact, message, monkeypatch,
                                                                    tmp_path):

@@ -1,6 +1,7 @@
 """DeepEP V1's low-latency API: dispatch / combine generated per configuration.
 
-Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout:
+Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout (its
+offsets and sizes are defined in epgen/layout_facts.py, LL_* and ll_data_layout):
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
      dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
      combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
@@ -18,7 +19,7 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
      combine receive  bf16 [2][E][M][H] (slot [global expert][owner's token]); the per-rank
                       combine uses each half for its routes, partials and staging instead
-                      (templates/ll_combine_rank.cuh, per_rank_half_bytes)
+                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
      combine send     bf16 [El][R*M][H] (zero-copy buffer; staging of NVSHMEM puts)
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
@@ -34,8 +35,7 @@ import torch
 from .. import formats, layout_facts
 from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
-from ..specs import (MAX_TOPK, ll_barrier_spec, ll_combine_spec, ll_dispatch_spec,
-                     num_scales)
+from ..specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
 from ..variants import combine_variant
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .layout import check_topk_idx
@@ -78,30 +78,9 @@ _PLACES = {
 }
 
 
-def _align(v: int, a: int = 256) -> int:
-    return (v + a - 1) // a * a
-
-
 HEADER_MAX = layout_facts.LL_HEADER_MAX       # a dispatch header with room for MAX_TOPK entries
 payload_bytes = layout_facts.ll_payload_bytes  # a dispatch message's payload
-
-
-@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
-def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
-    # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
-    # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
-    msg = layout_facts.ll_message_slot_bytes(hidden)
-    row = 2 * hidden
-    disp_recv = DATA_OFF
-    disp_send = _align(disp_recv + 2 * num_ranks * M * msg)
-    comb_recv = _align(disp_send + M * (payload_bytes(hidden, False)
-                                        + min(MAX_TOPK, num_ranks) * HEADER_MAX))
-    comb_send = _align(comb_recv + 2 * num_experts * M * row)
-    end = _align(comb_send + num_experts * M * row)
-    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
-                comb_send=comb_send, end=end)
-
-
+_data_layout = layout_facts.ll_data_layout     # the data areas' offsets (_OpPlaces' area keys)
 per_rank_half_bytes = layout_facts.ll_per_rank_half_bytes   # the per-rank combine's half
 
 
@@ -115,7 +94,7 @@ def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int,
     if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
         return False
     return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
-            <= num_experts * M * 2 * hidden)
+            <= layout_facts.ll_combine_recv_half_bytes(M, hidden, num_experts))
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -410,7 +389,7 @@ class LowLatencyOps:
             a.zero_copy = int(bool(zero_copy))
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
-                a.half_bytes = E * M * 2 * H
+                a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, E)
             return a
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,

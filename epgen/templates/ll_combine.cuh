@@ -181,8 +181,8 @@ template <int H, int K, int E, int R, int THREADS>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
     using C = LLCombine<H, K, E, R, THREADS>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & 1) C::send(a, err);
-    if (a.phases & 2) C::recv(a, err);
+    if (a.phases & ll::kSend) C::send(a, err);
+    if (a.phases & ll::kRecv) C::recv(a, err);
 }
 
 

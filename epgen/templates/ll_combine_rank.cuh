@@ -356,9 +356,9 @@ __device__ __forceinline__ void ll_combine_rank_kernel(const LowLatencyCombineRa
     using C = LLCombineRank<H, K, E, R, THREADS>;
     const ErrorCtx err = make_error_ctx(a);
     unsigned long long epoch = 0;
-    if (a.phases & 1) epoch = C::send(a, err);
+    if (a.phases & ll::kSend) epoch = C::send(a, err);
     else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
-    if (a.phases & 2) C::recv(a, err, epoch);
+    if (a.phases & ll::kRecv) C::recv(a, err, epoch);
 }
 
 

@@ -551,8 +551,8 @@ template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THRE
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
     using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & 1) D::send(a, err);
-    if (a.phases & 2) D::recv(a, err);
+    if (a.phases & ll::kSend) D::send(a, err);
+    if (a.phases & ll::kRecv) D::recv(a, err);
 }
 
 

@@ -24,6 +24,9 @@ struct DispatchCfg {
     static constexpr int kOffSrc = kOffW + K * 4;
     static constexpr int kRec = (kOffSrc + 4 + 15) / 16 * 16;
     static_assert(HB % 16 == 0, "rows are 16-byte vectors");
+    // Tokens a sender warp takes per ballot (one per lane); the host's ring minimum counts it.
+    // An enumerator: a static constexpr member read in the loop gets device storage.
+    enum : int { kBatch = 32 };
 };
 
 template <int R, int El, int K, int HB, int S, int THREADS>
@@ -96,7 +99,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
         const long long* head = word64(peer, kDispHead, cr(c, me));
         int sent = 0;
         #pragma unroll 1
-        for (int bt = tb; bt < te; bt += 32) {
+        for (int bt = tb; bt < te; bt += Cfg::kBatch) {
             const int t = bt + lane;
             const bool sel = t < te && a.is_token_in_rank[(int64_t)t * R + p];
             const unsigned mask = __ballot_sync(0xffffffffu, sel);
