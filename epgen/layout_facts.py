@@ -19,6 +19,9 @@ from dataclasses import dataclass
 # -- the error word (templates/common.cuh, runtime/errors.py) -------------------------------
 ERROR_WORDS = 8                   # int words: [0] code, [1] op, [2] rank, [3] peer, [4] detail
 ERR_TIMEOUT, ERR_BAD_INDEX, ERR_CAPACITY, ERR_BAD_ARG = 1, 2, 3, 4
+# The fields of the word (the report fills them after winning the CAS on the code).
+ERR_FIELD_CODE, ERR_FIELD_OP, ERR_FIELD_RANK, ERR_FIELD_PEER, ERR_FIELD_DETAIL = 0, 1, 2, 3, 4
+assert ERR_FIELD_DETAIL < ERROR_WORDS
 
 # -- shapes every mode shares (specs.py checks them; the low-latency region is sized by them)
 MAX_EXPERTS = 1024                # experts of a spec; LL slot counters, one per global expert
@@ -189,6 +192,9 @@ FACTS = (
     Fact("kErrBadIndex", ERR_BAD_INDEX, "::epgen::kErrBadIndex", "common.cuh"),
     Fact("kErrCapacity", ERR_CAPACITY, "::epgen::kErrCapacity", "common.cuh"),
     Fact("kErrBadArg", ERR_BAD_ARG, "::epgen::kErrBadArg", "common.cuh"),
+    *(Fact(f"kErrField{n}", v, f"::epgen::kErrField{n}", "common.cuh") for n, v in (
+        ("Code", ERR_FIELD_CODE), ("Op", ERR_FIELD_OP), ("Rank", ERR_FIELD_RANK),
+        ("Peer", ERR_FIELD_PEER), ("Detail", ERR_FIELD_DETAIL))),
     Fact("kNormalMaxChannels", NORMAL_MAX_CHANNELS, "::epgen::nctrl::kMaxC", "normal_ctrl.cuh"),
     Fact("kNormalMaxRanks", NORMAL_MAX_RANKS, "::epgen::nctrl::kMaxR", "normal_ctrl.cuh"),
     Fact("kNormalNotifySeqOff", NORMAL_NOTIFY_SEQ_OFF, "::epgen::nctrl::kNotifySeq",

@@ -21,6 +21,7 @@ from tests.fake_launch import fake_ll_ops
     (ll_barrier_spec(2), "kLLMaxRankSig"),
     (ll_barrier_spec(2), "kErrTimeout"),
     (ll_barrier_spec(2), "kLLRecv"),
+    (ll_barrier_spec(2), "kErrFieldPeer"),
 ])
 def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkeypatch, tmp_path):
     drifted = tuple(dataclasses.replace(f, value=f.value + 8) if f.cpp == fact else f
@@ -44,6 +45,7 @@ def test_the_host_reads_the_same_definitions():
     assert low_latency.MAX_SIG == layout_facts.LL_MAX_SIG
     assert (low_latency.SEND, low_latency.RECV) == (layout_facts.LL_SEND, layout_facts.LL_RECV)
     assert errors.CODE_TIMEOUT == layout_facts.ERR_TIMEOUT and errors.WORDS == layout_facts.ERROR_WORDS
+    assert errors.FIELDS[3] == layout_facts.ERR_FIELD_PEER
     assert low_latency.ROUTES_SIG_OFF == layout_facts.LL_ROUTES_SIG_OFF
     assert low_latency.DATA_OFF == layout_facts.LL_DATA_OFF
     assert low_latency.per_rank_half_bytes is layout_facts.ll_per_rank_half_bytes
