@@ -52,12 +52,16 @@ def deepep_hint(M, H, R, E):
     return (total + 128) // 128 * 128
 
 
+def _align256(v):
+    return (v + 255) // 256 * 256
+
+
 def per_rank_layout(M, H, R, E):
     """A layout sized for the per-rank protocol only: today's control + dispatch areas, the
     zero-copy combine buffer DeepEP's API hands out ([El][R*M][H] bf16), and two per-rank
     receive halves (routes sized for MAX_TOPK) instead of [2][E][M][H]."""
     lay = ll._data_layout(M, H, R, E)
-    return lay["comb_recv"] + 2 * ll._align(ll.per_rank_half_bytes(M, H, R, MAX_TOPK)) \
+    return lay["comb_recv"] + 2 * _align256(ll.per_rank_half_bytes(M, H, R, MAX_TOPK)) \
         + E * M * 2 * H
 
 

@@ -38,15 +38,32 @@ def render(spec: KernelSpec) -> str:
     template = environment().get_template(spec.template)
     args = kernel_args.ARGS[spec.args_key()]
     args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
+    if len(args_classes) != len(spec.entries):
+        raise ValueError(f"{type(spec).__name__}: {len(spec.entries)} entries but "
+                         f"{len(args_classes)} argument structs in kernel_args.ARGS")
+    S = spec.struct_name
+    entries = [dict(name=spec.kernel_name(e.kind), args=c.__name__, device=e.device,
+                    threads=e.threads, min_blocks=e.min_blocks)
+               for e, c in zip(spec.entries, args_classes)]
     return template.render(
         spec=spec,
         ns=NAMESPACE,
-        name={kind: spec.kernel_name(kind) for kind in spec.entry_kinds},
+        S=S,
+        constants=spec.constants(),
+        checks=[(expr.replace("{S}", S), value, why) for expr, value, why in spec.device_checks()],
+        entries=entries,
         args_struct="".join(kernel_args.c_struct(c) for c in args_classes),
-        args_name=args_classes[0].__name__,
         cpp_bool=cpp_bool,
-        facts=layout_facts.render(included_headers(spec.template)),
+        facts=layout_facts.render(unit_headers(spec)),
     )
+
+
+def unit_headers(spec: KernelSpec) -> frozenset[str]:
+    """The package headers a spec's unit includes, directly or through other headers."""
+    out = set()
+    for h in ("prelude.cuh", *spec.headers):
+        out |= {h} | included_headers(h)
+    return frozenset(out)
 
 
 @functools.lru_cache(maxsize=64)

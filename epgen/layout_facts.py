@@ -6,18 +6,26 @@ where a device header defines its own constant for it, a static_assert ties the 
 that drifts from this table no longer compiles. The Python side imports these names; no op
 module spells the numbers.
 
-Not yet here (issue 11, item 1, later steps): the per-spec record and message sizes
-(DispatchCfg::kRec, LLDispatch::kPayload), the LL data areas, and the device headers reading
-their values from `epgen::facts` instead of declaring their own.
+Facts that depend on a spec (ring record sizes, message header and payload sizes, the
+per-rank combine's areas) are functions here; each spec lists the device values they must
+equal (specs.KernelSpec.device_checks) and its unit static_asserts them (codegen).
 """
 from __future__ import annotations
 
+import functools
 import textwrap
 from dataclasses import dataclass
 
 # -- the error word (templates/common.cuh, runtime/errors.py) -------------------------------
 ERROR_WORDS = 8                   # int words: [0] code, [1] op, [2] rank, [3] peer, [4] detail
 ERR_TIMEOUT, ERR_BAD_INDEX, ERR_CAPACITY, ERR_BAD_ARG = 1, 2, 3, 4
+# The fields of the word (the report fills them after winning the CAS on the code).
+ERR_FIELD_CODE, ERR_FIELD_OP, ERR_FIELD_RANK, ERR_FIELD_PEER, ERR_FIELD_DETAIL = 0, 1, 2, 3, 4
+assert ERR_FIELD_DETAIL < ERROR_WORDS
+
+# -- shapes every mode shares (specs.py checks them; the low-latency region is sized by them)
+MAX_EXPERTS = 1024                # experts of a spec; LL slot counters, one per global expert
+MAX_TOPK = 32                     # top-k entries a token may carry
 
 # -- normal mode's control area at the start of the NVLink region (templates/normal_ctrl.cuh)
 NORMAL_MAX_CHANNELS = 128
@@ -33,10 +41,151 @@ NORMAL_RING_COUNTERS = 6 * NORMAL_MAX_CHANNELS * NORMAL_MAX_RANKS   # int64, 3 p
 NORMAL_CTRL_BYTES = 196608
 assert NORMAL_RING_COUNTERS_OFF + NORMAL_RING_COUNTERS * 8 + 8 <= NORMAL_CTRL_BYTES
 
-# -- low-latency control area (templates/ll_common.cuh, ops/low_latency.py) ----------------
+NORMAL_NOTIFY_THREADS = 256       # the notify kernel's block (one size for every spec)
+# Rows a combine reducer takes per batch and a sender publishes per tail (normal_combine.cuh
+# CombineCfg::kReduceBatch / kChunk; a dispatch sender's batch, DispatchCfg::kBatch): a ring
+# needs room for one batch of each side, or the two deadlock.
+NORMAL_RING_BATCH = 32
+NORMAL_MIN_RING_SLOTS = 2 * NORMAL_RING_BATCH
+
+
+def normal_dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int) -> int:
+    """One dispatch ring record (normal_dispatch.cuh DispatchCfg::kRec): row, 4-byte scales,
+    int32 top-k indices, float32 weights, int32 source index, 16-byte padded."""
+    return (row_bytes + 4 * num_scale_cols + 8 * num_topk + 4 + 15) // 16 * 16
+
+
+def normal_combine_record_bytes(hidden: int, num_topk: int) -> int:
+    """One combine ring record (normal_combine.cuh CombineCfg::kRec): BF16 row, float32 weights."""
+    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
+
+
+# -- internode notify area at offset 0 of the RDMA region (templates/internode_notify.cuh) --
+INODE_NOTIFY_MAX_CHANNELS = 64    # channels (num_sms / 2) a row has room for
+INODE_NOTIFY_SIG_OFF = 256        # uint64 [2][R]: row of source s arrived
+
+
+def inode_notify_row_ints(num_local_experts: int) -> int:
+    """A notify row (inotify::row_ints): T, T_rdma, per-expert counts, 2 channel prefixes."""
+    return (2 + num_local_experts + 2 * INODE_NOTIFY_MAX_CHANNELS + 3) // 4 * 4
+
+
+def inode_notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
+    """Bytes of the notify area (inotify::area_bytes): signals, then staging and table rows
+    [2 parities][R] each, 4096-aligned."""
+    row = inode_notify_row_ints(num_local_experts) * 4
+    stage = (INODE_NOTIFY_SIG_OFF + 16 * num_ranks + 255) // 256 * 256
+    return (stage + 4 * num_ranks * row + 4095) // 4096 * 4096
+
+
+# -- low-latency region (templates/ll_common.cuh, ops/low_latency.py) ----------------------
 LL_MAX_SIG = 1024                 # dispatch signal words per half (local expert * R + source)
 LL_MAX_RANK_SIG = 64              # per-rank words per half (combine signals, verdicts)
+LL_MAX_TOKENS = 1024              # num_max_dispatch_tokens_per_rank (a signal's 16-bit count)
 LL_SEND, LL_RECV = 1, 2           # phase bits of a launch (args.phases)
+# The control area, at fixed offsets whatever the shapes (u64 words unless said).
+LL_DISP_SIG_OFF = 0                                        # [2 halves][LL_MAX_SIG]
+LL_COMB_SIG_OFF = LL_DISP_SIG_OFF + 2 * LL_MAX_SIG * 8     # [2][LL_MAX_RANK_SIG]
+LL_WORDS_OFF = LL_COMB_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8   # per op: u64 seq, int done, int
+LL_OP_WORDS = 16                                           # (dispatch's, then combine's)
+LL_CLEAN_SEQ_OFF = LL_WORDS_OFF + 2 * LL_OP_WORDS          # the barriers' u64 sequence words
+LL_DESTROY_SEQ_OFF = LL_CLEAN_SEQ_OFF + 8
+LL_COUNTERS_OFF = LL_WORDS_OFF + 1024                      # int [MAX_EXPERTS]
+LL_VERDICTS_OFF = LL_COUNTERS_OFF + MAX_EXPERTS * 4        # [2 ops][2][LL_MAX_RANK_SIG]
+LL_CLEAN_SIG_OFF = LL_VERDICTS_OFF + 2 * 2 * LL_MAX_RANK_SIG * 8   # [2][LL_MAX_RANK_SIG]
+LL_DESTROY_SIG_OFF = LL_CLEAN_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8   # [2][LL_MAX_RANK_SIG]
+LL_ROUTES_SIG_OFF = LL_DESTROY_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8  # [2][LL_MAX_RANK_SIG]
+LL_DATA_OFF = 32768                                        # the data areas (_data_layout)
+assert LL_DESTROY_SEQ_OFF + 8 <= LL_COUNTERS_OFF
+assert LL_ROUTES_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8 <= LL_DATA_OFF
+LL_HEADER_FIXED = 16              # a message header's fixed part (token, epoch, n), then n entries
+
+
+def _align16(v: int) -> int:
+    return (v + 15) // 16 * 16
+
+
+def ll_header_bytes(num_topk: int) -> int:
+    """A dispatch message header with room for num_topk entries (ll_dispatch.cuh kHdr)."""
+    return _align16(LL_HEADER_FIXED + 4 * num_topk)
+
+
+LL_HEADER_MAX = ll_header_bytes(MAX_TOPK)
+
+
+def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
+    """A dispatch message's payload (ll_dispatch.cuh kPayload): FP8 row + float scale_inv per
+    128 channels, 16-byte padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its
+    wire scale words (block-scale bytes four per word, then the global scale); or the BF16 row."""
+    if wire_format == "mxfp8":
+        return _align16(hidden + 4 * (hidden // 32))
+    if wire_format == "nvfp4":
+        return _align16(hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1))
+    if use_fp8:
+        return _align16(hidden + 4 * ((hidden + 127) // 128))
+    return 2 * hidden
+
+
+def ll_message_slot_bytes(hidden: int) -> int:
+    """A receive slot: sized for the largest message (BF16 payload, MAX_TOPK header), so the
+    data areas do not depend on dtype or top-k."""
+    return LL_HEADER_MAX + ll_payload_bytes(hidden, False)
+
+
+def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
+    """A token's send staging (ll_dispatch.cuh: payload, then a header per destination rank),
+    for the largest message."""
+    return ll_payload_bytes(hidden, False) + min(MAX_TOPK, num_ranks) * LL_HEADER_MAX
+
+
+def _align256(v: int) -> int:
+    return (v + 255) // 256 * 256
+
+
+def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
+    """The BF16 combine's half stride: bf16 [E][M][H] (ll_combine.cuh's slot [global expert]
+    [owner's token]; the per-rank combine's half stride)."""
+    return num_experts * M * 2 * hidden
+
+
+def ll_combine_slot_bytes(hidden: int) -> int:
+    """A combine slot (receive area and send staging): room for the largest message of any
+    combine format, LogFMT-10's (its metadata and every chunk as BF16;
+    templates/ll_combine_wire.cuh kLogfmtBytes). BF16 rows use 2 * hidden of it."""
+    return (4 * ((hidden + 127) // 128) + 2 * hidden + 15) // 16 * 16
+
+
+@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
+def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
+    """Byte offsets of the data areas after the control area (every rank passes the same
+    shapes). Sized for the largest message (BF16 payload, MAX_TOPK header): offsets do not
+    depend on the dtype or top-k, so every configuration of these shapes fits one Buffer.
+      disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
+      disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
+      comb_recv  [2 halves][E][M] of ll_combine_slot_bytes (a format's half stride is
+                 E * M * its message size; BF16's is ll_combine_recv_half_bytes)
+      comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
+                 buffer; staging of NVSHMEM puts"""
+    disp_recv = LL_DATA_OFF
+    disp_send = _align256(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden))
+    comb_recv = _align256(disp_send + M * ll_staging_bytes(hidden, num_ranks))
+    slots = num_experts * M * ll_combine_slot_bytes(hidden)
+    comb_send = _align256(comb_recv + 2 * slots)
+    end = _align256(comb_send + slots)
+    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
+                comb_send=comb_send, end=end)
+
+
+LL_ROUTE_BYTES = 8                # ll_combine_rank.cuh LLRoute: int expert, float weight
+
+
+def ll_per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
+    """One half of the per-rank combine's receive area (ll_combine_rank.cuh LLCombineRank::
+    half_bytes): routes [R][M][K], partials [R][M][H] bf16, route staging [M][K], partial
+    staging [R][M][H]."""
+    rows = num_ranks * M * 2 * hidden
+    return (_align256(num_ranks * M * num_topk * LL_ROUTE_BYTES) + rows
+            + _align256(M * num_topk * LL_ROUTE_BYTES) + rows)
 
 
 @dataclass(frozen=True)
@@ -53,6 +202,9 @@ FACTS = (
     Fact("kErrBadIndex", ERR_BAD_INDEX, "::epgen::kErrBadIndex", "common.cuh"),
     Fact("kErrCapacity", ERR_CAPACITY, "::epgen::kErrCapacity", "common.cuh"),
     Fact("kErrBadArg", ERR_BAD_ARG, "::epgen::kErrBadArg", "common.cuh"),
+    *(Fact(f"kErrField{n}", v, f"::epgen::kErrField{n}", "common.cuh") for n, v in (
+        ("Code", ERR_FIELD_CODE), ("Op", ERR_FIELD_OP), ("Rank", ERR_FIELD_RANK),
+        ("Peer", ERR_FIELD_PEER), ("Detail", ERR_FIELD_DETAIL))),
     Fact("kNormalMaxChannels", NORMAL_MAX_CHANNELS, "::epgen::nctrl::kMaxC", "normal_ctrl.cuh"),
     Fact("kNormalMaxRanks", NORMAL_MAX_RANKS, "::epgen::nctrl::kMaxR", "normal_ctrl.cuh"),
     Fact("kNormalNotifySeqOff", NORMAL_NOTIFY_SEQ_OFF, "::epgen::nctrl::kNotifySeq",
@@ -66,10 +218,25 @@ FACTS = (
     Fact("kNormalRingCountersOff", NORMAL_RING_COUNTERS_OFF, "::epgen::nctrl::kDispSendTail",
          "normal_ctrl.cuh"),
     Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES, "::epgen::nctrl::kCtrlBytes", "normal_ctrl.cuh"),
+    Fact("kNormalRingBatch", NORMAL_RING_BATCH),
+    Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
+    Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS, "::epgen::inotify::kMaxC",
+         "internode_notify.cuh"),
+    Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF, "::epgen::inotify::kSigOff",
+         "internode_notify.cuh"),
     Fact("kLLMaxSig", LL_MAX_SIG, "::epgen::ll::kMaxSig", "ll_common.cuh"),
     Fact("kLLMaxRankSig", LL_MAX_RANK_SIG, "::epgen::ll::kMaxRankSig", "ll_common.cuh"),
-    Fact("kLLSend", LL_SEND),
-    Fact("kLLRecv", LL_RECV),
+    Fact("kLLMaxTokens", LL_MAX_TOKENS, "::epgen::ll::kMaxTokens", "ll_common.cuh"),
+    Fact("kMaxTopk", MAX_TOPK, "::epgen::ll::kMaxTopk", "ll_common.cuh"),
+    Fact("kLLHeaderFixed", LL_HEADER_FIXED, "::epgen::ll::kHeaderFixed", "ll_common.cuh"),
+    Fact("kLLRouteBytes", LL_ROUTE_BYTES, "sizeof(::epgen::LLRoute)", "ll_combine_rank.cuh"),
+    Fact("kMaxExperts", MAX_EXPERTS),
+    Fact("kLLDispSigOff", LL_DISP_SIG_OFF), Fact("kLLCombSigOff", LL_COMB_SIG_OFF),
+    Fact("kLLWordsOff", LL_WORDS_OFF), Fact("kLLOpWords", LL_OP_WORDS),
+    Fact("kLLCountersOff", LL_COUNTERS_OFF), Fact("kLLVerdictsOff", LL_VERDICTS_OFF),
+    Fact("kLLRoutesSigOff", LL_ROUTES_SIG_OFF), Fact("kLLDataOff", LL_DATA_OFF),
+    Fact("kLLSend", LL_SEND, "::epgen::ll::kSend", "ll_common.cuh"),
+    Fact("kLLRecv", LL_RECV, "::epgen::ll::kRecv", "ll_common.cuh"),
 )
 
 

@@ -2,7 +2,9 @@
 
 A spec is a frozen dataclass. Every value that changes the binary is one of its fields, and
 nothing else does (no stray -D flags): spec -> rendered source -> cache key. Fields with
-defaults are rendered only when they differ from the default, so adding one keeps old keys.
+defaults enter the name's tag only when they differ from the default, so adding one keeps the
+kernels' names; the unit's spec struct (constants()) carries every int / bool field, so a new
+one changes its family's sources and keys once, not its cubins.
 Run-time values (token counts, SM counts, max tokens per rank, ring sizes) are never fields.
 """
 from __future__ import annotations
@@ -18,11 +20,11 @@ from . import layout_facts
 
 NAMESPACE = "epgen"
 DTYPES = ("bf16", "fp8")
-MAX_TOPK = 32
+MAX_TOPK = layout_facts.MAX_TOPK
 MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked separately
 MAX_NVL_RANKS = layout_facts.NORMAL_MAX_RANKS
 MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # low-latency per-rank signal words
-MAX_EXPERTS = 1024
+MAX_EXPERTS = layout_facts.MAX_EXPERTS
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
@@ -55,13 +57,24 @@ def _require(ok: bool, spec: str, field: str, value, rule: str) -> None:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """One `__global__` kernel of a family's translation unit (templates/kernel.cu.j2)."""
+    kind: str                  # its role; the kernel is named `{kind}_{spec.tag}`
+    device: str                # the header's template taking the spec struct: device<Spec>(args)
+    threads: str = "threads"   # the spec constant bounding its block (__launch_bounds__)
+    min_blocks: int | None = 1  # __launch_bounds__' second argument (None: not given)
+
+
+@dataclass(frozen=True)
 class KernelSpec:
-    """Base of every family. Subclasses set `family`, `template` and `entry_kinds`."""
+    """Base of every family. Subclasses set `family`, `headers` and `entries`."""
 
     family: ClassVar[str] = ""
-    template: ClassVar[str] = ""
+    # The unit's template: one for every family (the spec struct and entries vary, not its shape).
+    template: ClassVar[str] = "kernel.cu.j2"
+    headers: ClassVar[tuple[str, ...]] = ()        # the device headers the unit includes
     # Kernels the translation unit defines, by role; the first is the one doing the work.
-    entry_kinds: ClassVar[tuple[str, ...]] = ()
+    entries: ClassVar[tuple[Entry, ...]] = ()
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -76,6 +89,35 @@ class KernelSpec:
 
     def validate(self) -> None:  # pragma: no cover - every family overrides
         raise NotImplementedError
+
+    @property
+    def entry_kinds(self) -> tuple[str, ...]:
+        return tuple(e.kind for e in self.entries)
+
+    # -- what the kernel sees (codegen renders these; the kernel reads them by name) ---------
+    @property
+    def struct_name(self) -> str:
+        """The C++ struct carrying the spec into the unit: `device<NormalDispatchSpec>(args)`."""
+        return type(self).__name__
+
+    def constants(self) -> dict:
+        """name -> int / bool of the spec struct: every int and bool field, then `derived()`.
+        (String fields reach the kernel as a derived code.) The device reads them by name, so
+        reordering or adding fields cannot silently swap two template arguments."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.type in ("int", int, "bool", bool)}
+        out.update(self.derived())
+        return out
+
+    def derived(self) -> dict:
+        """Values the kernel needs that the host computes from the fields (none by default)."""
+        return {}
+
+    def device_checks(self) -> tuple[tuple[str, int | None, str], ...]:
+        """(C++ expression, value, message): host facts the device derives on its own
+        (layout_facts' record and message sizes); the unit static_asserts each expression
+        equals the value (None: is true). `{S}` in an expression is the spec struct."""
+        return ()
 
     def _req(self, ok: bool, field: str, rule: str) -> None:
         _require(ok, type(self).__name__, field, getattr(self, field), rule)
@@ -161,8 +203,8 @@ def num_scales(hidden: int) -> int:
 class LayoutSpec(KernelSpec):
     """get_dispatch_layout: per-rank / per-expert counts and the token-in-rank mask."""
     family: ClassVar[str] = "layout"
-    template: ClassVar[str] = "layout.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("layout",)
+    headers: ClassVar[tuple[str, ...]] = ("layout.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("layout", "layout_entry", min_blocks=None),)
 
     num_ranks: int
     num_experts: int
@@ -193,11 +235,13 @@ class LayoutSpec(KernelSpec):
 class NormalDispatchSpec(KernelSpec):
     """Normal-mode intranode dispatch (+ its notify helper) over NVLink."""
     family: ClassVar[str] = "normal_dispatch"
-    template: ClassVar[str] = "normal_dispatch.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch", "notify")
+    headers: ClassVar[tuple[str, ...]] = ("normal_dispatch.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (
+        Entry("dispatch", "normal_dispatch_entry"),
+        Entry("notify", "normal_notify_entry", threads="notify_threads"))
     # The notify kernel the TU also holds: a block of this many threads (not a field: one size
     # serves every spec, and the ops launch it with the spec's value).
-    notify_threads: ClassVar[int] = 256
+    notify_threads: ClassVar[int] = layout_facts.NORMAL_NOTIFY_THREADS
 
     hidden: int
     num_topk: int          # 0: dispatch without top-k indices/weights
@@ -235,6 +279,22 @@ class NormalDispatchSpec(KernelSpec):
             return 0
         return num_scales(self.hidden) if self.scale_cols < 0 else self.scale_cols
 
+    @property
+    def hidden_bytes(self) -> int:
+        return self.hidden * (1 if self.dtype == "fp8" else 2)
+
+    def derived(self):
+        El = self.num_experts // self.num_ranks
+        return dict(experts_per_rank=El, hidden_bytes=self.hidden_bytes,
+                    num_scales=self.num_scales, notify_threads=self.notify_threads,
+                    notify_local_experts=El)
+
+    def device_checks(self):
+        return (("DispatchCfgOf<{S}>::kRec", layout_facts.normal_dispatch_record_bytes(
+                    self.hidden_bytes, self.num_scales, self.num_topk), "ring record size"),
+                ("DispatchCfgOf<{S}>::kBatch", layout_facts.NORMAL_RING_BATCH,
+                 "sender batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
+
     def readable_tag(self):
         return f"{self.dtype}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 
@@ -243,11 +303,15 @@ class NormalDispatchSpec(KernelSpec):
 class NormalCombineSpec(KernelSpec):
     """Normal-mode intranode combine: sum over the ranks a token went to, plus biases."""
     family: ClassVar[str] = "normal_combine"
-    template: ClassVar[str] = "normal_combine.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("combine", "notify")
+    headers: ClassVar[tuple[str, ...]] = ("normal_combine.cuh", "normal_notify.cuh")
+    # The notify is barrier-only (notify_local_experts 1): it runs when the combine ring layout
+    # changes between calls.
+    entries: ClassVar[tuple[Entry, ...]] = (
+        Entry("combine", "normal_combine_entry"),
+        Entry("notify", "normal_notify_entry", threads="notify_threads"))
     # The notify kernel the TU also holds: a block of this many threads (not a field: one size
     # serves every spec, and the ops launch it with the spec's value).
-    notify_threads: ClassVar[int] = 256
+    notify_threads: ClassVar[int] = layout_facts.NORMAL_NOTIFY_THREADS
 
     hidden: int
     num_topk: int          # 0: no top-k weights to combine
@@ -267,6 +331,17 @@ class NormalCombineSpec(KernelSpec):
         self._req(reducers >= 1, "threads",
                   f"must leave a reducer warp beside one sender warp per remote rank "
                   f"(num_ranks={self.num_ranks}: at least {32 * (remote + 1)})")
+
+    def derived(self):
+        return dict(notify_threads=self.notify_threads, notify_local_experts=1)
+
+    def device_checks(self):
+        return (("CombineCfgOf<{S}>::kRec", layout_facts.normal_combine_record_bytes(
+                    self.hidden, self.num_topk), "ring record size"),
+                ("CombineCfgOf<{S}>::kChunk", layout_facts.NORMAL_RING_BATCH,
+                 "sender chunk (layout_facts.NORMAL_MIN_RING_SLOTS)"),
+                ("CombineCfgOf<{S}>::kReduceBatch", layout_facts.NORMAL_RING_BATCH,
+                 "reducer batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
@@ -299,27 +374,16 @@ def normal_dispatch_wire(row_bytes: int, num_scale_cols: int) -> tuple[int, str]
     return row_bytes // 2, "bf16"
 
 
-def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
-    """A low-latency dispatch message's payload (templates/ll_dispatch.cuh kPayload, which the
-    rendered kernel static_asserts equal): FP8 row + float scale_inv per 128 channels, 16-byte
-    padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its wire scale words
-    (block-scale bytes four per word, then the global scale); or the BF16 row."""
-    if wire_format == "mxfp8":
-        return (hidden + 4 * (hidden // 32) + 15) // 16 * 16
-    if wire_format == "nvfp4":
-        return (hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1) + 15) // 16 * 16
-    if use_fp8:
-        return (hidden + 4 * num_scales(hidden) + 15) // 16 * 16
-    return 2 * hidden
+ll_payload_bytes = layout_facts.ll_payload_bytes   # a dispatch message's payload
 
 
 @dataclass(frozen=True)
 class LowLatencyDispatchSpec(KernelSpec):
     """Low-latency dispatch: one launch per phase (send, receive, or both)."""
     family: ClassVar[str] = "ll_dispatch"
-    template: ClassVar[str] = "ll_dispatch.cu.j2"
+    headers: ClassVar[tuple[str, ...]] = ("ll_dispatch.cuh",)
     # "ll_": its kernel (and cache entry) names differ from the normal family's at a glance.
-    entry_kinds: ClassVar[tuple[str, ...]] = ("ll_dispatch",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_dispatch", "ll_dispatch_entry"),)
 
     hidden: int
     num_topk: int
@@ -364,6 +428,22 @@ class LowLatencyDispatchSpec(KernelSpec):
     def wire_format_code(self) -> int:
         return LL_WIRE_FORMATS.index(self.wire_format)
 
+    def derived(self):
+        return dict(wire_format_code=self.wire_format_code)
+
+    def device_checks(self):
+        # The launch's dynamic shared memory is payload_bytes; the host sizes the receive slots
+        # and the staging for the largest message (layout_facts.ll_message_slot_bytes).
+        H = self.hidden
+        return (("LLDispatchOf<{S}>::kPayload", self.payload_bytes, "payload size"),
+                ("LLDispatchOf<{S}>::kHdr", layout_facts.ll_header_bytes(self.num_topk),
+                 "message header size"),
+                ("LLDispatchOf<{S}>::kMsg <= " + str(layout_facts.ll_message_slot_bytes(H)),
+                 None, "message fits its receive slot"),
+                ("LLDispatchOf<{S}>::kPayload + LLDispatchOf<{S}>::kMaxDst * LLDispatchOf<{S}>::kHdr"
+                 " <= " + str(layout_facts.ll_staging_bytes(H, self.num_ranks)), None,
+                 "a token's send staging fits its slot"))
+
     def readable_tag(self):
         dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
             if self.use_fp8 else self.wire_format or "bf16"
@@ -374,8 +454,8 @@ class LowLatencyDispatchSpec(KernelSpec):
 class LowLatencyCombineSpec(KernelSpec):
     """Low-latency combine: weighted sum of expert outputs, skipping topk_idx == -1."""
     family: ClassVar[str] = "ll_combine"
-    template: ClassVar[str] = "ll_combine.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("ll_combine",)
+    headers: ClassVar[tuple[str, ...]] = ("ll_combine.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_entry"),)
 
     hidden: int
     num_topk: int
@@ -400,6 +480,9 @@ class LowLatencyCombineSpec(KernelSpec):
     def wire_format_code(self) -> int:
         return LL_COMBINE_FORMATS.index(self.wire_format)
 
+    def derived(self):
+        return dict(wire_format_code=self.wire_format_code)
+
     def readable_tag(self):
         return (f"{self.wire_format or 'bf16'}_h{self.hidden}_k{self.num_topk}"
                 f"_e{self.num_experts}_r{self.num_ranks}")
@@ -410,7 +493,14 @@ class LowLatencyCombineRankSpec(LowLatencyCombineSpec):
     """Low-latency combine reduced per expert rank (EPGEN_LL_COMBINE=per_rank): same fields and
     rules as the per-expert one, its own family so that kernel's source stays as it is."""
     family: ClassVar[str] = "ll_combine_rank"
-    template: ClassVar[str] = "ll_combine_rank.cu.j2"
+    headers: ClassVar[tuple[str, ...]] = ("ll_combine_rank.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_rank_entry"),)
+
+    def device_checks(self):
+        args = (self.hidden, self.num_ranks, self.num_topk)
+        return tuple((f"LLCombineRankOf<{{S}}>::half_bytes({M})",
+                      layout_facts.ll_per_rank_half_bytes(M, *args), f"area half for M={M}")
+                     for M in (1, 7, layout_facts.LL_MAX_TOKENS))   # 7: the 256 B padding
 
     def validate(self):
         super().validate()
@@ -426,8 +516,8 @@ class LowLatencyBarrierSpec(KernelSpec):
     """clean_low_latency_buffer's barrier (per peer, with deadlines; with enable_shrink a peer
     that misses it is masked), also run by destroy() with enable_shrink."""
     family: ClassVar[str] = "ll_barrier"
-    template: ClassVar[str] = "ll_barrier.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("barrier",)
+    headers: ClassVar[tuple[str, ...]] = ("ll_barrier.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("barrier", "ll_barrier_entry"),)
 
     num_ranks: int
     threads: int = 64
@@ -504,8 +594,9 @@ def internode_notify_spec(num_ranks: int, ranks_per_node: int,
 class InternodeNotifySpec(KernelSpec):
     """The internode normal mode's counts exchange (NVSHMEM puts with signals to every rank)."""
     family: ClassVar[str] = "internode_notify"
-    template: ClassVar[str] = "internode_notify.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("notify",)
+    headers: ClassVar[tuple[str, ...]] = ("internode_notify.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (
+        Entry("notify", "internode_notify_entry", min_blocks=None),)
 
     num_ranks: int
     ranks_per_node: int
@@ -519,6 +610,14 @@ class InternodeNotifySpec(KernelSpec):
                   f"must divide num_ranks={self.num_ranks} and be below it (the ranks span nodes)")
         self._req(self.threads in (128, 256, 512) and self.threads >= self.num_ranks, "threads",
                   "must be 128, 256 or 512, and >= num_ranks")
+
+    def derived(self):
+        return dict(experts_per_rank=self.num_experts // self.num_ranks)
+
+    def device_checks(self):
+        El = self.num_experts // self.num_ranks
+        return (("inotify::area_bytes<{S}::num_ranks, {S}::experts_per_rank>()",
+                 layout_facts.inode_notify_area_bytes(self.num_ranks, El), "notify area size"),)
 
     def readable_tag(self):
         return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"
@@ -541,8 +640,8 @@ class InternodeDispatchSpec(KernelSpec):
     signals between nodes, NVLink forwarding inside a node; a block per channel, a warp per role
     (a sender per node, a forwarder per node, a receiver per source rank)."""
     family: ClassVar[str] = "internode_dispatch"
-    template: ClassVar[str] = "internode_dispatch.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("dispatch",)
+    headers: ClassVar[tuple[str, ...]] = ("internode_dispatch.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("dispatch", "internode_dispatch_entry"),)
 
     hidden: int
     num_topk: int          # 0: no top-k indices / weights
@@ -590,6 +689,14 @@ class InternodeDispatchSpec(KernelSpec):
         return dispatch_record_bytes(self.row_bytes, self.num_scales, self.num_topk,
                                      self.ranks_per_node)
 
+    def derived(self):
+        return dict(threads=self.threads, row_bytes=self.row_bytes, num_scales=self.num_scales)
+
+    def device_checks(self):
+        return (("IDispatchCfg<{S}::row_bytes, {S}::num_scales, {S}::num_topk, "
+                 "{S}::ranks_per_node, {S}::num_ranks>::kRec", self.record_bytes,
+                 "record bytes differ from ops/internode_layout.py dispatch_record_bytes"),)
+
     def readable_tag(self):
         return (f"{self.dtype}_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
                 f"_n{self.num_ranks // self.ranks_per_node}")
@@ -607,8 +714,8 @@ class InternodeCombineSpec(KernelSpec):
     along the dispatch's path, summed inside each node first; a block per channel, a warp per
     role (an NVLink sender per source rank, a forwarder per node, a reducer)."""
     family: ClassVar[str] = "internode_combine"
-    template: ClassVar[str] = "internode_combine.cu.j2"
-    entry_kinds: ClassVar[tuple[str, ...]] = ("combine",)
+    headers: ClassVar[tuple[str, ...]] = ("internode_combine.cuh",)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("combine", "internode_combine_entry"),)
 
     hidden: int
     num_topk: int          # 0: no weights
@@ -631,6 +738,9 @@ class InternodeCombineSpec(KernelSpec):
     @property
     def threads(self) -> int:
         return 32 * (self.num_ranks + self.num_ranks // self.ranks_per_node + 1)
+
+    def derived(self):
+        return dict(threads=self.threads)
 
     def readable_tag(self):
         return (f"h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"

@@ -3,6 +3,7 @@ static_asserts the device headers' own constants against them, so a drift fails 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -10,13 +11,17 @@ from epgen import codegen, compiler, jit, layout_facts
 from epgen.cache import Cache
 from epgen.ops import intranode, low_latency
 from epgen.runtime import errors
-from epgen.specs import ll_barrier_spec, normal_combine_spec
+from epgen.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
+                         ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
+from tests.fake_launch import fake_ll_ops
 
 
 @pytest.mark.parametrize("spec, fact", [
     (normal_combine_spec(1024, 0, 2), "kNormalCtrlBytes"),
     (ll_barrier_spec(2), "kLLMaxRankSig"),
     (ll_barrier_spec(2), "kErrTimeout"),
+    (ll_barrier_spec(2), "kLLRecv"),
+    (ll_barrier_spec(2), "kErrFieldPeer"),
 ])
 def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkeypatch, tmp_path):
     drifted = tuple(dataclasses.replace(f, value=f.value + 8) if f.cpp == fact else f
@@ -40,3 +45,54 @@ def test_the_host_reads_the_same_definitions():
     assert low_latency.MAX_SIG == layout_facts.LL_MAX_SIG
     assert (low_latency.SEND, low_latency.RECV) == (layout_facts.LL_SEND, layout_facts.LL_RECV)
     assert errors.CODE_TIMEOUT == layout_facts.ERR_TIMEOUT and errors.WORDS == layout_facts.ERROR_WORDS
+    assert errors.FIELDS[3] == layout_facts.ERR_FIELD_PEER
+    assert low_latency.ROUTES_SIG_OFF == layout_facts.LL_ROUTES_SIG_OFF
+    assert low_latency.DATA_OFF == layout_facts.LL_DATA_OFF
+    assert low_latency.per_rank_half_bytes is layout_facts.ll_per_rank_half_bytes
+    assert low_latency._data_layout is layout_facts.ll_data_layout
+    # the region's size for DeepSeek-V3 decode at 8 ranks (combine slots sized for LogFMT-10)
+    assert low_latency.low_latency_rdma_size_hint(128, 7168, 8, 256) == 1462976512
+    assert intranode.MIN_CAP == layout_facts.NORMAL_MIN_RING_SLOTS
+    assert intranode.dispatch_record_bytes is layout_facts.normal_dispatch_record_bytes
+
+
+@pytest.mark.parametrize("spec, fact, message", [
+    (normal_dispatch_spec(1024, 4, 8, 2, "bf16"), "normal_dispatch_record_bytes", "ring record size"),
+    (normal_combine_spec(1024, 4, 2), "normal_combine_record_bytes", "ring record size"),
+    (ll_dispatch_spec(1024, 4, 8, 2, use_fp8=False), "ll_header_bytes", "message header size"),
+    (ll_combine_spec(1024, 4, 8, 2, per_rank=True), "ll_per_rank_half_bytes", "area half for M=7"),
+    (internode_notify_spec(4, 2, 8), "inode_notify_area_bytes", "notify area size"),
+])
+def test_a_spec_size_that_drifts_from_the_kernel_does_not_compile(spec, fact, message, monkeypatch,
+                                                                   tmp_path):
+    """The per-spec sizes the host allocates by (layout_facts functions) are static_asserted
+    against the kernel's own (DispatchCfg::kRec, LLDispatch::kHdr, LLCombineRank::half_bytes)."""
+    real = getattr(layout_facts, fact)
+    monkeypatch.setattr(layout_facts, fact, lambda *a: real(*a) + 16)
+    with pytest.raises(compiler.CompileError) as e:
+        jit.build(spec, "sm_90", Cache(str(tmp_path)), pch=False)
+    assert message in e.value.log
+
+
+def test_the_spec_reaches_every_kernel_by_name():
+    """No template argument list in a generated unit: each entry is instantiated with the spec
+    struct, whose members carry the fields' names, so an order cannot swap two of them."""
+    from tests.test_compile import SPECS
+    assert {type(s) for s in SPECS} == set(FAMILIES.values())
+    for spec in SPECS:
+        src = codegen.render(spec)
+        for e in spec.entries:
+            assert f"{e.device}<{spec.struct_name}>(args);" in src
+        for name, value in spec.constants().items():
+            rendered = codegen.cpp_bool(value) if isinstance(value, bool) else value
+            assert f"{{ {name} = {rendered} }};" in src
+        assert not re.search(r"_kernel<\d", src)
+
+
+def test_ll_ops_check_shapes_with_the_spec_rules_in_the_callers_words():
+    ops, fake = fake_ll_ops(2, 16, 256, 16)
+    with pytest.raises(ValueError, match=r"^hidden=100: must be a multiple of 16 in low-latency mode"):
+        ops.clean_low_latency_buffer(16, 100, 16)
+    with pytest.raises(ValueError, match=r"^num_experts=15: must be divisible by num_ranks=2"):
+        ops.clean_low_latency_buffer(16, 256, 15)
+    assert fake.launches == []

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 
+from .. import layout_facts
 from ..specs import MAX_EXPERTS, MAX_TOPK
 
 ALIGN = 4096
@@ -68,18 +69,10 @@ def combine_record_bytes(hidden: int, num_topk: int) -> int:
     return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
 
 
-NOTIFY_MAX_CHANNELS = 64      # templates/internode_notify.cuh inotify::kMaxC
-
-
-def notify_row_ints(num_local_experts: int) -> int:
-    return (2 + num_local_experts + 2 * NOTIFY_MAX_CHANNELS + 3) // 4 * 4
-
-
-def notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
-    """Bytes of the notify area at offset 0 (inotify::area_bytes)."""
-    row = notify_row_ints(num_local_experts) * 4
-    stage = (256 + 16 * num_ranks + 255) // 256 * 256
-    return _align(stage + 4 * num_ranks * row)
+# The notify area is layout_facts' (the notify kernel's unit static_asserts inotify's side).
+NOTIFY_MAX_CHANNELS = layout_facts.INODE_NOTIFY_MAX_CHANNELS
+notify_row_ints = layout_facts.inode_notify_row_ints
+notify_area_bytes = layout_facts.inode_notify_area_bytes
 
 
 MAX_CHANNELS = 64            # templates/internode_dispatch.cuh idisp::kMaxC (== NOTIFY_MAX_CHANNELS)

@@ -31,7 +31,7 @@ NOTIFY_SEQ_OFF = layout_facts.NORMAL_NOTIFY_SEQ_OFF
 DISP_CALL_OFF = layout_facts.NORMAL_DISP_CALL_OFF
 RING_COUNTERS_OFF = layout_facts.NORMAL_RING_COUNTERS_OFF
 RING_COUNTERS = layout_facts.NORMAL_RING_COUNTERS
-MIN_CAP = 64            # >= one combine reducer batch (32) + one sender chunk (32)
+MIN_CAP = layout_facts.NORMAL_MIN_RING_SLOTS   # one combine reducer batch + one sender chunk
 
 
 def _align(v: int, a: int = 256) -> int:
@@ -44,13 +44,8 @@ def _cap(config) -> int:
     return max(int(config.num_max_nvl_chunked_recv_tokens) // 2, MIN_CAP)
 
 
-def dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int) -> int:
-    """One ring record (templates/normal_dispatch.cuh DispatchCfg::kRec)."""
-    return (row_bytes + 4 * num_scale_cols + 8 * num_topk + 4 + 15) // 16 * 16
-
-
-def combine_record_bytes(hidden: int, num_topk: int) -> int:
-    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
+dispatch_record_bytes = layout_facts.normal_dispatch_record_bytes   # DispatchCfg::kRec
+combine_record_bytes = layout_facts.normal_combine_record_bytes     # CombineCfg::kRec
 
 
 def ring_bytes(config, num_ranks: int, record: int) -> int:

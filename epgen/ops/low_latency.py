@@ -1,6 +1,7 @@
 """DeepEP V1's low-latency API: dispatch / combine generated per configuration.
 
-Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout:
+Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout (its
+offsets and sizes are defined in epgen/layout_facts.py, LL_* and ll_data_layout):
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
      dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
      combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
@@ -19,7 +20,7 @@ Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) lay
      combine receive  [2][E][M] slots of combine_slot_bytes (slot [global expert][owner's
                       token]: a BF16 row, or its message in the call's wire format); the per-rank
                       combine uses each half for its routes, partials and staging instead
-                      (templates/ll_combine_rank.cuh, per_rank_half_bytes)
+                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
      combine send     [E*M] slots of combine_slot_bytes: bf16 [El][R*M][H] as the zero-copy
                       buffer; staging of NVSHMEM puts
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
@@ -36,29 +37,28 @@ import torch
 from .. import formats, layout_facts
 from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
-from ..specs import (MAX_EXPERTS, MAX_TOPK, ll_barrier_spec, ll_combine_spec, ll_dispatch_spec,
-                     ll_payload_bytes, num_scales)
+from ..specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
 from ..variants import combine_variant
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .layout import check_topk_idx
 from .streams import StreamOrder
 
-MAX_TOKENS = 1024            # num_max_dispatch_tokens_per_rank
+# The region's layout is layout_facts' (LL_*): the kernels' units static_assert their side of it.
+MAX_TOKENS = layout_facts.LL_MAX_TOKENS        # num_max_dispatch_tokens_per_rank
 MAX_SIG = layout_facts.LL_MAX_SIG              # dispatch signal words per half
 MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # combine signal / verdict words per half
-DISP_SIG_OFF = 0
-COMB_SIG_OFF = DISP_SIG_OFF + 2 * MAX_SIG * 8
-WORDS_OFF = COMB_SIG_OFF + 2 * MAX_RANK_SIG * 8     # per op: u64 seq, int done (16 bytes)
-OP_WORDS = 16
-CLEAN_SEQ_OFF = WORDS_OFF + 2 * OP_WORDS            # then the barriers' u64 sequence words
-DESTROY_SEQ_OFF = CLEAN_SEQ_OFF + 8
-COUNTERS_OFF = WORDS_OFF + 1024
-VERDICTS_OFF = COUNTERS_OFF + MAX_EXPERTS * 4      # dispatch [2][64] u64, then combine
-CLEAN_SIG_OFF = VERDICTS_OFF + 2 * 2 * MAX_RANK_SIG * 8
-DESTROY_SIG_OFF = CLEAN_SIG_OFF + 2 * MAX_RANK_SIG * 8
-ROUTES_SIG_OFF = DESTROY_SIG_OFF + 2 * MAX_RANK_SIG * 8
-DATA_OFF = 32768
-assert ROUTES_SIG_OFF + 2 * MAX_RANK_SIG * 8 <= DATA_OFF
+DISP_SIG_OFF = layout_facts.LL_DISP_SIG_OFF
+COMB_SIG_OFF = layout_facts.LL_COMB_SIG_OFF
+WORDS_OFF = layout_facts.LL_WORDS_OFF          # per op: u64 seq, int done (16 bytes)
+OP_WORDS = layout_facts.LL_OP_WORDS
+CLEAN_SEQ_OFF = layout_facts.LL_CLEAN_SEQ_OFF  # then the barriers' u64 sequence words
+DESTROY_SEQ_OFF = layout_facts.LL_DESTROY_SEQ_OFF
+COUNTERS_OFF = layout_facts.LL_COUNTERS_OFF
+VERDICTS_OFF = layout_facts.LL_VERDICTS_OFF    # dispatch [2][64] u64, then combine
+CLEAN_SIG_OFF = layout_facts.LL_CLEAN_SIG_OFF
+DESTROY_SIG_OFF = layout_facts.LL_DESTROY_SIG_OFF
+ROUTES_SIG_OFF = layout_facts.LL_ROUTES_SIG_OFF
+DATA_OFF = layout_facts.LL_DATA_OFF
 SEND, RECV = layout_facts.LL_SEND, layout_facts.LL_RECV
 
 
@@ -80,43 +80,11 @@ _PLACES = {
 }
 
 
-def _align(v: int, a: int = 256) -> int:
-    return (v + a - 1) // a * a
-
-
-HEADER_MAX = 16 + 4 * MAX_TOPK     # dispatch message header with room for top-k entries
-
-
-payload_bytes = ll_payload_bytes     # a dispatch message's payload (specs.ll_payload_bytes)
-
-
-@functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
-def _data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dict:
-    # Sized for the largest message (BF16 payload, K = MAX_TOPK header): offsets do not depend
-    # on the dtype or top-k, so every configuration of these shapes fits one Buffer.
-    msg = HEADER_MAX + payload_bytes(hidden, False)
-    row = combine_slot_bytes(hidden)
-    disp_recv = DATA_OFF
-    disp_send = _align(disp_recv + 2 * num_ranks * M * msg)
-    comb_recv = _align(disp_send + M * (payload_bytes(hidden, False)
-                                        + min(MAX_TOPK, num_ranks) * HEADER_MAX))
-    comb_send = _align(comb_recv + 2 * num_experts * M * row)
-    end = _align(comb_send + num_experts * M * row)
-    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
-                comb_send=comb_send, end=end)
-
-
-def combine_slot_bytes(hidden: int) -> int:
-    """A combine slot: room for the largest message of any combine format, LogFMT-10's (its
-    metadata and every chunk as BF16; templates/ll_combine_wire.cuh kLogfmtBytes)."""
-    return _align(4 * ((hidden + 127) // 128) + 2 * hidden, 16)
-
-
-def per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -> int:
-    """Bytes of one half of the per-rank combine's receive area (ll_combine_rank.cuh: routes
-    [R][M][K] x 8 B, partials [R][M][H] bf16, route staging [M][K] x 8 B, partial staging)."""
-    rows = num_ranks * M * 2 * hidden
-    return _align(num_ranks * M * num_topk * 8) + rows + _align(M * num_topk * 8) + rows
+HEADER_MAX = layout_facts.LL_HEADER_MAX       # a dispatch header with room for MAX_TOPK entries
+payload_bytes = layout_facts.ll_payload_bytes  # a dispatch message's payload
+_data_layout = layout_facts.ll_data_layout     # the data areas' offsets (_OpPlaces' area keys)
+per_rank_half_bytes = layout_facts.ll_per_rank_half_bytes   # the per-rank combine's half
+combine_slot_bytes = layout_facts.ll_combine_slot_bytes  # a combine message slot
 
 
 def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
@@ -129,7 +97,7 @@ def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int,
     if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
         return False
     return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
-            <= num_experts * M * 2 * hidden)
+            <= layout_facts.ll_combine_recv_half_bytes(M, hidden, num_experts))
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -182,18 +150,15 @@ class LowLatencyOps:
 
     # -- helpers ------------------------------------------------------------------------
     def _check_common(self, M, hidden, num_experts, num_topk):
+        """The shapes every low-latency call shares. hidden, num_experts and the top-k are the
+        spec's rules (those of the combine, which every one of these shapes runs), re-worded
+        with the caller's names; M is the Buffer's (no kernel is keyed by it)."""
         R = self.ctx.num_ranks
-        if not isinstance(M, int) or not 1 <= M <= MAX_TOKENS:
+        if not isinstance(M, int) or isinstance(M, bool) or not 1 <= M <= MAX_TOKENS:
             raise arg_error("num_max_dispatch_tokens_per_rank", M, f"must be an int in [1, {MAX_TOKENS}]")
-        if not isinstance(hidden, int) or hidden <= 0 or hidden % 16:
-            raise arg_error("hidden", hidden, "must be a positive multiple of 16")
-        if (not isinstance(num_experts, int) or num_experts <= 0 or num_experts % R
-                or num_experts > MAX_EXPERTS):
-            raise arg_error("num_experts", num_experts,
-                            f"must be a positive multiple of num_ranks={R}, <= {MAX_EXPERTS}")
-        if num_topk is not None and not 1 <= num_topk <= min(MAX_TOPK, num_experts):
-            raise arg_error("topk_idx.shape[1]", num_topk,
-                            f"must be in [1, min({MAX_TOPK}, num_experts={num_experts})]")
+        spec_for_call(ll_combine_spec, {"hidden": "hidden", "num_experts": "num_experts",
+                                        "num_topk": "topk_idx.shape[1]"},
+                      hidden, 1 if num_topk is None else num_topk, num_experts, R)
         need = low_latency_rdma_size_hint(M, hidden, R, num_experts)
         if need > self.ctx.rdma.nbytes:
             raise arg_error("num_rdma_bytes", self.ctx.rdma.nbytes,
@@ -398,21 +363,19 @@ class LowLatencyOps:
         T, K = topk_idx.shape
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
-        if not 1 <= K <= min(MAX_TOPK, E):
-            raise arg_error("topk_idx.shape[1]", K, f"must be in [1, min({MAX_TOPK}, {E})]")
+        per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
+            M, H, R, E, K, return_recv_hook, self.enable_shrink)
+        spec = spec_for_call(functools.partial(ll_combine_spec, **formats.combine_fields(fmt)),
+                             {"num_topk": "topk_idx.shape[1]"}, H, K, E, R, per_rank)
         check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
         StreamOrder.check_two_phase(async_finish, return_recv_hook)
         if out is not None:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
         wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                 torch.int64, R)
-        per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
-            M, H, R, E, K, return_recv_hook, self.enable_shrink)
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
         src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        spec = spec_for_call(functools.partial(ll_combine_spec, **formats.combine_fields(fmt)),
-                             {"num_topk": "topk_idx.shape[1]"}, H, K, E, R, per_rank)
         kernel = ctx.kernel(spec)
         # epoch, done for a receive launched on its own (not needed when both phases run fused)
         fused = per_rank and self.fuse_phases
@@ -432,7 +395,7 @@ class LowLatencyOps:
             a.zero_copy = int(bool(zero_copy))
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
-                a.half_bytes = E * M * 2 * H
+                a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, E)
             return a
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,

@@ -12,6 +12,9 @@ from .hostmem import MappedHostArray
 
 WORDS = layout_facts.ERROR_WORDS
 CODE_TIMEOUT = layout_facts.ERR_TIMEOUT
+# The word's fields, in EpgenDeviceError's argument order (code, op, rank, peer, detail).
+FIELDS = (layout_facts.ERR_FIELD_CODE, layout_facts.ERR_FIELD_OP, layout_facts.ERR_FIELD_RANK,
+          layout_facts.ERR_FIELD_PEER, layout_facts.ERR_FIELD_DETAIL)
 CODES = {layout_facts.ERR_TIMEOUT: "timed out waiting",
          layout_facts.ERR_BAD_INDEX: "topk_idx value out of range",
          layout_facts.ERR_CAPACITY: "count over capacity", layout_facts.ERR_BAD_ARG: "bad argument"}
@@ -43,12 +46,12 @@ class ErrorWord:
         self._memory.fill(0)
 
     def raised(self) -> bool:
-        return self.words[0] != 0
+        return self.words[layout_facts.ERR_FIELD_CODE] != 0
 
     def check(self) -> None:
         w = self.words
-        if w[0] != 0:
-            raise EpgenDeviceError(w[0], w[1], w[2], w[3], w[4])
+        if w[layout_facts.ERR_FIELD_CODE] != 0:
+            raise EpgenDeviceError(*(w[i] for i in FIELDS))
 
     def free(self) -> None:
         self._memory.free()

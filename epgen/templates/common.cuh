@@ -12,9 +12,11 @@ using ::cuda::std::int32_t;
 using ::cuda::std::uint32_t;
 
 // ---- error word (mapped pinned host memory, see epgen/runtime/errors.py) ----------------
-// word[0] code (0: none; first error wins), [1] op, [2] rank, [3] peer, [4] detail.
+// word[kErrFieldCode] code (0: none; first error wins), then op, rank, peer, detail.
 enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadIndex = 2, kErrCapacity = 3,
                        kErrBadArg = 4 };
+enum ErrorField : int { kErrFieldCode = 0, kErrFieldOp = 1, kErrFieldRank = 2, kErrFieldPeer = 3,
+                        kErrFieldDetail = 4 };
 
 struct ErrorCtx {
     int* word;
@@ -39,15 +41,16 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 
 __device__ __forceinline__ void report_error(const ErrorCtx& e, int code, int peer, int detail) {
     if (e.flag != nullptr) atomicExch(e.flag, 1);
-    if (atomicCAS_system(e.word, 0, code) == 0) {
+    if (atomicCAS_system(e.word + kErrFieldCode, 0, code) == 0) {
         volatile int* w = e.word;
-        w[1] = e.op; w[2] = e.rank; w[3] = peer; w[4] = detail;
+        w[kErrFieldOp] = e.op; w[kErrFieldRank] = e.rank; w[kErrFieldPeer] = peer;
+        w[kErrFieldDetail] = detail;
         __threadfence_system();
     }
 }
 
 __device__ __forceinline__ bool error_raised(const ErrorCtx& e) {
-    return *reinterpret_cast<volatile int*>(e.word) != 0;
+    return reinterpret_cast<volatile int*>(e.word)[kErrFieldCode] != 0;
 }
 
 // ---- memory ordering across GPUs (scope must be .sys for peers' writes) -----------------

@@ -279,4 +279,12 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
     }
 }
 
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// InternodeCombineSpec.constants; the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void internode_combine_entry(const InternodeCombineArgs& a) {
+    internode_combine_kernel<S::hidden, S::num_topk, S::ranks_per_node, S::num_ranks,
+                             S::num_biases, S::threads>(a);
+}
+
 }  // namespace epgen

@@ -309,4 +309,12 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
     }
 }
 
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// InternodeDispatchSpec.constants; the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void internode_dispatch_entry(const InternodeDispatchArgs& a) {
+    internode_dispatch_kernel<S::row_bytes, S::num_scales, S::num_topk, S::ranks_per_node,
+                              S::num_ranks, S::threads>(a);
+}
+
 }  // namespace epgen

@@ -130,4 +130,12 @@ __device__ __forceinline__ void internode_notify_kernel(const InternodeNotifyArg
     if (tid == 0) *reinterpret_cast<volatile int*>(base + kSeqOff) = seq;
 }
 
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// InternodeNotifySpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void internode_notify_entry(const InternodeNotifyArgs& a) {
+    internode_notify_kernel<S::num_ranks, S::ranks_per_node, S::experts_per_rank, S::threads>(a);
+}
+
 }  // namespace epgen

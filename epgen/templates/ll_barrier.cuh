@@ -40,4 +40,12 @@ __device__ __forceinline__ void ll_barrier_kernel(const LowLatencyBarrierArgs& a
     if (p == 0) *a.seq = epoch;
 }
 
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// LowLatencyBarrierSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void ll_barrier_entry(const LowLatencyBarrierArgs& a) {
+    ll_barrier_kernel<S::num_ranks, S::threads>(a);
+}
+
 }  // namespace epgen

@@ -30,7 +30,7 @@ struct LLCombine {
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
     static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
                   "experts / ranks");
-    static_assert(K >= 1 && K <= 32, "top-k");
+    static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(FMT >= 0 && FMT <= 2 && kSlot <= W::kLogfmtBytes, "format / slot");
 
     static __device__ void send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
@@ -261,8 +261,17 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
     using C = LLCombine<H, K, E, R, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & 1) C::send(a, err);
-    if (a.phases & 2) C::recv(a, err);
+    if (a.phases & ll::kSend) C::send(a, err);
+    if (a.phases & ll::kRecv) C::recv(a, err);
+}
+
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// LowLatencyCombineSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void ll_combine_entry(const LowLatencyCombineArgs& a) {
+    ll_combine_kernel<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::threads,
+                      S::wire_format_code>(a);
 }
 
 }  // namespace epgen

@@ -17,8 +17,8 @@
 // every block of the grid (one per SM) is resident at once, so where ranks share a GPU (MPS
 // does not guarantee it) the phases run as two launches, the receive's epoch from call_epoch.
 //
-// Region (byte offsets are launch arguments; the python mirror is ops/low_latency.py
-// per_rank_half_bytes): the per-expert receive area's half h (stride half_bytes) holds
+// Region (byte offsets are launch arguments; the host's size of it is epgen/layout_facts.py
+// ll_per_rank_half_bytes, static_asserted equal to half_bytes): the per-expert receive area's half h (stride half_bytes) holds
 //   routes   LLRoute [R owners][M][K]          what owner s sent for its token t
 //   partials bf16    [R expert ranks][M][H]    what expert rank j summed for my token t
 //   route staging [M][K], partial staging [R owners][M][H]: sources of NVSHMEM puts
@@ -47,18 +47,23 @@ struct LLCombineRank {
     static constexpr uint64_t kRow = 2ull * H;
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
     static_assert(E % R == 0 && E <= THREADS && R <= ll::kMaxRankSig && R <= 64, "experts / ranks");
-    static_assert(K >= 1 && K <= 32, "top-k");
+    static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
 
-    static __device__ __forceinline__ uint64_t align256(uint64_t v) { return (v + 255) / 256 * 256; }
-    static __device__ __forceinline__ uint64_t routes_off() { return 0; }
-    static __device__ __forceinline__ uint64_t partials_off(int M) {
+    static __host__ __device__ __forceinline__ constexpr uint64_t align256(uint64_t v) { return (v + 255) / 256 * 256; }
+    static __host__ __device__ __forceinline__ constexpr uint64_t routes_off() { return 0; }
+    static __host__ __device__ __forceinline__ constexpr uint64_t partials_off(int M) {
         return align256((uint64_t)R * M * K * sizeof(LLRoute));
     }
-    static __device__ __forceinline__ uint64_t route_stage_off(int M) {
+    static __host__ __device__ __forceinline__ constexpr uint64_t route_stage_off(int M) {
         return partials_off(M) + (uint64_t)R * M * kRow;
     }
-    static __device__ __forceinline__ uint64_t partial_stage_off(int M) {
+    static __host__ __device__ __forceinline__ constexpr uint64_t partial_stage_off(int M) {
         return route_stage_off(M) + align256((uint64_t)M * K * sizeof(LLRoute));
+    }
+    // One half's bytes (the host sizes the area with layout_facts.ll_per_rank_half_bytes; the
+    // rendered unit static_asserts the two agree).
+    static __host__ __device__ __forceinline__ constexpr uint64_t half_bytes(int M) {
+        return partial_stage_off(M) + (uint64_t)R * M * kRow;
     }
 
     // Step 1 (block 0): this owner's routes to every rank, then the routes signals.
@@ -351,9 +356,19 @@ __device__ __forceinline__ void ll_combine_rank_kernel(const LowLatencyCombineRa
     using C = LLCombineRank<H, K, E, R, THREADS>;
     const ErrorCtx err = make_error_ctx(a);
     unsigned long long epoch = 0;
-    if (a.phases & 1) epoch = C::send(a, err);
+    if (a.phases & ll::kSend) epoch = C::send(a, err);
     else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
-    if (a.phases & 2) C::recv(a, err, epoch);
+    if (a.phases & ll::kRecv) C::recv(a, err, epoch);
+}
+
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// LowLatencyCombineRankSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+using LLCombineRankOf = LLCombineRank<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::threads>;
+template <class S>
+__device__ __forceinline__ void ll_combine_rank_entry(const LowLatencyCombineRankArgs& a) {
+    ll_combine_rank_kernel<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::threads>(a);
 }
 
 }  // namespace epgen

@@ -19,6 +19,11 @@ namespace ll {
 constexpr int kMaxSig = 1024;
 // Per-rank words (combine signals, shrink verdicts): [2 halves][kMaxRankSig] u64.
 constexpr int kMaxRankSig = 64;
+// Enumerators (no device storage): num_max_dispatch_tokens_per_rank, top-k entries, and a
+// dispatch message header's fixed part (then its entries).
+enum : int { kMaxTokens = 1024, kMaxTopk = 32, kHeaderFixed = 16 };
+// Phase bits of a launch (args.phases): send, receive, or both in one launch.
+enum : int { kSend = 1, kRecv = 2 };
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
 

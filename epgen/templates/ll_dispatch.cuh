@@ -41,7 +41,7 @@ struct LLDispatch {
     static constexpr bool kPackScales = UE8M0 || FMT == 1;
     static constexpr int kPayload = kQuant ? ll::align16(kDataBytes + 4 * kSW) : 2 * H;
     static constexpr int kMaxDst = K < R ? K : R;              // destinations of one token
-    static constexpr int kHdr = ll::align16(16 + 4 * K);        // room for K entries
+    static constexpr int kHdr = ll::align16(ll::kHeaderFixed + 4 * K);        // room for K entries
     static constexpr int kHdrN16 = kHdr / 16;
     static constexpr int kMsg = kHdr + kPayload;
     static constexpr int kN16 = kMsg / 16;
@@ -52,12 +52,12 @@ struct LLDispatch {
     static_assert(H % 16 == 0, "hidden must be a multiple of 16");
     static_assert(E % R == 0 && E <= ll::kMaxSig && E <= THREADS && R <= ll::kMaxRankSig,
                   "experts / ranks");
-    static_assert(K >= 1 && K <= 32, "top-k");
+    static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
     static_assert(FMT == 0 || (!FP8 && H % 32 == 0), "MXFP8 / NVFP4: use_fp8 off, hidden % 32");
     // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
-    // (the receive refuses counts > M), T <= 1024 (ops/low_latency.py MAX_TOKENS).
-    static_assert(1024 * K <= (int)ll::kValueMask, "count field of the signal word");
+    // (the receive refuses counts > M), T <= kMaxTokens.
+    static_assert(ll::kMaxTokens * K <= (int)ll::kValueMask, "count field of the signal word");
 
     // 16 bits naming the message layout (the shapes that place headers): a header is taken
     // only with this call's epoch and this tag, so after a shape change no old payload bytes
@@ -551,8 +551,20 @@ template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THRE
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
     using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & 1) D::send(a, err);
-    if (a.phases & 2) D::recv(a, err);
+    if (a.phases & ll::kSend) D::send(a, err);
+    if (a.phases & ll::kRecv) D::recv(a, err);
+}
+
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// LowLatencyDispatchSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+using LLDispatchOf = LLDispatch<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
+                                S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code>;
+template <class S>
+__device__ __forceinline__ void ll_dispatch_entry(const LowLatencyDispatchArgs& a) {
+    ll_dispatch_kernel<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
+                       S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code>(a);
 }
 
 }  // namespace epgen

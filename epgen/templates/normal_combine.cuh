@@ -20,6 +20,7 @@ struct CombineCfg {
     static constexpr int kOffW = kHB;
     static constexpr int kRec = (kHB + K * 4 + 15) / 16 * 16;
     static constexpr int kChunk = 32;                      // sender rows per published tail
+    enum : int { kReduceBatch = 32 };                      // reducer tokens per ballot (one per lane)
 };
 
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
@@ -133,13 +134,13 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
         for (int r = 0; r < R; ++r) running[r] = 0;
         const char* rings = own + a.ring_offset + (int64_t)c * R * cap * kRec;
         #pragma unroll 1
-        for (int bt = tb; bt < te; bt += 32) {
+        for (int bt = tb; bt < te; bt += Cfg::kReduceBatch) {
             const int t = bt + lane;
             unsigned m[R];
             #pragma unroll
             for (int r = 0; r < R; ++r)
                 m[r] = __ballot_sync(0xffffffffu, t < te && a.is_token_in_rank[(int64_t)t * R + r]);
-            const int nb = min(32, te - bt);
+            const int nb = min(Cfg::kReduceBatch, te - bt);
             #pragma unroll 1
             for (int j = wr; j < nb; j += kWR) {
                 const int tok = bt + j;
@@ -246,6 +247,16 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
         poison_fill(a.combined_x, (int64_t)a.num_tokens * Cfg::kHB, kPoisonNaN);
         poison_fill(a.combined_weights, (int64_t)a.num_tokens * K * 4, kPoisonNaN);
     }
+}
+
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// NormalCombineSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+using CombineCfgOf = CombineCfg<S::num_ranks, S::num_topk, S::hidden, S::num_biases, S::threads>;
+template <class S>
+__device__ __forceinline__ void normal_combine_entry(const NormalCombineArgs& a) {
+    combine_kernel<S::num_ranks, S::num_topk, S::hidden, S::num_biases, S::threads>(a);
 }
 
 }  // namespace epgen

@@ -24,6 +24,9 @@ struct DispatchCfg {
     static constexpr int kOffSrc = kOffW + K * 4;
     static constexpr int kRec = (kOffSrc + 4 + 15) / 16 * 16;
     static_assert(HB % 16 == 0, "rows are 16-byte vectors");
+    // Tokens a sender warp takes per ballot (one per lane); the host's ring minimum counts it.
+    // An enumerator: a static constexpr member read in the loop gets device storage.
+    enum : int { kBatch = 32 };
 };
 
 template <int R, int El, int K, int HB, int S, int THREADS>
@@ -96,7 +99,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
         const long long* head = word64(peer, kDispHead, cr(c, me));
         int sent = 0;
         #pragma unroll 1
-        for (int bt = tb; bt < te; bt += 32) {
+        for (int bt = tb; bt < te; bt += Cfg::kBatch) {
             const int t = bt + lane;
             const bool sel = t < te && a.is_token_in_rank[(int64_t)t * R + p];
             const unsigned mask = __ballot_sync(0xffffffffu, sel);
@@ -239,6 +242,18 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
         poison_fill(a.recv_topk_weights, rows * K * 4, kPoisonNaN);
         poison_fill(a.recv_src_idx, rows * 4, kPoisonNaN);
     }
+}
+
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// NormalDispatchSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+using DispatchCfgOf = DispatchCfg<S::num_ranks, S::experts_per_rank, S::num_topk, S::hidden_bytes,
+                                  S::num_scales, S::threads>;
+template <class S>
+__device__ __forceinline__ void normal_dispatch_entry(const NormalDispatchArgs& a) {
+    dispatch_kernel<S::num_ranks, S::experts_per_rank, S::num_topk, S::hidden_bytes, S::num_scales,
+                    S::threads>(a);
 }
 
 }  // namespace epgen

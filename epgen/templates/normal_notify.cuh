@@ -79,4 +79,12 @@ __device__ __forceinline__ void notify_kernel(const NotifyArgs& a) {
     if (tid == 0) st_volatile(word(own, kNotifySeq), seq);
 }
 
+
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// NormalDispatchSpec / NormalCombineSpec.constants; this is the one place its members meet the template's parameter order.
+template <class S>
+__device__ __forceinline__ void normal_notify_entry(const NotifyArgs& a) {
+    notify_kernel<S::num_ranks, S::notify_local_experts, S::notify_threads>(a);
+}
+
 }  // namespace epgen
