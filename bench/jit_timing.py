@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _specs():
-    from epgen.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
+    from epgen.jit.specs import (LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
                              NormalCombineSpec, normal_dispatch_spec)
     return [LayoutSpec(num_ranks=2, num_experts=256, num_topk=8),
             normal_dispatch_spec(7168, 8, 256, 2, "bf16"),
@@ -58,7 +58,7 @@ def main():
     args = ap.parse_args()
     from epgen import jit
     from epgen.cache import Cache
-    from epgen.specs import LayoutSpec
+    from epgen.jit.specs import LayoutSpec
     from epgen.bench import timing
     root = tempfile.mkdtemp(prefix="epgen-jit-")
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ll_partial_precision import deepep_routes  # noqa: E402
 
 from epgen.ops import low_latency as ll  # noqa: E402
-from epgen.specs import MAX_TOPK  # noqa: E402
+from epgen.jit.specs import MAX_TOPK  # noqa: E402
 
 MB = 1e6
 

@@ -10,7 +10,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import lifecycle, toolchain
+from . import lifecycle
+from .jit import toolchain
 from .config import Config
 from .ops.context import OpsContext, arg_error, timeout_ns
 from .ops.internode import InternodeOps

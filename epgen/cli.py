@@ -25,7 +25,8 @@ def _cache(args):
 
 
 def cmd_precompile(args) -> int:
-    from . import env, toolchain
+    from . import env
+    from .jit import toolchain
     from .precompile import precompile
     from .specfile import SpecFileError, load_spec_file
     try:
@@ -145,7 +146,7 @@ def cmd_cache_clear(args) -> int:
 
 
 def cmd_cache_gc(args) -> int:
-    from . import toolchain
+    from .jit import toolchain
     try:
         signature = toolchain.discover().signature()
     except toolchain.ToolchainError as e:
@@ -211,7 +212,8 @@ KNOWN_ENV = ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_PCH", "EPGEN_T
 
 def check_env() -> None:
     """Read every EPGEN_* variable the way its user does; EnvError/ValueError names a bad one."""
-    from . import env, toolchain
+    from . import env
+    from .jit import toolchain
     env.flag("EPGEN_JIT", True)
     env.flag("EPGEN_PCH", False)
     env.positive_seconds("EPGEN_TIMEOUT_S", 100.0)
@@ -252,7 +254,8 @@ def _read_only_fs(path: str) -> bool:
 
 
 def cmd_doctor(args) -> int:
-    from . import env, toolchain
+    from . import env
+    from .jit import toolchain
     from .cache import default_root
     problems = 0
 

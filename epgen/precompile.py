@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from . import jit
-from .specs import KernelSpec
+from .jit.specs import KernelSpec
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _build_one(spec: KernelSpec, arch: str, cache_root: str, pch: bool = True) -
         jit.build(spec, arch, Cache(cache_root), stats, pch=pch)
     except Exception as e:   # reported per kernel; the summary counts it as failed
         from .cache.store import explain_os_error
-        from .compiler import CompileError
+        from .jit.compiler import CompileError
         if isinstance(e, CompileError):     # the log from its start: the first error first
             text = f"{e.stage} failed for {e.what}:\n{e.log}"
         else:

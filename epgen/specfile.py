@@ -11,7 +11,7 @@ problem is a SpecFileError naming the file, the key and what was expected.
         modes:
           normal: {dtypes: [bf16, fp8]}
           low_latency: {dispatch_dtypes: [fp8, bf16]}
-    kernels:                         # optional explicit specs (the fields of epgen/specs.py)
+    kernels:                         # optional explicit specs (the fields of epgen/jit/specs.py)
       - {family: normal_combine, hidden: 2880, num_topk: 4, num_ranks: 4, num_biases: 1}
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import yaml
 
 from . import formats
-from .specs import (FAMILIES, KernelSpec, SpecError, layout_spec, ll_barrier_spec,
+from .jit.specs import (FAMILIES, KernelSpec, SpecError, layout_spec, ll_barrier_spec,
                     ll_combine_spec, ll_dispatch_spec, normal_combine_spec,
                     normal_dispatch_rows_spec)
 from .variants import combine_variant
@@ -220,7 +220,7 @@ def load_spec_file(path: str) -> SpecFile:
         _fail(path, "top level", "at least one of 'models' or 'kernels'")
     arch = data.get("arch")
     if arch is not None:
-        from .toolchain import check_arch
+        from .jit.toolchain import check_arch
         try:
             check_arch(f"{path}: arch", arch)
         except ValueError as e:

@@ -125,7 +125,8 @@ def compiled_during(cache_root: str, since: float, spec_file: str = SPEC) -> lis
     """The kernels built into cache_root at or after `since` (epoch seconds) that spec_file does
     not list, as its entry lines: what the suites compiled at first use, to add to the list."""
     sys.path.insert(0, ROOT)
-    from epgen import specfile, specs
+    from epgen import specfile
+    from epgen.jit import specs
 
     def line(spec) -> str:
         return json.dumps(spec.to_json(), sort_keys=True)

@@ -9,7 +9,7 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.cache.transfer import export_cache, import_cache
-from epgen.specs import LayoutSpec
+from epgen.jit.specs import LayoutSpec
 
 SPEC = LayoutSpec(num_ranks=2, num_experts=32, num_topk=4)
 
@@ -25,7 +25,7 @@ def test_every_compile_option_is_in_the_key(monkeypatch):
     """An nvJitLink option (or an NVRTC one) that would change the cubin changes the key, so a
     cache never serves a cubin linked with other options; and the build uses the options
     hashed (the build log shows them)."""
-    from epgen import compiler
+    from epgen.jit import compiler
     _, key, _ = jit.describe_key(SPEC, "sm_90")
     monkeypatch.setattr(compiler, "LINK_OPTIONS", (*compiler.LINK_OPTIONS, "-ptxas-options=-O2"))
     _, link_key, parts = jit.describe_key(SPEC, "sm_90")
@@ -157,7 +157,7 @@ def test_export_import_verifies_checksums(tmp_path):
 def test_gc_removes_other_toolchains_and_leftovers(tmp_path):
     cache = Cache(str(tmp_path))
     entry, _ = fresh_build(cache)
-    from epgen import toolchain
+    from epgen.jit import toolchain
     sig = toolchain.discover().signature()
     assert cache.gc(sig).removed == []
     other = dict(sig, nvrtc="99.9")

@@ -10,7 +10,7 @@ import pytest
 from epgen import jit
 from epgen.cache import Cache
 from epgen.cli import main
-from epgen.specs import LayoutSpec
+from epgen.jit.specs import LayoutSpec
 from sandbox import as_nobody, epgen_argv, in_mount_namespace, shared_dir  # noqa: F401
 
 SPEC = LayoutSpec(num_ranks=2, num_experts=32, num_topk=4)
@@ -19,7 +19,7 @@ HIT = """
 import sys
 from epgen import jit
 from epgen.cache import Cache
-from epgen.specs import LayoutSpec
+from epgen.jit.specs import LayoutSpec
 stats = {{}}
 jit.build(LayoutSpec(num_ranks=2, num_experts=32, num_topk={k}), "sm_90", Cache(sys.argv[1]), stats)
 print("CACHED" if stats["cached"] else "COMPILED")

@@ -9,7 +9,7 @@ import pytest
 from epgen import jit
 from epgen.cli import main
 from epgen.specfile import SpecFileError, load_spec_file
-from epgen.specs import LayoutSpec, LowLatencyBarrierSpec, LowLatencyDispatchSpec, NormalDispatchSpec
+from epgen.jit.specs import LayoutSpec, LowLatencyBarrierSpec, LowLatencyDispatchSpec, NormalDispatchSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = """

@@ -6,10 +6,11 @@ import subprocess
 
 import pytest
 
-from epgen import codegen, jit
+from epgen import jit
+from epgen.jit import codegen
 from epgen.cache import Cache
 from epgen.precompile import precompile
-from epgen.specs import LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec
+from epgen.jit.specs import LayoutSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec, NormalCombineSpec
 from sandbox import env, epgen_argv, run
 
 SPEC = LayoutSpec(num_ranks=2, num_experts=32, num_topk=4)
@@ -125,7 +126,7 @@ def test_corrupt_rows_say_why(tmp_path):
 def test_kernel_names_tell_the_families_apart():
     ll = LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=2,
                                 use_fp8=False)
-    normal = __import__("epgen.specs", fromlist=["x"]).normal_dispatch_spec(7168, 8, 256, 2, "bf16")
+    normal = __import__("epgen.jit.specs", fromlist=["x"]).normal_dispatch_spec(7168, 8, 256, 2, "bf16")
     assert ll.name.startswith("ll_dispatch_") and normal.name.startswith("dispatch_")
     assert LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=256,
                                  num_ranks=2).name.startswith("ll_combine_")

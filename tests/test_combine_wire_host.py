@@ -13,7 +13,7 @@ import torch
 from epgen import reference as ref
 
 HERE = os.path.dirname(__file__)
-HEADER = os.path.join(HERE, "..", "epgen", "templates", "ll_combine_wire.cuh")
+HEADER = os.path.join(HERE, "..", "epgen", "jit", "templates", "ll_combine_wire.cuh")
 
 
 @pytest.fixture(scope="module")

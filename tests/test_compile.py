@@ -7,8 +7,8 @@ import pytest
 
 from epgen import jit
 from epgen.cache import Cache
-from epgen.compiler import CompileError
-from epgen.specs import (InternodeCombineSpec, InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
+from epgen.jit.compiler import CompileError
+from epgen.jit.specs import (InternodeCombineSpec, InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
                          LowLatencyCombineSpec, LowLatencyCombineRankSpec, LowLatencyDispatchSpec,
                          NormalCombineSpec,
                          NormalDispatchSpec)
@@ -86,7 +86,7 @@ def test_family_compiles_for_sm90(spec, cache):
 
 
 def test_compile_error_carries_log_and_spec(cache, monkeypatch):
-    from epgen import codegen
+    from epgen.jit import codegen
     spec = LayoutSpec(num_ranks=2, num_experts=64, num_topk=4)
     real = codegen.render
     monkeypatch.setattr(codegen, "render", lambda s: real(s) + "\nthis is not C++;\n")

@@ -57,7 +57,7 @@ def test_module_names_in_every_form_and_unknown_refused(tmp_path):
 
 
 def test_kernels_compiled_at_first_use_are_the_new_unlisted_ones(tmp_path):
-    from epgen import specs
+    from epgen.jit import specs
     listed = specs.ll_barrier_spec(2)
     (tmp_path / "list.yaml").write_text(
         f"arch: sm_90\nkernels:\n  - {json.dumps(listed.to_json())}\n")

@@ -15,7 +15,7 @@ from epgen.cache import Cache
 from epgen.cache import transfer
 from epgen.cache.transfer import ImportRefused, export_cache, import_cache
 from epgen.cli import main
-from epgen.specs import LayoutSpec
+from epgen.jit.specs import LayoutSpec
 
 SPEC = LayoutSpec(num_ranks=2, num_experts=32, num_topk=4)
 

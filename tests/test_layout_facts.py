@@ -1,4 +1,4 @@
-"""Layout facts are defined once (epgen/layout_facts.py): every rendered unit carries them and
+"""Layout facts are defined once (epgen/jit/layout_facts.py): every rendered unit carries them and
 static_asserts the device headers' own constants against them, so a drift fails the compile."""
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import re
 
 import pytest
 
-from epgen import codegen, compiler, jit, layout_facts
+from epgen import jit
+from epgen.jit import codegen, compiler, layout_facts
 from epgen.cache import Cache
 from epgen.ops import intranode, low_latency
 from epgen.runtime import errors
-from epgen.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
+from epgen.jit.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
                          ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
 from tests.fake_launch import fake_ll_ops
 
@@ -27,7 +28,7 @@ def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkey
     drifted = tuple(dataclasses.replace(f, value=f.value + 8) if f.cpp == fact else f
                     for f in layout_facts.FACTS)
     monkeypatch.setattr(layout_facts, "FACTS", drifted)
-    with pytest.raises(compiler.CompileError, match=f"epgen/layout_facts.py {fact}"):
+    with pytest.raises(compiler.CompileError, match=f"epgen/jit/layout_facts.py {fact}"):
         jit.build(spec, "sm_90", Cache(str(tmp_path)), pch=False)
 
 

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from epgen import codegen, variants
+from epgen import variants
+from epgen.jit import codegen
 from epgen.ops import low_latency as ll
-from epgen.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
+from epgen.jit.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
 
 DEEPEP = dict(M=128, hidden=7168, num_ranks=2, num_experts=288, num_topk=8)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from epgen import formats
-from epgen.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
+from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
-from epgen.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
+from epgen.jit.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
 from tests.fake_launch import fake_cuda, fake_ll_ops
 
 R, M, H, E, K = 2, 16, 256, 16, 4
@@ -128,7 +128,7 @@ def test_combine_area_holds_the_largest_message():
 
 
 def test_combine_spec_format_rules():
-    from epgen.specs import SpecError
+    from epgen.jit.specs import SpecError
     base = dict(hidden=H, num_topk=K, num_experts=E, num_ranks=R)
     with pytest.raises(SpecError, match=r"wire_format='fp4': must be one of"):
         LowLatencyCombineSpec(**base, wire_format="fp4")

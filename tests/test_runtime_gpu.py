@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 def _context(world):
     import torch
     import torch.distributed as dist
-    from epgen import toolchain
+    from epgen.jit import toolchain
     from epgen.ops.context import OpsContext
     from epgen.runtime import nvshmem
     from epgen.runtime.errors import ErrorWord

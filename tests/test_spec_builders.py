@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from epgen.ops.context import spec_for_call
-from epgen.specs import SpecError, normal_combine_spec
+from epgen.jit.specs import SpecError, normal_combine_spec
 
 
 def test_a_spec_rule_is_reported_with_the_callers_argument():

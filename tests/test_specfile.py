@@ -8,10 +8,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epgen import jit, toolchain
+from epgen import jit
+from epgen.jit import toolchain
 from epgen.cache import Cache
 from epgen.specfile import ECHO_CHARS, SpecFile, SpecFileError, load_spec_file
-from epgen.specs import (MAX_HIDDEN, KernelSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
+from epgen.jit.specs import (MAX_HIDDEN, KernelSpec, LowLatencyCombineSpec, LowLatencyDispatchSpec,
                          NormalCombineSpec, NormalDispatchSpec, SpecError)
 
 

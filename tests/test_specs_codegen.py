@@ -1,8 +1,8 @@
 """Specs refuse impossible values with a clear message; rendering is deterministic."""
 import pytest
 
-from epgen import codegen
-from epgen.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+from epgen.jit import codegen
+from epgen.jit.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
                          LowLatencyDispatchSpec, NormalCombineSpec, NormalDispatchSpec, SpecError,
                          spec_from_json)
 
@@ -90,7 +90,7 @@ def test_normal_dispatch_keys_rows_by_bytes_and_scale_columns():
     """The dispatch kernel moves bytes: rows of any element type key as the BF16 row of their
     width, 1-byte rows with scales as FP8 with that many 4-byte scale columns; the default
     column count (one per 128 channels) keeps the spec, and the key, it always had."""
-    from epgen.specs import normal_dispatch_spec, normal_dispatch_wire
+    from epgen.jit.specs import normal_dispatch_spec, normal_dispatch_wire
 
     def spec(row_bytes, scale_cols):
         hidden, dtype = normal_dispatch_wire(row_bytes, scale_cols)
@@ -114,7 +114,7 @@ def test_normal_dispatch_keys_rows_by_bytes_and_scale_columns():
 def test_cached_normal_dispatch_canonicalises_experts_but_uncached_keeps_them():
     """A dispatch without top-k still sums per-expert counts (DeepEP's list), so it keeps its
     experts; only a cached dispatch (no counts) shares one kernel across expert counts."""
-    from epgen.specs import normal_dispatch_spec
+    from epgen.jit.specs import normal_dispatch_spec
     assert normal_dispatch_spec(4096, 0, 64, 4, "bf16").num_experts == 64
     assert normal_dispatch_spec(4096, 0, None, 4, "bf16").num_experts == 4
 

@@ -57,7 +57,7 @@ def configs(args) -> list[tuple[str, dict]]:
     """(mode, worker config) per mode to run; ValueError naming the argument, the value and
     the rule, before anything starts."""
     from ..ops.low_latency import MAX_TOKENS
-    from ..specs import MAX_EXPERTS, MAX_TOPK
+    from ..jit.specs import MAX_EXPERTS, MAX_TOPK
     if not isinstance(args.ranks, int) or args.ranks < 2:
         raise ValueError(f"--ranks={args.ranks!r}: must be an int >= 2 (expert parallelism)")
     for name in ("runs", "warmup"):

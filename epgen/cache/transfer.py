@@ -81,7 +81,7 @@ def _check_entry(base: str, files: dict[str, bytes], where: str) -> dict:
     if missing:
         raise CorruptEntry(f"{where}: missing {missing}")
     manifest = parse_entry(where, base, files[MANIFEST], files[CUBIN])
-    from ..specs import SpecError, spec_from_json
+    from ..jit.specs import SpecError, spec_from_json
     try:
         spec = spec_from_json(manifest["spec"])
     except (SpecError, TypeError, KeyError) as e:
@@ -96,8 +96,8 @@ def _check_entry(base: str, files: dict[str, bytes], where: str) -> dict:
 
 def verify_by_recompiling(manifest: dict, files: dict[str, bytes], where: str) -> None:
     """Refuse (CorruptEntry) unless recompiling the stored source here gives the same bytes."""
-    from .. import codegen, compiler, toolchain
-    from ..specs import spec_from_json
+    from ..jit import codegen, compiler, toolchain
+    from ..jit.specs import spec_from_json
     from .key import cache_key, key_parts
     spec = spec_from_json(manifest["spec"])
     arch = manifest["key_parts"]["arch"]
@@ -106,7 +106,7 @@ def verify_by_recompiling(manifest: dict, files: dict[str, bytes], where: str) -
         raise CorruptEntry(f"{where}: stored source is not what epgen renders for its spec")
     tc = toolchain.discover()
     parts = key_parts(source, compiler.recipe(arch), tc.signature(),
-                      compiler.TEMPLATES_DIR, codegen.header_files())
+                      codegen.TEMPLATES_DIR, codegen.header_files())
     if cache_key(parts) != manifest["key"]:
         raise CorruptEntry(f"{where}: key {manifest['key']} is not what this epgen and toolchain "
                            f"give its spec ({cache_key(parts)}): built elsewhere, cannot verify")

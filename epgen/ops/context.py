@@ -13,7 +13,7 @@ from ..runtime.errors import OP_CODES, ErrorWord
 from ..runtime.events import EventOverlap
 from ..runtime.nvshmem import NvshmemHost
 from ..runtime.symmetric import SymmetricRegion
-from ..specs import KernelSpec, SpecError
+from ..jit.specs import KernelSpec, SpecError
 from .streams import StreamOrder, event_of  # noqa: F401 - event_of: part of the ops API
 
 DEFAULT_TIMEOUT_S = 100.0

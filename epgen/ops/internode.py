@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
+from ..jit.kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
-from ..specs import MAX_TOPK, internode_combine_spec, internode_dispatch_spec, internode_notify_spec
+from ..jit.specs import MAX_TOPK, internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from . import internode_handle, internode_layout
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .intranode import check_rows, check_topk, wait_host_counts

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import os
 
-from .. import layout_facts
-from ..specs import MAX_EXPERTS, MAX_TOPK
+from ..jit import layout_facts
+from ..jit.specs import MAX_EXPERTS, MAX_TOPK
 
 ALIGN = 4096
 _MAX_RANKS_PER_NODE_DEFAULT = 8     # DeepEP's NUM_MAX_NVL_PEERS, when nothing says otherwise
@@ -50,24 +50,10 @@ def _align(v: int, a: int = ALIGN) -> int:
     return (v + a - 1) // a * a
 
 
-def source_meta_bytes(ranks_per_node: int) -> int:
-    """epgen's SourceMeta (reference_internode.source_meta_bytes): source node, then a bit per
-    local rank of the receiving node; DeepEP's 8 bytes for L <= 32."""
-    return 4 + 4 * (-(-ranks_per_node // 32))
-
-
-def dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int,
-                          ranks_per_node: int) -> int:
-    """One RDMA (and NVLink forwarding) dispatch record: row, scales, source meta, top-k indices
-    (int32), top-k weights, rounded up to 16 bytes."""
-    return (row_bytes + 4 * num_scale_cols + source_meta_bytes(ranks_per_node)
-            + 8 * num_topk + 15) // 16 * 16
-
-
-def combine_record_bytes(hidden: int, num_topk: int) -> int:
-    """One combine record: the node partial (BF16 row) and its float32 top-k weights."""
-    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16
-
+# Record sizes are layout_facts' (the internode dispatch's unit static_asserts its side).
+source_meta_bytes = layout_facts.inode_source_meta_bytes
+dispatch_record_bytes = layout_facts.inode_dispatch_record_bytes
+combine_record_bytes = layout_facts.inode_combine_record_bytes
 
 # The notify area is layout_facts' (the notify kernel's unit static_asserts inotify's side).
 NOTIFY_MAX_CHANNELS = layout_facts.INODE_NOTIFY_MAX_CHANNELS

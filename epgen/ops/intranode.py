@@ -13,11 +13,12 @@ import time
 
 import torch
 
-from .. import formats, layout_facts
-from ..kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
+from .. import formats
+from ..jit import layout_facts
+from ..jit.kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
 from ..runtime.hostmem import MappedHostArray
-from ..specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
+from ..jit.specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
                       timeout_ns)
 from .streams import zeros_on

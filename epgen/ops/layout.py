@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_args import LayoutArgs, LayoutNodesArgs
-from ..specs import layout_spec
+from ..jit.kernel_args import LayoutArgs, LayoutNodesArgs
+from ..jit.specs import layout_spec
 from .context import OpsContext, arg_error
 from .streams import zeros_on
 

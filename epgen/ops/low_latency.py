@@ -1,7 +1,7 @@
 """DeepEP V1's low-latency API: dispatch / combine generated per configuration.
 
 Symmetric region (ctx.rdma, zeroed at Buffer creation, owned by this module) layout (its
-offsets and sizes are defined in epgen/layout_facts.py, LL_* and ll_data_layout):
+offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_layout):
   [0, 32 KiB) control, at fixed offsets whatever the shapes:
      dispatch signals u64 [2][1024]   (epoch tag << 16 | count) per (local expert, source rank)
      combine signals  u64 [2][64]     (epoch tag << 16 | 1) per source rank
@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats, layout_facts
-from ..kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
+from .. import formats
+from ..jit import layout_facts
+from ..jit.kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
-from ..specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
+from ..jit.specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
 from ..variants import combine_variant
 from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
 from .layout import check_topk_idx

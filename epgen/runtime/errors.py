@@ -7,7 +7,7 @@ receive hook stay intact.
 """
 from __future__ import annotations
 
-from .. import layout_facts
+from ..jit import layout_facts
 from .hostmem import MappedHostArray
 
 WORDS = layout_facts.ERROR_WORDS

@@ -15,7 +15,7 @@ import struct
 import threading
 import warnings
 
-from .. import toolchain
+from ..jit import toolchain
 from . import netif
 
 # Must be in place before NVSHMEM (or NCCL) loads: multicast objects can take the shared GPUs

@@ -93,7 +93,7 @@ inline uint32_t __reduce_or_sync(unsigned, uint32_t v) {
     return r;
 }
 
-#include "../../epgen/templates/ll_combine_wire.cuh"
+#include "../../epgen/jit/templates/ll_combine_wire.cuh"
 using namespace epgen::llw;
 
 template <int H>

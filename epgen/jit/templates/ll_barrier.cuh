@@ -41,7 +41,7 @@ __device__ __forceinline__ void ll_barrier_kernel(const LowLatencyBarrierArgs& a
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // LowLatencyBarrierSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void ll_barrier_entry(const LowLatencyBarrierArgs& a) {

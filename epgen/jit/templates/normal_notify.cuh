@@ -80,7 +80,7 @@ __device__ __forceinline__ void notify_kernel(const NotifyArgs& a) {
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // NormalDispatchSpec / NormalCombineSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void normal_notify_entry(const NotifyArgs& a) {

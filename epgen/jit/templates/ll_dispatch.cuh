@@ -556,7 +556,7 @@ __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs&
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // LowLatencyDispatchSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 using LLDispatchOf = LLDispatch<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,

@@ -245,7 +245,7 @@ __device__ __forceinline__ void dispatch_kernel(const NormalDispatchArgs& a) {
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // NormalDispatchSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 using DispatchCfgOf = DispatchCfg<S::num_ranks, S::experts_per_rank, S::num_topk, S::hidden_bytes,

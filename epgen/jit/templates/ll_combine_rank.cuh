@@ -17,7 +17,7 @@
 // every block of the grid (one per SM) is resident at once, so where ranks share a GPU (MPS
 // does not guarantee it) the phases run as two launches, the receive's epoch from call_epoch.
 //
-// Region (byte offsets are launch arguments; the host's size of it is epgen/layout_facts.py
+// Region (byte offsets are launch arguments; the host's size of it is epgen/jit/layout_facts.py
 // ll_per_rank_half_bytes, static_asserted equal to half_bytes): the per-expert receive area's half h (stride half_bytes) holds
 //   routes   LLRoute [R owners][M][K]          what owner s sent for its token t
 //   partials bf16    [R expert ranks][M][H]    what expert rank j summed for my token t
@@ -362,7 +362,7 @@ __device__ __forceinline__ void ll_combine_rank_kernel(const LowLatencyCombineRa
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // LowLatencyCombineRankSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 using LLCombineRankOf = LLCombineRank<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::threads>;

@@ -266,7 +266,7 @@ __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // LowLatencyCombineSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void ll_combine_entry(const LowLatencyCombineArgs& a) {

@@ -131,7 +131,7 @@ __device__ __forceinline__ void internode_notify_kernel(const InternodeNotifyArg
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // InternodeNotifySpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void internode_notify_entry(const InternodeNotifyArgs& a) {

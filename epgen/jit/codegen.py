@@ -14,8 +14,9 @@ import re
 import jinja2
 
 from . import kernel_args, layout_facts
-from .compiler import TEMPLATES_DIR
 from .specs import NAMESPACE, KernelSpec
+
+TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,8 +9,9 @@ import sys
 import threading
 import time
 
-from . import codegen, compiler, env, toolchain
-from .cache import Cache, CacheEntry, cache_key, key_parts
+from .. import env
+from . import codegen, compiler, toolchain
+from ..cache import Cache, CacheEntry, cache_key, key_parts
 from .specs import KernelSpec
 
 LOCK_TIMEOUT_S = 900.0     # EPGEN_COMPILE_LOCK_TIMEOUT_S, read at each compile
@@ -44,7 +45,7 @@ def describe_key(spec: KernelSpec, arch: str) -> tuple[str, str, dict]:
     tc = toolchain.discover()
     source = codegen.render(spec)
     parts = key_parts(source, compiler.recipe(arch), tc.signature(),
-                      compiler.TEMPLATES_DIR, codegen.header_files())
+                      codegen.TEMPLATES_DIR, codegen.header_files())
     return source, cache_key(parts), parts
 
 

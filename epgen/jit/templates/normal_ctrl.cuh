@@ -4,7 +4,7 @@
 // Ring counters (send tails, heads, tails) are 64-bit: they count records for the life of the
 // process and never wrap, so slot = counter % cap holds for any cap. The per-call sequence
 // words are 32-bit and only compared for equality and parity (wrap-safe; incremented in
-// unsigned arithmetic). The host's values are epgen/layout_facts.py's: every generated unit
+// unsigned arithmetic). The host's values are epgen/jit/layout_facts.py's: every generated unit
 // static_asserts these constants against them (kMaxC, kMaxR, the offsets, kCtrlBytes).
 #pragma once
 #include "common.cuh"

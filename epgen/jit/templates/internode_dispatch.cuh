@@ -309,7 +309,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
     }
 }
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // InternodeDispatchSpec.constants; the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void internode_dispatch_entry(const InternodeDispatchArgs& a) {

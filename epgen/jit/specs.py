@@ -685,9 +685,8 @@ class InternodeDispatchSpec(KernelSpec):
 
     @property
     def record_bytes(self) -> int:
-        from .ops.internode_layout import dispatch_record_bytes
-        return dispatch_record_bytes(self.row_bytes, self.num_scales, self.num_topk,
-                                     self.ranks_per_node)
+        return layout_facts.inode_dispatch_record_bytes(self.row_bytes, self.num_scales,
+                                                        self.num_topk, self.ranks_per_node)
 
     def derived(self):
         return dict(threads=self.threads, row_bytes=self.row_bytes, num_scales=self.num_scales)
@@ -695,7 +694,7 @@ class InternodeDispatchSpec(KernelSpec):
     def device_checks(self):
         return (("IDispatchCfg<{S}::row_bytes, {S}::num_scales, {S}::num_topk, "
                  "{S}::ranks_per_node, {S}::num_ranks>::kRec", self.record_bytes,
-                 "record bytes differ from ops/internode_layout.py dispatch_record_bytes"),)
+                 "record bytes differ from inode_dispatch_record_bytes"),)
 
     def readable_tag(self):
         return (f"{self.dtype}_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"

@@ -249,9 +249,29 @@ def render(included_headers: set[str]) -> str:
     values = [v.replace("\0", " ") for v in textwrap.wrap(
         " ".join(f"{f.cpp}\0=\0{f.value}," for f in FACTS), 96,
         initial_indent="    ", subsequent_indent="    ")]   # \0: never break inside an entry
-    lines = ["namespace epgen::facts {  // epgen/layout_facts.py", "enum : long long {",
+    lines = ["namespace epgen::facts {  // epgen/jit/layout_facts.py", "enum : long long {",
              *values, "}; }  // namespace epgen::facts"]
     lines += [f"static_assert(static_cast<long long>({f.device}) == ::epgen::facts::{f.cpp}, "
-              f'"{f.header} {f.device} != epgen/layout_facts.py {f.cpp}");'
+              f'"{f.header} {f.device} != epgen/jit/layout_facts.py {f.cpp}");'
               for f in FACTS if f.device and f.header in included_headers]
     return "\n".join(lines) + "\n"
+
+
+# -- internode normal mode: records (ops/internode_layout.py; templates/internode_*.cuh) --------
+def inode_source_meta_bytes(ranks_per_node: int) -> int:
+    """epgen's SourceMeta (reference_internode.source_meta_bytes): source node, then a bit per
+    local rank of the receiving node; DeepEP's 8 bytes for L <= 32."""
+    return 4 + 4 * (-(-ranks_per_node // 32))
+
+
+def inode_dispatch_record_bytes(row_bytes: int, num_scale_cols: int, num_topk: int,
+                                ranks_per_node: int) -> int:
+    """One RDMA (and NVLink forwarding) dispatch record: row, scales, source meta, top-k indices
+    (int32), top-k weights, rounded up to 16 bytes."""
+    return (row_bytes + 4 * num_scale_cols + inode_source_meta_bytes(ranks_per_node)
+            + 8 * num_topk + 15) // 16 * 16
+
+
+def inode_combine_record_bytes(hidden: int, num_topk: int) -> int:
+    """One combine record: the node partial (BF16 row) and its float32 top-k weights."""
+    return (hidden * 2 + 4 * num_topk + 15) // 16 * 16

@@ -279,7 +279,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
     }
 }
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // InternodeCombineSpec.constants; the one place its members meet the template's parameter order.
 template <class S>
 __device__ __forceinline__ void internode_combine_entry(const InternodeCombineArgs& a) {

@@ -250,7 +250,7 @@ __device__ __forceinline__ void combine_kernel(const NormalCombineArgs& a) {
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // NormalCombineSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 using CombineCfgOf = CombineCfg<S::num_ranks, S::num_topk, S::hidden, S::num_biases, S::threads>;

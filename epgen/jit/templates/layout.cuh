@@ -61,7 +61,7 @@ __device__ __forceinline__ void layout_kernel(const Args& a) {
 }
 
 
-// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/specs.py
+// The generated unit's entry (templates/kernel.cu.j2): the spec struct S by name, epgen/jit/specs.py
 // LayoutSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S, typename Args>
 __device__ __forceinline__ void layout_entry(const Args& a) {

@@ -14,9 +14,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .codegen import TEMPLATES_DIR
 from .toolchain import Toolchain
 
-TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 # NVRTC options that change the binary. Include paths are added separately and never hashed.
 BASE_OPTIONS = (
