@@ -12,10 +12,10 @@ import torch
 from ..jit.kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
-from ..jit.specs import MAX_TOPK, internode_combine_spec, internode_dispatch_spec, internode_notify_spec
+from ..jit.specs import internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from . import internode_handle, internode_layout
-from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
-from .intranode import check_rows, check_topk, wait_host_counts
+from .context import OpsContext, arg_error, check_tensor, spec_for_call
+from .intranode import check_combine_inputs, check_rows, check_topk, wait_host_counts
 
 # What a Buffer spanning nodes cannot do yet (NotImplementedError, naming it).
 NOT_YET = ("the internode {what} is not implemented yet (uncached, cached and "
@@ -273,25 +273,7 @@ class InternodeOps:
             raise arg_error("config.num_sms", config.num_sms,
                             f"must be {2 * C} (2 per channel of the handle's {C} channels)")
         self._channels(config)
-        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
-        if x.dim() != 2 or x.size(0) != rows:
-            raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
-        H = x.size(1)
-        K = 0
-        if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
-            if topk_weights.dim() != 2 or topk_weights.size(0) != rows or \
-                    not 1 <= topk_weights.size(1) <= MAX_TOPK:
-                raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
-                                f"must be [{rows}, num_topk <= {MAX_TOPK}]")
-            K = topk_weights.size(1)
-        biases = bias if isinstance(bias, (tuple, list)) else (bias,)
-        if len(biases) > 2:
-            raise arg_error("bias", f"{len(biases)} tensors", "at most two")
-        biases = [b for b in biases if b is not None]
-        for i, b in enumerate(biases):
-            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
-                         align=VECTOR_BYTES)
+        H, K, biases = check_combine_inputs(dev, rows, T, x, topk_weights, bias)
         spec = spec_for_call(internode_combine_spec, {"hidden": "x.shape[1]",
                                                       "num_topk": "topk_weights.shape[1]"},
                              H, K, R, L, len(biases))

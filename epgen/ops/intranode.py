@@ -125,6 +125,30 @@ def check_rows(ctx, x, wire_format=None):
     return x, scales, scales.size(1)
 
 
+def check_combine_inputs(dev, rows: int, T: int, x, topk_weights, bias):
+    """A normal-mode combine's inputs (intranode and internode): x [rows, hidden] BF16, top-k
+    weights [rows, K] or None, up to two [T, hidden] BF16 biases. Returns (H, K, biases)."""
+    check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
+    if x.dim() != 2 or x.size(0) != rows:
+        raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
+    H = x.size(1)
+    K = 0
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
+        if topk_weights.dim() != 2 or topk_weights.size(0) != rows or \
+                not 1 <= topk_weights.size(1) <= MAX_TOPK:
+            raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
+                            f"must be [{rows}, num_topk <= {MAX_TOPK}]")
+        K = topk_weights.size(1)
+    biases = bias if isinstance(bias, (tuple, list)) else (bias,)
+    if len(biases) > 2:
+        raise arg_error("bias", f"{len(biases)} tensors", "at most two")
+    biases = [b for b in biases if b is not None]
+    for i, b in enumerate(biases):
+        check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev, align=VECTOR_BYTES)
+    return H, K, biases
+
+
 def check_topk(dev, T: int, topk_idx, topk_weights) -> int:
     """K of an uncached dispatch's topk_idx [T, K] int64 (0 without), topk_weights [T, K]
     float32 or None (only with topk_idx)."""
@@ -387,24 +411,7 @@ class IntranodeOps:
         R, dev = ctx.num_ranks, ctx.device
         rpm, ntall, src_idx, in_rank = self._unpack_handle(handle)
         rows, T = src_idx.size(0), in_rank.size(0)
-        check_tensor("x", x, torch.bfloat16, device=dev, align=VECTOR_BYTES)
-        if x.dim() != 2 or x.size(0) != rows:
-            raise arg_error("x.shape", tuple(x.shape), f"must be [{rows}, hidden] (the dispatch's rows)")
-        H = x.size(1)
-        K = 0
-        if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, torch.float32, device=dev)
-            if topk_weights.dim() != 2 or topk_weights.size(0) != rows or not 1 <= topk_weights.size(1) <= MAX_TOPK:
-                raise arg_error("topk_weights.shape", tuple(topk_weights.shape),
-                                f"must be [{rows}, num_topk <= {MAX_TOPK}]")
-            K = topk_weights.size(1)
-        biases = bias if isinstance(bias, (tuple, list)) else (bias,)
-        if len(biases) > 2:
-            raise arg_error("bias", f"{len(biases)} tensors", "at most two")
-        biases = [b for b in biases if b is not None]
-        for i, b in enumerate(biases):
-            check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=(T, H), device=dev,
-                         align=VECTOR_BYTES)
+        H, K, biases = check_combine_inputs(dev, rows, T, x, topk_weights, bias)
         spec = spec_for_call(normal_combine_spec, {"hidden": "x.shape[1]",
                                                    "num_topk": "topk_weights.shape[1]"},
                              H, K, R, len(biases))
