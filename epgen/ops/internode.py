@@ -218,14 +218,7 @@ class InternodeOps:
             a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
             a.recv_src_meta = recv_src_meta.data_ptr() if recv_src_meta is not None and rows else 0
             a.send_nvl_head = send_nvl_head.data_ptr() if send_nvl_head is not None and rdma_rows else 0
-            a.rdma = ctx.rdma.addr
-            a.nvl = ctx.nvl.addr
-            a.nvl_peers = peers.data_ptr()
-            a.pes = self.pes.data_ptr()
-            a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(R)
-            a.rdma_ring_off = rdma_ring_off
-            a.nvl_ctrl_off = 0
-            a.nvl_ring_off = nvl_ring_off
+            self._fill_regions(a, peers, rdma_ring_off, nvl_ring_off)
             a.done_off = internode_layout.nvl_done_offset(R)
             a.num_recv_rows = rows
             a.num_rdma_recv_rows = rdma_rows
@@ -306,14 +299,7 @@ class InternodeOps:
             a.recv_gbl_rank_prefix_sum = h[6].data_ptr()
             a.combined_x = out.data_ptr() if T else 0
             a.combined_w = out_w.data_ptr() if out_w is not None and T else 0
-            a.rdma = ctx.rdma.addr
-            a.nvl = ctx.nvl.addr
-            a.nvl_peers = peers.data_ptr()
-            a.pes = self.pes.data_ptr()
-            a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(R)
-            a.rdma_ring_off = rdma_ring_off
-            a.nvl_ctrl_off = 0
-            a.nvl_ring_off = nvl_ring_off
+            self._fill_regions(a, peers, rdma_ring_off, nvl_ring_off)
             a.done_off = internode_layout.nvl_done_offset(R) + 4
             a.num_rows = rows
             a.num_rdma_rows = h[9].size(0)
@@ -324,6 +310,18 @@ class InternodeOps:
             kernel.launch(C, spec.threads, a, stream.cuda_stream)
             result["tensors"] = (x, topk_weights, *biases, *h, out, out_w)
         return out, out_w, result["event"]
+
+    def _fill_regions(self, a, peers, rdma_ring_off: int, nvl_ring_off: int) -> None:
+        """The fields the dispatch's and the combine's arguments share: both regions, the peers,
+        the control areas and this direction's rings."""
+        a.rdma = self.ctx.rdma.addr
+        a.nvl = self.ctx.nvl.addr
+        a.nvl_peers = peers.data_ptr()
+        a.pes = self.pes.data_ptr()
+        a.rdma_ctrl_off = internode_layout.rdma_ctrl_offset(self.ctx.num_ranks)
+        a.rdma_ring_off = rdma_ring_off
+        a.nvl_ctrl_off = 0
+        a.nvl_ring_off = nvl_ring_off
 
     def _check_rings(self, config, op: str, record: int, half: int) -> tuple[int, int, int]:
         """(RDMA ring offset, NVLink ring offset, NVLink ring slots) of direction `half` (0

@@ -25,6 +25,24 @@ constexpr int kWaitRdmaCredit = 11, kWaitRdmaData = 12, kWaitNvlSpace = 13, kWai
 __device__ __forceinline__ void st_volatile_ll(long long* p, long long v) {
     asm volatile("st.volatile.global.s64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
 }
+// A ring's reader, by a whole warp: how many records past `pos` (at most `want`) the writer has
+// published at *tailp; lane 0 waits (deadline: `peer`, `detail`), every lane gets the count,
+// -1 when the wait failed. The __syncwarp orders lane 0's acquire before every lane's reads.
+__device__ __forceinline__ long long warp_wait_records(const ErrorCtx& err, int peer, int detail,
+                                                       const long long* tailp, long long pos,
+                                                       long long want) {
+    long long avail = 0;
+    if ((threadIdx.x & 31) == 0) {
+        long long t = pos;
+        if (wait_until(err, peer, detail, [&] { t = ld_acquire_sys(tailp); return t - pos > 0; }))
+            avail = min(t - pos, want);
+        else
+            avail = -1;
+    }
+    avail = __shfl_sync(0xffffffffu, avail, 0);
+    __syncwarp();
+    return avail;
+}
 }  // namespace idisp
 
 }  // namespace epgen

@@ -176,17 +176,8 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         bool dead = false;
         #pragma unroll 1
         while (done < expected && !dead) {
-            long long avail = 0;
-            if (lane == 0) {
-                const long long pos = head + done;
-                long long t = pos;
-                if (wait_until(err, src, kWaitRdmaData, [&] { t = ld_acquire_sys(tailp); return t - pos > 0; }))
-                    avail = min(t - pos, (long long)(expected - done));
-                else
-                    avail = -1;
-            }
-            avail = __shfl_sync(0xffffffffu, avail, 0);
-            __syncwarp();                            // lane 0's acquire before every lane's reads
+            const long long avail = warp_wait_records(err, src, kWaitRdmaData, tailp, head + done,
+                                                      expected - done);
             if (avail < 0) break;
             #pragma unroll 1
             for (int i = 0; i < (int)avail && !dead; ++i) {
@@ -243,17 +234,8 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         int done = 0;
         #pragma unroll 1
         while (done < count) {
-            long long avail = 0;
-            if (lane == 0) {
-                const long long pos = head + done;
-                long long t = pos;
-                if (wait_until(err, forwarder, kWaitNvlData, [&] { t = ld_acquire_sys(tailp); return t - pos > 0; }))
-                    avail = min(t - pos, (long long)(count - done));
-                else
-                    avail = -1;
-            }
-            avail = __shfl_sync(0xffffffffu, avail, 0);
-            __syncwarp();                            // lane 0's acquire before every lane's reads
+            const long long avail = warp_wait_records(err, forwarder, kWaitNvlData, tailp,
+                                                      head + done, count - done);
             if (avail < 0) break;
             #pragma unroll 1
             for (int i = 0; i < (int)avail; ++i) {
