@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .regions import internode as internode_regions
+from .regions import intranode as intranode_regions
+
 
 @dataclass
 class Config:
@@ -40,11 +43,9 @@ class Config:
         return -(-self.num_max_rdma_chunked_recv_tokens // send) * send
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        from .ops.intranode import nvl_buffer_size_hint
-        return nvl_buffer_size_hint(self, hidden_bytes, num_ranks)
+        return intranode_regions.nvl_buffer_size_hint(self, hidden_bytes, num_ranks)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """num_rdma_bytes for the internode normal mode (epgen/ops/internode_layout.py); 0 when
+        """num_rdma_bytes for the internode normal mode (epgen/regions/internode.py); 0 when
         num_ranks fit one node (EPGEN_RANKS_PER_NODE, else LOCAL_WORLD_SIZE, else 8 ranks)."""
-        from .ops.internode_layout import rdma_buffer_size_hint
-        return rdma_buffer_size_hint(self, hidden_bytes, num_ranks)
+        return internode_regions.rdma_buffer_size_hint(self, hidden_bytes, num_ranks)

@@ -1,4 +1,5 @@
-"""Start N ranks on this host's GPUs and run one function on each (tests, benchmarks, examples).
+"""Start N ranks on this host's GPUs and run functions on them (tests, benchmarks, examples):
+`run_ranks` one function on fresh processes, `RankPool` a series of functions on the same ones.
 
 Placement (`plan`):
 - `per-gpu`: N GPUs or more: rank r on cuda:r, torch.distributed over NCCL.
@@ -21,9 +22,11 @@ which ranks did not finish. Workers die with their parent.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import queue
 import shutil
+import sys
 import socket
 import subprocess
 import tempfile
@@ -198,7 +201,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(rank, placement, port, env, fn, args, results):
+def _worker(rank, placement, port, env, tasks, results):
+    """A rank's process: set up once (device, process group), then run the tasks its queue
+    brings, in order, until None. Each task runs with the environment as it was before it
+    (a task's os.environ changes do not reach the next). The process ends after a task that
+    failed, or that left NVSHMEM unusable (a collective given up): its pool starts afresh."""
+    stamps = {"start": time.time()}      # wall clock: comparable with the parent's
     _die_with_parent()
     os.environ.update(env)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -206,6 +214,7 @@ def _worker(rank, placement, port, env, fn, args, results):
                        "LOCAL_WORLD_SIZE": str(placement.world)})
     import torch
     import torch.distributed as dist
+    stamps["imported"] = time.time()
     try:
         device = rank % placement.gpus
         if torch.cuda.is_available():       # (a CPU-only host runs gloo workers: the tests)
@@ -215,10 +224,29 @@ def _worker(rank, placement, port, env, fn, args, results):
                                     device_id=torch.device("cuda", device))
         else:
             dist.init_process_group("gloo", rank=rank, world_size=placement.world)
-        out = fn(rank, placement.world, *args)
-        results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put((rank, "error", traceback.format_exc()))
+        stamps["group"] = time.time()
+        while (task := tasks.get()) is not None:
+            task_id, fn, args = task
+            saved_env, before = dict(os.environ), _runtime_clocks()
+            stamps["began"] = time.time()
+            try:
+                out, status = fn(rank, placement.world, *args), "ok"
+            except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+                out, status = traceback.format_exc(), "error"
+            gc.collect()      # Buffers the task dropped are freed (collectively) here, on every rank
+            stamps["body"] = time.time()
+            os.environ.clear()
+            os.environ.update(saved_env)
+            try:
+                stamps.update(_runtime_spent(before))
+            except Exception:  # noqa: BLE001 - timings are never worth a lost report
+                pass
+            results.put((task_id, rank, status, out, stamps))
+            stamps = {}                     # set-up stamps go with the first task only
+            if status != "ok" or _nvshmem_unusable():
+                break
+    except BaseException:  # noqa: BLE001 - a set-up failure answers the first task
+        results.put((0, rank, "error", traceback.format_exc(), stamps))
     finally:
         try:
             if dist.is_initialized():
@@ -227,68 +255,193 @@ def _worker(rank, placement, port, env, fn, args, results):
             pass
 
 
+def _runtime_clocks() -> tuple[float, float]:
+    """(NVSHMEM bootstrap seconds, module-load seconds) epgen's runtime has spent in this
+    process so far; not imported here: a worker that never made a Buffer pays nothing."""
+    nvshmem, module = (sys.modules.get(f"epgen.runtime.{m}") for m in ("nvshmem", "module"))
+    host = nvshmem.current() if nvshmem is not None else None
+    return (getattr(host, "init_seconds", 0.0), getattr(module, "load_seconds", 0.0))
+
+
+def _runtime_spent(before: tuple[float, float]) -> dict:
+    now = _runtime_clocks()
+    return {key: now[i] - before[i] for i, key in enumerate(("nvshmem_init", "module_loads"))
+            if now[i] > before[i]}
+
+
+def _nvshmem_unusable() -> bool:
+    nvshmem = sys.modules.get("epgen.runtime.nvshmem")
+    host = nvshmem.current() if nvshmem is not None else None
+    return getattr(host, "stuck", None) is not None
+
+
 FAIL_FAST_GRACE_S = 45.0
+EXIT_WAIT_S = 20.0       # for the ranks' processes to end after their last task
 
 
-def run_ranks(world: int, fn, *args, timeout_s: float = 280.0,
-              placement: Placement | None = None) -> list:
-    """fn(rank, world, *args) on `world` ranks placed by `plan` (or `placement`); returns the
-    per-rank results. Raises AssertionError with every failing rank's traceback, or naming the
-    ranks that did not finish within timeout_s (scaled by the placement's slowdown), or within
-    FAIL_FAST_GRACE_S of the first rank that failed."""
-    import torch.multiprocessing as mp
-    placement = placement or plan(world)
-    timeout_s *= placement.slowdown
-    env = {**SAFE_ENV, MODE_ENV: placement.mode, RANKS_PER_GPU_ENV: str(placement.ranks_per_gpu)}
-    daemon = None
-    if placement.mode == "mps":
-        daemon = MpsDaemon()
-        daemon.start()
-        env.update(daemon.env)
-        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(placement.mps_thread_percentage)
-    try:
+class RankPool:
+    """`world` rank processes placed by `plan` (or `placement`), started once and given one
+    function after another (`run`, with run_ranks' results and errors), so that a series of
+    runs pays the start (MPS daemon, spawn, torch import, process group, NVSHMEM bootstrap,
+    module loads) once. A run that fails or times out ends the processes (killed: a failed
+    rank's peers may sit in a collective); so does a rank's process ending after its task (it
+    left NVSHMEM unusable); the next run starts new ones. `close()` (or `with`) ends them and
+    the MPS daemon."""
+
+    def __init__(self, world: int, placement: Placement | None = None):
+        self.world = world
+        self.placement = placement or plan(world)
+        self.procs: list = []
+        self.daemon: MpsDaemon | None = None
+        self._task = 0
+        self._start_times: dict | None = None     # set by _start, taken by the next run
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _start(self) -> None:
+        import torch.multiprocessing as mp
+        p = self.placement
+        times = {"begin": time.time()}
+        env = {**SAFE_ENV, MODE_ENV: p.mode, RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
+        if p.mode == "mps":
+            self.daemon = MpsDaemon()
+            self.daemon.start()
+            env.update(self.daemon.env)
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(p.mps_thread_percentage)
+        times["spawn"] = time.time()
         ctx = mp.get_context("spawn")
-        results = ctx.Queue()
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(self.world)]
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, placement, port, env, fn, args, results),
-                             daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(r, p, port, env, self.tasks[r], self.results))
+                      for r in range(self.world)]
+        for proc in self.procs:
+            proc.start()
+        self._start_times = times
+
+    def run(self, fn, *args, timeout_s: float = 280.0, phases: dict | None = None) -> list:
+        """fn(rank, world, *args) on every rank; the per-rank results. Raises AssertionError
+        with every failing rank's traceback, or naming the ranks that did not finish within
+        timeout_s (scaled by the placement's slowdown), or within FAIL_FAST_GRACE_S of the
+        first rank that failed. `phases`, if given, gets where the wall time went (seconds;
+        `describe_phases` prints it; the start's parts only for the run that paid it)."""
+        p = self.placement
+        if self.procs and any(not proc.is_alive() for proc in self.procs):
+            self.close()
+        if not self.procs:
+            self._start()
+        start_times, self._start_times = self._start_times, None
+        timeout_s *= p.slowdown
+        self._task += 1
+        for q in self.tasks:
+            q.put((self._task, fn, args))
         deadline = time.monotonic() + timeout_s
         got: dict[int, tuple] = {}
+        stamps: dict[int, dict] = {}
         failed = False
-        while len(got) < world and time.monotonic() < deadline:
+        while len(got) < self.world and time.monotonic() < deadline:
             try:
-                rank, status, out = results.get(timeout=1.0)
-                got[rank] = (status, out)
-                failed = failed or status != "ok"
+                task, rank, status, out, stamp = self.results.get(timeout=1.0)
             except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
+                if all(not proc.is_alive() for proc in self.procs) and self.results.empty():
                     break
-                failed = failed or any(p.exitcode not in (None, 0) for p in procs)
+                failed = failed or any(proc.exitcode not in (None, 0) for proc in self.procs)
+            else:
+                if task not in (self._task, 0):
+                    continue                  # (0: a rank whose set-up failed)
+                got[rank], stamps[rank] = (status, out), stamp
+                failed = failed or status != "ok"
             if failed:
                 # a rank raised or died: its peers get FAIL_FAST_GRACE_S to report (their
                 # device waits end at EPGEN_TIMEOUT_S), not the whole timeout in a host wait
                 # such as NVSHMEM's bootstrap, which has no deadline
-                deadline = min(deadline, time.monotonic() + FAIL_FAST_GRACE_S * placement.slowdown)
-        for p in procs:
-            p.join(timeout=max(0.0, min(20.0, deadline - time.monotonic())))
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10.0)
+                deadline = min(deadline, time.monotonic() + FAIL_FAST_GRACE_S * p.slowdown)
+        if phases is not None:
+            phases.update(_phases(start_times, stamps))
+        missing = [r for r in range(self.world) if r not in got]
+        errors = [f"rank {r}:\n{out}" for r, (s, out) in sorted(got.items()) if s != "ok"]
+        if missing:
+            why = (f"within {FAIL_FAST_GRACE_S * p.slowdown:.0f}s of a rank's failure"
+                   if failed else f"within {timeout_s:.0f}s")
+            errors.append(f"ranks {missing} did not finish {why} "
+                          f"(killed; a hang or a crash) [{p.describe()}]")
+        if errors:
+            mps_log = self.daemon.log_tail() if self.daemon is not None else ""
+            self.close(phases, kill=True)
+            if mps_log:
+                errors.append(f"MPS control log (last lines):\n{mps_log}")
+            raise AssertionError(f"[{p.describe()}]\n" + "\n".join(errors))
+        return [got[r][1] for r in range(self.world)]
+
+    def close(self, phases: dict | None = None, kill: bool = False) -> None:
+        """End the processes (each finishes its task first; `kill`: at once) and the MPS
+        daemon; `phases` gets the seconds each took. Nothing to do when none run."""
+        if not self.procs and self.daemon is None:
+            return
+        t0 = time.time()
+        deadline = time.monotonic() + (0.0 if kill else EXIT_WAIT_S)
+        for q in self.tasks if not kill else ():
+            q.put(None)
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10.0)
+        self.procs = []
+        t1 = time.time()
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        if phases is not None:
+            phases.update(exit=round(t1 - t0, 2), mps_stop=round(time.time() - t1, 2))
+
+
+def run_ranks(world: int, fn, *args, timeout_s: float = 280.0,
+              placement: Placement | None = None, phases: dict | None = None) -> list:
+    """fn(rank, world, *args) on `world` fresh rank processes (RankPool.run's results and
+    errors), ended after it. `phases`, if given, is filled with where the wall time went: where
+    a GPU suite's fixed cost per run is, so the quick tier can be made to fit a device call."""
+    began = time.time()
+    pool = RankPool(world, placement)
+    try:
+        return pool.run(fn, *args, timeout_s=timeout_s, phases=phases)
     finally:
-        if daemon is not None:
-            mps_log = daemon.log_tail()
-            daemon.stop()
-    missing = [r for r in range(world) if r not in got]
-    errors = [f"rank {r}:\n{out}" for r, (s, out) in sorted(got.items()) if s != "ok"]
-    if missing:
-        why = (f"within {FAIL_FAST_GRACE_S * placement.slowdown:.0f}s of a rank's failure"
-               if failed else f"within {timeout_s:.0f}s")
-        errors.append(f"ranks {missing} did not finish {why} "
-                      f"(killed; a hang or a crash) [{placement.describe()}]")
-    if errors:
-        if daemon is not None and mps_log:
-            errors.append(f"MPS control log (last lines):\n{mps_log}")
-        raise AssertionError(f"[{placement.describe()}]\n" + "\n".join(errors))
-    return [got[r][1] for r in range(world)]
+        pool.close(phases)
+        if phases is not None:
+            phases["total"] = round(time.time() - began, 2)
+
+
+def _phases(start: dict | None, stamps: dict[int, dict]) -> dict:
+    """Seconds per phase of a run: the start's (MPS daemon; the slowest rank's spawn to Python,
+    torch import, process group), when this run paid it, then the slowest rank's task (fn's
+    body, of which NVSHMEM's bootstrap and module loads)."""
+    def slowest(a, b, base=None):
+        vals = [s[b] - (s[a] if base is None else base) for s in stamps.values()
+                if b in s and (base is not None or a in s)]
+        return round(max(vals), 2) if vals else None
+
+    out = {}
+    if start is not None:
+        out.update({"mps_start": round(start["spawn"] - start["begin"], 2),
+                    "spawn": slowest(None, "start", base=start["spawn"]),
+                    "import": slowest("start", "imported"),
+                    "group": slowest("imported", "group")})
+    out.update({"body": slowest("began", "body"),
+                "of which nvshmem_init": _most(stamps, "nvshmem_init"),
+                "of which module_loads": _most(stamps, "module_loads")})
+    return out
+
+
+def _most(stamps: dict[int, dict], key: str) -> float | None:
+    vals = [s[key] for s in stamps.values() if key in s]
+    return round(max(vals), 2) if vals else None
+
+
+def describe_phases(phases: dict) -> str:
+    return " | ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in phases.items()
+                      if v is not None)

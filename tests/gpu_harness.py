@@ -6,11 +6,15 @@ otherwise several share a GPU (epgen.launch: MPS, else time-sliced); the placeme
 with the results. Nothing is skipped for lack of GPUs as long as one is present.
 
 EPGEN_TEST_RANKS: rank counts ("2,4,8" by default). EPGEN_TEST_TIER: "full" (default) or
-"quick" (a few cases per suite, for a check within one device call).
+"quick" (a few cases per suite, for a check within one device call). EPGEN_TEST_POOL=1: the
+runs share rank processes while the rank count stays (launch.RankPool; tests/gpu_suites.py
+--pool), so a pytest of several modules pays the ranks' start once per count.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import subprocess
 
 import pytest
 
@@ -50,10 +54,50 @@ def require_gpus(n: int) -> None:
         pytest.skip(f"needs a GPU for {n} ranks (none present)")
 
 
-def run_ranks(world: int, fn, *args, timeout_s: float = 280.0) -> list:
+POOL_ENV = "EPGEN_TEST_POOL"      # "1": the suites' runs share rank processes (launch.RankPool)
+_pool: "launch.RankPool | None" = None
+
+
+def run_ranks(world: int, fn, *args, timeout_s: float = 280.0, fresh: bool = False) -> list:
+    """fn on `world` ranks: fresh processes for each run, or with EPGEN_TEST_POOL=1 one
+    RankPool's, kept while the rank count stays (tests/gpu_suites.py --pool); either way the
+    placement and where the time went are printed. `fresh`: always new processes, for a test
+    of what a process starts with (who initialises NVSHMEM, an empty kernel cache)."""
+    global _pool
     placement = launch.plan(world)
     print(f"[placement] {placement.describe()}")
-    return launch.run_ranks(world, fn, *args, timeout_s=timeout_s, placement=placement)
+    phases: dict = {}
+    try:
+        if fresh or os.environ.get(POOL_ENV, "0") != "1":
+            return launch.run_ranks(world, fn, *args, timeout_s=timeout_s, placement=placement,
+                                    phases=phases)
+        if _pool is not None and _pool.world != world:
+            _pool.close(phases)
+            _pool = None
+        if _pool is None:
+            os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(pool_heap_bytes(placement)))
+            _pool = launch.RankPool(world, placement)
+            atexit.register(_pool.close)
+        return _pool.run(fn, *args, timeout_s=timeout_s, phases=phases)
+    finally:
+        print(f"[phases] {world} ranks: {launch.describe_phases(phases)}")
+
+
+def pool_heap_bytes(placement, gpu_mib: int | None = None) -> int:
+    """NVSHMEM's heap for pooled ranks, fixed at their first Buffer (a later, larger Buffer of
+    another module cannot grow it): 40 % of the GPU's memory over the ranks sharing it, at most
+    16 GiB, in NVSHMEM's 512 MiB granules (total memory from nvidia-smi: the parent never
+    makes a CUDA context; 80 GiB where it cannot say)."""
+    if gpu_mib is None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=30)
+            gpu_mib = int(out.stdout.split()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            gpu_mib = 80 << 10
+    share = int(0.4 * (gpu_mib << 20)) // placement.ranks_per_gpu
+    return max(1 << 30, min(16 << 30, share) // (512 << 20) * (512 << 20))
 
 
 def usable_sms(requested: int) -> tuple[int, str]:

@@ -13,6 +13,13 @@ with their parent anyway); an MPS daemon a killed module left behind is stopped.
 is spent the remaining modules are skipped. Everything goes to DIR/gpu_suites.log (appended),
 the table to stdout last and to DIR/gpu_suites.json; kernels the modules compiled at first use
 (not in the list) to DIR/compiled_at_first_use.yaml, as lines to add to it.
+
+--pool: the modules in one pytest instead, with EPGEN_TEST_POOL=1 (tests/gpu_harness.py: runs
+share their rank processes while the rank count stays, launch.RankPool), so the ranks' start
+(MPS daemon, spawn, torch import, process group, NVSHMEM bootstrap, module loads) is paid once
+per rank count, not once per module; its limit is the sum of the modules' limits; a row per
+module from that run's summary. A failing run restarts the pool's processes, so one module's
+failure costs a restart, not the rest of the run.
 """
 from __future__ import annotations
 
@@ -121,6 +128,31 @@ def parse_pytest(text: str) -> dict:
     return {**counts, "first_failure": first}
 
 
+_RESULT = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED)(?: \[\d+\])? (?:\S*/)?(test_\w+_gpu\.py)")
+_DURATION = re.compile(r"^([\d.]+)s (?:setup|call|teardown)\s+(?:\S*/)?(test_\w+_gpu\.py)::")
+
+
+def parse_pooled(text: str, names: list[str]) -> dict[str, dict]:
+    """Per module (file name) of one pytest run over several modules (-rA, --durations=0):
+    passed / failed / skipped, the first failure, seconds (its tests' setup + call +
+    teardown)."""
+    out = {n: {"passed": 0, "failed": 0, "skipped": 0, "first_failure": "", "seconds": 0.0}
+           for n in names}
+    for line in text.splitlines():
+        line = line.strip()
+        m = _RESULT.match(line)
+        if m and m.group(2) in out:
+            o = out[m.group(2)]
+            kind = {"PASSED": "passed", "SKIPPED": "skipped"}.get(m.group(1), "failed")
+            o[kind] += 1
+            if kind == "failed" and not o["first_failure"]:
+                o["first_failure"] = line
+        m = _DURATION.match(line)
+        if m and m.group(2) in out:
+            out[m.group(2)]["seconds"] += float(m.group(1))
+    return out
+
+
 def compiled_during(cache_root: str, since: float, spec_file: str = SPEC) -> list[str]:
     """The kernels built into cache_root at or after `since` (epoch seconds) that spec_file does
     not list, as its entry lines: what the suites compiled at first use, to add to the list."""
@@ -204,6 +236,35 @@ def table(outcomes: list[Outcome]) -> str:
                      for r in rows)
 
 
+def run_pooled(paths, own, args, env, t_start, scratch, log, say) -> list[Outcome]:
+    """--pool: every module in one pytest (EPGEN_TEST_POOL=1), limited to the sum of their
+    limits and the budget left; an Outcome per module from its summary lines."""
+    names = [os.path.basename(p) for p in paths]
+    limit = next_limit(args.budget - (time.monotonic() - t_start) - args.grace,
+                       sum(own.get(p, args.per_module) for p in paths))
+    if limit is None:
+        say("===== pooled modules: not run (budget spent)")
+        return [Outcome(n) for n in names]
+    say(f"===== {len(names)} modules in one pytest, rank processes shared (limit {limit:.0f} s)")
+    tmp = os.path.join(scratch, "pooled")
+    os.makedirs(tmp)
+    rc, secs, killed, text = run_limited(
+        [sys.executable, "-m", "pytest", *paths, *PYTEST_ARGS, "--durations=0"],
+        {**env, "TMPDIR": tmp, "EPGEN_TEST_POOL": "1"}, limit, log, args.grace, tmp=tmp)
+    per = parse_pooled(text, names)
+    outcomes = []
+    for n in names:
+        o = per[n]
+        ran = o["passed"] + o["failed"] + o["skipped"]
+        outcomes.append(Outcome(n, rc if o["failed"] or not ran else 0, o["seconds"],
+                                o["passed"], o["failed"], o["skipped"],
+                                o["first_failure"] or ("" if ran else "no result: killed or "
+                                                       "not collected"),
+                                timed_out=killed and not ran))
+    say(f"[gpu_suites] pooled: rc={rc} {secs:.0f}s" + (" (killed)" if killed else ""))
+    return outcomes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*",
@@ -217,6 +278,10 @@ def main(argv=None) -> int:
                     help="seconds between a module's SIGINT and its SIGKILL")
     ap.add_argument("--out", required=True, help="folder for gpu_suites.log and .json")
     ap.add_argument("--no-precompile", action="store_true")
+    ap.add_argument("--pool", action="store_true",
+                    help="the modules in one pytest whose runs share rank processes "
+                         "(EPGEN_TEST_POOL=1: the ranks' start paid once per rank count); "
+                         "its limit the sum of theirs")
     ap.add_argument("--tests-dir", default=TESTS, help=argparse.SUPPRESS)   # the CPU test's fakes
     args = ap.parse_args(argv)
     try:
@@ -249,6 +314,9 @@ def main(argv=None) -> int:
                     env, max(1.0, args.budget - args.grace - MIN_LIMIT_S), log, args.grace)
                 say(f"[gpu_suites] precompile rc={rc} {secs:.0f}s"
                     + (" (killed: kernels compile at first use)" if killed else ""))
+            if args.pool:
+                outcomes += run_pooled(paths, own, args, env, t_start, scratch, log, say)
+                paths = []
             for path in paths:
                 name = os.path.basename(path)
                 # the limit leaves the grace (SIGINT to SIGKILL) within the budget

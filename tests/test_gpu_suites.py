@@ -170,3 +170,53 @@ def test_mps_stop_of_a_daemon_that_is_gone_returns_at_once(tmp_path, monkeypatch
     t0 = time.monotonic()
     d.stop()
     assert time.monotonic() - t0 < 5 and not root.exists()
+
+
+def test_pooled_modules_run_in_one_pytest_and_are_reported_each(tmp_path, capsys):
+    """--pool: one pytest over the modules, with EPGEN_TEST_POOL=1 set for it (the fake
+    module checks), and a row per module from the shared run's summary."""
+    fakes, out = _fakes(tmp_path), str(tmp_path / "out")
+    (tmp_path / "fakes" / "test_poolenv_gpu.py").write_text(
+        "import os\n\nimport pytest\n\npytestmark = pytest.mark.gpu\n\n\n"
+        "def test_pool_env():\n    assert os.environ['EPGEN_TEST_POOL'] == '1'\n")
+    rc = gpu_suites.main(["--budget", "300", "--per-module", "60", "--pool", "--tier", "quick",
+                          "--ranks", "2", "--no-precompile", "--tests-dir", fakes, "--out", out,
+                          "pass", "fail", "poolenv"])
+    assert rc == 1
+    text = capsys.readouterr().out
+    assert "3 modules in one pytest" in text, text
+    rows = {m["module"]: m for m in json.loads((tmp_path / "out" / "gpu_suites.json")
+                                                .read_text())["modules"]}
+    assert (rows["test_pass_gpu.py"]["rc"], rows["test_pass_gpu.py"]["passed"]) == (0, 1)
+    assert (rows["test_poolenv_gpu.py"]["rc"], rows["test_poolenv_gpu.py"]["passed"]) == (0, 1)
+    fail = rows["test_fail_gpu.py"]
+    assert (fail["passed"], fail["failed"]) == (1, 1) and fail["rc"] != 0, fail
+    assert "test_bad" in fail["first_failure"], fail
+
+
+def test_parse_pooled_counts_and_seconds_per_module():
+    text = "\n".join([
+        "0.50s setup    tests/test_a_gpu.py::test_x[2]",
+        "12.25s call     tests/test_a_gpu.py::test_x[2]",
+        "3.00s call     tests/test_b_gpu.py::test_y[2]",
+        "PASSED tests/test_a_gpu.py::test_x[2]",
+        "FAILED tests/test_b_gpu.py::test_y[2] - AssertionError: rank 1 ...",
+        "SKIPPED [1] tests/test_b_gpu.py:10: needs 2 GPUs"])
+    got = gpu_suites.parse_pooled(text, ["test_a_gpu.py", "test_b_gpu.py", "test_c_gpu.py"])
+    assert got["test_a_gpu.py"] == {"passed": 1, "failed": 0, "skipped": 0, "first_failure": "",
+                                    "seconds": 12.75}
+    b = got["test_b_gpu.py"]
+    assert (b["passed"], b["failed"], b["skipped"], b["seconds"]) == (0, 1, 1, 3.0)
+    assert b["first_failure"].startswith("FAILED tests/test_b_gpu.py::test_y[2]")
+    assert got["test_c_gpu.py"]["passed"] == 0
+
+
+def test_pooled_ranks_get_a_heap_for_every_module():
+    """The pool's NVSHMEM heap is fixed by its first Buffer: sized from the GPU up front
+    (40 % over the ranks sharing it, <= 16 GiB, 512 MiB granules)."""
+    from tests import gpu_harness
+    h200 = 143771                                             # MiB, as nvidia-smi reports it
+    assert gpu_harness.pool_heap_bytes(launch.plan(2, gpus=1, mps=True), h200) == 16 << 30
+    eight = gpu_harness.pool_heap_bytes(launch.plan(8, gpus=1, mps=True), h200)
+    assert eight == 7 << 30 and eight % (512 << 20) == 0, eight
+    assert gpu_harness.pool_heap_bytes(launch.plan(8, gpus=8, mps=True), h200) == 16 << 30

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import epgen
-from epgen.ops import internode_layout as il
+from epgen.regions import internode as il
 from epgen.ops.internode import InternodeOps
 from epgen.runtime.topology import Topology
 from tests.fake_launch import FakeErrorWord, FakeLaunchContext, FakeLaunchKernel, FakeRegion, fake_cuda

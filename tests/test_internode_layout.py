@@ -1,11 +1,11 @@
 """CPU: Config's RDMA chunk fields and the internode RDMA region's layout and size hint
-(epgen/ops/internode_layout.py, docs/internals.md "Internode normal mode")."""
+(epgen/regions/internode.py, docs/internals.md "Internode normal mode")."""
 from __future__ import annotations
 
 import pytest
 
 import epgen
-from epgen.ops import internode_layout as il
+from epgen.regions import internode as il
 
 
 @pytest.fixture

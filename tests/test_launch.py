@@ -114,3 +114,59 @@ def test_run_ranks_fails_fast_when_a_rank_fails(monkeypatch):
     assert "rank 0 fails on purpose" in msg and "ranks [1] did not finish" in msg, msg
     assert "of a rank's failure" in msg, msg
     assert took < 120, f"took {took:.0f} s"
+
+
+def _sleep_then_answer(rank, world, seconds):
+    import time
+    time.sleep(seconds * (rank + 1))
+    return rank * 10
+
+
+def test_run_ranks_reports_where_the_time_went():
+    """phases: the slowest rank's body (rank 1 sleeps 2 x 0.5 s) and the parent's spans, each
+    a part of the total; what the GPU suites print as `[phases]` to find their fixed cost."""
+    phases: dict = {}
+    out = launch.run_ranks(2, _sleep_then_answer, 0.5, timeout_s=120,
+                           placement=launch.Placement(2, 1, "time-sliced"), phases=phases)
+    assert out == [0, 10]
+    assert 1.0 <= phases["body"] < 30, phases
+    assert phases["mps_start"] is not None and phases["mps_stop"] is not None
+    for key in ("spawn", "import", "group", "exit"):
+        assert 0 <= phases[key] <= phases["total"], (key, phases)
+    assert phases["of which nvshmem_init"] is None      # no Buffer made: nothing timed
+    text = launch.describe_phases(phases)
+    assert text.startswith("mps start ") and "| body 1." in text and "nvshmem" not in text, text
+
+
+def _pid_and_env(rank, world, set_env):
+    import os
+    seen = os.environ.get("EPGEN_POOL_PROBE")
+    if set_env:
+        os.environ["EPGEN_POOL_PROBE"] = "left by a task"
+    return os.getpid(), seen
+
+
+def _fail_on_rank_1(rank, world):
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    return "ok"
+
+
+def test_a_pool_reuses_its_processes_and_starts_afresh_after_a_failure():
+    """RankPool: a second run uses the same processes (no start phases), sees none of the
+    first's environment changes; a failed run ends them, and the next run starts new ones."""
+    place = launch.Placement(2, 1, "time-sliced")
+    with launch.RankPool(2, place) as pool:
+        first_phases, second_phases = {}, {}
+        first = pool.run(_pid_and_env, True, timeout_s=120, phases=first_phases)
+        second = pool.run(_pid_and_env, False, timeout_s=120, phases=second_phases)
+        assert [pid for pid, _ in first] == [pid for pid, _ in second]
+        assert [seen for _, seen in second] == [None, None]
+        assert "import" in first_phases and "import" not in second_phases, second_phases
+        assert second_phases["body"] is not None
+        with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
+            pool.run(_fail_on_rank_1, timeout_s=120)
+        assert pool.procs == []                     # ended (killed) after the failure
+        third = pool.run(_pid_and_env, False, timeout_s=120)
+        assert {pid for pid, _ in third}.isdisjoint(pid for pid, _ in first)
+    assert pool.procs == [] and pool.daemon is None

@@ -10,7 +10,8 @@ import pytest
 from epgen import jit
 from epgen.jit import codegen, compiler, layout_facts
 from epgen.cache import Cache
-from epgen.ops import intranode, low_latency
+from epgen.ops import low_latency
+from epgen.regions import intranode
 from epgen.runtime import errors
 from epgen.jit.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
                          ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
@@ -97,3 +98,18 @@ def test_ll_ops_check_shapes_with_the_spec_rules_in_the_callers_words():
     with pytest.raises(ValueError, match=r"^num_experts=15: must be divisible by num_ranks=2"):
         ops.clean_low_latency_buffer(16, 256, 15)
     assert fake.launches == []
+
+
+def test_a_family_registers_itself_once():
+    """Adding a family is its spec class (FAMILIES fills itself); a second class claiming a
+    name already taken is refused at definition."""
+    import dataclasses
+    from typing import ClassVar
+
+    from epgen.jit import specs
+    assert FAMILIES["ll_barrier"] is specs.LowLatencyBarrierSpec
+    with pytest.raises(TypeError, match="'ll_barrier': defined by LowLatencyBarrierSpec"):
+        @dataclasses.dataclass(frozen=True)
+        class Clash(specs.KernelSpec):
+            family: ClassVar[str] = "ll_barrier"
+    assert FAMILIES["ll_barrier"] is specs.LowLatencyBarrierSpec

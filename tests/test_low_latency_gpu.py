@@ -606,5 +606,7 @@ def test_low_latency(ll_results, num_ranks):
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts()[:1])
 def test_low_latency_on_torch_nvshmem(num_ranks):
     gpu_harness.require_gpus(num_ranks)
-    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker, timeout_s=180))
+    # fresh: who initialises NVSHMEM (torch, here) is what this test is about
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker,
+                                                     timeout_s=180, fresh=True))
     assert not bad, "\n".join(bad)

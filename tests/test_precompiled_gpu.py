@@ -132,6 +132,8 @@ def test_precompiled_cache_serves_every_family(num_ranks, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     built = _entries(cache)
     assert built, f"precompile built nothing into {cache}: {out.stderr[-2000:]}"
-    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _worker, cache, timeout_s=280))
+    # fresh: no kernel loaded before, so every family's lookup goes to the cache
+    bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _worker, cache, timeout_s=280,
+                                                     fresh=True))
     assert not bad, "\n".join(bad)
     assert _entries(cache) == built, "a kernel was compiled after the precompile"

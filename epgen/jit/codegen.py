@@ -37,11 +37,7 @@ def cpp_bool(value: bool) -> str:
 
 def render(spec: KernelSpec) -> str:
     template = environment().get_template(spec.template)
-    args = kernel_args.ARGS[spec.args_key()]
-    args_classes = args if isinstance(args, tuple) else (args,)   # a TU may define several kernels
-    if len(args_classes) != len(spec.entries):
-        raise ValueError(f"{type(spec).__name__}: {len(spec.entries)} entries but "
-                         f"{len(args_classes)} argument structs in kernel_args.ARGS")
+    args_classes = spec.args_structs()            # a TU may define several kernels
     S = spec.struct_name
     entries = [dict(name=spec.kernel_name(e.kind), args=c.__name__, device=e.device,
                     threads=e.threads, min_blocks=e.min_blocks)

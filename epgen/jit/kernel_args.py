@@ -152,14 +152,6 @@ LowLatencyBarrierArgs = struct(
     *ERROR_FIELDS,
 )
 
-ARGS: dict[str, type[ctypes.Structure]] = {
-    "layout": LayoutArgs,
-    "layout_nodes": LayoutNodesArgs,
-    "ll_dispatch": LowLatencyDispatchArgs,
-    "ll_combine": LowLatencyCombineArgs,
-    "ll_combine_rank": LowLatencyCombineRankArgs,
-    "ll_barrier": LowLatencyBarrierArgs,
-}
 
 # ---------------------------------------------------------------------------- normal mode (intranode)
 NotifyArgs = struct(
@@ -224,10 +216,6 @@ NormalCombineArgs = struct(
     *ERROR_FIELDS,
 )
 
-ARGS.update({
-    "normal_dispatch": (NormalDispatchArgs, NotifyArgs),
-    "normal_combine": (NormalCombineArgs, NotifyArgs),   # combine + its barrier
-})
 
 # ---------------------------------------------------------------------------- internode
 InternodeNotifyArgs = struct(
@@ -249,7 +237,6 @@ InternodeNotifyArgs = struct(
     *ERROR_FIELDS,
 )
 
-ARGS["internode_notify"] = InternodeNotifyArgs
 
 InternodeDispatchArgs = struct(
     "InternodeDispatchArgs",
@@ -274,7 +261,7 @@ InternodeDispatchArgs = struct(
     ("void*", "nvl"),                       # this rank's NVLink region
     ("const int64_t*", "nvl_peers"),        # [R] NVLink region address of each rank (this node's)
     ("const int*", "pes"),                  # [R] the PE of each group rank
-    ("int64_t", "rdma_ctrl_off"),           # ops/internode_layout.py: byte offsets
+    ("int64_t", "rdma_ctrl_off"),           # regions/internode.py: byte offsets
     ("int64_t", "rdma_ring_off"),
     ("int64_t", "nvl_ctrl_off"),
     ("int64_t", "nvl_ring_off"),
@@ -290,7 +277,6 @@ InternodeDispatchArgs = struct(
     *ERROR_FIELDS,
 )
 
-ARGS["internode_dispatch"] = InternodeDispatchArgs
 
 InternodeCombineArgs = struct(
     "InternodeCombineArgs",
@@ -324,4 +310,3 @@ InternodeCombineArgs = struct(
     *ERROR_FIELDS,
 )
 
-ARGS["internode_combine"] = InternodeCombineArgs

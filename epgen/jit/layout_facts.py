@@ -257,7 +257,7 @@ def render(included_headers: set[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- internode normal mode: records (ops/internode_layout.py; templates/internode_*.cuh) --------
+# -- internode normal mode: records (regions/internode.py; templates/internode_*.cuh) --------
 def inode_source_meta_bytes(ranks_per_node: int) -> int:
     """epgen's SourceMeta (reference_internode.source_meta_bytes): source node, then a bit per
     local rank of the receiving node; DeepEP's 8 bytes for L <= 32."""

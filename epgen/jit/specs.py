@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import kernel_args as A
 from . import layout_facts
 
 NAMESPACE = "epgen"
@@ -61,8 +62,13 @@ class Entry:
     """One `__global__` kernel of a family's translation unit (templates/kernel.cu.j2)."""
     kind: str                  # its role; the kernel is named `{kind}_{spec.tag}`
     device: str                # the header's template taking the spec struct: device<Spec>(args)
+    args: type                 # its argument struct (kernel_args; rendered into the unit)
     threads: str = "threads"   # the spec constant bounding its block (__launch_bounds__)
     min_blocks: int | None = 1  # __launch_bounds__' second argument (None: not given)
+
+
+# Every family by name, filled as the spec classes below are defined (KernelSpec.__init_subclass__).
+FAMILIES: dict[str, type["KernelSpec"]] = {}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,17 @@ class KernelSpec:
     headers: ClassVar[tuple[str, ...]] = ()        # the device headers the unit includes
     # Kernels the translation unit defines, by role; the first is the one doing the work.
     entries: ClassVar[tuple[Entry, ...]] = ()
+
+    def __init_subclass__(cls, **kw):
+        """A family registers itself by being defined (FAMILIES: spec files, cache manifests
+        and `spec_from_json` find it by name); two classes may not claim one name."""
+        super().__init_subclass__(**kw)
+        name = cls.__dict__.get("family")
+        if name:
+            if name in FAMILIES:
+                raise TypeError(f"kernel family {name!r}: defined by {FAMILIES[name].__name__} "
+                                f"and {cls.__name__}")
+            FAMILIES[name] = cls
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -170,9 +187,9 @@ class KernelSpec:
                  if not (f.metadata.get("new_field") and getattr(self, f.name) == f.default)}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
-    def args_key(self) -> str:
-        """Which kernel_args.ARGS entry the translation unit declares."""
-        return self.family
+    def args_structs(self) -> tuple[type, ...]:
+        """The argument struct of each entry, in `entries` order (rendered into the unit)."""
+        return tuple(e.args for e in self.entries)
 
     def to_json(self) -> dict:
         return {"family": self.family, **self.fields()}
@@ -204,7 +221,7 @@ class LayoutSpec(KernelSpec):
     """get_dispatch_layout: per-rank / per-expert counts and the token-in-rank mask."""
     family: ClassVar[str] = "layout"
     headers: ClassVar[tuple[str, ...]] = ("layout.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("layout", "layout_entry", min_blocks=None),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("layout", "layout_entry", A.LayoutArgs, min_blocks=None),)
 
     num_ranks: int
     num_experts: int
@@ -227,8 +244,8 @@ class LayoutSpec(KernelSpec):
         nodes = f"_n{self.num_ranks // self.ranks_per_node}" if self.ranks_per_node else ""
         return f"k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}{nodes}"
 
-    def args_key(self) -> str:
-        return "layout_nodes" if self.ranks_per_node else "layout"
+    def args_structs(self) -> tuple[type, ...]:
+        return (A.LayoutNodesArgs,) if self.ranks_per_node else (A.LayoutArgs,)
 
 
 @dataclass(frozen=True)
@@ -237,8 +254,8 @@ class NormalDispatchSpec(KernelSpec):
     family: ClassVar[str] = "normal_dispatch"
     headers: ClassVar[tuple[str, ...]] = ("normal_dispatch.cuh",)
     entries: ClassVar[tuple[Entry, ...]] = (
-        Entry("dispatch", "normal_dispatch_entry"),
-        Entry("notify", "normal_notify_entry", threads="notify_threads"))
+        Entry("dispatch", "normal_dispatch_entry", A.NormalDispatchArgs),
+        Entry("notify", "normal_notify_entry", A.NotifyArgs, threads="notify_threads"))
     # The notify kernel the TU also holds: a block of this many threads (not a field: one size
     # serves every spec, and the ops launch it with the spec's value).
     notify_threads: ClassVar[int] = layout_facts.NORMAL_NOTIFY_THREADS
@@ -307,8 +324,8 @@ class NormalCombineSpec(KernelSpec):
     # The notify is barrier-only (notify_local_experts 1): it runs when the combine ring layout
     # changes between calls.
     entries: ClassVar[tuple[Entry, ...]] = (
-        Entry("combine", "normal_combine_entry"),
-        Entry("notify", "normal_notify_entry", threads="notify_threads"))
+        Entry("combine", "normal_combine_entry", A.NormalCombineArgs),
+        Entry("notify", "normal_notify_entry", A.NotifyArgs, threads="notify_threads"))
     # The notify kernel the TU also holds: a block of this many threads (not a field: one size
     # serves every spec, and the ops launch it with the spec's value).
     notify_threads: ClassVar[int] = layout_facts.NORMAL_NOTIFY_THREADS
@@ -383,7 +400,7 @@ class LowLatencyDispatchSpec(KernelSpec):
     family: ClassVar[str] = "ll_dispatch"
     headers: ClassVar[tuple[str, ...]] = ("ll_dispatch.cuh",)
     # "ll_": its kernel (and cache entry) names differ from the normal family's at a glance.
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_dispatch", "ll_dispatch_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_dispatch", "ll_dispatch_entry", A.LowLatencyDispatchArgs),)
 
     hidden: int
     num_topk: int
@@ -455,7 +472,7 @@ class LowLatencyCombineSpec(KernelSpec):
     """Low-latency combine: weighted sum of expert outputs, skipping topk_idx == -1."""
     family: ClassVar[str] = "ll_combine"
     headers: ClassVar[tuple[str, ...]] = ("ll_combine.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_entry", A.LowLatencyCombineArgs),)
 
     hidden: int
     num_topk: int
@@ -494,7 +511,7 @@ class LowLatencyCombineRankSpec(LowLatencyCombineSpec):
     rules as the per-expert one, its own family so that kernel's source stays as it is."""
     family: ClassVar[str] = "ll_combine_rank"
     headers: ClassVar[tuple[str, ...]] = ("ll_combine_rank.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_rank_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("ll_combine", "ll_combine_rank_entry", A.LowLatencyCombineRankArgs),)
 
     def device_checks(self):
         args = (self.hidden, self.num_ranks, self.num_topk)
@@ -517,7 +534,7 @@ class LowLatencyBarrierSpec(KernelSpec):
     that misses it is masked), also run by destroy() with enable_shrink."""
     family: ClassVar[str] = "ll_barrier"
     headers: ClassVar[tuple[str, ...]] = ("ll_barrier.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("barrier", "ll_barrier_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("barrier", "ll_barrier_entry", A.LowLatencyBarrierArgs),)
 
     num_ranks: int
     threads: int = 64
@@ -596,7 +613,7 @@ class InternodeNotifySpec(KernelSpec):
     family: ClassVar[str] = "internode_notify"
     headers: ClassVar[tuple[str, ...]] = ("internode_notify.cuh",)
     entries: ClassVar[tuple[Entry, ...]] = (
-        Entry("notify", "internode_notify_entry", min_blocks=None),)
+        Entry("notify", "internode_notify_entry", A.InternodeNotifyArgs, min_blocks=None),)
 
     num_ranks: int
     ranks_per_node: int
@@ -641,7 +658,7 @@ class InternodeDispatchSpec(KernelSpec):
     (a sender per node, a forwarder per node, a receiver per source rank)."""
     family: ClassVar[str] = "internode_dispatch"
     headers: ClassVar[tuple[str, ...]] = ("internode_dispatch.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("dispatch", "internode_dispatch_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("dispatch", "internode_dispatch_entry", A.InternodeDispatchArgs),)
 
     hidden: int
     num_topk: int          # 0: no top-k indices / weights
@@ -714,7 +731,7 @@ class InternodeCombineSpec(KernelSpec):
     role (an NVLink sender per source rank, a forwarder per node, a reducer)."""
     family: ClassVar[str] = "internode_combine"
     headers: ClassVar[tuple[str, ...]] = ("internode_combine.cuh",)
-    entries: ClassVar[tuple[Entry, ...]] = (Entry("combine", "internode_combine_entry"),)
+    entries: ClassVar[tuple[Entry, ...]] = (Entry("combine", "internode_combine_entry", A.InternodeCombineArgs),)
 
     hidden: int
     num_topk: int          # 0: no weights
@@ -744,14 +761,6 @@ class InternodeCombineSpec(KernelSpec):
     def readable_tag(self):
         return (f"h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
                 f"_n{self.num_ranks // self.ranks_per_node}_b{self.num_biases}")
-
-
-FAMILIES: dict[str, type[KernelSpec]] = {
-    cls.family: cls for cls in (LayoutSpec, NormalDispatchSpec, NormalCombineSpec,
-                                LowLatencyDispatchSpec, LowLatencyCombineSpec,
-                                LowLatencyCombineRankSpec, LowLatencyBarrierSpec,
-                                InternodeNotifySpec, InternodeDispatchSpec, InternodeCombineSpec)
-}
 
 
 def spec_from_json(data: dict) -> KernelSpec:

@@ -13,7 +13,8 @@ from ..jit.kernel_args import InternodeCombineArgs, InternodeDispatchArgs, Inter
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
 from ..jit.specs import internode_combine_spec, internode_dispatch_spec, internode_notify_spec
-from . import internode_handle, internode_layout
+from ..regions import internode as internode_layout
+from . import internode_handle
 from .context import OpsContext, arg_error, check_tensor, spec_for_call
 from .intranode import check_combine_inputs, check_rows, check_topk, wait_host_counts
 

@@ -1,8 +1,6 @@
 """Normal-mode intranode dispatch and combine over NVLink (DeepEP V1's Buffer.dispatch/combine).
 
-Region layout (ctx.nvl): a fixed control area (CTRL_BYTES, templates/normal_ctrl.cuh), then the
-rest split in two halves: dispatch rings, combine rings. Ring (c, src) of a half holds `cap`
-records of one layout (channels, cap, record bytes). Counters are monotonic across calls, so
+Region layout (ctx.nvl): epgen/regions/intranode.py. Counters are monotonic across calls, so
 nothing is zeroed between calls; when a half's ring layout changes from the previous call, a
 cross-rank barrier (the notify kernel in barrier mode) runs first so no peer writes the new layout
 while a slow rank still reads the old one (the uncached dispatch's notify is itself a barrier).
@@ -14,51 +12,16 @@ import time
 import torch
 
 from .. import formats
-from ..jit import layout_facts
 from ..jit.kernel_args import NormalCombineArgs, NormalDispatchArgs, NotifyArgs
 from ..runtime.errors import CODE_TIMEOUT, OP_CODES, EpgenDeviceError
+from ..regions.intranode import (CTRL_BYTES, DISP_CALL_OFF, MAX_CHANNELS, NOTIFY_SEQ_OFF,
+                                 RING_COUNTERS, RING_COUNTERS_OFF, combine_record_bytes,
+                                 dispatch_record_bytes, half_bytes, ring_bytes, ring_slots)
 from ..runtime.hostmem import MappedHostArray
 from ..jit.specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
                       timeout_ns)
 from .streams import zeros_on
-
-# The control area and the control words the test-only counter hook writes: defined in
-# layout_facts (every TU static_asserts normal_ctrl.cuh against them).
-CTRL_BYTES = layout_facts.NORMAL_CTRL_BYTES
-MAX_CHANNELS = layout_facts.NORMAL_MAX_CHANNELS
-MAX_RANKS = layout_facts.NORMAL_MAX_RANKS
-NOTIFY_SEQ_OFF = layout_facts.NORMAL_NOTIFY_SEQ_OFF
-DISP_CALL_OFF = layout_facts.NORMAL_DISP_CALL_OFF
-RING_COUNTERS_OFF = layout_facts.NORMAL_RING_COUNTERS_OFF
-RING_COUNTERS = layout_facts.NORMAL_RING_COUNTERS
-MIN_CAP = layout_facts.NORMAL_MIN_RING_SLOTS   # one combine reducer batch + one sender chunk
-
-
-def _align(v: int, a: int = 256) -> int:
-    return (v + a - 1) // a * a
-
-
-def _cap(config) -> int:
-    """Ring slots per (channel, peer). A channel is one SM here (DeepEP: two), so each ring
-    holds half of DeepEP's per-channel count and the rings take the same memory."""
-    return max(int(config.num_max_nvl_chunked_recv_tokens) // 2, MIN_CAP)
-
-
-dispatch_record_bytes = layout_facts.normal_dispatch_record_bytes   # DispatchCfg::kRec
-combine_record_bytes = layout_facts.normal_combine_record_bytes     # CombineCfg::kRec
-
-
-def ring_bytes(config, num_ranks: int, record: int) -> int:
-    return config.num_sms * num_ranks * _cap(config) * record
-
-
-def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
-    """Bytes of num_nvl_bytes for calls with this config (BF16 rows of hidden_bytes, top-k <= 32)."""
-    hidden = max(1, hidden_bytes // 2)
-    rec = max(dispatch_record_bytes(2 * hidden, 0, MAX_TOPK), combine_record_bytes(hidden, MAX_TOPK))
-    return _align(CTRL_BYTES + 2 * _align(ring_bytes(config, num_ranks, rec)) + 512, 1 << 20)
-
 
 def wait_host_counts(ctx: OpsContext, counts: MappedHostArray, n: int) -> list[int]:
     """The notify's counts in mapped host memory (filled with -1 before the launch), once all n
@@ -191,8 +154,7 @@ class IntranodeOps:
     # -- helpers --------------------------------------------------------------------------
     def _half(self) -> tuple[int, int]:
         nbytes = self.ctx.nvl.nbytes if self.ctx.nvl is not None else 0
-        half = max(0, (nbytes - CTRL_BYTES) // 2 // 256 * 256)
-        return half, nbytes
+        return half_bytes(nbytes), nbytes
 
     def _check_config(self, config, op: str, record: int) -> tuple[int, int, int]:
         ctx = self.ctx
@@ -202,7 +164,7 @@ class IntranodeOps:
                             f"must be even, positive and <= {min(sms, MAX_CHANNELS)} (the SMs "
                             f"this process may use: {sms}, after any MPS limit, and at most "
                             f"{MAX_CHANNELS} channels)")
-        channels, cap = config.num_sms, _cap(config)     # one block (channel) per SM given
+        channels, cap = config.num_sms, ring_slots(config)     # one block (channel) per SM given
         need = ring_bytes(config, ctx.num_ranks, record)
         half, nbytes = self._half()
         if need > half:

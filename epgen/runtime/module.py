@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 from ..cache import CacheEntry
 from .cuda import c_params, check, driver
@@ -15,11 +16,14 @@ from .cuda import c_params, check, driver
 NVSHMEM_STATE_SYMBOL = b"nvshmemi_device_state_d"
 
 _modules: dict[tuple[str, int], "LoadedModule"] = {}
+load_seconds = 0.0     # wall time of every module load (+ NVSHMEM module init) in this process
 _lock = threading.Lock()
 
 
 class LoadedModule:
     def __init__(self, entry: CacheEntry, device: int, nvshmem_init):
+        global load_seconds
+        began = time.monotonic()
         d = driver()
         self.entry = entry
         self.device = device
@@ -28,6 +32,7 @@ class LoadedModule:
         if self.uses_nvshmem and nvshmem_init is not None:
             nvshmem_init(self.module)
         self.functions: dict[str, Kernel] = {}
+        load_seconds += time.monotonic() - began
 
     def function(self, entry_name: str) -> "Kernel":
         f = self.functions.get(entry_name)

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import warnings
 
 from ..jit import toolchain
@@ -108,6 +109,7 @@ class NvshmemHost:
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = res, argtypes
         self.owned = False        # True when epgen initialised NVSHMEM (and so finalises it)
+        self.init_seconds = 0.0   # the bootstrap's wall time (launch.run_ranks reports it)
         self.stuck: str | None = None   # why no collective may be called any more
         self._uid = self._attr = None
 
@@ -238,7 +240,9 @@ def host(heap_bytes: int = 0, multi_node: bool = False) -> NvshmemHost:
             apply_environment(heap_bytes, multi_node)
             h = NvshmemHost()
             if not h.initialized():
+                began = time.monotonic()
                 h.init_over_world()
+                h.init_seconds = time.monotonic() - began
                 atexit.register(h.finalize)
             else:
                 h.check_world_mapping()      # reused, and left to its owner to finalise

@@ -1,6 +1,6 @@
 // What the internode normal mode's data kernels share (internode_dispatch.cuh,
 // internode_combine.cuh): the control words' indices in the regions' fixed control areas
-// (ops/internode_layout.py has the byte layout) and small helpers.
+// (regions/internode.py has the byte layout) and small helpers.
 #pragma once
 #include "common.cuh"
 #include "nvshmem_prelude.cuh"

@@ -3,7 +3,7 @@
 // forwarder), as an NVSHMEM put-with-signal (also where NVLink could reach the peer: virtual
 // nodes make the calls RDMA makes); the forwarder copies each record over NVLink (peer
 // pointers) to the ranks of node n its source meta names. epgen/reference_internode.py defines
-// every output; ops/internode_layout.py the regions' byte layout (the host passes the offsets).
+// every output; regions/internode.py the regions' byte layout (the host passes the offsets).
 //
 // One block per channel c (the tokens [c * ceil(T/C), ...) of every rank), one warp per role:
 //   warps [0, Nn)          RDMA sender to node n: records of its channel's tokens that go to

@@ -5,7 +5,7 @@
 // the receive side of the internode handle (epgen/reference_internode.py defines each value):
 // recv_gbl_rank_prefix_sum, recv_gbl_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
 // recv_rdma_channel_prefix_matrix, and for the host N, N_rdma and the aligned per-expert counts.
-// Area at offset 0 of the RDMA region (ops/internode_layout.py notify_* mirrors these offsets).
+// Area at offset 0 of the RDMA region (regions/internode.py notify_* mirrors these offsets).
 #pragma once
 #include "common.cuh"
 #include "nvshmem_prelude.cuh"
