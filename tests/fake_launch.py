@@ -1,14 +1,20 @@
-"""FAKES of the GPU-side pieces under epgen's low-latency ops, so their host path (checks, spec
-lookup, allocation, argument packing, launches) runs on CPU: CPU tests of what a call launches
-(tests/test_ll_host_path.py) and its Python-side cost (bench/host_path_cpu.py). Everything
-here is a fake and named so; nothing here touches a GPU."""
+"""FAKES of the GPU-side pieces under epgen's low-latency and internode ops, so their host path
+(checks, spec lookup, allocation, argument packing, launches) runs on CPU: CPU tests of what a
+call launches (tests/test_ll_host_path.py, tests/test_internode_capture.py) and its
+Python-side cost (bench/host_path_cpu.py). Everything here is a fake and named so; nothing
+here touches a GPU."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from epgen.ops import low_latency as ll
 from epgen.ops.context import OpsContext
+from epgen.ops.internode import InternodeOps
 from epgen.runtime.cuda import c_params
+from epgen.runtime.events import EventOverlap
+from epgen.runtime.topology import Topology
 
 
 class FakeCudaTensor(torch.Tensor):
@@ -73,7 +79,12 @@ class _FakeStream:
 
 
 class FakeStreams:
-    """FAKE: StreamOrder.two_phase without CUDA streams or events."""
+    """FAKE: StreamOrder.two_phase and scope without CUDA streams or events."""
+    @contextlib.contextmanager
+    def scope(self, previous_event, async_finish, allocate_on_comm_stream, result):
+        yield _FakeStream()
+        result["event"] = EventOverlap(None)
+
     def two_phase(self, send, receive, async_finish, return_recv_hook, tensors):
         s = _FakeStream()
         send(s)
@@ -103,3 +114,18 @@ def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False):
     ctx.__dict__["streams"] = FakeStreams()
     ctx.__dict__["device_sms"] = 132
     return ll.LowLatencyOps(ctx, gpu_shared=gpu_shared), ctx.fake
+
+
+def fake_internode_ops(num_ranks, ranks_per_node, nvl_bytes=8 << 20, rdma_bytes=8 << 20):
+    """InternodeOps on a FakeLaunchContext (rank 0 of num_ranks, nodes of ranks_per_node) and
+    its FakeLaunchKernel."""
+    ctx = FakeLaunchContext(rank=0, num_ranks=num_ranks, device=torch.device("cpu"),
+                            pes=list(range(num_ranks)), nvshmem=None,
+                            nvl=FakeRegion(nvl_bytes, num_ranks),
+                            rdma=FakeRegion(rdma_bytes, num_ranks), comm_stream=None,
+                            errors=FakeErrorWord(), arch="sm_90")
+    ctx.fake = FakeLaunchKernel()
+    ctx.__dict__["streams"] = FakeStreams()
+    ctx.__dict__["device_sms"] = 132
+    topology = Topology(num_ranks, ranks_per_node, 1, "EPGEN_RANKS_PER_NODE")
+    return InternodeOps(ctx, topology), ctx.fake

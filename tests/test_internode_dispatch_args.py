@@ -9,22 +9,14 @@ import torch
 
 import epgen
 from epgen.regions import internode as il
-from epgen.ops.internode import InternodeOps
-from epgen.runtime.topology import Topology
-from tests.fake_launch import FakeErrorWord, FakeLaunchContext, FakeLaunchKernel, FakeRegion, fake_cuda
+from tests.fake_launch import fake_cuda, fake_internode_ops
 
 R, L, T, H, E, K = 4, 2, 8, 256, 16, 4
 CFG = epgen.Config(4, 2, 8, 2, 4)          # 2 channels, 4 RDMA slots, NVLink rings of 4
 
 
 def _ops(nvl_bytes=8 << 20, rdma_bytes=8 << 20, ranks=R, per_node=L):
-    ctx = FakeLaunchContext(rank=0, num_ranks=ranks, device=torch.device("cpu"),
-                            pes=list(range(ranks)), nvshmem=None,
-                            nvl=FakeRegion(nvl_bytes, ranks), rdma=FakeRegion(rdma_bytes, ranks),
-                            comm_stream=None, errors=FakeErrorWord(), arch="sm_90")
-    ctx.fake = FakeLaunchKernel()
-    ctx.__dict__["device_sms"] = 132
-    return InternodeOps(ctx, Topology(ranks, per_node, 1, "EPGEN_RANKS_PER_NODE")), ctx.fake
+    return fake_internode_ops(ranks, per_node, nvl_bytes, rdma_bytes)
 
 
 def _args(ranks=R, per_node=L, **over):

@@ -3,7 +3,8 @@ epgen/reference_internode.py. What exists so far: the Buffer spans nodes, get_di
 returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive side of the
 handle, the uncached dispatch (every output and DeepEP's internode handle), the cached one
 through that handle (also with rows of another width: a ring-layout change), the one sized by
-num_worst_tokens, and the combine through the handle (with weights and a bias).
+num_worst_tokens, and the combine through the handle (with weights and a bias); and, at one
+layout, a worst-sized dispatch + combine captured in a CUDA graph and replayed with fresh inputs.
 Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ CASES = [
 ]
 
 
-def _topk(rank, world, L, E, K, T, routing):
+def _topk(rank, world, L, E, K, T, routing, salt=0):
     import torch
-    gen = torch.Generator().manual_seed(1000 * rank + 7 * E + K + T)
+    gen = torch.Generator().manual_seed(1000 * rank + 7 * E + K + T + 7919 * salt)
     El = E // world
     nodes = world // L
     rows = []
@@ -69,13 +70,14 @@ DISPATCH_CASES = [
 DISPATCH_CASES_RUN = gpu_harness.select(DISPATCH_CASES, [0, 1, 3])
 
 
-def _inputs(rank, world, L, E, K, T, routing, H, fp8):
+def _inputs(rank, world, L, E, K, T, routing, H, fp8, salt=0):
     """Rank `rank`'s dispatch inputs on CPU (every rank regenerates every rank's): topk_idx,
-    weights, x (BF16, or FP8 with float32 scales from reference.per_token_cast_to_fp8)."""
+    weights, x (BF16, or FP8 with float32 scales from reference.per_token_cast_to_fp8); `salt`
+    draws another set of the same shapes."""
     import torch
     from epgen import reference as ref
-    idx = _topk(rank, world, L, E, K, T, routing)
-    g = torch.Generator().manual_seed(31 * rank + H + K + T)
+    idx = _topk(rank, world, L, E, K, T, routing, salt)
+    g = torch.Generator().manual_seed(31 * rank + H + K + T + 7919 * salt)
     w = torch.rand(T, K, generator=g)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     scales = None
@@ -216,7 +218,105 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
         assert torch.equal(g, e), f"worst handle.{field}: {g.tolist()} vs {e.tolist()}"
 
 
-def _worker(rank, world, L):
+# The CUDA graph case: (experts, top-k, tokens, hidden) of DISPATCH_CASES[0] (its kernels are
+# in tests/data/gpu-suites.yaml: nothing compiles, and a capture could not), BF16, ROOMY rings;
+# the warm-up's routing, then one per replay (each gives other counts: node 0 only leaves the
+# other nodes nothing).
+GRAPH_CASE = (64, 8, 160, 7168)
+GRAPH_ROUTINGS = ("any", "one_node", "node0", "any")
+
+
+def _check_graph(buf, rank, world, L):
+    """A worst-sized uncached dispatch and a combine through its handle (of the dispatch's rows
+    halved, weights and a bias) captured in one CUDA graph on every rank, then replayed
+    together 3 times with fresh inputs (other routings, so other counts, which stay on the
+    device) copied into the captured tensors between replays; the eager warm-up and every
+    replay against reference_internode. Replays first, comparisons after (a failing rank
+    leaves nobody waiting). Runs last: a capture pins the Buffer's ring layouts."""
+    import torch
+    import epgen
+    from epgen import reference_internode as iref
+    E, K, T, H = GRAPH_CASE
+    config = epgen.Config(*ROOMY)
+    C, worst = config.num_sms // 2, world * T      # worst >= any rank's (RDMA) receive count
+
+    def draw(salt):
+        routing = GRAPH_ROUTINGS[salt]
+        cpu = [_inputs(r, world, L, E, K, T, routing, H, False, salt) for r in range(world)]
+        lays = [iref.get_dispatch_layout(c[0], E, world, L) for c in cpu]
+        bias = torch.randn(T, H, generator=torch.Generator().manual_seed(13 * rank + salt)).to(
+            torch.bfloat16)
+        return cpu, lays, bias
+
+    first = draw(0)
+    # The captured tensors (this rank's inputs), refilled before each call or replay.
+    idx, w, x, _ = first[0][rank]
+    ins = [torch.empty(t.shape, dtype=t.dtype, device="cuda")
+           for t in (idx, w, x, *first[1][rank], first[2])]
+
+    def load(drawn):
+        cpu, lays, bias = drawn
+        for dst, src in zip(ins, (*cpu[rank][:3], *lays[rank], bias)):
+            dst.copy_(src)
+
+    def step():
+        s_idx, s_w, s_x, per_rank, per_node, per_expert, in_rank, s_bias = ins
+        recv, r_idx, r_w, counts, handle, _ = buf.dispatch(
+            s_x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=s_idx,
+            topk_weights=s_w, num_worst_tokens=worst, config=config)
+        assert counts == [], counts
+        y = (recv.float() * 0.5).to(torch.bfloat16)     # exact; padding rows feed no token
+        cx, cw, _ = buf.combine(y, handle, topk_weights=r_w, bias=s_bias, config=config)
+        return (recv, r_idx, r_w, cx, cw, *handle)
+
+    runs = []            # (salt, the outputs' copies)
+    load(first)
+    runs.append((0, [t.clone() for t in step()]))      # eager: kernels loaded, layouts set
+    torch.cuda.synchronize()
+    buf.check_errors()
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        outs = step()
+    torch.cuda.current_stream().wait_stream(s)
+    for salt in range(1, len(GRAPH_ROUTINGS)):
+        load(draw(salt))
+        g.replay()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        runs.append((salt, [t.clone() for t in outs]))
+
+    for salt, got in runs:
+        what = "eager" if salt == 0 else f"replay {salt}"
+        cpu, lays, bias = draw(salt)
+        in_ranks, per_expert = [lay[3] for lay in lays], [lay[2] for lay in lays]
+        idxs, ws, xs = ([c[i] for c in cpu] for i in range(3))
+        every = [iref.dispatch(xs, idxs, ws, E, j, L, C, is_token_in_ranks=in_ranks,
+                               num_tokens_per_experts=per_expert) for j in range(world)]
+        ew = iref.dispatch(xs, idxs, ws, E, rank, L, C, is_token_in_ranks=in_ranks,
+                           num_tokens_per_experts=per_expert, num_worst_tokens=worst)
+        exp, N = every[rank], every[rank].num_recv_tokens
+        recv, r_idx, r_w, cx, cw, *handle = (t.cpu() for t in got)
+        assert recv.shape == (worst, H), (what, tuple(recv.shape))
+        assert torch.equal(_bits(recv[:N]), _bits(exp.recv_x)), f"{what}: recv_x differs"
+        assert torch.equal(r_idx, ew.recv_topk_idx), f"{what}: recv_topk_idx differs"
+        assert torch.equal(r_w[:N], exp.recv_topk_weights), f"{what}: recv_topk_weights differ"
+        for i, (field, gh, eh) in enumerate(zip(iref.InternodeHandle._fields, handle, ew.handle)):
+            assert gh.dtype == eh.dtype and gh.shape == eh.shape, \
+                f"{what}: handle.{field}: {gh.dtype} {tuple(gh.shape)}, expected {tuple(eh.shape)}"
+            if i == 7:                   # recv_src_meta: the padding rows are unspecified
+                gh, eh = gh[:N], eh[:N]
+            assert torch.equal(gh, eh), f"{what}: handle.{field}: {gh.tolist()} vs {eh.tolist()}"
+        ys = [(e.recv_x.float() * 0.5).to(torch.bfloat16) for e in every]
+        ec = iref.combine(ys, in_ranks, rank, L, topk_weights=[e.recv_topk_weights for e in every],
+                          bias=bias)
+        assert torch.equal(_bits(cx), _bits(ec.combined_x)), \
+            f"{what}: combined_x differs in {int((cx != ec.combined_x).any(dim=1).sum())} tokens"
+        assert torch.equal(cw, ec.combined_topk_weights), f"{what}: combined weights differ"
+
+
+def _worker(rank, world, L, graph=False):
     os.environ["EPGEN_RANKS_PER_NODE"] = str(L)
     os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     import torch
@@ -261,6 +361,12 @@ def _worker(rank, world, L):
                 results.append((name, "ok"))
             except Exception:
                 results.append((name, traceback.format_exc()))
+        if graph:                        # last: a capture pins the ring layouts
+            try:
+                _check_graph(buf, rank, world, L)
+                results.append((GRAPH_NAME, "ok"))
+            except Exception:
+                results.append((GRAPH_NAME, traceback.format_exc()))
     finally:
         buf.destroy()
     return results
@@ -304,17 +410,35 @@ def _layouts():
     return gpu_harness.select(lays, [i for i, w in enumerate(worlds) if worlds.index(w) == i])
 
 
+GRAPH_NAME = "cuda_graph_worst_dispatch_combine"
+
+
 @pytest.fixture(scope="module", params=_layouts(), ids=lambda lay: f"{lay[0]}x{lay[1]}")
 def internode_results(request):
+    """Every case at one layout, in one run of ranks; the CUDA graph case at the first layout
+    only (it costs a capture and replays: one layout is enough for the rule)."""
     nodes, L = request.param
     world = nodes * L
     gpu_harness.require_gpus(world)
-    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, timeout_s=480.0)
+    graph = request.param == _layouts()[0]
+    return (nodes, L), gpu_harness.run_ranks(world, _worker, L, graph, timeout_s=480.0)
+
+
+def _failures(internode_results, graph: bool) -> None:
+    layout, per_rank = internode_results
+    failures = [f"rank {r} {name}:\n{status}" for r, res in enumerate(per_rank)
+                for name, status in res if status != "ok" and (name == GRAPH_NAME) == graph]
+    assert not failures, f"{len(failures)} failing ({layout[0]} nodes x {layout[1]}):\n" + \
+        "\n".join(failures)
 
 
 def test_internode_layout_over_virtual_nodes(internode_results):
+    _failures(internode_results, graph=False)
+
+
+def test_internode_cuda_graph_over_virtual_nodes(internode_results):
+    """Worst-sized dispatch + combine captured on every rank, replayed with fresh inputs."""
     layout, per_rank = internode_results
-    failures = [f"rank {r} {name}:\n{status}" for r, res in enumerate(per_rank)
-                for name, status in res if status != "ok"]
-    assert not failures, f"{len(failures)} failing ({layout[0]} nodes x {layout[1]}):\n" + \
-        "\n".join(failures)
+    if not any(name == GRAPH_NAME for res in per_rank for name, _ in res):
+        pytest.skip(f"the CUDA graph case runs at one layout ({_layouts()[0]}), not {layout}")
+    _failures(internode_results, graph=True)

@@ -1,9 +1,12 @@
 """Internode normal mode (RDMA between nodes, NVLink forwarding inside a node): the uncached
 dispatch (notify: templates/internode_notify.cuh, with the handle's sender side from
 ops/internode_handle.py; then the data kernel templates/internode_dispatch.cuh), returning
-DeepEP V1's internode handle, and the cached dispatch through that handle (the same kernel,
-its counts from the handle), and num_worst_tokens (outputs sized by it, no host wait). Not
-yet: CUDA graph capture, combine.
+DeepEP V1's internode handle, the cached dispatch through that handle (the same kernel, its
+counts from the handle), num_worst_tokens (outputs sized by it, no host wait), and the combine
+(templates/internode_combine.cuh). Under CUDA graph capture, the intranode mode's rules
+(ops/capture.py): an uncached dispatch needs num_worst_tokens > 0 (its notify's results then
+stay on the device), a cached dispatch and the combine are capturable, and a ring layout that
+would need the host-decided barrier is refused, as is any layout change after a capture.
 """
 from __future__ import annotations
 
@@ -15,13 +18,9 @@ from ..runtime.topology import Topology
 from ..jit.specs import internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from ..regions import internode as internode_layout
 from . import internode_handle
+from .capture import RingLayouts, check_host_wait
 from .context import OpsContext, arg_error, check_tensor, spec_for_call
 from .intranode import check_combine_inputs, check_rows, check_topk, wait_host_counts
-
-# What a Buffer spanning nodes cannot do yet (NotImplementedError, naming it).
-NOT_YET = ("the internode {what} is not implemented yet (uncached, cached and "
-           "worst-case-sized dispatch are)")
-
 
 
 class InternodeOps:
@@ -30,10 +29,13 @@ class InternodeOps:
         self.topology = topology
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
         self._host_counts: MappedHostArray | None = None
-        # The previous dispatch's ring layout (channels, RDMA slots, NVLink slots, record bytes):
-        # a cached dispatch with another one runs a barrier first.
-        self._layout = None
-        self._combine_layout = None       # the same for the combine direction
+        # Each direction's previous ring layout (a cached dispatch or a combine with another
+        # one runs a barrier first) and the one a CUDA graph captured (ops/capture.py).
+        self._rings = RingLayouts(
+            "channels, RDMA slots, NVLink slots, record bytes",
+            "channels = config.num_sms // 2, RDMA slots = config.rdma_ring_slots, NVLink slots "
+            "= config.num_max_nvl_chunked_recv_tokens // nodes, record bytes from hidden, dtype "
+            "and top-k")
 
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
                num_tokens_per_expert, num_channels: int, expert_alignment: int = 1,
@@ -163,11 +165,11 @@ class InternodeOps:
             raise RuntimeError(f"epgen: rank {ctx.rank}: a rank of this node ({node}) has no "
                                "NVLink (P2P) mapping of the NVLink region; the ranks of a node "
                                "must be NVLink peers (EPGEN_RANKS_PER_NODE)")
-        if torch.cuda.is_current_stream_capturing():
-            raise NotImplementedError(NOT_YET.format(what="dispatch under CUDA graph capture"))
+        layout = (C, config.rdma_ring_slots, cap, record)
+        check_host_wait(cached, num_worst_tokens)
+        self._rings.check("dispatch", layout, self_barriered=not cached)
         peers = ctx.peer_table("nvl")
         kernel = ctx.kernel(spec, "dispatch")
-        layout = (C, config.rdma_ring_slots, cap, record)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
@@ -175,7 +177,7 @@ class InternodeOps:
                 # Ring layout changed since the previous dispatch: a cross-rank barrier first
                 # (the uncached dispatch's notify is one), so no rank writes the new layout
                 # while a peer still reads the old one.
-                if self._layout is not None and self._layout != layout:
+                if self._rings.switch("dispatch", layout):
                     self._barrier(in_rank, C, stream)
                 n = dict(zip(("recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
                               "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum"),
@@ -190,7 +192,7 @@ class InternodeOps:
                     n["num_recv_tokens_per_expert_list"] = []
                 else:
                     rows, rdma_rows = n["num_recv_tokens"], n["num_rdma_recv_tokens"]
-            self._layout = layout
+                self._rings.switch("dispatch", layout)      # the notify was the barrier
             recv_x = torch.empty(rows, x.size(1), dtype=x.dtype, device=dev)
             recv_scales = torch.empty(rows, S, dtype=scales.dtype, device=dev) if S else None
             recv_idx = torch.empty(rows, K, dtype=torch.int64, device=dev) if K else None
@@ -273,18 +275,16 @@ class InternodeOps:
                              H, K, R, L, len(biases))
         record = internode_layout.combine_record_bytes(H, K)
         rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "combine", record, 1)
-        if torch.cuda.is_current_stream_capturing():
-            raise NotImplementedError(NOT_YET.format(what="combine under CUDA graph capture"))
+        layout = (C, config.rdma_ring_slots, cap, record)
+        self._rings.check("combine", layout, self_barriered=False)
         peers = ctx.peer_table("nvl")
         kernel = ctx.kernel(spec, "combine")
-        layout = (C, config.rdma_ring_slots, cap, record)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
             # As the cached dispatch: a new ring layout waits for every rank first.
-            if self._combine_layout is not None and self._combine_layout != layout:
+            if self._rings.switch("combine", layout):
                 self._barrier(h[0], C, stream)
-            self._combine_layout = layout
             out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
             out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
             a = ctx.fill_error_fields(InternodeCombineArgs(), "combine")

@@ -19,6 +19,7 @@ from ..regions.intranode import (CTRL_BYTES, DISP_CALL_OFF, MAX_CHANNELS, NOTIFY
                                  dispatch_record_bytes, half_bytes, ring_bytes, ring_slots)
 from ..runtime.hostmem import MappedHostArray
 from ..jit.specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
+from .capture import RingLayouts, check_host_wait
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
                       timeout_ns)
 from .streams import zeros_on
@@ -134,10 +135,12 @@ class IntranodeOps:
     def __init__(self, ctx: OpsContext):
         self.ctx = ctx
         self._host_counts: MappedHostArray | None = None
-        self._layout = {"dispatch": None, "combine": None}
-        # The ring layout a CUDA graph captured, per direction: replays never run the host-
-        # decided barrier, so once captured the layout may not change (review R6).
-        self._pinned = {"dispatch": None, "combine": None}
+        # Each direction's previous ring layout (a change runs the cross-rank barrier) and the
+        # one a CUDA graph captured (ops/capture.py: the rule under capture).
+        self._rings = RingLayouts(
+            "channels, slots, record bytes",
+            "channels = config.num_sms, slots = config.num_max_nvl_chunked_recv_tokens // 2, "
+            "record bytes from hidden, dtype and top-k")
 
     def set_counters_for_test(self, ring: int | None, seq: int | None) -> None:
         """TEST ONLY (Buffer._set_counters_for_test): every ring counter of this rank to
@@ -184,37 +187,11 @@ class IntranodeOps:
             setattr(a, k, v)
         return a
 
-    def _check_graph_layout(self, which: str, key, self_barriered: bool) -> None:
-        """The ring-layout barrier is decided on the host, from the previous call's layout, and
-        CUDA graph replays neither run that decision nor update it. So: a capture may not need
-        the barrier (warm up eagerly with the same config first), and after a capture every
-        call in that direction keeps the captured layout. `self_barriered`: the call starts
-        with its own cross-rank barrier (the uncached dispatch's notify). Raises before
-        anything is launched."""
-        rule = ("channels = config.num_sms, slots = config.num_max_nvl_chunked_recv_tokens // 2, "
-                "record bytes from hidden, dtype and top-k")
-        pinned = self._pinned[which]
-        if pinned is not None and pinned != key:
-            raise arg_error("config", f"{which} ring layout (channels, slots, record bytes) {key}",
-                            f"must be {pinned}, the layout a CUDA graph captured on this Buffer "
-                            f"uses ({rule}): graph replays cannot run the cross-rank barrier a "
-                            "layout change needs")
-        if not torch.cuda.is_current_stream_capturing():
-            return
-        prev = self._layout[which]
-        if not self_barriered and prev is not None and prev != key:
-            raise arg_error("config", f"{which} ring layout {key} during CUDA graph capture",
-                            f"must equal the previous {which}'s {prev} ({rule}): the barrier "
-                            "a layout change needs is decided on the host and would not run at "
-                            "replay; make one eager call with this configuration before capture")
-        self._pinned[which] = key
-
     def _barrier_if_needed(self, which: str, key, spec, notify, stream) -> None:
-        if self._layout[which] is not None and self._layout[which] != key:
+        if self._rings.switch(which, key):
             a = self._notify_args(barrier_only=1, expert_alignment=1)
             a.op = OP_CODES["barrier"]
             notify.launch(1, spec.notify_threads, a, stream.cuda_stream)
-        self._layout[which] = key
 
     def _unpack_handle(self, handle, num_tokens: int | None = None):
         """(rank_prefix_matrix, num_tokens_all, recv_src_idx, is_token_in_rank) of a dispatch
@@ -282,11 +259,8 @@ class IntranodeOps:
         spec = normal_dispatch_rows_spec(row_bytes, S, K, E, R)
         record = dispatch_record_bytes(row_bytes, S, K)
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
-        if not cached and num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
-            raise arg_error("num_worst_tokens", 0, "must be > 0 for a dispatch without a handle "
-                            "during CUDA graph capture (otherwise the host waits for the "
-                            "received counts, which a capture never produces)")
-        self._check_graph_layout("dispatch", (channels, cap, record), self_barriered=not cached)
+        check_host_wait(cached, num_worst_tokens)
+        self._rings.check("dispatch", (channels, cap, record), self_barriered=not cached)
         kernel = ctx.kernel(spec, "dispatch")
         notify = ctx.kernel(spec, "notify")
         El = spec.num_experts // R
@@ -315,7 +289,7 @@ class IntranodeOps:
                     host_counts=host.device_ptr if host is not None else 0,
                     num_tokens=T, expert_alignment=expert_alignment, barrier_only=0)
                 notify.launch(1, spec.notify_threads, a, stream.cuda_stream)
-                self._layout["dispatch"] = (channels, cap, record)
+                self._rings.switch("dispatch", (channels, cap, record))   # notify: a barrier
                 if host is not None:
                     vals = self._wait_host(host, 1 + El)
                     rows, counts = vals[0], vals[1:]
@@ -379,7 +353,7 @@ class IntranodeOps:
                              H, K, R, len(biases))
         record = combine_record_bytes(H, K)
         channels, cap, ring_off = self._check_config(config, "combine", record)
-        self._check_graph_layout("combine", (channels, cap, record), self_barriered=False)
+        self._rings.check("combine", (channels, cap, record), self_barriered=False)
         kernel = ctx.kernel(spec)
         notify = ctx.kernel(spec, "notify")
         result: dict = {}
