@@ -13,16 +13,10 @@ sequence words, done counters) that a replay advances exactly as an eager call d
 """
 from __future__ import annotations
 
-import torch
-
 from .context import arg_error
+from .streams import capturing
 
 DIRECTIONS = ("dispatch", "combine")
-
-
-def capturing() -> bool:
-    """The current stream is capturing a CUDA graph (the probe the rules below read)."""
-    return bool(torch.cuda.is_current_stream_capturing())
 
 
 def check_host_wait(cached: bool, num_worst_tokens: int) -> None:

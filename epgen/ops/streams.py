@@ -31,7 +31,8 @@ import torch
 from ..runtime.events import EventHandle, EventOverlap
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """The current stream is capturing a CUDA graph."""
     return bool(torch.cuda.is_current_stream_capturing())
 
 
@@ -71,14 +72,14 @@ class StreamOrder:
         self._captured = False          # the state above was set under a capture
 
     def _enter_mode(self) -> bool:
-        capturing = _capturing()
-        if capturing != self._captured:
+        now = capturing()
+        if now != self._captured:
             # eager work is complete when a capture begins, and captured work runs at replay:
             # nothing recorded in the other mode is waited on
             self.comm_busy = self.compute_pending = False
             self.sync_done = torch.cuda.Event()
-            self._captured = capturing
-        return capturing
+            self._captured = now
+        return now
 
     @contextlib.contextmanager
     def scope(self, previous_event: EventOverlap | None, async_finish: bool,
