@@ -233,7 +233,8 @@ def _worker(rank, placement, port, env, tasks, results):
                 out, status = fn(rank, placement.world, *args), "ok"
             except BaseException:  # noqa: BLE001 - every failure goes back to the parent
                 out, status = traceback.format_exc(), "error"
-            gc.collect()      # Buffers the task dropped are freed (collectively) here, on every rank
+            if status == "ok":
+                gc.collect()   # Buffers the task dropped are freed (collectively) here, on every rank
             stamps["body"] = time.time()
             os.environ.clear()
             os.environ.update(saved_env)
