@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     asub.add_parser("remove", help="delete the alias (only one epgen wrote)").set_defaults(
         fn=cmd_alias)
     from .bench.cli import add_arguments as bench_arguments
-    bench = sub.add_parser("bench", help="normal and low-latency benchmarks on N ranks: "
+    bench = sub.add_parser("bench", help="normal, low-latency, internode benchmarks on N ranks: "
                            "progress, JSON, PNG plot, table")
     bench_arguments(bench)
     bench.set_defaults(fn=cmd_bench)

@@ -49,7 +49,8 @@ def load(path: str) -> list[dict]:
 
 
 def _label(r) -> str:
-    sms = f" {r['num_sms']} SMs" if r.get("num_sms") and r["op"].startswith("normal") else ""
+    with_sms = r.get("num_sms") and r["op"].startswith(("normal", "internode"))
+    sms = f" {r['num_sms']} SMs" if with_sms else ""
     return f"{r['op']} {r['dtype']}{sms}"
 
 
@@ -76,9 +77,15 @@ def _header(records) -> str:
     shared = any(x.get("shared_gpu") for x in records)
     where = (f"{r.get('card', '?')}, EP{r.get('num_ranks', '?')}"
              + (f" ({r.get('ranks_per_gpu', '?')} ranks per GPU)" if shared else ""))
+    if r.get("num_nodes"):
+        where += (f" = {r['num_nodes']} nodes x {r.get('ranks_per_node', '?')}"
+                  f"{' (virtual, one host)' if r.get('virtual_nodes') else ''}, top-"
+                  f"{r.get('topk_groups', '?')} nodes")
     return (f"{where}, hidden {r.get('hidden', '?')}, top-{r.get('topk', '?')} of "
             f"{r.get('num_experts', '?')} experts, commit {r.get('commit', '?')}"
-            + ("; ranks share a GPU: kernel-overhead floor, not NVLink figures" if shared else ""))
+            + ("; ranks share a GPU: kernel-overhead floor, not NVLink figures" if shared else "")
+            + ("; virtual nodes: NVSHMEM's P2P transport carries the puts, the times are not "
+               "RDMA times" if any(x.get("virtual_nodes") for x in records) else ""))
 
 
 def _num(v, width: int, places: int) -> str:
@@ -89,10 +96,11 @@ def table(records: list[dict]) -> str:
     """The summary printed last: per op and token count, time and GB/s against NCCL (time
     ratio, < 1 is faster) and the copy bound (bandwidth ratio)."""
     copy = _copy(records)
+    w = max([30] + [len(_label(r)) + 1 for r in records])
     lines = [_header(records),
              "time: median us (low latency: kernel time, host-inclusive beside it; normal: "
              "CUDA events around the call, kernel time beside it)",
-             f"{'op':<30}{'tokens':>7}{'time us':>10}{'GB/s':>9}{'kernel':>9}{'host':>9}"
+             f"{'op':<{w}}{'tokens':>7}{'time us':>10}{'GB/s':>9}{'kernel':>9}{'host':>9}"
              f"{'/NCCL':>7}{'/copy':>7}"]
     for r in records:
         if r["op"] == "copy":
@@ -100,13 +108,45 @@ def table(records: list[dict]) -> str:
         whole = r["op"] in WHOLE_OPS
         n = _nccl_for(records, r) if whole else None
         fmt = _num
-        lines.append(f"{_label(r):<30}{r.get('tokens', 0):>7}{fmt(r['time_us'], 10, 1)}"
+        lines.append(f"{_label(r):<{w}}{r.get('tokens', 0):>7}{fmt(r['time_us'], 10, 1)}"
                      f"{fmt(r['gbps'], 9, 1)}{fmt(r.get('kernel_us'), 9, 1)}"
                      f"{fmt(r.get('host_inclusive_us'), 9, 1)}"
                      f"{fmt(r['time_us'] / n['time_us'] if n else None, 7, 2)}"
                      f"{fmt(r['gbps'] / copy['gbps'] if copy and whole else None, 7, 2)}")
     if copy:
         lines.append(f"copy bound (1 GiB GPU to GPU): {copy['gbps']:.1f} GB/s")
+    inode = [r for r in records if "nvl_bytes" in r]
+    if inode:
+        lines += ["internode bytes of rank 0 as DeepEP counts them (RDMA: one row per token and "
+                  "node, own node included; NVL: rows received), GB/s over the event time; "
+                  "RDMA / per-rank: rows leaving the node against per-rank sending's"]
+        lines += [f"{'op':<{w}}{'RDMA MB':>9}{'NVL MB':>9}{'RDMA GB/s':>11}{'NVL GB/s':>10}"
+                  f"{'RDMA / per-rank':>17}"]
+        lines += [f"{_label(r):<{w}}{r['rdma_bytes'] / 1e6:>9.1f}{r['nvl_bytes'] / 1e6:>9.1f}"
+                  f"{_num(r['rdma_gbps'], 11, 1)}{_num(r['nvl_gbps'], 10, 1)}"
+                  f"{_num(r.get('rdma_ratio'), 17, 3)}" for r in inode]
+    return "\n".join(lines)
+
+
+def counts_table(counts: list[dict]) -> str:
+    """`epgen bench --mode internode --dry-run`: per token count and dtype, the bytes per rank
+    (mean, max over ranks) of the routing, as internode_traffic.summary gives them."""
+    lines = [f"{'layout':<22}{'dtype':<18}{'tokens':>7}{'B/token':>9}{'RDMA MB':>14}"
+             f"{'NIC out MB':>14}{'NIC in MB':>14}{'per-rank MB':>14}{'NVL MB':>14}"
+             f"{'ratio':>8}",
+             "(MB per rank: mean over ranks [max]. RDMA: as DeepEP counts it, a row per token "
+             "and node, own node included; NIC out / in: the rows to / from other nodes; "
+             "per-rank: what sending a row per destination rank on another node would put on "
+             "the NIC; NVL: rows received; ratio = NIC out / per-rank)"]
+    for c in counts:
+        layout = f"EP{c['num_ranks']} ({c['num_nodes']} nodes x {c['ranks_per_node']})"
+
+        def mb(key):
+            return f"{c[key]['mean'] / 1e6:.1f} [{c[key]['max'] / 1e6:.1f}]"
+        lines.append(f"{layout:<22}{c['dtype']:<18}{c['tokens']:>7}{c['bytes_per_token']:>9}"
+                     f"{mb('rdma_send_bytes'):>14}{mb('network_send_bytes'):>14}"
+                     f"{mb('network_recv_bytes'):>14}{mb('per_rank_network_bytes'):>14}"
+                     f"{mb('nvl_recv_bytes'):>14}{_num(c['rdma_ratio'], 8, 3)}")
     return "\n".join(lines)
 
 
