@@ -59,6 +59,13 @@ class _Pool:
                        for si, spec in enumerate(NORMAL_SPECS) for i in range(POOL)}
 
 
+def _progress(rank, mode, pairs, since, mem):
+    """Rank 0, every twentieth of a loop: a line a run killed at its limit still leaves."""
+    if rank == 0:
+        print(f"[soak] {mode}: {pairs} pairs in {time.perf_counter() - since:.1f} s, "
+              f"{json.dumps(mem)}", flush=True)
+
+
 def _cut(sets, tokens):
     """Each rank's inputs cut to its token count (row slices stay contiguous and aligned)."""
     return [tuple(t[:n] for t in ts) for ts, n in zip(sets, tokens)]
@@ -160,6 +167,7 @@ def soak(rank, world, cfg):
         summary["checked"] += check
         if (n + 1) % sample == 0:
             mem.append(_memory())
+            _progress(rank, "low-latency", n + 1, t0, mem[-1])
     summary["ll_seconds"] = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
     sample = max(1, cfg["normal_pairs"] // 20)
@@ -169,6 +177,7 @@ def soak(rank, world, cfg):
         summary["checked"] += check
         if (n + 1) % sample == 0:
             mem.append(_memory())
+            _progress(rank, "normal", n + 1, t1, mem[-1])
     torch.cuda.synchronize()
     buf.check_errors()
     summary["normal_seconds"] = round(time.perf_counter() - t1, 2)
