@@ -204,6 +204,34 @@ def of_low_latency_flags(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> s
 LOW_LATENCY = ("bf16", "fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8", "nvfp4")
 
 
+# Where low-latency dispatch stores recv_x_scales, per local expert (templates/
+# ll_scale_layout.cuh; reference.scale_word_offsets; README "Wire formats"): name -> the formats
+# it takes. "deepep" (the default) is DeepEP's column-major [E, RM, cols] view of [E, cols, RM];
+# "deepgemm" the same with RM padded to a multiple of 4 (16 bytes) in the strides, DeepGEMM's
+# MN-major TMA-aligned scales (get_mn_major_tma_aligned_tensor / _packed_ue8m0_tensor), which its
+# masked grouped GEMMs take without a copy; "cutlass_128x4" the block-scale bytes in CUTLASS's /
+# cuBLAS's 128x4 scale-factor tiles (TensorRT-LLM's SWIZZLED_128x4, FlashInfer's
+# nvfp4_block_scale_interleave), NVFP4's global scales beside them.
+RECV_SCALE_LAYOUTS = {
+    "deepep": ("fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8", "nvfp4"),
+    "deepgemm": ("fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8"),
+    "cutlass_128x4": ("mxfp8", "nvfp4"),
+}
+
+
+def recv_scale_layout_field(fmt: WireFormat, layout) -> dict:
+    """LowLatencyDispatchSpec's recv_scale_layout field for low_latency_dispatch's argument
+    (None: "deepep"); FormatError naming it when the format has no such layout."""
+    if layout is None or (layout == "deepep" and fmt.name in RECV_SCALE_LAYOUTS["deepep"]):
+        return dict(recv_scale_layout="")
+    if layout not in RECV_SCALE_LAYOUTS:
+        raise _err("recv_scale_layout", layout, f"must be one of {sorted(RECV_SCALE_LAYOUTS)}")
+    if fmt.name not in RECV_SCALE_LAYOUTS[layout]:
+        raise _err("recv_scale_layout", layout, f"is a layout of {RECV_SCALE_LAYOUTS[layout]}, "
+                                                f"not of {fmt.name}")
+    return dict(recv_scale_layout="" if layout == "deepep" else layout)
+
+
 def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:
     """LowLatencyDispatchSpec's format fields for a format low-latency dispatch sends (BF16
     copied; the others cast in the kernel). round_scale: power-of-two float32 scales, the one
