@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the format dispatch moves beside BF16 (normal) or casts to (low "
                         "latency): fp8_e4m3_f32_128 (default, DeepEP's FP8), fp8_ue8m0_128, "
                         "mxfp8, nvfp4; records name it in `dtype`")
+    p.add_argument("--combine-format", default="bf16",
+                   help="what low-latency combine sends: bf16 (default), fp8_e4m3_f32_128, "
+                        "logfmt10 (DeepEP's use_logfmt); records name it in `dtype`")
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--commit", default="unknown", help="recorded with the results")
@@ -77,6 +80,9 @@ def configs(args) -> list[tuple[str, dict]]:
         fmt.check_hidden(args.hidden, "--hidden")
     except ValueError as e:
         raise ValueError(str(e).replace("wire_format=", "--wire-format=")) from None
+    if args.combine_format not in formats.COMBINE_FORMATS:
+        raise ValueError(f"--combine-format={args.combine_format!r}: must be one of "
+                         f"{formats.COMBINE_FORMATS}")
     out = []
     for mode in (MODES if args.mode == "all" else (args.mode,)):
         tokens = (_ints(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens
@@ -93,7 +99,9 @@ def configs(args) -> list[tuple[str, dict]]:
             raise ValueError(f"--topk={args.topk}: must be in [1, min({MAX_TOPK}, experts={E})]")
         out.append((mode, dict(tokens=sorted(set(tokens)), hidden=args.hidden, topk=args.topk,
                                experts=E, runs=args.runs, warmup=args.warmup,
-                               wire_format=fmt.name)))
+                               wire_format=fmt.name,
+                               **({"combine_format": args.combine_format}
+                                  if mode == "low_latency" else {}))))
     return out
 
 
