@@ -94,10 +94,15 @@ class WireFormat:
         return self.data_bytes(hidden) + 4 * self.scale_cols(hidden)
 
     # -- validation --------------------------------------------------------------------------
-    def check_hidden(self, hidden: int, name: str = "hidden") -> None:
+    def check_hidden(self, hidden: int, name: str = "hidden", width: Optional[int] = None) -> None:
+        """width: the data width `name` has, when it is not `hidden` (packed values): the error
+        shows the argument's own value and the channels it holds."""
         if hidden <= 0 or hidden % self.hidden_multiple:
-            raise _err(name, hidden, f"{self.name} needs a positive multiple of "
-                                     f"{self.hidden_multiple} channels")
+            held = f" ({hidden} channels, {hidden // width} a byte)" \
+                if width is not None and width != hidden else ""
+            raise _err(name, hidden if width is None else width,
+                       f"{self.name} needs a positive multiple of {self.hidden_multiple} "
+                       f"channels{held}")
 
     def check(self, data, scales) -> int:
         """Validate dispatch's x (data, scales or None) against this format; return hidden.
@@ -120,7 +125,7 @@ class WireFormat:
             hidden = self.row_bytes
         else:
             hidden = self.hidden_of(data.size(1))
-            self.check_hidden(hidden, f"{dname}.shape[1]")
+            self.check_hidden(hidden, f"{dname}.shape[1]", data.size(1))
         cols = self.scale_cols(hidden)
         if cols == 0:
             if scales is not None:
