@@ -658,7 +658,7 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES
+    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES, LAYOUT_CASES
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
