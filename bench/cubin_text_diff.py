@@ -10,7 +10,8 @@ Use it to prove a refactor behaviour-neutral without a GPU:
 
 Symbol tables, notes and other non-executable sections may differ (say, a renamed constant); a
 difference in `.text.*` is a different kernel. Exits 1 if any kernel's code differs or a spec is
-in one cache only.
+in one cache only. A spec field added with NEW_FIELD metadata, at its default, matches the old
+manifests without it (spec_key).
 """
 from __future__ import annotations
 
@@ -42,13 +43,24 @@ def text_sections(elf: bytes) -> dict[str, bytes]:
     return out
 
 
+def spec_key(spec: dict) -> str:
+    """A manifest's spec, canonical: its describe() where this tree's specs read it, so a field
+    added since with NEW_FIELD metadata, at its default, matches the manifests written before
+    it existed (such a field leaves the kernel's code alone); else the spec's sorted JSON."""
+    try:
+        from epgen.jit.specs import spec_from_json
+        return spec_from_json(spec).describe()
+    except (ImportError, TypeError, ValueError):     # not this tree's spec: compare as written
+        return json.dumps(spec, sort_keys=True)
+
+
 def cubins(root: str) -> dict[str, tuple[str, str]]:
-    """canonical spec json -> (entry name, cubin path) for every entry of a cache."""
+    """canonical spec (spec_key) -> (entry name, cubin path) for every entry of a cache."""
     out = {}
     for manifest in glob.glob(os.path.join(root, "*", "manifest.json")):
         with open(manifest) as f:
             m = json.load(f)
-        out[json.dumps(m["spec"], sort_keys=True)] = (
+        out[spec_key(m["spec"])] = (
             m["name"], os.path.join(os.path.dirname(manifest), "kernel.cubin"))
     return out
 

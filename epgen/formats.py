@@ -94,10 +94,15 @@ class WireFormat:
         return self.data_bytes(hidden) + 4 * self.scale_cols(hidden)
 
     # -- validation --------------------------------------------------------------------------
-    def check_hidden(self, hidden: int, name: str = "hidden") -> None:
+    def check_hidden(self, hidden: int, name: str = "hidden", width: Optional[int] = None) -> None:
+        """width: the data width `name` has, when it is not `hidden` (packed values): the error
+        shows the argument's own value and the channels it holds."""
         if hidden <= 0 or hidden % self.hidden_multiple:
-            raise _err(name, hidden, f"{self.name} needs a positive multiple of "
-                                     f"{self.hidden_multiple} channels")
+            held = f" ({hidden} channels, {hidden // width} a byte)" \
+                if width is not None and width != hidden else ""
+            raise _err(name, hidden if width is None else width,
+                       f"{self.name} needs a positive multiple of {self.hidden_multiple} "
+                       f"channels{held}")
 
     def check(self, data, scales) -> int:
         """Validate dispatch's x (data, scales or None) against this format; return hidden.
@@ -120,7 +125,7 @@ class WireFormat:
             hidden = self.row_bytes
         else:
             hidden = self.hidden_of(data.size(1))
-            self.check_hidden(hidden, f"{dname}.shape[1]")
+            self.check_hidden(hidden, f"{dname}.shape[1]", data.size(1))
         cols = self.scale_cols(hidden)
         if cols == 0:
             if scales is not None:
@@ -202,6 +207,34 @@ def of_low_latency_flags(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> s
 
 
 LOW_LATENCY = ("bf16", "fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8", "nvfp4")
+
+
+# Where low-latency dispatch stores recv_x_scales, per local expert (templates/
+# ll_scale_layout.cuh; reference.scale_word_offsets; README "Wire formats"): name -> the formats
+# it takes. "deepep" (the default) is DeepEP's column-major [E, RM, cols] view of [E, cols, RM];
+# "deepgemm" the same with RM padded to a multiple of 4 (16 bytes) in the strides, DeepGEMM's
+# MN-major TMA-aligned scales (get_mn_major_tma_aligned_tensor / _packed_ue8m0_tensor), which its
+# masked grouped GEMMs take without a copy; "cutlass_128x4" the block-scale bytes in CUTLASS's /
+# cuBLAS's 128x4 scale-factor tiles (TensorRT-LLM's SWIZZLED_128x4, FlashInfer's
+# nvfp4_block_scale_interleave), NVFP4's global scales beside them.
+RECV_SCALE_LAYOUTS = {
+    "deepep": ("fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8", "nvfp4"),
+    "deepgemm": ("fp8_e4m3_f32_128", "fp8_ue8m0_128", "mxfp8"),
+    "cutlass_128x4": ("mxfp8", "nvfp4"),
+}
+
+
+def recv_scale_layout_field(fmt: WireFormat, layout) -> dict:
+    """LowLatencyDispatchSpec's recv_scale_layout field for low_latency_dispatch's argument
+    (None: "deepep"); FormatError naming it when the format has no such layout."""
+    if layout is None or (layout == "deepep" and fmt.name in RECV_SCALE_LAYOUTS["deepep"]):
+        return dict(recv_scale_layout="")
+    if layout not in RECV_SCALE_LAYOUTS:
+        raise _err("recv_scale_layout", layout, f"must be one of {sorted(RECV_SCALE_LAYOUTS)}")
+    if fmt.name not in RECV_SCALE_LAYOUTS[layout]:
+        raise _err("recv_scale_layout", layout, f"is a layout of {RECV_SCALE_LAYOUTS[layout]}, "
+                                                f"not of {fmt.name}")
+    return dict(recv_scale_layout="" if layout == "deepep" else layout)
 
 
 def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:

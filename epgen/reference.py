@@ -797,6 +797,63 @@ def nvfp4_split_wire_scales(wire: torch.Tensor, hidden: int):
     return block, wire[..., -1].contiguous().view(torch.float32)
 
 
+# Received-scale layouts of low-latency dispatch (formats.RECV_SCALE_LAYOUTS; the device map is
+# templates/ll_scale_layout.cuh, checked against these on the host). An expert's scales are RM rows
+# of W 4-byte words (float scales, or 1-byte scales packed four per word, pack_scale_bytes).
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def scale_layout_words(layout: str, experts: int, RM: int, W: int) -> int:
+    """Words of the storage holding `experts` experts' scales in `layout` (padding included)."""
+    rows = {"deepep": RM, "deepgemm": _cdiv(RM, 4) * 4, "cutlass_128x4": _cdiv(RM, 128) * 128}
+    return experts * rows[layout] * W
+
+
+def scale_word_offsets(layout: str, experts: int, RM: int, W: int) -> torch.Tensor:
+    """int64 [experts, RM, W]: the storage word of word q of row m of expert e.
+      deepep:   (e * W + q) * RM + m  (DeepEP's column-major scales)
+      deepgemm: (e * W + q) * RM4 + m, RM4 = RM rounded up to 4 (TMA's 16 bytes: DeepGEMM's
+                get_mn_major_tma_aligned_tensor strides (RM4 * W, 1, RM4))
+      cutlass_128x4: a word is 4 consecutive scale columns (4q .. 4q + 3) of one row, and CUTLASS's
+                128x4 tile (TensorRT-LLM get_sf_out_offset_128x4: byte ((m // 128) * ceil(n/4) +
+                k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4, the experts one after
+                another, each padded to ceil(RM / 128) * 128 rows) puts those 4 bytes at word
+                ((e * ceil(RM/128) + m // 128) * W + q) * 128 + (m % 32) * 4 + (m % 128) // 32."""
+    e = torch.arange(experts).view(-1, 1, 1)
+    m = torch.arange(RM).view(1, -1, 1)
+    q = torch.arange(W).view(1, 1, -1)
+    if layout == "cutlass_128x4":
+        tiles = _cdiv(RM, 128)
+        return ((e * tiles + m // 128) * W + q) * 128 + (m % 32) * 4 + (m % 128) // 32
+    rows = _cdiv(RM, 4) * 4 if layout == "deepgemm" else RM
+    if layout not in ("deepep", "deepgemm"):
+        raise ValueError(f"layout={layout!r}: one of deepep, deepgemm, cutlass_128x4")
+    return (e * W + q) * rows + m
+
+
+def scales_to_layout(words: torch.Tensor, layout: str) -> torch.Tensor:
+    """[E, RM, W] 4-byte words (any 4-byte dtype) -> the layout's flat storage (same dtype, zero
+    padding): what the dispatch writes for the rows it fills."""
+    E, RM, W = words.shape
+    out = torch.zeros(scale_layout_words(layout, E, RM, W), dtype=words.dtype)
+    out[scale_word_offsets(layout, E, RM, W).flatten()] = words.flatten()
+    return out
+
+
+def scales_from_layout(storage: torch.Tensor, layout: str, E: int, RM: int, W: int) -> torch.Tensor:
+    """Inverse of scales_to_layout: the flat storage -> [E, RM, W] words."""
+    return storage.flatten()[scale_word_offsets(layout, E, RM, W)]
+
+
+def swizzle_128x4(sf: torch.Tensor) -> torch.Tensor:
+    """uint8 [M, n] block scales -> CUTLASS's 128x4 scale-factor tiles, flat uint8
+    [ceil(M/128) * 128 * ceil(n/4) * 4], zero-padded (scales_to_layout of the bytes packed
+    four per word, one expert)."""
+    words = pack_scale_bytes(sf)
+    return scales_to_layout(words.unsqueeze(0), "cutlass_128x4").view(torch.uint8)
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. Combine wire formats: LogFMT-10 (DeepEP 567632d, csrc/kernels/internode_ll.cu logfmt_encode /
 #    logfmt_check_amaxmin / decode_and_accumulate) and FP8 per-128; README "Wire formats"

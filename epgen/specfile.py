@@ -10,7 +10,8 @@ problem is a SpecFileError naming the file, the key and what was expected.
         ep_sizes: [2, 4, 8]
         modes:
           normal: {dtypes: [bf16, fp8]}
-          low_latency: {dispatch_dtypes: [fp8, bf16]}
+          low_latency: {dispatch_dtypes: [fp8, bf16]}    # also combine_dtypes: [bf16, logfmt10]
+                                                          # and recv_scale_layouts: [deepgemm]
     kernels:                         # optional explicit specs (the fields of epgen/jit/specs.py)
       - {family: normal_combine, hidden: 2880, num_topk: 4, num_ranks: 4, num_biases: 1}
 """
@@ -106,12 +107,34 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
     return out
 
 
-def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
+def _name_list(v, allowed, path, where) -> list[str]:
+    if not (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
+        _fail(path, where, f"a non-empty list of {list(allowed)}", v)
+    for x in v:
+        if x not in allowed:
+            raise SpecFileError(f"{path}: {where}: {echo(x)} is not one of {list(allowed)}")
+    return v
+
+
+def low_latency_specs(hidden, num_experts, num_topk, num_ranks, dtypes, combine_dtypes=("bf16",),
+                      recv_scale_layouts=("deepep",)) -> list[KernelSpec]:
+    """dtypes: the dispatch formats; combine_dtypes: formats.COMBINE_FORMATS; recv_scale_layouts:
+    formats.RECV_SCALE_LAYOUTS, each for the dispatch formats that have it (README "Wire
+    formats"). The combine always includes BF16's kernel (DeepEP's default)."""
     out: list[KernelSpec] = []
     for dtype in dtypes:
-        out.append(ll_dispatch_spec(hidden, num_topk, num_experts, num_ranks,
-                                    **formats.low_latency_fields(_format_of(dtype))))
+        fmt = _format_of(dtype)
+        for layout in recv_scale_layouts:
+            if layout == "deepep" or fmt.name in formats.RECV_SCALE_LAYOUTS[layout]:
+                out.append(ll_dispatch_spec(hidden, num_topk, num_experts, num_ranks,
+                                            **formats.low_latency_fields(fmt),
+                                            **formats.recv_scale_layout_field(
+                                                fmt, None if layout == "deepep" else layout)))
     out.append(ll_combine_spec(hidden, num_topk, num_experts, num_ranks))
+    for name in combine_dtypes:
+        if name != formats.BF16.name:       # the other formats run the per-expert kernel only
+            out.append(ll_combine_spec(hidden, num_topk, num_experts, num_ranks,
+                                       **formats.combine_fields(name)))
     if combine_variant() == "per_rank":              # the per-rank kernel, where it is selected
         out.append(ll_combine_spec(hidden, num_topk, num_experts, num_ranks, per_rank=True))
     out.append(ll_barrier_spec(num_ranks))     # clean_low_latency_buffer
@@ -173,16 +196,26 @@ def _model_specs(m, path: str, where: str) -> list[KernelSpec]:
             raise SpecFileError(
                 f"{path}: {w}.num_max_dispatch_tokens_per_rank: no kernel depends on it (it is "
                 "a run-time argument of low_latency_dispatch, up to 1024): remove it")
-        _check_keys(mode, {"dispatch_dtypes"}, path, w)
+        _check_keys(mode, {"dispatch_dtypes", "combine_dtypes", "recv_scale_layouts"}, path, w)
         low = _dtype_list(mode.get("dispatch_dtypes", ["fp8"]), path, f"{w}.dispatch_dtypes",
                           low_latency=True)
+        low_combine = _name_list(mode.get("combine_dtypes", ["bf16"]), formats.COMBINE_FORMATS,
+                                 path, f"{w}.combine_dtypes")
+        layouts = _name_list(mode.get("recv_scale_layouts", ["deepep"]),
+                             formats.RECV_SCALE_LAYOUTS, path, f"{w}.recv_scale_layouts")
+        for layout in layouts:
+            if layout != "deepep" and not any(_format_of(d).name in formats.RECV_SCALE_LAYOUTS[layout] for d in low):
+                raise SpecFileError(
+                    f"{path}: {w}.recv_scale_layouts: {layout!r} is a layout of "
+                    f"{formats.RECV_SCALE_LAYOUTS[layout]}, none of the dispatch_dtypes {low}")
     specs: list[KernelSpec] = []
     for ep in ep_sizes:
         try:
             if normal:
                 specs += normal_mode_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, normal)
             if low:
-                specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, low)
+                specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, low,
+                                           low_combine, layouts)
         except SpecError as e:
             raise SpecFileError(f"{path}: {where} (ep_size {ep}): {e}") from None
     return specs

@@ -134,9 +134,34 @@ def test_configs_from_arguments():
     (mode, cfg), = bench_cli.configs(_args("--mode", "low_latency", "--tokens", "64",
                                            "--experts", "64", "--topk", "6", "--hidden", "2880"))
     assert mode == "low_latency" and cfg == dict(tokens=[64], hidden=2880, topk=6, experts=64,
-                                                 runs=50, warmup=5, wire_format="fp8_e4m3_f32_128")
+                                                 runs=50, warmup=5, wire_format="fp8_e4m3_f32_128",
+                                                 combine_format="bf16")
     (_, cfg), = bench_cli.configs(_args("--mode", "normal", "--wire-format", "nvfp4"))
-    assert cfg["wire_format"] == "nvfp4"
+    assert cfg["wire_format"] == "nvfp4" and "combine_format" not in cfg
+    (_, cfg), = bench_cli.configs(_args("--mode", "low_latency", "--combine-format", "logfmt10"))
+    assert cfg["combine_format"] == "logfmt10"
+
+
+def test_record_formats_name_the_format_and_its_bytes_per_token():
+    import torch
+    from epgen import reference as ref
+    from epgen.bench import low_latency as bll
+    H = 2880
+    got = bll.record_formats("fp8_e4m3_f32_128", "bf16", H)
+    assert got["ll_dispatch"] == got["ll_dispatch_send"] == got["ll_dispatch_recv"] == \
+        ("fp8_e4m3_f32_128", H + 4 * 23)
+    assert got["ll_combine"] == got["ll_combine_send"] == ("bf16", 2 * H)
+    assert got["ll_dispatch_combine"] == ("fp8_e4m3_f32_128", 3 * H + 4 * 23)   # as before
+    got = bll.record_formats("nvfp4", "fp8_e4m3_f32_128", H)
+    assert got["ll_dispatch"] == ("nvfp4", H // 2 + 4 * (45 + 1))
+    assert got["ll_combine_recv"] == ("fp8_e4m3_f32_128", H + 4 * 23)
+    assert got["ll_dispatch_combine"] == ("nvfp4+fp8_e4m3_f32_128", H // 2 + 184 + H + 92)
+    assert bll.record_formats("mxfp8", "logfmt10", H)["ll_combine"] == \
+        ("logfmt10", 4 * 23 + 2 * H)                       # no rows: the largest message
+    rows = (torch.randn(8, H, generator=torch.Generator().manual_seed(0)) * 0.1).to(torch.bfloat16)
+    dtype, nb = bll.record_formats("mxfp8", "logfmt10", H, rows)["ll_combine"]
+    n = ref.combine_wire_encode(rows, "logfmt10")[1]
+    assert dtype == "logfmt10" and nb == float(n.double().mean()) and nb < 2 * H
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -150,6 +175,7 @@ def test_configs_from_arguments():
     (["--runs", "0"], "--runs=0: must be >= 1"),
     (["--wire-format", "fp4"], "--wire-format='fp4': must be a WireFormat, one of"),
     (["--wire-format", "opaque64"], "--wire-format='opaque64': low-latency dispatch sends one of"),
+    (["--combine-format", "fp8"], "--combine-format='fp8': must be one of"),
     (["--wire-format", "mxfp8", "--hidden", "2896"],
      "--hidden=2896: mxfp8 needs a positive multiple of 32 channels"),
 ])

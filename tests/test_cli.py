@@ -9,7 +9,8 @@ import pytest
 from epgen import jit
 from epgen.cli import main
 from epgen.specfile import SpecFileError, load_spec_file
-from epgen.jit.specs import LayoutSpec, LowLatencyBarrierSpec, LowLatencyDispatchSpec, NormalDispatchSpec
+from epgen.jit.specs import (LayoutSpec, LowLatencyBarrierSpec, LowLatencyCombineSpec,
+                             LowLatencyDispatchSpec, NormalDispatchSpec)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = """
@@ -60,7 +61,43 @@ models:
     assert ld(round_scale=True, use_ue8m0=True) in sf.specs
 
 
+def test_spec_files_name_combine_formats_and_scale_layouts(tmp_path):
+    """Low-latency combine_dtypes (formats.COMBINE_FORMATS: LogFMT-10, FP8) and
+    recv_scale_layouts (formats.RECV_SCALE_LAYOUTS, each for the dispatch dtypes that have it)."""
+    sf = load_spec_file(write(tmp_path, """
+models:
+  - {name: m, hidden: 2880, num_experts: 64, num_topk: 4, ep_sizes: [2],
+     modes: {low_latency: {dispatch_dtypes: [bf16, fp8, nvfp4],
+                           combine_dtypes: [logfmt10, fp8_e4m3_f32_128],
+                           recv_scale_layouts: [deepep, deepgemm, cutlass_128x4]}}}
+"""))
+    lc = lambda **kw: LowLatencyCombineSpec(hidden=2880, num_topk=4, num_experts=64,  # noqa: E731
+                                            num_ranks=2, **kw)
+    ld = lambda **kw: LowLatencyDispatchSpec(hidden=2880, num_topk=4, num_experts=64,  # noqa: E731
+                                             num_ranks=2, **kw)
+    for spec in (lc(), lc(wire_format="logfmt10"), lc(wire_format="fp8_e4m3_f32_128"),
+                 ld(use_fp8=False), ld(), ld(recv_scale_layout="deepgemm"),
+                 ld(use_fp8=False, wire_format="nvfp4"),
+                 ld(use_fp8=False, wire_format="nvfp4", recv_scale_layout="cutlass_128x4")):
+        assert spec in sf.specs, spec.name
+    dispatches = [s for s in sf.specs if isinstance(s, LowLatencyDispatchSpec)]
+    assert len(dispatches) == 5       # no deepgemm nvfp4, no cutlass fp8, bf16 has no scales
+
+
 @pytest.mark.parametrize("text, needle", [
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {combine_dtypes: [mxfp8]}}}]",
+     "models[0].modes.low_latency.combine_dtypes: 'mxfp8' is not one of ['bf16', "),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {combine_dtypes: logfmt10}}}]",
+     "models[0].modes.low_latency.combine_dtypes: expected a non-empty list of"),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {recv_scale_layouts: [tiled]}}}]",
+     "models[0].modes.low_latency.recv_scale_layouts: 'tiled' is not one of ['deepep', "),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {dispatch_dtypes: [fp8], recv_scale_layouts: [cutlass_128x4]}}}]",
+     "recv_scale_layouts: 'cutlass_128x4' is a layout of ('mxfp8', 'nvfp4'), none of the "
+     "dispatch_dtypes ['fp8']"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {low_latency: {dispatch_dtypes: [opaque64]}}}]",
      "models[0].modes.low_latency.dispatch_dtypes: 'opaque64' is not one of ['fp8', 'bf16'"),

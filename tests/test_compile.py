@@ -33,6 +33,11 @@ SPECS = [
     # the in-kernel MXFP8 / NVFP4 casts at DeepSeek's, a 4096 and gpt-oss's 2880 hidden
     *(LowLatencyDispatchSpec(hidden=h, num_topk=8, num_experts=64, num_ranks=8, use_fp8=False,
                              wire_format=f) for f in ("mxfp8", "nvfp4") for h in (7168, 4096, 2880)),
+    # the received-scale layouts (formats.RECV_SCALE_LAYOUTS), 2880: a partial last scale word
+    *(LowLatencyDispatchSpec(hidden=2880, num_topk=8, num_experts=64, num_ranks=8, use_fp8=not f,
+                             round_scale=ue, use_ue8m0=ue, wire_format=f, recv_scale_layout=l)
+      for f, ue, l in (("", False, "deepgemm"), ("", True, "deepgemm"), ("mxfp8", False, "deepgemm"),
+                       ("mxfp8", False, "cutlass_128x4"), ("nvfp4", False, "cutlass_128x4"))),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     # the combine wire formats (FP8 + float scales, LogFMT-10) at 7168, 4096 and 2880

@@ -99,8 +99,10 @@ DIFFERENCES = {
 # Public Buffer methods DeepEP does not have.
 EXTENSIONS = {"check_errors"}
 # epgen's keyword-only additions to DeepEP methods (after all of DeepEP's parameters, so no
-# positional call changes meaning): the wire format (epgen.formats, README "Wire formats").
-EXTRA_KEYWORDS = {"dispatch": {"wire_format": None}, "low_latency_dispatch": {"wire_format": None},
+# positional call changes meaning): the wire format (epgen.formats, README "Wire formats") and
+# low-latency dispatch's received-scale layout.
+EXTRA_KEYWORDS = {"dispatch": {"wire_format": None}, "low_latency_dispatch": {"wire_format": None,
+                                                                          "recv_scale_layout": None},
                   "low_latency_combine": {"wire_format": None}}
 
 

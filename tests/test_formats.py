@@ -70,7 +70,8 @@ def test_opaque_constructor_rules():
     ("mxfp8", lambda d, s: (d, None), r"x='a tensor': mxfp8 needs \(x, x_scales\)"),
     ("nvfp4", lambda d, s: (d, s[:, :-1]),
      r"x\[1\].shape=\(3, 45\): nvfp4 at hidden 2880 has scales \[3, 46\]"),
-    ("nvfp4", lambda d, s: (d[:, :1432], s), r"x\[0\].shape\[1\]=2864: nvfp4 needs"),
+    ("nvfp4", lambda d, s: (d[:, :1432], s), r"x\[0\].shape\[1\]=1432: nvfp4 needs a positive "
+                                              r"multiple of 32 channels \(2864 channels, 2 a byte\)"),
     ("bf16", lambda d, s: (d, torch.zeros(3, 1)), r"x\[1\]='a tensor': bf16 has no scales"),
     ("bf16", lambda d, s: (d.float(), s), r"x.dtype=torch.float32: must be torch.bfloat16"),
     ("nvfp4", lambda d, s: (d, s[:2]), r"x\[1\].shape=\(2, 46\): must be \[3, side width\]"),
@@ -113,3 +114,52 @@ def test_low_latency_format_from_flags_or_wire_format():
     assert payload_bytes(7168, False, "mxfp8") == 7168 + 4 * 224
     assert payload_bytes(2880, False, "nvfp4") == (1440 + 4 * 46 + 15) // 16 * 16
     assert payload_bytes(7168, True) == 7168 + 4 * 56
+
+
+def _mismatches(fmt, d, s):
+    """(name, (data, scales), expected message) for each way x can fail fmt's rules: data dtype,
+    rank, width (the format's channel multiple, or a width its scales do not fit), scale shape,
+    rows, dtype, scales missing or not a tensor."""
+    T, name = d.shape[0], fmt.name
+    dn = r"x\[0\]" if s is not None else "x"
+    want = fmt.data_torch_dtype()
+    other = torch.int8 if d.element_size() == 1 else torch.int16
+    out = [("data dtype", (d.view(other), s), rf"{dn}\.dtype={other}: must be {want} for {name}"),
+           ("data rank", (d[None], s), rf"{dn}\.shape=\(1, {T}, {d.shape[1]}\): must be "
+                                       r"\[num_tokens, width\]")]
+    if fmt.hidden_multiple > 1:       # a width that is not whole groups / packed bytes
+        w = d.shape[1] - 8
+        out.append(("width", (d[:, :w], s), rf"{dn}\.shape\[1\]={w}: {name} needs a positive "
+                                            rf"multiple of {fmt.hidden_multiple} channels"
+                                            + (r" \(\d+ channels, 2 a byte\)" if fmt.bits == 4 else "$")))
+    if s is None:
+        out.append(("extra scales", (d, torch.zeros(T, 1)),
+                    rf"x\[1\]='a tensor': {name} has no scales: pass x alone"))
+        return out
+    H, c = fmt.hidden_of(d.shape[1]), s.shape[1]
+    w = fmt.data_width(H - 512)        # 4 scale groups fewer: a width the scales do not fit
+    out += [
+        ("width vs scales", (d[:, :w], s), rf"x\[1\]\.shape=\({T}, {c}\): {name} at hidden "
+                                          rf"{H - 512} has scales \[{T}, {fmt.scale_cols(H - 512)}\]"),
+        ("scale columns", (d, s[:, :-1]), rf"x\[1\]\.shape=\({T}, {c - 1}\): {name} at hidden "
+                                          rf"{H} has scales \[{T}, {c}\]"),
+        ("scale rows", (d, s[:-1]), rf"x\[1\]\.shape=\({T - 1}, {c}\): must be \[{T}, side width\]"),
+        ("scale dtype", (d, s.view(torch.float32 if s.dtype == torch.int32 else torch.int32)),
+         rf"x\[1\]\.dtype=.*: must be {fmt.scale_torch_dtype()} for {name} "
+         rf"\({fmt.scale_layout} scale layout\)"),
+        ("scales missing", (d, None), rf"x='a tensor': {name} needs \(x, x_scales\)"),
+        ("scales not a tensor", (d, s.tolist()), r"x\[1\]='list': must be a torch.Tensor"),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(F.FORMATS))
+def test_every_builtin_format_names_each_mismatch(name):
+    fmt = F.get(name)
+    d, s = _x(fmt)
+    cases = _mismatches(fmt, d, s)
+    assert len(cases) >= (3 if s is None else 9) - (fmt.hidden_multiple == 1)
+    for what, (data, scales), match in cases:
+        with pytest.raises(F.FormatError, match=match):
+            fmt.check(data, scales)
+            pytest.fail(f"{name}: {what} passed the check")

@@ -137,3 +137,70 @@ def test_combine_spec_format_rules():
     bf16, lf = LowLatencyCombineSpec(**base), LowLatencyCombineSpec(**base, wire_format="logfmt10")
     assert "wire_format" not in bf16.describe() and bf16.name != lf.name
     assert (bf16.wire_format_code, lf.wire_format_code) == (0, 2)
+
+
+# -- received-scale layouts (recv_scale_layout): the spec field, the outputs, the refusals --------
+def _dispatch(**kw):
+    ops, fake = fake_ll_ops(R, M, H, E)
+    g = torch.Generator().manual_seed(1)
+    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
+    out, *_ = ops.low_latency_dispatch(x, idx, M, E, **kw)
+    return out, fake.launches
+
+
+RM, EL = R * M, E // R
+
+
+@pytest.mark.parametrize("kw, layout, cols", [
+    ({}, "", 2),                                                       # DeepEP's, unchanged
+    ({"recv_scale_layout": "deepep"}, "", 2),
+    ({"recv_scale_layout": "deepgemm"}, "deepgemm", 2),
+    ({"round_scale": True, "use_ue8m0": True, "recv_scale_layout": "deepgemm"}, "deepgemm", 1),
+    ({"wire_format": "mxfp8", "recv_scale_layout": "deepgemm"}, "deepgemm", 2),
+])
+def test_mn_major_scale_layouts(kw, layout, cols):
+    (recv_x, scales), launches = _dispatch(**kw)
+    spec, args = launches[0]
+    assert spec.recv_scale_layout == layout and args.recv_scales == scales.data_ptr()
+    rows = (RM + 3) // 4 * 4 if layout else RM       # RM = 32: the same strides either way here
+    assert scales.shape == (EL, RM, cols) and scales.stride() == (cols * rows, 1, rows)
+
+
+def test_deepgemm_layout_pads_the_rows_to_16_bytes():
+    ops, fake = fake_ll_ops(R, M, H, E)
+    x = fake_cuda(torch.zeros(7, H, dtype=torch.bfloat16))
+    idx = fake_cuda(torch.arange(K).repeat(7, 1))
+    for layout, rows in (("deepep", 14), ("deepgemm", 16)):     # M = 7 per rank: RM = 14
+        (_, s), *_ = ops.low_latency_dispatch(x, idx, 7, E, recv_scale_layout=layout)
+        assert s.shape == (EL, 14, 2) and s.stride() == (2 * rows, 1, rows), layout
+
+
+@pytest.mark.parametrize("fmt, words", [("mxfp8", 2), ("nvfp4", 4)])
+def test_cutlass_128x4_layout(fmt, words):
+    out, launches = _dispatch(wire_format=fmt, recv_scale_layout="cutlass_128x4")
+    spec, args = launches[0]
+    assert spec.recv_scale_layout == "cutlass_128x4"
+    tiles = out[1]
+    assert tiles.dtype == torch.uint8 and tiles.shape == (EL, 128 * 4 * words)  # RM 32 -> 128
+    assert args.recv_scales == tiles.data_ptr()
+    if fmt == "nvfp4":                   # the global scales right after every expert's tiles
+        g = out[2]
+        assert g.dtype == torch.float32 and g.shape == (EL, RM)
+        assert g.data_ptr() == tiles.data_ptr() + tiles.numel()
+    else:
+        assert len(out) == 2
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"recv_scale_layout": "tiled"}, r"recv_scale_layout='tiled': must be one of"),
+    ({"recv_scale_layout": "cutlass_128x4"},
+     r"recv_scale_layout='cutlass_128x4': is a layout of \('mxfp8', 'nvfp4'\), not of "
+     r"fp8_e4m3_f32_128"),
+    ({"wire_format": "nvfp4", "recv_scale_layout": "deepgemm"},
+     r"recv_scale_layout='deepgemm': is a layout of .*, not of nvfp4"),
+    ({"use_fp8": False, "recv_scale_layout": "deepep"}, r"recv_scale_layout='deepep': bf16"),
+])
+def test_scale_layout_errors_before_any_launch(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _dispatch(**kw)

@@ -225,6 +225,67 @@ def _run_format_case(buf, rank, R, E, cid, name, H, K, wf, hook):
     _check_combine(rank, ins, y, handle, combined)
 
 
+# (name, H, K, wire_format, recv_scale_layout): the received-scale layouts (formats.
+# RECV_SCALE_LAYOUTS), last, all in the quick tier at one shape: 33 tokens per rank, so that
+# num_ranks * 33 rows are neither a multiple of 4 at 2 ranks (deepgemm's padded stride) nor of
+# 128 (cutlass_128x4's partial row tile); 2880: a partial last scale word. The scales are read
+# back through reference.scales_from_layout (the layout's own definition, not the kernel's map)
+# and compared bit for bit with the reference cast of each row's source token (float32 FP8
+# scales: within the FP8 cases' tolerance).
+ML = 33
+LAYOUT_CASES = [
+    ("recv_scale_layout deepgemm fp8_e4m3_f32_128 h2880 k8", 2880, 8, "fp8_e4m3_f32_128",
+     "deepgemm"),
+    ("recv_scale_layout deepgemm fp8_ue8m0_128 h2880 k8", 2880, 8, "fp8_ue8m0_128", "deepgemm"),
+    ("recv_scale_layout deepgemm mxfp8 h2880 k8", 2880, 8, "mxfp8", "deepgemm"),
+    ("recv_scale_layout cutlass_128x4 mxfp8 h2880 k8", 2880, 8, "mxfp8", "cutlass_128x4"),
+    ("recv_scale_layout cutlass_128x4 nvfp4 h2880 k8", 2880, 8, "nvfp4", "cutlass_128x4"),
+]
+
+
+def _run_layout_case(buf, rank, R, E, cid, name, H, K, wf, layout):
+    import torch
+    from epgen import formats
+    from epgen import reference as ref
+    tokens = [ML] * R
+    tokens[-1] = ML - 3
+    ins = _all_inputs(cid, R, tokens, H, K, E)
+    x, idx, _ = ins[rank]
+    buf.clean_low_latency_buffer(ML, H, E)        # every rank past its calls at the larger M
+    _poison()
+    recv, count, handle, ev, hk = buf.low_latency_dispatch(x, idx, ML, E, wire_format=wf,
+                                                           recv_scale_layout=layout)
+    _finish(buf, ev, hk, False, False)
+    El, RM = E // R, R * ML
+    cols = formats.get(wf).scale_cols(H)
+    recv_x = recv[0]
+    if layout == "deepgemm":                      # DeepGEMM's check_sf_layout (tma_stride_check)
+        scales = recv[1]
+        rows = (RM + 3) // 4 * 4
+        assert len(recv) == 2 and scales.shape == (El, RM, cols), scales.shape
+        assert scales.stride() == (rows * cols, 1, rows), scales.stride()
+        store = torch.as_strided(scales, (El * rows * cols,), (1,)).cpu()
+        words = ref.scales_from_layout(store.view(torch.int32), layout, El, RM, cols)
+    else:                                         # uint8 tiles (+ NVFP4's float32 globals)
+        W = cols - 1 if wf == "nvfp4" else cols
+        tiles = recv[1]
+        assert len(recv) == (3 if wf == "nvfp4" else 2)
+        assert tiles.dtype == torch.uint8 and tiles.shape == (El, (RM + 127) // 128 * 128 * 4 * W)
+        words = ref.scales_from_layout(tiles.cpu().contiguous().view(torch.int32), layout,
+                                       El, RM, W)
+        if wf == "nvfp4":
+            g = recv[2]
+            assert g.shape == (El, RM) and g.data_ptr() == tiles.data_ptr() + tiles.numel()
+            words = torch.cat([words, g.cpu().view(torch.int32).unsqueeze(-1)], dim=-1)
+    got_scales = (words.view(torch.float32) if wf == "fp8_e4m3_f32_128" else words).to(
+        recv_x.device)
+    xs, idxs = [i[0] for i in ins], [i[1] for i in ins]
+    kw = dict(wire_format=wf) if wf in ("mxfp8", "nvfp4") else \
+        dict(round_scale=True, use_ue8m0=True, exact_fp8=True) if wf == "fp8_ue8m0_128" else {}
+    ref.check_low_latency_dispatch(xs, idxs, E, rank, ML, recv_x, count, handle[0], handle[1],
+                                   recv_x_scales=got_scales, **kw)
+
+
 # (name, H, K, use_logfmt, wire_format, hook): the combine wire formats, after
 # FORMAT_CASES (QUICK keeps its meaning; QUICK_COMBINE adds the first). Each checks the message
 # bytes in the owner's receive slots against reference.combine_wire_encode and the output bit
@@ -498,8 +559,11 @@ def _worker(rank, world):
     first_combine = len(jobs)
     jobs += [(c[0], lambda c=c, i=i: _run_combine_format_case(buf, rank, world, E, 600 + i, *c))
              for i, c in enumerate(COMBINE_FORMAT_CASES)]
-    _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE]),
-              results)
+    first_layout = len(jobs)
+    jobs += [(c[0], lambda c=c, i=i: _run_layout_case(buf, rank, world, E, 700 + i, *c))
+             for i, c in enumerate(LAYOUT_CASES)]
+    _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE] +
+                                 list(range(first_layout, len(jobs)))), results)
     torch.cuda.synchronize()
     buf.destroy()
     # Each with its own Buffer (the heap holds one of each size at a time), after the main one.
@@ -594,7 +658,7 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES
+    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES, LAYOUT_CASES
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())

@@ -31,6 +31,17 @@ from epgen.jit.specs import (InternodeNotifySpec, LayoutSpec, LowLatencyBarrierS
                                     wire_format="mxfp8"), "wire_format", "mxfp8"),
     (lambda: LowLatencyDispatchSpec(hidden=2896, num_topk=8, num_experts=288, num_ranks=2,
                                     use_fp8=False, wire_format="nvfp4"), "hidden", 2896),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    recv_scale_layout="tiled"), "recv_scale_layout", "tiled"),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    use_fp8=False, recv_scale_layout="deepgemm"),
+     "recv_scale_layout", "deepgemm"),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    use_fp8=False, wire_format="nvfp4",
+                                    recv_scale_layout="deepgemm"), "recv_scale_layout", "deepgemm"),
+    (lambda: LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2,
+                                    recv_scale_layout="cutlass_128x4"),
+     "recv_scale_layout", "cutlass_128x4"),
     (lambda: LayoutSpec(num_ranks=2, num_experts=64, num_topk="8"), "num_topk", "8"),
     (lambda: LowLatencyBarrierSpec(num_ranks=65), "num_ranks", 65),
     (lambda: InternodeNotifySpec(num_ranks=8, ranks_per_node=8, num_experts=64),
@@ -131,6 +142,22 @@ def test_ll_wire_format_field_keeps_existing_names_and_selects_the_cast():
                                    use_fp8=False, wire_format=fmt)
         assert s.name.startswith(f"ll_dispatch_{fmt}_h2880") and s.wire_format_code == code
         assert f"enum : int {{ wire_format_code = {code} }};" in codegen.render(s)
+        assert spec_from_json(s.to_json()) == s
+
+
+def test_ll_recv_scale_layout_field_keeps_existing_names_and_selects_the_map():
+    """recv_scale_layout defaults to "" (DeepEP's): existing specs keep their names and fields;
+    a named layout is its own kernel with the template's SFL argument."""
+    base = LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2)
+    assert base.name == "ll_dispatch_fp8_h7168_k8_e288_r2_fd2750"
+    assert "recv_scale_layout" not in base.rendered_fields()
+    assert "enum : int { recv_scale_layout_code = 0 };" in codegen.render(base)
+    for code, layout, fmt in ((1, "deepgemm", ""), (1, "deepgemm", "mxfp8"),
+                              (2, "cutlass_128x4", "mxfp8"), (2, "cutlass_128x4", "nvfp4")):
+        s = LowLatencyDispatchSpec(hidden=2880, num_topk=8, num_experts=288, num_ranks=2,
+                                   use_fp8=not fmt, wire_format=fmt, recv_scale_layout=layout)
+        assert s.name.startswith(f"ll_dispatch_{fmt or 'fp8'}_{layout}_h2880")
+        assert f"enum : int {{ recv_scale_layout_code = {code} }};" in codegen.render(s)
         assert spec_from_json(s.to_json()) == s
 
 

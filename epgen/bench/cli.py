@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the format dispatch moves beside BF16 (normal) or casts to (low "
                         "latency): fp8_e4m3_f32_128 (default, DeepEP's FP8), fp8_ue8m0_128, "
                         "mxfp8, nvfp4; records name it in `dtype`")
+    p.add_argument("--combine-format", default="bf16",
+                   help="what low-latency combine sends: bf16 (default), fp8_e4m3_f32_128, "
+                        "logfmt10 (DeepEP's use_logfmt); records name it in `dtype`")
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--commit", default="unknown", help="recorded with the results")
@@ -98,6 +101,9 @@ def configs(args) -> list[tuple[str, dict]]:
         raise ValueError(str(e).replace("wire_format=", "--wire-format=")) from None
     if args.dry_run and args.mode != "internode":
         raise ValueError(f"--dry-run with --mode={args.mode}: only --mode internode has one")
+    if args.combine_format not in formats.COMBINE_FORMATS:
+        raise ValueError(f"--combine-format={args.combine_format!r}: must be one of "
+                         f"{formats.COMBINE_FORMATS}")
     out = []
     for mode in (ALL if args.mode == "all" else (args.mode,)):
         tokens = (_ints(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens
@@ -114,6 +120,8 @@ def configs(args) -> list[tuple[str, dict]]:
             raise ValueError(f"--topk={args.topk}: must be in [1, min({MAX_TOPK}, experts={E})]")
         cfg = dict(tokens=sorted(set(tokens)), hidden=args.hidden, topk=args.topk,
                    experts=E, runs=args.runs, warmup=args.warmup, wire_format=fmt.name)
+        if mode == "low_latency":
+            cfg["combine_format"] = args.combine_format
         if mode == "internode":
             cfg.update(_internode(args, fmt.name, E))
         out.append((mode, cfg))

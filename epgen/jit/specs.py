@@ -31,6 +31,9 @@ MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
 # the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT.
 LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
+# Where low-latency dispatch stores the received scales (epgen.formats.RECV_SCALE_LAYOUTS; "" is
+# "deepep", today's). The index is the template's SFL (templates/ll_scale_layout.cuh).
+LL_SCALE_LAYOUTS = ("", "deepgemm", "cutlass_128x4")
 # Low-latency combine wire formats (epgen.formats.COMBINE_FORMATS; "" is BF16). The index is
 # the template's FMT (templates/ll_combine_wire.cuh).
 LL_COMBINE_FORMATS = ("", "fp8_e4m3_f32_128", "logfmt10")
@@ -411,6 +414,8 @@ class LowLatencyDispatchSpec(KernelSpec):
     use_ue8m0: bool = False
     threads: int = 1024
     wire_format: str = ""   # LL_WIRE_FORMATS: "mxfp8" / "nvfp4" cast to that format
+    # LL_SCALE_LAYOUTS: the layout of recv_x_scales ("": DeepEP's)
+    recv_scale_layout: str = dataclasses.field(default="", metadata=NEW_FIELD)
 
     def validate(self):
         _check_common(self)
@@ -425,6 +430,14 @@ class LowLatencyDispatchSpec(KernelSpec):
                       f"must be a multiple of 32 for {self.wire_format}")
         if self.use_ue8m0:
             self._req(self.round_scale, "use_ue8m0", "needs round_scale=True")
+        self._req(self.recv_scale_layout in LL_SCALE_LAYOUTS, "recv_scale_layout",
+                  f"must be one of {LL_SCALE_LAYOUTS}")
+        if self.recv_scale_layout == "deepgemm":
+            self._req(self.use_fp8 or self.wire_format == "mxfp8", "recv_scale_layout",
+                      "deepgemm needs FP8 (use_fp8) or mxfp8 scales")
+        if self.recv_scale_layout == "cutlass_128x4":
+            self._req(self.wire_format in ("mxfp8", "nvfp4"), "recv_scale_layout",
+                      "cutlass_128x4 needs wire_format mxfp8 or nvfp4")
         if not self.use_fp8:
             self._req(not self.round_scale and not self.use_ue8m0, "round_scale",
                       "round_scale/use_ue8m0 need use_fp8=True")
@@ -446,7 +459,8 @@ class LowLatencyDispatchSpec(KernelSpec):
         return LL_WIRE_FORMATS.index(self.wire_format)
 
     def derived(self):
-        return dict(wire_format_code=self.wire_format_code)
+        return dict(wire_format_code=self.wire_format_code,
+                    recv_scale_layout_code=LL_SCALE_LAYOUTS.index(self.recv_scale_layout))
 
     def device_checks(self):
         # The launch's dynamic shared memory is payload_bytes; the host sizes the receive slots
@@ -464,7 +478,8 @@ class LowLatencyDispatchSpec(KernelSpec):
     def readable_tag(self):
         dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
             if self.use_fp8 else self.wire_format or "bf16"
-        return f"{dt}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
+        sf = f"_{self.recv_scale_layout}" if self.recv_scale_layout else ""
+        return f"{dt}{sf}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 
 
 @dataclass(frozen=True)

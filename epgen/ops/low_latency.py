@@ -107,6 +107,27 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     return _data_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["end"]
 
 
+def _recv_scales(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: int, dtype, dev):
+    """(recv_x_scales as returned, the allocation the kernel writes) in a received-scale layout
+    (formats.RECV_SCALE_LAYOUTS; templates/ll_scale_layout.cuh is the kernel's map, cols 4-byte
+    words a row). deepep / deepgemm: [El, RM, cols] MN-major, the columns RM or RM rounded up to 4
+    apart. cutlass_128x4: uint8 [El, ceil(RM/128) * 128 * 4 * W] tiles (W = the block-scale
+    words); NVFP4 returns (tiles, float32 [El, RM] global scales), both views of one allocation."""
+    if layout in ("deepep", "deepgemm"):
+        rows = RM if layout == "deepep" else (RM + 3) // 4 * 4
+        store = torch.empty(El, cols, rows, dtype=dtype, device=dev)
+        view = store.transpose(1, 2)
+        return (view if rows == RM else view[:, :RM]), store
+    W = cols - 1 if fmt is formats.NVFP4 else cols
+    tile_words = El * ((RM + 127) // 128) * 128 * W
+    store = torch.empty(tile_words + (El * RM if fmt is formats.NVFP4 else 0), dtype=torch.int32,
+                        device=dev)
+    tiles = store[:tile_words].view(torch.uint8).view(El, -1)
+    if fmt is formats.NVFP4:
+        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), store
+    return tiles, store
+
+
 def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireFormat:
     """The format a low-latency dispatch sends: DeepEP's flags name it, or wire_format does; then
     the flags must be DeepEP's defaults or name the same format (no silent override)."""
@@ -249,7 +270,7 @@ class LowLatencyOps:
                              cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False,
                              use_ue8m0=False, async_finish=False, return_recv_hook=False,
-                             wire_format=None):
+                             wire_format=None, recv_scale_layout=None):
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
@@ -270,6 +291,11 @@ class LowLatencyOps:
         fmt = _ll_format(wire_format, use_fp8, round_scale, use_ue8m0)
         fmt.check_hidden(H, "x.shape[1]")
         fields = formats.low_latency_fields(fmt, bool(round_scale))
+        if recv_scale_layout is not None and fmt is formats.BF16:
+            raise arg_error("recv_scale_layout", recv_scale_layout,
+                            "bf16 dispatch returns no scales (pass it with a format that has them)")
+        fields.update(formats.recv_scale_layout_field(fmt, recv_scale_layout))
+        layout = fields["recv_scale_layout"] or "deepep"
         use_fp8, round_scale, use_ue8m0 = (fields[k] for k in ("use_fp8", "round_scale",
                                                                 "use_ue8m0"))
         cast = fields["wire_format"]
@@ -284,12 +310,12 @@ class LowLatencyOps:
         kernel = ctx.kernel(spec)
 
         dev = ctx.device
-        scales = None
-        if cast:   # the format's row and scale columns, scales column-major as DeepEP's
+        scales = scale_store = None
+        if cast:   # the format's row and scale columns
             recv_x = torch.empty(El, R * M, fmt.data_width(H), dtype=fmt.data_torch_dtype(),
                                  device=dev)
-            scales = torch.empty(El, fmt.scale_cols(H), R * M, dtype=torch.int32,
-                                 device=dev).transpose(1, 2)
+            scales, scale_store = _recv_scales(layout, fmt, El, R * M, fmt.scale_cols(H),
+                                               torch.int32, dev)
         else:
             recv_x = torch.empty(El, R * M, H,
                                  dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
@@ -297,8 +323,8 @@ class LowLatencyOps:
         if use_fp8:
             S = num_scales(H)
             cols = (S + 3) // 4 if use_ue8m0 else S
-            scales = torch.empty(El, cols, R * M, dtype=torch.int32 if use_ue8m0 else torch.float32,
-                                 device=dev).transpose(1, 2)
+            scales, scale_store = _recv_scales(layout, fmt, El, R * M, cols,
+                                               torch.int32 if use_ue8m0 else torch.float32, dev)
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
@@ -310,7 +336,7 @@ class LowLatencyOps:
             a.x = x.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
             a.recv_x = recv_x.data_ptr()
-            a.recv_scales = scales.data_ptr() if scales is not None else 0
+            a.recv_scales = scale_store.data_ptr() if scale_store is not None else 0
             a.recv_src_info = src_info.data_ptr()
             a.recv_layout_range = layout_range.data_ptr()
             a.recv_count = recv_count.data_ptr()
@@ -319,12 +345,13 @@ class LowLatencyOps:
             a.counters = self.counters_addr
             return a
 
-        tensors = (x, topk_idx, recv_x, scales, recv_count, src_info, layout_range, call_epoch,
+        tensors = (x, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range, call_epoch,
                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
         event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)
-        out = (recv_x, scales) if scales is not None else recv_x
+        out = recv_x if scales is None else \
+            (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
         return out, recv_count, handle, event, hook
 
     def _check_handle(self, handle):

@@ -20,13 +20,16 @@
 // every entry (recv_x, src_info, column-major scales); block 0 writes counts, ranges and stats.
 #pragma once
 #include "ll_common.cuh"
+#include "ll_scale_layout.cuh"
 
 namespace epgen {
 
 // FMT: a wire format beyond DeepEP's flags (epgen.formats, the spec's wire_format), cast from
 // BF16 here exactly as epgen/reference.py defines it: 0 = the flags' (BF16, FP8 per 128),
 // 1 = MXFP8 (e4m3 + E8M0 per 32), 2 = NVFP4 (e2m1 two per byte + e4m3 per 16 + float32 global).
-template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0>
+// SFL: where recv_scales' words go (ll_scale_layout.cuh; the spec's recv_scale_layout).
+template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0,
+          int SFL = 0>
 struct LLDispatch {
     static constexpr int El = E / R;
     static constexpr int S = (H + 127) / 128;
@@ -39,6 +42,10 @@ struct LLDispatch {
     static constexpr int kSW = FMT == 1 ? H / 32 : FMT == 2 ? (H / 16 + 3) / 4 + 1 : S;
     static constexpr int kSW4 = (kSW + 3) / 4;
     static constexpr bool kPackScales = UE8M0 || FMT == 1;
+    // cutlass_128x4 tiles hold NVFP4's block-scale words only: its global scales (the last word)
+    // go after every expert's tiles, a float32 [El, RM].
+    static constexpr bool kGlobalApart = FMT == 2 && SFL == 2;
+    static constexpr int kSWOut = kPackScales ? kSW4 : kGlobalApart ? kSW - 1 : kSW;  // words a row
     static constexpr int kPayload = kQuant ? ll::align16(kDataBytes + 4 * kSW) : 2 * H;
     static constexpr int kMaxDst = K < R ? K : R;              // destinations of one token
     static constexpr int kHdr = ll::align16(ll::kHeaderFixed + 4 * K);        // room for K entries
@@ -55,6 +62,8 @@ struct LLDispatch {
     static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
     static_assert(FMT == 0 || (!FP8 && H % 32 == 0), "MXFP8 / NVFP4: use_fp8 off, hidden % 32");
+    static_assert(SFL == 0 || (SFL == 1 && (FP8 || FMT == 1)) || (SFL == 2 && FMT != 0),
+                  "recv_scale_layout: deepgemm for FP8 / MXFP8, cutlass_128x4 for MXFP8 / NVFP4");
     // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
     // (the receive refuses counts > M), T <= kMaxTokens.
     static_assert(ll::kMaxTokens * K <= (int)ll::kValueMask, "count field of the signal word");
@@ -69,6 +78,15 @@ struct LLDispatch {
         #pragma unroll
         for (int i = 0; i < 6; ++i) { h ^= v[i]; h *= 16777619u; }
         return (int)((h ^ (h >> 16)) & 0xffffu);
+    }
+
+    // Index in recv_scales of scale word g (of kSWOut; NVFP4's global scale kSW - 1) of a row.
+    static __device__ __forceinline__ int64_t scale_word(int64_t le, int64_t row, int64_t g,
+                                                         int64_t RM) {
+        if constexpr (kGlobalApart) {
+            if (g == kSW - 1) return llsf::total_words<SFL>(El, RM, kSWOut) + le * RM + row;
+        }
+        return llsf::word_offset<SFL>(le, row, g, RM, kSWOut);
     }
 
     // Byte offset of signal i = (local expert * R + source rank) of a half.
@@ -520,7 +538,7 @@ struct LLDispatch {
                         }
                         for (int j = 0; j < n; ++j) {
                             const int row = s_row[warp][j];
-                            if (row >= 0) out[((int64_t)s_le[warp][j] * kSW4 + q4) * RM + row] = (int)packed;
+                            if (row >= 0) out[scale_word(s_le[warp][j], row, q4, RM)] = (int)packed;
                         }
                     }
                 } else {
@@ -529,7 +547,7 @@ struct LLDispatch {
                         const float v = *reinterpret_cast<const volatile float*>(sc + g);
                         for (int j = 0; j < n; ++j) {
                             const int row = s_row[warp][j];
-                            if (row >= 0) out[((int64_t)s_le[warp][j] * kSW + g) * RM + row] = v;
+                            if (row >= 0) out[scale_word(s_le[warp][j], row, g, RM)] = v;
                         }
                     }
                 }
@@ -539,7 +557,10 @@ struct LLDispatch {
         if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
             const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
             poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
-            if constexpr (FP8) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
+            if constexpr (FP8 && SFL == 0) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
+            if constexpr (SFL != 0)
+                poison_fill(a.recv_scales, (llsf::total_words<SFL>(El, RM, kSWOut) +
+                                            (kGlobalApart ? rows : 0)) * 4, kPoisonNaN);
             poison_fill(a.recv_src_info, rows * 4, kPoisonNaN);
             poison_fill(a.recv_layout_range, (int64_t)El * R * 8, kPoisonZero);
             poison_fill(a.recv_count, (int64_t)El * 4, kPoisonZero);
@@ -547,9 +568,10 @@ struct LLDispatch {
     }
 };
 
-template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0>
+template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0,
+          int SFL = 0>
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
-    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT>;
+    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT, SFL>;
     const ErrorCtx err = make_error_ctx(a);
     if (a.phases & ll::kSend) D::send(a, err);
     if (a.phases & ll::kRecv) D::recv(a, err);
@@ -560,11 +582,13 @@ __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs&
 // LowLatencyDispatchSpec.constants; this is the one place its members meet the template's parameter order.
 template <class S>
 using LLDispatchOf = LLDispatch<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
-                                S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code>;
+                                S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code,
+                                S::recv_scale_layout_code>;
 template <class S>
 __device__ __forceinline__ void ll_dispatch_entry(const LowLatencyDispatchArgs& a) {
     ll_dispatch_kernel<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
-                       S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code>(a);
+                       S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code,
+                       S::recv_scale_layout_code>(a);
 }
 
 }  // namespace epgen
