@@ -3,7 +3,6 @@ warp as 32 threads, tests/host/wire_host.cpp), against epgen.reference bit for b
 bytes and decoded float32 values. CPU only; needs a C++20 compiler (g++), skipped without one."""
 import os
 import re
-import shutil
 import struct
 import subprocess
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from epgen import reference as ref
+from tests import host_build
 
 HERE = os.path.dirname(__file__)
 HEADER = os.path.join(HERE, "..", "epgen", "jit", "templates", "ll_combine_wire.cuh")
@@ -18,13 +18,8 @@ HEADER = os.path.join(HERE, "..", "epgen", "jit", "templates", "ll_combine_wire.
 
 @pytest.fixture(scope="module")
 def wire_host(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host build of ll_combine_wire.cuh")
-    exe = str(tmp_path_factory.mktemp("wire") / "wire_host")
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-o", exe,
-                    os.path.join(HERE, "host", "wire_host.cpp")], check=True)
-    return exe
+    return host_build.build(tmp_path_factory, "wire_host.cpp", "ll_combine_wire.cuh",
+                            "-std=c++20", "-O1", "-ffp-contract=off", "-pthread")
 
 
 def _run(exe, x, fmt=2):

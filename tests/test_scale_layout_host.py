@@ -3,8 +3,6 @@ map (templates/ll_scale_layout.cuh, built for the host by tests/host/scale_layou
 against reference.scale_word_offsets, and that reference against independent statements of the
 layouts: torchao's to_blocked (CUTLASS / cuBLAS 128x4 scale tiles) and DeepGEMM's TMA-aligned
 MN-major strides. CPU only; the host build needs a C++ compiler (g++), skipped without one."""
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -12,21 +10,16 @@ import torch
 
 from epgen import reference as ref
 from epgen.jit.specs import LL_SCALE_LAYOUTS
+from tests import host_build
 
-HERE = os.path.dirname(__file__)
 LAYOUTS = ("deepep", "deepgemm", "cutlass_128x4")     # LL_SCALE_LAYOUTS' order (codes 0, 1, 2)
 SHAPES = [(1, 1, 1), (2, 66, 3), (3, 130, 5), (2, 256, 2), (1, 33, 23)]
 
 
 @pytest.fixture(scope="module")
 def layout_host(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host build of ll_scale_layout.cuh")
-    exe = str(tmp_path_factory.mktemp("sfl") / "scale_layout_host")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-o", exe,
-                    os.path.join(HERE, "host", "scale_layout_host.cpp")], check=True)
-    return exe
+    return host_build.build(tmp_path_factory, "scale_layout_host.cpp", "ll_scale_layout.cuh",
+                            "-std=c++17", "-O1")
 
 
 def test_layout_names_match_the_spec_codes():
