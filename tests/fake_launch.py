@@ -1,11 +1,12 @@
-"""FAKES of the GPU-side pieces under epgen's low-latency and internode ops, so their host path
-(checks, spec lookup, allocation, argument packing, launches) runs on CPU: CPU tests of what a
-call launches (tests/test_ll_host_path.py, tests/test_internode_capture.py) and its
-Python-side cost (bench/host_path_cpu.py). Everything here is a fake and named so; nothing
-here touches a GPU."""
+"""FAKES of the GPU-side pieces under epgen's low-latency, normal-mode (intranode) and
+internode ops, so their host path (checks, spec lookup, allocation, argument packing, launches)
+runs on CPU: CPU tests of what a call launches (tests/test_ll_host_path.py,
+tests/test_host_path_cache.py, tests/test_internode_capture.py) and its Python-side cost
+(bench/host_path_cpu.py). Everything here is a fake and named so; nothing here touches a GPU."""
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
 
@@ -103,6 +104,12 @@ class FakeLaunchContext(OpsContext):
             k = self._kernels[spec] = self.fake.bind(spec)
         return k
 
+    @contextlib.contextmanager
+    def on_comm_stream(self, previous_event, async_finish, allocate_on_comm_stream, result):
+        """FAKE StreamOrder.scope: the body launches on a stream that is not there."""
+        yield _FakeStream()
+        result["event"] = None
+
 
 def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False):
     """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel."""
@@ -129,3 +136,29 @@ def fake_internode_ops(num_ranks, ranks_per_node, nvl_bytes=8 << 20, rdma_bytes=
     ctx.__dict__["device_sms"] = 132
     topology = Topology(num_ranks, ranks_per_node, 1, "EPGEN_RANKS_PER_NODE")
     return InternodeOps(ctx, topology), ctx.fake
+
+
+def no_graph_capture():
+    """FAKE torch.cuda.is_current_stream_capturing (False) for the normal-mode ops, whose CPU
+    torch build raises there; a context manager (unittest.mock.patch)."""
+    return mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+def fake_intranode_ops(R, T, H, config, record=True):
+    """IntranodeOps on a FakeLaunchContext (rank 0 of R) with an NVL region sized for config
+    and BF16 rows of hidden H; the FakeLaunchKernel; and a cached-dispatch handle of T tokens
+    that every rank sends all of them to (rows = R * T). Call inside no_graph_capture()."""
+    from epgen.ops import intranode
+    from epgen.regions.intranode import nvl_buffer_size_hint
+    region = FakeRegion(nvl_buffer_size_hint(config, 2 * H, R), R)
+    ctx = FakeLaunchContext(rank=0, num_ranks=R, device=torch.device("cpu"),
+                            pes=list(range(R)), nvshmem=None, nvl=region, rdma=None,
+                            comm_stream=None, errors=FakeErrorWord(), arch="sm_90")
+    ctx.fake = FakeLaunchKernel(record)
+    ctx.__dict__["device_sms"] = 132
+    i32 = torch.int32
+    rpm = torch.arange(1, R + 1, dtype=i32).mul(T).repeat(R, 1)
+    handle = (fake_cuda(rpm), fake_cuda(torch.full((R,), T, dtype=i32)), None,
+              fake_cuda(torch.arange(R * T, dtype=i32) % T),
+              fake_cuda(torch.ones(T, R, dtype=torch.bool)), None)
+    return intranode.IntranodeOps(ctx), ctx.fake, handle

@@ -141,6 +141,8 @@ class IntranodeOps:
             "channels, slots, record bytes",
             "channels = config.num_sms, slots = config.num_max_nvl_chunked_recv_tokens // 2, "
             "record bytes from hidden, dtype and top-k")
+        self._configs = {}      # _check_config's passing (op, config fields, record) -> result
+        self._specs = {}        # (op, spec builder's arguments) -> [spec, record, kernel, notify]
 
     def set_counters_for_test(self, ring: int | None, seq: int | None) -> None:
         """TEST ONLY (Buffer._set_counters_for_test): every ring counter of this rank to
@@ -160,6 +162,16 @@ class IntranodeOps:
         return half_bytes(nbytes), nbytes
 
     def _check_config(self, config, op: str, record: int) -> tuple[int, int, int]:
+        """(channels, cap, ring offset); a configuration that passed once passes again (the
+        region and the SMs are fixed): a dict lookup, keyed by the fields' types too."""
+        n, recv = config.num_sms, config.num_max_nvl_chunked_recv_tokens
+        key = (op, n, recv, record, type(n), type(recv))
+        found = self._configs.get(key)
+        if found is None:
+            found = self._configs[key] = self._check_config_once(config, op, record)
+        return found
+
+    def _check_config_once(self, config, op: str, record: int) -> tuple[int, int, int]:
         ctx = self.ctx
         sms = ctx.device_sms
         if config.num_sms % 2 or config.num_sms <= 0 or config.num_sms > min(sms, MAX_CHANNELS):
@@ -184,6 +196,27 @@ class IntranodeOps:
         a.nvl = ctx.nvl.addr
         a.peers = ctx.peer_table("nvl").data_ptr()
         for k, v in kw.items():
+            setattr(a, k, v)
+        return a
+
+    def _kernels(self, found: list, kind) -> tuple:
+        """The (main, notify) kernels of a _specs entry, looked up once its call's checks
+        have passed (a bad call compiles and loads nothing)."""
+        if found[2] is None:
+            found[2:] = self.ctx.kernel(found[0], kind), self.ctx.kernel(found[0], "notify")
+        return found[2], found[3]
+
+    def _fill_shared(self, a, op: str, ring_off: int, cap: int, num_tokens: int, **fields):
+        """The fields of a dispatch's / combine's struct that its shapes decide (the
+        template OpsContext.args_from copies per call)."""
+        ctx = self.ctx
+        ctx.fill_error_fields(a, op)
+        a.nvl = ctx.nvl.addr
+        a.peers = ctx.peer_table("nvl").data_ptr()
+        a.ring_offset = ring_off
+        a.num_tokens = num_tokens
+        a.cap = cap
+        for k, v in fields.items():
             setattr(a, k, v)
         return a
 
@@ -256,13 +289,16 @@ class IntranodeOps:
                                 f"num_ranks={R}")
             K = check_topk(dev, T, topk_idx, topk_weights)
         row_bytes = H * x.element_size()
-        spec = normal_dispatch_rows_spec(row_bytes, S, K, E, R)
-        record = dispatch_record_bytes(row_bytes, S, K)
+        found = self._specs.get(("dispatch", row_bytes, S, K, E))
+        if found is None:
+            found = self._specs[("dispatch", row_bytes, S, K, E)] = [
+                normal_dispatch_rows_spec(row_bytes, S, K, E, R),
+                dispatch_record_bytes(row_bytes, S, K), None, None]
+        spec, record = found[0], found[1]
         channels, cap, ring_off = self._check_config(config, "dispatch", record)
         check_host_wait(cached, num_worst_tokens)
         self._rings.check("dispatch", (channels, cap, record), self_barriered=not cached)
-        kernel = ctx.kernel(spec, "dispatch")
-        notify = ctx.kernel(spec, "notify")
+        kernel, notify = self._kernels(found, "dispatch")
         El = spec.num_experts // R
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
@@ -303,7 +339,11 @@ class IntranodeOps:
                 if topk_weights is not None:
                     recv_w = zeros_on(stream, rows, K, dtype=torch.float32, device=dev)
             recv_src = None if cached else torch.empty(rows, dtype=torch.int32, device=dev)
-            a = ctx.fill_error_fields(NormalDispatchArgs(), "dispatch")
+            worst = num_worst_tokens if not cached else 0
+            a = ctx.args_from((NormalDispatchArgs, ring_off, cap, rows, T, worst),
+                              lambda: self._fill_shared(NormalDispatchArgs(), "dispatch", ring_off,
+                                                        cap, T, num_recv_rows=rows,
+                                                        num_worst_tokens=worst))
             a.x = x.data_ptr() if T else 0
             a.x_scales = scales.data_ptr() if scales is not None and T else 0
             a.scale_stride_t = scales.stride(0) if scales is not None else 0
@@ -317,13 +357,6 @@ class IntranodeOps:
             a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
             a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
             a.recv_src_idx = recv_src.data_ptr() if recv_src is not None and rows else 0
-            a.nvl = ctx.nvl.addr
-            a.peers = ctx.peer_table("nvl").data_ptr()
-            a.ring_offset = ring_off
-            a.num_recv_rows = rows
-            a.num_tokens = T
-            a.num_worst_tokens = num_worst_tokens if not cached else 0
-            a.cap = cap
             kernel.launch(channels, spec.threads, a, stream.cuda_stream)
             if not cached:
                 handle = (rpm, ntall, None, recv_src, in_rank, None)
@@ -348,21 +381,25 @@ class IntranodeOps:
         rpm, ntall, src_idx, in_rank = self._unpack_handle(handle)
         rows, T = src_idx.size(0), in_rank.size(0)
         H, K, biases = check_combine_inputs(dev, rows, T, x, topk_weights, bias)
-        spec = spec_for_call(normal_combine_spec, {"hidden": "x.shape[1]",
-                                                   "num_topk": "topk_weights.shape[1]"},
-                             H, K, R, len(biases))
-        record = combine_record_bytes(H, K)
+        found = self._specs.get(("combine", H, K, len(biases)))
+        if found is None:
+            found = self._specs[("combine", H, K, len(biases))] = [
+                spec_for_call(normal_combine_spec, {"hidden": "x.shape[1]",
+                                                    "num_topk": "topk_weights.shape[1]"},
+                              H, K, R, len(biases)), combine_record_bytes(H, K), None, None]
+        spec, record = found[0], found[1]
         channels, cap, ring_off = self._check_config(config, "combine", record)
         self._rings.check("combine", (channels, cap, record), self_barriered=False)
-        kernel = ctx.kernel(spec)
-        notify = ctx.kernel(spec, "notify")
+        kernel, notify = self._kernels(found, None)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
             self._barrier_if_needed("combine", (channels, cap, record), spec, notify, stream)
             out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
             out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
-            a = ctx.fill_error_fields(NormalCombineArgs(), "combine")
+            a = ctx.args_from((NormalCombineArgs, ring_off, cap, T),
+                              lambda: self._fill_shared(NormalCombineArgs(), "combine", ring_off,
+                                                        cap, T))
             a.x = x.data_ptr() if rows else 0
             a.topk_weights = topk_weights.data_ptr() if K and rows else 0
             a.bias0 = biases[0].data_ptr() if biases and T else 0
@@ -373,11 +410,6 @@ class IntranodeOps:
             a.recv_src_idx = src_idx.data_ptr() if rows else 0
             a.combined_x = out.data_ptr() if T else 0
             a.combined_weights = out_w.data_ptr() if out_w is not None and T else 0
-            a.nvl = ctx.nvl.addr
-            a.peers = ctx.peer_table("nvl").data_ptr()
-            a.ring_offset = ring_off
-            a.num_tokens = T
-            a.cap = cap
             kernel.launch(channels, spec.threads, a, stream.cuda_stream)
             result["tensors"] = (x, topk_weights, *biases, rpm, ntall, src_idx, in_rank, out, out_w)
         return out, out_w, result["event"]

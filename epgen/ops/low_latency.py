@@ -169,12 +169,20 @@ class LowLatencyOps:
         self.sms = ctx.device_sms
         self.base = ctx.rdma.addr
         self.counters_addr = self.base + COUNTERS_OFF
+        self._checked = {}      # _check_common's passing shapes -> their data layout
+        self._specs = {}        # a combine's (format, shapes, variant) -> its spec and kernel
 
     # -- helpers ------------------------------------------------------------------------
     def _check_common(self, M, hidden, num_experts, num_topk):
         """The shapes every low-latency call shares. hidden, num_experts and the top-k are the
         spec's rules (those of the combine, which every one of these shapes runs), re-worded
-        with the caller's names; M is the Buffer's (no kernel is keyed by it)."""
+        with the caller's names; M is the Buffer's (no kernel is keyed by it). Shapes that
+        passed once pass again (the region's size is fixed): a dict lookup, keyed by the types
+        too (True == 1, 128.0 == 128 as keys)."""
+        key = (M, hidden, num_experts, num_topk, type(M), type(hidden), type(num_experts))
+        lay = self._checked.get(key)
+        if lay is not None:
+            return lay
         R = self.ctx.num_ranks
         if not isinstance(M, int) or isinstance(M, bool) or not 1 <= M <= MAX_TOKENS:
             raise arg_error("num_max_dispatch_tokens_per_rank", M, f"must be an int in [1, {MAX_TOKENS}]")
@@ -187,7 +195,8 @@ class LowLatencyOps:
                             f"too small for M={M}, hidden={hidden}, num_ranks={R}, "
                             f"num_experts={num_experts}: needs {need} bytes "
                             "(Buffer.get_low_latency_rdma_size_hint)")
-        return _data_layout(M, hidden, R, num_experts)
+        lay = self._checked[key] = _data_layout(M, hidden, R, num_experts)
+        return lay
 
     def _check_stats(self, name, t, dtype, n):
         if t is not None:
@@ -195,9 +204,18 @@ class LowLatencyOps:
             return t.data_ptr()
         return 0
 
-    def _fill_common(self, args, op, lay, call_epoch, num_tokens, max_tokens, phases):
-        """The fields both operations' launches share: error word, peers, control words."""
+    def _fill_common(self, args_type, op, lay, call_epoch, num_tokens, max_tokens, phases):
+        """A struct of args_type with the fields both operations' launches share: error word,
+        peers, control words (filled once per shape: OpsContext.args_from)."""
         places = _PLACES[op]
+        a = self.ctx.args_from(
+            (self, args_type, op, lay[places.recv_area], lay[places.send_area], num_tokens,
+             max_tokens, phases),     # self: its peers, enable_shrink
+            lambda: self._fill_shared(args_type(), places, lay, num_tokens, max_tokens, phases, op))
+        a.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
+        return a
+
+    def _fill_shared(self, args, places, lay, num_tokens, max_tokens, phases, op):
         self.ctx.fill_error_fields(args, op)
         args.rdma_base = self.base
         args.peer_bases = self.peer_bases.data_ptr()
@@ -208,7 +226,6 @@ class LowLatencyOps:
         args.any_remote = self.any_remote
         args.seq = self.base + places.words_off
         args.done = self.base + places.words_off + 8
-        args.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
         args.send_off = lay[places.send_area]
@@ -331,7 +348,7 @@ class LowLatencyOps:
         call_epoch = torch.empty(2, dtype=torch.int64, device=dev)   # send -> receive phase
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyDispatchArgs(), "low_latency_dispatch", lay,
+            a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay,
                                   call_epoch, T, M, phases)
             a.x = x.data_ptr()
             a.topk_idx = topk_idx.data_ptr()
@@ -393,8 +410,13 @@ class LowLatencyOps:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
         per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
             M, H, R, E, K, return_recv_hook, self.enable_shrink)
-        spec = spec_for_call(functools.partial(ll_combine_spec, **formats.combine_fields(fmt)),
-                             {"num_topk": "topk_idx.shape[1]"}, H, K, E, R, per_rank)
+        spec_key = (fmt, H, K, E, per_rank)       # H, E passed _check_common; K: topk_idx's
+        found = self._specs.get(spec_key)
+        if found is None:
+            spec = spec_for_call(functools.partial(ll_combine_spec, **formats.combine_fields(fmt)),
+                                 {"num_topk": "topk_idx.shape[1]"}, H, K, E, R, per_rank)
+            found = self._specs[spec_key] = (spec, None)   # its kernel once the checks pass
+        spec, kernel = found
         check_tensor("topk_weights", topk_weights, torch.float32, (T, K))
         StreamOrder.check_two_phase(async_finish, return_recv_hook)
         if out is not None:
@@ -403,17 +425,21 @@ class LowLatencyOps:
                                 torch.int64, R)
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
-        src = self._combine_send_buffer(M, H, El, lay) if zero_copy else x
-        kernel = ctx.kernel(spec)
+        # zero_copy: the rows are in the Buffer's combine send buffer (_combine_send_buffer's
+        # address; no view built per call)
+        src_ptr = self.base + lay["comb_send"] if zero_copy else x.data_ptr()
+        if kernel is None:
+            kernel = ctx.kernel(spec)
+            self._specs[spec_key] = (spec, kernel)
         # epoch, done for a receive launched on its own (not needed when both phases run fused)
         fused = per_rank and self.fuse_phases
         call_epoch = None if fused else torch.empty(2, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyCombineRankArgs() if per_rank
-                                  else LowLatencyCombineArgs(), "low_latency_combine", lay,
+            a = self._fill_common(LowLatencyCombineRankArgs if per_rank
+                                  else LowLatencyCombineArgs, "low_latency_combine", lay,
                                   call_epoch, T, M, phases)
-            a.x = src.data_ptr()
+            a.x = src_ptr
             a.topk_idx = topk_idx.data_ptr()
             a.topk_weights = topk_weights.data_ptr()
             a.src_info = src_info.data_ptr()

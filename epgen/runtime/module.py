@@ -61,10 +61,13 @@ class Kernel:
                smem: int = 0) -> None:
         """Launch with one by-value struct argument on a raw stream handle (int)."""
         d = driver()
-        self.set_max_dynamic_smem(smem)
+        if smem > 48 * 1024:
+            self.set_max_dynamic_smem(smem)
         params, _keep = c_params(args)
-        check(d.cuLaunchKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
-                               ctypes.addressof(params), 0), f"launch {self.name}")
+        ret = d.cuLaunchKernel(self.handle, grid, 1, 1, block, 1, 1, smem, stream,
+                               ctypes.addressof(params), 0)
+        if ret[0] != d.CUresult.CUDA_SUCCESS:      # the message built only on failure
+            check(ret, f"launch {self.name}")
 
 
 def load(entry: CacheEntry, device: int, nvshmem_init=None) -> LoadedModule:
