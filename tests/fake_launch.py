@@ -123,6 +123,22 @@ def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False):
     return ll.LowLatencyOps(ctx, gpu_shared=gpu_shared), ctx.fake
 
 
+def ll_combine_inputs(ops, fake, M, H, E, K, seed=0):
+    """A combine's inputs after a fake BF16 low-latency dispatch on fake_ll_ops' ops (M tokens
+    of hidden H, top-K of E experts): (expert outputs y, topk_idx, topk_weights, handle), the
+    dispatch's launches cleared."""
+    g = torch.Generator().manual_seed(seed)
+    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
+    w = fake_cuda(torch.rand(M, K, generator=g))
+    _, _, handle, _, _ = ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    handle = (fake_cuda(handle[0]), fake_cuda(handle[1]), *handle[2:])
+    R = ops.ctx.num_ranks
+    y = fake_cuda(torch.zeros(E // R, R * M, H, dtype=torch.bfloat16))
+    fake.launches.clear()
+    return y, idx, w, handle
+
+
 def fake_internode_ops(num_ranks, ranks_per_node, nvl_bytes=8 << 20, rdma_bytes=8 << 20):
     """InternodeOps on a FakeLaunchContext (rank 0 of num_ranks, nodes of ranks_per_node) and
     its FakeLaunchKernel."""

@@ -11,7 +11,8 @@ from epgen import variants
 from epgen.config import Config
 from epgen.env import EnvError
 from epgen.ops.context import check_tensor
-from tests.fake_launch import fake_cuda, fake_intranode_ops, fake_ll_ops, no_graph_capture
+from tests.fake_launch import (fake_cuda, fake_intranode_ops, fake_ll_ops, ll_combine_inputs,
+                               no_graph_capture)
 
 R, M, H, E, K = 2, 16, 256, 16, 4
 
@@ -20,14 +21,7 @@ R, M, H, E, K = 2, 16, 256, 16, 4
 def ll_call(monkeypatch):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
     ops, fake = fake_ll_ops(R, M, H, E)
-    g = torch.Generator().manual_seed(0)
-    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
-    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
-    w = fake_cuda(torch.rand(M, K, generator=g))
-    _, _, handle, _, _ = ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    handle = (fake_cuda(handle[0]), fake_cuda(handle[1]), *handle[2:])
-    y = fake_cuda(torch.zeros(E // R, R * M, H, dtype=torch.bfloat16))
-    fake.launches.clear()
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
     return ops, fake, dict(x=y, topk_idx=idx, topk_weights=w, handle=handle)
 
 

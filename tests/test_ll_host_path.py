@@ -10,7 +10,7 @@ from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankAr
 from epgen import variants
 from epgen.ops import low_latency as ll
 from epgen.jit.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
-from tests.fake_launch import fake_cuda, fake_ll_ops
+from tests.fake_launch import fake_cuda, fake_ll_ops, ll_combine_inputs
 
 R, M, H, E, K = 2, 16, 256, 16, 4
 
@@ -18,14 +18,7 @@ R, M, H, E, K = 2, 16, 256, 16, 4
 @pytest.fixture(params=[False], ids=["own-gpu"])
 def call(request):
     ops, fake = fake_ll_ops(R, M, H, E, gpu_shared=request.param)
-    g = torch.Generator().manual_seed(0)
-    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
-    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
-    w = fake_cuda(torch.rand(M, K, generator=g))
-    _, _, handle, _, _ = ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    handle = (fake_cuda(handle[0]), fake_cuda(handle[1]), *handle[2:])
-    y = fake_cuda(torch.zeros(E // R, R * M, H, dtype=torch.bfloat16))
-    fake.launches.clear()
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
 
     def combine(**kw):
         ops.low_latency_combine(y, idx, w, handle, **kw)
