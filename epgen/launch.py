@@ -289,9 +289,12 @@ class RankPool:
     left NVSHMEM unusable); the next run starts new ones. `close()` (or `with`) ends them and
     the MPS daemon."""
 
-    def __init__(self, world: int, placement: Placement | None = None):
+    def __init__(self, world: int, placement: Placement | None = None,
+                 env: dict | None = None):
+        """`env`: variables every rank process gets on top of the parent's environment."""
         self.world = world
         self.placement = placement or plan(world)
+        self.env = dict(env or {})
         self.procs: list = []
         self.daemon: MpsDaemon | None = None
         self._task = 0
@@ -307,7 +310,7 @@ class RankPool:
         import torch.multiprocessing as mp
         p = self.placement
         times = {"begin": time.time()}
-        env = {**SAFE_ENV, MODE_ENV: p.mode, RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
+        env = {**self.env, **SAFE_ENV, MODE_ENV: p.mode, RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
         if p.mode == "mps":
             self.daemon = MpsDaemon()
             self.daemon.start()

@@ -75,8 +75,8 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 280.0, fresh: bool = Fal
             _pool.close(phases)
             _pool = None
         if _pool is None:
-            os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(pool_heap_bytes(placement)))
-            _pool = launch.RankPool(world, placement)
+            heap = os.environ.get("NVSHMEM_SYMMETRIC_SIZE") or str(pool_heap_bytes(placement))
+            _pool = launch.RankPool(world, placement, env={"NVSHMEM_SYMMETRIC_SIZE": heap})
             atexit.register(_pool.close)
         return _pool.run(fn, *args, timeout_s=timeout_s, phases=phases)
     finally:

@@ -170,3 +170,17 @@ def test_a_pool_reuses_its_processes_and_starts_afresh_after_a_failure():
         third = pool.run(_pid_and_env, False, timeout_s=120)
         assert {pid for pid, _ in third}.isdisjoint(pid for pid, _ in first)
     assert pool.procs == [] and pool.daemon is None
+
+
+def _env_of(rank, world, name):
+    import os
+    return os.environ.get(name)
+
+
+def test_a_pool_gives_its_processes_its_env_and_leaves_the_parents_alone(monkeypatch):
+    monkeypatch.delenv("EPGEN_POOL_PROBE", raising=False)
+    with launch.RankPool(2, launch.Placement(2, 1, "time-sliced"),
+                         env={"EPGEN_POOL_PROBE": "7 GiB"}) as pool:
+        assert pool.run(_env_of, "EPGEN_POOL_PROBE", timeout_s=120) == ["7 GiB", "7 GiB"]
+    import os
+    assert "EPGEN_POOL_PROBE" not in os.environ
