@@ -241,8 +241,8 @@ def recv_scale_layout_field(fmt: WireFormat, layout) -> dict:
 
 def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:
     """LowLatencyDispatchSpec's format fields for a format low-latency dispatch sends (BF16 and
-    opaque rows copied; the others cast in the kernel). round_scale: power-of-two float32 scales, the one
-    variant of fp8_e4m3_f32_128 (DeepEP's round_scale without use_ue8m0)."""
+    opaque rows copied; the others cast in the kernel). round_scale: power-of-two float32 scales,
+    the one variant of fp8_e4m3_f32_128 (DeepEP's round_scale without use_ue8m0)."""
     if fmt.packing == "bytes":     # opaque: moved as bytes, 16 at a time (ll_dispatch.cuh FMT 3)
         for name, v in (("row", fmt.row_bytes), ("side", fmt.side_bytes)):
             if v % 16:

@@ -409,8 +409,8 @@ class LowLatencyOps:
             a.counters = self.counters_addr
             return a
 
-        tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range, call_epoch,
-                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range,
+                   call_epoch, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
         event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)

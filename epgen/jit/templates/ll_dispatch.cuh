@@ -591,7 +591,8 @@ struct LLDispatch {
         if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
             const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
             poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
-            if constexpr (kOpaque && OSIDE > 0) poison_fill(a.recv_scales, rows * OSIDE, kPoisonNaN);
+            if constexpr (kOpaque && OSIDE > 0)
+                poison_fill(a.recv_scales, rows * OSIDE, kPoisonNaN);
             if constexpr (FP8 && SFL == 0) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
             if constexpr (SFL != 0)
                 poison_fill(a.recv_scales, (llsf::total_words<SFL>(El, RM, kSWOut) +
