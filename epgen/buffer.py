@@ -318,18 +318,21 @@ class Buffer:
                              dispatch_wait_recv_cost_stats=None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False, *,
-                             wire_format=None, recv_scale_layout=None):
+                             wire_format=None, recv_scale_layout=None, hidden=None):
         """DeepEP's low_latency_dispatch. epgen's additions: wire_format (README "Wire
         formats") names what the kernel casts BF16 x to: "bf16", "fp8_e4m3_f32_128",
         "fp8_ue8m0_128" (what DeepEP's flags name) or "mxfp8", "nvfp4"; the flags must then be
-        left at their defaults or name the same format. recv_scale_layout: how recv_x_scales
-        is laid out for the grouped GEMM that reads it, "deepep" (the default), "deepgemm" or
-        "cutlass_128x4" (README "Received scale layouts")."""
+        left at their defaults or name the same format. Or "opaque<R>[+<S>]": x is already in
+        the caller's format, a tensor of R bytes a row (any dtype) or a (data, side) tuple with
+        S side bytes a row, moved unchanged; `hidden` (only then) is the combine's hidden, the
+        BF16 expert outputs' channels. recv_scale_layout: how recv_x_scales is laid out for
+        the grouped GEMM that reads it, "deepep" (the default), "deepgemm" or "cutlass_128x4"
+        (README "Received scale layouts")."""
         return self._low_latency().low_latency_dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
             round_scale, use_ue8m0, async_finish, return_recv_hook, wire_format,
-            recv_scale_layout)
+            recv_scale_layout, hidden)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False,

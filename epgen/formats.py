@@ -3,7 +3,8 @@
 A WireFormat says how a token of `hidden` channels is stored (bits per value, packing), how its
 scales are grouped and laid out, and so which tensors a dispatch takes and returns. Normal-mode
 dispatch moves bytes (the format only validates and names the tensors); low-latency dispatch
-casts from BF16 in the kernel for the formats with `ll_cast` (the spec's wire_format field).
+casts from BF16 in the kernel for the formats with `ll_cast` (the spec's wire_format field) and
+moves opaque rows as they are.
 The exact numerics of each cast are epgen/reference.py's quantizers; README "Wire formats".
 
 Scale layouts (per token, row-major here; low-latency outputs are DeepEP's column-major view):
@@ -172,7 +173,8 @@ FORMATS: dict[str, WireFormat] = _builtin(BF16, FP8_E4M3_F32_128, FP8_UE8M0_128,
 def OPAQUE(row_bytes: int, side_bytes: int = 0) -> WireFormat:  # noqa: N802 (a constructor)
     """Rows of `row_bytes` bytes of any element type plus an optional side row of side_bytes
     bytes (any element type, a multiple of 4 bytes), moved as they are: a recipe epgen does not
-    know needs no kernel code. Normal mode only (nothing to cast)."""
+    know needs no kernel code. Low-latency mode moves them too (nothing cast) and needs both to be
+    multiples of 16 bytes (low_latency_fields)."""
     for name, v, rule in (("row_bytes", row_bytes, 16), ("side_bytes", side_bytes, 4)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "row_bytes" else 0) \
                 or v % rule:
@@ -238,12 +240,20 @@ def recv_scale_layout_field(fmt: WireFormat, layout) -> dict:
 
 
 def low_latency_fields(fmt: WireFormat, round_scale: bool = False) -> dict:
-    """LowLatencyDispatchSpec's format fields for a format low-latency dispatch sends (BF16
-    copied; the others cast in the kernel). round_scale: power-of-two float32 scales, the one
-    variant of fp8_e4m3_f32_128 (DeepEP's round_scale without use_ue8m0)."""
+    """LowLatencyDispatchSpec's format fields for a format low-latency dispatch sends (BF16 and
+    opaque rows copied; the others cast in the kernel). round_scale: power-of-two float32 scales,
+    the one variant of fp8_e4m3_f32_128 (DeepEP's round_scale without use_ue8m0)."""
+    if fmt.packing == "bytes":     # opaque: moved as bytes, 16 at a time (ll_dispatch.cuh FMT 3)
+        for name, v in (("row", fmt.row_bytes), ("side", fmt.side_bytes)):
+            if v % 16:
+                raise _err("wire_format", fmt.name, f"low-latency dispatch moves opaque rows and "
+                                                    f"side rows of multiples of 16 bytes (its "
+                                                    f"{name} has {v})")
+        return dict(use_fp8=False, round_scale=False, use_ue8m0=False, wire_format=fmt.name)
     if fmt.name not in LOW_LATENCY:
         raise _err("wire_format", fmt.name, f"low-latency dispatch sends one of {LOW_LATENCY} "
-                                            "(cast from BF16 in the kernel)")
+                                            "(cast from BF16 in the kernel) or "
+                                            "'opaque<row bytes>[+<side bytes>]'")
     fp8 = fmt.name.startswith("fp8")
     ue8m0 = fmt is FP8_UE8M0_128
     return dict(use_fp8=fp8, round_scale=ue8m0 or (fp8 and round_scale), use_ue8m0=ue8m0,

@@ -345,7 +345,11 @@ def ll_cast(x: torch.Tensor, use_fp8: bool = True, round_scale: bool = False,
     """(data, scales or None) a low-latency dispatch sends for bf16 rows x [..., H]: DeepEP's
     flags (per_token_cast_to_fp8, or the BF16 rows), or wire_format "mxfp8" (mxfp8_quantize,
     E8M0 bytes packed four per int32: [..., ceil(H/128)]) or "nvfp4" (nvfp4_quantize with the
-    per-token global scale, scales as nvfp4_wire_scales: [..., ceil(H/64) + 1] int32)."""
+    per-token global scale, scales as nvfp4_wire_scales: [..., ceil(H/64) + 1] int32), or an
+    opaque format "opaque<R>[+<S>]": x (any dtype, R bytes a row) or x = (data, side) as it is,
+    nothing cast (the caller quantized it)."""
+    if _is_opaque(wire_format):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, None)
     if wire_format == "mxfp8":
         q, s = mxfp8_quantize(x)
         return q, pack_scale_bytes(s)
@@ -355,6 +359,15 @@ def ll_cast(x: torch.Tensor, use_fp8: bool = True, round_scale: bool = False,
     if wire_format is not None:
         raise ValueError(f"wire_format={wire_format!r}: must be None, 'mxfp8' or 'nvfp4'")
     return per_token_cast_to_fp8(x, round_scale, use_ue8m0) if use_fp8 else (x, None)
+
+
+def _is_opaque(wire_format: Optional[str]) -> bool:
+    return wire_format is not None and wire_format.startswith("opaque")
+
+
+def _byte_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [T, W] tensor of any dtype as its bytes, uint8 [T, W * element size] (no cast)."""
+    return t.contiguous().view(torch.uint8)
 
 
 def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
@@ -372,16 +385,20 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
     logical [El, R*M, S] tensor (DeepEP's is column-major in the last two dims: compare values).
     Rows past recv_count[e] are unspecified (here zeros, src_info -1).
     wire_format "mxfp8" / "nvfp4" (use_fp8 etc. then unused): rows and scales are ll_cast's.
+    An opaque wire_format: xs[r] is rank r's rows (any dtype) or (rows, side rows); both arrive
+    byte for byte, recv_x and recv_x_scales (the side rows) in their senders' dtypes.
     """
     R, M = len(xs), num_max_dispatch_tokens_per_rank
     El = num_experts // R
-    dev = xs[0].device
     for r, t in enumerate(topk_idxs):
         _check_topk(t, num_experts, R)
         _check_no_duplicates(t)
         if t.shape[0] > M:
             raise ValueError(f"rank {r} has {t.shape[0]} tokens > M={M}")
     casts = [ll_cast(x, use_fp8, round_scale, use_ue8m0, wire_format) for x in xs]
+    dev = casts[0][0].device
+    if _is_opaque(wire_format):
+        return _ll_dispatch_bytes(casts, topk_idxs, El, rank, M)
     quant = casts[0][1] is not None
     recv_x = torch.zeros(El, R * M, casts[0][0].shape[1],
                          dtype=torch.uint8 if quant else xs[0].dtype, device=dev)
@@ -408,6 +425,39 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         sources.append(pairs)
     recv_x = recv_x.view(casts[0][0].dtype) if quant else recv_x
     return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout, sources)
+
+
+def _ll_dispatch_bytes(rows: list, topk_idxs: Tensors, El: int, rank: int,
+                       M: int) -> LowLatencyDispatchResult:
+    """low_latency_dispatch of opaque rows: rows[r] = (data, side or None) of rank r, placed
+    as low_latency_dispatch places tokens, as bytes, returned in the senders' dtypes."""
+    R = len(rows)
+    data0, side0 = rows[0]
+    dev = data0.device
+    recv = torch.zeros(El, R * M, _byte_rows(data0).shape[1], dtype=torch.uint8, device=dev)
+    recv_side = None if side0 is None else \
+        torch.zeros(El, R * M, _byte_rows(side0).shape[1], dtype=torch.uint8, device=dev)
+    recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
+    src_info = torch.full((El, R * M), -1, dtype=torch.int32, device=dev)
+    layout = torch.zeros(El, R, dtype=torch.int64, device=dev)
+    sources = []
+    for le in range(El):
+        begin, pairs = 0, []
+        for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
+            n = len(toks)
+            data, side = rows[r]
+            recv[le, begin:begin + n] = _byte_rows(data)[toks]
+            if recv_side is not None:
+                recv_side[le, begin:begin + n] = _byte_rows(side)[toks]
+            src_info[le, begin:begin + n] = toks.to(torch.int32)
+            layout[le, r] = (begin << 32) | n
+            pairs += [(r, t) for t in toks.tolist()]
+            begin += n
+        recv_count[le] = begin
+        sources.append(pairs)
+    recv_x = recv.view(data0.dtype)
+    recv_side = None if recv_side is None else recv_side.view(side0.dtype)
+    return LowLatencyDispatchResult(recv_x, recv_side, recv_count, src_info, layout, sources)
 
 
 def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
@@ -457,8 +507,25 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
                 f"{w}: src_info {sorted(toks.tolist())}, expected tokens {exp_toks}"
             if n > 0:
                 got_s = None if recv_x_scales is None else recv_x_scales[le, begin:begin + n]
+                if _is_opaque(wire_format):
+                    _check_ll_bytes(w, ll_cast(xs[r], wire_format=wire_format), toks,
+                                    recv_x[le, begin:begin + n], got_s)
+                    continue
                 _check_ll_rows(w, xs[r][toks.to(xs[r].device)], recv_x[le, begin:begin + n],
                                got_s, round_scale, use_ue8m0, exact_fp8, wire_format)
+
+
+def _check_ll_bytes(w, src, toks, got, got_s):
+    """One chunk of opaque rows (and side rows) against the source rows `toks`, byte for byte."""
+    data, side = src
+    toks = toks.to(data.device)
+    assert got.dtype == data.dtype, f"{w}: recv_x is {got.dtype}, the rows were {data.dtype}"
+    assert torch.equal(_byte_rows(got), _byte_rows(data)[toks]), f"{w}: opaque row bytes differ"
+    if side is not None:
+        assert got_s is not None and got_s.dtype == side.dtype, \
+            f"{w}: side rows of {side.dtype} need recv_x_scales of that dtype"
+        assert torch.equal(_byte_rows(got_s), _byte_rows(side)[toks]), \
+            f"{w}: opaque side bytes differ"
 
 
 def _check_ll_rows(w, src, got, got_s, round_scale, use_ue8m0, exact_fp8, wire_format=None):

@@ -76,9 +76,9 @@ def _format_of(dtype: str) -> formats.WireFormat:
 def _dtype_list(v, path, where, low_latency=False) -> list[str]:
     """A dtype is "bf16", "fp8" (e4m3 with float32 per-128 scales) or a wire-format name
     (epgen.formats, README "Wire formats"): normal mode any of them, "opaque<row bytes>[+<side
-    bytes>]" included; low latency the ones its dispatch sends."""
+    bytes>]" included; low latency the ones its dispatch sends (opaque rows included)."""
     allowed = ["fp8", *(formats.LOW_LATENCY if low_latency else formats.FORMATS),
-               *([] if low_latency else ["opaque<row>[+<side>]"])]
+               "opaque<row>[+<side>]"]
     if not (isinstance(v, list) and v):
         _fail(path, where, f"a non-empty list of {allowed}", v)
     for x in v:
@@ -86,7 +86,8 @@ def _dtype_list(v, path, where, low_latency=False) -> list[str]:
             fmt = _format_of(x) if isinstance(x, str) else None
         except formats.FormatError:
             fmt = None
-        if fmt is None or (low_latency and fmt.name not in formats.LOW_LATENCY):
+        if fmt is None or (low_latency and fmt.name not in formats.LOW_LATENCY
+                           and fmt.packing != "bytes"):
             raise SpecFileError(f"{path}: {where}: {echo(x)} is not one of {allowed}")
     return v
 
@@ -216,7 +217,7 @@ def _model_specs(m, path: str, where: str) -> list[KernelSpec]:
             if low:
                 specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, low,
                                            low_combine, layouts)
-        except SpecError as e:
+        except (SpecError, formats.FormatError) as e:
             raise SpecFileError(f"{path}: {where} (ep_size {ep}): {e}") from None
     return specs
 

@@ -174,7 +174,7 @@ def test_record_formats_name_the_format_and_its_bytes_per_token():
     (["--sweep-tokens", "1,x"], "--sweep-tokens='1,x': must be comma-separated ints"),
     (["--runs", "0"], "--runs=0: must be >= 1"),
     (["--wire-format", "fp4"], "--wire-format='fp4': must be a WireFormat, one of"),
-    (["--wire-format", "opaque64"], "--wire-format='opaque64': low-latency dispatch sends one of"),
+    (["--wire-format", "opaque64"], "--wire-format='opaque64': the benchmark sends BF16 tokens"),
     (["--combine-format", "fp8"], "--combine-format='fp8': must be one of"),
     (["--wire-format", "mxfp8", "--hidden", "2896"],
      "--hidden=2896: mxfp8 needs a positive multiple of 32 channels"),

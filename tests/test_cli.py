@@ -48,7 +48,7 @@ def test_spec_files_name_wire_formats(tmp_path):
 models:
   - {name: m, hidden: 2880, num_experts: 64, num_topk: 4, ep_sizes: [2],
      modes: {normal: {dtypes: [mxfp8, nvfp4, opaque2048+12]},
-             low_latency: {dispatch_dtypes: [mxfp8, nvfp4, fp8_ue8m0_128]}}}
+             low_latency: {dispatch_dtypes: [mxfp8, nvfp4, fp8_ue8m0_128, opaque2880+64]}}}
 """))
     nd = lambda **kw: NormalDispatchSpec(num_topk=4, num_experts=64, num_ranks=2, **kw)  # noqa: E731
     ld = lambda **kw: LowLatencyDispatchSpec(hidden=2880, num_topk=4, num_experts=64,  # noqa: E731
@@ -59,6 +59,7 @@ models:
     assert ld(use_fp8=False, wire_format="mxfp8") in sf.specs
     assert ld(use_fp8=False, wire_format="nvfp4") in sf.specs
     assert ld(round_scale=True, use_ue8m0=True) in sf.specs
+    assert ld(use_fp8=False, wire_format="opaque2880+64") in sf.specs     # moved as bytes
 
 
 def test_spec_files_name_combine_formats_and_scale_layouts(tmp_path):
@@ -99,8 +100,15 @@ models:
      "recv_scale_layouts: 'cutlass_128x4' is a layout of ('mxfp8', 'nvfp4'), none of the "
      "dispatch_dtypes ['fp8']"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
-     "modes: {low_latency: {dispatch_dtypes: [opaque64]}}}]",
-     "models[0].modes.low_latency.dispatch_dtypes: 'opaque64' is not one of ['fp8', 'bf16'"),
+     "modes: {low_latency: {dispatch_dtypes: [mxfp4]}}}]",
+     "models[0].modes.low_latency.dispatch_dtypes: 'mxfp4' is not one of ['fp8', 'bf16'"),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {dispatch_dtypes: [opaque64+8]}}}]",
+     "models[0] (ep_size 2): wire_format='opaque64+8': low-latency dispatch moves opaque rows and "
+     "side rows of multiples of 16 bytes"),
+    ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "
+     "modes: {low_latency: {dispatch_dtypes: [opaque14336+16]}}}]",
+     "wire_format='opaque14336+16': rows plus side rows must be at most 2 * hidden = 14336"),
     ("models: [{name: x, hidden: 2896, num_experts: 256, num_topk: 8, ep_sizes: [2], "
      "modes: {low_latency: {dispatch_dtypes: [nvfp4]}}}]", "hidden=2896: must be a multiple of 32"),
     ("models: [{name: x, hidden: 7168, num_experts: 256, num_topk: 8, ep_sizes: [2], "

@@ -38,6 +38,11 @@ SPECS = [
                              round_scale=ue, use_ue8m0=ue, wire_format=f, recv_scale_layout=l)
       for f, ue, l in (("", False, "deepgemm"), ("", True, "deepgemm"), ("mxfp8", False, "deepgemm"),
                        ("mxfp8", False, "cutlass_128x4"), ("nvfp4", False, "cutlass_128x4"))),
+    # opaque rows (bytes moved as they are): with a side row at 7168, a row alone at 2880
+    LowLatencyDispatchSpec(hidden=7168, num_topk=8, num_experts=64, num_ranks=8, use_fp8=False,
+                           wire_format="opaque3712+64"),
+    LowLatencyDispatchSpec(hidden=2880, num_topk=8, num_experts=64, num_ranks=8, use_fp8=False,
+                           wire_format="opaque2880"),
     LowLatencyCombineSpec(hidden=7168, num_topk=8, num_experts=288, num_ranks=2),
     LowLatencyCombineSpec(hidden=2880, num_topk=16, num_experts=128, num_ranks=8),
     # the combine wire formats (FP8 + float scales, LogFMT-10) at 7168, 4096 and 2880

@@ -100,9 +100,10 @@ DIFFERENCES = {
 EXTENSIONS = {"check_errors"}
 # epgen's keyword-only additions to DeepEP methods (after all of DeepEP's parameters, so no
 # positional call changes meaning): the wire format (epgen.formats, README "Wire formats") and
-# low-latency dispatch's received-scale layout.
+# low-latency dispatch's received-scale layout and, for opaque rows, the combine's hidden.
 EXTRA_KEYWORDS = {"dispatch": {"wire_format": None}, "low_latency_dispatch": {"wire_format": None,
-                                                                          "recv_scale_layout": None},
+                                                                          "recv_scale_layout": None,
+                                                                          "hidden": None},
                   "low_latency_combine": {"wire_format": None}}
 
 

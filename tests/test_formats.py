@@ -108,8 +108,12 @@ def test_low_latency_format_from_flags_or_wire_format():
     with pytest.raises(ValueError, match=r"wire_format='mxfp8': conflicts with use_fp8=False, "
                                          r"round_scale=False, use_ue8m0=False \(which name bf16\)"):
         _ll_format("mxfp8", False, False, False)
-    with pytest.raises(ValueError, match="wire_format=.opaque64.: low-latency dispatch sends"):
-        _ll_format("opaque64", True, False, False)
+    assert _ll_format("opaque64", True, False, False) == F.OPAQUE(64)    # moved as bytes
+    with pytest.raises(ValueError, match=r"wire_format='opaque64\+4': low-latency dispatch moves "
+                                         r"opaque rows and side rows of multiples of 16 bytes"):
+        _ll_format("opaque64+4", True, False, False)
+    with pytest.raises(ValueError, match=r"wire_format='opaque64': conflicts with use_fp8=False"):
+        _ll_format("opaque64", False, False, False)
     # payload = data + scale words, 16-byte padded (templates/ll_dispatch.cuh kPayload)
     assert payload_bytes(7168, False, "mxfp8") == 7168 + 4 * 224
     assert payload_bytes(2880, False, "nvfp4") == (1440 + 4 * 46 + 15) // 16 * 16

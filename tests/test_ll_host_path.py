@@ -197,3 +197,90 @@ def test_cutlass_128x4_layout(fmt, words):
 def test_scale_layout_errors_before_any_launch(kw, match):
     with pytest.raises(ValueError, match=match):
         _dispatch(**kw)
+
+
+# -- opaque rows (wire_format "opaque<R>[+<S>]"): bytes moved as they are -----------------------
+def _opaque_dispatch(x, wire_format, hidden=H, **kw):
+    ops, fake = fake_ll_ops(R, M, H, E)
+    g = torch.Generator().manual_seed(2)
+    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
+    out, _, handle, _, _ = ops.low_latency_dispatch(x, idx, M, E, wire_format=wire_format,
+                                                    hidden=hidden, **kw)
+    return out, handle, fake.launches
+
+
+def test_opaque_rows_and_side_rows_launch_as_bytes():
+    data = fake_cuda(torch.zeros(M, 48, dtype=torch.float8_e4m3fn))        # 48-byte rows...
+    side = fake_cuda(torch.zeros(M, 8, dtype=torch.int32))                 # ...32 side bytes
+    (recv_x, recv_side), handle, launches = _opaque_dispatch((data, side), "opaque48+32")
+    (spec, send), (_, recv) = launches
+    assert spec.wire_format == "opaque48+32" and not spec.use_fp8
+    assert spec.constants()["wire_format_code"] == 3
+    assert (spec.constants()["opaque_row_bytes"], spec.constants()["opaque_side_bytes"]) == (48, 32)
+    assert spec.payload_bytes == 80 and spec.hidden == H and handle[3] == H   # combine's hidden
+    assert send.x == data.data_ptr() and send.x_side == side.data_ptr() == recv.x_side
+    assert recv_x.dtype == torch.float8_e4m3fn and recv_x.shape == (EL, RM, 48)
+    assert recv_side.dtype == torch.int32 and recv_side.shape == (EL, RM, 8)
+    assert send.recv_x == recv_x.data_ptr() and send.recv_scales == recv_side.data_ptr()
+
+
+def test_opaque_rows_alone_keep_their_dtype():
+    x = fake_cuda(torch.zeros(M, 2 * H, dtype=torch.uint8))                # a whole BF16 row's room
+    recv_x, _, [(spec, send), _] = _opaque_dispatch(x, f"opaque{2 * H}")
+    assert recv_x.dtype == torch.uint8 and recv_x.shape == (EL, RM, 2 * H)
+    assert send.x_side == 0 and send.recv_scales == 0 and spec.payload_bytes == 2 * H
+
+
+def test_opaque_kernel_names_differ_by_width():
+    base = dict(hidden=H, num_topk=K, num_experts=E, num_ranks=R, use_fp8=False)
+    from epgen.jit.specs import LowLatencyDispatchSpec
+    a, b = (LowLatencyDispatchSpec(**base, wire_format=f) for f in ("opaque48", "opaque48+16"))
+    assert a.name != b.name and a.name.startswith("ll_dispatch_opaque48_h")
+    assert "opaque48s16" in b.name
+
+
+_U8 = torch.uint8
+
+
+@pytest.mark.parametrize("x, fmt, kw, match", [
+    ((M, 40), "opaque40", {}, r"row_bytes=40: must be a positive multiple of 16"),
+    (((M, 48), (M, 8)), "opaque48+8", {}, r"wire_format='opaque48\+8': low-latency dispatch "
+                                          r"moves opaque rows and side rows of multiples of 16 "
+                                          r"bytes \(its side has 8\)"),
+    ((M, 48), "opaque48", {"hidden": None}, r"hidden=None: opaque48 needs the combine's hidden"),
+    ((M, 48), "opaque48", {"hidden": 16}, r"wire_format='opaque48': rows of 48 bytes plus side "
+                                          r"rows of 0 must fit 2 \* hidden = 32 bytes"),
+    ((M, 48), "opaque48", {"hidden": 200}, r"hidden=200: must be a multiple of 16"),
+    ((M, 32), "opaque48", {}, r"x.shape\[1\]=32: rows of 32 bytes; opaque48 has 48-byte rows"),
+    ((M, 48), "opaque48+16", {}, r"x=.*opaque48\+16 needs \(x, x_scales\)"),
+    ((M, 48), "opaque48", {"use_fp8": False}, r"wire_format='opaque48': conflicts with "
+                                              r"use_fp8=False"),
+    ((M, 48), "opaque48", {"round_scale": True}, r"conflicts with use_fp8=True, round_scale=True"),
+    ((M, 48), "opaque48", {"recv_scale_layout": "deepgemm"}, r"recv_scale_layout='deepgemm': "
+                                                             r"is a layout of"),
+])
+def test_opaque_errors_before_any_launch(x, fmt, kw, match):
+    def make(shape):
+        return fake_cuda(torch.zeros(*shape, dtype=_U8))
+    x = tuple(make(s) for s in x) if isinstance(x[0], tuple) else make(x)
+    kw = {"hidden": H, **kw}
+    ops, fake = fake_ll_ops(R, M, H, E)
+    idx = fake_cuda(torch.arange(K).repeat(M, 1))
+    with pytest.raises(ValueError, match=match):
+        ops.low_latency_dispatch(x, idx, M, E, wire_format=fmt, **kw)
+    assert fake.launches == []
+
+
+def test_opaque_misaligned_side_refused():
+    ops, fake = fake_ll_ops(R, M, H, E)
+    side = fake_cuda(torch.zeros(M * 16 + 4, dtype=_U8)[4:].view(M, 16))
+    with pytest.raises(ValueError, match=r"x\[1\].data_ptr\(\)=.*must be 16-byte aligned"):
+        ops.low_latency_dispatch((fake_cuda(torch.zeros(M, 48, dtype=_U8)), side),
+                                 fake_cuda(torch.arange(K).repeat(M, 1)), M, E,
+                                 wire_format="opaque48+16", hidden=H)
+    assert fake.launches == []
+
+
+def test_hidden_only_with_opaque():
+    with pytest.raises(ValueError, match=r"hidden=256: is given for opaque wire formats only"):
+        _dispatch(hidden=H)

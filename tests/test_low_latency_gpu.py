@@ -286,6 +286,56 @@ def _run_layout_case(buf, rank, R, E, cid, name, H, K, wf, layout):
                                    recv_x_scales=got_scales, **kw)
 
 
+# (name, H, K, wire_format, hook, async_finish): opaque rows, quantized by the caller in a recipe
+# epgen does not know: random bytes (NaN and inf bit patterns included) as uint8 rows and float32
+# side rows, moved unchanged and compared byte for byte with reference.low_latency_dispatch;
+# then the experts' BF16 outputs at hidden H come back through the usual combine. The first is in
+# the quick tier.
+OPAQUE_CASES = [
+    ("wire_format opaque3712+64 h7168 k8 hook", 7168, 8, "opaque3712+64", True, False),
+    ("wire_format opaque2880 h2880 k16 async", 2880, 16, "opaque2880", False, True),
+]
+
+
+def _run_opaque_case(buf, rank, R, E, cid, name, H, K, wf, hook, async_finish):
+    import torch
+    from epgen import formats
+    from epgen import reference as ref
+    fmt = formats.get(wf)
+    tokens = [M] * R
+    tokens[-1] = M - 3
+    ins = _all_inputs(cid, R, tokens, H, K, E)
+
+    def rows(r):
+        g = torch.Generator().manual_seed(9001 * cid + r)
+        data = torch.randint(0, 256, (tokens[r], fmt.row_bytes), generator=g, dtype=torch.uint8)
+        if not fmt.side_bytes:
+            return data.cuda()
+        side = torch.randint(0, 256, (tokens[r], fmt.side_bytes), generator=g, dtype=torch.uint8)
+        return data.cuda(), side.view(torch.float32).cuda()
+    xs = [rows(r) for r in range(R)]
+    _, idx, w = ins[rank]
+    _poison()
+    recv, count, handle, ev, hk = buf.low_latency_dispatch(
+        xs[rank], idx, M, E, async_finish=async_finish, return_recv_hook=hook, wire_format=wf,
+        hidden=H)
+    _finish(buf, ev, hk, hook, async_finish)
+    El, RM = E // R, R * M
+    recv_x, side = recv if fmt.side_bytes else (recv, None)
+    assert recv_x.dtype == torch.uint8 and recv_x.shape == (El, RM, fmt.row_bytes), recv_x.shape
+    if fmt.side_bytes:
+        assert side.dtype == torch.float32 and side.shape == (El, RM, fmt.side_bytes // 4)
+    assert handle[3] == H
+    ref.check_low_latency_dispatch(xs, [i[1] for i in ins], E, rank, M, recv_x, count, handle[0],
+                                   handle[1], recv_x_scales=side, wire_format=wf)
+    g = torch.Generator(device="cuda").manual_seed(cid * 31 + rank)
+    y = torch.randn(El, RM, H, generator=g, device="cuda").to(torch.bfloat16)
+    combined, ev, hk = buf.low_latency_combine(y, idx, w, handle, async_finish=async_finish,
+                                               return_recv_hook=hook)
+    _finish(buf, ev, hk, hook, async_finish)
+    _check_combine(rank, ins, y, handle, combined)
+
+
 # (name, H, K, use_logfmt, wire_format, hook): the combine wire formats, after
 # FORMAT_CASES (QUICK keeps its meaning; QUICK_COMBINE adds the first). Each checks the message
 # bytes in the owner's receive slots against reference.combine_wire_encode and the output bit
@@ -562,8 +612,12 @@ def _worker(rank, world):
     first_layout = len(jobs)
     jobs += [(c[0], lambda c=c, i=i: _run_layout_case(buf, rank, world, E, 700 + i, *c))
              for i, c in enumerate(LAYOUT_CASES)]
+    first_opaque = len(jobs)
+    jobs += [(c[0], lambda c=c, i=i: _run_opaque_case(buf, rank, world, E, 800 + i, *c))
+             for i, c in enumerate(OPAQUE_CASES)]
     _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE] +
-                                 list(range(first_layout, len(jobs)))), results)
+                                 list(range(first_layout, first_opaque)) + [first_opaque]),
+              results)
     torch.cuda.synchronize()
     buf.destroy()
     # Each with its own Buffer (the heap holds one of each size at a time), after the main one.
@@ -658,7 +712,7 @@ def _torch_nvshmem_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def ll_results():
-    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES, LAYOUT_CASES
+    return gpu_harness.cached_runs(_worker, timeout_s=420)  # + FORMAT_CASES, COMBINE_FORMAT_CASES, LAYOUT_CASES, OPAQUE_CASES
 
 
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())

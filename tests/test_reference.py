@@ -304,6 +304,42 @@ def test_ll_dispatch_fp8():
                                        d.recv_layout_range, d.recv_x_scales, rs, ue, exact_fp8=True)
 
 
+def test_ll_dispatch_opaque_moves_bytes_unchanged():
+    """Opaque rows (any dtype; NaN bit patterns included) and side rows arrive byte for byte,
+    in the senders' dtypes, placed as BF16 rows are; the checker compares bytes."""
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 256, (3, 48), generator=g, dtype=torch.uint8).view(FP8)
+            for _ in range(R)]
+    side = [torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 4), generator=g, dtype=torch.int32)
+            for _ in range(R)]
+    xs = list(zip(data, side))
+    d = ref.low_latency_dispatch(xs, TOPK, E, 1, M, wire_format="opaque48+16")
+    bf = ll(1, use_fp8=False)
+    assert d.recv_x.dtype == FP8 and d.recv_x.shape == (2, R * M, 48)
+    assert d.recv_x_scales.dtype == torch.int32 and d.recv_x_scales.shape == (2, R * M, 4)
+    assert d.recv_sources == bf.recv_sources and torch.equal(d.recv_src_info, bf.recv_src_info)
+    assert torch.equal(d.recv_x[0, 2].view(torch.uint8), data[1][1].view(torch.uint8))
+    assert torch.equal(d.recv_x_scales[1, 0], side[0][2])
+    moved = _kernel_like(d)
+    sides = d.recv_x_scales.clone()
+    sides[0, :3] = d.recv_x_scales[0, [2, 1, 0]]         # the side rows move with their rows
+    _check(moved._replace(recv_x_scales=sides), xs=xs, wire_format="opaque48+16")
+    with pytest.raises(AssertionError, match="opaque side bytes differ"):
+        _check(moved, xs=xs, wire_format="opaque48+16")   # rows moved, side rows not
+    bad = d.recv_x_scales.clone()
+    bad[1, 0, 3] ^= 1
+    with pytest.raises(AssertionError, match="opaque side bytes differ"):
+        _check(d._replace(recv_x_scales=bad), xs=xs, wire_format="opaque48+16")
+    bad = d.recv_x.view(torch.uint8).clone()
+    bad[0, 1, 0] ^= 0x80
+    with pytest.raises(AssertionError, match="opaque row bytes differ"):
+        _check(d._replace(recv_x=bad.view(FP8)), xs=xs, wire_format="opaque48+16")
+    rows = ref.low_latency_dispatch(data, TOPK, E, 1, M, wire_format="opaque48")   # no side
+    assert rows.recv_x_scales is None and torch.equal(rows.recv_x.view(torch.uint8),
+                                                      d.recv_x.view(torch.uint8))
+    _check(rows, xs=data, wire_format="opaque48")
+
+
 def _check(d, rank=1, xs=XS, **kw):
     ref.check_low_latency_dispatch(xs, TOPK, E, rank, M, d.recv_x, d.recv_count, d.recv_src_info,
                                    d.recv_layout_range, d.recv_x_scales, **kw)

@@ -95,6 +95,10 @@ def configs(args) -> list[tuple[str, dict]]:
     from .. import formats
     try:
         fmt = formats.get(args.wire_format, "--wire-format")
+        if fmt.packing == "bytes":
+            raise ValueError(f"--wire-format={fmt.name!r}: the benchmark sends BF16 tokens for "
+                             "the kernels to cast; opaque rows are a caller's own bytes (not "
+                             "benchmarked here)")
         formats.low_latency_fields(fmt)
         fmt.check_hidden(args.hidden, "--hidden")
     except ValueError as e:

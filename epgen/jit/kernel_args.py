@@ -76,6 +76,7 @@ LowLatencyDispatchArgs = struct(
     ("const int64_t*", "topk_idx"),         # [T, K]
     ("void*", "recv_x"),                    # [El, R*M, H] fp8 / bf16
     ("void*", "recv_scales"),               # [El, S, R*M] float or [El, ceil(S/4), R*M] int32
+                                            # (opaque: side rows [El, R*M, side bytes])
     ("int*", "recv_src_info"),              # [El, R*M]
     ("int64_t*", "recv_layout_range"),      # [El, R]
     ("int*", "recv_count"),                 # [El]
@@ -98,6 +99,8 @@ LowLatencyDispatchArgs = struct(
     ("int", "phases"),                      # 1 send, 2 receive
     ("int", "any_remote"),
     *ERROR_FIELDS,
+    # After the others, so that their offsets (and the kernels not reading it) stay as they were.
+    ("const void*", "x_side"),              # opaque formats: [T, side bytes] side rows, or null
 )
 
 LowLatencyCombineArgs = struct(

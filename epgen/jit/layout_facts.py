@@ -126,6 +126,18 @@ def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
     return 2 * hidden
 
 
+def ll_opaque_payload_bytes(row_bytes: int, side_bytes: int) -> int:
+    """An opaque format's payload (ll_dispatch.cuh kPayload, FMT 3): the row, then the side row
+    (both multiples of 16 bytes)."""
+    return row_bytes + side_bytes
+
+
+def ll_opaque_fits(hidden: int, row_bytes: int, side_bytes: int) -> bool:
+    """Whether opaque rows fit the region sized for `hidden` (the combine's hidden, what
+    Buffer.get_low_latency_rdma_size_hint takes): row + side at most a BF16 row, 2 * hidden."""
+    return ll_opaque_payload_bytes(row_bytes, side_bytes) <= ll_payload_bytes(hidden, False)
+
+
 def ll_message_slot_bytes(hidden: int) -> int:
     """A receive slot: sized for the largest message (BF16 payload, MAX_TOPK header), so the
     data areas do not depend on dtype or top-k."""

@@ -29,8 +29,22 @@ MAX_EXPERTS = layout_facts.MAX_EXPERTS
 SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
-# the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT.
+# the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT; FMT 3 is
+# every opaque format, "opaque<row bytes>[+<side bytes>]" (ll_opaque_widths), moved as bytes.
 LL_WIRE_FORMATS = ("", "mxfp8", "nvfp4")
+LL_OPAQUE_CODE = 3
+
+
+def ll_opaque_widths(wire_format: str):
+    """(row bytes, side bytes) of an opaque low-latency wire_format, None for the others."""
+    if not wire_format.startswith("opaque"):
+        return None
+    from .. import formats     # a module without imports of its own: spec files read it too
+    try:
+        fmt = formats.get(wire_format)
+    except formats.FormatError:
+        return None
+    return fmt.row_bytes, fmt.side_bytes
 # Where low-latency dispatch stores the received scales (epgen.formats.RECV_SCALE_LAYOUTS; "" is
 # "deepep", today's). The index is the template's SFL (templates/ll_scale_layout.cuh).
 LL_SCALE_LAYOUTS = ("", "deepgemm", "cutlass_128x4")
@@ -421,9 +435,21 @@ class LowLatencyDispatchSpec(KernelSpec):
         _check_common(self)
         self._req(self.num_topk >= 1, "num_topk", "must be >= 1")
         self._req(self.hidden % 16 == 0, "hidden", "must be a multiple of 16 in low-latency mode")
-        self._req(self.wire_format in LL_WIRE_FORMATS, "wire_format",
-                  f"must be one of {LL_WIRE_FORMATS}")
-        if self.wire_format:
+        opaque = ll_opaque_widths(self.wire_format)
+        self._req(self.wire_format in LL_WIRE_FORMATS or opaque is not None, "wire_format",
+                  f"must be one of {LL_WIRE_FORMATS} or 'opaque<row bytes>[+<side bytes>]'")
+        if opaque is not None:
+            row, side = opaque
+            self._req(not (self.use_fp8 or self.round_scale or self.use_ue8m0), "wire_format",
+                      "names the format itself: use_fp8, round_scale and use_ue8m0 must be False")
+            self._req(row % 16 == 0 and side % 16 == 0, "wire_format",
+                      "opaque rows and side rows must be multiples of 16 bytes in low-latency mode")
+            self._req(layout_facts.ll_opaque_fits(self.hidden, row, side), "wire_format",
+                      f"rows plus side rows must be at most 2 * hidden = {2 * self.hidden} "
+                      "bytes (a BF16 row's room in the region)")
+            self._req(self.recv_scale_layout == "", "recv_scale_layout",
+                      "opaque side rows are returned as they are (no scale layout)")
+        elif self.wire_format:
             self._req(not (self.use_fp8 or self.round_scale or self.use_ue8m0), "wire_format",
                       "names the format itself: use_fp8, round_scale and use_ue8m0 must be False")
             self._req(self.hidden % 32 == 0, "hidden",
@@ -452,15 +478,22 @@ class LowLatencyDispatchSpec(KernelSpec):
 
     @property
     def payload_bytes(self) -> int:
+        opaque = ll_opaque_widths(self.wire_format)
+        if opaque is not None:
+            return layout_facts.ll_opaque_payload_bytes(*opaque)
         return ll_payload_bytes(self.hidden, self.use_fp8, self.wire_format)
 
     @property
     def wire_format_code(self) -> int:
+        if ll_opaque_widths(self.wire_format) is not None:
+            return LL_OPAQUE_CODE
         return LL_WIRE_FORMATS.index(self.wire_format)
 
     def derived(self):
+        row, side = ll_opaque_widths(self.wire_format) or (0, 0)
         return dict(wire_format_code=self.wire_format_code,
-                    recv_scale_layout_code=LL_SCALE_LAYOUTS.index(self.recv_scale_layout))
+                    recv_scale_layout_code=LL_SCALE_LAYOUTS.index(self.recv_scale_layout),
+                    opaque_row_bytes=row, opaque_side_bytes=side)
 
     def device_checks(self):
         # The launch's dynamic shared memory is payload_bytes; the host sizes the receive slots
@@ -477,7 +510,7 @@ class LowLatencyDispatchSpec(KernelSpec):
 
     def readable_tag(self):
         dt = "fp8" + ("_ue8m0" if self.use_ue8m0 else "_rs" if self.round_scale else "") \
-            if self.use_fp8 else self.wire_format or "bf16"
+            if self.use_fp8 else self.wire_format.replace("+", "s") or "bf16"   # a C name
         sf = f"_{self.recv_scale_layout}" if self.recv_scale_layout else ""
         return f"{dt}{sf}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
 

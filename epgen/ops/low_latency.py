@@ -144,6 +144,37 @@ def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireForm
     return fmt
 
 
+def _opaque_format(wire_format):
+    """The opaque WireFormat wire_format names, None for any other (or None)."""
+    if wire_format is None:
+        return None
+    fmt = formats.get(wire_format)
+    return fmt if fmt.packing == "bytes" else None
+
+
+def _check_opaque_x(x, fmt: formats.WireFormat, hidden):
+    """(data, side or None, hidden) of an opaque dispatch's x: a tensor of fmt.row_bytes a row,
+    or a (data, side) tuple with fmt.side_bytes a side row, any dtypes, contiguous and 16-byte
+    aligned (moved 16 bytes at a time); hidden, the combine's (its BF16 expert outputs'), sizes
+    the region, so the rows plus side rows must fit a BF16 row (layout_facts.ll_opaque_fits)."""
+    formats.low_latency_fields(fmt)          # 16-byte rows and side rows, else the error
+    data, side = (x[0], x[1]) if isinstance(x, (tuple, list)) and len(x) == 2 else (x, None)
+    fmt.check(data, side)
+    for name, t in (("x[0]" if side is not None else "x", data), ("x[1]", side)):
+        if t is not None:
+            check_tensor(name, t, t.dtype, align=VECTOR_BYTES)
+    if hidden is None:
+        raise arg_error("hidden", None, f"{fmt.name} needs the combine's hidden (the BF16 "
+                                        "expert outputs' channels): it sizes the region")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
+        raise arg_error("hidden", hidden, "must be a positive int")
+    if not layout_facts.ll_opaque_fits(hidden, fmt.row_bytes, fmt.side_bytes):
+        raise arg_error("wire_format", fmt.name,
+                        f"rows of {fmt.row_bytes} bytes plus side rows of {fmt.side_bytes} must "
+                        f"fit 2 * hidden = {2 * hidden} bytes (a BF16 row's room in the region)")
+    return data, side, hidden
+
+
 class LowLatencyOps:
     def __init__(self, ctx: OpsContext, enable_shrink: bool = False, allow_nvlink: bool = True,
                  gpu_shared: bool = False):
@@ -287,14 +318,23 @@ class LowLatencyOps:
                              cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False,
                              use_ue8m0=False, async_finish=False, return_recv_hook=False,
-                             wire_format=None, recv_scale_layout=None):
+                             wire_format=None, recv_scale_layout=None, hidden=None):
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
-        check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES)
-        if x.dim() != 2:
-            raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
-        T, H = x.shape
+        opaque = _opaque_format(wire_format)
+        x_side = None
+        if opaque is not None:
+            x, x_side, H = _check_opaque_x(x, opaque, hidden)
+            T = x.size(0)
+        else:
+            if hidden is not None:
+                raise arg_error("hidden", hidden, "is given for opaque wire formats only (the "
+                                                  "others take it from x.shape[1])")
+            check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES)
+            if x.dim() != 2:
+                raise arg_error("x.shape", tuple(x.shape), "must be [num_tokens, hidden]")
+            T, H = x.shape
         check_topk_idx(topk_idx, num_tokens=T)
         K = topk_idx.shape[1]
         lay = self._check_common(M, H, num_experts, K)
@@ -322,13 +362,19 @@ class LowLatencyOps:
         wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                                 torch.int64, R)
         spec = spec_for_call(functools.partial(ll_dispatch_spec, **fields),
-                             {"hidden": "x.shape[1]", "num_topk": "topk_idx.shape[1]",
+                             {"hidden": "hidden" if opaque else "x.shape[1]",
+                              "num_topk": "topk_idx.shape[1]",
                               "num_experts": "num_experts"}, H, K, num_experts, R)
         kernel = ctx.kernel(spec)
 
         dev = ctx.device
         scales = scale_store = None
-        if cast:   # the format's row and scale columns
+        if opaque is not None:   # the caller's rows and side rows, in their own dtypes
+            recv_x = torch.empty(El, R * M, x.size(1), dtype=x.dtype, device=dev)
+            if x_side is not None:
+                scales = scale_store = torch.empty(El, R * M, x_side.size(1), dtype=x_side.dtype,
+                                                   device=dev)
+        elif cast:   # the format's row and scale columns
             recv_x = torch.empty(El, R * M, fmt.data_width(H), dtype=fmt.data_torch_dtype(),
                                  device=dev)
             scales, scale_store = _recv_scales(layout, fmt, El, R * M, fmt.scale_cols(H),
@@ -351,6 +397,7 @@ class LowLatencyOps:
             a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay,
                                   call_epoch, T, M, phases)
             a.x = x.data_ptr()
+            a.x_side = x_side.data_ptr() if x_side is not None else 0
             a.topk_idx = topk_idx.data_ptr()
             a.recv_x = recv_x.data_ptr()
             a.recv_scales = scale_store.data_ptr() if scale_store is not None else 0
@@ -362,8 +409,8 @@ class LowLatencyOps:
             a.counters = self.counters_addr
             return a
 
-        tensors = (x, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range, call_epoch,
-                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range,
+                   call_epoch, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
         event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
                                 return_recv_hook, tensors)
         handle = (src_info, layout_range, M, H, num_experts)

@@ -7,8 +7,8 @@
 //   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
 // Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
 // bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
-// bytes; or the BF16 row. `slot` is the row's place in its (local expert, source) chunk, from
-// an atomic on the sender's per-expert counter.
+// bytes; or the BF16 row; or an opaque row then its side row (FMT 3). `slot` is the row's
+// place in its (local expert, source) chunk, from an atomic on the sender's per-expert counter.
 // Send phase (phases & 1): a block per token at a time; warp 0 groups the token's experts by
 // destination rank and writes one header per destination while warps 1.. cast the token once
 // into shared memory; then all warps copy header + payload to each destination (NVLink stores, or
@@ -26,16 +26,21 @@ namespace epgen {
 
 // FMT: a wire format beyond DeepEP's flags (epgen.formats, the spec's wire_format), cast from
 // BF16 here exactly as epgen/reference.py defines it: 0 = the flags' (BF16, FP8 per 128),
-// 1 = MXFP8 (e4m3 + E8M0 per 32), 2 = NVFP4 (e2m1 two per byte + e4m3 per 16 + float32 global).
+// 1 = MXFP8 (e4m3 + E8M0 per 32), 2 = NVFP4 (e2m1 two per byte + e4m3 per 16 + float32 global),
+// 3 = opaque: rows of OROW bytes (x, any element type) plus OSIDE side bytes (a_side), both
+// multiples of 16, copied as they are (no cast) into recv_x and recv_scales ([El][RM][OSIDE]);
+// H is then the combine's hidden, which sizes the slots (OROW + OSIDE <= 2 H: a BF16 row's room).
 // SFL: where recv_scales' words go (ll_scale_layout.cuh; the spec's recv_scale_layout).
 template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0,
-          int SFL = 0>
+          int SFL = 0, int OROW = 0, int OSIDE = 0>
 struct LLDispatch {
     static constexpr int El = E / R;
     static constexpr int S = (H + 127) / 128;
     static constexpr int S4 = (S + 3) / 4;
-    static constexpr bool kQuant = FP8 || FMT != 0;
-    static constexpr int kDataBytes = FMT == 2 ? H / 2 : kQuant ? H : 2 * H;   // a recv_x row
+    static constexpr bool kOpaque = FMT == 3;
+    static constexpr bool kQuant = FP8 || (FMT != 0 && !kOpaque);
+    static constexpr int kDataBytes = kOpaque ? OROW : FMT == 2 ? H / 2 : kQuant ? H : 2 * H;
+    static constexpr int kXRowBytes = kOpaque ? OROW : 2 * H;       // a row of x
     // 4-byte scale words after the data: float scale_inv per 128 (FP8), float 2^X per 32 (MXFP8:
     // the receive packs the exponent bytes, as for UE8M0), or NVFP4's wire words (block-scale
     // bytes four per word, then the global scale), copied as they are.
@@ -46,7 +51,8 @@ struct LLDispatch {
     // go after every expert's tiles, a float32 [El, RM].
     static constexpr bool kGlobalApart = FMT == 2 && SFL == 2;
     static constexpr int kSWOut = kPackScales ? kSW4 : kGlobalApart ? kSW - 1 : kSW;  // words a row
-    static constexpr int kPayload = kQuant ? ll::align16(kDataBytes + 4 * kSW) : 2 * H;
+    static constexpr int kPayload = kOpaque ? OROW + OSIDE
+                                  : kQuant ? ll::align16(kDataBytes + 4 * kSW) : 2 * H;
     static constexpr int kMaxDst = K < R ? K : R;              // destinations of one token
     static constexpr int kHdr = ll::align16(ll::kHeaderFixed + 4 * K);        // room for K entries
     static constexpr int kHdrN16 = kHdr / 16;
@@ -61,7 +67,12 @@ struct LLDispatch {
                   "experts / ranks");
     static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(!UE8M0 || ROUND, "UE8M0 needs round_scale");
-    static_assert(FMT == 0 || (!FP8 && H % 32 == 0), "MXFP8 / NVFP4: use_fp8 off, hidden % 32");
+    static_assert(FMT == 0 || (!FP8 && (kOpaque || H % 32 == 0)),
+                  "MXFP8 / NVFP4 / opaque: use_fp8 off; MXFP8 / NVFP4: hidden % 32");
+    static_assert(kOpaque ? OROW > 0 && OROW % 16 == 0 && OSIDE >= 0 && OSIDE % 16 == 0 &&
+                            OROW + OSIDE <= 2 * H && SFL == 0
+                          : OROW == 0 && OSIDE == 0,
+                  "opaque: rows and side rows of 16-byte multiples, within a BF16 row's room");
     static_assert(SFL == 0 || (SFL == 1 && (FP8 || FMT == 1)) || (SFL == 2 && FMT != 0),
                   "recv_scale_layout: deepgemm for FP8 / MXFP8, cutlass_128x4 for MXFP8 / NVFP4");
     // A signal's count field is 16 bits: a (local expert, source) count is at most T * K
@@ -74,7 +85,9 @@ struct LLDispatch {
     static __device__ __forceinline__ int layout_tag(int max_tokens) {
         uint32_t h = 2166136261u;                               // FNV-1a over the shapes
         const uint32_t v[6] = {(uint32_t)H, (uint32_t)K, (uint32_t)E, (uint32_t)R,
-                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2) | (FMT << 3)), (uint32_t)max_tokens};
+                               (uint32_t)(FP8 | (ROUND << 1) | (UE8M0 << 2) | (FMT << 3)) ^
+                                  ((uint32_t)OROW << 8) ^ ((uint32_t)OSIDE << 20),
+                               (uint32_t)max_tokens};
         #pragma unroll
         for (int i = 0; i < 6; ++i) { h ^= v[i]; h *= 16777619u; }
         return (int)((h ^ (h >> 16)) & 0xffffu);
@@ -328,8 +341,17 @@ struct LLDispatch {
                 if (lane == 0) s_ndst = __popc(leaders);
             } else {           // warps 1..: the token into shared memory, cast once
                 const int4* xrow = reinterpret_cast<const int4*>(
-                    reinterpret_cast<const char*>(a.x) + (int64_t)t * H * 2);
-                if constexpr (FMT == 1) {
+                    reinterpret_cast<const char*>(a.x) + (int64_t)t * kXRowBytes);
+                if constexpr (kOpaque) {   // the row, then its side row: bytes as they are
+                    for (int i = tid - 32; i < OROW / 16; i += kCopyThreads)
+                        smem_payload[i] = ld_nc_v4(xrow + i);
+                    if constexpr (OSIDE > 0) {
+                        const int4* srow = reinterpret_cast<const int4*>(
+                            reinterpret_cast<const char*>(a.x_side) + (int64_t)t * OSIDE);
+                        for (int i = tid - 32; i < OSIDE / 16; i += kCopyThreads)
+                            smem_payload[OROW / 16 + i] = ld_nc_v4(srow + i);
+                    }
+                } else if constexpr (FMT == 1) {
                     cast_mxfp8(xrow, reinterpret_cast<char*>(smem_payload));
                 } else if constexpr (FMT == 2) {
                     cast_nvfp4(xrow, reinterpret_cast<char*>(smem_payload));
@@ -520,6 +542,18 @@ struct LLDispatch {
                     }
                 }
             }
+            if constexpr (kOpaque && OSIDE > 0) {   // the side row, to recv_scales [El][RM][OSIDE]
+                const int4* side = pay + OROW / 16;
+                for (int c = part * 32 + lane; c < OSIDE / 16; c += parts * 32) {
+                    const int4 v = ld_v4(side + c);
+                    for (int j = 0; j < n; ++j) {
+                        const int row = s_row[warp][j];
+                        if (row >= 0)
+                            st_v4(reinterpret_cast<int4*>(a.recv_scales) +
+                                  (s_le[warp][j] * RM + row) * (OSIDE / 16) + c, v);
+                    }
+                }
+            }
             if constexpr (kQuant) {
                 const float* sc = reinterpret_cast<const float*>(
                     reinterpret_cast<const char*>(pay) + kDataBytes);
@@ -557,6 +591,8 @@ struct LLDispatch {
         if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
             const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
             poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
+            if constexpr (kOpaque && OSIDE > 0)
+                poison_fill(a.recv_scales, rows * OSIDE, kPoisonNaN);
             if constexpr (FP8 && SFL == 0) poison_fill(a.recv_scales, rows * (UE8M0 ? S4 : S) * 4, kPoisonNaN);
             if constexpr (SFL != 0)
                 poison_fill(a.recv_scales, (llsf::total_words<SFL>(El, RM, kSWOut) +
@@ -569,9 +605,9 @@ struct LLDispatch {
 };
 
 template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THREADS, int FMT = 0,
-          int SFL = 0>
+          int SFL = 0, int OROW = 0, int OSIDE = 0>
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
-    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT, SFL>;
+    using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT, SFL, OROW, OSIDE>;
     const ErrorCtx err = make_error_ctx(a);
     if (a.phases & ll::kSend) D::send(a, err);
     if (a.phases & ll::kRecv) D::recv(a, err);
@@ -583,12 +619,14 @@ __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs&
 template <class S>
 using LLDispatchOf = LLDispatch<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
                                 S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code,
-                                S::recv_scale_layout_code>;
+                                S::recv_scale_layout_code, S::opaque_row_bytes,
+                                S::opaque_side_bytes>;
 template <class S>
 __device__ __forceinline__ void ll_dispatch_entry(const LowLatencyDispatchArgs& a) {
     ll_dispatch_kernel<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::use_fp8,
                        S::round_scale, S::use_ue8m0, S::threads, S::wire_format_code,
-                       S::recv_scale_layout_code>(a);
+                       S::recv_scale_layout_code, S::opaque_row_bytes,
+                       S::opaque_side_bytes>(a);
 }
 
 }  // namespace epgen
