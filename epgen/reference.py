@@ -396,16 +396,31 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         if t.shape[0] > M:
             raise ValueError(f"rank {r} has {t.shape[0]} tokens > M={M}")
     casts = [ll_cast(x, use_fp8, round_scale, use_ue8m0, wire_format) for x in xs]
-    dev = casts[0][0].device
-    if _is_opaque(wire_format):
-        return _ll_dispatch_bytes(casts, topk_idxs, El, rank, M)
-    quant = casts[0][1] is not None
-    recv_x = torch.zeros(El, R * M, casts[0][0].shape[1],
-                         dtype=torch.uint8 if quant else xs[0].dtype, device=dev)
-    recv_scales = None
-    if quant:
-        recv_scales = torch.zeros(El, R * M, casts[0][1].shape[1], dtype=casts[0][1].dtype,
-                                  device=dev)
+    if _is_opaque(wire_format):       # the caller's bytes, returned in its dtypes
+        data = [_byte_rows(d) for d, _ in casts]
+        aux = None if casts[0][1] is None else [_byte_rows(a) for _, a in casts]
+        views = (casts[0][0].dtype, None if aux is None else casts[0][1].dtype)
+    else:
+        data = [_as_bytes(c[0]) for c in casts]
+        aux = None if casts[0][1] is None else [c[1] for c in casts]     # the scales
+        views = (casts[0][0].dtype, None)
+    recv_x, recv_aux, recv_count, src_info, layout, sources = _ll_place(
+        data, aux, topk_idxs, El, rank, M)
+    recv_x = recv_x.view(views[0])
+    if views[1] is not None:
+        recv_aux = recv_aux.view(views[1])
+    return LowLatencyDispatchResult(recv_x, recv_aux, recv_count, src_info, layout, sources)
+
+
+def _ll_place(data: list, aux: list | None, topk_idxs: Tensors, El: int, rank: int, M: int):
+    """Where low_latency_dispatch puts rows: rank r's data[r] (and aux[r]: scales or side
+    rows) of each token routed to local expert le at slots [begin, begin + n) of le, the
+    ranks in order, their tokens ascending. (recv, recv_aux, recv_count, src_info, layout,
+    sources) with recv / recv_aux in data's / aux's dtypes."""
+    R, dev = len(data), data[0].device
+    recv = torch.zeros(El, R * M, data[0].shape[1], dtype=data[0].dtype, device=dev)
+    recv_aux = None if aux is None else \
+        torch.zeros(El, R * M, aux[0].shape[1], dtype=aux[0].dtype, device=dev)
     recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
     src_info = torch.full((El, R * M), -1, dtype=torch.int32, device=dev)
     layout = torch.zeros(El, R, dtype=torch.int64, device=dev)
@@ -414,50 +429,16 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
         begin, pairs = 0, []
         for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
             n = len(toks)
-            recv_x[le, begin:begin + n] = _as_bytes(casts[r][0])[toks]
-            if quant:
-                recv_scales[le, begin:begin + n] = casts[r][1][toks]
+            recv[le, begin:begin + n] = data[r][toks]
+            if recv_aux is not None:
+                recv_aux[le, begin:begin + n] = aux[r][toks]
             src_info[le, begin:begin + n] = toks.to(torch.int32)
             layout[le, r] = (begin << 32) | n
             pairs += [(r, t) for t in toks.tolist()]
             begin += n
         recv_count[le] = begin
         sources.append(pairs)
-    recv_x = recv_x.view(casts[0][0].dtype) if quant else recv_x
-    return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout, sources)
-
-
-def _ll_dispatch_bytes(rows: list, topk_idxs: Tensors, El: int, rank: int,
-                       M: int) -> LowLatencyDispatchResult:
-    """low_latency_dispatch of opaque rows: rows[r] = (data, side or None) of rank r, placed
-    as low_latency_dispatch places tokens, as bytes, returned in the senders' dtypes."""
-    R = len(rows)
-    data0, side0 = rows[0]
-    dev = data0.device
-    recv = torch.zeros(El, R * M, _byte_rows(data0).shape[1], dtype=torch.uint8, device=dev)
-    recv_side = None if side0 is None else \
-        torch.zeros(El, R * M, _byte_rows(side0).shape[1], dtype=torch.uint8, device=dev)
-    recv_count = torch.zeros(El, dtype=torch.int32, device=dev)
-    src_info = torch.full((El, R * M), -1, dtype=torch.int32, device=dev)
-    layout = torch.zeros(El, R, dtype=torch.int64, device=dev)
-    sources = []
-    for le in range(El):
-        begin, pairs = 0, []
-        for r, toks in enumerate(_ll_tokens(topk_idxs, rank * El + le)):
-            n = len(toks)
-            data, side = rows[r]
-            recv[le, begin:begin + n] = _byte_rows(data)[toks]
-            if recv_side is not None:
-                recv_side[le, begin:begin + n] = _byte_rows(side)[toks]
-            src_info[le, begin:begin + n] = toks.to(torch.int32)
-            layout[le, r] = (begin << 32) | n
-            pairs += [(r, t) for t in toks.tolist()]
-            begin += n
-        recv_count[le] = begin
-        sources.append(pairs)
-    recv_x = recv.view(data0.dtype)
-    recv_side = None if recv_side is None else recv_side.view(side0.dtype)
-    return LowLatencyDispatchResult(recv_x, recv_side, recv_count, src_info, layout, sources)
+    return recv, recv_aux, recv_count, src_info, layout, sources
 
 
 def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
