@@ -20,7 +20,8 @@ from ..regions import internode as internode_layout
 from . import internode_handle
 from .capture import RingLayouts, check_host_wait
 from .context import OpsContext, arg_error, check_tensor, spec_for_call
-from .intranode import check_combine_inputs, check_rows, check_topk, wait_host_counts
+from .intranode import (check_combine_inputs, check_rows, check_topk, fill_dispatch_rows,
+                        wait_host_counts)
 
 
 class InternodeOps:
@@ -204,21 +205,12 @@ class InternodeOps:
                                             dtype=torch.uint8, device=dev)
                 send_nvl_head = torch.empty(rdma_rows, L, dtype=torch.int32, device=dev)
             a = ctx.fill_error_fields(InternodeDispatchArgs(), "dispatch")
-            a.x = x.data_ptr() if T else 0
-            a.x_scales = scales.data_ptr() if scales is not None and T else 0
-            a.scale_stride_t = scales.stride(0) if scales is not None else 0
-            a.scale_stride_s = scales.stride(1) if scales is not None else 0
-            a.topk_idx = topk_idx.data_ptr() if K and T else 0
-            a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
-            a.is_token_in_rank = in_rank.data_ptr() if T else 0
+            fill_dispatch_rows(a, T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
+                               recv_x, recv_scales, recv_idx, recv_w)
             a.recv_rdma_channel_prefix = n["recv_rdma_channel_prefix_matrix"].data_ptr()
             a.recv_rdma_rank_prefix_sum = n["recv_rdma_rank_prefix_sum"].data_ptr()
             a.recv_gbl_channel_prefix = n["recv_gbl_channel_prefix_matrix"].data_ptr()
             a.recv_gbl_rank_prefix_sum = n["recv_gbl_rank_prefix_sum"].data_ptr()
-            a.recv_x = recv_x.data_ptr() if rows else 0
-            a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
-            a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
-            a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
             a.recv_src_meta = recv_src_meta.data_ptr() if recv_src_meta is not None and rows else 0
             a.send_nvl_head = send_nvl_head.data_ptr() if send_nvl_head is not None and rdma_rows else 0
             self._fill_regions(a, peers, rdma_ring_off, nvl_ring_off)

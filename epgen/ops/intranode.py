@@ -113,6 +113,24 @@ def check_combine_inputs(dev, rows: int, T: int, x, topk_weights, bias):
     return H, K, biases
 
 
+def fill_dispatch_rows(a, T: int, K: int, rows: int, x, scales, topk_idx, topk_weights,
+                       in_rank, recv_x, recv_scales, recv_idx, recv_w) -> None:
+    """The row fields a normal-mode dispatch struct (intranode or internode) takes from the
+    call's tensors: T tokens sent, `rows` received, K top-k (0: none); null for what is absent
+    or empty."""
+    a.x = x.data_ptr() if T else 0
+    a.x_scales = scales.data_ptr() if scales is not None and T else 0
+    a.scale_stride_t = scales.stride(0) if scales is not None else 0
+    a.scale_stride_s = scales.stride(1) if scales is not None else 0
+    a.topk_idx = topk_idx.data_ptr() if K and T else 0
+    a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
+    a.is_token_in_rank = in_rank.data_ptr() if T else 0
+    a.recv_x = recv_x.data_ptr() if rows else 0
+    a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
+    a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
+    a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
+
+
 def check_topk(dev, T: int, topk_idx, topk_weights) -> int:
     """K of an uncached dispatch's topk_idx [T, K] int64 (0 without), topk_weights [T, K]
     float32 or None (only with topk_idx)."""
@@ -344,18 +362,9 @@ class IntranodeOps:
                               lambda: self._fill_shared(NormalDispatchArgs(), "dispatch", ring_off,
                                                         cap, T, num_recv_rows=rows,
                                                         num_worst_tokens=worst))
-            a.x = x.data_ptr() if T else 0
-            a.x_scales = scales.data_ptr() if scales is not None and T else 0
-            a.scale_stride_t = scales.stride(0) if scales is not None else 0
-            a.scale_stride_s = scales.stride(1) if scales is not None else 0
-            a.topk_idx = topk_idx.data_ptr() if K and T else 0
-            a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
-            a.is_token_in_rank = in_rank.data_ptr() if T else 0
+            fill_dispatch_rows(a, T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
+                               recv_x, recv_scales, recv_idx, recv_w)
             a.rank_prefix = rpm.data_ptr()
-            a.recv_x = recv_x.data_ptr() if rows else 0
-            a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
-            a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
-            a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
             a.recv_src_idx = recv_src.data_ptr() if recv_src is not None and rows else 0
             kernel.launch(channels, spec.threads, a, stream.cuda_stream)
             if not cached:
