@@ -242,12 +242,13 @@ def _worker(rank, placement, port, env, tasks, results):
                 stamps.update(_runtime_spent(before))
             except Exception:  # noqa: BLE001 - timings are never worth a lost report
                 pass
-            results.put((task_id, rank, status, out, stamps))
+            ends = status != "ok" or _nvshmem_unusable()
+            results.put((task_id, rank, status, out, stamps, ends))
             stamps = {}                     # set-up stamps go with the first task only
-            if status != "ok" or _nvshmem_unusable():
+            if ends:
                 break
     except BaseException:  # noqa: BLE001 - a set-up failure answers the first task
-        results.put((0, rank, "error", traceback.format_exc(), stamps))
+        results.put((0, rank, "error", traceback.format_exc(), stamps, True))
     finally:
         try:
             if dist.is_initialized():
@@ -285,8 +286,8 @@ class RankPool:
     function after another (`run`, with run_ranks' results and errors), so that a series of
     runs pays the start (MPS daemon, spawn, torch import, process group, NVSHMEM bootstrap,
     module loads) once. A run that fails or times out ends the processes (killed: a failed
-    rank's peers may sit in a collective); so does a rank's process ending after its task (it
-    left NVSHMEM unusable); the next run starts new ones. `close()` (or `with`) ends them and
+    rank's peers may sit in a collective); so does a run after which a rank's process ends (it
+    left NVSHMEM unusable): all of them, before the run returns. The next run starts new ones. `close()` (or `with`) ends them and
     the MPS daemon."""
 
     def __init__(self, world: int, placement: Placement | None = None,
@@ -347,10 +348,11 @@ class RankPool:
         deadline = time.monotonic() + timeout_s
         got: dict[int, tuple] = {}
         stamps: dict[int, dict] = {}
+        ending: set[int] = set()          # ranks whose process ends after this task
         failed = False
         while len(got) < self.world and time.monotonic() < deadline:
             try:
-                task, rank, status, out, stamp = self.results.get(timeout=1.0)
+                task, rank, status, out, stamp, ends = self.results.get(timeout=1.0)
             except queue.Empty:
                 if all(not proc.is_alive() for proc in self.procs) and self.results.empty():
                     break
@@ -360,6 +362,8 @@ class RankPool:
                     continue                  # (0: a rank whose set-up failed)
                 got[rank], stamps[rank] = (status, out), stamp
                 failed = failed or status != "ok"
+                if ends:
+                    ending.add(rank)
             if failed:
                 # a rank raised or died: its peers get FAIL_FAST_GRACE_S to report (their
                 # device waits end at EPGEN_TIMEOUT_S), not the whole timeout in a host wait
@@ -380,6 +384,11 @@ class RankPool:
             if mps_log:
                 errors.append(f"MPS control log (last lines):\n{mps_log}")
             raise AssertionError(f"[{p.describe()}]\n" + "\n".join(errors))
+        if ending:
+            # A rank left NVSHMEM unusable (its peers' NVSHMEM is then of no use either: a
+            # world is started together): end them all now. Waiting to see its process gone
+            # at the next run would race its exit, handing the next task to a dying rank.
+            self.close(phases)
         return [got[r][1] for r in range(self.world)]
 
     def close(self, phases: dict | None = None, kill: bool = False) -> None:

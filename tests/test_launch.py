@@ -172,6 +172,28 @@ def test_a_pool_reuses_its_processes_and_starts_afresh_after_a_failure():
     assert pool.procs == [] and pool.daemon is None
 
 
+def _nvshmem_given_up_on_rank_1(rank, world):
+    """A fake of what a collective given up leaves (`stuck` on the NVSHMEM host object): it
+    cannot be produced without GPUs. The task itself succeeds, as test_faults_gpu's does."""
+    import os
+    import types
+    from epgen.runtime import nvshmem
+    if rank == 1:
+        nvshmem._host = types.SimpleNamespace(stuck="a collective was given up (fake)")
+    return os.getpid()
+
+
+def test_a_pool_ends_every_rank_right_after_a_run_that_left_nvshmem_unusable():
+    """The run succeeds, but rank 1's process ends after it: the pool ends rank 0's too before
+    returning (the next task must not go to a rank that is exiting, nor to a rank whose peer
+    world is gone), and the next run starts a whole new world."""
+    with launch.RankPool(2, launch.Placement(2, 1, "time-sliced")) as pool:
+        first = pool.run(_nvshmem_given_up_on_rank_1, timeout_s=120)
+        assert pool.procs == []
+        second = pool.run(_pid_and_env, False, timeout_s=120)
+        assert {pid for pid, _ in second}.isdisjoint(first)
+
+
 def _env_of(rank, world, name):
     import os
     return os.environ.get(name)
