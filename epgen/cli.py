@@ -207,7 +207,8 @@ def _gpu_count() -> int:
 
 
 KNOWN_ENV = ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_PCH", "EPGEN_TIMEOUT_S",
-             "EPGEN_COMPILE_LOCK_TIMEOUT_S", "EPGEN_LL_COMBINE", "NVSHMEM_SYMMETRIC_SIZE")
+             "EPGEN_COMPILE_LOCK_TIMEOUT_S", "EPGEN_LL_COMBINE", "EPGEN_INTERNODE_WARPS_PER_BLOCK",
+             "NVSHMEM_SYMMETRIC_SIZE")
 
 
 def check_env() -> None:
@@ -220,6 +221,9 @@ def check_env() -> None:
     env.positive_seconds("EPGEN_COMPILE_LOCK_TIMEOUT_S", 900.0)
     if os.environ.get("EPGEN_ARCH"):
         toolchain.resolve_arch()
+    from . import variants
+    variants.combine_variant()
+    variants.internode_warps_per_block()
 
 
 def _cache_state(root: str) -> tuple[bool, str, str]:

@@ -19,3 +19,18 @@ def combine_variant() -> str:
     if v not in COMBINE_VARIANTS:
         raise ValueError(f"{COMBINE_ENV}={v!r}: must be one of {', '.join(COMBINE_VARIANTS)}")
     return v
+
+
+INTERNODE_WARPS_ENV = "EPGEN_INTERNODE_WARPS_PER_BLOCK"
+
+
+def internode_warps_per_block() -> int:
+    """EPGEN_INTERNODE_WARPS_PER_BLOCK (1-32, default 32): the warps a block of the internode
+    dispatch / combine holds; a channel's roles (a warp each) spread over as many blocks as
+    they need. Below 32 it is for tests: several blocks per channel on layouts that one GPU's
+    ranks can form (the 40- and 80-role channels of EP32 / EP64 need them at 32). Every rank
+    must use the same value."""
+    v = os.environ.get(INTERNODE_WARPS_ENV, "").strip() or "32"
+    if not (v.isdigit() and 1 <= int(v) <= 32):
+        raise ValueError(f"{INTERNODE_WARPS_ENV}={v!r}: must be an integer in [1, 32] (default 32)")
+    return int(v)

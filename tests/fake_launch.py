@@ -34,9 +34,10 @@ def fake_cuda(t):
 
 class FakeLaunchKernel:
     """FAKE: Kernel.launch's parameter packing without cuLaunchKernel; keeps what each
-    launch was given (spec, a copy of the argument struct) when `record`."""
+    launch was given (spec, a copy of the argument struct; its grid and block in `shapes`)
+    when `record`."""
     def __init__(self, record=True):
-        self.record, self.launches = record, []
+        self.record, self.launches, self.shapes = record, [], []
 
     def bind(self, spec):
         return _BoundFakeKernel(self, spec)
@@ -50,6 +51,7 @@ class _BoundFakeKernel:
         params, _keep = c_params(args)
         if self.owner.record:
             self.owner.launches.append((self.spec, type(args).from_buffer_copy(args)))
+            self.owner.shapes.append((grid, block))
 
 
 class FakeRegion:

@@ -9,7 +9,7 @@ import torch
 
 import epgen
 from epgen.regions import internode as il
-from tests.fake_launch import fake_cuda, fake_internode_ops
+from tests.fake_launch import fake_cuda, fake_internode_ops, no_graph_capture
 
 R, L, T, H, E, K = 4, 2, 8, 256, 16, 4
 CFG = epgen.Config(4, 2, 8, 2, 4)          # 2 channels, 4 RDMA slots, NVLink rings of 4
@@ -72,13 +72,54 @@ def test_buffers_too_small_name_the_size_they_need():
     assert fake.launches == []
 
 
-def test_a_block_has_a_warp_per_role():
-    """2 x nodes + ranks warps (a sender and a forwarder per node, a receiver per rank) <= 32:
-    4 nodes of 8 need 40."""
-    ops, fake = _ops(ranks=32, per_node=8)
-    with pytest.raises(ValueError, match=r"InternodeDispatchSpec.num_ranks=32: with 4 nodes needs 40 warps"):
-        ops.dispatch(**_args(ranks=32, per_node=8, num_tokens_per_expert=fake_cuda(
-            torch.zeros(64, dtype=torch.int32))))
+@pytest.mark.parametrize("ranks, per_node, blocks, threads", [
+    (16, 8, (1, 1), (640, 608)),      # EP16 as 2 x 8: 20 / 19 roles, one block per channel
+    (32, 8, (2, 2), (640, 608)),      # EP32: 40 / 37 roles
+    (64, 8, (3, 3), (864, 800)),      # EP64: 80 / 73 roles
+])
+def test_a_channels_roles_spread_over_as_few_blocks_as_hold_them(ranks, per_node, blocks, threads):
+    """A warp per role (dispatch: a sender and a forwarder per node, a receiver per rank;
+    combine: a sender per rank, a forwarder per node, a reducer), over blocks of at most 32
+    warps, evenly: DeepEP's three published layouts all run."""
+    from epgen.jit.specs import internode_combine_spec, internode_dispatch_spec
+    d = internode_dispatch_spec(2 * H, 0, 8, ranks, per_node)
+    c = internode_combine_spec(H, 8, ranks, per_node)
+    assert (d.blocks_per_channel, c.blocks_per_channel) == blocks
+    assert (d.threads, c.threads) == threads
+
+
+def test_fewer_warps_per_block_launch_more_blocks_per_channel(monkeypatch):
+    """EPGEN_INTERNODE_WARPS_PER_BLOCK=3 (tests: several blocks on a layout one GPU's ranks can
+    form): 2 x 2 ranks' 8 dispatch roles and 7 combine roles take 3 blocks of 3 warps per
+    channel; the grid is channels x blocks."""
+    monkeypatch.setenv("EPGEN_INTERNODE_WARPS_PER_BLOCK", "3")
+    ops, fake = _ops()
+    with no_graph_capture():
+        ops.dispatch(**_args(handle=_handle(2), topk_idx=None, topk_weights=None))
+        ops.combine(fake_cuda(torch.zeros(5, H, dtype=torch.bfloat16)), _handle(2),
+                    fake_cuda(torch.zeros(5, K)), None, CFG, None, False, False)
+    assert [type(spec).__name__ for spec, _ in fake.launches] == [
+        "InternodeDispatchSpec", "InternodeCombineSpec"]
+    assert fake.shapes == [(2 * 3, 96), (2 * 3, 96)]
+
+
+def test_blocks_beyond_the_processes_sms_are_refused(monkeypatch):
+    monkeypatch.setenv("EPGEN_INTERNODE_WARPS_PER_BLOCK", "3")
+    ops, fake = _ops()
+    ops.ctx.__dict__["device_sms"] = 5
+    with pytest.raises(ValueError, match=r"config.num_sms=4: gives 2 channels x 3 block\(s\) = 6 "
+                                         r"blocks, more than the 5 SMs this process may use"):
+        ops.dispatch(**_args(handle=_handle(2), topk_idx=None, topk_weights=None))
+    assert fake.launches == []
+
+
+@pytest.mark.parametrize("value", ["0", "33", "x"])
+def test_a_bad_warps_per_block_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("EPGEN_INTERNODE_WARPS_PER_BLOCK", value)
+    ops, fake = _ops()
+    with pytest.raises(ValueError, match=rf"EPGEN_INTERNODE_WARPS_PER_BLOCK='{value}': must be "
+                                         r"an integer in \[1, 32\]"):
+        ops.dispatch(**_args(handle=_handle(2), topk_idx=None, topk_weights=None))
     assert fake.launches == []
 
 

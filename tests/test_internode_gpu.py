@@ -4,8 +4,8 @@ returns num_tokens_per_rdma_rank, the notify (counts exchange) gives the receive
 handle, the uncached dispatch (every output and DeepEP's internode handle), the cached one
 through that handle (also with rows of another width: a ring-layout change), the one sized by
 num_worst_tokens, and the combine through the handle (with weights and a bias); and, at one
-layout, a worst-sized dispatch + combine captured in a CUDA graph and replayed with fresh inputs.
-Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
+layout, a worst-sized dispatch + combine captured in a CUDA graph and replayed with fresh inputs;
+and dispatch + combine with each channel's roles spread over several blocks. Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
 import os
@@ -68,6 +68,11 @@ DISPATCH_CASES = [
     (32, 8, 0, "any", 7168, True, True, ROOMY),         # no tokens anywhere
 ]
 DISPATCH_CASES_RUN = gpu_harness.select(DISPATCH_CASES, [0, 1, 3])
+# The same with EPGEN_INTERNODE_WARPS_PER_BLOCK=3: each channel's roles over several blocks of
+# 3 warps (senders, forwarders and receivers in different blocks), as EP32 / EP64's 40-80
+# roles are at 32 warps a block; tiny rings, so every role waits on the others many times.
+SPREAD_WARPS = 3
+SPREAD_CASES_RUN = gpu_harness.select([DISPATCH_CASES[3], DISPATCH_CASES[4]], [0])
 
 
 def _inputs(rank, world, L, E, K, T, routing, H, fp8, salt=0):
@@ -354,13 +359,19 @@ def _worker(rank, world, L, graph=False):
                 except Exception:
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
                                     traceback.format_exc()))
-        for case in DISPATCH_CASES_RUN:
-            name = "dispatch_" + "_".join(str(v) for v in case)
-            try:
-                _check_dispatch(buf, rank, world, L, *case)
-                results.append((name, "ok"))
-            except Exception:
-                results.append((name, traceback.format_exc()))
+        for warps, cases in ((None, DISPATCH_CASES_RUN), (SPREAD_WARPS, SPREAD_CASES_RUN)):
+            for case in cases:
+                name = "dispatch_" + "_".join(str(v) for v in case)
+                if warps is not None:
+                    name += f"_{warps}_warps_per_block"
+                    os.environ["EPGEN_INTERNODE_WARPS_PER_BLOCK"] = str(warps)
+                try:
+                    _check_dispatch(buf, rank, world, L, *case)
+                    results.append((name, "ok"))
+                except Exception:
+                    results.append((name, traceback.format_exc()))
+                finally:
+                    os.environ.pop("EPGEN_INTERNODE_WARPS_PER_BLOCK", None)
         if graph:                        # last: a capture pins the ring layouts
             try:
                 _check_graph(buf, rank, world, L)

@@ -689,21 +689,43 @@ class InternodeNotifySpec(KernelSpec):
 
 
 def internode_dispatch_spec(row_bytes: int, num_scale_cols: int, num_topk: int, num_ranks: int,
-                            ranks_per_node: int) -> "InternodeDispatchSpec":
+                            ranks_per_node: int,
+                            warps_per_block: int = 32) -> "InternodeDispatchSpec":
     """An internode dispatch of rows `row_bytes` wide with `num_scale_cols` 4-byte scales (0:
     none), keyed by its wire shape as the intranode dispatch (normal_dispatch_wire). Experts
-    are a launch argument (only the local-expert arithmetic uses them)."""
+    are a launch argument (only the local-expert arithmetic uses them). `warps_per_block`:
+    variants.internode_warps_per_block."""
     hidden, dtype = normal_dispatch_wire(row_bytes, num_scale_cols)
     scale_cols = -1 if dtype != "fp8" or num_scale_cols == num_scales(hidden) else num_scale_cols
     return cached(InternodeDispatchSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
-                  ranks_per_node=ranks_per_node, dtype=dtype, scale_cols=scale_cols)
+                  ranks_per_node=ranks_per_node, dtype=dtype, scale_cols=scale_cols,
+                  warps_per_block=warps_per_block)
+
+
+class _RolesOverBlocks:
+    """A channel of the internode kernels: a warp per role, the roles spread evenly over as few
+    blocks as hold them in `warps_per_block` warps each (one block up to 32 roles)."""
+
+    def _check_warps_per_block(self):
+        self._req(1 <= self.warps_per_block <= 32, "warps_per_block", "must be in [1, 32]")
+
+    @property
+    def blocks_per_channel(self) -> int:
+        return -(-self.roles // self.warps_per_block)
+
+    @property
+    def threads(self) -> int:
+        return 32 * -(-self.roles // self.blocks_per_channel)
+
+    def _blocks_tag(self) -> str:
+        return "" if self.warps_per_block == 32 else f"_w{self.warps_per_block}"
 
 
 @dataclass(frozen=True)
-class InternodeDispatchSpec(KernelSpec):
+class InternodeDispatchSpec(_RolesOverBlocks, KernelSpec):
     """The internode normal mode's dispatch (templates/internode_dispatch.cuh): RDMA puts with
-    signals between nodes, NVLink forwarding inside a node; a block per channel, a warp per role
-    (a sender per node, a forwarder per node, a receiver per source rank)."""
+    signals between nodes, NVLink forwarding inside a node; per channel a warp per role (a
+    sender per node, a forwarder per node, a receiver per source rank) over one or more blocks."""
     family: ClassVar[str] = "internode_dispatch"
     headers: ClassVar[tuple[str, ...]] = ("internode_dispatch.cuh",)
     entries: ClassVar[tuple[Entry, ...]] = (Entry("dispatch", "internode_dispatch_entry", A.InternodeDispatchArgs),)
@@ -714,6 +736,7 @@ class InternodeDispatchSpec(KernelSpec):
     ranks_per_node: int
     dtype: str = "bf16"    # as NormalDispatchSpec: "bf16" rows of 2 * hidden bytes, "fp8" rows
     scale_cols: int = -1   # of hidden bytes with scale_cols 4-byte scales (-1: ceil(hidden / 128))
+    warps_per_block: int = dataclasses.field(default=32, metadata=NEW_FIELD)
 
     def validate(self):
         _check_common(self, experts=False)
@@ -730,13 +753,12 @@ class InternodeDispatchSpec(KernelSpec):
                       "scale_cols", f"must be -1 (one per 128 channels) or in [1, {MAX_SCALE_COLS}]")
         else:
             self._req(self.scale_cols == -1, "scale_cols", "must be -1 (bf16 rows have no scales)")
-        self._req(2 * (R // L) + R <= 32, "num_ranks",
-                  f"with {R // L} nodes needs {2 * (R // L) + R} warps (a sender and a forwarder "
-                  "per node, a receiver per rank): at most 32 per block")
+        self._check_warps_per_block()
 
     @property
-    def threads(self) -> int:
-        return 32 * (2 * (self.num_ranks // self.ranks_per_node) + self.num_ranks)
+    def roles(self) -> int:
+        """Warps a channel needs: a sender and a forwarder per node, a receiver per rank."""
+        return 2 * (self.num_ranks // self.ranks_per_node) + self.num_ranks
 
     @property
     def num_scales(self) -> int:
@@ -763,20 +785,21 @@ class InternodeDispatchSpec(KernelSpec):
 
     def readable_tag(self):
         return (f"{self.dtype}_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
-                f"_n{self.num_ranks // self.ranks_per_node}")
+                f"_n{self.num_ranks // self.ranks_per_node}{self._blocks_tag()}")
 
 
 def internode_combine_spec(hidden: int, num_topk: int, num_ranks: int, ranks_per_node: int,
-                           num_biases: int = 0) -> "InternodeCombineSpec":
+                           num_biases: int = 0, warps_per_block: int = 32) -> "InternodeCombineSpec":
     return cached(InternodeCombineSpec, hidden=hidden, num_topk=num_topk, num_ranks=num_ranks,
-                  ranks_per_node=ranks_per_node, num_biases=num_biases)
+                  ranks_per_node=ranks_per_node, num_biases=num_biases,
+                  warps_per_block=warps_per_block)
 
 
 @dataclass(frozen=True)
-class InternodeCombineSpec(KernelSpec):
+class InternodeCombineSpec(_RolesOverBlocks, KernelSpec):
     """The internode normal mode's combine (templates/internode_combine.cuh): BF16 rows back
-    along the dispatch's path, summed inside each node first; a block per channel, a warp per
-    role (an NVLink sender per source rank, a forwarder per node, a reducer)."""
+    along the dispatch's path, summed inside each node first; per channel a warp per role (an
+    NVLink sender per source rank, a forwarder per node, a reducer) over one or more blocks."""
     family: ClassVar[str] = "internode_combine"
     headers: ClassVar[tuple[str, ...]] = ("internode_combine.cuh",)
     entries: ClassVar[tuple[Entry, ...]] = (Entry("combine", "internode_combine_entry", A.InternodeCombineArgs),)
@@ -786,6 +809,7 @@ class InternodeCombineSpec(KernelSpec):
     num_ranks: int
     ranks_per_node: int
     num_biases: int = 0
+    warps_per_block: int = dataclasses.field(default=32, metadata=NEW_FIELD)
 
     def validate(self):
         _check_common(self, experts=False)
@@ -795,20 +819,19 @@ class InternodeCombineSpec(KernelSpec):
         self._req(L <= 32, "ranks_per_node", "must be <= 32")
         self._req(self.hidden % 8 == 0, "hidden", "must be a multiple of 8 (16-byte BF16 rows)")
         self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
-        self._req(R + R // L + 1 <= 32, "num_ranks",
-                  f"with {R // L} nodes needs {R + R // L + 1} warps (a sender per rank, a "
-                  "forwarder per node, a reducer): at most 32 per block")
+        self._check_warps_per_block()
 
     @property
-    def threads(self) -> int:
-        return 32 * (self.num_ranks + self.num_ranks // self.ranks_per_node + 1)
+    def roles(self) -> int:
+        """Warps a channel needs: a sender per rank, a forwarder per node, a reducer."""
+        return self.num_ranks + self.num_ranks // self.ranks_per_node + 1
 
     def derived(self):
         return dict(threads=self.threads)
 
     def readable_tag(self):
         return (f"h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"
-                f"_n{self.num_ranks // self.ranks_per_node}_b{self.num_biases}")
+                f"_n{self.num_ranks // self.ranks_per_node}_b{self.num_biases}{self._blocks_tag()}")
 
 
 def spec_from_json(data: dict) -> KernelSpec:

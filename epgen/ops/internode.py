@@ -17,6 +17,7 @@ from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
 from ..jit.specs import internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from ..regions import internode as internode_layout
+from .. import variants
 from . import internode_handle
 from .capture import RingLayouts, check_host_wait
 from .context import OpsContext, arg_error, check_tensor, spec_for_call
@@ -156,9 +157,9 @@ class InternodeOps:
                          device=dev)
             in_rank = is_token_in_rank
             K = check_topk(dev, T, topk_idx, topk_weights)
-        C = self._channels(config)
         row_bytes = x.size(1) * x.element_size()
-        spec = internode_dispatch_spec(row_bytes, S, K, R, L)
+        spec = internode_dispatch_spec(row_bytes, S, K, R, L, variants.internode_warps_per_block())
+        C = self._channels(config, spec.blocks_per_channel)
         record = spec.record_bytes
         rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "dispatch", record, 0)
         node = ctx.rank // L
@@ -223,7 +224,7 @@ class InternodeOps:
             a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
             a.nvl_cap = cap
             a.num_worst_tokens = 0 if cached else num_worst_tokens
-            kernel.launch(C, spec.threads, a, stream.cuda_stream)
+            kernel.launch(C * spec.blocks_per_channel, spec.threads, a, stream.cuda_stream)
             if not cached:
                 handle = (in_rank, n["rdma_channel_prefix_matrix"], n["gbl_channel_prefix_matrix"],
                           n["recv_rdma_channel_prefix_matrix"], n["recv_rdma_rank_prefix_sum"],
@@ -260,11 +261,11 @@ class InternodeOps:
         if C != config.num_sms // 2:
             raise arg_error("config.num_sms", config.num_sms,
                             f"must be {2 * C} (2 per channel of the handle's {C} channels)")
-        self._channels(config)
         H, K, biases = check_combine_inputs(dev, rows, T, x, topk_weights, bias)
         spec = spec_for_call(internode_combine_spec, {"hidden": "x.shape[1]",
                                                       "num_topk": "topk_weights.shape[1]"},
-                             H, K, R, L, len(biases))
+                             H, K, R, L, len(biases), variants.internode_warps_per_block())
+        self._channels(config, spec.blocks_per_channel)
         record = internode_layout.combine_record_bytes(H, K)
         rdma_ring_off, nvl_ring_off, cap = self._check_rings(config, "combine", record, 1)
         layout = (C, config.rdma_ring_slots, cap, record)
@@ -300,7 +301,7 @@ class InternodeOps:
             a.rdma_slots = config.rdma_ring_slots
             a.rdma_chunk = config.num_max_rdma_chunked_send_tokens
             a.nvl_cap = cap
-            kernel.launch(C, spec.threads, a, stream.cuda_stream)
+            kernel.launch(C * spec.blocks_per_channel, spec.threads, a, stream.cuda_stream)
             result["tensors"] = (x, topk_weights, *biases, *h, out, out_w)
         return out, out_w, result["event"]
 
@@ -374,15 +375,18 @@ class InternodeOps:
             check_tensor(f"handle[{i}]", handle[i], dtype, shape=shape, device=dev)
         return handle
 
-    def _channels(self, config) -> int:
+    def _channels(self, config, blocks_per_channel: int = 1) -> int:
         """Channels of an internode call: config.num_sms // 2 (DeepEP's: the handle's matrices
-        have that many columns); one block of this rank's grid each."""
+        have that many columns); `blocks_per_channel` blocks of this rank's grid each (the
+        kernel spec's: its roles over blocks)."""
         sms, most = self.ctx.device_sms, 2 * internode_layout.MAX_CHANNELS
         if config.num_sms % 2 or not 2 <= config.num_sms <= most:
             raise arg_error("config.num_sms", config.num_sms,
                             f"must be even and in [2, {most}] across nodes (2 per channel)")
-        if config.num_sms // 2 > sms:
+        C = config.num_sms // 2
+        if C * blocks_per_channel > sms:
             raise arg_error("config.num_sms", config.num_sms,
-                            f"gives {config.num_sms // 2} channels (blocks), more than the {sms} "
-                            "SMs this process may use (after any MPS limit)")
-        return config.num_sms // 2
+                            f"gives {C} channels x {blocks_per_channel} block(s) = "
+                            f"{C * blocks_per_channel} blocks, more than the {sms} SMs this "
+                            "process may use (after any MPS limit)")
+        return C

@@ -2,7 +2,8 @@
 // internode_dispatch.cuh), reducing inside each node first. epgen/reference_internode.py
 // `combine` defines the result and its rounding order; the handle gives every count.
 //
-// One block per channel c, one warp per role:
+// Channel c is kBlocks adjacent blocks of one warp per role (as the dispatch: role =
+// block-in-channel * warps-per-block + warp; one block where the roles fit in 32 warps):
 //   warps [0, R)         NVLink sender of source rank s = (m, j): this rank's rows from s in
 //                        channel c (x rows recv_gbl_channel_prefix[s][c] + i, the dispatch's
 //                        receive order) -> combine ring (c, my local rank, m) of forwarder
@@ -16,8 +17,8 @@
 //                        nodes ascending (send_rdma_head says which nodes hold a partial),
 //                        rounded once
 // Each ring's records arrive in the order its consumer takes them (token order), so a consumer
-// waiting for its next record never waits behind a full ring. Blocks need only the same
-// channel's blocks of their peers. Counters: 64-bit, monotonic, each ring empty between calls.
+// waiting for its next record never waits behind a full ring. A channel's blocks need only
+// each other and the same channel's blocks of their peers. Counters: 64-bit, monotonic, each ring empty between calls.
 #pragma once
 #include "internode_common.cuh"
 
@@ -58,13 +59,18 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
     constexpr int kNodes = R / L, kWarps = R + kNodes + 1;
     constexpr int kRowB = 2 * H, kOffW = kRowB, kRec = (kRowB + 4 * K + 15) / 16 * 16;
     constexpr int kHV = kRowB / 16;
-    static_assert(THREADS == 32 * kWarps && kWarps <= 32, "a warp per role");
+    constexpr int kWarpsPerBlock = THREADS / 32;
+    constexpr int kBlocks = (kWarps + kWarpsPerBlock - 1) / kWarpsPerBlock;   // per channel
+    static_assert(THREADS % 32 == 0 && kWarpsPerBlock <= 32 && (kBlocks - 1) * kWarpsPerBlock < kWarps,
+                  "threads: whole warps, at most 32 a block, no block without a role");
     static_assert(kRowB % 16 == 0 && L <= 32 && kNodes <= 32 && K <= 32, "shapes");
     ErrorCtx err = make_error_ctx(a);
     char* rdma = reinterpret_cast<char*>(a.rdma);
     char* nvl = reinterpret_cast<char*>(a.nvl);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int c = blockIdx.x, C = gridDim.x;
+    const int block = blockIdx.x, blocks = gridDim.x;
+    const int warp = (int)(blockIdx.x % kBlocks * kWarpsPerBlock + threadIdx.x / 32);   // role
+    const int lane = threadIdx.x % 32;
+    const int c = block / kBlocks, C = blocks / kBlocks;
     const int me = a.rank, my_node = me / L, my_local = me % L;
     const int T = a.num_tokens, per = (T + C - 1) / C;
     const int tb = min(T, c * per), te = min(T, tb + per);
@@ -205,7 +211,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             nvshmem_quiet();
             idisp::st_volatile_ll(send_tail, tail);
         }
-    } else {
+    } else if (kBlocks == 1 || warp < kWarps) {    // (one block: every warp has a role)
         // ---------------------------------------------------------------- reducer (owner)
         // Lane n < Nn: RDMA ring (n, c) consumed / credited counts.
         long long head = lane < kNodes ? ld_volatile(rdma_word(rdma, kRecvHead, lane)) : 0;

@@ -5,7 +5,9 @@
 // pointers) to the ranks of node n its source meta names. epgen/reference_internode.py defines
 // every output; regions/internode.py the regions' byte layout (the host passes the offsets).
 //
-// One block per channel c (the tokens [c * ceil(T/C), ...) of every rank), one warp per role:
+// Channel c (the tokens [c * ceil(T/C), ...) of every rank) is kBlocks adjacent blocks of one
+// warp per role (role = block-in-channel * warps-per-block + warp; one block where the roles
+// fit in THREADS / 32 <= 32 warps, several for larger layouts: EP32 = 40 roles, EP64 = 80):
 //   warps [0, Nn)          RDMA sender to node n: records of its channel's tokens that go to
 //                          node n -> send staging ring (n, c) -> put-with-signal into ring
 //                          (my node, c) of rank (n, j), the signal (tail) adding the chunk's count
@@ -14,8 +16,9 @@
 //                          to, credits the sender (signal_op ADD to its head word)
 //   warps [2Nn, 2Nn + R)   receiver of source rank s = (m, j): drains NVLink ring (c, j, m)
 //                          into recv_x rows recv_gbl_channel_prefix[s][c] + i
-// A block needs only the same channel's blocks of its peers (never a later block of its own
-// grid), so ranks sharing a GPU need no co-residency of a whole grid. Every count a role expects
+// A channel's blocks need only each other and the same channel's blocks of their peers (never
+// a later channel of their own grid), so ranks sharing a GPU need no co-residency of a whole
+// grid, only of a channel's kBlocks. Every count a role expects
 // comes from the notify's outputs (recv_rdma_channel_prefix, recv_gbl_channel_prefix), so no
 // per-call metadata travels with the data. Ring counters are 64-bit, monotonic across calls
 // (slot = counter % slots); every ring is empty between calls, and the uncached dispatch's notify
@@ -41,7 +44,6 @@ struct IDispatchCfg {
     static constexpr int kRec = (kOffW + 4 * K + 15) / 16 * 16;
     static_assert(HB % 16 == 0, "rows are 16-byte vectors");
     static_assert(L <= 32 && R % L == 0 && L < R, "nodes of at most 32 ranks, more than one node");
-    static_assert(kWarps <= 32, "a warp per role");
 };
 
 template <int HB, int S, int K, int L, int R, int THREADS>
@@ -49,12 +51,17 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
     using namespace idisp;
     using Cfg = IDispatchCfg<HB, S, K, L, R>;
     constexpr int kNodes = Cfg::kNodes, kRec = Cfg::kRec, kHV = HB / 16, kRV = kRec / 16;
-    static_assert(THREADS == 32 * Cfg::kWarps, "threads: a warp per role");
+    constexpr int kWarpsPerBlock = THREADS / 32;
+    constexpr int kBlocks = (Cfg::kWarps + kWarpsPerBlock - 1) / kWarpsPerBlock;   // per channel
+    static_assert(THREADS % 32 == 0 && kWarpsPerBlock <= 32 && (kBlocks - 1) * kWarpsPerBlock < Cfg::kWarps,
+                  "threads: whole warps, at most 32 a block, no block without a role");
     ErrorCtx err = make_error_ctx(a);
     char* rdma = reinterpret_cast<char*>(a.rdma);
     char* nvl = reinterpret_cast<char*>(a.nvl);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int c = blockIdx.x, C = gridDim.x;
+    const int block = blockIdx.x, blocks = gridDim.x;
+    const int warp = (int)(blockIdx.x % kBlocks * kWarpsPerBlock + threadIdx.x / 32);   // role
+    const int lane = threadIdx.x % 32;
+    const int c = block / kBlocks, C = blocks / kBlocks;
     const int me = a.rank, my_node = me / L, my_local = me % L;
     const int T = a.num_tokens, per = (T + C - 1) / C;
     const int tb = min(T, c * per), te = min(T, tb + per);
@@ -218,7 +225,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
             nvshmem_quiet();
             st_volatile_ll(recv_head, head + done);
         }
-    } else {
+    } else if (kBlocks == 1 || warp < Cfg::kWarps) {    // (one block: every warp has a role)
         // ---------------------------------------------------------------- receiver of rank s
         const int s = warp - 2 * kNodes, m = s / L, j = s % L;
         const int start = a.recv_gbl_channel_prefix[s * C + c];
@@ -270,9 +277,9 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         // recv_topk_idx -1 and send_nvl_head -1 (DeepEP's), the rest is unspecified.
         const int N = a.recv_gbl_rank_prefix_sum[R - 1];
         const int N_rdma = a.recv_rdma_rank_prefix_sum[kNodes - 1];
-        if (c == 0 && threadIdx.x == 0 && max(N, N_rdma) > a.num_worst_tokens)
+        if (block == 0 && threadIdx.x == 0 && max(N, N_rdma) > a.num_worst_tokens)
             report_error(err, kErrCapacity, -1, max(N, N_rdma));
-        const int64_t step = (int64_t)C * THREADS, first = (int64_t)c * THREADS + threadIdx.x;
+        const int64_t step = (int64_t)blocks * THREADS, first = (int64_t)block * THREADS + threadIdx.x;
         if (K > 0 && a.recv_topk_idx != nullptr)
             for (int64_t i = (int64_t)N * K + first; i < (int64_t)a.num_worst_tokens * K; i += step)
                 a.recv_topk_idx[i] = -1;
