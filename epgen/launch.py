@@ -62,17 +62,28 @@ class Placement:
         return 100 // self.ranks_per_gpu if self.mode == "mps" else None
 
     @property
+    def cpu_threads_per_rank(self) -> int:
+        """torch's CPU threads for each rank process (OMP_NUM_THREADS, unless the parent set
+        it): the host's cores shared out. By default every process takes them all, so 8 ranks
+        on a 16-core host ran 128 threads, and the tests' golden-model work (torch on the
+        CPU, OpenMP threads spinning for each other) slowed with the rank count, far beyond
+        the kernels' share of the GPU (bench/NOTES.md, session 11)."""
+        return max(1, (os.cpu_count() or 1) // self.world)
+
+    @property
     def slowdown(self) -> int:
         """How much longer waits may take than with a GPU per rank."""
         return self.ranks_per_gpu if self.shared_gpu else 1
 
     def describe(self) -> str:
+        threads = os.environ.get("OMP_NUM_THREADS") or self.cpu_threads_per_rank
         if not self.shared_gpu:
-            return f"{self.world} ranks, one GPU each (NCCL)"
+            return f"{self.world} ranks, one GPU each (NCCL), {threads} CPU threads a rank"
         how = (f"MPS, {self.mps_thread_percentage}% of the SMs per rank" if self.mode == "mps"
                else "time-sliced (no MPS)")
         return (f"{self.world} ranks sharing {self.gpus} GPU(s), {self.ranks_per_gpu} per GPU, "
-                f"{how}, gloo; shared-GPU: correctness only, no NVLink, no speed")
+                f"{how}, gloo, {threads} CPU threads a rank; shared-GPU: correctness only, "
+                "no NVLink, no speed")
 
     def record(self) -> dict:
         """The fields a benchmark record carries about where it ran."""
@@ -311,7 +322,9 @@ class RankPool:
         import torch.multiprocessing as mp
         p = self.placement
         times = {"begin": time.time()}
-        env = {**self.env, **SAFE_ENV, MODE_ENV: p.mode, RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
+        threads = os.environ.get("OMP_NUM_THREADS") or str(p.cpu_threads_per_rank)   # a user's stands
+        env = {"OMP_NUM_THREADS": threads, **self.env, **SAFE_ENV, MODE_ENV: p.mode,
+               RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
         if p.mode == "mps":
             self.daemon = MpsDaemon()
             self.daemon.start()

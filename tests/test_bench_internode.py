@@ -120,7 +120,8 @@ def test_internode_configs_from_arguments(monkeypatch):
      "--topk-groups=3: must be in [1, nodes=2]"),
     (["--ranks", "4", "--ranks-per-node", "2", "--topk-groups", "1", "--experts", "8",
       "--topk", "5"], "--topk=5: must be <= --topk-groups=1 x 4 experts per node"),
-    (["--ranks", "32", "--ranks-per-node", "8"], "needs 40 warps"),   # the kernels' limit
+    (["--ranks", "66", "--ranks-per-node", "33", "--experts", "264"],
+     "the internode kernels refuse it (InternodeDispatchSpec.num_ranks=66: must be in [2, 64])"),
     (["--ranks", "4", "--ranks-per-node", "2", "--wire-format", "nvfp4"],
      "--wire-format=nvfp4: the internode benchmark moves bf16 and fp8_e4m3_f32_128"),
 ])

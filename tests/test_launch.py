@@ -194,6 +194,26 @@ def test_a_pool_ends_every_rank_right_after_a_run_that_left_nvshmem_unusable():
         assert {pid for pid, _ in second}.isdisjoint(first)
 
 
+def _torch_threads(rank, world):
+    import torch
+    return torch.get_num_threads()
+
+
+def test_rank_processes_share_the_hosts_cores_out(monkeypatch):
+    """Each rank's torch gets cores // ranks CPU threads (not every core: 8 ranks on 16 cores
+    ran 128 threads), unless OMP_NUM_THREADS is set, which then stands."""
+    import os
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    place = launch.Placement(2, 1, "time-sliced")
+    assert place.cpu_threads_per_rank == max(1, (os.cpu_count() or 1) // 2)
+    assert launch.run_ranks(2, _torch_threads, timeout_s=120, placement=place) == \
+        [place.cpu_threads_per_rank] * 2
+    assert f"{place.cpu_threads_per_rank} CPU threads a rank" in place.describe()
+    mine = str(place.cpu_threads_per_rank + 1)        # (torch takes at most the host's cores)
+    monkeypatch.setenv("OMP_NUM_THREADS", mine)
+    assert launch.run_ranks(2, _torch_threads, timeout_s=120, placement=place) == [int(mine)] * 2
+
+
 def _env_of(rank, world, name):
     import os
     return os.environ.get(name)
