@@ -113,6 +113,15 @@ def test_blocks_beyond_the_processes_sms_are_refused(monkeypatch):
     assert fake.launches == []
 
 
+def test_more_than_32_nodes_are_refused_by_both_kernels():
+    from epgen.jit.specs import SpecError, internode_combine_spec, internode_dispatch_spec
+    for build in (lambda: internode_dispatch_spec(2 * H, 0, 8, 64, 1),
+                  lambda: internode_combine_spec(H, 8, 64, 1)):
+        with pytest.raises(SpecError, match=r"num_ranks=64: with ranks_per_node=1 makes 64 "
+                                            r"nodes: at most 32"):
+            build()
+
+
 @pytest.mark.parametrize("value", ["0", "33", "x"])
 def test_a_bad_warps_per_block_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("EPGEN_INTERNODE_WARPS_PER_BLOCK", value)

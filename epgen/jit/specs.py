@@ -706,8 +706,14 @@ class _RolesOverBlocks:
     """A channel of the internode kernels: a warp per role, the roles spread evenly over as few
     blocks as hold them in `warps_per_block` warps each (one block up to 32 roles)."""
 
-    def _check_warps_per_block(self):
+    def _check_roles(self):
+        """The rules the dispatch and the combine share (a layout one of them refuses is of no
+        use to the other)."""
         self._req(1 <= self.warps_per_block <= 32, "warps_per_block", "must be in [1, 32]")
+        nodes = self.num_ranks // self.ranks_per_node
+        self._req(nodes <= 32, "num_ranks",
+                  f"with ranks_per_node={self.ranks_per_node} makes {nodes} nodes: at most 32 "
+                  "(the combine's reducer keeps a node per lane)")
 
     @property
     def blocks_per_channel(self) -> int:
@@ -753,7 +759,7 @@ class InternodeDispatchSpec(_RolesOverBlocks, KernelSpec):
                       "scale_cols", f"must be -1 (one per 128 channels) or in [1, {MAX_SCALE_COLS}]")
         else:
             self._req(self.scale_cols == -1, "scale_cols", "must be -1 (bf16 rows have no scales)")
-        self._check_warps_per_block()
+        self._check_roles()
 
     @property
     def roles(self) -> int:
@@ -819,7 +825,7 @@ class InternodeCombineSpec(_RolesOverBlocks, KernelSpec):
         self._req(L <= 32, "ranks_per_node", "must be <= 32")
         self._req(self.hidden % 8 == 0, "hidden", "must be a multiple of 8 (16-byte BF16 rows)")
         self._req(self.num_biases in (0, 1, 2), "num_biases", "must be 0, 1 or 2")
-        self._check_warps_per_block()
+        self._check_roles()
 
     @property
     def roles(self) -> int:

@@ -157,6 +157,25 @@ __device__ __forceinline__ void st_v4(int4* p, const int4& v) {
 }
 
 // Warp copy of N 16-byte units, UNROLL loads in flight per lane before the stores.
+// The UNROLL for warp_copy<N> with the fewest dependent memory round trips a lane waits for
+// (each pass of the main loop one, each element of the tail one: its stores may alias its next
+// loads), fewer registers on a tie; at most 8 vectors in flight a lane (14 made the internode
+// dispatch spill at EP32 / EP64, whose 640-864 threads a block cap registers near 96). For a
+// warp that is alone in its role (the internode kernels' roles), the copy's latency is the
+// role's speed.
+template <int N>
+__host__ __device__ constexpr int copy_unroll() {
+    int best = 1, best_rounds = 1 << 30;
+    for (int u = 1; u <= 8; ++u) {
+        const int step = 32 * u, tail = N - (N / step) * step;
+        const int rounds = N / step + (tail + 31) / 32;
+        if (rounds < best_rounds) best = u, best_rounds = rounds;
+    }
+    return best;
+}
+static_assert(copy_unroll<896>() == 7 && copy_unroll<448>() == 7 && copy_unroll<4>() == 1,
+              "BF16 / FP8 rows of 7168: four passes / two (the fixed 4 took 7 / 4)");
+
 template <int N, int UNROLL, bool SRC_READ_ONLY>
 __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) {
     constexpr int kStep = 32 * UNROLL;

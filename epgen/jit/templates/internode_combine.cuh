@@ -18,7 +18,8 @@
 //                        rounded once
 // Each ring's records arrive in the order its consumer takes them (token order), so a consumer
 // waiting for its next record never waits behind a full ring. A channel's blocks need only
-// each other and the same channel's blocks of their peers. Counters: 64-bit, monotonic, each ring empty between calls.
+// each other and the same channel's blocks of their peers. Counters: 64-bit, monotonic,
+// each ring empty between calls.
 #pragma once
 #include "internode_common.cuh"
 
@@ -110,7 +111,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
                                 [&] { return ld_acquire_sys(headp) - (tail + 1 - cap) >= 0; });
             if (!__shfl_sync(0xffffffffu, ok, 0)) break;
             char* rec = ring + (tail % cap) * kRec;
-            warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec),
+            warp_copy<kHV, copy_unroll<kHV>(), true>(reinterpret_cast<int4*>(rec),
                                     reinterpret_cast<const int4*>(a.x + (int64_t)row * kRowB), lane);
             if (K > 0 && lane < K)
                 reinterpret_cast<float*>(rec + kOffW)[lane] =
@@ -211,7 +212,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             nvshmem_quiet();
             idisp::st_volatile_ll(send_tail, tail);
         }
-    } else if (kBlocks == 1 || warp < kWarps) {    // (one block: every warp has a role)
+    } else if (warp < kWarps) {     // (a channel's last block may hold idle warps)
         // ---------------------------------------------------------------- reducer (owner)
         // Lane n < Nn: RDMA ring (n, c) consumed / credited counts.
         long long head = lane < kNodes ? ld_volatile(rdma_word(rdma, kRecvHead, lane)) : 0;

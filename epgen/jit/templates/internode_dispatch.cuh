@@ -134,7 +134,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
                 }
                 char* rec = stage + (tail % slots) * kRec;
-                warp_copy<kHV, 4, true>(reinterpret_cast<int4*>(rec),
+                warp_copy<kHV, copy_unroll<kHV>(), true>(reinterpret_cast<int4*>(rec),
                                         reinterpret_cast<const int4*>(a.x + (int64_t)tok * HB), lane);
                 for (int i = lane; i < S; i += 32)
                     reinterpret_cast<float*>(rec + Cfg::kOffScales)[i] =
@@ -205,7 +205,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     }
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
                     char* peer = peer_nvl(k);
-                    warp_copy<kRV, 4, false>(reinterpret_cast<int4*>(nvl_ring(peer, my_local, m) + (tk % cap) * kRec),
+                    warp_copy<kRV, copy_unroll<kRV>(), false>(reinterpret_cast<int4*>(nvl_ring(peer, my_local, m) + (tk % cap) * kRec),
                                              reinterpret_cast<const int4*>(rec), lane);
                     __syncwarp();
                     if (lane == 0) st_release_sys(nvl_word(peer, kNvlTail, my_local, m), tk + 1);
@@ -225,7 +225,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
             nvshmem_quiet();
             st_volatile_ll(recv_head, head + done);
         }
-    } else if (kBlocks == 1 || warp < Cfg::kWarps) {    // (one block: every warp has a role)
+    } else if (warp < Cfg::kWarps) {     // (a channel's last block may hold idle warps)
         // ---------------------------------------------------------------- receiver of rank s
         const int s = warp - 2 * kNodes, m = s / L, j = s % L;
         const int start = a.recv_gbl_channel_prefix[s * C + c];
@@ -249,7 +249,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                 const char* rec = ring + ((head + done + i) % cap) * kRec;
                 const int64_t row = (int64_t)start + done + i;
                 if (row >= a.num_recv_rows) continue;
-                warp_copy<kHV, 4, false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
+                warp_copy<kHV, copy_unroll<kHV>(), false>(reinterpret_cast<int4*>(a.recv_x + row * HB),
                                          reinterpret_cast<const int4*>(rec), lane);
                 for (int q = lane; q < S; q += 32)
                     a.recv_scales[row * S + q] = reinterpret_cast<const volatile float*>(rec + Cfg::kOffScales)[q];
