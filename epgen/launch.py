@@ -298,8 +298,8 @@ class RankPool:
     runs pays the start (MPS daemon, spawn, torch import, process group, NVSHMEM bootstrap,
     module loads) once. A run that fails or times out ends the processes (killed: a failed
     rank's peers may sit in a collective); so does a run after which a rank's process ends (it
-    left NVSHMEM unusable): all of them, before the run returns. The next run starts new ones. `close()` (or `with`) ends them and
-    the MPS daemon."""
+    left NVSHMEM unusable): all of them, before the run returns. The next run starts new ones.
+    `close()` (or `with`) ends them and the MPS daemon."""
 
     def __init__(self, world: int, placement: Placement | None = None,
                  env: dict | None = None):

@@ -5,7 +5,8 @@ handle, the uncached dispatch (every output and DeepEP's internode handle), the 
 through that handle (also with rows of another width: a ring-layout change), the one sized by
 num_worst_tokens, and the combine through the handle (with weights and a bias); and, at one
 layout, a worst-sized dispatch + combine captured in a CUDA graph and replayed with fresh inputs;
-and dispatch + combine with each channel's roles spread over several blocks. Layouts: 2 nodes x 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
+and dispatch + combine with each channel's roles spread over several blocks. Layouts: 2 nodes x
+1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
 import os
