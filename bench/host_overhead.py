@@ -3,7 +3,8 @@ combine (per_expert and per_rank, EPGEN_LL_COMBINE) goes (cProfile on rank 0). T
 counterpart with faked launches is bench/host_path_cpu.py. First, on rank 0, what one launch
 costs by itself: an empty kernel taking a struct the size of the LL combine's, launched by
 epgen's Kernel.launch, by cuda.bindings' cuLaunchKernel alone, and by libcuda's through ctypes
-(the floor any Python launch path can reach).
+(the floor any Python launch path can reach); after each call, its breakdown (validation, spec
+lookup, allocation, launches, rest) from bench/host_parts.py.
 
     python bench/host_overhead.py --ranks 2
 """
@@ -38,18 +39,19 @@ def _host_us(fn, calls: int, hold: bool) -> float:
     return us
 
 
-def _measure(cases, out):
+def _measure(cases, out) -> dict:
     """Host time per call of each (name, fn) (100 calls after 10: with the stream held by a
-    sleep kernel, and without), then a cProfile of 100."""
+    sleep kernel, and without), then a cProfile of 100; returns name -> held us."""
     import cProfile
     import io
     import pstats
 
     import torch
+    helds = {}
     for name, fn in cases:
         for _ in range(10):
             fn()
-        held = _host_us(fn, 100, hold=True)
+        held = helds[name] = _host_us(fn, 100, hold=True)
         host = _host_us(fn, 100, hold=False)
         prof = cProfile.Profile()
         prof.enable()
@@ -62,6 +64,31 @@ def _measure(cases, out):
         out.append(f"== {name}: {held:.1f} us host per call with the stream held (the calls "
                    f"only queue), {host:.1f} us unheld (100 calls; GPU-bound if larger)\n"
                    + s.getvalue()[-3500:])
+    return helds
+
+
+def _parts(out, title, whole_us, parts, launches, launch_us):
+    """The breakdown of one call (bench/host_parts.py, at the call's arguments, real ops and
+    tensors; each part 200 times after 20, wall time): the parts, the launches at the bare
+    launch's cost, and the rest (argument packing, stream bookkeeping, glue)."""
+    import time
+
+    import torch
+    rows, rest = [], whole_us - launches * launch_us
+    for name, fn, times in parts:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        us = (time.perf_counter() - t0) / 200 * 1e6
+        rest -= us * times
+        rows.append(f"| {name}{f' (x{times})' if times != 1 else ''} | {us:.2f} |")
+    out.append(f"\n{title}: {whole_us:.1f} us host per call (stream held)\n| part | us |\n|---|---|\n"
+               + "\n".join(rows) + f"\n| {launches} launch(es) at the bare launch's "
+               f"{launch_us:.2f} us | {launches * launch_us:.2f} |\n"
+               f"| rest: argument packing, stream bookkeeping, glue | {rest:.1f} |")
 
 
 EMPTY_KERNEL = ('struct Args { unsigned long long w[%d]; };\n'
@@ -124,15 +151,19 @@ def _bare_launches(out):
         us = (time.perf_counter() - t0) / 2000 * 1e6
         torch.cuda.synchronize()
         out.append(f"== bare launch, {name}: {us:.2f} us per launch ({nbytes}-byte struct)")
+        if name.startswith("epgen"):
+            epgen_us = us
+    return epgen_us
 
 
 def _worker(rank, world):
     import torch
     import torch.distributed as dist
     import epgen
+    from bench import host_parts
+    from epgen import launch
     out = []
-    if rank == 0:
-        _bare_launches(out)
+    launch_us = _bare_launches(out) if rank == 0 else 0.0
     cfg = epgen.Config(24, 8, 256, 6, 128)
     buf = epgen.Buffer(dist.group.WORLD, cfg.get_nvl_buffer_size_hint(7168 * 2, world), 0)
     x = torch.randn(4096, 7168, device="cuda").to(torch.bfloat16)
@@ -143,8 +174,15 @@ def _worker(rank, world):
                                        topk_weights=torch.rand(4096, 8, device="cuda"), config=cfg)
     cases = (("cached dispatch", lambda: buf.dispatch(x, handle=handle, config=cfg)),
              ("combine", lambda: buf.combine(recv, handle, config=cfg)))
-    _measure(cases, out)
+    held = _measure(cases, out)
     torch.cuda.synchronize()
+    if rank == 0:
+        dev, ops = torch.device("cuda", torch.cuda.current_device()), buf._intranode
+        _parts(out, "cached dispatch", held["cached dispatch"],
+               host_parts.normal_dispatch_parts(ops, x, handle, cfg, 4096, 7168, dev), 1, launch_us)
+        _parts(out, "combine", held["combine"],
+               host_parts.normal_combine_parts(ops, recv, handle, cfg, 4096, 7168, dev), 1, launch_us)
+    dist.barrier()
     dist.barrier()
     buf.destroy()
     # Low latency at DeepEP's shape: 128 tokens, hidden 7168, top-8 of 288 experts, FP8.
@@ -161,9 +199,21 @@ def _worker(rank, world):
     def combine(variant):
         os.environ["EPGEN_LL_COMBINE"] = variant      # read at each call, the same on every rank
         return lambda: buf.low_latency_combine(y, idx, w, ll_handle)
-    _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out)
+    dev, ops, K = torch.device("cuda", torch.cuda.current_device()), buf._ll, 8
+    held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out)
+    if rank == 0:
+        _parts(out, "LL dispatch FP8", held["LL dispatch FP8"],
+               host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), 2, launch_us)
+    dist.barrier()
     for variant in ("per_expert", "per_rank"):
-        _measure(((f"LL combine {variant}", combine(variant)),), out)
+        name = f"LL combine {variant}"
+        held = _measure(((name, combine(variant)),), out)
+        if rank == 0:
+            per_rank = variant == "per_rank"
+            launches = 1 if per_rank and not launch.worker_shares_gpu() else 2
+            _parts(out, name, held[name], host_parts.ll_combine_parts(
+                ops, y, idx, w, ll_handle, M, H, E, K, world, per_rank, dev), launches, launch_us)
+        dist.barrier()
     os.environ.pop("EPGEN_LL_COMBINE", None)
     dist.barrier()
     buf.destroy()

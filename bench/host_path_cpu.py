@@ -40,7 +40,7 @@ from epgen.config import Config  # noqa: E402
 from epgen.jit import specs  # noqa: E402
 from epgen.ops import intranode  # noqa: E402
 from epgen.ops import low_latency as ll  # noqa: E402
-from epgen.ops.context import VECTOR_BYTES, check_tensor  # noqa: E402
+from bench import host_parts  # noqa: E402
 from tests.fake_launch import (fake_cuda, fake_intranode_ops, fake_ll_ops,  # noqa: E402
                                no_graph_capture)
 
@@ -100,30 +100,16 @@ def ll_rows(a):
     (recv, _), _, handle, _, _ = ops.low_latency_dispatch(x, idx, M, E)
     handle = (fake_cuda(handle[0]), fake_cuda(handle[1]), *handle[2:])
     y = fake_cuda(torch.zeros(E // R, R * M, H, dtype=torch.bfloat16))
-    El = E // R
     fp8 = dict(use_fp8=True, round_scale=False, use_ue8m0=False)
 
     def fake_launch(args_type, spec):
         kernel = ops.ctx.kernel(spec)
         return lambda: kernel.launch(ops.sms, spec.threads, args_type(), 0)
 
-    def alloc_dispatch():   # what an FP8 dispatch allocates (its outputs and the epoch word)
-        torch.empty(El, R * M, H, dtype=torch.float8_e4m3fn)
-        torch.empty(El, H // 128, R * M, dtype=torch.float32).transpose(1, 2)
-        torch.empty(El, dtype=torch.int32)
-        torch.empty(El, R * M, dtype=torch.int32)
-        torch.empty(El, R, dtype=torch.int64)
-        torch.empty(2, dtype=torch.int64)
-
     table(f"LL dispatch FP8, EP{R}: M={M}, hidden={H}, top-{K} of {E} experts",
           ("whole call", lambda: ops.low_latency_dispatch(x, idx, M, E)),
-          [("validation: x, topk_idx, shapes, Buffer size (_check_common)",
-            lambda: (check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES),
-                     ll.check_topk_idx(idx, num_tokens=M), ops._check_common(M, H, E, K)), 1),
-           ("spec lookup + kernel lookup", lambda: ops.ctx.kernel(ll.spec_for_call(
-               lambda *p: ll.ll_dispatch_spec(*p, **fp8), {}, H, K, E, R)), 1),
-           ("output allocation (CPU allocator: 132 MB recv_x, an mmap)", alloc_dispatch, 1),
-           ("one fake launch (parameter packing)",
+          host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, R, "cpu") +
+          [("one fake launch (parameter packing)",
             fake_launch(ll.LowLatencyDispatchArgs, ll.ll_dispatch_spec(H, K, E, R, **fp8)), 2)],
           fake, a)
 
@@ -133,18 +119,8 @@ def ll_rows(a):
         spec = ll.ll_combine_spec(H, K, E, R, per_rank)
         table(f"LL combine {variant}, EP{R}",
               ("whole call", lambda: ops.low_latency_combine(y, idx, w, handle)),
-              [("validation: handle, x, topk_idx, topk_weights (+ _check_common)",
-                lambda: (ops._check_handle(handle),
-                         check_tensor("x", y, torch.bfloat16, (El, R * M, H), align=VECTOR_BYTES),
-                         ll.check_topk_idx(idx),
-                         check_tensor("topk_weights", w, torch.float32, (M, K))), 1),
-               ("variant + spec and kernel lookup (LowLatencyOps._specs)",
-                lambda: ops._specs.get(("bf16", H, K, E, ll.combine_runs_per_rank(
-                    M, H, R, E, K, False, False))), 1),
-               ("output allocation (out [M, hidden] + epoch word)",
-                lambda: (torch.empty(M, H, dtype=torch.bfloat16),
-                         None if per_rank else torch.empty(2, dtype=torch.int64)), 1),
-               ("one fake launch (parameter packing)",
+              host_parts.ll_combine_parts(ops, y, idx, w, handle, M, H, E, K, R, per_rank, "cpu") +
+              [("one fake launch (parameter packing)",
                 fake_launch(ll.LowLatencyCombineRankArgs if per_rank else ll.LowLatencyCombineArgs,
                             spec), 1 if per_rank else 2)],
               fake, a)
@@ -161,39 +137,23 @@ def normal_rows(a):
     y = fake_cuda(torch.randn(rows, H).to(torch.bfloat16))
     dspec = specs.normal_dispatch_rows_spec(2 * H, 0, 0, None, R)
     cspec = specs.normal_combine_spec(H, 0, R)
-    drec = intranode.dispatch_record_bytes(2 * H, 0, 0)
-    crec = intranode.combine_record_bytes(H, 0)
 
     def fake_launch(args_type, spec):
         kernel = ops.ctx.kernel(spec)
         return lambda: kernel.launch(cfg.num_sms, spec.threads, args_type(), 0)
 
-    table(f"Normal cached dispatch, EP{R}: {T} tokens, hidden {H} BF16, {rows} rows received",
+    table(f"Normal cached dispatch, EP{R}: {T} tokens, hidden {H} BF16, {rows} rows received "
+          "(CPU allocator: the 117 MB recv_x an mmap)",
           ("whole call", lambda: ops.dispatch(x, handle, None, None, None, None, None, None, 1, 0,
                                               cfg, None, False, False)),
-          [("validation: rows, handle, config, graph layout",
-            lambda: (ops._check_rows(x), ops._unpack_handle(handle, num_tokens=T),
-                     ops._check_config(cfg, "dispatch", drec),
-                     ops._rings.check("dispatch", (12, 128, drec), self_barriered=False)), 1),
-           ("spec and 2 kernel lookups (IntranodeOps._specs)",
-            lambda: ops._kernels(ops._specs.get(("dispatch", 2 * H, 0, 0, None)), "dispatch"), 1),
-           ("output allocation (CPU allocator: 117 MB recv_x, an mmap)",
-            lambda: torch.empty(rows, H, dtype=torch.bfloat16), 1),
-           ("one fake launch (parameter packing)",
+          host_parts.normal_dispatch_parts(ops, x, handle, cfg, T, H, "cpu") +
+          [("one fake launch (parameter packing)",
             fake_launch(intranode.NormalDispatchArgs, dspec), 1)],
           fake, a)
     table(f"Normal combine, EP{R}: {rows} rows -> {T} tokens, no top-k weights",
           ("whole call", lambda: ops.combine(y, handle, None, None, cfg, None, False, False)),
-          [("validation: handle, x, weights, biases, config, graph layout",
-            lambda: (ops._unpack_handle(handle),
-                     intranode.check_combine_inputs(ops.ctx.device, rows, T, y, None, None),
-                     ops._check_config(cfg, "combine", crec),
-                     ops._rings.check("combine", (12, 128, crec), self_barriered=False)), 1),
-           ("spec and 2 kernel lookups (IntranodeOps._specs)",
-            lambda: ops._kernels(ops._specs.get(("combine", H, 0, 0)), None), 1),
-           ("output allocation (out [T, hidden])",
-            lambda: torch.empty(T, H, dtype=torch.bfloat16), 1),
-           ("one fake launch (parameter packing)",
+          host_parts.normal_combine_parts(ops, y, handle, cfg, T, H, "cpu") +
+          [("one fake launch (parameter packing)",
             fake_launch(intranode.NormalCombineArgs, cspec), 1)],
           fake, a)
 
