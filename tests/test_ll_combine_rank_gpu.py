@@ -10,7 +10,7 @@ import pytest
 from tests import gpu_harness
 from tests.test_low_latency_gpu import (LOCAL_EXPERTS, M, _all_inputs, _check_combine,
                                         _check_dispatch, _expert_out, _finish,
-                                        _gather, _run_jobs, _run_shrink)
+                                        _combine_inputs, _run_jobs, _run_shrink)
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ def _per_expert_out(recv, fp8, H, rank, El):
 def _check_exact(rank, ins, y, handle, out):
     import torch
     from epgen import reference as ref
-    ys, srcs, lays = _gather(y), _gather(handle[0]), _gather(handle[1])
+    ys, srcs, lays = _combine_inputs(y, handle)
     exp = ref.low_latency_combine_per_rank(ys, ins[rank][1], ins[rank][2], rank, srcs, lays)
     assert not bool(out.isnan().any()), "combine output has NaN (rows not written)"
     bad = out.view(torch.int16) != exp.view(torch.int16)

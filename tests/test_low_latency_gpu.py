@@ -43,6 +43,52 @@ def _gather(t):
     return out
 
 
+def _combine_inputs(y, handle):
+    """(ys, srcs, lays) for the golden model's combine of this rank's tokens: every rank's LL
+    handle (all_gather: small), and of every rank's expert outputs only the rows in this rank's
+    source ranges (point to point), the others zero, since reference._ll_combine_rows reads no
+    other row. An all_gather of whole outputs moved R x R x |y| bytes per check through gloo
+    (at 8 ranks, 2 GB for one H=2048 check); this moves about |y| in all. Every rank calls it
+    (a rank that made no call passes zeros)."""
+    import torch
+    import torch.distributed as dist
+    from epgen.reference import decode_layout_range
+    R, me = dist.get_world_size(), dist.get_rank()
+    srcs, lays = _gather(handle[0]), _gather(handle[1])
+    El, RM, H = y.shape
+    wire = y.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def ranges(lay, src):      # [(local expert, begin, count)] of source `src` in a layout
+        return [(le, *decode_layout_range(v)) for le, v in enumerate(lay[:, src].tolist())]
+    pending, incoming, outgoing = [], {}, []      # (the tensors live until the waits end)
+    for p in range(R):
+        if p == me:
+            continue
+        rows = [y[le, b:b + n] for le, b, n in ranges(lays[me], p) if n]
+        if rows:
+            outgoing.append(torch.cat(rows).to(wire).contiguous())
+            pending.append(dist.isend(outgoing[-1], p))
+        n_in = sum(n for _, _, n in ranges(lays[p], me))
+        if n_in:
+            incoming[p] = torch.empty(n_in, H, dtype=y.dtype, device=wire)
+            pending.append(dist.irecv(incoming[p], p))
+    for work in pending:
+        work.wait()
+    ys = []
+    for p in range(R):
+        if p == me:
+            ys.append(y)
+            continue
+        full = torch.zeros_like(y)
+        off = 0
+        for le, b, n in ranges(lays[p], me):
+            if n:
+                full[le, b:b + n] = incoming[p][off:off + n].to(y.device)
+                off += n
+        ys.append(full)
+    return ys, srcs, lays
+
+
 def _poison():
     import torch
     junk = torch.full((96 << 20,), float("nan"), dtype=torch.float32, device="cuda")
@@ -77,7 +123,7 @@ def _expert_out(recv, fp8, H):
 
 def _check_combine(rank, ins, y, handle, out):
     from epgen import reference as ref
-    ys, srcs, lays = _gather(y), _gather(handle[0]), _gather(handle[1])
+    ys, srcs, lays = _combine_inputs(y, handle)
     exp = ref.low_latency_combine(ys, ins[rank][1], ins[rank][2], rank, srcs, lays)
     assert not bool(out.isnan().any()), "combine output has NaN (rows not written)"
     diff = (out.float() - exp.float()).abs()
@@ -406,7 +452,7 @@ def _run_combine_format_case(buf, rank, R, E, cid, name, H, K, use_logfmt, wf, h
                                                return_recv_hook=hook, wire_format=wf)
     _finish(buf, ev, hk, hook, False)
     fmt = "logfmt10" if use_logfmt else wf
-    ys, srcs, lays = _gather(y), _gather(handle[0]), _gather(handle[1])
+    ys, srcs, lays = _combine_inputs(y, handle)
     _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx)
     exp = ref.low_latency_combine(ys, idx, w, rank, srcs, lays, wire_format=fmt)
     assert not bool(combined.isnan().any()), "combine output has NaN (rows not written)"
@@ -566,11 +612,10 @@ def _run_shrink(rank, R, E):
                 done = _shrink_call(buf, rank, R, E, ins, live, how, deadline_s=2.0)
             except Exception as exc:  # noqa: BLE001 - raised after the collectives below
                 failures.append(exc)
-        if done is None:     # the absent rank (or a failed one) joins the reference's gathers
-            for t in (torch.zeros(El, R * M, H, dtype=torch.bfloat16, device="cuda"),
-                      torch.zeros(El, R * M, dtype=torch.int32, device="cuda"),
-                      torch.zeros(El, R, dtype=torch.int64, device="cuda")):
-                _gather(t)
+        if done is None:     # the absent rank (or a failed one) joins the reference's exchange
+            _combine_inputs(torch.zeros(El, R * M, H, dtype=torch.bfloat16, device="cuda"),
+                            (torch.zeros(El, R * M, dtype=torch.int32, device="cuda"),
+                             torch.zeros(El, R, dtype=torch.int64, device="cuda")))
         else:
             try:
                 _check_combine(rank, live, *done)
