@@ -67,22 +67,29 @@ def _measure(cases, out) -> dict:
     return helds
 
 
+def _wall_us(fn, calls: int, warmup: int) -> float:
+    """us per call of fn, wall time, `calls` calls after `warmup`, the GPU idle before and after."""
+    import time
+
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def _parts(out, title, whole_us, parts, launches, launch_us):
     """The breakdown of one call (bench/host_parts.py, at the call's arguments, real ops and
     tensors; each part 200 times after 20, wall time): the parts, the launches at the bare
     launch's cost, and the rest (argument packing, stream bookkeeping, glue)."""
-    import time
-
-    import torch
     rows, rest = [], whole_us - launches * launch_us
     for name, fn, times in parts:
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            fn()
-        us = (time.perf_counter() - t0) / 200 * 1e6
+        us = _wall_us(fn, 200, 20)
         rest -= us * times
         rows.append(f"| {name}{f' (x{times})' if times != 1 else ''} | {us:.2f} |")
     out.append(f"\n{title}: {whole_us:.1f} us host per call (stream held)\n| part | us |\n|---|---|\n"
@@ -114,7 +121,6 @@ def empty_kernel_cubin(arch: str, nbytes: int) -> bytes:
 def _bare_launches(out):
     """us per launch of an empty kernel, three ways, 2000 launches each after 100."""
     import ctypes
-    import time
 
     import torch
     from epgen.jit import toolchain
@@ -142,14 +148,7 @@ def _bare_launches(out):
             ("libcuda cuLaunchKernel through ctypes",
              lambda: lib.cuLaunchKernel(fptr, 1, 1, 1, 32, 1, 1, 0, stream, addr, None)))
     for name, fn in ways:
-        for _ in range(100):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(2000):
-            fn()
-        us = (time.perf_counter() - t0) / 2000 * 1e6
-        torch.cuda.synchronize()
+        us = _wall_us(fn, 2000, 100)
         out.append(f"== bare launch, {name}: {us:.2f} us per launch ({nbytes}-byte struct)")
         if name.startswith("epgen"):
             epgen_us = us
