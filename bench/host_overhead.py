@@ -24,21 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 HOLD_CYCLES = 80_000_000
 
 
-def _host_us(fn, calls: int, hold: bool) -> float:
-    import time
-
-    import torch
-    torch.cuda.synchronize()
-    if hold:
-        torch.cuda._sleep(HOLD_CYCLES)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return us
-
-
 def _measure(cases, out) -> dict:
     """Host time per call of each (name, fn) (100 calls after 10: with the stream held by a
     sleep kernel, and without), then a cProfile of 100; returns name -> held us."""
@@ -51,8 +36,8 @@ def _measure(cases, out) -> dict:
     for name, fn in cases:
         for _ in range(10):
             fn()
-        held = helds[name] = _host_us(fn, 100, hold=True)
-        host = _host_us(fn, 100, hold=False)
+        held = helds[name] = _wall_us(fn, 100, 0, hold=True)
+        host = _wall_us(fn, 100, 0)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(100):
@@ -67,14 +52,17 @@ def _measure(cases, out) -> dict:
     return helds
 
 
-def _wall_us(fn, calls: int, warmup: int) -> float:
-    """us per call of fn, wall time, `calls` calls after `warmup`, the GPU idle before and after."""
+def _wall_us(fn, calls: int, warmup: int, hold: bool = False) -> float:
+    """us per call of fn, wall time, `calls` calls after `warmup`, the GPU idle before and
+    after; `hold`: the stream held by a sleep kernel while the calls are issued."""
     import time
 
     import torch
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if hold:
+        torch.cuda._sleep(HOLD_CYCLES)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
