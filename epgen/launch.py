@@ -63,12 +63,13 @@ class Placement:
 
     @property
     def cpu_threads_per_rank(self) -> int:
-        """torch's CPU threads for each rank process (OMP_NUM_THREADS, unless the parent set
-        it): the host's cores shared out. By default every process takes them all, so 8 ranks
+        """torch's CPU threads for each rank process: OMP_NUM_THREADS where the parent sets it,
+        else the host's cores shared out. By default every process takes them all, so 8 ranks
         on a 16-core host ran 128 threads, and the tests' golden-model work (torch on the
         CPU, OpenMP threads spinning for each other) slowed with the rank count, far beyond
         the kernels' share of the GPU (bench/NOTES.md, session 11)."""
-        return max(1, (os.cpu_count() or 1) // self.world)
+        mine = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return int(mine) if mine.isdigit() else max(1, (os.cpu_count() or 1) // self.world)
 
     @property
     def slowdown(self) -> int:
@@ -76,7 +77,7 @@ class Placement:
         return self.ranks_per_gpu if self.shared_gpu else 1
 
     def describe(self) -> str:
-        threads = os.environ.get("OMP_NUM_THREADS") or self.cpu_threads_per_rank
+        threads = self.cpu_threads_per_rank
         if not self.shared_gpu:
             return f"{self.world} ranks, one GPU each (NCCL), {threads} CPU threads a rank"
         how = (f"MPS, {self.mps_thread_percentage}% of the SMs per rank" if self.mode == "mps"
@@ -322,8 +323,7 @@ class RankPool:
         import torch.multiprocessing as mp
         p = self.placement
         times = {"begin": time.time()}
-        threads = os.environ.get("OMP_NUM_THREADS") or str(p.cpu_threads_per_rank)   # a user's stands
-        env = {"OMP_NUM_THREADS": threads, **self.env, **SAFE_ENV, MODE_ENV: p.mode,
+        env = {"OMP_NUM_THREADS": str(p.cpu_threads_per_rank), **self.env, **SAFE_ENV, MODE_ENV: p.mode,
                RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
         if p.mode == "mps":
             self.daemon = MpsDaemon()

@@ -61,7 +61,8 @@ def normal_combine_record_bytes(hidden: int, num_topk: int) -> int:
 
 
 # -- internode notify area at offset 0 of the RDMA region (templates/internode_notify.cuh) --
-INODE_NOTIFY_MAX_CHANNELS = 64    # channels (num_sms / 2) a row has room for
+INODE_MAX_CHANNELS = 64           # internode channels (num_sms / 2): the control areas' room
+INODE_NOTIFY_MAX_CHANNELS = INODE_MAX_CHANNELS    # channels a notify row has room for
 INODE_NOTIFY_SIG_OFF = 256        # uint64 [2][R]: row of source s arrived
 
 
@@ -232,6 +233,7 @@ FACTS = (
     Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES, "::epgen::nctrl::kCtrlBytes", "normal_ctrl.cuh"),
     Fact("kNormalRingBatch", NORMAL_RING_BATCH),
     Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
+    Fact("kInodeMaxChannels", INODE_MAX_CHANNELS, "::epgen::idisp::kMaxC", "internode_common.cuh"),
     Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS, "::epgen::inotify::kMaxC",
          "internode_notify.cuh"),
     Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF, "::epgen::inotify::kSigOff",

@@ -375,7 +375,7 @@ class InternodeOps:
             check_tensor(f"handle[{i}]", handle[i], dtype, shape=shape, device=dev)
         return handle
 
-    def _channels(self, config, blocks_per_channel: int = 1) -> int:
+    def _channels(self, config, blocks_per_channel: int) -> int:
         """Channels of an internode call: config.num_sms // 2 (DeepEP's: the handle's matrices
         have that many columns); `blocks_per_channel` blocks of this rank's grid each (the
         kernel spec's: its roles over blocks)."""

@@ -61,7 +61,7 @@ notify_row_ints = layout_facts.inode_notify_row_ints
 notify_area_bytes = layout_facts.inode_notify_area_bytes
 
 
-MAX_CHANNELS = 64            # templates/internode_dispatch.cuh idisp::kMaxC (== NOTIFY_MAX_CHANNELS)
+MAX_CHANNELS = layout_facts.INODE_MAX_CHANNELS   # idisp::kMaxC (every internode unit asserts it)
 
 
 def control_bytes(num_nodes: int) -> int:
