@@ -116,6 +116,30 @@ def test_run_ranks_fails_fast_when_a_rank_fails(monkeypatch):
     assert took < 120, f"took {took:.0f} s"
 
 
+def _last_rank_killed(rank, world):
+    import os
+    import signal
+    if rank == world - 1:
+        os.kill(os.getpid(), signal.SIGKILL)     # as test_faults_gpu's killed rank
+    return rank
+
+
+def test_a_pool_stops_waiting_for_a_rank_whose_process_is_gone(monkeypatch):
+    """The live ranks answer; the killed one never will: the run ends as soon as the queue is
+    drained, not FAIL_FAST_GRACE_S (times the slowdown) later. At 8 ranks on one GPU that wait
+    was 6 minutes and ran a device call out (bench/NOTES.md, session 12)."""
+    import time
+    monkeypatch.setattr(launch, "FAIL_FAST_GRACE_S", 300.0)
+    t0 = time.monotonic()
+    with launch.RankPool(3, launch.Placement(3, 1, "time-sliced")) as pool:
+        with pytest.raises(AssertionError) as err:
+            pool.run(_last_rank_killed, timeout_s=600)
+    took = time.monotonic() - t0
+    assert "ranks [2] did not finish" in str(err.value), err.value
+    assert "Traceback" not in str(err.value), err.value
+    assert took < 120, f"took {took:.0f} s"
+
+
 def _sleep_then_answer(rank, world, seconds):
     import time
     time.sleep(seconds * (rank + 1))

@@ -395,7 +395,7 @@ def _megatron(rank, R):
                                             async_finish=True, allocate_on_comm_stream=True)
         after.current_stream_wait()
         assert all(v is None for v in rest[:3]), "cached dispatch returns Nones"
-        exp = ref.dispatch(grads, None, None, E, rank, is_token_in_ranks=case[4])
+        exp = ref.dispatch(grads, None, None, E, rank, is_token_in_ranks=case[4], cached=True)
         tn._eq("cached dispatch of the gradient", grad_x, exp.recv_x)
         # FusedDispatch.backward: the gradient comes back with its probs' gradient
         grad_in, grad_probs, after = buf.combine(ys[rank], handle, topk_weights=cws[rank].float(),
