@@ -178,18 +178,22 @@ class MpsDaemon:
         self._cleanup()
 
     def _running(self) -> bool:
-        """Whether the daemon still runs: its pid file's process is alive, or (no pid file) its
-        control pipe is there. The pipe outlives the daemon: waiting for it alone cost 20 s
-        at every stop (bench/NOTES.md, session 12)."""
+        """Whether the daemon still runs: the process of its pid file
+        (nvidia-cuda-mps-control.pid) is there and not a zombie (a container's init may never
+        reap it), or, without a pid file, its control pipe is there. The pipe outlives the
+        daemon: waiting for it alone cost 20 s at every stop (bench/NOTES.md, session 12)."""
         pipe = self.env["CUDA_MPS_PIPE_DIRECTORY"]
-        for name in os.listdir(pipe) if os.path.isdir(pipe) else ():
-            if name.endswith(".pid"):
-                try:
-                    with open(os.path.join(pipe, name)) as f:
-                        return os.path.exists(f"/proc/{int(f.read().split()[0])}")
-                except (OSError, ValueError, IndexError):
-                    continue
-        return os.path.exists(os.path.join(pipe, "control"))
+        try:
+            with open(os.path.join(pipe, "nvidia-cuda-mps-control.pid")) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return os.path.exists(os.path.join(pipe, "control"))
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]   # after "(comm)": comm may hold spaces
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
 
     def log_tail(self, lines: int = 20) -> str:
         path = os.path.join(self.env["CUDA_MPS_LOG_DIRECTORY"], "control.log")

@@ -172,6 +172,29 @@ def test_mps_stop_of_a_daemon_that_is_gone_returns_at_once(tmp_path, monkeypatch
     assert time.monotonic() - t0 < 5 and not root.exists()
 
 
+def test_mps_stop_returns_when_the_daemons_process_ends_though_its_pipe_stays(tmp_path,
+                                                                             monkeypatch):
+    """The real daemon leaves its control pipe behind when it quits, so stop() waits for the
+    process its pid file names (a 20 s wait at every stop before). FAKES: a control that
+    accepts `quit` (`true`) and, as the daemon, a `sleep 1` that this test never reaps (it
+    ends a zombie, as under a container init that does not reap)."""
+    import subprocess
+    monkeypatch.setattr(launch.MpsDaemon, "CONTROL", "true")
+    root = tmp_path / "epgen-mps-fake"
+    (root / "pipe").mkdir(parents=True)
+    (root / "pipe" / "control").write_text("")
+    fake_daemon = subprocess.Popen(["sleep", "1"])
+    (root / "pipe" / "nvidia-cuda-mps-control.pid").write_text(f"{fake_daemon.pid}\n")
+    d = launch.MpsDaemon(str(root))
+    assert d._running()
+    t0 = time.monotonic()
+    d.stop()
+    took = time.monotonic() - t0
+    assert 0.5 < took < 5, f"stop took {took:.1f} s"
+    assert not root.exists()
+    fake_daemon.wait()
+
+
 def test_pooled_modules_run_in_one_pytest_and_are_reported_each(tmp_path, capsys):
     """--pool: one pytest over the modules, with EPGEN_TEST_POOL=1 set for it (the fake
     module checks), and a row per module from the shared run's summary."""

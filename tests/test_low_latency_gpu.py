@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 
 import pytest
@@ -696,13 +697,17 @@ def _run_without_nvlink(rank, R, E):
 
 
 def _run_jobs(jobs, results):
-    """Run (name, fn) jobs in order on every rank; a device error skips the rest."""
+    """Run (name, fn) jobs in order on every rank; a device error skips the rest. Rank 0
+    prints each job's seconds to the live log ("[job] ..."; up to the barrier after it, so the
+    slowest rank's): what the quick tier's choice of cases is made from."""
+    import time
     import torch.distributed as dist
     dead = any(status.startswith("EpgenDeviceError") for _, status in results)
     for name, fn in jobs:
         if dead:
             results.append((name, "skipped after a device error"))
             continue
+        t0 = time.perf_counter()
         try:
             fn()
             results.append((name, "ok"))
@@ -710,6 +715,9 @@ def _run_jobs(jobs, results):
             results.append((name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
             dead = type(exc).__name__ == "EpgenDeviceError"
         dist.barrier()
+        if dist.get_rank() == 0:
+            print(f"[job] {dist.get_world_size()} ranks: {name}: {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
 
 
 def _torch_nvshmem_worker(rank, world):
