@@ -314,9 +314,10 @@ class RankPool:
     """`world` rank processes placed by `plan` (or `placement`), started once and given one
     function after another (`run`, with run_ranks' results and errors), so that a series of
     runs pays the start (MPS daemon, spawn, torch import, process group, NVSHMEM bootstrap,
-    module loads) once. A run that fails or times out ends the processes (killed: a failed
-    rank's peers may sit in a collective); so does a run after which a rank's process ends (it
-    left NVSHMEM unusable): all of them, before the run returns. The next run starts new ones.
+    module loads) once. A run that fails ends the processes (killed when a rank did not answer:
+    it may sit in a collective; else each ends on its own, within EXIT_WAIT_S); so does a run
+    after which a rank's process ends (it left NVSHMEM unusable): all of them, before the run
+    returns. The next run starts new ones.
     `close()` (or `with`) ends them and the MPS daemon."""
 
     def __init__(self, world: int, placement: Placement | None = None,
@@ -415,7 +416,11 @@ class RankPool:
                           f"(killed; a hang or a crash) [{p.describe()}]")
         if errors:
             mps_log = self.daemon.log_tail() if self.daemon is not None else ""
-            self.close(phases, kill=True)
+            # every rank answered: they end on their own (NVSHMEM's finalize is collective;
+            # killing some while the others sat in its barrier made those report an illegal
+            # memory access, bench/NOTES.md, session 12); a rank that did not answer may sit
+            # in a collective: kill them all
+            self.close(phases, kill=bool(missing))
             if mps_log:
                 errors.append(f"MPS control log (last lines):\n{mps_log}")
             raise AssertionError(f"[{p.describe()}]\n" + "\n".join(errors))

@@ -178,7 +178,9 @@ def _fail_on_rank_1(rank, world):
 
 def test_a_pool_reuses_its_processes_and_starts_afresh_after_a_failure():
     """RankPool: a second run uses the same processes (no start phases), sees none of the
-    first's environment changes; a failed run ends them, and the next run starts new ones."""
+    first's environment changes; a failed run ends them (not killed: every rank answered, so
+    each ends on its own, NVSHMEM's collective finalize included), and the next run starts new
+    ones."""
     place = launch.Placement(2, 1, "time-sliced")
     with launch.RankPool(2, place) as pool:
         first_phases, second_phases = {}, {}
@@ -188,9 +190,11 @@ def test_a_pool_reuses_its_processes_and_starts_afresh_after_a_failure():
         assert [seen for _, seen in second] == [None, None]
         assert "import" in first_phases and "import" not in second_phases, second_phases
         assert second_phases["body"] is not None
+        procs = list(pool.procs)
         with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
             pool.run(_fail_on_rank_1, timeout_s=120)
-        assert pool.procs == []                     # ended (killed) after the failure
+        assert pool.procs == []                     # ended after the failure,
+        assert [p.exitcode for p in procs] == [0, 0]    # each on its own: every rank answered
         third = pool.run(_pid_and_env, False, timeout_s=120)
         assert {pid for pid, _ in third}.isdisjoint(pid for pid, _ in first)
     assert pool.procs == [] and pool.daemon is None
