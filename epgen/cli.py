@@ -208,7 +208,7 @@ def _gpu_count() -> int:
 
 KNOWN_ENV = ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_PCH", "EPGEN_TIMEOUT_S",
              "EPGEN_COMPILE_LOCK_TIMEOUT_S", "EPGEN_LL_COMBINE", "EPGEN_INTERNODE_WARPS_PER_BLOCK",
-             "NVSHMEM_SYMMETRIC_SIZE")
+             "EPGEN_RANKS_PER_NODE", "EPGEN_LAUNCH_MPS", "NVSHMEM_SYMMETRIC_SIZE")
 
 
 def check_env() -> None:
@@ -224,6 +224,10 @@ def check_env() -> None:
     from . import variants
     variants.combine_variant()
     variants.internode_warps_per_block()
+    from .runtime import topology
+    topology.parse_ranks_per_node(os.environ.get(topology.RANKS_PER_NODE_ENV))
+    from . import launch
+    launch.mps_wanted()
 
 
 def _cache_state(root: str) -> tuple[bool, str, str]:

@@ -101,11 +101,10 @@ def gpu_count() -> int:
         return 0
 
 
-def _mps_wanted() -> bool:
-    raw = os.environ.get("EPGEN_LAUNCH_MPS", "1").strip().lower()
-    if raw not in ("0", "1", "false", "true", "no", "yes"):
-        raise ValueError(f"EPGEN_LAUNCH_MPS={raw!r}: must be 0 or 1")
-    return raw in ("1", "true", "yes")
+def mps_wanted() -> bool:
+    """EPGEN_LAUNCH_MPS (default 1): whether ranks sharing a GPU may run under MPS."""
+    from . import env
+    return env.flag("EPGEN_LAUNCH_MPS", True)
 
 
 def plan(world: int, gpus: int | None = None, mps: bool | None = None) -> Placement:
@@ -118,7 +117,7 @@ def plan(world: int, gpus: int | None = None, mps: bool | None = None) -> Placem
         raise ValueError(f"world={world}: no CUDA GPU present")
     if gpus >= world:
         return Placement(world, world, "per-gpu")
-    use_mps = (_mps_wanted() and MpsDaemon.available()) if mps is None else mps
+    use_mps = (mps_wanted() and MpsDaemon.available()) if mps is None else mps
     return Placement(world, gpus, "mps" if use_mps else "time-sliced")
 
 

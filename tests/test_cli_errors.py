@@ -80,6 +80,8 @@ def test_inspect_log_without_a_log(tmp_path):
     ("EPGEN_JIT", "maybe", "must be one of"),
     ("EPGEN_PCH", "2", "must be one of"),
     ("EPGEN_ARCH", "sm_70", "builds and tests for sm_90"),
+    ("EPGEN_RANKS_PER_NODE", "abc", "must be a positive integer"),
+    ("EPGEN_LAUNCH_MPS", "maybe", "must be one of"),
 ])
 def test_bad_epgen_variables_are_named(tmp_path, var, value, rule):
     spec = tmp_path / "s.yaml"

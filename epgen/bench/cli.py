@@ -135,11 +135,11 @@ def configs(args) -> list[tuple[str, dict]]:
 def _internode(args, wire_format: str, experts: int) -> dict:
     """The internode mode's own fields, checked: nodes, routing, and (unless only counting)
     the kernels' limits, from the specs the run would build."""
-    from ..runtime.topology import RANKS_PER_NODE_ENV, _parse_override
+    from ..runtime.topology import RANKS_PER_NODE_ENV, parse_ranks_per_node
     from . import internode_traffic
     L = args.ranks_per_node
     if L is None:
-        L = _parse_override(os.environ.get(RANKS_PER_NODE_ENV))
+        L = parse_ranks_per_node(os.environ.get(RANKS_PER_NODE_ENV))
     if L is None:
         raise ValueError(f"--ranks-per-node: required for --mode internode (or "
                          f"{RANKS_PER_NODE_ENV}): every rank runs on this host, so the nodes "

@@ -64,7 +64,9 @@ def host_key() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _parse_override(raw: Optional[str]) -> Optional[int]:
+def parse_ranks_per_node(raw: Optional[str]) -> Optional[int]:
+    """EPGEN_RANKS_PER_NODE's value: None when unset or empty, else a positive int (ValueError
+    naming it otherwise)."""
     if raw is None or raw.strip() == "":
         return None
     try:
@@ -101,7 +103,7 @@ def from_host_keys(keys: Sequence[str], ranks_per_node: Optional[str] = None) ->
         raise ValueError(f"group ranks by host {_describe(keys)}: every host must hold the "
                          "same number of the group's ranks")
     host_size = sizes.pop()
-    override = _parse_override(ranks_per_node)
+    override = parse_ranks_per_node(ranks_per_node)
     if override is None:
         return Topology(n, host_size, len(blocks), "hosts")
     if n % override:
