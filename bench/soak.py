@@ -1,7 +1,7 @@
 """Soak: many low-latency and normal-mode dispatch + combine pairs on one Buffer, then Buffers
 created and destroyed in a loop; prints a JSON summary (issue 14, item 7).
 
-python bench/soak.py --ranks 2 --ll-pairs 1000000 --normal-pairs 100000 [--check-every 1000]
+python bench/soak.py --ranks 2 --ll-pairs 1000000 --normal-pairs 100000 [--check-every 1000] [--out F]
 
 Random token counts and routing over a few specs (compiled during warm-up, so nothing compiles
 in the timed loop), low-latency calls mixed synchronous / async / hooked / graph-replayed and
@@ -244,8 +244,12 @@ def main():
     ap.add_argument("--host-growth-mb", type=float, default=256.0)
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--timeout-s", type=float, default=3600.0)
+    ap.add_argument("--out", default=None, help="also write the JSON summary to this file")
+    ap.add_argument("--commit", default="", help="the checkout's commit, for the record")
     args = ap.parse_args()
+    from epgen import launch
     from tests import gpu_harness
+    where = launch.plan(args.ranks).record()      # (shared_gpu, placement, ...)
     cfg = dict(ll_pairs=args.ll_pairs, normal_pairs=args.normal_pairs, seed=args.seed,
                check_every=args.check_every, buffers=args.buffers,
                gpu_growth_mb=args.gpu_growth_mb, host_growth_mb=args.host_growth_mb)
@@ -255,9 +259,12 @@ def main():
         ok, err = True, None
     except AssertionError as exc:
         per_rank, ok, err = [], False, str(exc)
-    out = dict(ok=ok, ranks=args.ranks, config=cfg, wall_seconds=round(time.perf_counter() - t0, 1),
+    out = dict(ok=ok, commit=args.commit, ranks=args.ranks, **where, config=cfg, wall_seconds=round(time.perf_counter() - t0, 1),
                per_rank=per_rank, errors=0 if ok else 1, error=err)
     print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
     sys.exit(0 if ok else 1)
 
 
