@@ -210,12 +210,18 @@ class Buffer:
                                ll_epoch: int | None = None) -> None:
         """TEST ONLY, not part of the API: start this Buffer's device counters elsewhere, so
         tests reach the wrap points a serving process reaches after millions of calls: the
-        normal-mode ring counters (int64) at `ring`, the normal-mode sequence words (int32)
-        at `seq`, the low-latency epochs (int64) at `ll_epoch`. Collective: every rank calls
-        it with the same values, with no call of this Buffer in flight."""
+        normal-mode ring counters (int64) at `ring`, the normal-mode sequence words (int32;
+        across nodes the notify's, int64) at `seq`, the low-latency epochs (int64) at
+        `ll_epoch`. Collective: every rank calls it with the same values, with no call of this
+        Buffer in flight."""
         ctx = self._alive()
         torch.cuda.synchronize(self.device)
-        if ring is not None or seq is not None:
+        if self._internode is not None:
+            if ring is not None:
+                raise ValueError("ring: an internode Buffer's ring counters have no test hook")
+            if seq is not None:
+                self._internode.set_counters_for_test(seq)
+        elif ring is not None or seq is not None:
             self._intranode.set_counters_for_test(ring, seq)
         if ll_epoch is not None:
             self._low_latency().set_epochs_for_test(ll_epoch)

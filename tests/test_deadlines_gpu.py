@@ -134,26 +134,79 @@ def _family_ll_combine(rank, R, silent):
     return buf
 
 
+def _internode_buffer(R):
+    """A normal-mode Buffer over two virtual nodes of R // 2 ranks (EPGEN_RANKS_PER_NODE, read
+    when the Buffer is made), so that its calls run the internode kernels (puts with signals
+    between the nodes, NVLink forwarding inside each)."""
+    import torch.distributed as dist
+    import epgen
+    saved = os.environ.get("EPGEN_RANKS_PER_NODE")
+    os.environ["EPGEN_RANKS_PER_NODE"] = str(max(1, R // 2))
+    try:
+        cfg = epgen.Config(8, 8, 256, 6, 128)
+        buf = epgen.Buffer(dist.group.WORLD, cfg.get_nvl_buffer_size_hint(H * 2, R),
+                           cfg.get_rdma_buffer_size_hint(H * 2, R), explicitly_destroy=True)
+    finally:
+        if saved is None:
+            os.environ.pop("EPGEN_RANKS_PER_NODE")
+        else:
+            os.environ["EPGEN_RANKS_PER_NODE"] = saved
+    assert buf.topology.num_nodes == 2, buf.topology
+    return buf, cfg
+
+
+def _family_internode(rank, R, silent, stage):
+    """`stage`: "notify" (the silent rank skips an uncached dispatch: its counts never come),
+    "dispatch" (a cached dispatch, after one on every rank) or "combine"."""
+    buf, cfg = _internode_buffer(R)
+    x, idx, w, E = _normal_inputs(rank, R)
+    if stage == "notify":
+        if not silent:
+            _gives_up(lambda: _dispatch(buf, cfg, x, idx, w, E))
+        return buf
+    recv, _, r_w, _, handle, _ = _dispatch(buf, cfg, x, idx, w, E)
+    if stage == "dispatch":
+        buf.dispatch(x, handle=handle, config=cfg)
+    buf.check_errors()
+    if not silent:
+        if stage == "dispatch":
+            _gives_up(lambda: buf.dispatch(x, handle=handle, config=cfg))
+        else:
+            _gives_up(lambda: buf.combine(recv, handle, topk_weights=r_w, config=cfg))
+    return buf
+
+
+# (name, family, the operation the error names, whether a live rank may name another live one:
+# across nodes a forwarder waits for the silent rank, and a rank that waits for that forwarder
+# names the forwarder; some live rank must still name the silent one)
 FAMILIES = [
-    ("dispatch notify (uncached dispatch)", _family_notify, "dispatch notify"),
+    ("dispatch notify (uncached dispatch)", _family_notify, "dispatch notify", False),
     ("ring layout change barrier",
-     lambda r, R, s: _family_cached_dispatch(r, R, s, layout_already_cached=False), "barrier"),
-    ("cached dispatch", _family_cached_dispatch, "dispatch"),
-    ("combine", _family_combine, "combine"),
-    ("low_latency_dispatch", _family_ll_dispatch, "low_latency_dispatch"),
+     lambda r, R, s: _family_cached_dispatch(r, R, s, layout_already_cached=False), "barrier",
+     False),
+    ("cached dispatch", _family_cached_dispatch, "dispatch", False),
+    ("combine", _family_combine, "combine", False),
+    ("low_latency_dispatch", _family_ll_dispatch, "low_latency_dispatch", False),
     ("low_latency_dispatch through the receive hook",
-     lambda r, R, s: _family_ll_dispatch(r, R, s, hook=True), "low_latency_dispatch"),
-    ("low_latency_combine", _family_ll_combine, "low_latency_combine"),
+     lambda r, R, s: _family_ll_dispatch(r, R, s, hook=True), "low_latency_dispatch", False),
+    ("low_latency_combine", _family_ll_combine, "low_latency_combine", False),
+    ("internode dispatch notify (two virtual nodes)",
+     lambda r, R, s: _family_internode(r, R, s, "notify"), "dispatch notify", True),
+    ("internode cached dispatch (two virtual nodes)",
+     lambda r, R, s: _family_internode(r, R, s, "dispatch"), "dispatch", True),
+    ("internode combine (two virtual nodes)",
+     lambda r, R, s: _family_internode(r, R, s, "combine"), "combine", True),
 ]
 
 
 # the quick tier: one wait site per kernel family (the hooked receive is the dispatch kernel's
 # receive phase, covered by low_latency_dispatch)
-QUICK = [0, 1, 2, 3, 4, 6]
+QUICK = [0, 1, 2, 3, 4, 6, 8]
 
 
-def _expect_deadline(buf, rank, R, op):
-    """The live rank's view after its kernel gave up: the documented error, no fault."""
+def _expect_deadline(buf, rank, R, op, cascade=False):
+    """The live rank's view after its kernel gave up: the documented error, no fault; returns
+    (message, the peer it names). `cascade`: the peer may be another live rank (see FAMILIES)."""
     import torch
     from epgen.runtime.errors import OPS, EpgenDeviceError
     try:
@@ -164,11 +217,13 @@ def _expect_deadline(buf, rank, R, op):
         raise AssertionError(f"{op}: no error although rank {R - 1} never called")
     msg = str(err)
     assert OPS.get(err.op) == op and "timed out" in msg and f"rank {rank}:" in msg, msg
-    assert err.peer in (R - 1, -1), f"{op}: names peer {err.peer}, the silent one is {R - 1}: {msg}"
+    named = range(-1, R) if cascade else (R - 1, -1)
+    assert err.peer in named and err.peer != rank, \
+        f"{op}: names peer {err.peer}, the silent one is {R - 1}: {msg}"
     torch.cuda.synchronize()                 # the context is healthy: no fault after the deadline
     torch.ones(1, device="cuda").add_(1).item()
     buf.destroy()                            # returns (skips the collective free, warns)
-    return msg
+    return msg, err.peer
 
 
 def _worker(rank, world):
@@ -184,7 +239,8 @@ def _worker(rank, world):
     results = []
     silent = rank == world - 1
     kept = []           # the silent rank's Buffers stay alive (leaked) to the process's end
-    for name, family, op in gpu_harness.select(FAMILIES, QUICK):
+    for name, family, op, cascade in gpu_harness.select(FAMILIES, QUICK):
+        peer = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")     # "destroyed after a device error"
@@ -193,11 +249,16 @@ def _worker(rank, world):
                 if silent:
                     results.append((name, "ok"))
                 else:
-                    results.append((name, "ok: " + _expect_deadline(buf, rank, world, op)))
+                    msg, peer = _expect_deadline(buf, rank, world, op, cascade)
+                    results.append((name, "ok: " + msg))
         except Exception as exc:  # noqa: BLE001 - reported per family
             results.append((name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
         torch.cuda.synchronize()
-        dist.barrier()                             # every rank's kernels are over (timed out)
+        named = [None] * world
+        dist.all_gather_object(named, peer)        # (also: every rank's kernels are over)
+        if cascade and rank == 0 and world - 1 not in named:
+            results.append((f"{name}: the silent rank named", f"AssertionError: no live rank "
+                            f"names the silent rank {world - 1}: {named}"))
     # The same processes and GPU, fresh Buffers: correct results (nothing left corrupted).
     try:
         import epgen

@@ -360,6 +360,11 @@ def _worker(rank, world, L, graph=False):
                 except Exception:
                     results.append((f"notify_{name}_c{C}_a{align}_w{worst}",
                                     traceback.format_exc()))
+        try:
+            _check_notify_across_the_int32_wrap(buf, rank, world, L)
+            results.append((WRAP_NAME, "ok"))
+        except Exception:
+            results.append((WRAP_NAME, traceback.format_exc()))
         for warps, cases in ((None, DISPATCH_CASES_RUN), (SPREAD_WARPS, SPREAD_CASES_RUN)):
             for case in cases:
                 name = "dispatch_" + "_".join(str(v) for v in case)
@@ -382,6 +387,25 @@ def _worker(rank, world, L, graph=False):
     finally:
         buf.destroy()
     return results
+
+
+WRAP_NAME = "notify_across_the_int32_wrap"
+
+
+def _check_notify_across_the_int32_wrap(buf, rank, world, L):
+    """The notify's sequence started just below 2^31 (the test hook): five calls in a row across
+    it, each against the reference (an int32 sequence went from INT_MAX, odd, to 1, odd: two
+    calls on the same parity half, reading the previous call's rows)."""
+    import torch
+    E, K, T, routing = CASES[0]
+    calls = []
+    for call in range(5):      # rows differ per call (token counts), so a stale row cannot pass
+        idxs = [_topk(r, world, L, E, K, T - 17 * call, routing).cuda() for r in range(world)]
+        calls.append((idxs, buf.get_dispatch_layout(idxs[rank], E)))
+    torch.cuda.synchronize()
+    buf._set_counters_for_test(seq=2**31 - 3)
+    for idxs, layout in calls:
+        _check_notify(buf, rank, world, L, E, idxs, 10, 1, 0, layout)
 
 
 def _check_notify(buf, rank, world, L, E, idxs, C, align, worst, layout):

@@ -63,6 +63,7 @@ def normal_combine_record_bytes(hidden: int, num_topk: int) -> int:
 # -- internode notify area at offset 0 of the RDMA region (templates/internode_notify.cuh) --
 INODE_MAX_CHANNELS = 64           # internode channels (num_sms / 2): the control areas' room
 INODE_NOTIFY_MAX_CHANNELS = INODE_MAX_CHANNELS    # channels a notify row has room for
+INODE_NOTIFY_SEQ_OFF = 0          # int64: this rank's last notify sequence
 INODE_NOTIFY_SIG_OFF = 256        # uint64 [2][R]: row of source s arrived
 
 
@@ -235,6 +236,8 @@ FACTS = (
     Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
     Fact("kInodeMaxChannels", INODE_MAX_CHANNELS, "::epgen::idisp::kMaxC", "internode_common.cuh"),
     Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS, "::epgen::inotify::kMaxC",
+         "internode_notify.cuh"),
+    Fact("kInodeNotifySeqOff", INODE_NOTIFY_SEQ_OFF, "::epgen::inotify::kSeqOff",
          "internode_notify.cuh"),
     Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF, "::epgen::inotify::kSigOff",
          "internode_notify.cuh"),

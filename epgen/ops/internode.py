@@ -15,6 +15,7 @@ import torch
 from ..jit.kernel_args import InternodeCombineArgs, InternodeDispatchArgs, InternodeNotifyArgs
 from ..runtime.hostmem import MappedHostArray
 from ..runtime.topology import Topology
+from ..jit import layout_facts
 from ..jit.specs import internode_combine_spec, internode_dispatch_spec, internode_notify_spec
 from ..regions import internode as internode_layout
 from .. import variants
@@ -38,6 +39,12 @@ class InternodeOps:
             "channels = config.num_sms // 2, RDMA slots = config.rdma_ring_slots, NVLink slots "
             "= config.num_max_nvl_chunked_recv_tokens // nodes, record bytes from hidden, dtype "
             "and top-k")
+
+    def set_counters_for_test(self, seq: int) -> None:
+        """TEST ONLY (Buffer._set_counters_for_test): this rank's notify sequence (int64) to
+        `seq`, so a test can run calls across the old int32 wrap point. The caller ensures
+        that no kernel runs and that all ranks do the same."""
+        self.ctx.rdma.view(torch.int64, (1,), layout_facts.INODE_NOTIFY_SEQ_OFF).fill_(seq)
 
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
                num_tokens_per_expert, num_channels: int, expert_alignment: int = 1,

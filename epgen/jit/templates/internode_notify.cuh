@@ -15,7 +15,7 @@ namespace epgen {
 namespace inotify {
 constexpr int kMaxC = 64;                          // channels (num_sms / 2) a row has room for
 template <int El> constexpr int row_ints() { return (2 + El + 2 * kMaxC + 3) / 4 * 4; }
-constexpr uint64_t kSeqOff = 0;                    // int: this rank's last call sequence
+constexpr uint64_t kSeqOff = 0;                    // int64: this rank's last call sequence
 constexpr uint64_t kSigOff = 256;                  // uint64 [2][R]: row of source s arrived
 template <int R> constexpr uint64_t stage_off() { return (kSigOff + 16ull * R + 255) / 256 * 256; }
 template <int R, int El> constexpr uint64_t table_off() {
@@ -36,15 +36,18 @@ __device__ __forceinline__ void internode_notify_kernel(const InternodeNotifyArg
     char* base = reinterpret_cast<char*>(a.rdma);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int me = a.rank, my_local = me % L, C = a.num_channels;
-    __shared__ int s_seq, s_ok;
+    // 64-bit: it never wraps, so its parity alternates for the life of the process (an int32
+    // one went from INT_MAX, odd, to 1, odd: two calls in a row on the same half)
+    __shared__ long long s_seq;
+    __shared__ int s_ok;
     __shared__ int s_start[R];
     if (tid == 0) {
-        int seq = ld_volatile(reinterpret_cast<const int*>(base + kSeqOff)) + 1;
-        s_seq = seq > 0 ? seq : 1;
+        s_seq = ld_volatile(reinterpret_cast<const long long*>(base + kSeqOff)) + 1;
         s_ok = 1;
     }
     __syncthreads();
-    const int seq = s_seq, par = seq & 1;
+    const long long seq = s_seq;
+    const int par = (int)(seq & 1);
     auto stage = [&](int dst) {
         return reinterpret_cast<int*>(base + stage_off<R>()) + (par * R + dst) * kRow;
     };
@@ -76,7 +79,7 @@ __device__ __forceinline__ void internode_notify_kernel(const InternodeNotifyArg
     // 3. Every source's row of this call.
     if (tid < R) {
         const long long* w = reinterpret_cast<const long long*>(sig(tid));
-        if (!wait_until(err, tid, 1, [&] { return ld_acquire_sys(w) == (long long)seq; }))
+        if (!wait_until(err, tid, 1, [&] { return ld_acquire_sys(w) == seq; }))
             s_ok = 0;
     }
     __syncthreads();
@@ -127,7 +130,7 @@ __device__ __forceinline__ void internode_notify_kernel(const InternodeNotifyArg
         for (int i = tid; i < kNodes; i += THREADS) a.recv_rdma_rank_prefix_sum[i] = -1;
     }
     __syncthreads();
-    if (tid == 0) *reinterpret_cast<volatile int*>(base + kSeqOff) = seq;
+    if (tid == 0) *reinterpret_cast<volatile long long*>(base + kSeqOff) = seq;
 }
 
 
