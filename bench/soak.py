@@ -259,8 +259,9 @@ def main():
         ok, err = True, None
     except AssertionError as exc:
         per_rank, ok, err = [], False, str(exc)
-    out = dict(ok=ok, commit=args.commit, ranks=args.ranks, **where, config=cfg, wall_seconds=round(time.perf_counter() - t0, 1),
-               per_rank=per_rank, errors=0 if ok else 1, error=err)
+    out = dict(ok=ok, commit=args.commit, ranks=args.ranks, **where, config=cfg,
+               wall_seconds=round(time.perf_counter() - t0, 1), per_rank=per_rank,
+               errors=0 if ok else 1, error=err)
     print(json.dumps(out, indent=1))
     if args.out:
         with open(args.out, "w") as f:
