@@ -7,7 +7,8 @@ problem is a SpecFileError naming the file, the key and what was expected.
         hidden: 7168
         num_experts: 256
         num_topk: 8
-        ep_sizes: [2, 4, 8]
+        ep_sizes: [2, 4, 8, 16]
+        ranks_per_node: 8            # optional: GPUs per node; a larger ep_size spans nodes
         modes:
           normal: {dtypes: [bf16, fp8]}
           low_latency: {dispatch_dtypes: [fp8, bf16]}    # also combine_dtypes: [bf16, logfmt10]
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 import yaml
 
 from . import formats
-from .jit.specs import (FAMILIES, KernelSpec, SpecError, layout_spec, ll_barrier_spec,
-                    ll_combine_spec, ll_dispatch_spec, normal_combine_spec,
-                    normal_dispatch_rows_spec)
-from .variants import combine_variant
+from .jit.specs import (FAMILIES, KernelSpec, SpecError, internode_combine_spec,
+                        internode_dispatch_spec, internode_notify_spec, layout_spec,
+                        ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, normal_combine_spec,
+                        normal_dispatch_rows_spec)
+from .variants import combine_variant, internode_warps_per_block
 
 ECHO_CHARS = 80          # a value shown in an error is cut to this many characters
 
@@ -94,7 +96,13 @@ def _dtype_list(v, path, where, low_latency=False) -> list[str]:
 
 # What each mode asks the JIT for at run time: the ops' own builders (specs.py), at the
 # file's shapes.
-def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[KernelSpec]:
+def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes,
+                      ranks_per_node=None) -> list[KernelSpec]:
+    """ranks_per_node: the GPUs of a node; num_ranks above it spans nodes (the internode
+    kernels, ops/internode.py), None or at least num_ranks one node (the intranode ones)."""
+    if ranks_per_node is not None and ranks_per_node < num_ranks:
+        return internode_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes,
+                                    ranks_per_node)
     out: list[KernelSpec] = [layout_spec(num_ranks, num_experts, num_topk)]
     for dtype in dtypes:
         fmt = _format_of(dtype)
@@ -105,6 +113,27 @@ def normal_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes) -> list[
                                                  k, e, num_ranks))
     for k in (num_topk, 0):
         out.append(normal_combine_spec(hidden, k, num_ranks))
+    return out
+
+
+def internode_mode_specs(hidden, num_experts, num_topk, num_ranks, dtypes,
+                         ranks_per_node) -> list[KernelSpec]:
+    """Normal mode across nodes: the layout (with its per-node counts), the counts exchange
+    (and its form on dummy counts, the barrier before a ring-layout change), dispatch with top-k and cached (no top-k),
+    combine with and without weights; the warps per block the calls will read
+    (EPGEN_INTERNODE_WARPS_PER_BLOCK)."""
+    L, warps = ranks_per_node, internode_warps_per_block()
+    out: list[KernelSpec] = [layout_spec(num_ranks, num_experts, num_topk, L),
+                             internode_notify_spec(num_ranks, L, num_experts),
+                             # the barrier before a ring-layout change: one expert per rank
+                             internode_notify_spec(num_ranks, L, num_ranks)]
+    for dtype in dtypes:
+        fmt = _format_of(dtype)
+        for k in (num_topk, 0):
+            out.append(internode_dispatch_spec(fmt.data_bytes(hidden), fmt.scale_cols(hidden),
+                                               k, num_ranks, L, warps))
+    for k in (num_topk, 0):
+        out.append(internode_combine_spec(hidden, k, num_ranks, L, warps_per_block=warps))
     return out
 
 
@@ -173,13 +202,18 @@ def _read(path: str):
 
 def _model_specs(m, path: str, where: str) -> list[KernelSpec]:
     m = _mapping(m, path, where, "a mapping with hidden, num_experts, num_topk, ep_sizes, modes")
-    _check_keys(m, {"name", "hidden", "num_experts", "num_topk", "ep_sizes", "modes"}, path, where)
+    _check_keys(m, {"name", "hidden", "num_experts", "num_topk", "ep_sizes", "ranks_per_node",
+                    "modes"}, path, where)
     if "name" in m and not isinstance(m["name"], str):
         _fail(path, f"{where}.name", "a string", m["name"])
     for key in ("hidden", "num_experts", "num_topk"):
         if not _is_int(m.get(key)):
             _fail(path, f"{where}.{key}", "an int", m.get(key))
     ep_sizes = _int_list(m.get("ep_sizes"), path, f"{where}.ep_sizes")
+    ranks_per_node = m.get("ranks_per_node")
+    if ranks_per_node is not None and not (_is_int(ranks_per_node) and ranks_per_node >= 1):
+        _fail(path, f"{where}.ranks_per_node", "a positive int (the GPUs of a node)",
+              ranks_per_node)
     modes = m.get("modes")
     if not (isinstance(modes, dict) and modes):
         _fail(path, f"{where}.modes", "a mapping with 'normal' and/or 'low_latency'", modes)
@@ -213,7 +247,8 @@ def _model_specs(m, path: str, where: str) -> list[KernelSpec]:
     for ep in ep_sizes:
         try:
             if normal:
-                specs += normal_mode_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, normal)
+                specs += normal_mode_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, normal,
+                                           ranks_per_node)
             if low:
                 specs += low_latency_specs(m["hidden"], m["num_experts"], m["num_topk"], ep, low,
                                            low_combine, layouts)

@@ -31,7 +31,10 @@ def test_bundled_deepseek_spec_expands_to_the_kernel_set():
     sf = load_spec_file(os.path.join(ROOT, "examples", "deepseek-v3.yaml"))
     assert sf.arch == "sm_90"
     ranks = {s.num_ranks for s in sf.specs}
-    assert ranks == {2, 4, 8}
+    assert ranks == {2, 4, 8, 16}
+    assert {s.family for s in sf.specs if s.num_ranks == 16} == {
+        "layout", "internode_notify", "internode_dispatch", "internode_combine", "ll_dispatch",
+        "ll_combine", "ll_barrier"}                          # EP16: two nodes of 8
     assert LayoutSpec(num_ranks=8, num_experts=256, num_topk=8) in sf.specs
     assert NormalDispatchSpec(hidden=7168, num_topk=8, num_experts=256, num_ranks=4,
                               dtype="fp8") in sf.specs

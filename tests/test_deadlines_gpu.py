@@ -55,10 +55,10 @@ def _normal_buffer(R):
 
 
 def _dispatch(buf, cfg, x, idx, w, E):
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
-                        config=cfg)
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    return buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+                        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                        topk_idx=idx, topk_weights=w, config=cfg)
 
 
 def _family_notify(rank, R, silent):

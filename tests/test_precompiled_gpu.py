@@ -6,7 +6,9 @@ shapes against a cache holding only what the precompile built, with compiling fo
 builder that drifted from the expansion (another threads, another canonical form) fails here
 with JitDisabledError, naming the kernel it missed. The results are checked against
 epgen.reference too (the serving-pattern suite's checks), so a kernel that was found is also
-the right one. internode_notify is not covered: a model's expansion is one node.
+the right one. The families: normal mode in a node and across two virtual nodes
+(EPGEN_RANKS_PER_NODE: the model's ranks_per_node), low latency with the per-expert combine
+and the per-rank one (EPGEN_LL_COMBINE=per_rank, in the precompile and the calls alike).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import pytest
 
 from tests import gpu_harness
+from tests import test_internode_gpu as ti
 from tests import test_low_latency_gpu as tl
 from tests import test_serving_patterns_gpu as sp
 
@@ -37,6 +40,14 @@ def _spec_file(path, R: int) -> None:
     modes:
       normal: {{dtypes: [bf16, fp8]}}
       low_latency: {{dispatch_dtypes: [fp8, bf16]}}
+  - name: precompiled-test-two-nodes
+    hidden: {H}
+    num_experts: {LOCAL_EXPERTS * R}
+    num_topk: {K}
+    ep_sizes: [{R}]
+    ranks_per_node: {R // 2}
+    modes:
+      normal: {{dtypes: [bf16, fp8]}}
 """)
 
 
@@ -89,6 +100,48 @@ def _low_latency(buf, rank, R, fp8, cid):
     tl._check_combine(rank, ins, y, handle, combined)
 
 
+def _internode(buf, rank, R, fp8):
+    """Across two virtual nodes: layout, uncached dispatch with top-k, combine with and without
+    weights, cached dispatch (the no-top-k kernel), against reference_internode."""
+    import torch
+    import epgen
+    from epgen import reference_internode as iref
+    E, L, T = LOCAL_EXPERTS * R, R // 2, 96
+    config = epgen.Config(*ti.ROOMY)
+    C = config.num_sms // 2
+    cpu = [ti._inputs(r, R, L, E, K, T, "any", H, fp8, salt=5) for r in range(R)]
+    in_ranks = [iref.get_dispatch_layout(c[0], E, R, L)[3] for c in cpu]
+    received = [sum(int(m[:, j].sum()) for m in in_ranks) for j in range(R)]
+    ys = [torch.randn(n, H, generator=torch.Generator().manual_seed(11 * j)).to(torch.bfloat16)
+          for j, n in enumerate(received)]
+    yws = [torch.rand(n, K, generator=torch.Generator().manual_seed(17 * j))
+           for j, n in enumerate(received)]
+    idx, w, x, scales = (None if v is None else v.cuda() for v in cpu[rank])
+    rows = (x, scales) if fp8 else x
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    recv, _, _, _, handle, _ = buf.dispatch(
+        rows, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=w, config=config)
+    weighted, weights, _ = buf.combine(ys[rank].cuda(), handle, topk_weights=yws[rank].cuda(),
+                                       config=config)
+    plain, _, _ = buf.combine(ys[rank].cuda(), handle, config=config)
+    again = buf.dispatch(rows, handle=handle, config=config)[0]
+    torch.cuda.synchronize()
+    buf.check_errors()
+    exp = iref.dispatch([c[2] for c in cpu], [c[0] for c in cpu], [c[1] for c in cpu], E, rank,
+                        L, C, x_scales=[c[3] for c in cpu] if fp8 else None,
+                        is_token_in_ranks=in_ranks)
+    for what, got in (("dispatch", recv), ("cached dispatch", again)):
+        got_x = got[0] if fp8 else got
+        assert torch.equal(ti._bits(got_x.cpu()), ti._bits(exp.recv_x)), f"{what}: recv_x differs"
+    ec = iref.combine(ys, in_ranks, rank, L, topk_weights=yws)
+    assert torch.equal(ti._bits(weighted.cpu()), ti._bits(ec.combined_x)), "combine differs"
+    assert torch.equal(weights.cpu(), ec.combined_topk_weights), "combined weights differ"
+    assert torch.equal(ti._bits(plain.cpu()), ti._bits(iref.combine(ys, in_ranks, rank, L).combined_x)), \
+        "combine without weights differs"
+
+
 def _worker(rank, world, cache):
     os.environ.setdefault("EPGEN_TIMEOUT_S", gpu_harness.deadline_s(20))
     os.environ["EPGEN_CACHE_DIR"] = cache
@@ -113,19 +166,49 @@ def _worker(rank, world, cache):
         jobs += [(f"low latency {'fp8' if fp8 else 'bf16'}",
                   lambda fp8=fp8, c=c: _low_latency(buf, rank, world, fp8, 910 + c))
                  for c, fp8 in enumerate((True, False))]
+        jobs.append(("low latency, the per-rank combine", lambda: _per_rank(buf, rank, world)))
         tl._run_jobs(jobs, results)
     finally:
         buf.destroy()
         Buffer.set_num_sms(20)
+    os.environ["EPGEN_RANKS_PER_NODE"] = str(world // 2)
+    buf = Buffer(group, 64 << 20, 32 << 20)
+    try:
+        tl._run_jobs([(f"two nodes {'fp8' if fp8 else 'bf16'}",
+                       lambda fp8=fp8: _internode(buf, rank, world, fp8)) for fp8 in (False, True)],
+                     results)
+    finally:
+        buf.destroy()
+        os.environ.pop("EPGEN_RANKS_PER_NODE")
     return results
 
 
+def _per_rank(buf, rank, R):
+    """The low-latency BF16 round with EPGEN_LL_COMBINE=per_rank: its combine is the per-rank
+    kernel at this shape (asserted, so the case cannot pass on the per-expert one)."""
+    from epgen.ops.low_latency import combine_runs_per_rank
+    os.environ["EPGEN_LL_COMBINE"] = "per_rank"
+    try:
+        assert combine_runs_per_rank(M, H, R, LOCAL_EXPERTS * R, K, False, False), \
+            "the per-rank combine does not run at this shape: the case would test nothing"
+        _low_latency(buf, rank, R, False, 920)
+    finally:
+        os.environ.pop("EPGEN_LL_COMBINE")
+
+
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts())
-def test_precompiled_cache_serves_every_family(num_ranks, tmp_path):
+def test_precompiled_cache_serves_every_family(num_ranks, tmp_path, monkeypatch):
+    from epgen.jit.specs import FAMILIES
+    from epgen.specfile import load_spec_file
     gpu_harness.require_gpus(num_ranks)
     spec, cache = str(tmp_path / "model.yaml"), str(tmp_path / "cache")
     _spec_file(spec, num_ranks)
+    with monkeypatch.context() as m:
+        m.setenv("EPGEN_LL_COMBINE", "per_rank")
+        families = {s.family for s in load_spec_file(spec).specs}
+    assert families == set(FAMILIES), f"the spec file misses {set(FAMILIES) - families}"
     env = {k: v for k, v in os.environ.items() if k not in ("EPGEN_CACHE_DIR", "EPGEN_JIT")}
+    env["EPGEN_LL_COMBINE"] = "per_rank"      # the per-rank kernel too (specfile.low_latency_specs)
     out = subprocess.run([sys.executable, "-m", "epgen", "precompile", "--cache-dir", cache,
                           "--spec", spec, "--jobs", str(min(8, os.cpu_count() or 1))],
                          env=env, capture_output=True, text=True, timeout=600)

@@ -127,6 +127,44 @@ def test_booleans_mean_what_they_say(tmp_path, value, expected):
     assert spec.use_fp8 is expected
 
 
+def test_ep_sizes_above_ranks_per_node_expand_to_the_internode_kernels(tmp_path, monkeypatch):
+    """A model whose ep_size spans nodes lists what ops/internode.py looks up (the same
+    builders): the layout with per-node counts, the notify (and the barrier's), dispatch with top-k and cached,
+    combine with and without weights, at the warps per block the calls read; ep_sizes within
+    a node stay intranode."""
+    from epgen.jit import specs as S
+    monkeypatch.setenv("EPGEN_INTERNODE_WARPS_PER_BLOCK", "8")
+    path = write(tmp_path, "models: [{name: m, hidden: 7168, num_experts: 64, num_topk: 8, "
+                           "ep_sizes: [4, 8], ranks_per_node: 4, "
+                           "modes: {normal: {dtypes: [fp8]}}}]")
+    got = load_spec_file(path).specs
+    intranode = [s for s in got if s.num_ranks == 4]
+    assert {s.family for s in intranode} == {"layout", "normal_dispatch", "normal_combine"}
+    assert all(getattr(s, "ranks_per_node", 0) == 0 for s in intranode)
+    fp8_row, fp8_scales = 7168, 7168 // 128
+    expected = [S.layout_spec(8, 64, 8, 4), S.internode_notify_spec(8, 4, 64),
+                S.internode_notify_spec(8, 4, 8),          # ops/internode.py _barrier
+                S.internode_dispatch_spec(fp8_row, fp8_scales, 8, 8, 4, 8),
+                S.internode_dispatch_spec(fp8_row, fp8_scales, 0, 8, 4, 8),
+                S.internode_combine_spec(7168, 8, 8, 4, warps_per_block=8),
+                S.internode_combine_spec(7168, 0, 8, 4, warps_per_block=8)]
+    assert [s for s in got if s.num_ranks == 8] == expected
+
+
+@pytest.mark.parametrize("ranks_per_node, ep, needle", [
+    (0, 4, "ranks_per_node: expected a positive int"),
+    ("8", 4, "ranks_per_node: expected a positive int"),
+    (3, 8, "(ep_size 8)"),                         # 8 ranks do not split into nodes of 3
+])
+def test_bad_ranks_per_node_is_one_clear_error(tmp_path, ranks_per_node, ep, needle):
+    path = write(tmp_path, yaml.safe_dump({"models": [{
+        "name": "m", "hidden": 1024, "num_experts": 64, "num_topk": 4, "ep_sizes": [ep],
+        "ranks_per_node": ranks_per_node, "modes": {"normal": {"dtypes": ["bf16"]}}}]}))
+    with pytest.raises(SpecFileError) as e:
+        load_spec_file(path)
+    assert path in str(e.value) and needle in str(e.value), str(e.value)
+
+
 # ---------------------------------------------------------------- random YAML (hypothesis)
 leaf = (st.none() | st.booleans() | st.integers(-3, 20000) | st.sampled_from([2, 4, 8, 16, 32,
         64, 128, 256, 1024, 7168, 2880]) | st.floats(allow_nan=True) |
@@ -148,6 +186,7 @@ mode = maybe({"dtypes": st.lists(st.sampled_from(["bf16", "fp8", "fp16", 1]), ma
 model = maybe({"name": st.text(max_size=5) | anything, "hidden": ints | anything,
                "num_experts": ints, "num_topk": ints,
                "ep_sizes": st.lists(ints, max_size=3) | anything,
+               "ranks_per_node": ints | anything,
                "modes": maybe({"normal": mode | st.none(), "low_latency": mode | st.none(),
                                "x": anything}) | anything})
 kernel = maybe({"family": st.sampled_from(["layout", "normal_dispatch", "normal_combine",
