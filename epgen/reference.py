@@ -22,9 +22,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .jit import layout_facts
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-SCALE_GROUP = 128
+SCALE_GROUP = layout_facts.SCALE_GROUP   # channels per FP8 scale: the host's and kernels' fact
 AMAX_MIN = 1e-4
 
 Tensors = Sequence[torch.Tensor]

@@ -1,29 +1,33 @@
-"""Layout facts are defined once (epgen/jit/layout_facts.py): every rendered unit carries them and
-static_asserts the device headers' own constants against them, so a drift fails the compile."""
+"""Layout facts are defined once (epgen/jit/layout_facts.py): every rendered unit carries them
+before the family's headers, which read them from there; what a header defines or derives on
+its own the unit static_asserts against them, so a drift fails the compile."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
 
-from epgen import jit
-from epgen.jit import codegen, compiler, layout_facts
+from epgen import jit, reference
+from epgen.jit import codegen, compiler, layout_facts, specs
 from epgen.cache import Cache
 from epgen.ops import low_latency
+from epgen.regions import internode as internode_layout
 from epgen.regions import intranode
 from epgen.runtime import errors
-from epgen.jit.specs import (FAMILIES, internode_notify_spec, ll_barrier_spec, ll_combine_spec,
-                         ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
+from epgen.jit.specs import (FAMILIES, internode_combine_spec, internode_dispatch_spec,
+                             internode_notify_spec, ll_barrier_spec, ll_combine_spec,
+                             ll_dispatch_spec, normal_combine_spec, normal_dispatch_spec)
 from tests.fake_launch import fake_ll_ops
 
 
 @pytest.mark.parametrize("spec, fact", [
-    (normal_combine_spec(1024, 0, 2), "kNormalCtrlBytes"),
-    (ll_barrier_spec(2), "kLLMaxRankSig"),
+    (normal_combine_spec(1024, 0, 2), "kNormalRingCountersOff"),
+    (normal_combine_spec(1024, 0, 2), "kNormalRingCounters"),
     (ll_barrier_spec(2), "kErrTimeout"),
-    (ll_barrier_spec(2), "kLLRecv"),
     (ll_barrier_spec(2), "kErrFieldPeer"),
+    (internode_combine_spec(1024, 0, 4, 2), "kInodeCtrlWords"),
 ])
 def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkeypatch, tmp_path):
     drifted = tuple(dataclasses.replace(f, value=f.value + 8) if f.cpp == fact else f
@@ -36,10 +40,59 @@ def test_a_header_that_drifts_from_the_facts_does_not_compile(spec, fact, monkey
 def test_each_unit_asserts_the_headers_it_includes():
     normal = codegen.render(normal_combine_spec(1024, 0, 2))
     ll = codegen.render(ll_barrier_spec(2))
-    assert "static_cast<long long>(::epgen::nctrl::kCtrlBytes) == ::epgen::facts::kNormalCtrlBytes" in normal
-    assert "::epgen::ll::" not in normal          # normal units do not include ll_common.cuh
-    assert "static_cast<long long>(::epgen::ll::kMaxSig) == ::epgen::facts::kLLMaxSig" in ll
+    assert ("static_cast<long long>(::epgen::nctrl::kDispSendTail) == "
+            "::epgen::facts::kNormalRingCountersOff") in normal
+    assert "::epgen::nctrl::" not in ll           # ll units do not include normal_ctrl.cuh
     assert "static_cast<long long>(::epgen::kErrTimeout) == ::epgen::facts::kErrTimeout" in ll
+    for src, header in ((normal, "normal_combine.cuh"), (ll, "ll_barrier.cuh")):
+        # the facts come before the family's headers, which read them
+        assert 0 < src.index("namespace epgen::facts {") < src.index(f'#include "{header}"')
+        assert "kLLMaxSig = 1024," in src and "kInodeMaxChannels = 64," in src
+
+
+# Constants the headers take from epgen::facts, never spelled again: (header, name, fact).
+READ_FROM_FACTS = [
+    ("normal_ctrl.cuh", "kMaxC", "kNormalMaxChannels"),
+    ("normal_ctrl.cuh", "kMaxR", "kNormalMaxRanks"),
+    ("normal_ctrl.cuh", "kRowInts", "kNormalNotifyRowInts"),
+    ("normal_ctrl.cuh", "kNotifySeq", "kNormalNotifySeqOff"),
+    ("normal_ctrl.cuh", "kNotifyTable", "kNormalNotifyTableOff"),
+    ("normal_ctrl.cuh", "kCtrlBytes", "kNormalCtrlBytes"),
+    ("normal_dispatch.cuh", "kBatch", "kNormalRingBatch"),
+    ("normal_combine.cuh", "kChunk", "kNormalRingBatch"),
+    ("normal_combine.cuh", "kReduceBatch", "kNormalRingBatch"),
+    ("ll_common.cuh", "kMaxSig", "kLLMaxSig"),
+    ("ll_common.cuh", "kMaxRankSig", "kLLMaxRankSig"),
+    ("ll_common.cuh", "kMaxTokens", "kLLMaxTokens"),
+    ("ll_common.cuh", "kMaxTopk", "kMaxTopk"),
+    ("ll_common.cuh", "kHeaderFixed", "kLLHeaderFixed"),
+    ("ll_common.cuh", "kSend", "kLLSend"),
+    ("ll_common.cuh", "kRecv", "kLLRecv"),
+    ("internode_common.cuh", "kMaxC", "kInodeMaxChannels"),
+    ("internode_notify.cuh", "kMaxC", "kInodeNotifyMaxChannels"),
+    ("internode_notify.cuh", "kSeqOff", "kInodeNotifySeqOff"),
+    ("internode_notify.cuh", "kSigOff", "kInodeNotifySigOff"),
+]
+
+
+@pytest.mark.parametrize("header, name, fact", READ_FROM_FACTS)
+def test_a_header_reads_the_fact_and_does_not_spell_it(header, name, fact):
+    with open(os.path.join(codegen.TEMPLATES_DIR, header), encoding="utf-8") as f:
+        text = f.read()
+    definitions = re.findall(rf"\b{name}\s*=(?!=)\s*([^;,}}\s]+)", text)   # not ==
+    # defined from the fact; other definitions only copy it (a kernel's local alias)
+    assert f"facts::{fact}" in definitions, (header, name, definitions)
+    assert not [d for d in definitions if d[0].isdigit()], (header, name, definitions)
+    assert any(f.cpp == fact and f.device is None for f in layout_facts.FACTS)
+
+
+def test_the_fp8_scale_group_is_read_not_spelled():
+    """One definition of the scale group: the dispatch header reads it, the combine wire header
+    (built for the host too, so it cannot) is asserted against it per spec."""
+    with open(os.path.join(codegen.TEMPLATES_DIR, "ll_dispatch.cuh"), encoding="utf-8") as f:
+        assert "(H + facts::kScaleGroup - 1) / facts::kScaleGroup" in f.read()
+    src = codegen.render(ll_combine_spec(2880, 8, 64, 8, wire_format="fp8_e4m3_f32_128"))
+    assert "static_assert((llw::Wire<LowLatencyCombineSpec::hidden>::kS) == 23" in src
 
 
 def test_the_host_reads_the_same_definitions():
@@ -56,6 +109,10 @@ def test_the_host_reads_the_same_definitions():
     assert low_latency.low_latency_rdma_size_hint(128, 7168, 8, 256) == 1462976512
     assert intranode.MIN_CAP == layout_facts.NORMAL_MIN_RING_SLOTS
     assert intranode.dispatch_record_bytes is layout_facts.normal_dispatch_record_bytes
+    assert specs.num_scales is layout_facts.num_scales
+    assert reference.SCALE_GROUP == layout_facts.SCALE_GROUP
+    assert internode_layout.CTRL_WORDS == layout_facts.INODE_CTRL_WORDS
+    assert internode_layout.source_meta_bytes is layout_facts.inode_source_meta_bytes
 
 
 @pytest.mark.parametrize("spec, fact, message", [
@@ -64,6 +121,10 @@ def test_the_host_reads_the_same_definitions():
     (ll_dispatch_spec(1024, 4, 8, 2, use_fp8=False), "ll_header_bytes", "message header size"),
     (ll_combine_spec(1024, 4, 8, 2, per_rank=True), "ll_per_rank_half_bytes", "area half for M=7"),
     (internode_notify_spec(4, 2, 8), "inode_notify_area_bytes", "notify area size"),
+    (internode_notify_spec(4, 2, 8), "inode_notify_stage_off", "notify staging offset"),
+    (internode_dispatch_spec(2048, 0, 8, 4, 2), "inode_source_meta_bytes", "source meta bytes"),
+    (ll_combine_spec(2880, 8, 64, 8, wire_format="logfmt10"), "ll_combine_slot_bytes",
+     "combine slot size"),
 ])
 def test_a_spec_size_that_drifts_from_the_kernel_does_not_compile(spec, fact, message, monkeypatch,
                                                                    tmp_path):

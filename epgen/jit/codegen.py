@@ -51,7 +51,8 @@ def render(spec: KernelSpec) -> str:
         entries=entries,
         args_struct="".join(kernel_args.c_struct(c) for c in args_classes),
         cpp_bool=cpp_bool,
-        facts=layout_facts.render(unit_headers(spec)),
+        facts=layout_facts.render_values(),
+        fact_checks=layout_facts.render_checks(unit_headers(spec)),
     )
 
 

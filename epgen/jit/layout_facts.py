@@ -1,10 +1,12 @@
 """Facts the host and the kernels must agree on, defined once, here.
 
 A drift between a Python size and a device one compiles and then corrupts memory across GPUs,
-so each fact is rendered into every translation unit (codegen: `epgen::facts`, enumerators) and,
-where a device header defines its own constant for it, a static_assert ties the two: a header
-that drifts from this table no longer compiles. The Python side imports these names; no op
-module spells the numbers.
+so each fact is rendered into every translation unit (codegen: `epgen::facts`, enumerators,
+before the family's headers), and the headers read it from there: no header spells the number.
+Where a header cannot (common.cuh sits in the precompiled prelude, parsed before any fact) or
+derives a value of its own from the facts, a static_assert ties the two: a header that drifts
+from this table no longer compiles. The Python side imports these names; no op module spells
+the numbers.
 
 Facts that depend on a spec (ring record sizes, message header and payload sizes, the
 per-rank combine's areas) are functions here; each spec lists the device values they must
@@ -26,6 +28,13 @@ assert ERR_FIELD_DETAIL < ERROR_WORDS
 # -- shapes every mode shares (specs.py checks them; the low-latency region is sized by them)
 MAX_EXPERTS = 1024                # experts of a spec; LL slot counters, one per global expert
 MAX_TOPK = 32                     # top-k entries a token may carry
+SCALE_GROUP = 128                 # FP8 channels per float32 scale (the last group partial)
+
+
+def num_scales(hidden: int) -> int:
+    """FP8 scale columns of a row: one per SCALE_GROUP channels, the last group partial."""
+    return (hidden + SCALE_GROUP - 1) // SCALE_GROUP
+
 
 # -- normal mode's control area at the start of the NVLink region (templates/normal_ctrl.cuh)
 NORMAL_MAX_CHANNELS = 128
@@ -65,6 +74,9 @@ INODE_MAX_CHANNELS = 64           # internode channels (num_sms / 2): the contro
 INODE_NOTIFY_MAX_CHANNELS = INODE_MAX_CHANNELS    # channels a notify row has room for
 INODE_NOTIFY_SEQ_OFF = 0          # int64: this rank's last notify sequence
 INODE_NOTIFY_SIG_OFF = 256        # uint64 [2][R]: row of source s arrived
+# uint64 word arrays of each internode control area (templates/internode_common.cuh idisp::kRdma*
+# and kFwd* / kNvl*, then internode_combine.cuh icomb's): the dispatch's four, the combine's four.
+INODE_CTRL_WORDS = 8
 
 
 def inode_notify_row_ints(num_local_experts: int) -> int:
@@ -72,12 +84,17 @@ def inode_notify_row_ints(num_local_experts: int) -> int:
     return (2 + num_local_experts + 2 * INODE_NOTIFY_MAX_CHANNELS + 3) // 4 * 4
 
 
+def inode_notify_stage_off(num_ranks: int) -> int:
+    """Where the staging rows start (inotify::stage_off): after the signals (uint64 [2][R]),
+    256-aligned."""
+    return (INODE_NOTIFY_SIG_OFF + 2 * 8 * num_ranks + 255) // 256 * 256
+
+
 def inode_notify_area_bytes(num_ranks: int, num_local_experts: int) -> int:
     """Bytes of the notify area (inotify::area_bytes): signals, then staging and table rows
     [2 parities][R] each, 4096-aligned."""
     row = inode_notify_row_ints(num_local_experts) * 4
-    stage = (INODE_NOTIFY_SIG_OFF + 16 * num_ranks + 255) // 256 * 256
-    return (stage + 4 * num_ranks * row + 4095) // 4096 * 4096
+    return (inode_notify_stage_off(num_ranks) + 4 * num_ranks * row + 4095) // 4096 * 4096
 
 
 # -- low-latency region (templates/ll_common.cuh, ops/low_latency.py) ----------------------
@@ -124,7 +141,7 @@ def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
     if wire_format == "nvfp4":
         return _align16(hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1))
     if use_fp8:
-        return _align16(hidden + 4 * ((hidden + 127) // 128))
+        return _align16(hidden + 4 * num_scales(hidden))
     return 2 * hidden
 
 
@@ -165,8 +182,9 @@ def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
 def ll_combine_slot_bytes(hidden: int) -> int:
     """A combine slot (receive area and send staging): room for the largest message of any
     combine format, LogFMT-10's (its metadata and every chunk as BF16;
-    templates/ll_combine_wire.cuh kLogfmtBytes). BF16 rows use 2 * hidden of it."""
-    return (4 * ((hidden + 127) // 128) + 2 * hidden + 15) // 16 * 16
+    templates/ll_combine_wire.cuh kLogfmtBytes: a bf16x2 (amax, amin) per group of as many
+    channels as an FP8 scale's). BF16 rows use 2 * hidden of it."""
+    return (4 * num_scales(hidden) + 2 * hidden + 15) // 16 * 16
 
 
 @functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
@@ -206,10 +224,13 @@ def ll_per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -
 class Fact:
     cpp: str                       # its name in epgen::facts
     value: int
-    device: str | None = None      # the device header's own constant that must equal it
+    device: str | None = None      # what a device header derives that must equal it
     header: str | None = None      # the header defining `device` (assert only where included)
 
 
+# Headers after the prelude read these values as `::epgen::facts::k...` (the unit renders them
+# before it includes them); `device` is given only where a header cannot (common.cuh is in the
+# precompiled prelude) or derives a value of its own from them.
 FACTS = (
     Fact("kErrorWords", ERROR_WORDS),
     Fact("kErrTimeout", ERR_TIMEOUT, "::epgen::kErrTimeout", "common.cuh"),
@@ -219,47 +240,45 @@ FACTS = (
     *(Fact(f"kErrField{n}", v, f"::epgen::kErrField{n}", "common.cuh") for n, v in (
         ("Code", ERR_FIELD_CODE), ("Op", ERR_FIELD_OP), ("Rank", ERR_FIELD_RANK),
         ("Peer", ERR_FIELD_PEER), ("Detail", ERR_FIELD_DETAIL))),
-    Fact("kNormalMaxChannels", NORMAL_MAX_CHANNELS, "::epgen::nctrl::kMaxC", "normal_ctrl.cuh"),
-    Fact("kNormalMaxRanks", NORMAL_MAX_RANKS, "::epgen::nctrl::kMaxR", "normal_ctrl.cuh"),
-    Fact("kNormalNotifySeqOff", NORMAL_NOTIFY_SEQ_OFF, "::epgen::nctrl::kNotifySeq",
-         "normal_ctrl.cuh"),
-    Fact("kNormalNotifyTableOff", NORMAL_NOTIFY_TABLE_OFF, "::epgen::nctrl::kNotifyTable",
-         "normal_ctrl.cuh"),
-    Fact("kNormalNotifyRowInts", NORMAL_NOTIFY_ROW_INTS, "::epgen::nctrl::kRowInts",
-         "normal_ctrl.cuh"),
+    Fact("kScaleGroup", SCALE_GROUP),
+    Fact("kNormalMaxChannels", NORMAL_MAX_CHANNELS),
+    Fact("kNormalMaxRanks", NORMAL_MAX_RANKS),
+    Fact("kNormalNotifySeqOff", NORMAL_NOTIFY_SEQ_OFF),
+    Fact("kNormalNotifyTableOff", NORMAL_NOTIFY_TABLE_OFF),
+    Fact("kNormalNotifyRowInts", NORMAL_NOTIFY_ROW_INTS),
     Fact("kNormalDispCallOff", NORMAL_DISP_CALL_OFF, "::epgen::nctrl::kDispCall",
          "normal_ctrl.cuh"),
     Fact("kNormalRingCountersOff", NORMAL_RING_COUNTERS_OFF, "::epgen::nctrl::kDispSendTail",
          "normal_ctrl.cuh"),
-    Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES, "::epgen::nctrl::kCtrlBytes", "normal_ctrl.cuh"),
+    Fact("kNormalRingCounters", NORMAL_RING_COUNTERS,
+         "(::epgen::nctrl::kDispDone - ::epgen::nctrl::kDispSendTail) / 8", "normal_ctrl.cuh"),
+    Fact("kNormalCtrlBytes", NORMAL_CTRL_BYTES),
     Fact("kNormalRingBatch", NORMAL_RING_BATCH),
     Fact("kNormalNotifyThreads", NORMAL_NOTIFY_THREADS),
-    Fact("kInodeMaxChannels", INODE_MAX_CHANNELS, "::epgen::idisp::kMaxC", "internode_common.cuh"),
-    Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS, "::epgen::inotify::kMaxC",
-         "internode_notify.cuh"),
-    Fact("kInodeNotifySeqOff", INODE_NOTIFY_SEQ_OFF, "::epgen::inotify::kSeqOff",
-         "internode_notify.cuh"),
-    Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF, "::epgen::inotify::kSigOff",
-         "internode_notify.cuh"),
-    Fact("kLLMaxSig", LL_MAX_SIG, "::epgen::ll::kMaxSig", "ll_common.cuh"),
-    Fact("kLLMaxRankSig", LL_MAX_RANK_SIG, "::epgen::ll::kMaxRankSig", "ll_common.cuh"),
-    Fact("kLLMaxTokens", LL_MAX_TOKENS, "::epgen::ll::kMaxTokens", "ll_common.cuh"),
-    Fact("kMaxTopk", MAX_TOPK, "::epgen::ll::kMaxTopk", "ll_common.cuh"),
-    Fact("kLLHeaderFixed", LL_HEADER_FIXED, "::epgen::ll::kHeaderFixed", "ll_common.cuh"),
+    Fact("kInodeMaxChannels", INODE_MAX_CHANNELS),
+    Fact("kInodeNotifyMaxChannels", INODE_NOTIFY_MAX_CHANNELS),
+    Fact("kInodeNotifySeqOff", INODE_NOTIFY_SEQ_OFF),
+    Fact("kInodeNotifySigOff", INODE_NOTIFY_SIG_OFF),
+    Fact("kInodeCtrlWords", INODE_CTRL_WORDS),
+    Fact("kLLMaxSig", LL_MAX_SIG),
+    Fact("kLLMaxRankSig", LL_MAX_RANK_SIG),
+    Fact("kLLMaxTokens", LL_MAX_TOKENS),
+    Fact("kMaxTopk", MAX_TOPK),
+    Fact("kLLHeaderFixed", LL_HEADER_FIXED),
     Fact("kLLRouteBytes", LL_ROUTE_BYTES, "sizeof(::epgen::LLRoute)", "ll_combine_rank.cuh"),
     Fact("kMaxExperts", MAX_EXPERTS),
     Fact("kLLDispSigOff", LL_DISP_SIG_OFF), Fact("kLLCombSigOff", LL_COMB_SIG_OFF),
     Fact("kLLWordsOff", LL_WORDS_OFF), Fact("kLLOpWords", LL_OP_WORDS),
     Fact("kLLCountersOff", LL_COUNTERS_OFF), Fact("kLLVerdictsOff", LL_VERDICTS_OFF),
     Fact("kLLRoutesSigOff", LL_ROUTES_SIG_OFF), Fact("kLLDataOff", LL_DATA_OFF),
-    Fact("kLLSend", LL_SEND, "::epgen::ll::kSend", "ll_common.cuh"),
-    Fact("kLLRecv", LL_RECV, "::epgen::ll::kRecv", "ll_common.cuh"),
+    Fact("kLLSend", LL_SEND),
+    Fact("kLLRecv", LL_RECV),
 )
 
 
-def render(included_headers: set[str]) -> str:
-    """The C++ block for a TU that includes `included_headers` (transitively): every fact as a
-    constexpr, and a static_assert for each device constant the TU can see. Emits no code."""
+def render_values() -> str:
+    """The C++ block every unit renders before it includes the family's headers: every fact as
+    an enumerator of epgen::facts. Emits no code."""
     # Enumerators, not constexpr variables: under -default-device NVRTC emits a namespace-scope
     # constexpr as a device global (.nv.global.init); an enumerator takes no storage.
     # Packed a few to a line: a unit stays a short page (test_specs_codegen).
@@ -268,10 +287,15 @@ def render(included_headers: set[str]) -> str:
         initial_indent="    ", subsequent_indent="    ")]   # \0: never break inside an entry
     lines = ["namespace epgen::facts {  // epgen/jit/layout_facts.py", "enum : long long {",
              *values, "}; }  // namespace epgen::facts"]
-    lines += [f"static_assert(static_cast<long long>({f.device}) == ::epgen::facts::{f.cpp}, "
-              f'"{f.header} {f.device} != epgen/jit/layout_facts.py {f.cpp}");'
-              for f in FACTS if f.device and f.header in included_headers]
     return "\n".join(lines) + "\n"
+
+
+def render_checks(included_headers: set[str]) -> str:
+    """The static_asserts of a unit that includes `included_headers` (transitively): each value
+    a header it can see defines or derives on its own against the fact."""
+    return "".join(f"static_assert(static_cast<long long>({f.device}) == ::epgen::facts::{f.cpp}, "
+                   f'"{f.header} {f.device} != epgen/jit/layout_facts.py {f.cpp}");\n'
+                   for f in FACTS if f.device and f.header in included_headers)
 
 
 # -- internode normal mode: records (regions/internode.py; templates/internode_*.cuh) --------

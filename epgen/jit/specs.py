@@ -26,7 +26,6 @@ MAX_RANKS = 64           # one node of NVLink peers in normal mode is checked se
 MAX_NVL_RANKS = layout_facts.NORMAL_MAX_RANKS
 MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # low-latency per-rank signal words
 MAX_EXPERTS = layout_facts.MAX_EXPERTS
-SCALE_GROUP = 128        # FP8 channels per float32 scale
 MAX_SCALE_COLS = 512     # scale columns a normal-mode FP8 row may carry
 # Low-latency wire formats cast in the kernel beyond DeepEP's flags (epgen.formats names; "" is
 # the format use_fp8 / round_scale / use_ue8m0 name). The index is the template's FMT; FMT 3 is
@@ -228,9 +227,7 @@ def _check_common(spec: KernelSpec, *, hidden: bool = True, topk: bool = True,
         spec._req(0 < spec.hidden <= MAX_HIDDEN, "hidden", f"must be in [1, {MAX_HIDDEN}]")
 
 
-def num_scales(hidden: int) -> int:
-    """FP8 scale columns: one per 128 channels, the last group partial if needed."""
-    return (hidden + SCALE_GROUP - 1) // SCALE_GROUP
+num_scales = layout_facts.num_scales    # FP8 scale columns of a row
 
 
 @dataclass(frozen=True)
@@ -325,9 +322,7 @@ class NormalDispatchSpec(KernelSpec):
 
     def device_checks(self):
         return (("DispatchCfgOf<{S}>::kRec", layout_facts.normal_dispatch_record_bytes(
-                    self.hidden_bytes, self.num_scales, self.num_topk), "ring record size"),
-                ("DispatchCfgOf<{S}>::kBatch", layout_facts.NORMAL_RING_BATCH,
-                 "sender batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
+                    self.hidden_bytes, self.num_scales, self.num_topk), "ring record size"),)
 
     def readable_tag(self):
         return f"{self.dtype}_h{self.hidden}_k{self.num_topk}_e{self.num_experts}_r{self.num_ranks}"
@@ -371,11 +366,7 @@ class NormalCombineSpec(KernelSpec):
 
     def device_checks(self):
         return (("CombineCfgOf<{S}>::kRec", layout_facts.normal_combine_record_bytes(
-                    self.hidden, self.num_topk), "ring record size"),
-                ("CombineCfgOf<{S}>::kChunk", layout_facts.NORMAL_RING_BATCH,
-                 "sender chunk (layout_facts.NORMAL_MIN_RING_SLOTS)"),
-                ("CombineCfgOf<{S}>::kReduceBatch", layout_facts.NORMAL_RING_BATCH,
-                 "reducer batch (layout_facts.NORMAL_MIN_RING_SLOTS)"))
+                    self.hidden, self.num_topk), "ring record size"),)
 
     def readable_tag(self):
         return f"bf16_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}_b{self.num_biases}"
@@ -548,6 +539,13 @@ class LowLatencyCombineSpec(KernelSpec):
     def derived(self):
         return dict(wire_format_code=self.wire_format_code)
 
+    def device_checks(self):
+        # The host sizes every combine slot for LogFMT-10's largest message; FP8's scales are
+        # one per SCALE_GROUP channels.
+        return (("llw::Wire<{S}::hidden>::kLogfmtBytes",
+                 layout_facts.ll_combine_slot_bytes(self.hidden), "combine slot size"),
+                ("llw::Wire<{S}::hidden>::kS", num_scales(self.hidden), "combine FP8 scales"))
+
     def readable_tag(self):
         return (f"{self.wire_format or 'bf16'}_h{self.hidden}_k{self.num_topk}"
                 f"_e{self.num_experts}_r{self.num_ranks}")
@@ -681,8 +679,10 @@ class InternodeNotifySpec(KernelSpec):
 
     def device_checks(self):
         El = self.num_experts // self.num_ranks
-        return (("inotify::area_bytes<{S}::num_ranks, {S}::experts_per_rank>()",
-                 layout_facts.inode_notify_area_bytes(self.num_ranks, El), "notify area size"),)
+        return (("inotify::stage_off<{S}::num_ranks>()",
+                 layout_facts.inode_notify_stage_off(self.num_ranks), "notify staging offset"),
+                ("inotify::area_bytes<{S}::num_ranks, {S}::experts_per_rank>()",
+                 layout_facts.inode_notify_area_bytes(self.num_ranks, El), "notify area size"))
 
     def readable_tag(self):
         return f"e{self.num_experts}_r{self.num_ranks}_n{self.num_ranks // self.ranks_per_node}"
@@ -785,9 +785,12 @@ class InternodeDispatchSpec(_RolesOverBlocks, KernelSpec):
         return dict(threads=self.threads, row_bytes=self.row_bytes, num_scales=self.num_scales)
 
     def device_checks(self):
-        return (("IDispatchCfg<{S}::row_bytes, {S}::num_scales, {S}::num_topk, "
-                 "{S}::ranks_per_node, {S}::num_ranks>::kRec", self.record_bytes,
-                 "record bytes differ from inode_dispatch_record_bytes"),)
+        cfg = ("IDispatchCfg<{S}::row_bytes, {S}::num_scales, {S}::num_topk, "
+               "{S}::ranks_per_node, {S}::num_ranks>")
+        return ((cfg + "::kRec", self.record_bytes,
+                 "record bytes differ from inode_dispatch_record_bytes"),
+                (cfg + "::kMetaBytes", layout_facts.inode_source_meta_bytes(self.ranks_per_node),
+                 "source meta bytes (recv_src_meta's row) differ from inode_source_meta_bytes"))
 
     def readable_tag(self):
         return (f"{self.dtype}_h{self.hidden}_k{self.num_topk}_r{self.num_ranks}"

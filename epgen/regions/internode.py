@@ -12,8 +12,8 @@ Region, in order (offsets fixed for a group: they never depend on a call's chann
 so the 64-bit counters keep their places across calls):
   notify   the counts exchange (templates/internode_notify.cuh; notify_area_bytes), sized for
            the most experts a call may have (MAX_EXPERTS)
-  control  uint64 [8][Nn][MAX_CHANNELS] (templates/internode_dispatch.cuh idisp::kRdma*; the
-           combine's four follow, templates/internode_combine.cuh):
+  control  uint64 [CTRL_WORDS][Nn][MAX_CHANNELS] (templates/internode_dispatch.cuh
+           idisp::kRdma*; the combine's four follow, templates/internode_combine.cuh):
            tails       receiver side: records source node m put into ring (m, c), set by m's
                        put-with-signal
            heads       sender side: records node n's forwarder consumed (credit), set by n's
@@ -27,8 +27,8 @@ so the 64-bit counters keep their places across calls):
            send    [Nn][C][S] records      staging of the records bound for node n (a put reads
                                            registered, i.e. symmetric, memory)
 NVLink region (ctx.nvl) of an internode Buffer (the intranode kernels never run on it):
-  control  uint64 [8][MAX_CHANNELS][L][Nn] (idisp::kFwd*, kNvl*, then the combine's four), then
-           the dispatch's and the combine's done counters (ints)
+  control  uint64 [CTRL_WORDS][MAX_CHANNELS][L][Nn] (idisp::kFwd*, kNvl*, then the combine's
+           four), then the dispatch's and the combine's done counters (ints)
   then two halves of the rest (nvl_half), dispatch then combine:
   rings    [C][L forwarder][Nn source node][cap] dispatch records on each receiver, cap =
            nvl_cap(config); combine: [C][L sender][Nn source node][cap] on each forwarder
@@ -61,12 +61,14 @@ notify_row_ints = layout_facts.inode_notify_row_ints
 notify_area_bytes = layout_facts.inode_notify_area_bytes
 
 
-MAX_CHANNELS = layout_facts.INODE_MAX_CHANNELS   # idisp::kMaxC (every internode unit asserts it)
+MAX_CHANNELS = layout_facts.INODE_MAX_CHANNELS   # idisp::kMaxC (the headers read the fact)
+CTRL_WORDS = layout_facts.INODE_CTRL_WORDS       # word arrays of each control area
+WORD = 8                                         # bytes of a control word (uint64)
 
 
 def control_bytes(num_nodes: int) -> int:
-    """uint64 [8][Nn][MAX_CHANNELS]: four words per (node, channel) for each direction."""
-    return _align(8 * 8 * num_nodes * MAX_CHANNELS)
+    """uint64 [CTRL_WORDS][Nn][MAX_CHANNELS]: four words per (node, channel) for each direction."""
+    return _align(CTRL_WORDS * WORD * num_nodes * MAX_CHANNELS)
 
 
 def notify_max_bytes(num_ranks: int) -> int:
@@ -106,7 +108,7 @@ def nvl_cap(config, num_nodes: int) -> int:
 
 def nvl_done_offset(num_ranks: int) -> int:
     """The dispatch's done counter (an int; the combine's follows it)."""
-    return 8 * 8 * MAX_CHANNELS * num_ranks
+    return CTRL_WORDS * WORD * MAX_CHANNELS * num_ranks
 
 
 def nvl_ring_offset(num_ranks: int) -> int:
@@ -163,7 +165,7 @@ def rdma_buffer_size_hint(config, hidden_bytes: int, num_ranks: int,
         return 0
     if num_ranks % L:
         raise ValueError(f"num_ranks={num_ranks}: must be a multiple of the ranks per node ({L})")
-    scale_cols = -(-hidden_bytes // 128)
+    scale_cols = layout_facts.num_scales(hidden_bytes)
     record = max(dispatch_record_bytes(hidden_bytes, scale_cols, MAX_TOPK, L),
                  combine_record_bytes(max(1, hidden_bytes // 2), MAX_TOPK))
     return _align(region_bytes(config, num_ranks // L, L, record, MAX_EXPERTS // num_ranks),

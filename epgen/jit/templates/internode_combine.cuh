@@ -32,6 +32,9 @@ constexpr int kTail = 4, kHead = 5, kSendTail = 6, kRecvHead = 7;
 // (written by the forwarder); on the forwarder [c][sender k][m]: kTailN (written by sender k),
 // kHeadN (local).
 constexpr int kSendTailN = 4, kSendHeadN = 5, kTailN = 6, kHeadN = 7;
+// The host sizes both control areas for facts::kInodeCtrlWords arrays: the dispatch's, then these.
+static_assert(kRecvHead + 1 == facts::kInodeCtrlWords && kHeadN + 1 == facts::kInodeCtrlWords,
+              "control word arrays the host sizes (epgen/jit/layout_facts.py kInodeCtrlWords)");
 constexpr int kWaitNvlSpace = 21, kWaitNvlData = 22, kWaitRdmaCredit = 23, kWaitRdmaData = 24;
 
 // acc[0..8) += the 8 BF16 values of q (float32, in order).

@@ -8,7 +8,9 @@
 namespace epgen {
 
 namespace idisp {
-constexpr int kMaxC = 64;                 // channels; fixed so counters keep their offsets
+// Channels the control areas have room for (epgen::facts, layout_facts.py): fixed, so the
+// counters keep their offsets whatever a call's channel count.
+constexpr int kMaxC = facts::kInodeMaxChannels;
 // RDMA control area (at args.rdma_ctrl_off), uint64 [Nn][kMaxC] each:
 constexpr int kRdmaTail = 0;              // receiver: records source node m put into ring (m, c)
 constexpr int kRdmaHead = 1;              // sender: records node n's forwarder consumed (credit)

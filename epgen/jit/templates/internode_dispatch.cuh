@@ -39,7 +39,9 @@ struct IDispatchCfg {
     static constexpr int kWarps = 2 * kNodes + R;
     static constexpr int kOffScales = HB;
     static constexpr int kOffMeta = HB + 4 * S;          // int32 source node, int32 bits of local ranks
-    static constexpr int kOffIdx = kOffMeta + 8;         // int32 global expert ids
+    // Source meta (L <= 32), also a recv_src_meta row; an enumerator: no device storage.
+    enum : int { kMetaBytes = 2 * sizeof(int) };
+    static constexpr int kOffIdx = kOffMeta + kMetaBytes;     // int32 global expert ids
     static constexpr int kOffW = kOffIdx + 4 * K;        // float32 weights
     static constexpr int kRec = (kOffW + 4 * K + 15) / 16 * 16;
     static_assert(HB % 16 == 0, "rows are 16-byte vectors");
@@ -254,7 +256,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                 for (int q = lane; q < S; q += 32)
                     a.recv_scales[row * S + q] = reinterpret_cast<const volatile float*>(rec + Cfg::kOffScales)[q];
                 if (lane < 2 && a.recv_src_meta != nullptr)
-                    reinterpret_cast<int*>(a.recv_src_meta + row * 8)[lane] =
+                    reinterpret_cast<int*>(a.recv_src_meta + row * Cfg::kMetaBytes)[lane] =
                         reinterpret_cast<const volatile int*>(rec + Cfg::kOffMeta)[lane];
                 if (K > 0 && lane < K && a.recv_topk_idx != nullptr) {
                     const int e = reinterpret_cast<const volatile int*>(rec + Cfg::kOffIdx)[lane];
@@ -293,7 +295,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         poison_fill(a.recv_scales, rows * S * 4, kPoisonNaN);
         poison_fill(a.recv_topk_idx, rows * K * 8, kPoisonNaN);
         poison_fill(a.recv_topk_weights, rows * K * 4, kPoisonNaN);
-        poison_fill(a.recv_src_meta, rows * 8, kPoisonNaN);
+        poison_fill(a.recv_src_meta, rows * Cfg::kMetaBytes, kPoisonNaN);
         poison_fill(a.send_nvl_head, a.num_rdma_recv_rows * L * 4, kPoisonNaN);
     }
 }

@@ -13,10 +13,12 @@
 namespace epgen {
 
 namespace inotify {
-constexpr int kMaxC = 64;                          // channels (num_sms / 2) a row has room for
+// The host's values (epgen::facts, layout_facts.py); what is derived here the notify's unit
+// static_asserts against layout_facts' functions (stage_off, area_bytes).
+constexpr int kMaxC = facts::kInodeNotifyMaxChannels;   // channels (num_sms / 2) a row has room for
 template <int El> constexpr int row_ints() { return (2 + El + 2 * kMaxC + 3) / 4 * 4; }
-constexpr uint64_t kSeqOff = 0;                    // int64: this rank's last call sequence
-constexpr uint64_t kSigOff = 256;                  // uint64 [2][R]: row of source s arrived
+constexpr uint64_t kSeqOff = facts::kInodeNotifySeqOff;   // int64: this rank's last call sequence
+constexpr uint64_t kSigOff = facts::kInodeNotifySigOff;   // uint64 [2][R]: row of source s arrived
 template <int R> constexpr uint64_t stage_off() { return (kSigOff + 16ull * R + 255) / 256 * 256; }
 template <int R, int El> constexpr uint64_t table_off() {
     return stage_off<R>() + 2ull * R * row_ints<El>() * 4;     // staging [2][R dst][row]

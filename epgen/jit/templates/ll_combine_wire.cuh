@@ -99,6 +99,8 @@ __device__ __forceinline__ float logfmt_step(float la, float lm) {
     return __fdiv_rn(__fsub_rn(la, lm), 510.f);
 }
 
+// Built for the host too (tests/host/wire_host.cpp), so it reads no epgen::facts: an ll_combine
+// unit static_asserts kS (layout_facts.SCALE_GROUP) and kLogfmtBytes (the host's slot size).
 template <int H>
 struct Wire {
     static constexpr int kG = (H + 127) / 128;                   // 128-channel groups

@@ -15,15 +15,17 @@
 namespace epgen {
 namespace ll {
 
+// The host's values (epgen/jit/layout_facts.py, rendered before this header as epgen::facts).
 // Dispatch signals: [2 halves][kMaxSig] u64; index (local expert * R + source rank).
-constexpr int kMaxSig = 1024;
+constexpr int kMaxSig = facts::kLLMaxSig;
 // Per-rank words (combine signals, shrink verdicts): [2 halves][kMaxRankSig] u64.
-constexpr int kMaxRankSig = 64;
+constexpr int kMaxRankSig = facts::kLLMaxRankSig;
 // Enumerators (no device storage): num_max_dispatch_tokens_per_rank, top-k entries, and a
 // dispatch message header's fixed part (then its entries).
-enum : int { kMaxTokens = 1024, kMaxTopk = 32, kHeaderFixed = 16 };
+enum : int { kMaxTokens = facts::kLLMaxTokens, kMaxTopk = facts::kMaxTopk,
+             kHeaderFixed = facts::kLLHeaderFixed };
 // Phase bits of a launch (args.phases): send, receive, or both in one launch.
-enum : int { kSend = 1, kRecv = 2 };
+enum : int { kSend = facts::kLLSend, kRecv = facts::kLLRecv };
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
 

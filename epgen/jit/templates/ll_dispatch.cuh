@@ -35,7 +35,7 @@ template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THRE
           int SFL = 0, int OROW = 0, int OSIDE = 0>
 struct LLDispatch {
     static constexpr int El = E / R;
-    static constexpr int S = (H + 127) / 128;
+    static constexpr int S = (H + facts::kScaleGroup - 1) / facts::kScaleGroup;   // FP8 scales
     static constexpr int S4 = (S + 3) / 4;
     static constexpr bool kOpaque = FMT == 3;
     static constexpr bool kQuant = FP8 || (FMT != 0 && !kOpaque);

@@ -19,8 +19,10 @@ struct CombineCfg {
     static constexpr int kHB = H * 2;
     static constexpr int kOffW = kHB;
     static constexpr int kRec = (kHB + K * 4 + 15) / 16 * 16;
-    static constexpr int kChunk = 32;                      // sender rows per published tail
-    enum : int { kReduceBatch = 32 };                      // reducer tokens per ballot (one per lane)
+    // The ring batch (facts, layout_facts.py): a ring holds one of each side's, or they deadlock.
+    static constexpr int kChunk = facts::kNormalRingBatch;        // sender rows per published tail
+    enum : int { kReduceBatch = facts::kNormalRingBatch };        // reducer tokens per ballot
+    static_assert(kReduceBatch == 32, "a reducer's batch is one token per lane of its ballots");
 };
 
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {

@@ -4,21 +4,22 @@
 // Ring counters (send tails, heads, tails) are 64-bit: they count records for the life of the
 // process and never wrap, so slot = counter % cap holds for any cap. The per-call sequence
 // words are 32-bit and only compared for equality and parity (wrap-safe; incremented in
-// unsigned arithmetic). The host's values are epgen/jit/layout_facts.py's: every generated unit
-// static_asserts these constants against them (kMaxC, kMaxR, the offsets, kCtrlBytes).
+// unsigned arithmetic). The sizes and the offsets the host knows are epgen/jit/layout_facts.py's
+// (epgen::facts, rendered before this header); every generated unit static_asserts the offsets
+// derived here against the host's (kDispCall, the ring counters' place and count).
 #pragma once
 #include "common.cuh"
 
 namespace epgen {
 namespace nctrl {
-constexpr int kMaxC = 128;
-constexpr int kMaxR = 8;
-constexpr int kRowInts = 1024;                       // notify table row: [flag, T, per-rank R, El]
-constexpr long long kNotifySeq = 0;                  // own: notify/barrier calls so far
-constexpr long long kNotifyTable = 4096;             // [2 parity][8 src][kRowInts] written by src
+constexpr int kMaxC = facts::kNormalMaxChannels;
+constexpr int kMaxR = facts::kNormalMaxRanks;
+constexpr int kRowInts = facts::kNormalNotifyRowInts;   // notify table row: [flag, T, per-rank R, El]
+constexpr long long kNotifySeq = facts::kNormalNotifySeqOff;       // own: notify/barrier calls so far
+constexpr long long kNotifyTable = facts::kNormalNotifyTableOff;   // [2 parity][kMaxR src][kRowInts]
 constexpr long long kDispCall = kNotifyTable + 2LL * kMaxR * kRowInts * 4;   // own [kMaxC] int
-constexpr long long kDispMeta = kDispCall + kMaxC * 4;                     // by src [2][kMaxC][8][4] int
-// 64-bit ring counters, [kMaxC][8] each
+constexpr long long kDispMeta = kDispCall + kMaxC * 4;                     // by src [2][kMaxC][kMaxR][4] int
+// 64-bit ring counters, [kMaxC][kMaxR] each
 constexpr long long kDispSendTail = kDispMeta + 2LL * kMaxC * kMaxR * 16;  // own [c][dst]
 constexpr long long kDispHead = kDispSendTail + kMaxC * kMaxR * 8;         // own [c][src]
 constexpr long long kDispTail = kDispHead + kMaxC * kMaxR * 8;             // by src [c][src]
@@ -27,7 +28,7 @@ constexpr long long kCombHead = kCombSendTail + kMaxC * kMaxR * 8;         // ow
 constexpr long long kCombTail = kCombHead + kMaxC * kMaxR * 8;             // by sender [c][sender]
 constexpr long long kDispDone = kCombTail + kMaxC * kMaxR * 8;            // own int: blocks done
 constexpr long long kCombDone = kDispDone + 4;                             // own int: blocks done
-constexpr long long kCtrlBytes = 196608;
+constexpr long long kCtrlBytes = facts::kNormalCtrlBytes;
 static_assert(kCombDone + 4 <= kCtrlBytes, "control area overflow");
 
 __device__ __forceinline__ int* word(char* base, long long off, int i = 0) {

@@ -26,7 +26,8 @@ struct DispatchCfg {
     static_assert(HB % 16 == 0, "rows are 16-byte vectors");
     // Tokens a sender warp takes per ballot (one per lane); the host's ring minimum counts it.
     // An enumerator: a static constexpr member read in the loop gets device storage.
-    enum : int { kBatch = 32 };
+    enum : int { kBatch = facts::kNormalRingBatch };
+    static_assert(kBatch == 32, "a sender's batch is one token per lane of its ballot");
 };
 
 template <int R, int El, int K, int HB, int S, int THREADS>
