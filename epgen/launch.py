@@ -26,6 +26,7 @@ import gc
 import os
 import queue
 import shutil
+import signal
 import sys
 import socket
 import subprocess
@@ -165,28 +166,59 @@ class MpsDaemon:
             raise RuntimeError(f"{self.CONTROL} -d failed (exit {out.returncode}): "
                                f"{(out.stderr or out.stdout).strip()[:300]}")
 
+    # Seconds stop() gives the `quit` client, then the daemon, before it kills the daemon: every
+    # stop took 20.1 s on the device, both when it waited for the pipe and when it waited for
+    # the pid file's process (bench/NOTES.md, sessions 12-13), i.e. one of the two 20 s waits
+    # it had ran out each time. Every client is gone when stop() runs, so a kill loses nothing.
+    QUIT_WAIT_S = 3.0
+
     def stop(self) -> None:
         try:
-            if self._control(stdin="quit\n").returncode != 0:
-                raise OSError("no daemon answered")     # (gone already): nothing to wait for
-            deadline = time.monotonic() + 20.0
-            while time.monotonic() < deadline and self._running():
-                time.sleep(0.1)
+            answered = self._control(stdin="quit\n", timeout=self.QUIT_WAIT_S).returncode == 0
+        except subprocess.TimeoutExpired:
+            answered = True         # a client that hangs on the daemon's reply: it was told
         except (OSError, subprocess.SubprocessError):
-            pass
+            answered = False
+        if answered or self._pid() is not None:     # else nothing runs (a killed run's folders)
+            deadline = time.monotonic() + self.QUIT_WAIT_S
+            while time.monotonic() < deadline and self._running():
+                time.sleep(0.05)
+            if self._running():
+                self._kill()
         self._cleanup()
+
+    def _pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.env["CUDA_MPS_PIPE_DIRECTORY"],
+                                   "nvidia-cuda-mps-control.pid")) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _kill(self) -> None:
+        """SIGKILL the daemon of the pid file and its children (the MPS server it started)."""
+        pid = self._pid()
+        if pid is None:
+            return
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                pids = [int(p) for p in f.read().split()] + [pid]
+        except OSError:
+            pids = [pid]
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _running(self) -> bool:
         """Whether the daemon still runs: the process of its pid file
         (nvidia-cuda-mps-control.pid) is there and not a zombie (a container's init may never
         reap it), or, without a pid file, its control pipe is there. The pipe outlives the
         daemon: waiting for it alone cost 20 s at every stop (bench/NOTES.md, session 12)."""
-        pipe = self.env["CUDA_MPS_PIPE_DIRECTORY"]
-        try:
-            with open(os.path.join(pipe, "nvidia-cuda-mps-control.pid")) as f:
-                pid = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return os.path.exists(os.path.join(pipe, "control"))
+        pid = self._pid()
+        if pid is None:
+            return os.path.exists(os.path.join(self.env["CUDA_MPS_PIPE_DIRECTORY"], "control"))
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]   # after "(comm)": comm may hold spaces

@@ -195,6 +195,24 @@ def test_mps_stop_returns_when_the_daemons_process_ends_though_its_pipe_stays(tm
     fake_daemon.wait()
 
 
+def test_mps_stop_kills_a_daemon_that_does_not_quit(tmp_path, monkeypatch):
+    """A daemon still running QUIT_WAIT_S after `quit` is killed (every stop took 20 s on the
+    device, waiting). FAKES: a control that accepts `quit` (`true`) and, as the daemon, a
+    `sleep 60` that never quits."""
+    import subprocess
+    monkeypatch.setattr(launch.MpsDaemon, "CONTROL", "true")
+    monkeypatch.setattr(launch.MpsDaemon, "QUIT_WAIT_S", 0.5)
+    root = tmp_path / "epgen-mps-stuck"
+    (root / "pipe").mkdir(parents=True)
+    fake_daemon = subprocess.Popen(["sleep", "60"])
+    (root / "pipe" / "nvidia-cuda-mps-control.pid").write_text(f"{fake_daemon.pid}\n")
+    t0 = time.monotonic()
+    launch.MpsDaemon(str(root)).stop()
+    took = time.monotonic() - t0
+    assert took < 3, f"stop took {took:.1f} s"
+    assert fake_daemon.wait(timeout=5) == -9 and not root.exists()
+
+
 def test_pooled_modules_run_in_one_pytest_and_are_reported_each(tmp_path, capsys):
     """--pool: one pytest over the modules, with EPGEN_TEST_POOL=1 set for it (the fake
     module checks), and a row per module from the shared run's summary."""

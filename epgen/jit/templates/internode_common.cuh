@@ -24,6 +24,12 @@ constexpr int kNvlHead = 3;               // receiver, local: records consumed f
 // Wait details in the error word (which wait missed its deadline).
 constexpr int kWaitRdmaCredit = 11, kWaitRdmaData = 12, kWaitNvlSpace = 13, kWaitNvlData = 14;
 
+// The rank a wait on a node-local ring names. A ring this rank's own warps fill (a forwarder
+// feeding its own receiver, a sender its own forwarder) stalls only behind the node peer that
+// feeds the chain, `upstream`: name that one, never the rank itself.
+__device__ __forceinline__ int waited_peer(int local_peer, int me, int upstream) {
+    return local_peer == me ? upstream : local_peer;
+}
 __device__ __forceinline__ void st_volatile_ll(long long* p, long long v) {
     asm volatile("st.volatile.global.s64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
 }

@@ -202,7 +202,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     int ok = 1;
                     if (lane == 0) {
                         const long long* fhead = nvl_word(nvl, kFwdHead, k, m);
-                        ok = wait_until(err, my_node * L + k, kWaitNvlSpace,
+                        ok = wait_until(err, waited_peer(my_node * L + k, me, src), kWaitNvlSpace,
                                         [&] { return ld_acquire_sys(fhead) - (tk + 1 - cap) >= 0; });
                     }
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
@@ -243,7 +243,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         int done = 0;
         #pragma unroll 1
         while (done < count) {
-            const long long avail = warp_wait_records(err, forwarder, kWaitNvlData, tailp,
+            const long long avail = warp_wait_records(err, waited_peer(forwarder, me, s), kWaitNvlData, tailp,
                                                       head + done, count - done);
             if (avail < 0) break;
             #pragma unroll 1
