@@ -110,7 +110,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
         for (int row = start; row < end && row < a.num_rows; ++row) {
             int ok = 1;
             if (lane == 0)
-                ok = wait_until(err, idisp::waited_peer(my_node * L + j, me, s), kWaitNvlSpace,
+                ok = idisp::wait_ring(err, my_node * L + j, me, s, kWaitNvlSpace,
                                 [&] { return ld_acquire_sys(headp) - (tail + 1 - cap) >= 0; });
             if (!__shfl_sync(0xffffffffu, ok, 0)) break;
             char* rec = ring + (tail % cap) * kRec;
@@ -161,7 +161,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             if (hk >= 0) {
                 const long long* tk = nvl_word(nvl, kTailN, lane, m);
                 const long long want = nv_head;
-                ok = wait_until(err, idisp::waited_peer(my_node * L + lane, me, owner), kWaitNvlData,
+                ok = idisp::wait_ring(err, my_node * L + lane, me, owner, kWaitNvlData,
                                 [&] { return ld_acquire_sys(tk) - want > 0; });
             }
             if (__ballot_sync(0xffffffffu, !ok)) { dead = true; break; }
@@ -169,7 +169,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             if (pending == 0) {
                 limit = (int)min((long long)a.rdma_chunk, slots - tail % slots);
                 if (lane == 0)
-                    ok = wait_until(err, owner, kWaitRdmaCredit,
+                    ok = idisp::wait_ring(err, owner, me, -1, kWaitRdmaCredit,
                                     [&] { return ld_acquire_sys(credit) - (tail + limit - slots) >= 0; });
                 if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
             }
@@ -229,7 +229,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             if (hn >= 0) {
                 const long long* tn = rdma_word(rdma, kTail, lane);
                 const long long want = head;
-                ok = wait_until(err, lane * L + my_local, kWaitRdmaData,
+                ok = idisp::wait_ring(err, lane * L + my_local, me, -1, kWaitRdmaData,
                                 [&] { return ld_acquire_sys(tn) - want > 0; });
             }
             if (__ballot_sync(0xffffffffu, !ok)) { dead = true; break; }

@@ -24,25 +24,45 @@ constexpr int kNvlHead = 3;               // receiver, local: records consumed f
 // Wait details in the error word (which wait missed its deadline).
 constexpr int kWaitRdmaCredit = 11, kWaitRdmaData = 12, kWaitNvlSpace = 13, kWaitNvlData = 14;
 
-// The rank a wait on a node-local ring names. A ring this rank's own warps fill (a forwarder
-// feeding its own receiver, a sender its own forwarder) stalls only behind the node peer that
-// feeds the chain, `upstream`: name that one, never the rank itself.
-__device__ __forceinline__ int waited_peer(int local_peer, int me, int upstream) {
-    return local_peer == me ? upstream : local_peer;
+// A ring this rank's own warps fill (a forwarder feeding its own receiver or reducer, a sender
+// its own forwarder) stalls only behind the warp feeding it, which waits on the real peer under
+// the same deadline and reports that peer. A wait on such a ring outlasts the deadline by
+// kSelfFedGraceNs so that the feeder reports first; only if none did is `upstream` named (the
+// node peer feeding the chain, or -1: none known), never the rank itself. Other rings: plain
+// wait_until naming `peer`.
+constexpr unsigned long long kSelfFedGraceNs = 100ull * 1000 * 1000;
+
+template <typename Pred>
+__device__ __forceinline__ bool wait_ring(const ErrorCtx& e, int peer, int me, int upstream,
+                                          int detail, Pred pred) {
+    if (peer != me) return wait_until(e, peer, detail, pred);
+    if (wait_until(e, upstream, detail, pred, /*report_timeout=*/false)) return true;
+    const unsigned long long until = globaltimer() + kSelfFedGraceNs;
+    while (!error_raised(e)) {
+        if (pred()) return true;
+        if (globaltimer() > until) {
+            report_error(e, kErrTimeout, upstream, detail);
+            return false;
+        }
+    }
+    return false;
 }
 __device__ __forceinline__ void st_volatile_ll(long long* p, long long v) {
     asm volatile("st.volatile.global.s64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
 }
 // A ring's reader, by a whole warp: how many records past `pos` (at most `want`) the writer has
-// published at *tailp; lane 0 waits (deadline: `peer`, `detail`), every lane gets the count,
-// -1 when the wait failed. The __syncwarp orders lane 0's acquire before every lane's reads.
-__device__ __forceinline__ long long warp_wait_records(const ErrorCtx& err, int peer, int detail,
+// published at *tailp; lane 0 waits (wait_ring: `peer`, `me`, `upstream`, `detail`), every lane
+// gets the count, -1 when the wait failed. The __syncwarp orders lane 0's acquire before every
+// lane's reads.
+__device__ __forceinline__ long long warp_wait_records(const ErrorCtx& err, int peer, int me,
+                                                       int upstream, int detail,
                                                        const long long* tailp, long long pos,
                                                        long long want) {
     long long avail = 0;
     if ((threadIdx.x & 31) == 0) {
         long long t = pos;
-        if (wait_until(err, peer, detail, [&] { t = ld_acquire_sys(tailp); return t - pos > 0; }))
+        if (wait_ring(err, peer, me, upstream, detail,
+                      [&] { t = ld_acquire_sys(tailp); return t - pos > 0; }))
             avail = min(t - pos, want);
         else
             avail = -1;

@@ -131,7 +131,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     limit = (int)min((long long)chunk, slots - tail % slots);
                     int ok = 1;
                     if (lane == 0)
-                        ok = wait_until(err, dst, kWaitRdmaCredit,
+                        ok = wait_ring(err, dst, me, -1, kWaitRdmaCredit,
                                         [&] { return ld_acquire_sys(head) - (tail + limit - slots) >= 0; });
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
                 }
@@ -185,8 +185,8 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         bool dead = false;
         #pragma unroll 1
         while (done < expected && !dead) {
-            const long long avail = warp_wait_records(err, src, kWaitRdmaData, tailp, head + done,
-                                                      expected - done);
+            const long long avail = warp_wait_records(err, src, me, -1, kWaitRdmaData, tailp,
+                                                      head + done, expected - done);
             if (avail < 0) break;
             #pragma unroll 1
             for (int i = 0; i < (int)avail && !dead; ++i) {
@@ -202,7 +202,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     int ok = 1;
                     if (lane == 0) {
                         const long long* fhead = nvl_word(nvl, kFwdHead, k, m);
-                        ok = wait_until(err, waited_peer(my_node * L + k, me, src), kWaitNvlSpace,
+                        ok = wait_ring(err, my_node * L + k, me, src, kWaitNvlSpace,
                                         [&] { return ld_acquire_sys(fhead) - (tk + 1 - cap) >= 0; });
                     }
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
@@ -243,7 +243,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
         int done = 0;
         #pragma unroll 1
         while (done < count) {
-            const long long avail = warp_wait_records(err, waited_peer(forwarder, me, s), kWaitNvlData, tailp,
+            const long long avail = warp_wait_records(err, forwarder, me, s, kWaitNvlData, tailp,
                                                       head + done, count - done);
             if (avail < 0) break;
             #pragma unroll 1
