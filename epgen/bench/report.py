@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 COMMON = ("card", "device", "num_ranks", "hidden", "topk", "num_experts", "commit")
 
@@ -150,6 +151,9 @@ def counts_table(counts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SUPTITLE_CHARS = 150        # characters of the header a line of the 13-inch figure holds at 9 pt
+
+
 def plot(records: list[dict], path: str, title: str = "") -> str:
     """Time and GB/s per operation (bars for one token count, lines against tokens for a
     sweep), NCCL and the copy bound drawn where measured; shared-GPU runs say so."""
@@ -196,7 +200,10 @@ def plot(records: list[dict], path: str, title: str = "") -> str:
             ax.grid(True, alpha=0.3)
         ax_t.legend(fontsize=7)
     shared = any(r.get("shared_gpu") for r in records)
-    fig.suptitle((title + "\n" if title else "") + _header(records),
+    # The header is one long line (card, layout, caveats): wrapped to the figure's width, or
+    # its ends fall outside the image.
+    header = "\n".join(textwrap.wrap(_header(records), SUPTITLE_CHARS))
+    fig.suptitle((title + "\n" if title else "") + header,
                  fontsize=9, color="tab:red" if shared else "black")
     if shared:
         fig.text(0.5, 0.5, "SHARED GPU", fontsize=48, color="tab:red", alpha=0.15,
