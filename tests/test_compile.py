@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from epgen import jit
+from epgen import formats, jit
+from epgen.jit import specs
 from epgen.cache import Cache
 from epgen.jit.compiler import CompileError
 from epgen.jit.specs import (InternodeCombineSpec, InternodeDispatchSpec, InternodeNotifySpec, LayoutSpec, LowLatencyBarrierSpec,
@@ -69,6 +70,23 @@ SPECS = [
     InternodeCombineSpec(hidden=2880, num_topk=16, num_ranks=8, ranks_per_node=4, num_biases=2),
     InternodeCombineSpec(hidden=4096, num_topk=0, num_ranks=8, ranks_per_node=2, num_biases=1),
 ]
+
+
+def _normal_format_specs():
+    """Every wire format at hidden 7168, 4096 and 2880 (partial last groups), through the
+    normal dispatch in a node and across nodes (2 x 2): the kernels keyed by the bytes a row
+    and its scales take (formats.WireFormat.data_bytes / scale_cols), as the ops build them."""
+    out = []
+    for name in formats.FORMATS:
+        fmt = formats.get(name)
+        for h in (7168, 4096, 2880):
+            row, cols = fmt.data_bytes(h), fmt.scale_cols(h)
+            out += [specs.normal_dispatch_rows_spec(row, cols, 8, 64, 4),
+                    specs.internode_dispatch_spec(row, cols, 8, 4, 2)]
+    return [s for s in dict.fromkeys(out) if s not in SPECS]
+
+
+SPECS += _normal_format_specs()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ handle, the uncached dispatch (every output and DeepEP's internode handle), the 
 through that handle (also with rows of another width: a ring-layout change), the one sized by
 num_worst_tokens, and the combine through the handle (with weights and a bias); and, at one
 layout, a worst-sized dispatch + combine captured in a CUDA graph and replayed with fresh inputs;
-and dispatch + combine with each channel's roles spread over several blocks. Layouts: 2 nodes x
+and dispatch + combine with each channel's roles spread over several blocks; rows in every wire
+format (UE8M0, MXFP8, NVFP4, opaque), bytes compared. Layouts: 2 nodes x
 1, 2 x 2, 2 x 4, 4 x 2 (those whose rank count EPGEN_TEST_RANKS names)."""
 from __future__ import annotations
 
@@ -224,6 +225,64 @@ def _check_dispatch(buf, rank, world, L, E, K, T, routing, H, fp8, with_topk, cf
         assert torch.equal(g, e), f"worst handle.{field}: {g.tolist()} vs {e.tolist()}"
 
 
+# The wire formats across nodes (issue 16): rows and scales as the caller quantized them, moved
+# as bytes (the dispatch is keyed by their widths); (name, hidden, the wire_format passed: None
+# is DeepEP's call). UE8M0: int32 packed scales; MXFP8 / NVFP4 per-32 / per-16 byte scales,
+# NVFP4 with its global scale folded in; opaque: any byte rows plus a side row per token.
+FORMAT_CASES = [("fp8_ue8m0", 2880, None), ("mxfp8", 7168, "mxfp8"), ("nvfp4", 2880, "nvfp4"),
+                ("opaque", 4096, "opaque8192+12")]
+FORMAT_E, FORMAT_K, FORMAT_T = 64, 8, 211
+FORMAT_CASES_RUN = gpu_harness.select(FORMAT_CASES, [1, 2])     # quick tier: MXFP8, NVFP4
+
+
+def _format_rows(name, x):
+    """(data, scales) of BF16 rows `x` (CPU) in format `name`, as a caller hands them over."""
+    import torch
+    from epgen import reference as ref
+    if name == "fp8_ue8m0":
+        return ref.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
+    if name == "mxfp8":
+        data, scales = ref.mxfp8_quantize(x)
+        return data, ref.pack_scale_bytes(scales)
+    if name == "nvfp4":
+        data, block, glob = ref.nvfp4_quantize(x)
+        return data, ref.nvfp4_wire_scales(block, glob)
+    return x.view(torch.int16), x[:, :6].view(torch.int16).contiguous()      # opaque
+
+
+def _check_format(buf, rank, world, L, name, H, wire):
+    """An uncached dispatch (top-k) and a cached one through its handle of rows in format
+    `name`, against reference_internode: the rows' and the scales' bytes."""
+    import torch
+    import epgen
+    from epgen import reference_internode as iref
+    E, K, T = FORMAT_E, FORMAT_K, FORMAT_T
+    config = epgen.Config(*ROOMY)
+    C = config.num_sms // 2
+    cpu = [_inputs(r, world, L, E, K, T, "any", H, False, salt=3) for r in range(world)]
+    rows = [_format_rows(name, c[2]) for c in cpu]
+    in_ranks = [iref.get_dispatch_layout(c[0], E, world, L)[3] for c in cpu]
+    idx, w = cpu[rank][0].cuda(), cpu[rank][1].cuda()
+    mine = (rows[rank][0].cuda(), rows[rank][1].cuda())
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    recv, _, _, _, handle, _ = buf.dispatch(
+        mine, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=w, config=config, wire_format=wire)
+    again = buf.dispatch(mine, handle=handle, config=config, wire_format=wire)[0]
+    torch.cuda.synchronize()
+    buf.check_errors()
+    exp = iref.dispatch([r[0] for r in rows], [c[0] for c in cpu], [c[1] for c in cpu], E, rank,
+                        L, C, x_scales=[r[1] for r in rows], is_token_in_ranks=in_ranks)
+    for what, got in (("dispatch", recv), ("cached dispatch", again)):
+        assert isinstance(got, tuple), f"{what}: rows without their scales"
+        for part, g, e in (("rows", got[0], exp.recv_x), ("scales", got[1], exp.recv_x_scales)):
+            g = g.cpu()
+            assert g.shape == e.shape, f"{what} {part}: {tuple(g.shape)} != {tuple(e.shape)}"
+            assert torch.equal(_bits(g).view(torch.uint8), _bits(e).view(torch.uint8)), \
+                f"{what} {part} differ"
+
+
 # The CUDA graph case: (experts, top-k, tokens, hidden) of DISPATCH_CASES[0] (its kernels are
 # in tests/data/gpu-suites.yaml: nothing compiles, and a capture could not), BF16, ROOMY rings;
 # the warm-up's routing, then one per replay (each gives other counts: node 0 only leaves the
@@ -378,6 +437,12 @@ def _worker(rank, world, L, graph=False):
                     results.append((name, traceback.format_exc()))
                 finally:
                     os.environ.pop("EPGEN_INTERNODE_WARPS_PER_BLOCK", None)
+        for name, H, wire in FORMAT_CASES_RUN:
+            try:
+                _check_format(buf, rank, world, L, name, H, wire)
+                results.append((f"format_{name}_h{H}", "ok"))
+            except Exception:
+                results.append((f"format_{name}_h{H}", traceback.format_exc()))
         if graph:                        # last: a capture pins the ring layouts
             try:
                 _check_graph(buf, rank, world, L)

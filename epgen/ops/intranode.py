@@ -38,10 +38,6 @@ def wait_host_counts(ctx: OpsContext, counts: MappedHostArray, n: int) -> list[i
         time.sleep(0)
 
 
-def _is_cuda(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_cuda
-
-
 def check_rows(ctx, x, wire_format=None):
     """(x, scales or None, scale columns) of dispatch's x: rows of any element type that are
     a multiple of 16 bytes wide (the kernel moves bytes), or (x, scales) with 1-byte elements
@@ -208,9 +204,11 @@ class IntranodeOps:
                             f">= {total} B (Config.get_nvl_buffer_size_hint)")
         return channels, cap, CTRL_BYTES + (0 if op == "dispatch" else half)
 
-    def _notify_args(self, **kw) -> NotifyArgs:
+    def _notify_args(self, op: str = "dispatch notify", **kw) -> NotifyArgs:
+        """The notify kernel's arguments; `op` the name its errors carry (the barrier form:
+        "barrier")."""
         ctx = self.ctx
-        a = ctx.fill_error_fields(NotifyArgs(), "dispatch notify")
+        a = ctx.fill_error_fields(NotifyArgs(), op)
         a.nvl = ctx.nvl.addr
         a.peers = ctx.peer_table("nvl").data_ptr()
         for k, v in kw.items():
@@ -240,8 +238,7 @@ class IntranodeOps:
 
     def _barrier_if_needed(self, which: str, key, spec, notify, stream) -> None:
         if self._rings.switch(which, key):
-            a = self._notify_args(barrier_only=1, expert_alignment=1)
-            a.op = OP_CODES["barrier"]
+            a = self._notify_args("barrier", barrier_only=1, expert_alignment=1)
             notify.launch(1, spec.notify_threads, a, stream.cuda_stream)
 
     def _unpack_handle(self, handle, num_tokens: int | None = None):

@@ -1,8 +1,8 @@
 """Byte layout of the internode normal mode's RDMA region (ctx.rdma), and its size hint.
 
-Written down in docs/internals.md ("Internode normal mode"); the kernels that will use it do
-not exist yet, so this module is the layout's one definition for them and for
-Config.get_rdma_buffer_size_hint. Channels: C = num_sms // 2 (DeepEP's: a channel is an RDMA
+Written down in docs/internals.md ("Internode normal mode"); the one definition of it for the
+ops and Config.get_rdma_buffer_size_hint, the kernels' constants rendered from layout_facts
+(templates/internode_*.cuh). Channels: C = num_sms // 2 (DeepEP's: a channel is an RDMA
 sender SM and a forwarder SM; the internode handle's matrices have C columns). Nn nodes of L
 ranks. Ring slots per (channel, node): S = Config.rdma_ring_slots (num_max_rdma_chunked_recv_tokens
 rounded up to a multiple of num_max_rdma_chunked_send_tokens, so that one put of a chunk never
