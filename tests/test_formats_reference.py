@@ -162,6 +162,31 @@ def test_nvfp4_error_bound():
     assert bool(((y - x.float()).abs() <= 0.25 * x.float().abs() + 0.25 * sf).all())
 
 
+@pytest.mark.parametrize("H", [7168, 4096, 2880])
+def test_fp8_per_128_float_scales_match_independent_implementation(H):
+    """DeepEP's FP8 (e4m3, float32 scale_inv per 128 channels; 2880: a partial last group of
+    64), in numpy and ml_dtypes: amax clamped at 1e-4, scale_inv = amax / 448, the row times
+    1 / scale_inv clamped to +-448 and rounded to e4m3; with round_scale, scale_inv rounded up
+    to a power of two. Bit for bit, on rows with tiny and huge groups."""
+    g = torch.Generator().manual_seed(H)
+    x = (torch.randn(9, H, generator=g) * torch.logspace(-6, 4, 9).unsqueeze(1)).to(torch.bfloat16)
+    x[0, :128] = 0                                          # an all-zero group: amax clamps
+    xf = x.float().numpy()
+    S = -(-H // 128)
+    padded = np.pad(np.abs(xf), ((0, 0), (0, S * 128 - H)))
+    amax = np.maximum(padded.reshape(9, S, 128).max(axis=-1), np.float32(1e-4))
+    for round_scale in (False, True):
+        scale_inv = (amax / np.float32(448.0)).astype(np.float32)
+        if round_scale:
+            scale_inv = np.exp2(np.ceil(np.log2(scale_inv.astype(np.float64)))).astype(np.float32)
+        scale = (np.float32(1.0) / scale_inv).astype(np.float32)
+        y = np.clip(xf * np.repeat(scale, 128, axis=1)[:, :H], -448, 448).astype(np.float32)
+        q_exp = y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+        q, got_scale_inv = ref.per_token_cast_to_fp8(x, round_scale=round_scale)
+        assert np.array_equal(got_scale_inv.numpy(), scale_inv), f"round_scale={round_scale}"
+        assert np.array_equal(q.view(torch.uint8).numpy(), q_exp), f"round_scale={round_scale}"
+
+
 def test_ue8m0_packing_matches_ml_dtypes():
     x = torch.randn(3, 1000).to(torch.bfloat16)
     q, packed = ref.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
