@@ -1,6 +1,7 @@
 """Reliability on N GPUs (issue 14): refusals before launch (misaligned tensors; property-based
 argument checks), DeepEP's stream semantics in every order, counters across their wrap points,
-the CUDA-graph rules of normal mode, a rank 5 s late. Every result is compared with
+the CUDA-graph rules of normal mode, a rank 5 s late, a stale payload that reads as a header
+after a shape change (the layout tag). Every result is compared with
 epgen.reference after the Buffer's error word is read (buf.check_errors()). Faults on purpose
 (deadlines, poisoned outputs, a killed rank): tests/test_faults_gpu.py.
 
@@ -398,6 +399,41 @@ def _run_wrap(buf, rank, R, E, graphs):
                 raise AssertionError(f"low latency {mode}, {where}: {exc}") from exc
 
 
+# The epoch whose header words (epoch low, epoch high: ll_dispatch.cuh's message header) are
+# both STALE_WORD: every int32 word of the crafted payload below.
+STALE_WORD = 5
+STALE_EPOCH = (STALE_WORD << 32) | STALE_WORD
+STALE_H, STALE_M, STALE_T = H // 2, 96, 40      # the smaller layout, and its tokens per rank
+
+
+def _run_stale_layout(buf, rank, R, E):
+    """Review T4 / R5: payload bytes that read as a header of the current epoch are not taken
+    for one after a shape change (messages carry a layout tag). The dispatch epoch is set so
+    that call 3 runs at STALE_EPOCH; call 1, two calls before it in the same half, sends rows
+    whose every int32 word is STALE_WORD at (H, M); call 3, at (H / 2, 96) with 40 tokens a
+    rank, scans slots where that payload lies at its header offsets: epoch low and high,
+    token, entry count and entries (expert 0, slot 5) all look valid, only the tag is not.
+    Every call against the golden model."""
+    import torch
+    from epgen import reference as ref
+    buf._set_counters_for_test(ll_epoch=STALE_EPOCH - 3)
+    crafted = torch.full((M, H // 2), STALE_WORD, dtype=torch.int32, device="cuda").view(
+        torch.bfloat16)
+    calls = [(H, M, M, crafted), (H, M, M, None), (STALE_H, STALE_M, STALE_T, None)]
+    for i, (h, m, t, x) in enumerate(calls):
+        ins = llt._all_inputs(4900 + i, R, [t] * R, h, K, E)
+        xs = [x if x is not None else xr for xr, _, _ in ins]
+        recv, count, handle, _, _ = buf.low_latency_dispatch(xs[rank], ins[rank][1], m, E,
+                                                             use_fp8=False)
+        torch.cuda.synchronize()
+        buf.check_errors()
+        try:
+            ref.check_low_latency_dispatch(xs, [idx for _, idx, _ in ins], E, rank, m, recv,
+                                           count, handle[0], handle[1])
+        except AssertionError as exc:
+            raise AssertionError(f"call {i + 1} (hidden {h}, max tokens {m}): {exc}") from exc
+
+
 # ---------------------------------------------------------------------------------- item 6
 def _capture_raises(fn, *needles):
     import torch
@@ -608,7 +644,7 @@ def share_sms():
 
 # the quick tier: every job but the 5 s late rank (10 s of sleeps; the deadline suites cover
 # waits on a peer)
-QUICK = [0, 1, 2, 3, 4, 5, 7, 8]
+QUICK = [0, 1, 2, 3, 4, 5, 7, 8, 9]
 
 
 def _worker(rank, world):
@@ -650,6 +686,8 @@ def _jobs(rank, world):
         ("a rank 5 s late (within the deadline)", lambda: _run_late_rank(buf, rank, world, E)),
         ("counters and epochs across their wrap points",
          lambda: _run_wrap(buf, rank, world, E, graphs())),
+        ("a stale payload that reads as a header after a shape change is not taken",
+         lambda: _run_stale_layout(buf, rank, world, E)),
     ]
     jobs.append(("normal mode under CUDA graphs: layout rules (runs last: pins the layout)",
                  lambda: _run_graph_layout(buf, rank, world, E)))
