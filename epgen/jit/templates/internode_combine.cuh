@@ -111,7 +111,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
             int ok = 1;
             if (lane == 0)
                 ok = idisp::wait_ring(err, my_node * L + j, me, s, kWaitNvlSpace,
-                                [&] { return ld_acquire_sys(headp) - (tail + 1 - cap) >= 0; });
+                                      [&] { return ld_acquire_sys(headp) - (tail + 1 - cap) >= 0; });
             if (!__shfl_sync(0xffffffffu, ok, 0)) break;
             char* rec = ring + (tail % cap) * kRec;
             warp_copy<kHV, copy_unroll<kHV>(), true>(reinterpret_cast<int4*>(rec),
@@ -162,7 +162,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
                 const long long* tk = nvl_word(nvl, kTailN, lane, m);
                 const long long want = nv_head;
                 ok = idisp::wait_ring(err, my_node * L + lane, me, owner, kWaitNvlData,
-                                [&] { return ld_acquire_sys(tk) - want > 0; });
+                                      [&] { return ld_acquire_sys(tk) - want > 0; });
             }
             if (__ballot_sync(0xffffffffu, !ok)) { dead = true; break; }
             __syncwarp();
@@ -170,7 +170,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
                 limit = (int)min((long long)a.rdma_chunk, slots - tail % slots);
                 if (lane == 0)
                     ok = idisp::wait_ring(err, owner, me, -1, kWaitRdmaCredit,
-                                    [&] { return ld_acquire_sys(credit) - (tail + limit - slots) >= 0; });
+                                          [&] { return ld_acquire_sys(credit) - (tail + limit - slots) >= 0; });
                 if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
             }
             char* out = stage + (tail % slots) * kRec;
@@ -230,7 +230,7 @@ __device__ __forceinline__ void internode_combine_kernel(const InternodeCombineA
                 const long long* tn = rdma_word(rdma, kTail, lane);
                 const long long want = head;
                 ok = idisp::wait_ring(err, lane * L + my_local, me, -1, kWaitRdmaData,
-                                [&] { return ld_acquire_sys(tn) - want > 0; });
+                                      [&] { return ld_acquire_sys(tn) - want > 0; });
             }
             if (__ballot_sync(0xffffffffu, !ok)) { dead = true; break; }
             __syncwarp();

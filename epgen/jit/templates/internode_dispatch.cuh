@@ -132,7 +132,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     int ok = 1;
                     if (lane == 0)
                         ok = wait_ring(err, dst, me, -1, kWaitRdmaCredit,
-                                        [&] { return ld_acquire_sys(head) - (tail + limit - slots) >= 0; });
+                                       [&] { return ld_acquire_sys(head) - (tail + limit - slots) >= 0; });
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
                 }
                 char* rec = stage + (tail % slots) * kRec;
@@ -203,7 +203,7 @@ __device__ __forceinline__ void internode_dispatch_kernel(const InternodeDispatc
                     if (lane == 0) {
                         const long long* fhead = nvl_word(nvl, kFwdHead, k, m);
                         ok = wait_ring(err, my_node * L + k, me, src, kWaitNvlSpace,
-                                        [&] { return ld_acquire_sys(fhead) - (tk + 1 - cap) >= 0; });
+                                       [&] { return ld_acquire_sys(fhead) - (tk + 1 - cap) >= 0; });
                     }
                     if (!__shfl_sync(0xffffffffu, ok, 0)) { dead = true; break; }
                     char* peer = peer_nvl(k);
