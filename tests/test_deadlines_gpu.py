@@ -1,4 +1,5 @@
-"""Deadlines fired on purpose, in every kernel family: the last rank sits one call out, the
+"""Deadlines fired on purpose, in every kernel family (the per-rank LL combine and the clean's
+barrier included, and internode over two virtual nodes): the last rank sits one call out, the
 others' kernels wait for it until EPGEN_TIMEOUT_S, and then each live rank gets the
 EpgenDeviceError naming itself, the operation and the silent peer; nothing faults (the CUDA
 context stays usable), destroy() returns, and fresh Buffers then give correct results.
@@ -122,15 +123,33 @@ def _family_ll_dispatch(rank, R, silent, hook=False):
     return buf
 
 
-def _family_ll_combine(rank, R, silent):
+def _family_ll_combine(rank, R, silent, per_rank=False):
+    """per_rank: EPGEN_LL_COMBINE=per_rank (asserted to run that kernel at this shape), whose
+    send half waits for every rank's routes before any partial goes out."""
     import torch
+    from epgen.ops.low_latency import combine_runs_per_rank
     buf, E = _ll_buffer(R)
     x, idx, w = _ll_inputs(rank, E)
     recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
     torch.cuda.synchronize()
     buf.check_errors()
+    if per_rank:
+        os.environ["EPGEN_LL_COMBINE"] = "per_rank"
+    try:
+        assert not per_rank or combine_runs_per_rank(M, H, R, E, idx.size(1), False, False), \
+            "the per-rank combine does not run at this shape"
+        if not silent:
+            _gives_up(lambda: buf.low_latency_combine(recv, idx, w, handle))
+    finally:
+        os.environ.pop("EPGEN_LL_COMBINE", None)
+    return buf
+
+
+def _family_ll_clean(rank, R, silent):
+    """clean_low_latency_buffer without enable_shrink: a full barrier."""
+    buf, E = _ll_buffer(R)
     if not silent:
-        _gives_up(lambda: buf.low_latency_combine(recv, idx, w, handle))
+        _gives_up(lambda: buf.clean_low_latency_buffer(M, H, E))
     return buf
 
 
@@ -190,6 +209,9 @@ FAMILIES = [
     ("low_latency_dispatch through the receive hook",
      lambda r, R, s: _family_ll_dispatch(r, R, s, hook=True), "low_latency_dispatch", False),
     ("low_latency_combine", _family_ll_combine, "low_latency_combine", False),
+    ("low_latency_combine, the per-rank kernel",
+     lambda r, R, s: _family_ll_combine(r, R, s, per_rank=True), "low_latency_combine", True),
+    ("clean_low_latency_buffer", _family_ll_clean, "clean_low_latency_buffer", False),
     ("internode dispatch notify (two virtual nodes)",
      lambda r, R, s: _family_internode(r, R, s, "notify"), "dispatch notify", True),
     ("internode cached dispatch (two virtual nodes)",
@@ -200,8 +222,8 @@ FAMILIES = [
 
 
 # the quick tier: one wait site per kernel family (the hooked receive is the dispatch kernel's
-# receive phase, covered by low_latency_dispatch)
-QUICK = [0, 1, 2, 3, 4, 6, 8]
+# receive phase, covered by low_latency_dispatch; the clean is the barrier kernel's only use)
+QUICK = [0, 1, 2, 3, 4, 6, 7, 8, 10]
 
 
 def _expect_deadline(buf, rank, R, op, cascade=False):
