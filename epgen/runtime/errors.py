@@ -7,6 +7,8 @@ receive hook stay intact.
 """
 from __future__ import annotations
 
+import time
+
 from ..jit import layout_facts
 from .hostmem import MappedHostArray
 
@@ -48,9 +50,17 @@ class ErrorWord:
     def raised(self) -> bool:
         return self.words[layout_facts.ERR_FIELD_CODE] != 0
 
+    # The kernel that wins the code's compare-and-swap writes the other fields after it
+    # (templates/common.cuh report_error), so the host can see the code first: it waits this
+    # long for the op field (op codes start at 1) before it reports what it has.
+    FIELDS_WAIT_S = 0.1
+
     def check(self) -> None:
         w = self.words
         if w[layout_facts.ERR_FIELD_CODE] != 0:
+            deadline = time.monotonic() + self.FIELDS_WAIT_S
+            while w[layout_facts.ERR_FIELD_OP] == 0 and time.monotonic() < deadline:
+                time.sleep(0)
             raise EpgenDeviceError(*(w[i] for i in FIELDS))
 
     def free(self) -> None:
