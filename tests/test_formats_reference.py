@@ -187,6 +187,27 @@ def test_fp8_per_128_float_scales_match_independent_implementation(H):
         assert np.array_equal(q.view(torch.uint8).numpy(), q_exp), f"round_scale={round_scale}"
 
 
+def test_fp8_cast_against_deepeps_kernel_formula():
+    """DeepEP's low-latency kernel (567632d, calculate_fp8_scales) takes scale_inv = amax *
+    float32(1 / 448) and multiplies by 448 / amax; epgen divides once (amax / 448) and
+    multiplies by the reciprocal of that. The difference, stated in README "Differences from
+    DeepEP V1": scale_inv at most one float32 ulp apart, values at most one e4m3 step apart, in
+    well under 0.1 % of the elements (review R10)."""
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(512, 7168, generator=g) * torch.logspace(-4, 3, 512).unsqueeze(1)).to(
+        torch.bfloat16)
+    q, scale_inv = ref.per_token_cast_to_fp8(x)
+    xf = x.float().numpy()
+    amax = np.maximum(np.abs(xf).reshape(512, 56, 128).max(axis=-1), np.float32(1e-4))
+    deepep_scale_inv = (amax * np.float32(1.0 / 448.0)).astype(np.float32)
+    deepep_q = np.clip(xf * np.repeat((np.float32(448.0) / amax).astype(np.float32), 128, axis=1),
+                       -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    ulps = np.abs(deepep_scale_inv.view(np.int32) - scale_inv.numpy().view(np.int32))
+    steps = np.abs(deepep_q.astype(np.int32) - q.view(torch.uint8).numpy().astype(np.int32))
+    assert ulps.max() <= 1 and steps.max() <= 1
+    assert 0 < (steps > 0).mean() < 1e-3, (steps > 0).mean()
+
+
 def test_ue8m0_packing_matches_ml_dtypes():
     x = torch.randn(3, 1000).to(torch.bfloat16)
     q, packed = ref.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
