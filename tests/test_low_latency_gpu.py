@@ -181,6 +181,15 @@ CASES = [
 ]
 
 
+# Edge cases (review T11), full tier only: rank 0 sends no tokens, rank 1 sends tokens that
+# go nowhere; every rank still receives and combines.
+EDGE_CASES = [
+    ("bf16 h2880 k16 rank0 no tokens, rank1 all -1", 2880, 16, False, False, False, False,
+     {"empty_rank": True, "all_dropped": True}),
+    ("fp8 h7168 k8 hook rank0 no tokens, rank1 all -1", 7168, 8, True, False, False, True,
+     {"empty_rank": True, "all_dropped": True}),
+]
+
 QUICK = [1, 7, 10]         # the quick tier: FP8 hooked, zero-copy async, FP8 graph replays
 # and, after them, the NVSHMEM-put path (enable_shrink is in the conformance suite's quick tier)
 QUICK_AFTER = [1]
@@ -193,7 +202,11 @@ def _run_case(buf, rank, R, E, cid, name, H, K, fp8, rs, ue, hook, extra):
         tokens[0] = 5
     if not extra.get("few"):
         tokens[-1] = M - 3
+    if extra.get("empty_rank"):
+        tokens[0] = 0                      # a rank with no tokens at all
     ins = _all_inputs(cid, R, tokens, H, K, E, only_rank0=extra.get("only_rank0", False))
+    if extra.get("all_dropped"):           # a rank whose tokens all go nowhere (top-k all -1)
+        ins[1] = (ins[1][0], torch.full_like(ins[1][1], -1), ins[1][2])
     x, idx, w = ins[rank]
     _poison()
     El = E // R
@@ -661,6 +674,8 @@ def _worker(rank, world):
     first_opaque = len(jobs)
     jobs += [(c[0], lambda c=c, i=i: _run_opaque_case(buf, rank, world, E, 800 + i, *c))
              for i, c in enumerate(OPAQUE_CASES)]
+    jobs += [(c[0], lambda c=c, i=i: _run_case(buf, rank, world, E, 900 + i, *c))
+             for i, c in enumerate(EDGE_CASES)]
     _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE] +
                                  list(range(first_layout, first_opaque)) + [first_opaque]),
               results)

@@ -1,9 +1,9 @@
 """Reliability on N GPUs (issue 14): refusals before launch (misaligned tensors; property-based
 argument checks), DeepEP's stream semantics in every order, counters across their wrap points,
 the CUDA-graph rules of normal mode, a rank 5 s late, a stale payload that reads as a header
-after a shape change (the layout tag). Every result is compared with
-epgen.reference after the Buffer's error word is read (buf.check_errors()). Faults on purpose
-(deadlines, poisoned outputs, a killed rank): tests/test_faults_gpu.py.
+after a shape change (the layout tag), a combine on other SMs than its dispatch. Every result
+is compared with epgen.reference after the Buffer's error word is read (buf.check_errors()).
+Faults on purpose (deadlines, poisoned outputs, a killed rank): tests/test_faults_gpu.py.
 
 One Buffer per worker holds both regions, so the layout, normal and low-latency families share
 its stream bookkeeping, as a user's Buffer does.
@@ -399,6 +399,28 @@ def _run_wrap(buf, rank, R, E, graphs):
                 raise AssertionError(f"low latency {mode}, {where}: {exc}") from exc
 
 
+def _run_combine_channels_apart(buf, rank, R, E):
+    """Review T8: a combine's channels are its own config's, not its dispatch's: combine with
+    fewer and with more SMs than the dispatch (6 after 16, 16 after 6; at most this rank's
+    share where ranks share a GPU), each result against the golden model (the ring-layout
+    change between them runs its barrier first)."""
+    import torch
+    import epgen
+    share = gpu_harness.usable_sms(16)[0]
+    for cid, (d_sms, c_sms) in enumerate(((share, 6), (6, share))):
+        ins = _normal_inputs(4800 + cid, R, E)
+        out = _normal_dispatch(buf, rank, ins, E, config=epgen.Config(d_sms, 8, 256, 6, 128))
+        y = (out[0].float() * 0.5).to(torch.bfloat16)
+        combined, _, _ = buf.combine(y, out[4], config=epgen.Config(c_sms, 8, 256, 6, 128))
+        torch.cuda.synchronize()
+        buf.check_errors()
+        try:
+            _check_normal_dispatch(rank, ins, E, out)
+            _check_normal_combine(rank, ins, E, R, _gather_var(y), combined)
+        except AssertionError as exc:
+            raise AssertionError(f"dispatch on {d_sms} SMs, combine on {c_sms}: {exc}") from exc
+
+
 # The epoch whose header words (epoch low, epoch high: ll_dispatch.cuh's message header) are
 # both STALE_WORD: every int32 word of the crafted payload below.
 STALE_WORD = 5
@@ -644,7 +666,7 @@ def share_sms():
 
 # the quick tier: every job but the 5 s late rank (10 s of sleeps; the deadline suites cover
 # waits on a peer)
-QUICK = [0, 1, 2, 3, 4, 5, 7, 8, 9]
+QUICK = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]
 
 
 def _worker(rank, world):
@@ -688,6 +710,8 @@ def _jobs(rank, world):
          lambda: _run_wrap(buf, rank, world, E, graphs())),
         ("a stale payload that reads as a header after a shape change is not taken",
          lambda: _run_stale_layout(buf, rank, world, E)),
+        ("a combine on other SMs than its dispatch",
+         lambda: _run_combine_channels_apart(buf, rank, world, E)),
     ]
     jobs.append(("normal mode under CUDA graphs: layout rules (runs last: pins the layout)",
                  lambda: _run_graph_layout(buf, rank, world, E)))
