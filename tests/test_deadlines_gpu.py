@@ -1,8 +1,9 @@
-"""Deadlines fired on purpose, in every kernel family (the per-rank LL combine and the clean's
-barrier included, and internode over two virtual nodes): the last rank sits one call out, the
-others' kernels wait for it until EPGEN_TIMEOUT_S, and then each live rank gets the
-EpgenDeviceError naming itself, the operation and the silent peer; nothing faults (the CUDA
-context stays usable), destroy() returns, and fresh Buffers then give correct results.
+"""Deadlines fired on purpose, in every kernel family (the per-rank LL combine, the clean's
+barrier, low latency over NVSHMEM puts without NVLink, and internode over two virtual nodes
+included): the last rank sits one call out, the others' kernels wait for it until
+EPGEN_TIMEOUT_S, and then each live rank gets the EpgenDeviceError naming itself, the
+operation and the silent peer; nothing faults (the CUDA context stays usable), destroy()
+returns, and fresh Buffers then give correct results.
 
 Each family runs on a Buffer of its own (a Buffer is unusable after a device error). The silent
 rank never frees the Buffer its peers gave up on (freeing symmetric memory is collective, and
@@ -95,12 +96,15 @@ def _family_combine(rank, R, silent):
     return buf
 
 
-def _ll_buffer(R):
+def _ll_buffer(R, nvlink=True):
+    """nvlink=False: allow_nvlink_for_low_latency_mode=False, every peer through NVSHMEM puts
+    with signals (the path peers on other nodes take), whose waits are epgen's own too."""
     import torch.distributed as dist
     import epgen
     E = 4 * R
     return epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, R, E),
-                        low_latency_mode=True, explicitly_destroy=True), E
+                        low_latency_mode=True, explicitly_destroy=True,
+                        allow_nvlink_for_low_latency_mode=nvlink), E
 
 
 def _ll_inputs(rank, E):
@@ -112,8 +116,8 @@ def _ll_inputs(rank, E):
     return x, idx, w
 
 
-def _family_ll_dispatch(rank, R, silent, hook=False):
-    buf, E = _ll_buffer(R)
+def _family_ll_dispatch(rank, R, silent, hook=False, nvlink=True):
+    buf, E = _ll_buffer(R, nvlink)
     x, idx, w = _ll_inputs(rank, E)
     if not silent:
         out = _gives_up(lambda: buf.low_latency_dispatch(x, idx, M, E, use_fp8=True,
@@ -123,12 +127,12 @@ def _family_ll_dispatch(rank, R, silent, hook=False):
     return buf
 
 
-def _family_ll_combine(rank, R, silent, per_rank=False):
+def _family_ll_combine(rank, R, silent, per_rank=False, nvlink=True):
     """per_rank: EPGEN_LL_COMBINE=per_rank (asserted to run that kernel at this shape), whose
     send half waits for every rank's routes before any partial goes out."""
     import torch
     from epgen.ops.low_latency import combine_runs_per_rank
-    buf, E = _ll_buffer(R)
+    buf, E = _ll_buffer(R, nvlink)
     x, idx, w = _ll_inputs(rank, E)
     recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
     torch.cuda.synchronize()
@@ -212,6 +216,10 @@ FAMILIES = [
     ("low_latency_combine, the per-rank kernel",
      lambda r, R, s: _family_ll_combine(r, R, s, per_rank=True), "low_latency_combine", True),
     ("clean_low_latency_buffer", _family_ll_clean, "clean_low_latency_buffer", False),
+    ("low_latency_dispatch over NVSHMEM puts (no NVLink)",
+     lambda r, R, s: _family_ll_dispatch(r, R, s, nvlink=False), "low_latency_dispatch", False),
+    ("low_latency_combine over NVSHMEM puts (no NVLink)",
+     lambda r, R, s: _family_ll_combine(r, R, s, nvlink=False), "low_latency_combine", False),
     ("internode dispatch notify (two virtual nodes)",
      lambda r, R, s: _family_internode(r, R, s, "notify"), "dispatch notify", True),
     ("internode cached dispatch (two virtual nodes)",
@@ -223,7 +231,7 @@ FAMILIES = [
 
 # the quick tier: one wait site per kernel family (the hooked receive is the dispatch kernel's
 # receive phase, covered by low_latency_dispatch; the clean is the barrier kernel's only use)
-QUICK = [0, 1, 2, 3, 4, 6, 7, 8, 10]
+QUICK = [0, 1, 2, 3, 4, 6, 7, 8, 9, 12]
 
 
 def _expect_deadline(buf, rank, R, op, cascade=False):
