@@ -120,13 +120,15 @@ assert LL_ROUTES_SIG_OFF + 2 * LL_MAX_RANK_SIG * 8 <= LL_DATA_OFF
 LL_HEADER_FIXED = 16              # a message header's fixed part (token, epoch, n), then n entries
 
 
-def _align16(v: int) -> int:
-    return (v + 15) // 16 * 16
+def align_up(v: int, a: int) -> int:
+    """v rounded up to a multiple of a (the one rounding rule of every layout here and in
+    epgen/regions)."""
+    return (v + a - 1) // a * a
 
 
 def ll_header_bytes(num_topk: int) -> int:
     """A dispatch message header with room for num_topk entries (ll_dispatch.cuh kHdr)."""
-    return _align16(LL_HEADER_FIXED + 4 * num_topk)
+    return align_up(LL_HEADER_FIXED + 4 * num_topk, 16)
 
 
 LL_HEADER_MAX = ll_header_bytes(MAX_TOPK)
@@ -137,11 +139,11 @@ def ll_payload_bytes(hidden: int, use_fp8: bool, wire_format: str = "") -> int:
     128 channels, 16-byte padded; MXFP8: e4m3 row + a float 2^X per 32; NVFP4: packed row + its
     wire scale words (block-scale bytes four per word, then the global scale); or the BF16 row."""
     if wire_format == "mxfp8":
-        return _align16(hidden + 4 * (hidden // 32))
+        return align_up(hidden + 4 * (hidden // 32), 16)
     if wire_format == "nvfp4":
-        return _align16(hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1))
+        return align_up(hidden // 2 + 4 * ((hidden // 16 + 3) // 4 + 1), 16)
     if use_fp8:
-        return _align16(hidden + 4 * num_scales(hidden))
+        return align_up(hidden + 4 * num_scales(hidden), 16)
     return 2 * hidden
 
 
@@ -167,10 +169,6 @@ def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
     """A token's send staging (ll_dispatch.cuh: payload, then a header per destination rank),
     for the largest message."""
     return ll_payload_bytes(hidden, False) + min(MAX_TOPK, num_ranks) * LL_HEADER_MAX
-
-
-def _align256(v: int) -> int:
-    return (v + 255) // 256 * 256
 
 
 def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
@@ -199,11 +197,11 @@ def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dic
       comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
                  buffer; staging of NVSHMEM puts"""
     disp_recv = LL_DATA_OFF
-    disp_send = _align256(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden))
-    comb_recv = _align256(disp_send + M * ll_staging_bytes(hidden, num_ranks))
+    disp_send = align_up(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden), 256)
+    comb_recv = align_up(disp_send + M * ll_staging_bytes(hidden, num_ranks), 256)
     slots = num_experts * M * ll_combine_slot_bytes(hidden)
-    comb_send = _align256(comb_recv + 2 * slots)
-    end = _align256(comb_send + slots)
+    comb_send = align_up(comb_recv + 2 * slots, 256)
+    end = align_up(comb_send + slots, 256)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
                 comb_send=comb_send, end=end)
 
@@ -216,8 +214,8 @@ def ll_per_rank_half_bytes(M: int, hidden: int, num_ranks: int, num_topk: int) -
     half_bytes): routes [R][M][K], partials [R][M][H] bf16, route staging [M][K], partial
     staging [R][M][H]."""
     rows = num_ranks * M * 2 * hidden
-    return (_align256(num_ranks * M * num_topk * LL_ROUTE_BYTES) + rows
-            + _align256(M * num_topk * LL_ROUTE_BYTES) + rows)
+    return (align_up(num_ranks * M * num_topk * LL_ROUTE_BYTES, 256) + rows
+            + align_up(M * num_topk * LL_ROUTE_BYTES, 256) + rows)
 
 
 @dataclass(frozen=True)

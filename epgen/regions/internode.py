@@ -40,14 +40,11 @@ from __future__ import annotations
 import os
 
 from ..jit import layout_facts
+from ..jit.layout_facts import align_up
 from ..jit.specs import MAX_EXPERTS, MAX_TOPK
 
 ALIGN = 4096
 _MAX_RANKS_PER_NODE_DEFAULT = 8     # DeepEP's NUM_MAX_NVL_PEERS, when nothing says otherwise
-
-
-def _align(v: int, a: int = ALIGN) -> int:
-    return (v + a - 1) // a * a
 
 
 # Record sizes are layout_facts' (the internode dispatch's unit static_asserts its side).
@@ -68,7 +65,7 @@ WORD = 8                                         # bytes of a control word (uint
 
 def control_bytes(num_nodes: int) -> int:
     """uint64 [CTRL_WORDS][Nn][MAX_CHANNELS]: four words per (node, channel) for each direction."""
-    return _align(CTRL_WORDS * WORD * num_nodes * MAX_CHANNELS)
+    return align_up(CTRL_WORDS * WORD * num_nodes * MAX_CHANNELS, ALIGN)
 
 
 def notify_max_bytes(num_ranks: int) -> int:
@@ -92,7 +89,8 @@ def rdma_half(nbytes: int, num_ranks: int, num_nodes: int) -> int:
 
 def rdma_need(config, num_ranks: int, num_nodes: int, record: int) -> int:
     """num_rdma_bytes a call with this config and record needs: both halves hold its rings."""
-    return rdma_ring_offset(num_ranks, num_nodes) + 2 * _align(2 * rdma_rings_bytes(config, num_nodes, record))
+    return (rdma_ring_offset(num_ranks, num_nodes)
+            + 2 * align_up(2 * rdma_rings_bytes(config, num_nodes, record), ALIGN))
 
 
 def rdma_rings_bytes(config, num_nodes: int, record: int) -> int:
@@ -112,7 +110,7 @@ def nvl_done_offset(num_ranks: int) -> int:
 
 
 def nvl_ring_offset(num_ranks: int) -> int:
-    return _align(nvl_done_offset(num_ranks) + 16)
+    return align_up(nvl_done_offset(num_ranks) + 16, ALIGN)
 
 
 def nvl_half(nbytes: int, num_ranks: int) -> int:
@@ -121,7 +119,7 @@ def nvl_half(nbytes: int, num_ranks: int) -> int:
 
 def nvl_need(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
     return nvl_ring_offset(num_nodes * ranks_per_node) + \
-        2 * _align(nvl_rings_bytes(config, num_nodes, ranks_per_node, record))
+        2 * align_up(nvl_rings_bytes(config, num_nodes, ranks_per_node, record), ALIGN)
 
 
 def nvl_rings_bytes(config, num_nodes: int, ranks_per_node: int, record: int) -> int:
@@ -130,7 +128,7 @@ def nvl_rings_bytes(config, num_nodes: int, ranks_per_node: int, record: int) ->
 
 def half_bytes(config, num_nodes: int, record: int) -> int:
     rings = num_nodes * (config.num_sms // 2) * config.rdma_ring_slots * record
-    return 2 * _align(rings)                        # recv + send
+    return 2 * align_up(rings, ALIGN)                     # recv + send
 
 
 def region_bytes(config, num_nodes: int, ranks_per_node: int, record: int,
@@ -168,5 +166,5 @@ def rdma_buffer_size_hint(config, hidden_bytes: int, num_ranks: int,
     scale_cols = layout_facts.num_scales(hidden_bytes)
     record = max(dispatch_record_bytes(hidden_bytes, scale_cols, MAX_TOPK, L),
                  combine_record_bytes(max(1, hidden_bytes // 2), MAX_TOPK))
-    return _align(region_bytes(config, num_ranks // L, L, record, MAX_EXPERTS // num_ranks),
-                  1 << 20)
+    return align_up(region_bytes(config, num_ranks // L, L, record, MAX_EXPERTS // num_ranks),
+                    1 << 20)

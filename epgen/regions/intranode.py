@@ -8,6 +8,7 @@ records of one layout (channels, slots, record bytes); ops/intranode.py places a
 from __future__ import annotations
 
 from ..jit import layout_facts
+from ..jit.layout_facts import align_up
 from ..jit.specs import MAX_TOPK
 
 # The control area and the control words the test-only counter hook writes: defined in
@@ -23,10 +24,6 @@ MIN_CAP = layout_facts.NORMAL_MIN_RING_SLOTS   # one combine reducer batch + one
 
 dispatch_record_bytes = layout_facts.normal_dispatch_record_bytes   # DispatchCfg::kRec
 combine_record_bytes = layout_facts.normal_combine_record_bytes     # CombineCfg::kRec
-
-
-def align(v: int, a: int = 256) -> int:
-    return (v + a - 1) // a * a
 
 
 def ring_slots(config) -> int:
@@ -49,4 +46,5 @@ def nvl_buffer_size_hint(config, hidden_bytes: int, num_ranks: int) -> int:
     """Bytes of num_nvl_bytes for calls with this config (BF16 rows of hidden_bytes, top-k <= 32)."""
     hidden = max(1, hidden_bytes // 2)
     rec = max(dispatch_record_bytes(2 * hidden, 0, MAX_TOPK), combine_record_bytes(hidden, MAX_TOPK))
-    return align(CTRL_BYTES + 2 * align(ring_bytes(config, num_ranks, rec)) + 512, 1 << 20)
+    return align_up(CTRL_BYTES + 2 * align_up(ring_bytes(config, num_ranks, rec), 256) + 512,
+                    1 << 20)
