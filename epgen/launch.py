@@ -286,6 +286,9 @@ def _worker(rank, placement, port, env, tasks, results):
             dist.init_process_group("gloo", rank=rank, world_size=placement.world)
         stamps["group"] = time.time()
         while (task := tasks.get()) is not None:
+            if task == ABANDON:
+                _abandon_nvshmem()
+                break
             task_id, fn, args = task
             saved_env, before = dict(os.environ), _runtime_clocks()
             stamps["began"] = time.time()
@@ -302,7 +305,7 @@ def _worker(rank, placement, port, env, tasks, results):
                 stamps.update(_runtime_spent(before))
             except Exception:  # noqa: BLE001 - timings are never worth a lost report
                 pass
-            ends = status != "ok" or _nvshmem_unusable()
+            ends = UNUSABLE if _nvshmem_unusable() else "failed" if status != "ok" else ""
             results.put((task_id, rank, status, out, stamps, ends))
             stamps = {}                     # set-up stamps go with the first task only
             if ends:
@@ -335,6 +338,23 @@ def _nvshmem_unusable() -> bool:
     nvshmem = sys.modules.get("epgen.runtime.nvshmem")
     host = nvshmem.current() if nvshmem is not None else None
     return getattr(host, "stuck", None) is not None
+
+
+# A rank's result says why its process ends after the task: UNUSABLE when its NVSHMEM is
+# stuck (a collective given up). The pool then sends the other ranks ABANDON instead of the
+# end of their tasks: their NVSHMEM's finalize is collective with the stuck rank, which never
+# joins, so each waited its 20 s out at exit (bench/NOTES.md, session 13); they skip it.
+UNUSABLE = "nvshmem unusable"
+ABANDON = "abandon"
+
+
+def _abandon_nvshmem() -> None:
+    """Mark this process's NVSHMEM as one no collective may be called on (its finalize is
+    then skipped at exit): a peer's is stuck, so the world's is of no use."""
+    nvshmem = sys.modules.get("epgen.runtime.nvshmem")
+    host = nvshmem.current() if nvshmem is not None else None
+    if host is not None and getattr(host, "stuck", None) is None:
+        host.stuck = "a peer's NVSHMEM is unusable (the pool abandons this world)"
 
 
 FAIL_FAST_GRACE_S = 45.0
@@ -411,6 +431,7 @@ class RankPool:
         got: dict[int, tuple] = {}
         stamps: dict[int, dict] = {}
         ending: set[int] = set()          # ranks whose process ends after this task
+        abandon = False                   # a rank's NVSHMEM is stuck: the world's is of no use
         failed = False
         while len(got) < self.world and time.monotonic() < deadline:
             try:
@@ -431,6 +452,7 @@ class RankPool:
                 failed = failed or status != "ok"
                 if ends:
                     ending.add(rank)
+                    abandon = abandon or ends == UNUSABLE
             if failed:
                 # a rank raised or died: its peers get FAIL_FAST_GRACE_S to report (their
                 # device waits end at EPGEN_TIMEOUT_S), not the whole timeout in a host wait
@@ -451,7 +473,7 @@ class RankPool:
             # killing some while the others sat in its barrier made those report an illegal
             # memory access, bench/NOTES.md, session 12); a rank that did not answer may sit
             # in a collective: kill them all
-            self.close(phases, kill=bool(missing))
+            self.close(phases, kill=bool(missing), abandon=abandon)
             if mps_log:
                 errors.append(f"MPS control log (last lines):\n{mps_log}")
             raise AssertionError(f"[{p.describe()}]\n" + "\n".join(errors))
@@ -459,18 +481,20 @@ class RankPool:
             # A rank left NVSHMEM unusable (its peers' NVSHMEM is then of no use either: a
             # world is started together): end them all now. Waiting to see its process gone
             # at the next run would race its exit, handing the next task to a dying rank.
-            self.close(phases)
+            self.close(phases, abandon=abandon)
         return [got[r][1] for r in range(self.world)]
 
-    def close(self, phases: dict | None = None, kill: bool = False) -> None:
-        """End the processes (each finishes its task first; `kill`: at once) and the MPS
-        daemon; `phases` gets the seconds each took. Nothing to do when none run."""
+    def close(self, phases: dict | None = None, kill: bool = False,
+              abandon: bool = False) -> None:
+        """End the processes (each finishes its task first; `kill`: at once; `abandon`: each
+        skips its NVSHMEM finalize, a peer's being stuck) and the MPS daemon; `phases` gets
+        the seconds each took. Nothing to do when none run."""
         if not self.procs and self.daemon is None:
             return
         t0 = time.time()
         deadline = time.monotonic() + (0.0 if kill else EXIT_WAIT_S)
         for q in self.tasks if not kill else ():
-            q.put(None)
+            q.put(ABANDON if abandon else None)
         for proc in self.procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():

@@ -1,6 +1,8 @@
 """CPU: where epgen.launch places ranks, and the co-residency rule for ranks sharing a GPU."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from epgen import launch
@@ -220,6 +222,40 @@ def test_a_pool_ends_every_rank_right_after_a_run_that_left_nvshmem_unusable():
         assert pool.procs == []
         second = pool.run(_pid_and_env, False, timeout_s=120)
         assert {pid for pid, _ in second}.isdisjoint(first)
+
+
+def _collective_finalize_at_exit_and_rank_1_stuck(rank, world):
+    """FAKES of a world whose rank 1 gave a collective up: rank 1's NVSHMEM host is `stuck`;
+    rank 0's is healthy, and its exit runs a stand-in for NVSHMEM's collective finalize,
+    which waits 60 s for the stuck peer unless the process was told to skip it (`stuck`)."""
+    import atexit
+    import os
+    import time
+    import types
+    from epgen.runtime import nvshmem
+    host = types.SimpleNamespace(stuck="a collective was given up (fake)" if rank == 1 else None)
+    nvshmem._host = host
+
+    def finalize():
+        if host.stuck is None:
+            time.sleep(60)
+    atexit.register(finalize)
+    return os.getpid()
+
+
+def test_a_world_with_a_stuck_nvshmem_ends_without_waiting_in_finalize():
+    """After a run that left rank 1's NVSHMEM stuck, the pool tells the other ranks to skip
+    their (collective) finalize: every process ends at once, on its own, not after
+    EXIT_WAIT_S and a kill (20 s at every such run on the device, bench/NOTES.md session 13)."""
+    with launch.RankPool(2, launch.Placement(2, 1, "time-sliced")) as pool:
+        pool.run(_pid_and_env, False, timeout_s=120)           # started
+        procs = list(pool.procs)
+        t0 = time.monotonic()
+        pool.run(_collective_finalize_at_exit_and_rank_1_stuck, timeout_s=120)
+        took = time.monotonic() - t0
+        assert pool.procs == []
+        assert [p.exitcode for p in procs] == [0, 0], [p.exitcode for p in procs]
+        assert took < launch.EXIT_WAIT_S / 2, f"the run and its close took {took:.1f} s"
 
 
 def _torch_threads(rank, world):
