@@ -1,8 +1,9 @@
 """Reliability on N GPUs (issue 14): refusals before launch (misaligned tensors; property-based
-argument checks), DeepEP's stream semantics in every order, counters across their wrap points,
-the CUDA-graph rules of normal mode, a rank 5 s late, a stale payload that reads as a header
-after a shape change (the layout tag), a combine on other SMs than its dispatch. Every result
-is compared with epgen.reference after the Buffer's error word is read (buf.check_errors()).
+argument checks), DeepEP's stream semantics in every order, counters across their wrap points
+(two low-latency calls in flight across them too), the CUDA-graph rules of normal mode, a rank
+5 s late, a stale payload that reads as a header after a shape change (the layout tag), a
+combine on other SMs than its dispatch. Every result is compared with epgen.reference after
+the Buffer's error word is read (buf.check_errors()).
 Faults on purpose (deadlines, poisoned outputs, a killed rank): tests/test_faults_gpu.py.
 
 One Buffer per worker holds both regions, so the layout, normal and low-latency families share
@@ -456,6 +457,37 @@ def _run_stale_layout(buf, rank, R, E):
             raise AssertionError(f"call {i + 1} (hidden {h}, max tokens {m}): {exc}") from exc
 
 
+def _run_wrap_in_flight(buf, rank, R, E):
+    """Review T15: two hooked low-latency calls in flight (send 1, send 2, receive 1, receive
+    2, for dispatch and combine) across the epochs' 32-bit and 48-bit wrap points, three
+    rounds from just below each: the two calls' halves and tags stay apart there too."""
+    import torch
+    for w, (_, _, epoch) in enumerate(WRAP_STARTS):
+        buf._set_counters_for_test(ll_epoch=epoch)
+        for i in range(3):
+            cid = 5000 + 10 * w + 2 * i
+            ins = [llt._all_inputs(cid + j, R, [M - 5 * j] * R, H, K, E) for j in range(2)]
+            d = [buf.low_latency_dispatch(x[rank][0], x[rank][1], M, E, use_fp8=False,
+                                          return_recv_hook=True) for x in ins]
+            for call in d:
+                call[4]()
+            torch.cuda.synchronize()
+            buf.check_errors()
+            ys = [llt._expert_out(call[0], False, H) for call in d]
+            c = [buf.low_latency_combine(y, x[rank][1], x[rank][2], call[2], return_recv_hook=True)
+                 for y, x, call in zip(ys, ins, d)]
+            for call in c:
+                call[2]()
+            torch.cuda.synchronize()
+            buf.check_errors()
+            for j in range(2):
+                try:
+                    llt._check_dispatch(rank, ins[j], E, d[j][:3], False, False, False)
+                    llt._check_combine(rank, ins[j], ys[j], d[j][2], c[j][0])
+                except AssertionError as exc:
+                    raise AssertionError(f"start {w}, round {i}, call {j + 1}: {exc}") from exc
+
+
 # ---------------------------------------------------------------------------------- item 6
 def _capture_raises(fn, *needles):
     import torch
@@ -666,7 +698,7 @@ def share_sms():
 
 # the quick tier: every job but the 5 s late rank (10 s of sleeps; the deadline suites cover
 # waits on a peer)
-QUICK = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]
+QUICK = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
 
 
 def _worker(rank, world):
@@ -708,6 +740,8 @@ def _jobs(rank, world):
         ("a rank 5 s late (within the deadline)", lambda: _run_late_rank(buf, rank, world, E)),
         ("counters and epochs across their wrap points",
          lambda: _run_wrap(buf, rank, world, E, graphs())),
+        ("two low-latency calls in flight across the epoch wraps",
+         lambda: _run_wrap_in_flight(buf, rank, world, E)),
         ("a stale payload that reads as a header after a shape change is not taken",
          lambda: _run_stale_layout(buf, rank, world, E)),
         ("a combine on other SMs than its dispatch",
