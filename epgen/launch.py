@@ -334,10 +334,15 @@ def _runtime_spent(before: tuple[float, float]) -> dict:
             if now[i] > before[i]}
 
 
-def _nvshmem_unusable() -> bool:
+def _nvshmem_host():
+    """This process's NVSHMEM host object, or None (not imported here: a worker that never
+    made a Buffer has none)."""
     nvshmem = sys.modules.get("epgen.runtime.nvshmem")
-    host = nvshmem.current() if nvshmem is not None else None
-    return getattr(host, "stuck", None) is not None
+    return nvshmem.current() if nvshmem is not None else None
+
+
+def _nvshmem_unusable() -> bool:
+    return getattr(_nvshmem_host(), "stuck", None) is not None
 
 
 # A rank's result says why its process ends after the task: UNUSABLE when its NVSHMEM is
@@ -351,8 +356,7 @@ ABANDON = "abandon"
 def _abandon_nvshmem() -> None:
     """Mark this process's NVSHMEM as one no collective may be called on (its finalize is
     then skipped at exit): a peer's is stuck, so the world's is of no use."""
-    nvshmem = sys.modules.get("epgen.runtime.nvshmem")
-    host = nvshmem.current() if nvshmem is not None else None
+    host = _nvshmem_host()
     if host is not None and getattr(host, "stuck", None) is None:
         host.stuck = "a peer's NVSHMEM is unusable (the pool abandons this world)"
 
@@ -430,8 +434,7 @@ class RankPool:
         deadline = time.monotonic() + timeout_s
         got: dict[int, tuple] = {}
         stamps: dict[int, dict] = {}
-        ending: set[int] = set()          # ranks whose process ends after this task
-        abandon = False                   # a rank's NVSHMEM is stuck: the world's is of no use
+        ending: dict[int, str] = {}       # ranks whose process ends after this task: why
         failed = False
         while len(got) < self.world and time.monotonic() < deadline:
             try:
@@ -451,8 +454,7 @@ class RankPool:
                 got[rank], stamps[rank] = (status, out), stamp
                 failed = failed or status != "ok"
                 if ends:
-                    ending.add(rank)
-                    abandon = abandon or ends == UNUSABLE
+                    ending[rank] = ends
             if failed:
                 # a rank raised or died: its peers get FAIL_FAST_GRACE_S to report (their
                 # device waits end at EPGEN_TIMEOUT_S), not the whole timeout in a host wait
@@ -460,6 +462,7 @@ class RankPool:
                 deadline = min(deadline, time.monotonic() + FAIL_FAST_GRACE_S * p.slowdown)
         if phases is not None:
             phases.update(_phases(start_times, stamps))
+        abandon = UNUSABLE in ending.values()     # a rank's NVSHMEM is stuck: the world's too
         missing = [r for r in range(self.world) if r not in got]
         errors = [f"rank {r}:\n{out}" for r, (s, out) in sorted(got.items()) if s != "ok"]
         if missing:

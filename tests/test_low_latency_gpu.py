@@ -475,12 +475,12 @@ def _run_combine_format_case(buf, rank, R, E, cid, name, H, K, use_logfmt, wf, h
         f"{(~same).nonzero()[0].tolist()} ({int((~same).sum())} values)"
 
 
-def _run_double(buf, rank, R, E):
+def _run_double(buf, rank, R, E, H=4096, case_id=101):
     """Two calls in flight (hooks): send 1, send 2, recv 1, recv 2, for dispatch and combine."""
     import torch
-    H, K = 4096, 8
-    ins1 = _all_inputs(101, R, [M] * R, H, K, E)
-    ins2 = _all_inputs(102, R, [M - 7] * R, H, K, E)
+    K = 8
+    ins1 = _all_inputs(case_id, R, [M] * R, H, K, E)
+    ins2 = _all_inputs(case_id + 1, R, [M - 7] * R, H, K, E)
     d1 = buf.low_latency_dispatch(ins1[rank][0], ins1[rank][1], M, E, use_fp8=False, return_recv_hook=True)
     d2 = buf.low_latency_dispatch(ins2[rank][0], ins2[rank][1], M, E, use_fp8=False, return_recv_hook=True)
     d1[4]()

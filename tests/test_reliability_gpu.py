@@ -458,34 +458,17 @@ def _run_stale_layout(buf, rank, R, E):
 
 
 def _run_wrap_in_flight(buf, rank, R, E):
-    """Review T15: two hooked low-latency calls in flight (send 1, send 2, receive 1, receive
-    2, for dispatch and combine) across the epochs' 32-bit and 48-bit wrap points, three
-    rounds from just below each: the two calls' halves and tags stay apart there too."""
-    import torch
+    """Review T15: two hooked low-latency calls in flight (the low-latency suite's double
+    buffering: send 1, send 2, receive 1, receive 2, for dispatch and combine) across the
+    epochs' 32-bit and 48-bit wrap points, three rounds from just below each: the two calls'
+    halves and tags stay apart there too."""
     for w, (_, _, epoch) in enumerate(WRAP_STARTS):
         buf._set_counters_for_test(ll_epoch=epoch)
         for i in range(3):
-            cid = 5000 + 10 * w + 2 * i
-            ins = [llt._all_inputs(cid + j, R, [M - 5 * j] * R, H, K, E) for j in range(2)]
-            d = [buf.low_latency_dispatch(x[rank][0], x[rank][1], M, E, use_fp8=False,
-                                          return_recv_hook=True) for x in ins]
-            for call in d:
-                call[4]()
-            torch.cuda.synchronize()
-            buf.check_errors()
-            ys = [llt._expert_out(call[0], False, H) for call in d]
-            c = [buf.low_latency_combine(y, x[rank][1], x[rank][2], call[2], return_recv_hook=True)
-                 for y, x, call in zip(ys, ins, d)]
-            for call in c:
-                call[2]()
-            torch.cuda.synchronize()
-            buf.check_errors()
-            for j in range(2):
-                try:
-                    llt._check_dispatch(rank, ins[j], E, d[j][:3], False, False, False)
-                    llt._check_combine(rank, ins[j], ys[j], d[j][2], c[j][0])
-                except AssertionError as exc:
-                    raise AssertionError(f"start {w}, round {i}, call {j + 1}: {exc}") from exc
+            try:
+                llt._run_double(buf, rank, R, E, H=H, case_id=5000 + 10 * w + 2 * i)
+            except AssertionError as exc:
+                raise AssertionError(f"start {w}, round {i}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------- item 6
