@@ -216,6 +216,8 @@ class Buffer:
         Buffer in flight."""
         ctx = self._alive()
         torch.cuda.synchronize(self.device)
+        if ll_epoch is not None:          # first: it zeroes the region the internode words share
+            self._low_latency().set_epochs_for_test(ll_epoch)
         if self._internode is not None:
             if ring is not None:
                 raise ValueError("ring: an internode Buffer's ring counters have no test hook")
@@ -223,8 +225,6 @@ class Buffer:
                 self._internode.set_counters_for_test(seq)
         elif ring is not None or seq is not None:
             self._intranode.set_counters_for_test(ring, seq)
-        if ll_epoch is not None:
-            self._low_latency().set_epochs_for_test(ll_epoch)
         torch.cuda.synchronize(self.device)
         ctx.nvshmem.barrier_all()
 

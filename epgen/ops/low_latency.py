@@ -507,7 +507,13 @@ class LowLatencyOps:
 
     def set_epochs_for_test(self, epoch: int) -> None:
         """TEST ONLY (Buffer._set_counters_for_test): both operations' last epoch to `epoch`,
-        so a test can run calls across the 32-bit and 48-bit tag wraps."""
+        so a test can run calls across the 32-bit and 48-bit tag wraps. The region is zeroed
+        first, as at Buffer creation: a rewound epoch may be one this Buffer already ran, and
+        the signals and message headers that call left would then read as the new call's
+        (at 4 and 8 ranks a slot of a token not sent this time kept such a header; in a
+        serving process epochs only grow, so no message's epoch ever repeats)."""
+        rdma = self.ctx.rdma
+        rdma.view(torch.uint8, (rdma.nbytes,), 0).zero_()
         for places in _PLACES.values():
             self.ctx.rdma.view(torch.int64, (1,), places.words_off).fill_(epoch)
 
