@@ -9,7 +9,9 @@ normal calls synchronous / async; every --check-every-th pair is compared with e
 after reading the Buffer's error word; GPU memory (torch allocated / reserved, device free) and
 host RSS (and torch's pinned-memory cache within it) are sampled, and growth after warm-up of
 torch's allocated memory or of host RSS outside the pinned cache beyond --gpu-growth-mb /
---host-growth-mb fails the run (the pinned cache's own growth is reported). Then --buffers Buffers are created, used once and destroyed, and the device's free
+--host-growth-mb fails the run (the pinned cache's own growth is reported), as does host RSS
+growth beyond --late-growth-mb over the second half of either loop (a leak per call shows there
+as a steady climb well under the total bound). Then --buffers Buffers are created, used once and destroyed, and the device's free
 memory before and after must agree within the same bound. Exit status 1 on any failure.
 """
 from __future__ import annotations
@@ -178,12 +180,14 @@ def soak(rank, world, cfg):
     mem = [_memory()]
     t0 = time.perf_counter()
     every, sample = cfg["check_every"], max(1, cfg["ll_pairs"] // 20)
+    loops = {"low-latency": [], "normal": []}     # each loop's samples: its late growth
     for n in range(cfg["ll_pairs"]):
         check = (n + 1) % every == 0
         _ll_pair(buf, rank, R, E, rng, pool, graphs, check)
         summary["checked"] += check
         if (n + 1) % sample == 0:
             mem.append(_memory())
+            loops["low-latency"].append(mem[-1])
             _progress(rank, "low-latency", n + 1, t0, mem[-1])
     summary["ll_seconds"] = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
@@ -194,6 +198,7 @@ def soak(rank, world, cfg):
         summary["checked"] += check
         if (n + 1) % sample == 0:
             mem.append(_memory())
+            loops["normal"].append(mem[-1])
             _progress(rank, "normal", n + 1, t1, mem[-1])
     torch.cuda.synchronize()
     buf.check_errors()
@@ -210,7 +215,20 @@ def soak(rank, world, cfg):
     summary["gpu_growth_mb"], summary["host_growth_mb"] = round(growth_gpu, 1), round(growth_host, 1)
     summary["pinned_cache_growth_mb"] = round(
         summary["memory_max"]["pinned_cache_mb"] - mem[0]["pinned_cache_mb"], 1)
+    # a leak per call grows steadily: the second half of each loop (its caches warm by then)
+    # must stay nearly flat (at bfc44e6 the normal loop's argument templates, one per token
+    # count, grew 20 MB there, under the total bound)
+    late = {}
+    for name, samples in loops.items():
+        if len(samples) >= 4:
+            mid = samples[len(samples) // 2 - 1]
+            late[name] = round(max(m["host_unpinned_mb"] for m in samples[len(samples) // 2:])
+                               - mid["host_unpinned_mb"], 1)
+    summary["host_late_growth_mb"] = late
     assert growth_gpu <= cfg["gpu_growth_mb"], f"GPU memory (torch allocated) grew {growth_gpu:.1f} MB"
+    for name, grew in late.items():
+        assert grew <= cfg["late_growth_mb"], \
+            f"host RSS grew {grew} MB in the second half of the {name} loop (a leak per call?)"
     assert growth_host <= cfg["host_growth_mb"], \
         f"host RSS outside torch's pinned cache grew {growth_host:.1f} MB"
 
@@ -242,6 +260,8 @@ def main():
     ap.add_argument("--buffers", type=int, default=100)
     ap.add_argument("--gpu-growth-mb", type=float, default=64.0)
     ap.add_argument("--host-growth-mb", type=float, default=256.0)
+    ap.add_argument("--late-growth-mb", type=float, default=8.0,
+                    help="bound on host RSS growth over each loop's second half")
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     ap.add_argument("--out", default=None, help="also write the JSON summary to this file")
@@ -252,7 +272,8 @@ def main():
     where = launch.plan(args.ranks).record()      # (shared_gpu, placement, ...)
     cfg = dict(ll_pairs=args.ll_pairs, normal_pairs=args.normal_pairs, seed=args.seed,
                check_every=args.check_every, buffers=args.buffers,
-               gpu_growth_mb=args.gpu_growth_mb, host_growth_mb=args.host_growth_mb)
+               gpu_growth_mb=args.gpu_growth_mb, host_growth_mb=args.host_growth_mb,
+               late_growth_mb=args.late_growth_mb)
     t0 = time.perf_counter()
     try:
         per_rank = gpu_harness.run_ranks(args.ranks, soak, cfg, timeout_s=args.timeout_s)

@@ -174,9 +174,14 @@ def fake_intranode_ops(R, T, H, config, record=True):
                             comm_stream=None, errors=FakeErrorWord(), arch="sm_90")
     ctx.fake = FakeLaunchKernel(record)
     ctx.__dict__["device_sms"] = 132
+    return intranode.IntranodeOps(ctx), ctx.fake, cached_handle(R, T)
+
+
+def cached_handle(R, T):
+    """A normal-mode dispatch handle of T tokens that every rank sends all of to every rank
+    (rows = R * T)."""
     i32 = torch.int32
     rpm = torch.arange(1, R + 1, dtype=i32).mul(T).repeat(R, 1)
-    handle = (fake_cuda(rpm), fake_cuda(torch.full((R,), T, dtype=i32)), None,
-              fake_cuda(torch.arange(R * T, dtype=i32) % T),
-              fake_cuda(torch.ones(T, R, dtype=torch.bool)), None)
-    return intranode.IntranodeOps(ctx), ctx.fake, handle
+    return (fake_cuda(rpm), fake_cuda(torch.full((R,), T, dtype=i32)), None,
+            fake_cuda(torch.arange(R * T, dtype=i32) % T),
+            fake_cuda(torch.ones(T, R, dtype=torch.bool)), None)

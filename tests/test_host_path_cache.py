@@ -11,8 +11,8 @@ from epgen import variants
 from epgen.config import Config
 from epgen.env import EnvError
 from epgen.ops.context import check_tensor
-from tests.fake_launch import (fake_cuda, fake_intranode_ops, fake_ll_ops, ll_combine_inputs,
-                               no_graph_capture)
+from tests.fake_launch import (cached_handle, fake_cuda, fake_intranode_ops, fake_ll_ops,
+                               ll_combine_inputs, no_graph_capture)
 
 R, M, H, E, K = 2, 16, 256, 16, 4
 
@@ -140,6 +140,33 @@ def test_normal_calls_one_launch_each_with_their_own_pointers(normal):
         assert (c.x, c.combined_x, c.num_tokens, c.ring_offset - d.ring_offset) == (
             y.data_ptr(), out.data_ptr(), T, ops._half()[0])
         assert d.peers == c.peers == ops.ctx.peer_table("nvl").data_ptr() != 0
+
+
+def test_argument_templates_do_not_grow_with_token_counts(normal, ll_call):
+    """The struct templates are kept per ring layout / region layout, never per token count:
+    counts vary from call to call (a key per count grew the host's memory ~330 B a call in the
+    session-14 soak's 100,000 normal pairs). Each launch still carries its own counts."""
+    ops, fake, _, cfg, _, _ = normal
+    kept = None
+    for t in range(1, 25):
+        handle = cached_handle(R, t)
+        recv = _dispatch(ops, fake_cuda(torch.randn(t, NH).to(torch.bfloat16)), handle, cfg)[0]
+        ops.combine(fake_cuda(torch.randn(R * t, NH).to(torch.bfloat16)), handle, None, None,
+                    cfg, None, False, False)
+        (_, d), (_, c) = fake.launches
+        fake.launches.clear()
+        assert (d.num_tokens, d.num_recv_rows, c.num_tokens) == (t, R * t, t)
+        assert recv.shape[0] == R * t
+        kept = kept or len(ops.ctx._arg_templates)
+        assert len(ops.ctx._arg_templates) == kept == 2
+    ll, ll_fake, kw = ll_call
+    before = None
+    for n in range(1, M + 1):
+        launches = _combine(ll, ll_fake, **{**kw, "topk_idx": fake_cuda(kw["topk_idx"][:n]),
+                                          "topk_weights": fake_cuda(kw["topk_weights"][:n])})
+        assert {a.num_tokens for _, a in launches} == {n}
+        before = before or len(ll.ctx._arg_templates)
+        assert len(ll.ctx._arg_templates) == before
 
 
 @pytest.mark.parametrize("mutate, match", [

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 SHORT = dict(ll_pairs=2000, normal_pairs=300, check_every=50, buffers=10, seed=14,
-             gpu_growth_mb=64.0, host_growth_mb=256.0)
+             gpu_growth_mb=64.0, host_growth_mb=256.0, late_growth_mb=32.0)
 # the quick tier: the same mix, a quarter of the pairs, three Buffer cycles
 QUICK = dict(SHORT, ll_pairs=500, normal_pairs=100, buffers=3)
 

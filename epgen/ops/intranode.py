@@ -222,18 +222,15 @@ class IntranodeOps:
             found[2:] = self.ctx.kernel(found[0], kind), self.ctx.kernel(found[0], "notify")
         return found[2], found[3]
 
-    def _fill_shared(self, a, op: str, ring_off: int, cap: int, num_tokens: int, **fields):
-        """The fields of a dispatch's / combine's struct that its shapes decide (the
-        template OpsContext.args_from copies per call)."""
+    def _fill_shared(self, a, op: str, ring_off: int, cap: int):
+        """The fields of a dispatch's / combine's struct that its ring layout decides (the
+        template OpsContext.args_from copies per call; the call sets its own counts)."""
         ctx = self.ctx
         ctx.fill_error_fields(a, op)
         a.nvl = ctx.nvl.addr
         a.peers = ctx.peer_table("nvl").data_ptr()
         a.ring_offset = ring_off
-        a.num_tokens = num_tokens
         a.cap = cap
-        for k, v in fields.items():
-            setattr(a, k, v)
         return a
 
     def _barrier_if_needed(self, which: str, key, spec, notify, stream) -> None:
@@ -355,10 +352,12 @@ class IntranodeOps:
                     recv_w = zeros_on(stream, rows, K, dtype=torch.float32, device=dev)
             recv_src = None if cached else torch.empty(rows, dtype=torch.int32, device=dev)
             worst = num_worst_tokens if not cached else 0
-            a = ctx.args_from((NormalDispatchArgs, ring_off, cap, rows, T, worst),
+            # the template's key holds no token count: counts vary per call, and a key per
+            # count grew the templates without bound (soak, session 14: ~330 B a call)
+            a = ctx.args_from((NormalDispatchArgs, ring_off, cap),
                               lambda: self._fill_shared(NormalDispatchArgs(), "dispatch", ring_off,
-                                                        cap, T, num_recv_rows=rows,
-                                                        num_worst_tokens=worst))
+                                                        cap))
+            a.num_tokens, a.num_recv_rows, a.num_worst_tokens = T, rows, worst
             fill_dispatch_rows(a, T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
                                recv_x, recv_scales, recv_idx, recv_w)
             a.rank_prefix = rpm.data_ptr()
@@ -403,9 +402,10 @@ class IntranodeOps:
             self._barrier_if_needed("combine", (channels, cap, record), spec, notify, stream)
             out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
             out_w = torch.empty(T, K, dtype=torch.float32, device=dev) if K else None
-            a = ctx.args_from((NormalCombineArgs, ring_off, cap, T),
+            a = ctx.args_from((NormalCombineArgs, ring_off, cap),
                               lambda: self._fill_shared(NormalCombineArgs(), "combine", ring_off,
-                                                        cap, T))
+                                                        cap))
+            a.num_tokens = T
             a.x = x.data_ptr() if rows else 0
             a.topk_weights = topk_weights.data_ptr() if K and rows else 0
             a.bias0 = biases[0].data_ptr() if biases and T else 0

@@ -240,13 +240,14 @@ class LowLatencyOps:
         peers, control words (filled once per shape: OpsContext.args_from)."""
         places = _PLACES[op]
         a = self.ctx.args_from(
-            (self, args_type, op, lay[places.recv_area], lay[places.send_area], num_tokens,
-             max_tokens, phases),     # self: its peers, enable_shrink
-            lambda: self._fill_shared(args_type(), places, lay, num_tokens, max_tokens, phases, op))
+            (self, args_type, op, lay[places.recv_area], lay[places.send_area], max_tokens,
+             phases),     # self: its peers, enable_shrink; no token count (one key per shape)
+            lambda: self._fill_shared(args_type(), places, lay, max_tokens, phases, op))
+        a.num_tokens = num_tokens
         a.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
         return a
 
-    def _fill_shared(self, args, places, lay, num_tokens, max_tokens, phases, op):
+    def _fill_shared(self, args, places, lay, max_tokens, phases, op):
         self.ctx.fill_error_fields(args, op)
         args.rdma_base = self.base
         args.peer_bases = self.peer_bases.data_ptr()
@@ -260,7 +261,6 @@ class LowLatencyOps:
         args.sig_off = places.sig_off
         args.recv_off = lay[places.recv_area]
         args.send_off = lay[places.send_area]
-        args.num_tokens = num_tokens
         args.max_tokens = max_tokens
         args.phases = phases
         return args
