@@ -261,3 +261,37 @@ def test_pooled_ranks_get_a_heap_for_every_module():
     eight = gpu_harness.pool_heap_bytes(launch.plan(8, gpus=1, mps=True), h200)
     assert eight == 7 << 30 and eight % (512 << 20) == 0, eight
     assert gpu_harness.pool_heap_bytes(launch.plan(8, gpus=8, mps=True), h200) == 16 << 30
+
+
+def test_pooled_runs_order_tests_by_rank_count():
+    """EPGEN_TEST_POOL=1 (gpu_suites --pool): every module at 2 ranks, then 4, then 8 (the pool
+    restarts once per rank count), modules and their tests in order within a count; unpooled,
+    pytest's own order (each module at 2, 4, 8 in turn)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = ["tests/test_runtime_gpu.py", "tests/test_low_latency_gpu.py",
+            "tests/test_internode_gpu.py"]
+
+    def collected(pool):
+        env = {**os.environ, "EPGEN_TEST_POOL": pool, "EPGEN_TEST_RANKS": "2,4,8",
+               "EPGEN_TEST_TIER": "full"}
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                              "-p", "no:cacheprovider", *mods], capture_output=True, text=True,
+                             env=env, cwd=root, timeout=120)
+        return [line for line in out.stdout.splitlines() if "::" in line]
+
+    def ranks(test_id):
+        import math
+        param = test_id.rsplit("[", 1)[1].rstrip("]")       # "4", or a layout "2x4"
+        return math.prod(int(v) for v in param.split("x"))
+
+    pooled = collected("1")
+    assert [ranks(t) for t in pooled] == sorted(ranks(t) for t in pooled)
+    assert pooled[:4] == ["tests/test_runtime_gpu.py::test_runtime[2]",
+                          "tests/test_low_latency_gpu.py::test_low_latency[2]",
+                          "tests/test_low_latency_gpu.py::test_low_latency_on_torch_nvshmem[2]",
+                          "tests/test_internode_gpu.py::test_internode_layout_over_virtual_nodes[2x1]"]
+    plain = collected("0")
+    assert sorted(plain) == sorted(pooled) and plain != pooled
+    assert [ranks(t) for t in plain[:3]] == [2, 4, 8]
