@@ -515,7 +515,7 @@ class LowLatencyOps:
         rdma = self.ctx.rdma
         rdma.view(torch.uint8, (rdma.nbytes,), 0).zero_()
         for places in _PLACES.values():
-            self.ctx.rdma.view(torch.int64, (1,), places.words_off).fill_(epoch)
+            rdma.view(torch.int64, (1,), places.words_off).fill_(epoch)
 
     # -- enable_shrink masks ---------------------------------------------------------------
     def _need_shrink(self, what):
