@@ -29,19 +29,22 @@ def test_variant_typo_is_refused_naming_the_variable(monkeypatch):
         variants.combine_variant()
 
 
-@pytest.mark.parametrize("hook, shrink, experts", [(True, False, 288), (False, True, 288),
-                                                   (False, False, 2), (False, False, 4)])
-def test_per_rank_falls_back(monkeypatch, hook, shrink, experts):
+@pytest.mark.parametrize("hook, shrink, experts, hidden", [
+    (True, False, 288, 7168), (False, True, 288, 7168), (False, False, 2, 7168),
+    (False, False, 4, 256)])
+def test_per_rank_falls_back(monkeypatch, hook, shrink, experts, hidden):
     """Hooked sends must not wait on a peer, enable_shrink's masked peers send no routes, and
-    one or two experts per rank leave no room in a receive half: the per-expert kernel runs."""
+    one expert per rank (or two, where the routes outgrow a half's LogFMT metadata room) leaves
+    no room in a receive half: the per-expert kernel runs."""
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
-    shape = dict(DEEPEP, num_experts=experts)
+    shape = dict(DEEPEP, num_experts=experts, hidden=hidden)
     assert not ll.combine_runs_per_rank(**shape, return_recv_hook=hook, enable_shrink=shrink)
 
 
-def test_per_rank_half_fits_at_three_experts_per_rank(monkeypatch):
+def test_per_rank_half_fits_at_two_experts_per_rank(monkeypatch):
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     for R in (2, 4, 8):
+        assert ll.combine_runs_per_rank(128, 7168, R, 2 * R, 8, False, False)
         assert ll.combine_runs_per_rank(128, 7168, R, 3 * R, 8, False, False)
         assert ll.per_rank_half_bytes(128, 7168, R, 8) <= 3 * R * 128 * 2 * 7168
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epgen import formats
+from epgen.jit import layout_facts
 from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
@@ -48,7 +49,9 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     [(spec, a)] = call()
     assert type(spec) is LowLatencyCombineRankSpec and type(a) is LowLatencyCombineRankArgs
     assert a.phases == 3 and a.call_epoch == 0
-    assert a.wsig_off == ll.ROUTES_SIG_OFF and a.half_bytes == E * M * 2 * H
+    assert a.wsig_off == ll.ROUTES_SIG_OFF
+    # every format's halves are spaced alike (LogFMT-10's slot, larger than a BF16 row)
+    assert a.half_bytes == E * M * layout_facts.ll_combine_slot_bytes(H) > E * M * 2 * H
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
 
 

@@ -428,6 +428,7 @@ def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
     its expert sent, as reference.combine_wire_encode makes it."""
     import torch
     from epgen import reference as ref
+    from epgen.jit import layout_facts
     from epgen.ops import low_latency as ll
     T, K = idx.shape
     H = ys[0].shape[-1]
@@ -436,8 +437,8 @@ def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
     slot = ref.fp8_combine_message_bytes(H) if fmt == "fp8_e4m3_f32_128" else \
         ll.combine_slot_bytes(H)
     lay = ll._data_layout(M, H, R, E)
-    area = ops.ctx.rdma.view(torch.uint8, (E * M, slot),
-                             lay["comb_recv"] + (epoch & 1) * E * M * slot)
+    half = (epoch & 1) * layout_facts.ll_combine_recv_half_bytes(M, H, E)
+    area = ops.ctx.rdma.view(torch.uint8, (E * M, slot), lay["comb_recv"] + half)
     rows = ref.low_latency_combine_slot_rows(ys, idx, rank, srcs, lays)
     want, nbytes = ref.combine_wire_encode(rows.view(T * K, H), fmt)
     valid = (idx >= 0).flatten()
@@ -498,6 +499,37 @@ def _run_double(buf, rank, R, E, H=4096, case_id=101):
     buf.check_errors()
     _check_combine(rank, ins1, y1, d1[2], c1[0])
     _check_combine(rank, ins2, y2, d2[2], c2[0])
+
+
+def _run_double_formats(buf, rank, R, E, H=4096, case_id=120):
+    """Two hooked combines in flight in different wire formats (both orders, so that each
+    format pair meets in both halves whatever the epoch's parity): a half is spaced by the
+    largest slot, not the format's, so neither call's messages land in the other's."""
+    import torch
+    from epgen import reference as ref
+    ins = _all_inputs(case_id, R, [M - 5] * R, H, 8, E)
+    _, idx, w = ins[rank]
+    recv, _, handle = _checked_dispatch(buf, rank, ins, E)
+    y1 = _format_expert_out(recv)
+    y2 = (y1 * -0.75).to(y1.dtype)
+    exp = {}
+    for fa, fb in (("bf16", "logfmt10"), ("logfmt10", "bf16"),
+                   ("bf16", "fp8_e4m3_f32_128"), ("fp8_e4m3_f32_128", "bf16")):
+        _poison()
+        c1 = buf.low_latency_combine(y1, idx, w, handle, return_recv_hook=True, wire_format=fa)
+        c2 = buf.low_latency_combine(y2, idx, w, handle, return_recv_hook=True, wire_format=fb)
+        c1[2]()
+        c2[2]()
+        torch.cuda.synchronize()
+        buf.check_errors()
+        for y, fmt, got in ((y1, fa, c1[0]), (y2, fb, c2[0])):
+            if (id(y), fmt) not in exp:
+                ys, srcs, lays = _combine_inputs(y, handle)
+                exp[id(y), fmt] = ref.low_latency_combine(ys, idx, w, rank, srcs, lays,
+                                                          wire_format=fmt)
+            same = got.view(torch.int16) == exp[id(y), fmt].view(torch.int16)
+            assert bool(same.all()), f"{fa} then {fb} in flight: the {fmt} call differs from " \
+                f"the golden model in {int((~same).sum())} values"
 
 
 def _run_graph(buf, rank, R, E, fp8):
@@ -663,6 +695,9 @@ def _worker(rank, world):
     jobs.append(("cuda graph bf16 replays", lambda: _run_graph(buf, rank, world, E, False)))
     jobs.append(("cuda graph fp8 replays", lambda: _run_graph(buf, rank, world, E, True)))
     jobs.append(("compile during capture is an error", lambda: _run_compile_in_capture(buf, E)))
+    mixed_formats = len(jobs)
+    jobs.append(("two hooked combines in flight in different formats",
+                 lambda: _run_double_formats(buf, rank, world, E)))
     jobs += [(c[0], lambda c=c, i=i: _run_format_case(buf, rank, world, E, 400 + i, *c))
              for i, c in enumerate(FORMAT_CASES)]
     first_combine = len(jobs)
@@ -676,7 +711,8 @@ def _worker(rank, world):
              for i, c in enumerate(OPAQUE_CASES)]
     jobs += [(c[0], lambda c=c, i=i: _run_case(buf, rank, world, E, 900 + i, *c))
              for i, c in enumerate(EDGE_CASES)]
-    _run_jobs(gpu_harness.select(jobs, QUICK + [first_combine + i for i in QUICK_COMBINE] +
+    _run_jobs(gpu_harness.select(jobs, QUICK + [mixed_formats] +
+                                 [first_combine + i for i in QUICK_COMBINE] +
                                  list(range(first_layout, first_opaque)) + [first_opaque]),
               results)
     torch.cuda.synchronize()

@@ -172,9 +172,11 @@ def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
 
 
 def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
-    """The BF16 combine's half stride: bf16 [E][M][H] (ll_combine.cuh's slot [global expert]
-    [owner's token]; the per-rank combine's half stride)."""
-    return num_experts * M * 2 * hidden
+    """The combine receive area's half stride, the same for every format and both combine
+    kernels (ll_combine.cuh kHalfBytes * M; the per-rank combine's half_bytes): [E][M] slots of
+    the largest message, so a hooked combine still unread in one half never overlaps the next
+    call's in the other, whatever their formats."""
+    return num_experts * M * ll_combine_slot_bytes(hidden)
 
 
 def ll_combine_slot_bytes(hidden: int) -> int:
@@ -192,14 +194,14 @@ def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dic
     depend on the dtype or top-k, so every configuration of these shapes fits one Buffer.
       disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
       disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
-      comb_recv  [2 halves][E][M] of ll_combine_slot_bytes (a format's half stride is
-                 E * M * its message size; BF16's is ll_combine_recv_half_bytes)
+      comb_recv  [2 halves][E][M] of ll_combine_slot_bytes (half stride
+                 ll_combine_recv_half_bytes; a format packs its own message size in a half)
       comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
                  buffer; staging of NVSHMEM puts"""
     disp_recv = LL_DATA_OFF
     disp_send = align_up(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden), 256)
     comb_recv = align_up(disp_send + M * ll_staging_bytes(hidden, num_ranks), 256)
-    slots = num_experts * M * ll_combine_slot_bytes(hidden)
+    slots = ll_combine_recv_half_bytes(M, hidden, num_experts)
     comb_send = align_up(comb_recv + 2 * slots, 256)
     end = align_up(comb_send + slots, 256)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,

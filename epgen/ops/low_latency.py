@@ -93,7 +93,8 @@ def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int,
     """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
     send half would wait on a peer that must not be waited on (return_recv_hook: the send half
     must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
-    a half of the per-expert receive area (about 2 experts per rank or fewer): those calls run
+    a half of the combine receive area (one expert per rank; two where the routes outgrow the
+    LogFMT metadata room, at small hidden sizes): those calls run
     the per-expert kernel, which gives the same result within BF16 rounding."""
     if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
         return False

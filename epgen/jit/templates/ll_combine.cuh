@@ -3,7 +3,8 @@
 //
 // Region layout (byte offsets are launch arguments):
 //   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
-//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index)
+//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index);
+//                                         half h starts at h * kHalfBytes for every format
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
 //                                         [El][R*M] slots of kSlot bytes, no zero-copy)
 // FMT: the wire format (ll_combine_wire.cuh): 0 BF16 rows, 1 FP8 + float scales, 2 LogFMT-10.
@@ -22,6 +23,9 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 struct LLCombine {
     using W = llw::Wire<H>;
     static constexpr int kSlot = FMT == 1 ? W::kFp8Bytes : FMT == 2 ? W::kLogfmtBytes : 2 * H;
+    // Halves are spaced by the largest slot (LogFMT-10's), not this format's: a hooked combine
+    // still unread in one half may have another format than the next call's in the other.
+    static constexpr uint64_t kHalfBytes = (uint64_t)E * (uint64_t)W::kLogfmtBytes;  // times M
     static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
@@ -77,7 +81,8 @@ struct LLCombine {
             const int t = a.src_info[le * RM + row];
             if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
             const int e = a.rank * El + le;
-            const uint64_t off = a.recv_off + (((uint64_t)half * E + e) * (uint64_t)M + t) * kSlot;
+            const uint64_t off = a.recv_off + (uint64_t)half * kHalfBytes * M
+                                 + ((uint64_t)e * M + t) * kSlot;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
@@ -199,7 +204,7 @@ struct LLCombine {
 
         const int64_t gw = ll::spread_warp_index();
         const int64_t nw = (int64_t)gridDim.x * kWarps;
-        const char* area = base + a.recv_off + (uint64_t)half * E * (uint64_t)M * kSlot;
+        const char* area = base + a.recv_off + (uint64_t)half * kHalfBytes * M;
         if (FMT == 2) {
             recv_logfmt(a, err, s_in, area, s_log2, gw, nw);
         } else {
