@@ -372,7 +372,8 @@ class RankPool:
     module loads) once. A run that fails ends the processes (killed when a rank did not answer:
     it may sit in a collective; else each ends on its own, within EXIT_WAIT_S); so does a run
     after which a rank's process ends (it left NVSHMEM unusable): all of them, before the run
-    returns. The next run starts new ones.
+    returns. The next run starts new ones (under the same MPS daemon where the run itself
+    succeeded: stopping and starting it is ~3 s of each such restart).
     `close()` (or `with`) ends them and the MPS daemon."""
 
     def __init__(self, world: int, placement: Placement | None = None,
@@ -399,8 +400,9 @@ class RankPool:
         env = {"OMP_NUM_THREADS": str(p.cpu_threads_per_rank), **self.env, **SAFE_ENV, MODE_ENV: p.mode,
                RANKS_PER_GPU_ENV: str(p.ranks_per_gpu)}
         if p.mode == "mps":
-            self.daemon = MpsDaemon()
-            self.daemon.start()
+            if self.daemon is None:
+                self.daemon = MpsDaemon()
+                self.daemon.start()
             env.update(self.daemon.env)
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(p.mps_thread_percentage)
         times["spawn"] = time.time()
@@ -484,14 +486,15 @@ class RankPool:
             # A rank left NVSHMEM unusable (its peers' NVSHMEM is then of no use either: a
             # world is started together): end them all now. Waiting to see its process gone
             # at the next run would race its exit, handing the next task to a dying rank.
-            self.close(phases, abandon=abandon)
+            # Every rank answered ok: the MPS daemon stays for the next processes.
+            self.close(phases, abandon=abandon, keep_daemon=True)
         return [got[r][1] for r in range(self.world)]
 
     def close(self, phases: dict | None = None, kill: bool = False,
-              abandon: bool = False) -> None:
+              abandon: bool = False, keep_daemon: bool = False) -> None:
         """End the processes (each finishes its task first; `kill`: at once; `abandon`: each
-        skips its NVSHMEM finalize, a peer's being stuck) and the MPS daemon; `phases` gets
-        the seconds each took. Nothing to do when none run."""
+        skips its NVSHMEM finalize, a peer's being stuck) and, unless `keep_daemon`, the MPS
+        daemon; `phases` gets the seconds each took. Nothing to do when none run."""
         if not self.procs and self.daemon is None:
             return
         t0 = time.time()
@@ -505,7 +508,7 @@ class RankPool:
                 proc.join(timeout=10.0)
         self.procs = []
         t1 = time.time()
-        if self.daemon is not None:
+        if self.daemon is not None and not keep_daemon:
             self.daemon.stop()
             self.daemon = None
         if phases is not None:

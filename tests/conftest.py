@@ -18,7 +18,7 @@ def _precompile_gpu_suites(request):
         return
     if not any(item.get_closest_marker("gpu") for item in request.session.items):
         return
-    import gpu_harness
+    from tests import gpu_harness
     if gpu_harness.gpu_count() == 0:
         return
     jobs = str(min(os.cpu_count() or 1, 16))
@@ -50,6 +50,6 @@ def pytest_collection_modifyitems(config, items):
     group; 24 of them in the quick tier of bfc44e6). The sort is stable: within a count the
     modules and their tests keep their order, so a module's tests at one count stay together
     and share its run."""
-    import gpu_harness
+    from tests import gpu_harness
     if os.environ.get(gpu_harness.POOL_ENV, "0") == "1":
         items.sort(key=_rank_count)

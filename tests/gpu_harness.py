@@ -20,6 +20,11 @@ import pytest
 
 from epgen import launch
 
+if __name__ != "tests.gpu_harness":
+    # Imported as plain `gpu_harness` (tests/ is on sys.path for other helpers) it would be a
+    # second module with its own RankPool: two sets of rank processes and MPS daemons at once.
+    raise ImportError("import the harness as `from tests import gpu_harness`")
+
 NCCL_SAFE_ENV = launch.SAFE_ENV
 gpu_count = launch.gpu_count
 
@@ -46,6 +51,18 @@ def tier() -> str:
 def select(cases: list, quick: list[int]) -> list:
     """The full case list, or in the quick tier the cases at these indices."""
     return cases if tier() == "full" else [cases[i] for i in quick]
+
+
+def select_rotating(cases: list, quick: list[int], world: int) -> list:
+    """The full case list, or in the quick tier this rank count's share of the quick cases: the
+    i-th of n counts (EPGEN_TEST_RANKS) takes every n-th from the i-th, so that the counts
+    together run each quick case once (for suites whose every case is slow by nature, such as
+    a deadline that must fire)."""
+    if tier() == "full":
+        return cases
+    counts = rank_counts()
+    i, n = (counts.index(world), len(counts)) if world in counts else (0, 1)
+    return [cases[j] for j in quick[i::n]]
 
 
 def require_gpus(n: int) -> None:

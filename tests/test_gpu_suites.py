@@ -295,3 +295,29 @@ def test_pooled_runs_order_tests_by_rank_count():
     plain = collected("0")
     assert sorted(plain) == sorted(pooled) and plain != pooled
     assert [ranks(t) for t in plain[:3]] == [2, 4, 8]
+
+
+def test_quick_cases_rotate_over_the_rank_counts(monkeypatch):
+    """select_rotating: in the quick tier each count runs a share of the quick cases, the
+    counts together each of them once; the full tier runs every case at every count."""
+    from tests import gpu_harness
+    cases, quick = list("abcdefghijklm"), [0, 1, 2, 3, 4, 6, 7, 8, 9, 12]
+    monkeypatch.setenv("EPGEN_TEST_RANKS", "2,4,8")
+    monkeypatch.setenv("EPGEN_TEST_TIER", "quick")
+    shares = [gpu_harness.select_rotating(cases, quick, w) for w in (2, 4, 8)]
+    assert all(shares) and sorted(sum(shares, [])) == [cases[i] for i in quick]
+    assert gpu_harness.select_rotating(cases, quick, 16) == [cases[i] for i in quick]
+    monkeypatch.setenv("EPGEN_TEST_TIER", "full")
+    assert gpu_harness.select_rotating(cases, quick, 4) == cases
+
+
+def test_the_harness_refuses_a_second_copy_of_itself():
+    """Imported as plain `gpu_harness` it would hold a second RankPool (test_runtime_gpu did:
+    its own rank processes and MPS daemon beside the suites' pool)."""
+    import importlib
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    assert tests_dir in sys.path          # conftest puts tests/ there for other helpers
+    sys.modules.pop("gpu_harness", None)
+    with pytest.raises(ImportError, match="from tests import gpu_harness"):
+        importlib.import_module("gpu_harness")

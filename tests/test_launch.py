@@ -224,6 +224,41 @@ def test_a_pool_ends_every_rank_right_after_a_run_that_left_nvshmem_unusable():
         assert {pid for pid, _ in second}.isdisjoint(first)
 
 
+class _FakeMps:
+    """FAKE of launch.MpsDaemon (the MPS control daemon needs a GPU): counts starts and stops."""
+    started = stopped = 0
+    env: dict = {}
+
+    def start(self):
+        type(self).started += 1
+
+    def stop(self):
+        type(self).stopped += 1
+
+    def log_tail(self):
+        return ""
+
+
+def test_a_pool_keeps_its_mps_daemon_for_the_next_world_after_a_good_run(monkeypatch):
+    """A run that succeeds but ends its world (a deadline fired on purpose) restarts the rank
+    processes under the same MPS daemon (~3 s a restart on the H200); a failed run stops the
+    daemon too (a client's fault may have left it unusable)."""
+    monkeypatch.setattr(launch, "MpsDaemon", _FakeMps)
+    monkeypatch.setattr(_FakeMps, "started", 0)
+    monkeypatch.setattr(_FakeMps, "stopped", 0)
+    with launch.RankPool(2, launch.Placement(2, 1, "mps")) as pool:
+        pool.run(_nvshmem_given_up_on_rank_1, timeout_s=120)
+        assert pool.procs == [] and (_FakeMps.started, _FakeMps.stopped) == (1, 0)
+        pool.run(_pid_and_env, False, timeout_s=120)
+        assert (_FakeMps.started, _FakeMps.stopped) == (1, 0)
+        with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
+            pool.run(_fail_on_rank_1, timeout_s=120)
+        assert (_FakeMps.started, _FakeMps.stopped) == (1, 1) and pool.daemon is None
+        pool.run(_pid_and_env, False, timeout_s=120)
+        assert _FakeMps.started == 2
+    assert _FakeMps.stopped == 2
+
+
 def _collective_finalize_at_exit_and_rank_1_stuck(rank, world):
     """FAKES of a world whose rank 1 gave a collective up: rank 1's NVSHMEM host is `stuck`;
     rank 0's is healthy, and its exit runs a stand-in for NVSHMEM's collective finalize,

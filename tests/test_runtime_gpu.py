@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import gpu_harness
+from tests import gpu_harness
 
 pytestmark = pytest.mark.gpu
 
