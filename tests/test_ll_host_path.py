@@ -42,6 +42,7 @@ def test_per_expert_two_launches_one_struct(call, monkeypatch):
     assert type(send) is LowLatencyCombineArgs and (send.phases, recv.phases) == (1, 2)
     assert _without_phases(send) == _without_phases(recv)
     assert send.call_epoch != 0
+    assert send.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
 
 
 def test_per_rank_one_fused_launch(call, monkeypatch):
@@ -50,8 +51,7 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     assert type(spec) is LowLatencyCombineRankSpec and type(a) is LowLatencyCombineRankArgs
     assert a.phases == 3 and a.call_epoch == 0
     assert a.wsig_off == ll.ROUTES_SIG_OFF
-    # every format's halves are spaced alike (LogFMT-10's slot, larger than a BF16 row)
-    assert a.half_bytes == E * M * layout_facts.ll_combine_slot_bytes(H) > E * M * 2 * H
+    assert a.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
 
 
@@ -119,7 +119,7 @@ def test_combine_area_holds_the_largest_message():
         slot = ll.combine_slot_bytes(hidden)
         assert slot == (2 * hidden + 4 * ((hidden + 127) // 128) + 15) // 16 * 16
         lay = ll._data_layout(M, hidden, R, E)
-        assert lay["comb_send"] - lay["comb_recv"] >= 2 * E * M * slot
+        assert lay["comb_send"] - lay["comb_recv"] >= 2 * M * layout_facts.MAX_TOPK * slot
         assert lay["end"] - lay["comb_send"] >= E * M * slot
 
 
@@ -287,3 +287,22 @@ def test_opaque_misaligned_side_refused():
 def test_hidden_only_with_opaque():
     with pytest.raises(ValueError, match=r"hidden=256: is given for opaque wire formats only"):
         _dispatch(hidden=H)
+
+
+@pytest.mark.parametrize("how", ["clone", "slice of a larger tensor"])
+def test_a_copied_recv_src_info_is_refused_before_any_launch(how):
+    """The combine reads each row's top-k slot from the storage after recv_src_info (the
+    dispatch writes both); a copy has none there, so it is refused, naming the argument."""
+    ops, fake = fake_ll_ops(R, M, H, E)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    src = handle[0]
+    if how == "clone":
+        bad = fake_cuda(src.clone())
+    else:
+        bad = fake_cuda(torch.empty(3, *src.shape, dtype=src.dtype)[1])
+    with pytest.raises(ValueError, match=r"handle\[0\] \(recv_src_info\).*must be the tensor "
+                                         r"low_latency_dispatch returned"):
+        ops.low_latency_combine(y, idx, w, (bad, *handle[1:]))
+    assert fake.launches == []
+    ops.low_latency_combine(y, idx, w, handle)           # the dispatch's own: accepted
+    assert fake.launches

@@ -123,6 +123,7 @@ LowLatencyCombineArgs = struct(
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),
+    ("unsigned long long", "half_bytes"),   # receive area: bytes from half 0 to half 1
     ("int", "num_tokens"),
     ("int", "max_tokens"),
     ("int", "phases"),
@@ -133,12 +134,11 @@ LowLatencyCombineArgs = struct(
 )
 
 # The per-rank combine (templates/ll_combine_rank.cuh): the per-expert fields plus where the
-# routes signals sit and the stride of the receive area's halves.
+# routes signals sit.
 LowLatencyCombineRankArgs = struct(
     "LowLatencyCombineRankArgs",
     *[f for f in LowLatencyCombineArgs._c_fields_ if f not in ERROR_FIELDS],
     ("unsigned long long", "wsig_off"),     # routes signals u64 [2][64], per owner rank
-    ("unsigned long long", "half_bytes"),   # receive area: bytes from half 0 to half 1
     *ERROR_FIELDS,
 )
 

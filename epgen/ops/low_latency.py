@@ -17,10 +17,10 @@ offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_lay
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  [2][E][M] slots of combine_slot_bytes (slot [global expert][owner's
-                      token]: a BF16 row, or its message in the call's wire format); the per-rank
-                      combine uses each half for its routes, partials and staging instead
-                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
+     combine receive  [2] halves of ll_combine_recv_half_bytes: slots [owner's token][top-k
+                      slot] of the call's format's message size (a BF16 row, or its message in the
+                      wire format); the per-rank combine uses each half for its routes, partials
+                      and staging instead (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
      combine send     [E*M] slots of combine_slot_bytes: bf16 [El][R*M][H] as the zero-copy
                       buffer; staging of NVSHMEM puts
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
@@ -88,18 +88,13 @@ per_rank_half_bytes = layout_facts.ll_per_rank_half_bytes   # the per-rank combi
 combine_slot_bytes = layout_facts.ll_combine_slot_bytes  # a combine message slot
 
 
-def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
-                          return_recv_hook: bool, enable_shrink: bool) -> bool:
+def combine_runs_per_rank(return_recv_hook: bool, enable_shrink: bool) -> bool:
     """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
     send half would wait on a peer that must not be waited on (return_recv_hook: the send half
-    must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
-    a half of the combine receive area (one expert per rank; two where the routes outgrow the
-    LogFMT metadata room, at small hidden sizes): those calls run
-    the per-expert kernel, which gives the same result within BF16 rounding."""
-    if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
-        return False
-    return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
-            <= layout_facts.ll_combine_recv_half_bytes(M, hidden, num_experts))
+    must never block; enable_shrink: a masked peer's routes never come): those calls run
+    the per-expert kernel, which gives the same result within BF16 rounding. (A receive half
+    always holds the per-rank areas: layout_facts.ll_combine_recv_half_bytes.)"""
+    return combine_variant() == "per_rank" and not return_recv_hook and not enable_shrink
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -390,7 +385,9 @@ class LowLatencyOps:
             scales, scale_store = _recv_scales(layout, fmt, El, R * M, cols,
                                                torch.int32 if use_ue8m0 else torch.float32, dev)
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
-        src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
+        # recv_src_info, then each row's top-k slot at its owner in the same allocation
+        # (ll_common.cuh topk_slots: where the combine returns the row); DeepEP's tensor is the first
+        src_info = torch.empty(2, El, R * M, dtype=torch.int32, device=dev)[0]
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
         call_epoch = torch.empty(2, dtype=torch.int64, device=dev)   # send -> receive phase
 
@@ -428,6 +425,11 @@ class LowLatencyOps:
         lay = self._check_common(M, H, E, None)
         El = E // R
         check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
+        if src_info.storage_offset() != 0 or \
+                src_info.untyped_storage().nbytes() < 2 * src_info.nbytes:
+            raise arg_error("handle[0] (recv_src_info)", "a copy or a slice",
+                            "must be the tensor low_latency_dispatch returned: its storage also "
+                            "holds each row's top-k slot, which the combine reads")
         check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
         return src_info, layout_range, M, H, E, El, lay
 
@@ -457,7 +459,7 @@ class LowLatencyOps:
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
         per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
-            M, H, R, E, K, return_recv_hook, self.enable_shrink)
+            return_recv_hook, self.enable_shrink)
         spec_key = (fmt, H, K, E, per_rank)       # H, E passed _check_common; K: topk_idx's
         found = self._specs.get(spec_key)
         if found is None:
@@ -495,9 +497,9 @@ class LowLatencyOps:
             a.out = out.data_ptr()
             a.wait_stats = wst
             a.zero_copy = int(bool(zero_copy))
+            a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, self.ctx.num_ranks)
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
-                a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, E)
             return a
 
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,

@@ -1,10 +1,13 @@
 // Low-latency combine (DeepEP V1 semantics): each expert-output row goes back to its token's
-// owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
+// owner, into slot [token][top-k slot] (the slot the dispatch recorded beside recv_src_info);
+// the owner sums w_k * y_k over its valid top-k.
 //
 // Region layout (byte offsets are launch arguments):
 //   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
-//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index);
-//                                         half h starts at h * kHalfBytes for every format
+//   recv_off: [2][M][K] slots of kSlot bytes  messages by (owner's token, top-k slot); half h
+//                                         at h * half_bytes (layout_facts.ll_combine_recv_half_bytes:
+//                                         the same for every format, so that a hooked combine
+//                                         still unread in one half never meets the next call's)
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
 //                                         [El][R*M] slots of kSlot bytes, no zero-copy)
 // FMT: the wire format (ll_combine_wire.cuh): 0 BF16 rows, 1 FP8 + float scales, 2 LogFMT-10.
@@ -12,7 +15,8 @@
 // range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
 // the last block signals every rank. Receive phase (phases & 2): every block waits for all
 // ranks' signals, then warps reduce (token, 256-channel slice) units in float (multiply and
-// add rounded separately, k ascending) and store BF16.
+// add rounded separately, k ascending; a batch of a token's rows loaded before the first add)
+// and store BF16.
 #pragma once
 #include "ll_common.cuh"
 #include "ll_combine_wire.cuh"
@@ -23,9 +27,7 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 struct LLCombine {
     using W = llw::Wire<H>;
     static constexpr int kSlot = FMT == 1 ? W::kFp8Bytes : FMT == 2 ? W::kLogfmtBytes : 2 * H;
-    // Halves are spaced by the largest slot (LogFMT-10's), not this format's: a hooked combine
-    // still unread in one half may have another format than the next call's in the other.
-    static constexpr uint64_t kHalfBytes = (uint64_t)E * (uint64_t)W::kLogfmtBytes;  // times M
+    static constexpr int kLoadBatch = K < 8 ? K : 8;   // BF16 receive: rows in flight at once
     static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
@@ -79,10 +81,13 @@ struct LLCombine {
             if (ll::masked(a.mask, src)) continue;
             const int64_t row = s_begin[p] + i;
             const int t = a.src_info[le * RM + row];
-            if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
-            const int e = a.rank * El + le;
-            const uint64_t off = a.recv_off + (uint64_t)half * kHalfBytes * M
-                                 + ((uint64_t)e * M + t) * kSlot;
+            const int k = ll::topk_slots(a.src_info, (int64_t)El * RM)[le * RM + row];
+            if (t < 0 || t >= M || k < 0 || k >= K) {
+                if (lane == 0) report_error(err, kErrBadArg, src, t);
+                continue;
+            }
+            const uint64_t off = a.recv_off + (uint64_t)half * a.half_bytes
+                                 + ((uint64_t)t * K + k) * kSlot;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
@@ -153,7 +158,7 @@ struct LLCombine {
                 const int e = __shfl_sync(0xffffffffu, my_e, k);
                 const float w = __shfl_sync(0xffffffffu, my_w, k);
                 if (e < 0) continue;                       // the same for the whole warp
-                const char* slot = area + ((uint64_t)e * M + t) * kSlot;
+                const char* slot = area + ((uint64_t)t * K + k) * kSlot;
                 const uint32_t bad = W::logfmt_bad_chunks(slot, lane, tab);
                 if (!active) continue;
                 W::logfmt_add16(slot, b, bad, tab, w, acc);
@@ -204,7 +209,7 @@ struct LLCombine {
 
         const int64_t gw = ll::spread_warp_index();
         const int64_t nw = (int64_t)gridDim.x * kWarps;
-        const char* area = base + a.recv_off + (uint64_t)half * kHalfBytes * M;
+        const char* area = base + a.recv_off + (uint64_t)half * a.half_bytes;
         if (FMT == 2) {
             recv_logfmt(a, err, s_in, area, s_log2, gw, nw);
         } else {
@@ -223,29 +228,49 @@ struct LLCombine {
                 my_w = a.topk_weights[(int64_t)t * K + lane];
             }
             const int c = sl * 32 + lane;
+            const bool in_row = c < kRowN16;
+            const char* rows = area + (uint64_t)t * K * kSlot;     // the token's K slots
             float acc[8];
             #pragma unroll
             for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-            #pragma unroll
-            for (int k = 0; k < K; ++k) {
-                const int e = __shfl_sync(0xffffffffu, my_e, k);
-                const float w = __shfl_sync(0xffffffffu, my_w, k);
-                if (e < 0 || c >= kRowN16) continue;
-                if (FMT == 1) {
+            if constexpr (FMT == 1) {
+                #pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const int e = __shfl_sync(0xffffffffu, my_e, k);
+                    const float w = __shfl_sync(0xffffffffu, my_w, k);
+                    if (e < 0 || !in_row) continue;
                     float v[8];
-                    W::fp8_decode8(area + ((uint64_t)e * M + t) * kSlot, c, v);
+                    W::fp8_decode8(rows + (uint64_t)k * kSlot, c, v);
                     #pragma unroll
                     for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, v[j]));
-                    continue;
                 }
-                int4 raw = ld_v4(reinterpret_cast<const int4*>(
-                    area + ((uint64_t)e * M + t) * (2 * H)) + c);
-                const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw);
+            } else {
                 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const float2 f = __bfloat1622float2(b[j]);
-                    acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w, f.x));
-                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w, f.y));
+                for (int k0 = 0; k0 < K; k0 += kLoadBatch) {
+                    int4 raw[kLoadBatch];
+                    #pragma unroll
+                    for (int i = 0; i < kLoadBatch; ++i) {   // every load before the first add
+                        const int e = __shfl_sync(0xffffffffu, my_e, (k0 + i) % K);
+                        const bool live = k0 + i < K && in_row && e >= 0;
+                        raw[i] = live ? ld_v4(reinterpret_cast<const int4*>(
+                                            rows + (uint64_t)(k0 + i) * kSlot) + c)
+                                      : make_int4(0, 0, 0, 0);
+                    }
+                    #pragma unroll
+                    for (int i = 0; i < kLoadBatch; ++i) {   // k ascending, as the golden model
+                        const int k = k0 + i;
+                        if (k >= K) break;
+                        const int e = __shfl_sync(0xffffffffu, my_e, k);
+                        const float w = __shfl_sync(0xffffffffu, my_w, k);
+                        if (e < 0 || !in_row) continue;
+                        const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw[i]);
+                        #pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const float2 f = __bfloat1622float2(b[j]);
+                            acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w, f.x));
+                            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w, f.y));
+                        }
+                    }
                 }
             }
             if (c < kRowN16) {
