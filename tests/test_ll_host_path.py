@@ -35,9 +35,24 @@ def _without_phases(args):
     return bytes(c)
 
 
-def test_per_expert_two_launches_one_struct(call, monkeypatch):
+def test_per_expert_one_fused_launch(call, monkeypatch):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    (s1, send), (s2, recv) = call()
+    [(spec, a)] = call()
+    assert type(spec) is LowLatencyCombineSpec and type(a) is LowLatencyCombineArgs
+    assert a.phases == 3 and a.call_epoch == 0
+    assert a.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
+
+
+@pytest.mark.parametrize("call", [False, True], ids=["own-gpu", "shared-gpu"], indirect=True)
+def test_per_expert_hook_or_shared_gpu_two_launches_one_struct(call, monkeypatch, request):
+    """The hook holds the receive launch; where ranks share a GPU both are launched now."""
+    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
+    hooked = "own-gpu" in request.node.name
+    launches = call(return_recv_hook=hooked)
+    if hooked:
+        assert [a.phases for _, a in launches] == [1]
+        return
+    (s1, send), (s2, recv) = launches
     assert type(s1) is LowLatencyCombineSpec and s1 == s2
     assert type(send) is LowLatencyCombineArgs and (send.phases, recv.phases) == (1, 2)
     assert _without_phases(send) == _without_phases(recv)
@@ -88,14 +103,14 @@ def test_bad_variant_refused_before_any_launch(call, monkeypatch):
                                        "fp8_e4m3_f32_128")])
 def test_combine_format_is_the_spec_field(call, monkeypatch, kw, want):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    (s1, _), (s2, _) = call(**kw)
-    assert type(s1) is LowLatencyCombineSpec and s1.wire_format == want and s1 == s2
+    [(s1, _)] = call(**kw)
+    assert type(s1) is LowLatencyCombineSpec and s1.wire_format == want
 
 
 def test_combine_format_runs_the_per_expert_kernel_under_per_rank(call, monkeypatch):
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     launches = call(wire_format="fp8_e4m3_f32_128")
-    assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec] * 2
+    assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec]
     assert launches[0][0].wire_format == "fp8_e4m3_f32_128"
 
 
@@ -216,12 +231,13 @@ def test_opaque_rows_and_side_rows_launch_as_bytes():
     data = fake_cuda(torch.zeros(M, 48, dtype=torch.float8_e4m3fn))        # 48-byte rows...
     side = fake_cuda(torch.zeros(M, 8, dtype=torch.int32))                 # ...32 side bytes
     (recv_x, recv_side), handle, launches = _opaque_dispatch((data, side), "opaque48+32")
-    (spec, send), (_, recv) = launches
+    [(spec, send)] = launches             # one launch, both phases
+    assert send.phases == 3 and send.call_epoch == 0
     assert spec.wire_format == "opaque48+32" and not spec.use_fp8
     assert spec.constants()["wire_format_code"] == 3
     assert (spec.constants()["opaque_row_bytes"], spec.constants()["opaque_side_bytes"]) == (48, 32)
     assert spec.payload_bytes == 80 and spec.hidden == H and handle[3] == H   # combine's hidden
-    assert send.x == data.data_ptr() and send.x_side == side.data_ptr() == recv.x_side
+    assert send.x == data.data_ptr() and send.x_side == side.data_ptr()
     assert recv_x.dtype == torch.float8_e4m3fn and recv_x.shape == (EL, RM, 48)
     assert recv_side.dtype == torch.int32 and recv_side.shape == (EL, RM, 8)
     assert send.recv_x == recv_x.data_ptr() and send.recv_scales == recv_side.data_ptr()
@@ -229,7 +245,7 @@ def test_opaque_rows_and_side_rows_launch_as_bytes():
 
 def test_opaque_rows_alone_keep_their_dtype():
     x = fake_cuda(torch.zeros(M, 2 * H, dtype=torch.uint8))                # a whole BF16 row's room
-    recv_x, _, [(spec, send), _] = _opaque_dispatch(x, f"opaque{2 * H}")
+    recv_x, _, [(spec, send)] = _opaque_dispatch(x, f"opaque{2 * H}")
     assert recv_x.dtype == torch.uint8 and recv_x.shape == (EL, RM, 2 * H)
     assert send.x_side == 0 and send.recv_scales == 0 and spec.payload_bytes == 2 * H
 

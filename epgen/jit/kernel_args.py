@@ -90,7 +90,7 @@ LowLatencyDispatchArgs = struct(
     ("unsigned long long*", "seq"),         # 64-bit: the op's last epoch
     ("int*", "done"),
     ("int*", "counters"),                   # [E] slot counters
-    ("unsigned long long*", "call_epoch"),  # [2] epoch, receive blocks done: set by the send
+    ("unsigned long long*", "call_epoch"),  # [1] the epoch, set by the send for a receive launch
     ("unsigned long long", "sig_off"),
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),

@@ -25,7 +25,8 @@ offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_lay
                       buffer; staging of NVSHMEM puts
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
-step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook).
+step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook, or
+where ranks share a GPU); otherwise one launch with phases=3 runs both.
 """
 from __future__ import annotations
 
@@ -389,7 +390,9 @@ class LowLatencyOps:
         # (ll_common.cuh topk_slots: where the combine returns the row); DeepEP's tensor is the first
         src_info = torch.empty(2, El, R * M, dtype=torch.int32, device=dev)[0]
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        call_epoch = torch.empty(2, dtype=torch.int64, device=dev)   # send -> receive phase
+        fused = self.fuse_phases and not return_recv_hook
+        # the epoch, for a receive launched on its own (a fused one takes it from its send)
+        call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=dev)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay,
@@ -410,7 +413,7 @@ class LowLatencyOps:
         tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range,
                    call_epoch, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
         event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
-                                return_recv_hook, tensors)
+                                return_recv_hook, tensors, fused=fused)
         handle = (src_info, layout_range, M, H, num_experts)
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
@@ -481,9 +484,9 @@ class LowLatencyOps:
         if kernel is None:
             kernel = ctx.kernel(spec)
             self._specs[spec_key] = (spec, kernel)
-        # epoch, done for a receive launched on its own (not needed when both phases run fused)
-        fused = per_rank and self.fuse_phases
-        call_epoch = None if fused else torch.empty(2, dtype=torch.int64, device=ctx.device)
+        fused = self.fuse_phases and not return_recv_hook
+        # the epoch, for a receive launched on its own (a fused one takes it from its send)
+        call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=ctx.device)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineRankArgs if per_rank

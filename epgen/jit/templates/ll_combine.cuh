@@ -39,7 +39,8 @@ struct LLCombine {
     static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(FMT >= 0 && FMT <= 2 && kSlot <= W::kLogfmtBytes, "format / slot");
 
-    static __device__ void send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
+    // Returns this call's epoch (a receive in the same launch takes it from here).
+    static __device__ unsigned long long send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
         __shared__ float s_log2[FMT == 2 ? 128 : 1];
@@ -47,10 +48,8 @@ struct LLCombine {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
-        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
-            a.call_epoch[0] = epoch;
-            a.call_epoch[1] = 0;
-        }
+        if (blockIdx.x == 0 && threadIdx.x == 0 && a.call_epoch != nullptr)
+            a.call_epoch[0] = epoch;                 // for a receive launched on its own
         const int M = a.max_tokens;
         const int64_t RM = (int64_t)R * M;
         char* base = reinterpret_cast<char*>(a.rdma_base);
@@ -114,7 +113,7 @@ struct LLCombine {
             }
         }
 
-        if (!ll::last_block_arrives(a.done, any_remote)) return;
+        if (!ll::last_block_arrives(a.done, any_remote)) return epoch;
         for (int r = tid; r < R; r += THREADS) {
             if (ll::masked(a.mask, r)) continue;
             const uint64_t soff = a.sig_off + ((uint64_t)half * ll::kMaxRankSig + a.rank) * 8;
@@ -125,6 +124,7 @@ struct LLCombine {
             *a.done = 0;
             *a.seq = epoch;
         }
+        return epoch;
     }
 
     // LogFMT-10 receive: warps reduce (token, 512-channel piece) units, a lane a 16-channel
@@ -175,10 +175,11 @@ struct LLCombine {
         }
     }
 
-    static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
+    // epoch: this call's, from the send phase of the same launch or (a launch of its own)
+    // from call_epoch.
+    static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err,
+                                unsigned long long epoch) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const unsigned long long epoch = (unsigned long long)ld_volatile(
-            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
         const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
@@ -282,7 +283,8 @@ struct LLCombine {
             }
         }
         }
-        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err))
+        // the blocks' count: the int after `done`, 0 between calls (a fused launch has no call_epoch)
+        if (last_block_sees_error(a.done + 1, err))
             poison_fill(a.out, (int64_t)a.num_tokens * 2 * H, kPoisonNaN);      // outputs: NaN
     }
 };
@@ -291,8 +293,12 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
     using C = LLCombine<H, K, E, R, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & ll::kSend) C::send(a, err);
-    if (a.phases & ll::kRecv) C::recv(a, err);
+    // Both phases in one launch where the grid is resident (ops/low_latency.py fuse_phases):
+    // the receive's epoch from its own send; else a receive launch reads call_epoch.
+    unsigned long long epoch = 0;
+    if (a.phases & ll::kSend) epoch = C::send(a, err);
+    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
+    if (a.phases & ll::kRecv) C::recv(a, err, epoch);
 }
 
 

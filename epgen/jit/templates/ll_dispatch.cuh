@@ -290,7 +290,8 @@ struct LLDispatch {
         }
     }
 
-    static __device__ void send(const LowLatencyDispatchArgs& a, const ErrorCtx& err) {
+    // Returns this call's epoch (a receive in the same launch takes it from here).
+    static __device__ unsigned long long send(const LowLatencyDispatchArgs& a, const ErrorCtx& err) {
         extern __shared__ int4 smem_payload[];               // kPayload bytes
         __shared__ int4 s_hdr[kMaxDst][kHdrN16];              // one header per destination
         __shared__ int s_dst[kMaxDst];
@@ -298,10 +299,8 @@ struct LLDispatch {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const unsigned long long epoch = ll::next_epoch(a.seq);
         const int half = (int)(epoch & 1ull);
-        if (blockIdx.x == 0 && threadIdx.x == 0) {   // for the receive: epoch, blocks done
-            a.call_epoch[0] = epoch;
-            a.call_epoch[1] = 0;
-        }
+        if (blockIdx.x == 0 && threadIdx.x == 0 && a.call_epoch != nullptr)
+            a.call_epoch[0] = epoch;                 // for a receive launched on its own
         const int M = a.max_tokens;
         char* base = reinterpret_cast<char*>(a.rdma_base);
         const bool any_remote = a.any_remote != 0;
@@ -404,7 +403,7 @@ struct LLDispatch {
             __syncthreads();
         }
 
-        if (!ll::last_block_arrives(a.done, any_remote)) return;
+        if (!ll::last_block_arrives(a.done, any_remote)) return epoch;
         for (int e = tid; e < E; e += THREADS) {
             const int cnt = atomicExch(a.counters + e, 0);
             const int dst = e / El, le = e % El;
@@ -417,14 +416,16 @@ struct LLDispatch {
             *a.done = 0;
             *a.seq = epoch;
         }
+        return epoch;
     }
 
-    static __device__ void recv(const LowLatencyDispatchArgs& a, const ErrorCtx& err) {
+    // epoch: this call's, from the send phase of the same launch or (a launch of its own)
+    // from call_epoch.
+    static __device__ void recv(const LowLatencyDispatchArgs& a, const ErrorCtx& err,
+                                unsigned long long epoch) {
         __shared__ int s_cnt[E];
         __shared__ int s_begin[E];
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const unsigned long long epoch = (unsigned long long)ld_volatile(
-            reinterpret_cast<const long long*>(a.call_epoch));          // this call's send
         const int half = (int)(epoch & 1ull);
         const int M = a.max_tokens;
         const int tag = layout_tag(M);                  // headers of this layout only
@@ -593,7 +594,8 @@ struct LLDispatch {
             }
             __syncwarp();   // s_le / s_row are rewritten for the next message
         }
-        if (last_block_sees_error(reinterpret_cast<int*>(a.call_epoch + 1), err)) {
+        // the blocks' count: the int after `done`, 0 between calls (a fused launch has no call_epoch)
+        if (last_block_sees_error(a.done + 1, err)) {
             const int64_t rows = (int64_t)El * RM;      // outputs: NaN, -1, counts 0
             poison_fill(a.recv_x, rows * kRowBytes, kPoisonNaN);
             if constexpr (kOpaque && OSIDE > 0)
@@ -614,8 +616,12 @@ template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THRE
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
     using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT, SFL, OROW, OSIDE>;
     const ErrorCtx err = make_error_ctx(a);
-    if (a.phases & ll::kSend) D::send(a, err);
-    if (a.phases & ll::kRecv) D::recv(a, err);
+    // Both phases in one launch where the grid is resident (ops/low_latency.py fuse_phases):
+    // the receive's epoch from its own send; else a receive launch reads call_epoch.
+    unsigned long long epoch = 0;
+    if (a.phases & ll::kSend) epoch = D::send(a, err);
+    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
+    if (a.phases & ll::kRecv) D::recv(a, err, epoch);
 }
 
 
