@@ -27,7 +27,9 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 struct LLCombine {
     using W = llw::Wire<H>;
     static constexpr int kSlot = FMT == 1 ? W::kFp8Bytes : FMT == 2 ? W::kLogfmtBytes : 2 * H;
-    static constexpr int kLoadBatch = K < 8 ? K : 8;   // BF16 receive: rows in flight at once
+    // BF16 receive: rows in flight at once (a token's all at top-k <= 8; 4 beyond, where 8
+    // int4 per lane spill under the 64 registers of a 1024-thread block: seen at top-16)
+    static constexpr int kLoadBatch = K <= 8 ? K : 4;
     static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
