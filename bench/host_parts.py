@@ -43,7 +43,7 @@ def ll_combine_parts(ops, y, idx, w, handle, M, H, E, K, R, per_rank, device):
                       check_tensor("topk_weights", w, torch.float32, (M, K))), 1),
             ("variant + spec and kernel lookup (LowLatencyOps._specs)",
              lambda: ops._specs.get(("bf16", H, K, E, ll.combine_runs_per_rank(
-                 False, False))), 1),
+                 M, H, R, E, K, False, False))), 1),
             ("output allocation (out [M, hidden] + epoch word)",
              lambda: (torch.empty(M, H, dtype=torch.bfloat16, device=device),
                       None if per_rank else torch.empty(2, dtype=torch.int64, device=device)), 1)]

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ll_partial_precision import deepep_routes  # noqa: E402
 
 from epgen.ops import low_latency as ll  # noqa: E402
+from epgen.jit.specs import MAX_TOPK  # noqa: E402
 
 MB = 1e6
 
@@ -51,6 +52,19 @@ def deepep_hint(M, H, R, E):
     return (total + 128) // 128 * 128
 
 
+def _align256(v):
+    return (v + 255) // 256 * 256
+
+
+def per_rank_layout(M, H, R, E):
+    """A layout sized for the per-rank protocol only: today's control + dispatch areas, the
+    zero-copy combine buffer DeepEP's API hands out ([El][R*M][H] bf16), and two per-rank
+    receive halves (routes sized for MAX_TOPK) instead of [2][E][M][H]."""
+    lay = ll._data_layout(M, H, R, E)
+    return lay["comb_recv"] + 2 * _align256(ll.per_rank_half_bytes(M, H, R, MAX_TOPK)) \
+        + E * M * 2 * H
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128)
@@ -71,13 +85,11 @@ def main(argv=None):
         print(f"| {R} | {old[0] / MB:.2f} / {old[1] / MB:.2f} | {new[0] / MB:.2f} / "
               f"{new[1] / MB:.2f} | {old[0] / new[0]:.2f}x |")
     print()
-    print("| EP | epgen hint MB | DeepEP hint MB | epgen / DeepEP | of which the zero-copy buffer MB |")
-    print("|---|---|---|---|---|")
+    print("| EP | epgen hint today MB | DeepEP hint MB | per-rank-only layout MB |")
+    print("|---|---|---|---|")
     for R in a.ranks:
-        ours, theirs = ll.low_latency_rdma_size_hint(T, H, R, E), deepep_hint(T, H, R, E)
-        lay = ll._data_layout(T, H, R, E)
-        print(f"| {R} | {ours / MB:.0f} | {theirs / MB:.0f} | {ours / theirs:.2f} | "
-              f"{(lay['end'] - lay['comb_send']) / MB:.0f} |")
+        print(f"| {R} | {ll.low_latency_rdma_size_hint(T, H, R, E) / MB:.0f} | "
+              f"{deepep_hint(T, H, R, E) / MB:.0f} | {per_rank_layout(T, H, R, E) / MB:.0f} |")
 
 
 if __name__ == "__main__":

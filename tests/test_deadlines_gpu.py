@@ -128,7 +128,7 @@ def _family_ll_dispatch(rank, R, silent, hook=False, nvlink=True):
 
 
 def _family_ll_combine(rank, R, silent, per_rank=False, nvlink=True):
-    """per_rank: EPGEN_LL_COMBINE=per_rank (asserted to run that kernel), whose
+    """per_rank: EPGEN_LL_COMBINE=per_rank (asserted to run that kernel at this shape), whose
     send half waits for every rank's routes before any partial goes out."""
     import torch
     from epgen.ops.low_latency import combine_runs_per_rank
@@ -140,8 +140,8 @@ def _family_ll_combine(rank, R, silent, per_rank=False, nvlink=True):
     if per_rank:
         os.environ["EPGEN_LL_COMBINE"] = "per_rank"
     try:
-        assert not per_rank or combine_runs_per_rank(False, False), \
-            "the per-rank combine does not run"
+        assert not per_rank or combine_runs_per_rank(M, H, R, E, idx.size(1), False, False), \
+            "the per-rank combine does not run at this shape"
         if not silent:
             _gives_up(lambda: buf.low_latency_combine(recv, idx, w, handle))
     finally:

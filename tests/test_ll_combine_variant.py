@@ -11,15 +11,16 @@ from epgen.jit import codegen
 from epgen.ops import low_latency as ll
 from epgen.jit.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
 
+DEEPEP = dict(M=128, hidden=7168, num_ranks=2, num_experts=288, num_topk=8)
 
 
 def test_variant_default_and_choice(monkeypatch):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
     assert variants.combine_variant() == "per_expert"
-    assert not ll.combine_runs_per_rank(return_recv_hook=False, enable_shrink=False)
+    assert not ll.combine_runs_per_rank(**DEEPEP, return_recv_hook=False, enable_shrink=False)
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     assert variants.combine_variant() == "per_rank"
-    assert ll.combine_runs_per_rank(return_recv_hook=False, enable_shrink=False)
+    assert ll.combine_runs_per_rank(**DEEPEP, return_recv_hook=False, enable_shrink=False)
 
 
 def test_variant_typo_is_refused_naming_the_variable(monkeypatch):
@@ -28,27 +29,24 @@ def test_variant_typo_is_refused_naming_the_variable(monkeypatch):
         variants.combine_variant()
 
 
-@pytest.mark.parametrize("hook, shrink", [(True, False), (False, True), (True, True)])
-def test_per_rank_falls_back(monkeypatch, hook, shrink):
-    """Hooked sends must not wait on a peer, enable_shrink's masked peers send no routes: the
-    per-expert kernel runs."""
+@pytest.mark.parametrize("hook, shrink, experts, hidden", [
+    (True, False, 288, 7168), (False, True, 288, 7168), (False, False, 2, 7168),
+    (False, False, 4, 256)])
+def test_per_rank_falls_back(monkeypatch, hook, shrink, experts, hidden):
+    """Hooked sends must not wait on a peer, enable_shrink's masked peers send no routes, and
+    one expert per rank (or two, where the routes outgrow a half's LogFMT metadata room) leaves
+    no room in a receive half: the per-expert kernel runs."""
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
-    assert not ll.combine_runs_per_rank(return_recv_hook=hook, enable_shrink=shrink)
+    shape = dict(DEEPEP, num_experts=experts, hidden=hidden)
+    assert not ll.combine_runs_per_rank(**shape, return_recv_hook=hook, enable_shrink=shrink)
 
 
-@pytest.mark.parametrize("R", [1, 2, 4, 8, 64])
-@pytest.mark.parametrize("hidden", [256, 2880, 7168])
-@pytest.mark.parametrize("M", [1, 7, 128, 1024])
-def test_a_receive_half_holds_either_combine(M, hidden, R):
-    """Every top-k and format of the per-expert combine ([M][K] message slots) and the per-rank
-    combine's areas fit one half, whatever the experts (so the per-rank choice needs no
-    shape check)."""
-    from epgen.jit import layout_facts as lf
-    half = lf.ll_combine_recv_half_bytes(M, hidden, R)
-    assert half % 256 == 0
-    assert M * lf.MAX_TOPK * lf.ll_combine_slot_bytes(hidden) <= half
-    for K in (1, 8, lf.MAX_TOPK):
-        assert ll.per_rank_half_bytes(M, hidden, R, K) <= half
+def test_per_rank_half_fits_at_two_experts_per_rank(monkeypatch):
+    monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
+    for R in (2, 4, 8):
+        assert ll.combine_runs_per_rank(128, 7168, R, 2 * R, 8, False, False)
+        assert ll.combine_runs_per_rank(128, 7168, R, 3 * R, 8, False, False)
+        assert ll.per_rank_half_bytes(128, 7168, R, 8) <= 3 * R * 128 * 2 * 7168
 
 
 def test_precompile_lists_the_per_rank_kernel_without_torch():

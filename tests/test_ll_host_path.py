@@ -7,6 +7,7 @@ import torch
 
 from epgen import formats
 from epgen.jit import layout_facts
+from epgen.jit import layout_facts
 from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
@@ -35,29 +36,33 @@ def _without_phases(args):
     return bytes(c)
 
 
-def test_per_expert_one_fused_launch(call, monkeypatch):
+def test_per_expert_two_launches_one_struct(call, monkeypatch):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    [(spec, a)] = call()
-    assert type(spec) is LowLatencyCombineSpec and type(a) is LowLatencyCombineArgs
-    assert a.phases == 3 and a.call_epoch == 0
-    assert a.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
-
-
-@pytest.mark.parametrize("call", [False, True], ids=["own-gpu", "shared-gpu"], indirect=True)
-def test_per_expert_hook_or_shared_gpu_two_launches_one_struct(call, monkeypatch, request):
-    """The hook holds the receive launch; where ranks share a GPU both are launched now."""
-    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    hooked = "own-gpu" in request.node.name
-    launches = call(return_recv_hook=hooked)
-    if hooked:
-        assert [a.phases for _, a in launches] == [1]
-        return
-    (s1, send), (s2, recv) = launches
+    (s1, send), (s2, recv) = call()
     assert type(s1) is LowLatencyCombineSpec and s1 == s2
     assert type(send) is LowLatencyCombineArgs and (send.phases, recv.phases) == (1, 2)
     assert _without_phases(send) == _without_phases(recv)
     assert send.call_epoch != 0
-    assert send.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
+    assert send.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, E)
+
+
+def test_per_expert_and_dispatch_fused_where_enabled(monkeypatch):
+    """fuse_dispatch_and_per_expert (off until a run with one GPU per rank checks it): one
+    launch with both phases, no epoch tensor; a hooked call keeps its receive launch."""
+    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
+    ops, fake = fake_ll_ops(R, M, H, E)
+    ops.fuse_dispatch_and_per_expert = True
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    ops.low_latency_combine(y, idx, w, handle)
+    [(spec, a)] = fake.launches
+    assert type(spec) is LowLatencyCombineSpec and (a.phases, a.call_epoch) == (3, 0)
+    fake.launches.clear()
+    ops.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+    assert [a.phases for _, a in fake.launches] == [1]
+    fake.launches.clear()
+    x = fake_cuda(torch.zeros(M, H, dtype=torch.bfloat16))
+    ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    assert [(a.phases, a.call_epoch) for _, a in fake.launches] == [(3, 0)]
 
 
 def test_per_rank_one_fused_launch(call, monkeypatch):
@@ -66,7 +71,8 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     assert type(spec) is LowLatencyCombineRankSpec and type(a) is LowLatencyCombineRankArgs
     assert a.phases == 3 and a.call_epoch == 0
     assert a.wsig_off == ll.ROUTES_SIG_OFF
-    assert a.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, R)
+    # every format's halves are spaced alike (LogFMT-10's slot, larger than a BF16 row)
+    assert a.half_bytes == E * M * layout_facts.ll_combine_slot_bytes(H) > E * M * 2 * H
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
 
 
@@ -103,14 +109,14 @@ def test_bad_variant_refused_before_any_launch(call, monkeypatch):
                                        "fp8_e4m3_f32_128")])
 def test_combine_format_is_the_spec_field(call, monkeypatch, kw, want):
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    [(s1, _)] = call(**kw)
-    assert type(s1) is LowLatencyCombineSpec and s1.wire_format == want
+    (s1, _), (s2, _) = call(**kw)
+    assert type(s1) is LowLatencyCombineSpec and s1.wire_format == want and s1 == s2
 
 
 def test_combine_format_runs_the_per_expert_kernel_under_per_rank(call, monkeypatch):
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     launches = call(wire_format="fp8_e4m3_f32_128")
-    assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec]
+    assert [type(s) for s, _ in launches] == [LowLatencyCombineSpec] * 2
     assert launches[0][0].wire_format == "fp8_e4m3_f32_128"
 
 
@@ -134,7 +140,7 @@ def test_combine_area_holds_the_largest_message():
         slot = ll.combine_slot_bytes(hidden)
         assert slot == (2 * hidden + 4 * ((hidden + 127) // 128) + 15) // 16 * 16
         lay = ll._data_layout(M, hidden, R, E)
-        assert lay["comb_send"] - lay["comb_recv"] >= 2 * M * layout_facts.MAX_TOPK * slot
+        assert lay["comb_send"] - lay["comb_recv"] >= 2 * E * M * slot
         assert lay["end"] - lay["comb_send"] >= E * M * slot
 
 
@@ -231,13 +237,12 @@ def test_opaque_rows_and_side_rows_launch_as_bytes():
     data = fake_cuda(torch.zeros(M, 48, dtype=torch.float8_e4m3fn))        # 48-byte rows...
     side = fake_cuda(torch.zeros(M, 8, dtype=torch.int32))                 # ...32 side bytes
     (recv_x, recv_side), handle, launches = _opaque_dispatch((data, side), "opaque48+32")
-    [(spec, send)] = launches             # one launch, both phases
-    assert send.phases == 3 and send.call_epoch == 0
+    (spec, send), (_, recv) = launches
     assert spec.wire_format == "opaque48+32" and not spec.use_fp8
     assert spec.constants()["wire_format_code"] == 3
     assert (spec.constants()["opaque_row_bytes"], spec.constants()["opaque_side_bytes"]) == (48, 32)
     assert spec.payload_bytes == 80 and spec.hidden == H and handle[3] == H   # combine's hidden
-    assert send.x == data.data_ptr() and send.x_side == side.data_ptr()
+    assert send.x == data.data_ptr() and send.x_side == side.data_ptr() == recv.x_side
     assert recv_x.dtype == torch.float8_e4m3fn and recv_x.shape == (EL, RM, 48)
     assert recv_side.dtype == torch.int32 and recv_side.shape == (EL, RM, 8)
     assert send.recv_x == recv_x.data_ptr() and send.recv_scales == recv_side.data_ptr()
@@ -245,7 +250,7 @@ def test_opaque_rows_and_side_rows_launch_as_bytes():
 
 def test_opaque_rows_alone_keep_their_dtype():
     x = fake_cuda(torch.zeros(M, 2 * H, dtype=torch.uint8))                # a whole BF16 row's room
-    recv_x, _, [(spec, send)] = _opaque_dispatch(x, f"opaque{2 * H}")
+    recv_x, _, [(spec, send), _] = _opaque_dispatch(x, f"opaque{2 * H}")
     assert recv_x.dtype == torch.uint8 and recv_x.shape == (EL, RM, 2 * H)
     assert send.x_side == 0 and send.recv_scales == 0 and spec.payload_bytes == 2 * H
 
@@ -303,22 +308,3 @@ def test_opaque_misaligned_side_refused():
 def test_hidden_only_with_opaque():
     with pytest.raises(ValueError, match=r"hidden=256: is given for opaque wire formats only"):
         _dispatch(hidden=H)
-
-
-@pytest.mark.parametrize("how", ["clone", "slice of a larger tensor"])
-def test_a_copied_recv_src_info_is_refused_before_any_launch(how):
-    """The combine reads each row's top-k slot from the storage after recv_src_info (the
-    dispatch writes both); a copy has none there, so it is refused, naming the argument."""
-    ops, fake = fake_ll_ops(R, M, H, E)
-    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
-    src = handle[0]
-    if how == "clone":
-        bad = fake_cuda(src.clone())
-    else:
-        bad = fake_cuda(torch.empty(3, *src.shape, dtype=src.dtype)[1])
-    with pytest.raises(ValueError, match=r"handle\[0\] \(recv_src_info\).*must be the tensor "
-                                         r"low_latency_dispatch returned"):
-        ops.low_latency_combine(y, idx, w, (bad, *handle[1:]))
-    assert fake.launches == []
-    ops.low_latency_combine(y, idx, w, handle)           # the dispatch's own: accepted
-    assert fake.launches

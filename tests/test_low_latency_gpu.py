@@ -437,12 +437,13 @@ def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
     slot = ref.fp8_combine_message_bytes(H) if fmt == "fp8_e4m3_f32_128" else \
         ll.combine_slot_bytes(H)
     lay = ll._data_layout(M, H, R, E)
-    half = (epoch & 1) * layout_facts.ll_combine_recv_half_bytes(M, H, R)
-    area = ops.ctx.rdma.view(torch.uint8, (T * K, slot), lay["comb_recv"] + half)   # [t][k]
+    half = (epoch & 1) * layout_facts.ll_combine_recv_half_bytes(M, H, E)
+    area = ops.ctx.rdma.view(torch.uint8, (E * M, slot), lay["comb_recv"] + half)
     rows = ref.low_latency_combine_slot_rows(ys, idx, rank, srcs, lays)
     want, nbytes = ref.combine_wire_encode(rows.view(T * K, H), fmt)
     valid = (idx >= 0).flatten()
-    got = area[valid][:, :want.shape[1]]
+    tok = torch.arange(T, device=idx.device).repeat_interleave(K)
+    got = area[(idx.flatten() * M + tok)[valid]][:, :want.shape[1]]
     want, nbytes = want[valid], nbytes.to(idx.device)[valid]
     inside = torch.arange(want.shape[1], device=idx.device) < nbytes[:, None]
     bad = (got != want) & inside

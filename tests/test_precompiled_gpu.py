@@ -185,12 +185,12 @@ def _worker(rank, world, cache):
 
 def _per_rank(buf, rank, R):
     """The low-latency BF16 round with EPGEN_LL_COMBINE=per_rank: its combine is the per-rank
-    kernel (asserted, so the case cannot pass on the per-expert one)."""
+    kernel at this shape (asserted, so the case cannot pass on the per-expert one)."""
     from epgen.ops.low_latency import combine_runs_per_rank
     os.environ["EPGEN_LL_COMBINE"] = "per_rank"
     try:
-        assert combine_runs_per_rank(False, False), \
-            "the per-rank combine does not run: the case would test nothing"
+        assert combine_runs_per_rank(M, H, R, LOCAL_EXPERTS * R, K, False, False), \
+            "the per-rank combine does not run at this shape: the case would test nothing"
         _low_latency(buf, rank, R, False, 920)
     finally:
         os.environ.pop("EPGEN_LL_COMBINE")

@@ -171,15 +171,12 @@ def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
     return ll_payload_bytes(hidden, False) + min(MAX_TOPK, num_ranks) * LL_HEADER_MAX
 
 
-def ll_combine_recv_half_bytes(M: int, hidden: int, num_ranks: int) -> int:
-    """The combine receive area's half stride, the launch's half_bytes for both combine
-    kernels: the per-expert combine's messages addressed by (owner's token, top-k slot),
-    [M][MAX_TOPK] slots of the largest message of any format (ll_combine_slot_bytes), or the
-    per-rank combine's areas at MAX_TOPK, whichever is larger. The same for every format and
-    top-k, so that a hooked combine still unread in one half never overlaps the next call's in
-    the other, and every configuration of these shapes fits one Buffer."""
-    return align_up(max(M * MAX_TOPK * ll_combine_slot_bytes(hidden),
-                        ll_per_rank_half_bytes(M, hidden, num_ranks, MAX_TOPK)), 256)
+def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
+    """The combine receive area's half stride, the same for every format and both combine
+    kernels (ll_combine.cuh kHalfBytes * M; the per-rank combine's half_bytes): [E][M] slots of
+    the largest message, so a hooked combine still unread in one half never overlaps the next
+    call's in the other, whatever their formats."""
+    return num_experts * M * ll_combine_slot_bytes(hidden)
 
 
 def ll_combine_slot_bytes(hidden: int) -> int:
@@ -197,15 +194,16 @@ def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dic
     depend on the dtype or top-k, so every configuration of these shapes fits one Buffer.
       disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
       disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
-      comb_recv  [2 halves] of ll_combine_recv_half_bytes: messages by (owner's token,
-                 top-k slot) [M][K] of the call's format's size, or the per-rank areas
+      comb_recv  [2 halves][E][M] of ll_combine_slot_bytes (half stride
+                 ll_combine_recv_half_bytes; a format packs its own message size in a half)
       comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
                  buffer; staging of NVSHMEM puts"""
     disp_recv = LL_DATA_OFF
     disp_send = align_up(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden), 256)
     comb_recv = align_up(disp_send + M * ll_staging_bytes(hidden, num_ranks), 256)
-    comb_send = align_up(comb_recv + 2 * ll_combine_recv_half_bytes(M, hidden, num_ranks), 256)
-    end = align_up(comb_send + num_experts * M * ll_combine_slot_bytes(hidden), 256)
+    slots = ll_combine_recv_half_bytes(M, hidden, num_experts)
+    comb_send = align_up(comb_recv + 2 * slots, 256)
+    end = align_up(comb_send + slots, 256)
     return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
                 comb_send=comb_send, end=end)
 

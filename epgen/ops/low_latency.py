@@ -17,16 +17,17 @@ offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_lay
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  [2] halves of ll_combine_recv_half_bytes: slots [owner's token][top-k
-                      slot] of the call's format's message size (a BF16 row, or its message in the
-                      wire format); the per-rank combine uses each half for its routes, partials
-                      and staging instead (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
+     combine receive  [2][E][M] slots of combine_slot_bytes, half stride
+                      ll_combine_recv_half_bytes for every format (slot [global expert][owner's
+                      token]: a BF16 row, or its message in the call's wire format); the per-rank
+                      combine uses each half for its routes, partials and staging instead
+                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
      combine send     [E*M] slots of combine_slot_bytes: bf16 [El][R*M][H] as the zero-copy
                       buffer; staging of NVSHMEM puts
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
-step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook, or
-where ranks share a GPU); otherwise one launch with phases=3 runs both.
+step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook);
+the per-rank combine runs both in one launch (phases=3) where ranks do not share a GPU.
 """
 from __future__ import annotations
 
@@ -89,13 +90,18 @@ per_rank_half_bytes = layout_facts.ll_per_rank_half_bytes   # the per-rank combi
 combine_slot_bytes = layout_facts.ll_combine_slot_bytes  # a combine message slot
 
 
-def combine_runs_per_rank(return_recv_hook: bool, enable_shrink: bool) -> bool:
+def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
+                          return_recv_hook: bool, enable_shrink: bool) -> bool:
     """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
     send half would wait on a peer that must not be waited on (return_recv_hook: the send half
-    must never block; enable_shrink: a masked peer's routes never come): those calls run
-    the per-expert kernel, which gives the same result within BF16 rounding. (A receive half
-    always holds the per-rank areas: layout_facts.ll_combine_recv_half_bytes.)"""
-    return combine_variant() == "per_rank" and not return_recv_hook and not enable_shrink
+    must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
+    a half of the combine receive area (one expert per rank; two where the routes outgrow the
+    LogFMT metadata room, at small hidden sizes): those calls run
+    the per-expert kernel, which gives the same result within BF16 rounding."""
+    if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
+        return False
+    return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
+            <= layout_facts.ll_combine_recv_half_bytes(M, hidden, num_experts))
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -183,6 +189,11 @@ class LowLatencyOps:
         # late blocks start only when the peer's deadline frees them (seen on 1x H200, 2 ranks,
         # per-rank combine). There the phases run as two launches.
         self.fuse_phases = not gpu_shared
+        # The dispatch and the per-expert combine can run fused too (their kernels take the
+        # epoch from their own send), but only ranks sharing one GPU, which keep two launches,
+        # have run them so far: they stay two launches until a run with one GPU per rank
+        # checks the fused launch (bench/NOTES.md, session 15).
+        self.fuse_dispatch_and_per_expert = False
         R = ctx.num_ranks
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
@@ -386,11 +397,9 @@ class LowLatencyOps:
             scales, scale_store = _recv_scales(layout, fmt, El, R * M, cols,
                                                torch.int32 if use_ue8m0 else torch.float32, dev)
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
-        # recv_src_info, then each row's top-k slot at its owner in the same allocation
-        # (ll_common.cuh topk_slots: where the combine returns the row); DeepEP's tensor is the first
-        src_info = torch.empty(2, El, R * M, dtype=torch.int32, device=dev)[0]
+        src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        fused = self.fuse_phases and not return_recv_hook
+        fused = self.fuse_phases and self.fuse_dispatch_and_per_expert and not return_recv_hook
         # the epoch, for a receive launched on its own (a fused one takes it from its send)
         call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=dev)
 
@@ -428,11 +437,6 @@ class LowLatencyOps:
         lay = self._check_common(M, H, E, None)
         El = E // R
         check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
-        if src_info.storage_offset() != 0 or \
-                src_info.untyped_storage().nbytes() < 2 * src_info.nbytes:
-            raise arg_error("handle[0] (recv_src_info)", "a copy or a slice",
-                            "must be the tensor low_latency_dispatch returned: its storage also "
-                            "holds each row's top-k slot, which the combine reads")
         check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
         return src_info, layout_range, M, H, E, El, lay
 
@@ -462,7 +466,7 @@ class LowLatencyOps:
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
         per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
-            return_recv_hook, self.enable_shrink)
+            M, H, R, E, K, return_recv_hook, self.enable_shrink)
         spec_key = (fmt, H, K, E, per_rank)       # H, E passed _check_common; K: topk_idx's
         found = self._specs.get(spec_key)
         if found is None:
@@ -484,7 +488,8 @@ class LowLatencyOps:
         if kernel is None:
             kernel = ctx.kernel(spec)
             self._specs[spec_key] = (spec, kernel)
-        fused = self.fuse_phases and not return_recv_hook
+        fused = self.fuse_phases and not return_recv_hook and (
+            per_rank or self.fuse_dispatch_and_per_expert)
         # the epoch, for a receive launched on its own (a fused one takes it from its send)
         call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=ctx.device)
 
@@ -500,7 +505,7 @@ class LowLatencyOps:
             a.out = out.data_ptr()
             a.wait_stats = wst
             a.zero_copy = int(bool(zero_copy))
-            a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, self.ctx.num_ranks)
+            a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, E)
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
             return a

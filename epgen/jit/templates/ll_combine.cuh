@@ -1,11 +1,11 @@
 // Low-latency combine (DeepEP V1 semantics): each expert-output row goes back to its token's
-// owner, into slot [token][top-k slot] (the slot the dispatch recorded beside recv_src_info);
-// the owner sums w_k * y_k over its valid top-k.
+// owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
 //
 // Region layout (byte offsets are launch arguments):
 //   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
-//   recv_off: [2][M][K] slots of kSlot bytes  messages by (owner's token, top-k slot); half h
-//                                         at h * half_bytes (layout_facts.ll_combine_recv_half_bytes:
+//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index);
+//                                         half h at h * half_bytes (layout_facts.
+//                                         ll_combine_recv_half_bytes: E * M of the largest slot,
 //                                         the same for every format, so that a hooked combine
 //                                         still unread in one half never meets the next call's)
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
@@ -82,13 +82,10 @@ struct LLCombine {
             if (ll::masked(a.mask, src)) continue;
             const int64_t row = s_begin[p] + i;
             const int t = a.src_info[le * RM + row];
-            const int k = ll::topk_slots(a.src_info, (int64_t)El * RM)[le * RM + row];
-            if (t < 0 || t >= M || k < 0 || k >= K) {
-                if (lane == 0) report_error(err, kErrBadArg, src, t);
-                continue;
-            }
+            if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
+            const int e = a.rank * El + le;
             const uint64_t off = a.recv_off + (uint64_t)half * a.half_bytes
-                                 + ((uint64_t)t * K + k) * kSlot;
+                                 + ((uint64_t)e * M + t) * kSlot;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
@@ -160,7 +157,7 @@ struct LLCombine {
                 const int e = __shfl_sync(0xffffffffu, my_e, k);
                 const float w = __shfl_sync(0xffffffffu, my_w, k);
                 if (e < 0) continue;                       // the same for the whole warp
-                const char* slot = area + ((uint64_t)t * K + k) * kSlot;
+                const char* slot = area + ((uint64_t)e * M + t) * kSlot;
                 const uint32_t bad = W::logfmt_bad_chunks(slot, lane, tab);
                 if (!active) continue;
                 W::logfmt_add16(slot, b, bad, tab, w, acc);
@@ -232,7 +229,6 @@ struct LLCombine {
             }
             const int c = sl * 32 + lane;
             const bool in_row = c < kRowN16;
-            const char* rows = area + (uint64_t)t * K * kSlot;     // the token's K slots
             float acc[8];
             #pragma unroll
             for (int j = 0; j < 8; ++j) acc[j] = 0.f;
@@ -243,7 +239,7 @@ struct LLCombine {
                     const float w = __shfl_sync(0xffffffffu, my_w, k);
                     if (e < 0 || !in_row) continue;
                     float v[8];
-                    W::fp8_decode8(rows + (uint64_t)k * kSlot, c, v);
+                    W::fp8_decode8(area + ((uint64_t)e * M + t) * kSlot, c, v);
                     #pragma unroll
                     for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, v[j]));
                 }
@@ -256,7 +252,7 @@ struct LLCombine {
                         const int e = __shfl_sync(0xffffffffu, my_e, (k0 + i) % K);
                         const bool live = k0 + i < K && in_row && e >= 0;
                         raw[i] = live ? ld_v4(reinterpret_cast<const int4*>(
-                                            rows + (uint64_t)(k0 + i) * kSlot) + c)
+                                            area + ((uint64_t)e * M + t) * kSlot) + c)
                                       : make_int4(0, 0, 0, 0);
                     }
                     #pragma unroll

@@ -18,7 +18,7 @@
 // does not guarantee it) the phases run as two launches, the receive's epoch from call_epoch.
 //
 // Region (byte offsets are launch arguments; the host's size of it is epgen/jit/layout_facts.py
-// ll_per_rank_half_bytes, static_asserted equal to half_bytes): the combine receive area's half h (stride args.half_bytes) holds
+// ll_per_rank_half_bytes, static_asserted equal to half_bytes): the per-expert receive area's half h (stride half_bytes) holds
 //   routes   LLRoute [R owners][M][K]          what owner s sent for its token t
 //   partials bf16    [R expert ranks][M][H]    what expert rank j summed for my token t
 //   route staging [M][K], partial staging [R owners][M][H]: sources of NVSHMEM puts

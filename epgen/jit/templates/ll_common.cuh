@@ -29,25 +29,6 @@ enum : int { kSend = facts::kLLSend, kRecv = facts::kLLRecv };
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
 
-// A dispatch header entry, one per (token, expert): local expert << 16 | top-k slot << 10 |
-// the row's place in its (local expert, source) chunk (< M <= kMaxTokens).
-constexpr int kEntrySlotBits = 10;
-static_assert(kMaxTokens <= (1 << kEntrySlotBits) && kMaxTopk <= 32 && kMaxSig <= (1 << 15),
-              "a header entry's fields");
-__device__ __forceinline__ int entry_pack(int local_expert, int k, int slot) {
-    return (local_expert << 16) | (k << kEntrySlotBits) | slot;
-}
-__device__ __forceinline__ int entry_expert(int ent) { return ent >> 16; }
-__device__ __forceinline__ int entry_k(int ent) { return (ent >> kEntrySlotBits) & 31; }
-__device__ __forceinline__ int entry_slot(int ent) { return ent & ((1 << kEntrySlotBits) - 1); }
-
-// Each received row's top-k slot at its owner ([El][R*M] int32 of `rows`): the dispatch writes
-// it after recv_src_info in the same allocation (epgen/ops/low_latency.py allocates both and
-// hands out the first: DeepEP's recv_src_info keeps its meaning), the combine returns the row
-// to [owner's token][top-k slot].
-template <typename Int>
-__device__ __forceinline__ Int* topk_slots(Int* src_info, int64_t rows) { return src_info + rows; }
-
 __device__ __forceinline__ bool masked(const int* mask, int r) {
     return mask != nullptr && ld_volatile(mask + r) != 0;
 }

@@ -5,8 +5,7 @@
 //   sig_off : u64 [2][kMaxSig]            signal tag_word(epoch, count) per (local expert, source)
 //   recv_off: msg [2][R][M]               message slot per (source, source token)
 //   send_off: payload [M], then header [M][kMaxDst]   staging for NVSHMEM puts (non-P2P peers)
-// Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (ll::entry_pack:
-// local expert, top-k slot, slot)}, padded to 16
+// Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
 // bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
 // bytes; or the BF16 row; or an opaque row then its side row (FMT 3). `slot` is the row's
 // place in its (local expert, source) chunk, from an atomic on the sender's per-expert counter.
@@ -18,8 +17,7 @@
 // Receive phase (phases & 2): every block waits for the E signals of its rank and computes the
 // per-(expert, source) begin offsets (sources ascending); warps scan the R x M message slots,
 // take those tagged with this call's epoch, read each payload once and store it into the row of
-// every entry (recv_x, src_info and its top-k slot tail, column-major scales); block 0 writes
-// counts, ranges and stats.
+// every entry (recv_x, src_info, column-major scales); block 0 writes counts, ranges and stats.
 #pragma once
 #include "ll_common.cuh"
 #include "ll_scale_layout.cuh"
@@ -330,7 +328,7 @@ struct LLDispatch {
                     const int d = __popc(leaders & ((1u << leader_lane) - 1u));
                     const int j = __popc(same & ((1u << lane) - 1u));
                     int* h = reinterpret_cast<int*>(s_hdr[d]);
-                    h[4 + j] = ll::entry_pack(ev % El, lane, slot);
+                    h[4 + j] = ((ev % El) << 16) | slot;
                     if (lane == leader_lane) {
                         h[0] = (int)(((uint32_t)layout_tag(M) << 16) | (uint32_t)t);
                         h[1] = (int)(uint32_t)epoch;
@@ -511,14 +509,11 @@ struct LLDispatch {
             const int n = h.z >= 0 && h.z <= K ? h.z : 0;
             if (lane < n) {
                 const int ent = ld_volatile(reinterpret_cast<const int*>(msg) + 4 + lane);
-                const int le = ll::entry_expert(ent), slot = ll::entry_slot(ent);
+                const int le = ent >> 16, slot = ent & 0xffff;
                 int row = -1;
                 if (le < El && slot < s_cnt[le * R + src]) {
                     row = s_begin[le * R + src] + slot;
-                    if (part == 0) {
-                        a.recv_src_info[le * RM + row] = h.x & 0xffff;
-                        ll::topk_slots(a.recv_src_info, (int64_t)El * RM)[le * RM + row] = ll::entry_k(ent);
-                    }
+                    if (part == 0) a.recv_src_info[le * RM + row] = h.x & 0xffff;
                 } else if (part == 0) {
                     report_error(err, kErrBadArg, src, ent);
                 }
