@@ -7,7 +7,6 @@ import torch
 
 from epgen import formats
 from epgen.jit import layout_facts
-from epgen.jit import layout_facts
 from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
