@@ -173,18 +173,38 @@ class MpsDaemon:
     QUIT_WAIT_S = 3.0
 
     def stop(self) -> None:
+        # The `quit` client is not waited for: on the device it never returned (every stop
+        # took exactly QUIT_WAIT_S, session 15), so stop() waits for the daemon's process
+        # instead and returns as soon as it is gone.
         try:
-            answered = self._control(stdin="quit\n", timeout=self.QUIT_WAIT_S).returncode == 0
-        except subprocess.TimeoutExpired:
-            answered = True         # a client that hangs on the daemon's reply: it was told
-        except (OSError, subprocess.SubprocessError):
-            answered = False
-        if answered or self._pid() is not None:     # else nothing runs (a killed run's folders)
+            client = subprocess.Popen([self.CONTROL], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env={**os.environ, **self.env}, text=True)
+        except OSError:
+            client = None
+        try:
+            if client is not None:
+                try:
+                    client.stdin.write("quit\n")
+                    client.stdin.close()
+                except OSError:
+                    pass
             deadline = time.monotonic() + self.QUIT_WAIT_S
-            while time.monotonic() < deadline and self._running():
-                time.sleep(0.05)
+            if self._pid() is None and client is not None:
+                # no pid file (a daemon of an older layout, or a killed run's folders): the
+                # client's answer is all there is to wait for
+                try:
+                    client.wait(timeout=self.QUIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            while time.monotonic() < deadline and self._pid() is not None and self._running():
+                time.sleep(0.02)
             if self._running():
                 self._kill()
+        finally:
+            if client is not None and client.poll() is None:
+                client.kill()
+                client.wait()
         self._cleanup()
 
     def _pid(self) -> int | None:

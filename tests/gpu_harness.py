@@ -48,9 +48,20 @@ def tier() -> str:
     return raw
 
 
-def select(cases: list, quick: list[int]) -> list:
-    """The full case list, or in the quick tier the cases at these indices."""
-    return cases if tier() == "full" else [cases[i] for i in quick]
+def select(cases: list, quick: list[int], rotating: list[int] = (), world: int = 0) -> list:
+    """The full case list, or in the quick tier the cases at the indices `quick`, plus this
+    rank count's share of those at `rotating` (as select_rotating: for a few cases whose time
+    grows with the rank count), in list order."""
+    if tier() == "full":
+        return cases
+    keep = set(quick) | set(_rotating_share(list(rotating), world))
+    return [c for i, c in enumerate(cases) if i in keep]
+
+
+def _rotating_share(quick: list[int], world: int) -> list[int]:
+    counts = rank_counts()
+    i, n = (counts.index(world), len(counts)) if world in counts else (0, 1)
+    return quick[i::n]
 
 
 def select_rotating(cases: list, quick: list[int], world: int) -> list:
@@ -60,9 +71,7 @@ def select_rotating(cases: list, quick: list[int], world: int) -> list:
     a deadline that must fire)."""
     if tier() == "full":
         return cases
-    counts = rank_counts()
-    i, n = (counts.index(world), len(counts)) if world in counts else (0, 1)
-    return [cases[j] for j in quick[i::n]]
+    return [cases[j] for j in _rotating_share(quick, world)]
 
 
 def require_gpus(n: int) -> None:

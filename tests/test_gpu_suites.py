@@ -311,6 +311,20 @@ def test_quick_cases_rotate_over_the_rank_counts(monkeypatch):
     assert gpu_harness.select_rotating(cases, quick, 4) == cases
 
 
+def test_quick_cases_every_count_and_rotating(monkeypatch):
+    """select with `rotating`: every count runs the `quick` cases, and the rotating ones are
+    shared out over the counts (each once), in list order; the full tier runs every case."""
+    from tests import gpu_harness
+    cases = list("abcdefgh")
+    monkeypatch.setenv("EPGEN_TEST_RANKS", "2,4,8")
+    monkeypatch.setenv("EPGEN_TEST_TIER", "quick")
+    shares = {w: gpu_harness.select(cases, [0, 5], [6, 1, 3], w) for w in (2, 4, 8)}
+    assert shares == {2: ["a", "f", "g"], 4: ["a", "b", "f"], 8: ["a", "d", "f"]}
+    assert gpu_harness.select(cases, [0, 5]) == ["a", "f"]
+    monkeypatch.setenv("EPGEN_TEST_TIER", "full")
+    assert gpu_harness.select(cases, [0, 5], [6, 1, 3], 4) == cases
+
+
 def test_the_harness_refuses_a_second_copy_of_itself():
     """Imported as plain `gpu_harness` it would hold a second RankPool (test_runtime_gpu did:
     its own rank processes and MPS daemon beside the suites' pool)."""

@@ -291,12 +291,7 @@ template <int H, int K, int E, int R, int THREADS, int FMT>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
     using C = LLCombine<H, K, E, R, THREADS, FMT>;
     const ErrorCtx err = make_error_ctx(a);
-    // Both phases in one launch where the grid is resident (ops/low_latency.py fuse_phases):
-    // the receive's epoch from its own send; else a receive launch reads call_epoch.
-    unsigned long long epoch = 0;
-    if (a.phases & ll::kSend) epoch = C::send(a, err);
-    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
-    if (a.phases & ll::kRecv) C::recv(a, err, epoch);
+    ll::run_phases<C>(a, err);
 }
 
 

@@ -355,10 +355,7 @@ template <int H, int K, int E, int R, int THREADS>
 __device__ __forceinline__ void ll_combine_rank_kernel(const LowLatencyCombineRankArgs& a) {
     using C = LLCombineRank<H, K, E, R, THREADS>;
     const ErrorCtx err = make_error_ctx(a);
-    unsigned long long epoch = 0;
-    if (a.phases & ll::kSend) epoch = C::send(a, err);
-    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
-    if (a.phases & ll::kRecv) C::recv(a, err, epoch);
+    ll::run_phases<C>(a, err);
 }
 
 

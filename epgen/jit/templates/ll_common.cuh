@@ -29,6 +29,18 @@ enum : int { kSend = facts::kLLSend, kRecv = facts::kLLRecv };
 
 __host__ __device__ constexpr int align16(int v) { return (v + 15) / 16 * 16; }
 
+// A kernel entry's phases (args.phases): both in one launch where the grid is resident
+// (ops/low_latency.py fuse_phases), the receive taking this call's epoch from its own send; a
+// receive launched on its own reads the epoch its send stored in call_epoch. Op: LLDispatch,
+// LLCombine, LLCombineRank (send(a, err) -> epoch, recv(a, err, epoch)).
+template <class Op, class Args>
+__device__ __forceinline__ void run_phases(const Args& a, const ErrorCtx& err) {
+    unsigned long long epoch = 0;
+    if (a.phases & kSend) epoch = Op::send(a, err);
+    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
+    if (a.phases & kRecv) Op::recv(a, err, epoch);
+}
+
 __device__ __forceinline__ bool masked(const int* mask, int r) {
     return mask != nullptr && ld_volatile(mask + r) != 0;
 }

@@ -611,12 +611,7 @@ template <int H, int K, int E, int R, bool FP8, bool ROUND, bool UE8M0, int THRE
 __device__ __forceinline__ void ll_dispatch_kernel(const LowLatencyDispatchArgs& a) {
     using D = LLDispatch<H, K, E, R, FP8, ROUND, UE8M0, THREADS, FMT, SFL, OROW, OSIDE>;
     const ErrorCtx err = make_error_ctx(a);
-    // Both phases in one launch where the grid is resident (ops/low_latency.py fuse_phases):
-    // the receive's epoch from its own send; else a receive launch reads call_epoch.
-    unsigned long long epoch = 0;
-    if (a.phases & ll::kSend) epoch = D::send(a, err);
-    else epoch = (unsigned long long)ld_volatile(reinterpret_cast<const long long*>(a.call_epoch));
-    if (a.phases & ll::kRecv) D::recv(a, err, epoch);
+    ll::run_phases<D>(a, err);
 }
 
 
