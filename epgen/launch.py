@@ -506,8 +506,12 @@ class RankPool:
             # A rank left NVSHMEM unusable (its peers' NVSHMEM is then of no use either: a
             # world is started together): end them all now. Waiting to see its process gone
             # at the next run would race its exit, handing the next task to a dying rank.
-            # Every rank answered ok: the MPS daemon stays for the next processes.
-            self.close(phases, abandon=abandon, keep_daemon=True)
+            # Every rank answered ok: the MPS daemon stays for the next processes, unless they
+            # abandon NVSHMEM: their exit then leaves the MPS server tearing down their
+            # contexts, and the next processes' first CUDA call failed "device busy or
+            # unavailable" under it (faults' killed-rank test after the poisoned-output one,
+            # 5b73a8d, bench/NOTES.md session 16); a new daemon costs ~1 s.
+            self.close(phases, abandon=abandon, keep_daemon=not abandon)
         return [got[r][1] for r in range(self.world)]
 
     def close(self, phases: dict | None = None, kill: bool = False,
