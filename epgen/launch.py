@@ -392,9 +392,9 @@ class RankPool:
     module loads) once. A run that fails ends the processes (killed when a rank did not answer:
     it may sit in a collective; else each ends on its own, within EXIT_WAIT_S); so does a run
     after which a rank's process ends (it left NVSHMEM unusable): all of them, before the run
-    returns. The next run starts new ones (under the same MPS daemon where the run itself
-    succeeded: stopping and starting it is ~3 s of each such restart).
-    `close()` (or `with`) ends them and the MPS daemon."""
+    returns, and the MPS daemon with them: the next run starts new ones under a new daemon
+    (under the kept one, new clients were refused, bench/NOTES.md session 16; a daemon's stop
+    and start take well under a second). `close()` (or `with`) ends them and the daemon."""
 
     def __init__(self, world: int, placement: Placement | None = None,
                  env: dict | None = None):
@@ -506,19 +506,18 @@ class RankPool:
             # A rank left NVSHMEM unusable (its peers' NVSHMEM is then of no use either: a
             # world is started together): end them all now. Waiting to see its process gone
             # at the next run would race its exit, handing the next task to a dying rank.
-            # Every rank answered ok: the MPS daemon stays for the next processes, unless they
-            # abandon NVSHMEM: their exit then leaves the MPS server tearing down their
-            # contexts, and the next processes' first CUDA call failed "device busy or
-            # unavailable" under it (faults' killed-rank test after the poisoned-output one,
-            # 5b73a8d, bench/NOTES.md session 16); a new daemon costs ~1 s.
-            self.close(phases, abandon=abandon, keep_daemon=not abandon)
+            # The MPS daemon goes too: the abandoned processes' exit leaves its server tearing
+            # down their contexts, and the next processes' first CUDA call failed "device busy
+            # or unavailable" under it (faults' killed-rank test after the poisoned-output
+            # one, 5b73a8d, bench/NOTES.md session 16).
+            self.close(phases, abandon=abandon)
         return [got[r][1] for r in range(self.world)]
 
     def close(self, phases: dict | None = None, kill: bool = False,
-              abandon: bool = False, keep_daemon: bool = False) -> None:
+              abandon: bool = False) -> None:
         """End the processes (each finishes its task first; `kill`: at once; `abandon`: each
-        skips its NVSHMEM finalize, a peer's being stuck) and, unless `keep_daemon`, the MPS
-        daemon; `phases` gets the seconds each took. Nothing to do when none run."""
+        skips its NVSHMEM finalize, a peer's being stuck) and the MPS daemon; `phases` gets
+        the seconds each took. Nothing to do when none run."""
         if not self.procs and self.daemon is None:
             return
         t0 = time.time()
@@ -532,7 +531,7 @@ class RankPool:
                 proc.join(timeout=10.0)
         self.procs = []
         t1 = time.time()
-        if self.daemon is not None and not keep_daemon:
+        if self.daemon is not None:
             self.daemon.stop()
             self.daemon = None
         if phases is not None:

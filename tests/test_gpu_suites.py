@@ -321,8 +321,30 @@ def test_quick_cases_every_count_and_rotating(monkeypatch):
     shares = {w: gpu_harness.select(cases, [0, 5], [6, 1, 3], w) for w in (2, 4, 8)}
     assert shares == {2: ["a", "f", "g"], 4: ["a", "b", "f"], 8: ["a", "d", "f"]}
     assert gpu_harness.select(cases, [0, 5]) == ["a", "f"]
+    # a negative index counts from the end, as faults' "at the largest count" ([-1]) means:
+    # 5b73a8d's select matched indices literally and left that test no case at all
+    assert gpu_harness.select([2, 4, 8], [-1]) == [8]
+    assert gpu_harness.select(cases, [-1], [-2], 2) == ["g", "h"]
+    assert gpu_harness.select([], [0]) == []
     monkeypatch.setenv("EPGEN_TEST_TIER", "full")
     assert gpu_harness.select(cases, [0, 5], [6, 1, 3], 4) == cases
+
+
+@pytest.mark.parametrize("tier", ["quick", "full"])
+def test_every_gpu_test_has_cases_in_each_tier(tier):
+    """Collected at 2,4,8 ranks, no GPU test is left with an empty parameter set (pytest then
+    skips it as NOTSET: a test no tier runs, which 5b73a8d's select did to one faults test)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "EPGEN_TEST_TIER": tier, "EPGEN_TEST_RANKS": "2,4,8", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--collect-only", "-m", "gpu", "tests"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert len(ids) > 20, out.stdout[-2000:]
+    assert not [i for i in ids if "NOTSET" in i], [i for i in ids if "NOTSET" in i]
 
 
 def test_the_harness_refuses_a_second_copy_of_itself():
