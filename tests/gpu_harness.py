@@ -54,9 +54,9 @@ def select(cases: list, quick: list[int], rotating: list[int] = (), world: int =
     grows with the rank count), in list order."""
     if tier() == "full":
         return cases
-    # indices as Python's (-1: the last case), so the quick tier's list keeps them all
-    keep = {i % len(cases) for i in [*quick, *_rotating_share(list(rotating), world)]} \
-        if cases else set()
+    # indices as Python's (-1: the last case; one out of range raises, as cases[i] would)
+    positions = range(len(cases))
+    keep = {positions[i] for i in [*quick, *_rotating_share(list(rotating), world)]}
     return [c for i, c in enumerate(cases) if i in keep]
 
 

@@ -325,7 +325,8 @@ def test_quick_cases_every_count_and_rotating(monkeypatch):
     # 5b73a8d's select matched indices literally and left that test no case at all
     assert gpu_harness.select([2, 4, 8], [-1]) == [8]
     assert gpu_harness.select(cases, [-1], [-2], 2) == ["g", "h"]
-    assert gpu_harness.select([], [0]) == []
+    with pytest.raises(IndexError):
+        gpu_harness.select([2, 4, 8], [3])
     monkeypatch.setenv("EPGEN_TEST_TIER", "full")
     assert gpu_harness.select(cases, [0, 5], [6, 1, 3], 4) == cases
 
