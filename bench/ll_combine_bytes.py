@@ -1,7 +1,7 @@
 """CPU: bytes a low-latency combine moves per rank, per-expert (today's kernel) vs per-rank
 (EPGEN_LL_COMBINE=per_rank), counted from DeepEP-style routes; and the symmetric footprint
-(get_low_latency_rdma_size_hint today, DeepEP's LowLatencyLayout at 567632d, and a layout
-sized for the per-rank protocol only). Counted, not timed: a prediction for a GPU run.
+(get_low_latency_rdma_size_hint at its default top-k, 11, and at the shape's, beside DeepEP's
+LowLatencyLayout at 567632d). Counted, not timed: a prediction for a GPU run.
 
     python bench/ll_combine_bytes.py [--tokens 128 --hidden 7168 --topk 8 --experts 288]
 """
@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ll_partial_precision import deepep_routes  # noqa: E402
 
 from epgen.ops import low_latency as ll  # noqa: E402
-from epgen.jit.specs import MAX_TOPK  # noqa: E402
 
 MB = 1e6
 
@@ -52,19 +51,6 @@ def deepep_hint(M, H, R, E):
     return (total + 128) // 128 * 128
 
 
-def _align256(v):
-    return (v + 255) // 256 * 256
-
-
-def per_rank_layout(M, H, R, E):
-    """A layout sized for the per-rank protocol only: today's control + dispatch areas, the
-    zero-copy combine buffer DeepEP's API hands out ([El][R*M][H] bf16), and two per-rank
-    receive halves (routes sized for MAX_TOPK) instead of [2][E][M][H]."""
-    lay = ll._data_layout(M, H, R, E)
-    return lay["comb_recv"] + 2 * _align256(ll.per_rank_half_bytes(M, H, R, MAX_TOPK)) \
-        + E * M * 2 * H
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128)
@@ -85,11 +71,15 @@ def main(argv=None):
         print(f"| {R} | {old[0] / MB:.2f} / {old[1] / MB:.2f} | {new[0] / MB:.2f} / "
               f"{new[1] / MB:.2f} | {old[0] / new[0]:.2f}x |")
     print()
-    print("| EP | epgen hint today MB | DeepEP hint MB | per-rank-only layout MB |")
-    print("|---|---|---|---|")
+    print(f"| EP | epgen hint MB (top-k <= 11) | epgen hint MB (num_topk={K}) | DeepEP hint MB "
+          "| epgen / DeepEP |")
+    print("|---|---|---|---|---|")
     for R in a.ranks:
-        print(f"| {R} | {ll.low_latency_rdma_size_hint(T, H, R, E) / MB:.0f} | "
-              f"{deepep_hint(T, H, R, E) / MB:.0f} | {per_rank_layout(T, H, R, E) / MB:.0f} |")
+        ours, at_k = ll.low_latency_rdma_size_hint(T, H, R, E), \
+            ll.low_latency_rdma_size_hint(T, H, R, E, K)
+        theirs = deepep_hint(T, H, R, E)
+        print(f"| {R} | {ours / MB:.0f} | {at_k / MB:.0f} | {theirs / MB:.0f} | "
+              f"{ours / theirs:.2f} |")
 
 
 if __name__ == "__main__":

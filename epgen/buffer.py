@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from . import lifecycle
 from .jit import toolchain
+from .jit.layout_facts import LL_HINT_TOPK, MAX_TOPK
 from .config import Config
 from .ops.context import OpsContext, arg_error, timeout_ns
 from .ops.internode import InternodeOps
@@ -124,9 +125,16 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
-                                       num_ranks: int, num_experts: int) -> int:
+                                       num_ranks: int, num_experts: int, *,
+                                       num_topk: int = LL_HINT_TOPK) -> int:
+        """num_topk (epgen's): the largest top-k the low-latency calls will use; DeepEP's
+        limit, 11, unless told (the combine's receive halves hold min(top-k, experts per
+        rank) rows per token and rank)."""
+        if not isinstance(num_topk, int) or isinstance(num_topk, bool) or \
+                not 1 <= num_topk <= MAX_TOPK:
+            raise arg_error("num_topk", num_topk, f"must be an int in [1, {MAX_TOPK}]")
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
-                                          num_experts)
+                                          num_experts, num_topk)
 
     # DeepEP's recommended (nvl send, nvl recv, rdma send, rdma recv) chunk sizes; epgen's
     # kernels size their rings from the receive count only. Other rank counts get the 8's.

@@ -381,8 +381,9 @@ def low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank
     xs[r]: rank r's [T_r, H] bf16 tokens (T_r <= M); topk_idxs[r]: [T_r, K] int64, -1 skipped,
     experts distinct within a row. Every (token, expert of `rank`) pair is one row of
     recv_x[local expert]. Here the rows of expert e are grouped by source rank ascending, tokens
-    ascending, source r's chunk at begin = sum of the counts of sources < r. Kernels may order
-    chunks and rows inside a chunk differently (compare with check_low_latency_dispatch).
+    ascending, source r's chunk at begin = sum of the counts of sources < r: epgen's kernels'
+    placement (rows in a chunk ascending is what the combine relies on: ll_row_places; DeepEP's
+    order within a chunk is arbitrary); compare with check_low_latency_dispatch.
     FP8: rows are per_token_cast_to_fp8(row, round_scale, use_ue8m0); scales are returned as the
     logical [El, R*M, S] tensor (DeepEP's is column-major in the last two dims: compare values).
     Rows past recv_count[e] are unspecified (here zeros, src_info -1).
@@ -443,6 +444,39 @@ def _ll_place(data: list, aux: list | None, topk_idxs: Tensors, El: int, rank: i
     return recv, recv_aux, recv_count, src_info, layout, sources
 
 
+def ll_row_places(topk_idx: torch.Tensor) -> torch.Tensor:
+    """[T, K] int64: where a low-latency dispatch puts each (token, top-k slot) row inside its
+    (expert, source) chunk: the number of entries before (t, k), in (token, slot) order, that
+    name the same expert (-1 where topk_idx is -1). A chunk so holds its tokens ascending
+    (_ll_place's order), and the tokens' owner can tell each row's place from topk_idx alone
+    (templates/ll_common.cuh entry_place)."""
+    seen: dict = {}
+    places = []
+    for e in topk_idx.flatten().tolist():
+        places.append(seen.get(e, 0) if e >= 0 else -1)
+        if e >= 0:
+            seen[e] = seen.get(e, 0) + 1
+    return torch.tensor(places, dtype=torch.int64).view(topk_idx.shape).to(topk_idx.device)
+
+
+def ll_combine_recv_rows(topk_idx: torch.Tensor, num_ranks: int, num_experts: int,
+                         M: int) -> torch.Tensor:
+    """[T, K] int64: the slot of the owner's low-latency combine receive half that holds the
+    expert output of (t, k) (templates/ll_common.cuh "Where a (token, top-k slot) row lives"):
+    expert rank r's rows from r * M * min(K, El) on, its local experts in order, each taking
+    as many slots as the owner sent it rows, each row at its ll_row_places; -1 where topk_idx
+    is -1."""
+    K = topk_idx.shape[1]
+    El = num_experts // num_ranks
+    idx = topk_idx.cpu()
+    counts = torch.bincount(idx[idx >= 0], minlength=num_experts)
+    before = torch.cumsum(counts, 0) - counts                  # entries of experts < e
+    rank = torch.arange(num_experts) // El
+    base = rank * M * min(K, El) + before - before[rank * El]  # ... of this rank's experts < e
+    rows = base[idx.clamp(min=0)] + ll_row_places(idx)
+    return torch.where(idx >= 0, rows, -1).to(topk_idx.device)
+
+
 def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int, rank: int,
                                num_max_dispatch_tokens_per_rank: int, recv_x: torch.Tensor,
                                recv_count: torch.Tensor, recv_src_info: torch.Tensor,
@@ -456,7 +490,8 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
 
     Required: recv_count equal; for each local expert e and source r, layout range (begin, count)
     with count equal to the reference, ranges disjoint and inside [0, recv_count[e]); the src_info
-    values of each range equal the reference tokens as a multiset; each row equals its source token
+    values of each range equal the reference tokens in order, ascending (ll_row_places: the
+    combine's owner finds its rows by that order); each row equals its source token
     (named by src_info): BF16 bit-exact; wire_format mxfp8 / nvfp4: bytes and scales bit-exact
     with ll_cast; FP8 with exact_fp8, bytes and scales bit-exact; otherwise
     scales equal (round_scale / UE8M0) or within 2^-20 relative (float scales), and every
@@ -486,8 +521,8 @@ def check_low_latency_dispatch(xs: Tensors, topk_idxs: Tensors, num_experts: int
             w = f"{where}, local expert {le}, source rank {r}"
             toks = recv_src_info[le, begin:begin + n].long()
             exp_toks = [t for s, t in ref.recv_sources[le] if s == r]
-            assert sorted(toks.tolist()) == exp_toks, \
-                f"{w}: src_info {sorted(toks.tolist())}, expected tokens {exp_toks}"
+            assert toks.tolist() == exp_toks, \
+                f"{w}: src_info {toks.tolist()}, expected tokens {exp_toks} in this order"
             if n > 0:
                 got_s = None if recv_x_scales is None else recv_x_scales[le, begin:begin + n]
                 if _is_opaque(wire_format):

@@ -10,6 +10,7 @@ from unittest import mock
 
 import torch
 
+from epgen.jit.layout_facts import LL_HINT_TOPK
 from epgen.ops import low_latency as ll
 from epgen.ops.context import OpsContext
 from epgen.ops.internode import InternodeOps
@@ -113,9 +114,10 @@ class FakeLaunchContext(OpsContext):
         result["event"] = None
 
 
-def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False):
-    """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel."""
-    region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E), R)
+def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False, num_topk=LL_HINT_TOPK):
+    """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel, its region
+    sized by the hint for top-k up to num_topk."""
+    region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E, num_topk), R)
     ctx = FakeLaunchContext(rank=0, num_ranks=R, device=torch.device("cpu"),
                             pes=list(range(R)), nvshmem=None, nvl=None, rdma=region,
                             comm_stream=None, errors=FakeErrorWord(), arch="sm_90")

@@ -99,12 +99,15 @@ DIFFERENCES = {
 # Public Buffer methods DeepEP does not have.
 EXTENSIONS = {"check_errors"}
 # epgen's keyword-only additions to DeepEP methods (after all of DeepEP's parameters, so no
-# positional call changes meaning): the wire format (epgen.formats, README "Wire formats") and
-# low-latency dispatch's received-scale layout and, for opaque rows, the combine's hidden.
+# positional call changes meaning): the wire format (epgen.formats, README "Wire formats"),
+# low-latency dispatch's received-scale layout and, for opaque rows, the combine's hidden, and
+# the low-latency size hint's top-k.
 EXTRA_KEYWORDS = {"dispatch": {"wire_format": None}, "low_latency_dispatch": {"wire_format": None,
                                                                           "recv_scale_layout": None,
                                                                           "hidden": None},
-                  "low_latency_combine": {"wire_format": None}}
+                  "low_latency_combine": {"wire_format": None},
+                  # the top-k the low-latency region is sized for (DeepEP's limit by default)
+                  "get_low_latency_rdma_size_hint": {"num_topk": 11}}
 
 
 def _params(fn, drop_self):

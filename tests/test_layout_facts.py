@@ -105,8 +105,9 @@ def test_the_host_reads_the_same_definitions():
     assert low_latency.DATA_OFF == layout_facts.LL_DATA_OFF
     assert low_latency.per_rank_half_bytes is layout_facts.ll_per_rank_half_bytes
     assert low_latency._data_layout is layout_facts.ll_data_layout
-    # the region's size for DeepSeek-V3 decode at 8 ranks (combine slots sized for LogFMT-10)
-    assert low_latency.low_latency_rdma_size_hint(128, 7168, 8, 256) == 1462976512
+    # the region's size for DeepSeek-V3 decode at 8 ranks (combine slots sized for LogFMT-10,
+    # receive halves for top-k up to 11)
+    assert low_latency.low_latency_rdma_size_hint(128, 7168, 8, 256) == 836812800
     assert intranode.MIN_CAP == layout_facts.NORMAL_MIN_RING_SLOTS
     assert intranode.dispatch_record_bytes is layout_facts.normal_dispatch_record_bytes
     assert specs.num_scales is layout_facts.num_scales
@@ -174,3 +175,44 @@ def test_a_family_registers_itself_once():
         class Clash(specs.KernelSpec):
             family: ClassVar[str] = "ll_barrier"
     assert FAMILIES["ll_barrier"] is specs.LowLatencyBarrierSpec
+
+
+def _deepep_hint():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "ll_combine_bytes.py")
+    spec = importlib.util.spec_from_file_location("ll_combine_bytes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.deepep_hint
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_low_latency_footprint_is_at_most_half_of_deepeps(R):
+    """Issue 15 item 3 at DeepEP's shape (128 tokens, hidden 7168, 288 experts): the hint, for
+    any top-k DeepEP takes (<= 11), zero-copy buffer included, is at most half of DeepEP's; the
+    receive halves hold R * M * min(K, El) slots, not E * M."""
+    hint = low_latency.low_latency_rdma_size_hint(128, 7168, R, 288)
+    assert hint <= _deepep_hint()(128, 7168, R, 288) / 2
+    lay = layout_facts.ll_data_layout(128, 7168, R, 288)
+    slot = layout_facts.ll_combine_slot_bytes(7168)
+    assert lay["comb_recv"] - lay["comb_send"] >= 288 * 128 * slot       # zero-copy [El][RM][H]
+    assert layout_facts.ll_combine_half_bytes(hint, lay) == \
+        layout_facts.align_up(R * 128 * min(11, 288 // R) * slot, 256)
+
+
+def test_combine_half_stride_is_the_buffers_and_covers_every_top_k():
+    """The half stride comes from the Buffer's size (the same for every call, format and
+    top-k), never more than [E][M] slots; a larger top-k needs a larger hint."""
+    M, H, R, E = 64, 2048, 4, 32
+    lay = layout_facts.ll_data_layout(M, H, R, E)
+    slot = layout_facts.ll_combine_slot_bytes(H)
+    for K in (1, 4, 8, 11, 16, 32):
+        nbytes = low_latency.low_latency_rdma_size_hint(M, H, R, E, K)
+        half = layout_facts.ll_combine_half_bytes(nbytes, lay)
+        assert half >= layout_facts.ll_combine_recv_rows(M, R, E, K) * slot
+        assert lay["comb_recv"] + 2 * half <= nbytes
+    huge = layout_facts.ll_combine_half_bytes(10 ** 12, lay)
+    assert huge == layout_facts.align_up(E * M * slot, 256)
+    assert low_latency.low_latency_rdma_size_hint(M, H, R, E, 4) < \
+        low_latency.low_latency_rdma_size_hint(M, H, R, E)

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from tests import gpu_harness
-from tests.test_low_latency_gpu import (LOCAL_EXPERTS, M, _all_inputs, _check_combine,
-                                        _check_dispatch, _expert_out, _finish,
+from tests.test_low_latency_gpu import (LOCAL_EXPERTS, M, MAX_K, _all_inputs,
+                                        _check_combine, _check_dispatch, _expert_out, _finish,
                                         _combine_inputs, _run_jobs, _run_shrink)
 
 pytestmark = pytest.mark.gpu
@@ -120,7 +120,8 @@ def _run_without_nvlink(rank, R, E):
     import torch.distributed as dist
     import epgen
     buf = epgen.Buffer(dist.group.WORLD, 0,
-                       epgen.Buffer.get_low_latency_rdma_size_hint(M, 7168, R, E),
+                       epgen.Buffer.get_low_latency_rdma_size_hint(M, 7168, R, E,
+                                                                   num_topk=MAX_K),
                        low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
     try:
         for cid, case in ((320, CASES[0]), (321, CASES[1])):
@@ -138,7 +139,8 @@ def _worker(rank, world):
     import epgen
     E = LOCAL_EXPERTS * world
     buf = epgen.Buffer(dist.group.WORLD, 0,
-                       epgen.Buffer.get_low_latency_rdma_size_hint(M, 7168, world, E),
+                       epgen.Buffer.get_low_latency_rdma_size_hint(M, 7168, world, E,
+                                                                   num_topk=MAX_K),
                        low_latency_mode=True, num_qps_per_rank=LOCAL_EXPERTS)
     results = []
     jobs = [(c[0], lambda c=c, i=i: _run_case(buf, rank, world, E, 600 + i, *c))

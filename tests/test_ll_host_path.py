@@ -42,7 +42,10 @@ def test_per_expert_two_launches_one_struct(call, monkeypatch):
     assert type(send) is LowLatencyCombineArgs and (send.phases, recv.phases) == (1, 2)
     assert _without_phases(send) == _without_phases(recv)
     assert send.call_epoch != 0
-    assert send.half_bytes == layout_facts.ll_combine_recv_half_bytes(M, H, E)
+    lay = ll._data_layout(M, H, R, E)
+    assert send.half_bytes == layout_facts.ll_combine_half_bytes(
+        ll.low_latency_rdma_size_hint(M, H, R, E), lay)
+    assert send.rows_off == lay["comb_rows"] and send.recv_off == lay["comb_recv"]
 
 
 def test_per_expert_and_dispatch_fused_where_enabled(monkeypatch):
@@ -70,7 +73,8 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     assert type(spec) is LowLatencyCombineRankSpec and type(a) is LowLatencyCombineRankArgs
     assert a.phases == 3 and a.call_epoch == 0
     assert a.wsig_off == ll.ROUTES_SIG_OFF
-    # every format's halves are spaced alike (LogFMT-10's slot, larger than a BF16 row)
+    # every format's halves are spaced alike (LogFMT-10's slot, larger than a BF16 row): at
+    # this shape (8 experts a rank, under the hint's top-k of 11) [E][M] of them
     assert a.half_bytes == E * M * layout_facts.ll_combine_slot_bytes(H) > E * M * 2 * H
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
 
@@ -139,8 +143,9 @@ def test_combine_area_holds_the_largest_message():
         slot = ll.combine_slot_bytes(hidden)
         assert slot == (2 * hidden + 4 * ((hidden + 127) // 128) + 15) // 16 * 16
         lay = ll._data_layout(M, hidden, R, E)
-        assert lay["comb_send"] - lay["comb_recv"] >= 2 * E * M * slot
-        assert lay["end"] - lay["comb_send"] >= E * M * slot
+        assert lay["comb_recv"] - lay["comb_send"] >= E * M * slot
+        assert ll.low_latency_rdma_size_hint(M, hidden, R, E) - lay["comb_recv"] >= \
+            2 * layout_facts.ll_combine_recv_rows(M, R, E, layout_facts.LL_HINT_TOPK) * slot
 
 
 def test_combine_spec_format_rules():
@@ -307,3 +312,28 @@ def test_opaque_misaligned_side_refused():
 def test_hidden_only_with_opaque():
     with pytest.raises(ValueError, match=r"hidden=256: is given for opaque wire formats only"):
         _dispatch(hidden=H)
+
+
+def test_a_top_k_the_region_was_not_sized_for_is_refused_before_any_launch():
+    """The combine's receive halves hold min(top-k, experts per rank) rows per token and rank,
+    for top-k up to the hint's num_topk (11 unless told): a larger top-k is refused at the
+    dispatch and at the combine, naming the bytes and the hint's argument, before any launch;
+    a region sized with num_topk=16 takes it."""
+    E16 = 32                                   # 16 experts a rank: top-16 needs 16 rows, not 11
+    ops, fake = fake_ll_ops(R, M, H, E16)
+    g = torch.Generator().manual_seed(5)
+    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E16, generator=g).topk(16, dim=-1).indices)
+    need = ll.low_latency_rdma_size_hint(M, H, R, E16, 16)
+    with pytest.raises(ValueError, match=rf"num_rdma_bytes=\d+: too small .*num_topk=16: needs "
+                                         rf"{need} bytes .*num_topk=K"):
+        ops.low_latency_dispatch(x, idx, M, E16, use_fp8=False)
+    assert fake.launches == []
+    ops16, fake16 = fake_ll_ops(R, M, H, E16, num_topk=16)
+    y, idx16, w, handle = ll_combine_inputs(ops16, fake16, M, H, E16, 16)
+    ops16.low_latency_combine(y, idx16, w, handle)
+    assert [a.phases for _, a in fake16.launches] == [1, 2]
+    fake16.launches.clear()
+    with pytest.raises(ValueError, match=r"num_topk=16: needs"):
+        ops.low_latency_combine(y, idx16, w, handle)     # the default-sized region
+    assert fake.launches == []

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gpu
 M = 128
 H_MAX = 7168
 LOCAL_EXPERTS = 16
+MAX_K = 16          # the cases' largest top-k: the region is sized for it (the hint's num_topk)
 
 
 def _inputs(case_id, r, T, H, K, E, R, only_rank0=False, neg_frac=0.1):
@@ -437,13 +438,13 @@ def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
     slot = ref.fp8_combine_message_bytes(H) if fmt == "fp8_e4m3_f32_128" else \
         ll.combine_slot_bytes(H)
     lay = ll._data_layout(M, H, R, E)
-    half = (epoch & 1) * layout_facts.ll_combine_recv_half_bytes(M, H, E)
-    area = ops.ctx.rdma.view(torch.uint8, (E * M, slot), lay["comb_recv"] + half)
+    half = (epoch & 1) * ops.combine_half_bytes(lay)
+    slots = layout_facts.ll_combine_recv_rows(M, R, E, K)     # a format's messages, packed
+    area = ops.ctx.rdma.view(torch.uint8, (slots, slot), lay["comb_recv"] + half)
     rows = ref.low_latency_combine_slot_rows(ys, idx, rank, srcs, lays)
     want, nbytes = ref.combine_wire_encode(rows.view(T * K, H), fmt)
     valid = (idx >= 0).flatten()
-    tok = torch.arange(T, device=idx.device).repeat_interleave(K)
-    got = area[(idx.flatten() * M + tok)[valid]][:, :want.shape[1]]
+    got = area[ref.ll_combine_recv_rows(idx, R, E, M).flatten()[valid]][:, :want.shape[1]]
     want, nbytes = want[valid], nbytes.to(idx.device)[valid]
     inside = torch.arange(want.shape[1], device=idx.device) < nbytes[:, None]
     bad = (got != want) & inside
@@ -685,7 +686,7 @@ def _worker(rank, world):
     import torch.distributed as dist
     import epgen
     E = LOCAL_EXPERTS * world
-    nbytes = epgen.Buffer.get_low_latency_rdma_size_hint(M, H_MAX, world, E)
+    nbytes = epgen.Buffer.get_low_latency_rdma_size_hint(M, H_MAX, world, E, num_topk=MAX_K)
     buf = epgen.Buffer(dist.group.WORLD, 0, nbytes, low_latency_mode=True,
                        num_qps_per_rank=LOCAL_EXPERTS)
     results = []
@@ -734,7 +735,8 @@ def _run_without_nvlink(rank, R, E):
     import torch.distributed as dist
     import epgen
     buf = epgen.Buffer(dist.group.WORLD, 0,
-                       epgen.Buffer.get_low_latency_rdma_size_hint(M, H_MAX, R, E),
+                       epgen.Buffer.get_low_latency_rdma_size_hint(M, H_MAX, R, E,
+                                                                   num_topk=MAX_K),
                        low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
     try:
         for cid, case in ((300, CASES[1]), (301, CASES[7]), (302, CASES[2])):

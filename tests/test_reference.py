@@ -322,7 +322,7 @@ def test_ll_dispatch_opaque_moves_bytes_unchanged():
     assert torch.equal(d.recv_x_scales[1, 0], side[0][2])
     moved = _kernel_like(d)
     sides = d.recv_x_scales.clone()
-    sides[0, :3] = d.recv_x_scales[0, [2, 1, 0]]         # the side rows move with their rows
+    sides[0, :3] = d.recv_x_scales[0, KERNEL_LIKE_ORDER]   # the side rows move with their rows
     _check(moved._replace(recv_x_scales=sides), xs=xs, wire_format="opaque48+16")
     with pytest.raises(AssertionError, match="opaque side bytes differ"):
         _check(moved, xs=xs, wire_format="opaque48+16")   # rows moved, side rows not
@@ -345,10 +345,14 @@ def _check(d, rank=1, xs=XS, **kw):
                                    d.recv_layout_range, d.recv_x_scales, **kw)
 
 
+KERNEL_LIKE_ORDER = [2, 0, 1]  # rows: (1,t1), (0,t0), (0,t2)
+
+
 def _kernel_like(d):
-    """Rank 1, expert 0 as a kernel might place it: source 1 first, source 0's rows swapped."""
+    """Rank 1, expert 0 as a kernel might place it: source 1's chunk first (the chunks' order
+    is the layout ranges'), each chunk's tokens still ascending (what the combine relies on)."""
     x, info, lay = d.recv_x.clone(), d.recv_src_info.clone(), d.recv_layout_range.clone()
-    order = [2, 1, 0]  # rows: (1,t1), (0,t2), (0,t0)
+    order = KERNEL_LIKE_ORDER
     x[0, :3], info[0, :3] = d.recv_x[0, order], d.recv_src_info[0, order]
     lay[0] = torch.tensor([1 << 32 | 2, 0 << 32 | 1])
     return d._replace(recv_x=x, recv_src_info=info, recv_layout_range=lay)
@@ -365,6 +369,11 @@ def test_ll_checker_accepts_other_placements_and_rejects_errors():
     bad[0, 1] = 1
     with pytest.raises(AssertionError, match="src_info"):
         _check(d._replace(recv_src_info=bad))
+    swapped = d.recv_x.clone(), d.recv_src_info.clone()    # source 0's two rows swapped
+    for t, src in zip(swapped, (d.recv_x, d.recv_src_info)):
+        t[0, 1:3] = src[0, [2, 1]]
+    with pytest.raises(AssertionError, match=r"src_info \[2, 0\], expected tokens \[0, 2\] in this order"):
+        _check(d._replace(recv_x=swapped[0], recv_src_info=swapped[1]))
     bad = d.recv_layout_range.clone()
     bad[0, 1] = 1 << 32 | 1  # source 1 at [1, 2) overlaps source 0 at [1, 3)
     with pytest.raises(AssertionError, match="overlap"):

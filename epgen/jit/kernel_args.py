@@ -124,6 +124,7 @@ LowLatencyCombineArgs = struct(
     ("unsigned long long", "recv_off"),
     ("unsigned long long", "send_off"),
     ("unsigned long long", "half_bytes"),   # receive area: bytes from half 0 to half 1
+    ("unsigned long long", "rows_off"),     # receive's row table, int [2][M][MAX_TOPK]
     ("int", "num_tokens"),
     ("int", "max_tokens"),
     ("int", "phases"),

@@ -171,20 +171,44 @@ def ll_staging_bytes(hidden: int, num_ranks: int) -> int:
     return ll_payload_bytes(hidden, False) + min(MAX_TOPK, num_ranks) * LL_HEADER_MAX
 
 
-def ll_combine_recv_half_bytes(M: int, hidden: int, num_experts: int) -> int:
-    """The combine receive area's half stride, the same for every format and both combine
-    kernels (ll_combine.cuh kHalfBytes * M; the per-rank combine's half_bytes): [E][M] slots of
-    the largest message, so a hooked combine still unread in one half never overlaps the next
-    call's in the other, whatever their formats."""
-    return num_experts * M * ll_combine_slot_bytes(hidden)
-
-
 def ll_combine_slot_bytes(hidden: int) -> int:
     """A combine slot (receive area and send staging): room for the largest message of any
     combine format, LogFMT-10's (its metadata and every chunk as BF16;
     templates/ll_combine_wire.cuh kLogfmtBytes: a bf16x2 (amax, amin) per group of as many
     channels as an FP8 scale's). BF16 rows use 2 * hidden of it."""
     return (4 * num_scales(hidden) + 2 * hidden + 15) // 16 * 16
+
+
+# The top-k the low-latency size hint covers unless told: DeepEP V1's low-latency limit
+# (csrc/kernels/internode_ll.cu kNumMaxTopK = 11 at 567632d); larger top-k (epgen takes up to
+# MAX_TOPK) needs the hint's num_topk.
+LL_HINT_TOPK = 11
+
+
+def ll_combine_recv_rows(M: int, num_ranks: int, num_experts: int, num_topk: int) -> int:
+    """Rows of one combine receive half (templates/ll_common.cuh combine_row): expert rank r's
+    rows for this owner at [r * M * min(K, El), ...), by its local expert, then by the row's
+    place in the dispatch's (expert, source) chunk, which the dispatch makes the token order.
+    A token has at most min(K, El) experts on one rank, and a chunk at most M rows."""
+    El = num_experts // num_ranks
+    return num_ranks * M * min(num_topk, El)
+
+
+def ll_combine_half_need(M: int, hidden: int, num_ranks: int, num_experts: int,
+                         num_topk: int) -> int:
+    """Bytes of one combine receive half that a call with top-k num_topk needs."""
+    return align_up(ll_combine_recv_rows(M, num_ranks, num_experts, num_topk)
+                    * ll_combine_slot_bytes(hidden), 256)
+
+
+def ll_combine_half_bytes(nbytes: int, layout: dict) -> int:
+    """The combine receive area's half stride in a region of nbytes laid out as `layout`
+    (ll_data_layout's): half of what follows the area's start (it is the last area), at most
+    [E][M] slots (what the largest top-k needs: the span of comb_send), 256-aligned. The same
+    for every format, top-k and both combine kernels, so a hooked combine still unread in one
+    half never meets the next call's in the other, whatever their formats and top-k."""
+    room = (nbytes - layout["comb_recv"]) // 2 // 256 * 256
+    return max(0, min(room, layout["comb_recv"] - layout["comb_send"]))
 
 
 @functools.lru_cache(maxsize=256)     # every call asks for it; callers only read the dict
@@ -194,18 +218,28 @@ def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dic
     depend on the dtype or top-k, so every configuration of these shapes fits one Buffer.
       disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
       disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
-      comb_recv  [2 halves][E][M] of ll_combine_slot_bytes (half stride
-                 ll_combine_recv_half_bytes; a format packs its own message size in a half)
+      comb_rows  int32 [2 halves][M][MAX_TOPK]: where the combine's receive reads each
+                 (token, top-k slot) (each block writes and reads its own tokens' entries)
       comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
-                 buffer; staging of NVSHMEM puts"""
+                 buffer; staging of NVSHMEM puts
+      comb_recv  [2 halves] of ll_combine_recv_rows slots of ll_combine_slot_bytes (half
+                 stride ll_combine_half_bytes: the rest of the region; a format packs its own
+                 message size in a slot), last: its size is ll_region_bytes'."""
     disp_recv = LL_DATA_OFF
     disp_send = align_up(disp_recv + 2 * num_ranks * M * ll_message_slot_bytes(hidden), 256)
-    comb_recv = align_up(disp_send + M * ll_staging_bytes(hidden, num_ranks), 256)
-    slots = ll_combine_recv_half_bytes(M, hidden, num_experts)
-    comb_send = align_up(comb_recv + 2 * slots, 256)
-    end = align_up(comb_send + slots, 256)
-    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_recv=comb_recv,
-                comb_send=comb_send, end=end)
+    comb_rows = align_up(disp_send + M * ll_staging_bytes(hidden, num_ranks), 256)
+    comb_send = align_up(comb_rows + 2 * M * MAX_TOPK * 4, 256)
+    comb_recv = align_up(comb_send + num_experts * M * ll_combine_slot_bytes(hidden), 256)
+    return dict(disp_recv=disp_recv, disp_send=disp_send, comb_rows=comb_rows,
+                comb_send=comb_send, comb_recv=comb_recv)
+
+
+def ll_region_bytes(M: int, hidden: int, num_ranks: int, num_experts: int,
+                    num_topk: int = LL_HINT_TOPK) -> int:
+    """num_rdma_bytes a Buffer needs for low-latency calls of these shapes and top-k up to
+    num_topk (Buffer.get_low_latency_rdma_size_hint)."""
+    start = ll_data_layout(M, hidden, num_ranks, num_experts)["comb_recv"]
+    return start + 2 * ll_combine_half_need(M, hidden, num_ranks, num_experts, num_topk)
 
 
 LL_ROUTE_BYTES = 8                # ll_combine_rank.cuh LLRoute: int expert, float weight

@@ -17,13 +17,16 @@ offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_lay
      dispatch receive [2][R][M] messages, a slot per (source, token): header (token, epoch,
                       n, (local expert, slot) x n) + FP8 row + scales, or BF16 row
      dispatch staging [M] payloads + [M][min(K, R)] headers (sources of NVSHMEM puts)
-     combine receive  [2][E][M] slots of combine_slot_bytes, half stride
-                      ll_combine_recv_half_bytes for every format (slot [global expert][owner's
-                      token]: a BF16 row, or its message in the call's wire format); the per-rank
-                      combine uses each half for its routes, partials and staging instead
-                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
+     combine rows     int [2][M][32]: the combine receive's slot of each (token, top-k slot)
      combine send     [E*M] slots of combine_slot_bytes: bf16 [El][R*M][H] as the zero-copy
                       buffer; staging of NVSHMEM puts
+     combine receive  [2][R][M * min(K, El)] slots of combine_slot_bytes, last, half stride
+                      ll_combine_half_bytes (the rest of the region, the same for every format
+                      and top-k; slot of (expert rank, local expert, the row's place in the
+                      dispatch's chunk), which the owner finds from its topk_idx: a BF16 row, or
+                      its message in the call's wire format); the per-rank combine uses each
+                      half for its routes, partials and staging instead
+                      (templates/ll_combine_rank.cuh, ll_per_rank_half_bytes)
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
 step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook);
@@ -91,23 +94,32 @@ combine_slot_bytes = layout_facts.ll_combine_slot_bytes  # a combine message slo
 
 
 def combine_runs_per_rank(M: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int,
-                          return_recv_hook: bool, enable_shrink: bool) -> bool:
+                          return_recv_hook: bool, enable_shrink: bool,
+                          half_bytes: int | None = None) -> bool:
     """Whether a combine runs the per-rank kernel: EPGEN_LL_COMBINE=per_rank, except where its
     send half would wait on a peer that must not be waited on (return_recv_hook: the send half
     must never block; enable_shrink: a masked peer's routes never come) or its areas do not fit
     a half of the combine receive area (one expert per rank; two where the routes outgrow the
     LogFMT metadata room, at small hidden sizes): those calls run
-    the per-expert kernel, which gives the same result within BF16 rounding."""
+    the per-expert kernel, which gives the same result within BF16 rounding. half_bytes: the
+    Buffer's combine half stride (default: a Buffer of the size hint for this top-k)."""
     if combine_variant() != "per_rank" or return_recv_hook or enable_shrink:
         return False
-    return (per_rank_half_bytes(M, hidden, num_ranks, num_topk)
-            <= layout_facts.ll_combine_recv_half_bytes(M, hidden, num_experts))
+    if half_bytes is None:
+        nbytes = low_latency_rdma_size_hint(M, hidden, num_ranks, num_experts,
+                                            max(num_topk, layout_facts.LL_HINT_TOPK))
+        half_bytes = layout_facts.ll_combine_half_bytes(
+            nbytes, _data_layout(M, hidden, num_ranks, num_experts))
+    return per_rank_half_bytes(M, hidden, num_ranks, num_topk) <= half_bytes
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
-                               num_ranks: int, num_experts: int) -> int:
-    """Bytes of num_rdma_bytes a Buffer needs for these low-latency shapes."""
-    return _data_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)["end"]
+                               num_ranks: int, num_experts: int,
+                               num_topk: int = layout_facts.LL_HINT_TOPK) -> int:
+    """Bytes of num_rdma_bytes a Buffer needs for these low-latency shapes, top-k up to
+    num_topk (DeepEP's limit, 11, unless told: its hint takes no top-k)."""
+    return layout_facts.ll_region_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                        num_experts, num_topk)
 
 
 def _recv_scales(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: int, dtype, dev):
@@ -225,15 +237,18 @@ class LowLatencyOps:
         R = self.ctx.num_ranks
         if not isinstance(M, int) or isinstance(M, bool) or not 1 <= M <= MAX_TOKENS:
             raise arg_error("num_max_dispatch_tokens_per_rank", M, f"must be an int in [1, {MAX_TOKENS}]")
+        K = 1 if num_topk is None else num_topk
         spec_for_call(ll_combine_spec, {"hidden": "hidden", "num_experts": "num_experts",
                                         "num_topk": "topk_idx.shape[1]"},
-                      hidden, 1 if num_topk is None else num_topk, num_experts, R)
-        need = low_latency_rdma_size_hint(M, hidden, R, num_experts)
+                      hidden, K, num_experts, R)
+        need = low_latency_rdma_size_hint(M, hidden, R, num_experts, K)
         if need > self.ctx.rdma.nbytes:
+            topk = "" if num_topk is None else f", num_topk={K}"
             raise arg_error("num_rdma_bytes", self.ctx.rdma.nbytes,
                             f"too small for M={M}, hidden={hidden}, num_ranks={R}, "
-                            f"num_experts={num_experts}: needs {need} bytes "
-                            "(Buffer.get_low_latency_rdma_size_hint)")
+                            f"num_experts={num_experts}{topk}: needs {need} bytes "
+                            f"(Buffer.get_low_latency_rdma_size_hint(..., num_topk=K) covers "
+                            f"top-k up to K, {layout_facts.LL_HINT_TOPK} unless told)")
         lay = self._checked[key] = _data_layout(M, hidden, R, num_experts)
         return lay
 
@@ -271,7 +286,14 @@ class LowLatencyOps:
         args.send_off = lay[places.send_area]
         args.max_tokens = max_tokens
         args.phases = phases
+        if op == "low_latency_combine":
+            args.half_bytes = self.combine_half_bytes(lay)
+            args.rows_off = lay["comb_rows"]
         return args
+
+    def combine_half_bytes(self, lay) -> int:
+        """The combine receive area's half stride in this Buffer (layout_facts)."""
+        return layout_facts.ll_combine_half_bytes(self.ctx.rdma.nbytes, lay)
 
     def _run(self, spec, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
              fused=False):
@@ -465,8 +487,9 @@ class LowLatencyOps:
         T, K = topk_idx.shape
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
+        self._check_common(M, H, E, K)           # the receive half's room for this top-k
         per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
-            M, H, R, E, K, return_recv_hook, self.enable_shrink)
+            M, H, R, E, K, return_recv_hook, self.enable_shrink, self.combine_half_bytes(lay))
         spec_key = (fmt, H, K, E, per_rank)       # H, E passed _check_common; K: topk_idx's
         found = self._specs.get(spec_key)
         if found is None:
@@ -505,7 +528,6 @@ class LowLatencyOps:
             a.out = out.data_ptr()
             a.wait_stats = wst
             a.zero_copy = int(bool(zero_copy))
-            a.half_bytes = layout_facts.ll_combine_recv_half_bytes(M, H, E)
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
             return a

@@ -1,22 +1,27 @@
 // Low-latency combine (DeepEP V1 semantics): each expert-output row goes back to its token's
-// owner, into slot [global expert][token]; the owner sums w_k * y_k over its valid top-k.
+// owner, into the slot of its (expert rank, local expert, place in the dispatch's chunk); the
+// owner sums w_k * y_k over its valid top-k, finding each row's slot from its topk_idx
+// (ll_common.cuh "Where a (token, top-k slot) row lives").
 //
 // Region layout (byte offsets are launch arguments):
 //   sig_off : u64 [2][64]                 signal tag_word(epoch, 1) per source rank
-//   recv_off: [2][E][M] slots of kSlot bytes  messages by (global expert, owner's token index);
-//                                         half h at h * half_bytes (layout_facts.
-//                                         ll_combine_recv_half_bytes: E * M of the largest slot,
-//                                         the same for every format, so that a hooked combine
-//                                         still unread in one half never meets the next call's)
+//   recv_off: [2][R][M * min(K, El)] slots of kSlot bytes, by expert rank, then local expert,
+//                                         then place; half h at h * half_bytes (layout_facts.
+//                                         ll_combine_half_bytes: the same for every format and
+//                                         top-k, so that a hooked combine still unread in one
+//                                         half never meets the next call's)
+//   rows_off: int [2][M][kMaxTopk]        the receive's slot of each (token, top-k slot), -1 for
+//                                         none: each block writes and reads its own tokens'
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
 //                                         [El][R*M] slots of kSlot bytes, no zero-copy)
 // FMT: the wire format (ll_combine_wire.cuh): 0 BF16 rows, 1 FP8 + float scales, 2 LogFMT-10.
 // Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
 // range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
-// the last block signals every rank. Receive phase (phases & 2): every block waits for all
-// ranks' signals, then warps reduce (token, 256-channel slice) units in float (multiply and
-// add rounded separately, k ascending; a batch of a token's rows loaded before the first add)
-// and store BF16.
+// the last block signals every rank. Receive phase (phases & 2): every block takes a
+// contiguous share of the tokens and finds their rows' slots (before it waits: topk_idx is
+// local), waits for all ranks' signals, then its warps reduce (token, 256-channel slice) units
+// in float (multiply and add rounded separately, k ascending; a batch of a token's rows loaded
+// before the first add) and store BF16.
 #pragma once
 #include "ll_common.cuh"
 #include "ll_combine_wire.cuh"
@@ -32,6 +37,7 @@ struct LLCombine {
     static constexpr int kLoadBatch = K <= 8 ? K : 4;
     static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
+    static constexpr int kPerRank = K < El ? K : El;  // a token's experts on one rank, at most
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
     static constexpr int kSlices = (kRowN16 + 31) / 32;
     static constexpr int kWarps = THREADS / 32;
@@ -73,6 +79,13 @@ struct LLCombine {
         __shared__ int s_cum[E];
         ll::block_inclusive_scan<THREADS>(s_cnt, s_cum, E);
         const int total = s_cum[E - 1];
+        // The same counts in (source, local expert) order, summed: the rows of local experts
+        // before le from a source come first in that source's receive half.
+        __shared__ int s_by_src[E];
+        __shared__ int s_by_src_cum[E];
+        for (int i = tid; i < E; i += THREADS) s_by_src[(i % R) * El + i / R] = s_cnt[i];
+        __syncthreads();
+        ll::block_inclusive_scan<THREADS>(s_by_src, s_by_src_cum, E);
         const int gw = ll::spread_warp_index();
         const int nw = gridDim.x * kWarps;
         for (int m = gw; m < total; m += nw) {
@@ -83,9 +96,15 @@ struct LLCombine {
             const int64_t row = s_begin[p] + i;
             const int t = a.src_info[le * RM + row];
             if (t < 0 || t >= M) { if (lane == 0) report_error(err, kErrBadArg, src, t); continue; }
-            const int e = a.rank * El + le;
+            const int q = src * El + le;
+            const int place = s_by_src_cum[q] - s_by_src[q] + i -
+                              (src > 0 ? s_by_src_cum[src * El - 1] : 0);
+            if (place >= M * kPerRank) {      // a handle whose counts no dispatch made
+                if (lane == 0) report_error(err, kErrBadArg, src, place);
+                continue;
+            }
             const uint64_t off = a.recv_off + (uint64_t)half * a.half_bytes
-                                 + ((uint64_t)e * M + t) * kSlot;
+                                 + ((uint64_t)a.rank * M * kPerRank + place) * kSlot;
             const int4* xrow = reinterpret_cast<const int4*>(
                 reinterpret_cast<const char*>(a.x) + (le * RM + row) * (int64_t)(2 * H));
             const int64_t pb = a.peer_bases[src];
@@ -130,22 +149,16 @@ struct LLCombine {
     // block; each message's metadata says which of its chunks came encoded (every lane reads it,
     // so the chunk offsets need no exchange with the other pieces' warps).
     static __device__ void recv_logfmt(const LowLatencyCombineArgs& a, const ErrorCtx& err,
-                                       const bool* s_in, const char* area, const float* tab,
-                                       int64_t gw, int64_t nw) {
+                                       const bool* s_in, const char* area, const int* rows,
+                                       const float* tab, int t0, int t1) {
         const int lane = threadIdx.x & 31;
-        const int M = a.max_tokens;
-        const int64_t units = (int64_t)a.num_tokens * kPieces;
-        for (int64_t u = gw; u < units; u += nw) {
-            const int t = (int)(u / kPieces), piece = (int)(u % kPieces);
-            int my_e = -1;
+        const int units = (t1 - t0) * kPieces;
+        for (int u = (int)(threadIdx.x >> 5); u < units; u += kWarps) {
+            const int t = t0 + u / kPieces, piece = u % kPieces;
+            int my_row = -1;
             float my_w = 0.f;
             if (lane < K) {
-                const int64_t e = a.topk_idx[(int64_t)t * K + lane];
-                if (e >= 0 && e < E) {
-                    if (s_in[(int)e / El]) my_e = (int)e;
-                } else if (e != -1) {
-                    report_error(err, kErrBadIndex, -1, t);
-                }
+                my_row = row_of(a, err, s_in, rows, t, lane);
                 my_w = a.topk_weights[(int64_t)t * K + lane];
             }
             const int b = piece * 32 + lane;
@@ -154,10 +167,10 @@ struct LLCombine {
             #pragma unroll
             for (int j = 0; j < 16; ++j) acc[j] = 0.f;
             for (int k = 0; k < K; ++k) {
-                const int e = __shfl_sync(0xffffffffu, my_e, k);
+                const int row = __shfl_sync(0xffffffffu, my_row, k);
                 const float w = __shfl_sync(0xffffffffu, my_w, k);
-                if (e < 0) continue;                       // the same for the whole warp
-                const char* slot = area + ((uint64_t)e * M + t) * kSlot;
+                if (row < 0) continue;                     // the same for the whole warp
+                const char* slot = area + (uint64_t)row * kSlot;
                 const uint32_t bad = W::logfmt_bad_chunks(slot, lane, tab);
                 if (!active) continue;
                 W::logfmt_add16(slot, b, bad, tab, w, acc);
@@ -174,14 +187,56 @@ struct LLCombine {
         }
     }
 
+    // The receive slot of token t's top-k entry k (lane k of a warp), -1 where none: its expert
+    // invalid (-1, or out of range: an error) or its rank not taken (s_in).
+    static __device__ __forceinline__ int row_of(const LowLatencyCombineArgs& a,
+                                                 const ErrorCtx& err, const bool* s_in,
+                                                 const int* rows, int t, int k) {
+        const int64_t e = a.topk_idx[(int64_t)t * K + k];
+        if (e >= 0 && e < E) return s_in[(int)e / El] ? rows[t * ll::kMaxTopk + k] : -1;
+        if (e != -1) report_error(err, kErrBadIndex, -1, t);
+        return -1;
+    }
+
+    // rows[t][k] for this block's tokens [t0, t1): expert rank r's rows for this owner start at
+    // r * M * kPerRank, its local experts' in order, each expert's in (token, slot) order, as
+    // the dispatch placed them (ll_common.cuh entry_place).
+    static __device__ void find_rows(const LowLatencyCombineArgs& a, int* rows, int t0, int t1) {
+        __shared__ int s_run[E];     // entries naming each expert before t0, then + its base
+        __shared__ int s_all[E];     // entries naming each expert
+        __shared__ int s_all_cum[E];
+        const int tid = threadIdx.x, lane = tid & 31;
+        const int M = a.max_tokens;
+        ll::count_entries<THREADS, E>(a.topk_idx, t0 * K, a.num_tokens * K, s_run, s_all);
+        ll::block_inclusive_scan<THREADS>(s_all, s_all_cum, E);
+        for (int e = tid; e < E; e += THREADS) {
+            const int r = e / El, first = r * El;
+            s_run[e] += r * M * kPerRank + s_all_cum[e] - s_all[e] -
+                        (first > 0 ? s_all_cum[first - 1] : 0);
+        }
+        __syncthreads();
+        if (tid < 32) {
+            for (int t = t0; t < t1; ++t) {
+                const int64_t e = lane < K ? a.topk_idx[(int64_t)t * K + lane] : -1;
+                const int row = ll::entry_place(e >= 0 && e < E ? (int)e : -1, s_run);
+                if (lane < K) rows[t * ll::kMaxTopk + lane] = row;
+            }
+        }
+        __syncthreads();             // the block's own global writes, visible to its warps
+    }
+
     // epoch: this call's, from the send phase of the same launch or (a launch of its own)
     // from call_epoch.
     static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err,
                                 unsigned long long epoch) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int half = (int)(epoch & 1ull);
-        const int M = a.max_tokens;
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
+        int t0, t1;
+        ll::block_tokens(a.num_tokens, &t0, &t1);
+        int* rows = reinterpret_cast<int*>(reinterpret_cast<char*>(a.rdma_base) + a.rows_off +
+                                           (uint64_t)half * a.max_tokens * ll::kMaxTopk * 4);
+        find_rows(a, rows, t0, t1);
 
         __shared__ bool s_in[R];   // ranks whose rows this receive adds
         __shared__ float s_log2[FMT == 2 ? 128 : 1];
@@ -207,24 +262,17 @@ struct LLCombine {
             __syncthreads();
         }
 
-        const int64_t gw = ll::spread_warp_index();
-        const int64_t nw = (int64_t)gridDim.x * kWarps;
         const char* area = base + a.recv_off + (uint64_t)half * a.half_bytes;
         if (FMT == 2) {
-            recv_logfmt(a, err, s_in, area, s_log2, gw, nw);
+            recv_logfmt(a, err, s_in, area, rows, s_log2, t0, t1);
         } else {
-        const int64_t units = (int64_t)a.num_tokens * kSlices;
-        for (int64_t u = gw; u < units; u += nw) {
-            const int t = (int)(u / kSlices), sl = (int)(u % kSlices);
-            int my_e = -1;
+        const int units = (t1 - t0) * kSlices;
+        for (int u = warp; u < units; u += kWarps) {
+            const int t = t0 + u / kSlices, sl = u % kSlices;
+            int my_row = -1;
             float my_w = 0.f;
             if (lane < K) {
-                const int64_t e = a.topk_idx[(int64_t)t * K + lane];
-                if (e >= 0 && e < E) {
-                    if (s_in[(int)e / El]) my_e = (int)e;
-                } else if (e != -1) {
-                    report_error(err, kErrBadIndex, -1, t);
-                }
+                my_row = row_of(a, err, s_in, rows, t, lane);
                 my_w = a.topk_weights[(int64_t)t * K + lane];
             }
             const int c = sl * 32 + lane;
@@ -235,11 +283,11 @@ struct LLCombine {
             if constexpr (FMT == 1) {
                 #pragma unroll
                 for (int k = 0; k < K; ++k) {
-                    const int e = __shfl_sync(0xffffffffu, my_e, k);
+                    const int row = __shfl_sync(0xffffffffu, my_row, k);
                     const float w = __shfl_sync(0xffffffffu, my_w, k);
-                    if (e < 0 || !in_row) continue;
+                    if (row < 0 || !in_row) continue;
                     float v[8];
-                    W::fp8_decode8(area + ((uint64_t)e * M + t) * kSlot, c, v);
+                    W::fp8_decode8(area + (uint64_t)row * kSlot, c, v);
                     #pragma unroll
                     for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, v[j]));
                 }
@@ -249,19 +297,19 @@ struct LLCombine {
                     int4 raw[kLoadBatch];
                     #pragma unroll
                     for (int i = 0; i < kLoadBatch; ++i) {   // every load before the first add
-                        const int e = __shfl_sync(0xffffffffu, my_e, (k0 + i) % K);
-                        const bool live = k0 + i < K && in_row && e >= 0;
+                        const int row = __shfl_sync(0xffffffffu, my_row, (k0 + i) % K);
+                        const bool live = k0 + i < K && in_row && row >= 0;
                         raw[i] = live ? ld_v4(reinterpret_cast<const int4*>(
-                                            area + ((uint64_t)e * M + t) * kSlot) + c)
+                                            area + (uint64_t)row * kSlot) + c)
                                       : make_int4(0, 0, 0, 0);
                     }
                     #pragma unroll
                     for (int i = 0; i < kLoadBatch; ++i) {   // k ascending, as the golden model
                         const int k = k0 + i;
                         if (k >= K) break;
-                        const int e = __shfl_sync(0xffffffffu, my_e, k);
+                        const int row = __shfl_sync(0xffffffffu, my_row, k);
                         const float w = __shfl_sync(0xffffffffu, my_w, k);
-                        if (e < 0 || !in_row) continue;
+                        if (row < 0 || !in_row) continue;
                         const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&raw[i]);
                         #pragma unroll
                         for (int j = 0; j < 4; ++j) {

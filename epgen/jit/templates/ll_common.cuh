@@ -181,5 +181,55 @@ __device__ __forceinline__ int locate(const int* cum, int n, int m) {
     return lo;
 }
 
+// -- Where a (token, top-k slot) row lives --------------------------------------------------
+// The dispatch puts token t's row for expert e = topk[t][k] at place ord(t, k) of its (expert,
+// source) chunk: the number of entries (t', k') before (t, k) in (token, slot) order that name
+// e. A chunk then holds its tokens ascending (the golden model's placement), and the owner can
+// tell from its topk_idx alone where each of its rows went, so the combine needs no per-row
+// record and its receive half is [R][M * min(K, El)] rows, not [E][M]
+// (layout_facts.ll_combine_recv_rows): expert rank r's rows for an owner at
+// r * M * min(K, El) + (rows of its local experts before e from that owner) + ord(t, k).
+
+// This block's tokens [*t0, *t1): a contiguous share (the ord of its entries follows from the
+// counts before t0 and a walk over its own tokens in order).
+__device__ __forceinline__ void block_tokens(int num_tokens, int* t0, int* t1) {
+    *t0 = (int)((int64_t)blockIdx.x * num_tokens / gridDim.x);
+    *t1 = (int)((int64_t)(blockIdx.x + 1) * num_tokens / gridDim.x);
+}
+
+// Per expert (shared memory, zeroed here): before[e] = entries naming e in topk[0, before_n),
+// all[e] (if not null) = those in topk[0, all_n). Invalid entries (-1, out of range) name none.
+template <int THREADS, int E>
+__device__ __forceinline__ void count_entries(const int64_t* topk, int before_n, int all_n,
+                                              int* before, int* all) {
+    for (int e = threadIdx.x; e < E; e += THREADS) {
+        before[e] = 0;
+        if (all != nullptr) all[e] = 0;
+    }
+    __syncthreads();
+    const int n = all != nullptr ? all_n : before_n;
+    for (int j = threadIdx.x; j < n; j += THREADS) {
+        const int64_t e = topk[j];
+        if (e < 0 || e >= E) continue;
+        if (j < before_n) atomicAdd(before + e, 1);
+        if (all != nullptr) atomicAdd(all + e, 1);
+    }
+    __syncthreads();
+}
+
+// Warp 0, lanes < K: the place of this lane's entry e (valid or -1) among e's entries, given
+// run[e] = e's entries before this token; run[] then counts this token's too. Lanes naming
+// the same expert (a repeated expert) take consecutive places in slot order.
+__device__ __forceinline__ int entry_place(int e, int* run) {
+    const int lane = threadIdx.x & 31;
+    const unsigned same = __match_any_sync(0xffffffffu, e >= 0 ? e : -1 - lane);
+    int place = -1;
+    if (e >= 0) place = run[e] + __popc(same & ((1u << lane) - 1u));
+    __syncwarp();
+    if (e >= 0 && 31 - __clz(same) == lane) run[e] += __popc(same);   // the group's last lane
+    __syncwarp();
+    return place;
+}
+
 }  // namespace ll
 }  // namespace epgen

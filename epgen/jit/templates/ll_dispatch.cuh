@@ -8,12 +8,13 @@
 // Message = header {layout tag << 16 | token, epoch low, n, epoch high, n entries (local expert << 16 | slot)}, padded to 16
 // bytes, + payload: FP8 e4m3 row (H bytes) + float scale_inv per 128 channels, padded to 16
 // bytes; or the BF16 row; or an opaque row then its side row (FMT 3). `slot` is the row's
-// place in its (local expert, source) chunk, from an atomic on the sender's per-expert counter.
-// Send phase (phases & 1): a block per token at a time; warp 0 groups the token's experts by
-// destination rank and writes one header per destination while warps 1.. cast the token once
-// into shared memory; then all warps copy header + payload to each destination (NVLink stores, or
-// nvshmemx_putmem_nbi_warp). The last block to finish reads and resets the counters and
-// publishes E signals.
+// place in its (local expert, source) chunk: its place among the expert's rows in (token,
+// top-k slot) order (ll_common.cuh entry_place), so chunks hold their tokens ascending.
+// Send phase (phases & 1): each block takes a contiguous share of the tokens, one token at a
+// time; warp 0 groups the token's experts by destination rank and writes one header per
+// destination while warps 1.. cast the token once into shared memory; then all warps copy
+// header + payload to each destination (NVLink stores, or nvshmemx_putmem_nbi_warp). The last
+// block to finish reads and resets the counters and publishes E signals.
 // Receive phase (phases & 2): every block waits for the E signals of its rank and computes the
 // per-(expert, source) begin offsets (sources ascending); warps scan the R x M message slots,
 // take those tagged with this call's epoch, read each payload once and store it into the row of
@@ -304,20 +305,27 @@ struct LLDispatch {
         const bool any_remote = a.any_remote != 0;
         const uint64_t hdr_stage_off = a.send_off + (uint64_t)M * kPayload;
 
-        for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+        // A contiguous share of the tokens, walked in order: each row's slot is its place in
+        // (token, top-k slot) order among its expert's rows (ll_common.cuh entry_place), which
+        // the combine's owner computes again from its topk_idx.
+        __shared__ int s_run[E];              // each expert's entries before token t
+        int t0, t1;
+        ll::block_tokens(a.num_tokens, &t0, &t1);
+        ll::count_entries<THREADS, E>(a.topk_idx, t0 * K, 0, s_run, nullptr);
+        for (int t = t0; t < t1; ++t) {
             if (warp == 0) {   // lane k: expert k, its slot; group the lanes by destination
+                const int64_t e = lane < K ? a.topk_idx[(int64_t)t * K + lane] : -1;
+                const bool valid = e >= 0 && e < E;
+                if (!valid && e != -1) report_error(err, kErrBadIndex, -1, t);
+                const int place = ll::entry_place(valid ? (int)e : -1, s_run);
                 int ev = -1, slot = 0;
-                if (lane < K) {
-                    const int64_t e = a.topk_idx[(int64_t)t * K + lane];
-                    if (e >= 0 && e < E) {
-                        const int dst = (int)e / El;
-                        if (!ll::masked(a.mask, dst)) {
-                            slot = atomicAdd(a.counters + e, 1);
-                            if (slot >= M) report_error(err, kErrCapacity, dst, (int)e);
-                            else ev = (int)e;
-                        }
-                    } else if (e != -1) {
-                        report_error(err, kErrBadIndex, -1, t);
+                if (valid) {
+                    const int dst = (int)e / El;
+                    if (!ll::masked(a.mask, dst)) {
+                        atomicAdd(a.counters + e, 1);        // the chunk's count (its signal)
+                        slot = place;
+                        if (slot >= M) report_error(err, kErrCapacity, dst, (int)e);
+                        else ev = (int)e;
                     }
                 }
                 const int dst = ev >= 0 ? ev / El : -1;
