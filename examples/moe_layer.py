@@ -152,7 +152,8 @@ class MoELayer:
         self.combine_config = cap(epgen.Buffer.get_combine_config(R))
         nvl = max(c.get_nvl_buffer_size_hint(cfg.hidden * 2, R)
                   for c in (self.dispatch_config, self.combine_config))
-        rdma = epgen.Buffer.get_low_latency_rdma_size_hint(cfg.decode_tokens, cfg.hidden, R, E)
+        rdma = epgen.Buffer.get_low_latency_rdma_size_hint(cfg.decode_tokens, cfg.hidden, R, E,
+                                                           num_topk=cfg.topk)
         self.buffer = epgen.Buffer(self.group, nvl, rdma, low_latency_mode=True,
                                    num_qps_per_rank=El)
 

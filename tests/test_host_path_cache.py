@@ -69,6 +69,39 @@ def test_a_bad_call_after_a_good_one_gets_the_same_error(ll_call, change, match)
     assert str(again.value) == str(first.value) and fake.launches == []
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(use_fp8=False, round_scale=True), r"round_scale=True: needs use_fp8=True"),
+    (dict(round_scale=False, use_ue8m0=True), r"use_ue8m0=True: needs round_scale=True"),
+    (dict(use_fp8=1), None),                 # 1 == True as a key: still DeepEP's flags' rules
+    (dict(wire_format="mxfp8", use_fp8=False, round_scale=True),
+     r"round_scale=True: needs use_fp8=True"),
+    (dict(wire_format=["mxfp8"]), r"wire_format"),           # unhashable: refused, not cached
+    (dict(use_fp8=False, recv_scale_layout="deepgemm"), r"recv_scale_layout='deepgemm': bf16"),
+])
+def test_a_dispatch_format_that_passed_is_kept_and_a_bad_one_refused_each_time(kw, match):
+    """The format arguments and shapes are resolved once per combination (LowLatencyOps.
+    _dispatch_specs): a good call's entry serves the next; a bad combination raises at every
+    call, with the same message, before any launch."""
+    ops, fake = fake_ll_ops(R, M, H, E)
+    x = fake_cuda(torch.randn(M, H).to(torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E).topk(K, dim=-1).indices)
+    ops.low_latency_dispatch(x, idx, M, E)
+    kept = dict(ops._dispatch_specs)
+    fake.launches.clear()
+    if match is None:
+        ops.low_latency_dispatch(x, idx, M, E, **kw)
+        assert len(ops._dispatch_specs) == len(kept) + 1 and len(fake.launches) == 2
+        return
+    errors = []
+    for _ in range(2):
+        with pytest.raises((ValueError, TypeError), match=match) as e:
+            ops.low_latency_dispatch(x, idx, M, E, **kw)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and fake.launches == [] and ops._dispatch_specs == kept
+    ops.low_latency_dispatch(x, idx, M, E)                    # the kept entry still serves
+    assert len(fake.launches) == 2 and ops._dispatch_specs == kept
+
+
 def test_each_call_launches_its_own_pointers(ll_call):
     """The struct template holds the shapes' fields only: a call with other tensors launches
     their addresses, and the receive hook launches its own call's struct, however many

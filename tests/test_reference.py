@@ -372,7 +372,8 @@ def test_ll_checker_accepts_other_placements_and_rejects_errors():
     swapped = d.recv_x.clone(), d.recv_src_info.clone()    # source 0's two rows swapped
     for t, src in zip(swapped, (d.recv_x, d.recv_src_info)):
         t[0, 1:3] = src[0, [2, 1]]
-    with pytest.raises(AssertionError, match=r"src_info \[2, 0\], expected tokens \[0, 2\] in this order"):
+    with pytest.raises(AssertionError,
+                       match=r"src_info \[2, 0\], expected tokens \[0, 2\] in this order"):
         _check(d._replace(recv_x=swapped[0], recv_src_info=swapped[1]))
     bad = d.recv_layout_range.clone()
     bad[0, 1] = 1 << 32 | 1  # source 1 at [1, 2) overlaps source 0 at [1, 3)

@@ -86,8 +86,9 @@ def worker(rank, world, cfg):
         if progress:
             progress.step(f"low latency {label}")
     dev = torch.device("cuda", torch.cuda.current_device())
-    buf = epgen.Buffer(dist.group.WORLD, 0, epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E),
-                       low_latency_mode=True, num_qps_per_rank=E // world)
+    rdma = epgen.Buffer.get_low_latency_rdma_size_hint(M, H, world, E, num_topk=K)
+    buf = epgen.Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True,
+                       num_qps_per_rank=E // world)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     # expert outputs below 1 in magnitude, so LogFMT-10 encodes (it sends BF16 chunks otherwise)
     y = (torch.randn(E // world, world * M, H, device=dev) * 0.1).to(torch.bfloat16)

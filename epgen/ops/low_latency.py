@@ -222,6 +222,7 @@ class LowLatencyOps:
         self.counters_addr = self.base + COUNTERS_OFF
         self._checked = {}      # _check_common's passing shapes -> their data layout
         self._specs = {}        # a combine's (format, shapes, variant) -> its spec and kernel
+        self._dispatch_specs = {}   # a dispatch's format arguments, shapes -> format, spec, kernel
 
     # -- helpers ------------------------------------------------------------------------
     def _check_common(self, M, hidden, num_experts, num_topk):
@@ -370,32 +371,29 @@ class LowLatencyOps:
         lay = self._check_common(M, H, num_experts, K)
         if T > M:
             raise arg_error("x.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
-        if round_scale and not use_fp8:
-            raise arg_error("round_scale", True, "needs use_fp8=True")
-        if use_ue8m0 and not round_scale:
-            raise arg_error("use_ue8m0", True, "needs round_scale=True")
         StreamOrder.check_two_phase(async_finish, return_recv_hook)
-        fmt = _ll_format(wire_format, use_fp8, round_scale, use_ue8m0)
-        fmt.check_hidden(H, "x.shape[1]")
-        fields = formats.low_latency_fields(fmt, bool(round_scale))
-        if recv_scale_layout is not None and fmt is formats.BF16:
-            raise arg_error("recv_scale_layout", recv_scale_layout,
-                            "bf16 dispatch returns no scales (pass it with a format that has them)")
-        fields.update(formats.recv_scale_layout_field(fmt, recv_scale_layout))
-        layout = fields["recv_scale_layout"] or "deepep"
-        use_fp8, round_scale, use_ue8m0 = (fields[k] for k in ("use_fp8", "round_scale",
-                                                                "use_ue8m0"))
-        cast = fields["wire_format"]
+        # what the format arguments and shapes decide, resolved once per combination (its rules
+        # raise the first time, and a combination that passed passes again)
+        key = (wire_format, use_fp8, round_scale, use_ue8m0, recv_scale_layout, H, K,
+               num_experts, type(use_fp8), type(round_scale), type(use_ue8m0))
+        try:
+            found = self._dispatch_specs.get(key)
+        except TypeError:            # an unhashable argument: resolved (and refused) below
+            found, key = None, None
+        if found is None:
+            found = [*self._dispatch_format(wire_format, use_fp8, round_scale, use_ue8m0,
+                                            recv_scale_layout, H, K, num_experts,
+                                            opaque is not None), None]
+            if key is not None:
+                self._dispatch_specs[key] = found
+        fmt, layout, use_fp8, use_ue8m0, cast, spec, kernel = found
         El = num_experts // R
         cum = self._check_stats("cumulative_local_expert_recv_stats",
                                 cumulative_local_expert_recv_stats, torch.int32, El)
         wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                                 torch.int64, R)
-        spec = spec_for_call(functools.partial(ll_dispatch_spec, **fields),
-                             {"hidden": "hidden" if opaque else "x.shape[1]",
-                              "num_topk": "topk_idx.shape[1]",
-                              "num_experts": "num_experts"}, H, K, num_experts, R)
-        kernel = ctx.kernel(spec)
+        if kernel is None:           # looked up once the call's checks passed
+            kernel = found[-1] = ctx.kernel(spec)
 
         dev = ctx.device
         scales = scale_store = None
@@ -449,6 +447,28 @@ class LowLatencyOps:
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
         return out, recv_count, handle, event, hook
+
+    def _dispatch_format(self, wire_format, use_fp8, round_scale, use_ue8m0, recv_scale_layout,
+                         H, K, num_experts, opaque):
+        """(format, received-scale layout, use_fp8, use_ue8m0, the cast's wire_format field,
+        spec) of a low-latency dispatch: the flags' rules, the format's, the spec's."""
+        if round_scale and not use_fp8:
+            raise arg_error("round_scale", True, "needs use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            raise arg_error("use_ue8m0", True, "needs round_scale=True")
+        fmt = _ll_format(wire_format, use_fp8, round_scale, use_ue8m0)
+        fmt.check_hidden(H, "x.shape[1]")
+        fields = formats.low_latency_fields(fmt, bool(round_scale))
+        if recv_scale_layout is not None and fmt is formats.BF16:
+            raise arg_error("recv_scale_layout", recv_scale_layout,
+                            "bf16 dispatch returns no scales (pass it with a format that has them)")
+        fields.update(formats.recv_scale_layout_field(fmt, recv_scale_layout))
+        spec = spec_for_call(functools.partial(ll_dispatch_spec, **fields),
+                             {"hidden": "hidden" if opaque else "x.shape[1]",
+                              "num_topk": "topk_idx.shape[1]",
+                              "num_experts": "num_experts"}, H, K, num_experts, self.ctx.num_ranks)
+        return (fmt, fields["recv_scale_layout"] or "deepep", fields["use_fp8"],
+                fields["use_ue8m0"], fields["wire_format"], spec)
 
     def _check_handle(self, handle):
         R = self.ctx.num_ranks

@@ -47,6 +47,39 @@ struct LLCombine {
     static_assert(K >= 1 && K <= ll::kMaxTopk, "top-k");
     static_assert(FMT >= 0 && FMT <= 2 && kSlot <= W::kLogfmtBytes, "format / slot");
 
+    // The row table of a half: int [M][kMaxTopk], the receive's slot of each (token, top-k slot).
+    static __device__ __forceinline__ int* rows_of_half(const LowLatencyCombineArgs& a, int half) {
+        return reinterpret_cast<int*>(reinterpret_cast<char*>(a.rdma_base) + a.rows_off +
+                                      (uint64_t)half * a.max_tokens * ll::kMaxTopk * 4);
+    }
+
+    // rows[t][k] for this block's tokens [t0, t1): expert rank r's rows for this owner start at
+    // r * M * kPerRank, its local experts' in order, each expert's in (token, slot) order, as
+    // the dispatch placed them (ll_common.cuh entry_place).
+    static __device__ void find_rows(const LowLatencyCombineArgs& a, int* rows, int t0, int t1) {
+        __shared__ int s_run[E];     // entries naming each expert before t0, then + its base
+        __shared__ int s_all[E];     // entries naming each expert
+        __shared__ int s_all_cum[E];
+        const int tid = threadIdx.x, lane = tid & 31;
+        const int M = a.max_tokens;
+        ll::count_entries<THREADS, E>(a.topk_idx, t0 * K, a.num_tokens * K, s_run, s_all);
+        ll::block_inclusive_scan<THREADS>(s_all, s_all_cum, E);
+        for (int e = tid; e < E; e += THREADS) {
+            const int r = e / El, first = r * El;
+            s_run[e] += r * M * kPerRank + s_all_cum[e] - s_all[e] -
+                        (first > 0 ? s_all_cum[first - 1] : 0);
+        }
+        __syncthreads();
+        if (tid < 32) {
+            for (int t = t0; t < t1; ++t) {
+                const int64_t e = lane < K ? a.topk_idx[(int64_t)t * K + lane] : -1;
+                const int row = ll::entry_place(e >= 0 && e < E ? (int)e : -1, s_run);
+                if (lane < K) rows[t * ll::kMaxTopk + lane] = row;
+            }
+        }
+        __syncthreads();
+    }
+
     // Returns this call's epoch (a receive in the same launch takes it from here).
     static __device__ unsigned long long send(const LowLatencyCombineArgs& a, const ErrorCtx& err) {
         __shared__ int s_cnt[E];
@@ -131,6 +164,13 @@ struct LLCombine {
             }
         }
 
+        // The receive's slots of this block's tokens, while its stores drain: the same block
+        // index of the receive reads them (the same grid), after every rank's signal, ours
+        // included, which the last block sends once every block arrived below.
+        int t0, t1;
+        ll::block_tokens(a.num_tokens, &t0, &t1);
+        find_rows(a, rows_of_half(a, half), t0, t1);
+
         if (!ll::last_block_arrives(a.done, any_remote)) return epoch;
         for (int r = tid; r < R; r += THREADS) {
             if (ll::masked(a.mask, r)) continue;
@@ -198,33 +238,6 @@ struct LLCombine {
         return -1;
     }
 
-    // rows[t][k] for this block's tokens [t0, t1): expert rank r's rows for this owner start at
-    // r * M * kPerRank, its local experts' in order, each expert's in (token, slot) order, as
-    // the dispatch placed them (ll_common.cuh entry_place).
-    static __device__ void find_rows(const LowLatencyCombineArgs& a, int* rows, int t0, int t1) {
-        __shared__ int s_run[E];     // entries naming each expert before t0, then + its base
-        __shared__ int s_all[E];     // entries naming each expert
-        __shared__ int s_all_cum[E];
-        const int tid = threadIdx.x, lane = tid & 31;
-        const int M = a.max_tokens;
-        ll::count_entries<THREADS, E>(a.topk_idx, t0 * K, a.num_tokens * K, s_run, s_all);
-        ll::block_inclusive_scan<THREADS>(s_all, s_all_cum, E);
-        for (int e = tid; e < E; e += THREADS) {
-            const int r = e / El, first = r * El;
-            s_run[e] += r * M * kPerRank + s_all_cum[e] - s_all[e] -
-                        (first > 0 ? s_all_cum[first - 1] : 0);
-        }
-        __syncthreads();
-        if (tid < 32) {
-            for (int t = t0; t < t1; ++t) {
-                const int64_t e = lane < K ? a.topk_idx[(int64_t)t * K + lane] : -1;
-                const int row = ll::entry_place(e >= 0 && e < E ? (int)e : -1, s_run);
-                if (lane < K) rows[t * ll::kMaxTopk + lane] = row;
-            }
-        }
-        __syncthreads();             // the block's own global writes, visible to its warps
-    }
-
     // epoch: this call's, from the send phase of the same launch or (a launch of its own)
     // from call_epoch.
     static __device__ void recv(const LowLatencyCombineArgs& a, const ErrorCtx& err,
@@ -234,9 +247,7 @@ struct LLCombine {
         const char* base = reinterpret_cast<const char*>(a.rdma_base);
         int t0, t1;
         ll::block_tokens(a.num_tokens, &t0, &t1);
-        int* rows = reinterpret_cast<int*>(reinterpret_cast<char*>(a.rdma_base) + a.rows_off +
-                                           (uint64_t)half * a.max_tokens * ll::kMaxTopk * 4);
-        find_rows(a, rows, t0, t1);
+        const int* rows = rows_of_half(a, half);
 
         __shared__ bool s_in[R];   // ranks whose rows this receive adds
         __shared__ float s_log2[FMT == 2 ? 128 : 1];
