@@ -126,6 +126,7 @@ def test_the_host_reads_the_same_definitions():
     (internode_dispatch_spec(2048, 0, 8, 4, 2), "inode_source_meta_bytes", "source meta bytes"),
     (ll_combine_spec(2880, 8, 64, 8, wire_format="logfmt10"), "ll_combine_slot_bytes",
      "combine slot size"),
+    (ll_combine_spec(2880, 8, 64, 8), "ll_combine_recv_rows", "combine receive rows for M=7"),
 ])
 def test_a_spec_size_that_drifts_from_the_kernel_does_not_compile(spec, fact, message, monkeypatch,
                                                                    tmp_path):

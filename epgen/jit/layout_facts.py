@@ -186,7 +186,8 @@ LL_HINT_TOPK = 11
 
 
 def ll_combine_recv_rows(M: int, num_ranks: int, num_experts: int, num_topk: int) -> int:
-    """Rows of one combine receive half (templates/ll_common.cuh combine_row): expert rank r's
+    """Rows of one combine receive half (templates/ll_combine.cuh LLCombine::recv_rows; where
+    a row goes: ll_common.cuh "Where a (token, top-k slot) row lives"): expert rank r's
     rows for this owner at [r * M * min(K, El), ...), by its local expert, then by the row's
     place in the dispatch's (expert, source) chunk, which the dispatch makes the token order.
     A token has at most min(K, El) experts on one rank, and a chunk at most M rows."""
@@ -219,7 +220,7 @@ def ll_data_layout(M: int, hidden: int, num_ranks: int, num_experts: int) -> dic
       disp_recv  messages [2 halves][R][M] of ll_message_slot_bytes
       disp_send  staging: payloads [M], then headers [M][min(MAX_TOPK, R)]
       comb_rows  int32 [2 halves][M][MAX_TOPK]: where the combine's receive reads each
-                 (token, top-k slot) (each block writes and reads its own tokens' entries)
+                 (token, top-k slot) (send block b writes its tokens', receive block b reads)
       comb_send  [E * M] of ll_combine_slot_bytes: bf16 [El][R * M][H] as the zero-copy
                  buffer; staging of NVSHMEM puts
       comb_recv  [2 halves] of ll_combine_recv_rows slots of ll_combine_slot_bytes (half

@@ -544,7 +544,10 @@ class LowLatencyCombineSpec(KernelSpec):
         # one per SCALE_GROUP channels.
         return (("llw::Wire<{S}::hidden>::kLogfmtBytes",
                  layout_facts.ll_combine_slot_bytes(self.hidden), "combine slot size"),
-                ("llw::Wire<{S}::hidden>::kS", num_scales(self.hidden), "combine FP8 scales"))
+                ("llw::Wire<{S}::hidden>::kS", num_scales(self.hidden), "combine FP8 scales"),
+                *((f"LLCombineOf<{{S}}>::recv_rows({M})", layout_facts.ll_combine_recv_rows(
+                    M, self.num_ranks, self.num_experts, self.num_topk),
+                   f"combine receive rows for M={M}") for M in (7, layout_facts.LL_MAX_TOKENS)))
 
     def readable_tag(self):
         return (f"{self.wire_format or 'bf16'}_h{self.hidden}_k{self.num_topk}"

@@ -11,17 +11,18 @@
 //                                         top-k, so that a hooked combine still unread in one
 //                                         half never meets the next call's)
 //   rows_off: int [2][M][kMaxTopk]        the receive's slot of each (token, top-k slot), -1 for
-//                                         none: each block writes and reads its own tokens'
+//                                         none: send block b writes its tokens', receive block b
+//                                         reads them
 //   send_off: bf16 [El][R*M][H]           zero-copy buffer / staging for NVSHMEM puts (FMT != 0:
 //                                         [El][R*M] slots of kSlot bytes, no zero-copy)
 // FMT: the wire format (ll_combine_wire.cuh): 0 BF16 rows, 1 FP8 + float scales, 2 LogFMT-10.
 // Send phase (phases & 1): warps walk (local expert, source, row) from the handle's layout
 // range and src_info, copy the row to the owner (NVLink stores or nvshmemx_putmem_nbi_warp);
-// the last block signals every rank. Receive phase (phases & 2): every block takes a
-// contiguous share of the tokens and finds their rows' slots (before it waits: topk_idx is
-// local), waits for all ranks' signals, then its warps reduce (token, 256-channel slice) units
-// in float (multiply and add rounded separately, k ascending; a batch of a token's rows loaded
-// before the first add) and store BF16.
+// each block then finds the receive slots of its contiguous share of the owner's tokens
+// (find_rows) while its stores drain, and the last block signals every rank. Receive phase
+// (phases & 2): every block waits for all ranks' signals, then its warps reduce its tokens'
+// (token, 256-channel slice) units in float (multiply and add rounded separately, k ascending;
+// a batch of a token's rows loaded before the first add) and store BF16.
 #pragma once
 #include "ll_common.cuh"
 #include "ll_combine_wire.cuh"
@@ -38,6 +39,11 @@ struct LLCombine {
     static constexpr int kPieces = (W::kBlocks + 31) / 32;   // LogFMT receive: 512 channels
     static constexpr int El = E / R;
     static constexpr int kPerRank = K < El ? K : El;  // a token's experts on one rank, at most
+    // Slots of a receive half: kPerRank per (expert rank, token) (layout_facts.
+    // ll_combine_recv_rows, static_asserted equal); expert rank r's from r * M * kPerRank on.
+    static __host__ __device__ constexpr long long recv_rows(int M) {
+        return (long long)R * M * kPerRank;
+    }
     static constexpr int kRowN16 = H / 8;          // 16-byte units of a BF16 row
     static constexpr int kSlices = (kRowN16 + 31) / 32;
     static constexpr int kWarps = THREADS / 32;
@@ -55,8 +61,57 @@ struct LLCombine {
 
     // rows[t][k] for this block's tokens [t0, t1): expert rank r's rows for this owner start at
     // r * M * kPerRank, its local experts' in order, each expert's in (token, slot) order, as
-    // the dispatch placed them (ll_common.cuh entry_place).
+    // the dispatch placed them (ll_common.cuh entry_place). So the slot of entry q (expert e on
+    // rank r) is r * M * kPerRank + the entries naming an expert of r below e, or e itself
+    // earlier in (token, slot) order.
     static __device__ void find_rows(const LowLatencyCombineArgs& a, int* rows, int t0, int t1) {
+        if ((t1 - t0) * K <= 32) find_rows_by_ballot(a, rows, t0, (t1 - t0) * K);
+        else find_rows_by_histogram(a, rows, t0, t1);
+    }
+
+    // At most 32 entries of its own (decode: a token or a few a block): lane q of every warp
+    // holds entry q, and each warp counts for all of them, with one ballot per entry, what its
+    // 32-entry chunks of topk_idx put before it; no scan, one barrier between the counts.
+    static __device__ void find_rows_by_ballot(const LowLatencyCombineArgs& a, int* rows, int t0,
+                                               int q_n) {
+        __shared__ int s_before[32];
+        const int tid = threadIdx.x, lane = tid & 31;
+        const int n = a.num_tokens * K, j0 = t0 * K;
+        int qe = -1;                                     // entry j0 + lane's expert, -1: none
+        if (lane < q_n) {
+            const int64_t e = a.topk_idx[j0 + lane];
+            if (e >= 0 && e < E) qe = (int)e;
+        }
+        const int q_first = qe >= 0 ? qe / El * El : 0;  // its rank's first expert
+        if (tid < 32) s_before[tid] = 0;
+        __syncthreads();
+        int mine = 0;
+        for (int j = tid; j - lane < n; j += THREADS) {  // warp-uniform: its chunk starts in range
+            int v = -1;
+            if (j < n) {
+                const int64_t e = a.topk_idx[j];
+                if (e >= 0 && e < E) v = (int)e;
+            }
+            for (int q = 0; q < q_n; ++q) {
+                const int e_q = __shfl_sync(0xffffffffu, qe, q);
+                const int f_q = __shfl_sync(0xffffffffu, q_first, q);
+                const bool before = v >= 0 && ((v >= f_q && v < e_q) || (v == e_q && j < j0 + q));
+                const int c = __popc(__ballot_sync(0xffffffffu, before));
+                if (lane == q) mine += c;
+            }
+        }
+        if (lane < q_n && mine != 0) atomicAdd(s_before + lane, mine);
+        __syncthreads();
+        if (tid < q_n)
+            rows[(t0 + tid / K) * ll::kMaxTopk + tid % K] =
+                qe >= 0 ? qe / El * a.max_tokens * kPerRank + s_before[tid] : -1;
+        __syncthreads();
+    }
+
+    // Any number: every expert's entries counted (before t0, and all), scanned for the bases,
+    // then warp 0 walks the block's tokens in order.
+    static __device__ void find_rows_by_histogram(const LowLatencyCombineArgs& a, int* rows,
+                                                  int t0, int t1) {
         __shared__ int s_run[E];     // entries naming each expert before t0, then + its base
         __shared__ int s_all[E];     // entries naming each expert
         __shared__ int s_all_cum[E];
@@ -132,7 +187,7 @@ struct LLCombine {
             const int q = src * El + le;
             const int place = s_by_src_cum[q] - s_by_src[q] + i -
                               (src > 0 ? s_by_src_cum[src * El - 1] : 0);
-            if (place >= M * kPerRank) {      // a handle whose counts no dispatch made
+            if (place >= M * kPerRank) {      // a handle whose counts no dispatch made (no room)
                 if (lane == 0) report_error(err, kErrBadArg, src, place);
                 continue;
             }
@@ -345,6 +400,10 @@ struct LLCombine {
             poison_fill(a.out, (int64_t)a.num_tokens * 2 * H, kPoisonNaN);      // outputs: NaN
     }
 };
+
+template <class S>
+using LLCombineOf = LLCombine<S::hidden, S::num_topk, S::num_experts, S::num_ranks, S::threads,
+                              S::wire_format_code>;
 
 template <int H, int K, int E, int R, int THREADS, int FMT>
 __device__ __forceinline__ void ll_combine_kernel(const LowLatencyCombineArgs& a) {
