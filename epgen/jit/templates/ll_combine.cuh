@@ -63,55 +63,10 @@ struct LLCombine {
     // r * M * kPerRank, its local experts' in order, each expert's in (token, slot) order, as
     // the dispatch placed them (ll_common.cuh entry_place). So the slot of entry q (expert e on
     // rank r) is r * M * kPerRank + the entries naming an expert of r below e, or e itself
-    // earlier in (token, slot) order.
+    // earlier in (token, slot) order: every expert's entries counted (before t0, and all),
+    // scanned for the bases, then warp 0 walks the block's tokens in order (bench/NOTES.md
+    // session 17: ~2.5 us a block; a ballot per entry for blocks of <= 32 measured slower).
     static __device__ void find_rows(const LowLatencyCombineArgs& a, int* rows, int t0, int t1) {
-        if ((t1 - t0) * K <= 32) find_rows_by_ballot(a, rows, t0, (t1 - t0) * K);
-        else find_rows_by_histogram(a, rows, t0, t1);
-    }
-
-    // At most 32 entries of its own (decode: a token or a few a block): lane q of every warp
-    // holds entry q, and each warp counts for all of them, with one ballot per entry, what its
-    // 32-entry chunks of topk_idx put before it; no scan, one barrier between the counts.
-    static __device__ void find_rows_by_ballot(const LowLatencyCombineArgs& a, int* rows, int t0,
-                                               int q_n) {
-        __shared__ int s_before[32];
-        const int tid = threadIdx.x, lane = tid & 31;
-        const int n = a.num_tokens * K, j0 = t0 * K;
-        int qe = -1;                                     // entry j0 + lane's expert, -1: none
-        if (lane < q_n) {
-            const int64_t e = a.topk_idx[j0 + lane];
-            if (e >= 0 && e < E) qe = (int)e;
-        }
-        const int q_first = qe >= 0 ? qe / El * El : 0;  // its rank's first expert
-        if (tid < 32) s_before[tid] = 0;
-        __syncthreads();
-        int mine = 0;
-        for (int j = tid; j - lane < n; j += THREADS) {  // warp-uniform: its chunk starts in range
-            int v = -1;
-            if (j < n) {
-                const int64_t e = a.topk_idx[j];
-                if (e >= 0 && e < E) v = (int)e;
-            }
-            for (int q = 0; q < q_n; ++q) {
-                const int e_q = __shfl_sync(0xffffffffu, qe, q);
-                const int f_q = __shfl_sync(0xffffffffu, q_first, q);
-                const bool before = v >= 0 && ((v >= f_q && v < e_q) || (v == e_q && j < j0 + q));
-                const int c = __popc(__ballot_sync(0xffffffffu, before));
-                if (lane == q) mine += c;
-            }
-        }
-        if (lane < q_n && mine != 0) atomicAdd(s_before + lane, mine);
-        __syncthreads();
-        if (tid < q_n)
-            rows[(t0 + tid / K) * ll::kMaxTopk + tid % K] =
-                qe >= 0 ? qe / El * a.max_tokens * kPerRank + s_before[tid] : -1;
-        __syncthreads();
-    }
-
-    // Any number: every expert's entries counted (before t0, and all), scanned for the bases,
-    // then warp 0 walks the block's tokens in order.
-    static __device__ void find_rows_by_histogram(const LowLatencyCombineArgs& a, int* rows,
-                                                  int t0, int t1) {
         __shared__ int s_run[E];     // entries naming each expert before t0, then + its base
         __shared__ int s_all[E];     // entries naming each expert
         __shared__ int s_all_cum[E];
