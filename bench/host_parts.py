@@ -37,7 +37,7 @@ def ll_dispatch_parts(ops, x, idx, M, H, E, K, R, device):
 def ll_combine_parts(ops, y, idx, w, handle, M, H, E, K, R, per_rank, device):
     El = E // R
     return [("validation: handle, x, topk_idx, topk_weights (+ _check_common)",
-             lambda: (ops._check_handle(handle),
+             lambda: (ops._check_handle(handle, K),
                       check_tensor("x", y, torch.bfloat16, (El, R * M, H), align=VECTOR_BYTES),
                       ll.check_topk_idx(idx),
                       check_tensor("topk_weights", w, torch.float32, (M, K))), 1),

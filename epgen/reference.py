@@ -459,8 +459,8 @@ def ll_row_places(topk_idx: torch.Tensor) -> torch.Tensor:
     return torch.tensor(places, dtype=torch.int64).view(topk_idx.shape).to(topk_idx.device)
 
 
-def ll_combine_recv_rows(topk_idx: torch.Tensor, num_ranks: int, num_experts: int,
-                         M: int) -> torch.Tensor:
+def ll_combine_slot_index(topk_idx: torch.Tensor, num_ranks: int, num_experts: int,
+                          M: int) -> torch.Tensor:
     """[T, K] int64: the slot of the owner's low-latency combine receive half that holds the
     expert output of (t, k) (templates/ll_common.cuh "Where a (token, top-k slot) row lives"):
     expert rank r's rows from r * M * min(K, El) on, its local experts in order, each taking

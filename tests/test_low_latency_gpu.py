@@ -444,7 +444,7 @@ def _check_combine_messages(buf, rank, R, E, fmt, ys, srcs, lays, idx):
     rows = ref.low_latency_combine_slot_rows(ys, idx, rank, srcs, lays)
     want, nbytes = ref.combine_wire_encode(rows.view(T * K, H), fmt)
     valid = (idx >= 0).flatten()
-    got = area[ref.ll_combine_recv_rows(idx, R, E, M).flatten()[valid]][:, :want.shape[1]]
+    got = area[ref.ll_combine_slot_index(idx, R, E, M).flatten()[valid]][:, :want.shape[1]]
     want, nbytes = want[valid], nbytes.to(idx.device)[valid]
     inside = torch.arange(want.shape[1], device=idx.device) < nbytes[:, None]
     bad = (got != want) & inside

@@ -589,3 +589,34 @@ def test_fp8_cast_error_bound(T, h, log_mag, round_scale, seed):
         assert bool((s >= amax).all() and (s < 2 * amax).all())
     else:
         assert torch.allclose(s, amax, rtol=2 ** -23, atol=0)
+
+
+def test_ll_row_places_and_combine_slots_match_the_dispatch_placement():
+    """ll_row_places is each row's index in low_latency_dispatch's chunk (its src_info there is
+    the token), and ll_combine_slot_index gives every valid (token, slot) its own slot, expert
+    rank r's in [r * M * min(K, El), (r + 1) * M * min(K, El)), ordered by (expert, token)."""
+    g = torch.Generator().manual_seed(7)
+    Rr, Mm, Ee, Kk = 2, 6, 8, 3
+    idxs = [torch.randn(Mm, Ee, generator=g).topk(Kk, dim=-1).indices for _ in range(Rr)]
+    idxs[0][1, 2] = -1
+    xs = [torch.randn(Mm, 16, generator=g).to(BF16) for _ in range(Rr)]
+    El, seg = Ee // Rr, Mm * min(Kk, Ee // Rr)
+    for owner in range(Rr):
+        places = ref.ll_row_places(idxs[owner])
+        slots = ref.ll_combine_slot_index(idxs[owner], Rr, Ee, Mm)
+        valid = idxs[owner] >= 0
+        assert bool((places[~valid] == -1).all()) and bool((slots[~valid] == -1).all())
+        for dst in range(Rr):
+            d = ref.low_latency_dispatch(xs, idxs, Ee, dst, Mm, use_fp8=False)
+            for le in range(El):
+                begin, n = ref.decode_layout_range(int(d.recv_layout_range[le, owner]))
+                toks = d.recv_src_info[le, begin:begin + n].tolist()
+                for t, k in zip(*torch.nonzero(idxs[owner] == dst * El + le, as_tuple=True)):
+                    assert toks[int(places[t, k])] == int(t)
+        got = slots[valid].tolist()
+        assert len(set(got)) == len(got)
+        keyed = sorted((int(e), int(t), int(s)) for (t, k), e, s in
+                       zip(valid.nonzero().tolist(), idxs[owner][valid], slots[valid]))
+        for r in range(Rr):
+            mine = [s for e, _, s in keyed if e // El == r]
+            assert mine == list(range(r * seg, r * seg + len(mine)))

@@ -470,13 +470,15 @@ class LowLatencyOps:
         return (fmt, fields["recv_scale_layout"] or "deepep", fields["use_fp8"],
                 fields["use_ue8m0"], fields["wire_format"], spec)
 
-    def _check_handle(self, handle):
+    def _check_handle(self, handle, num_topk=None):
+        """The handle's parts and its shapes' data layout; num_topk: the combine's (the
+        receive halves' room is checked for it)."""
         R = self.ctx.num_ranks
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
             raise arg_error("handle", type(handle).__name__,
                             "must be the 5-tuple returned by low_latency_dispatch")
         src_info, layout_range, M, H, E = handle
-        lay = self._check_common(M, H, E, None)
+        lay = self._check_common(M, H, E, num_topk)
         El = E // R
         check_tensor("handle[0] (recv_src_info)", src_info, torch.int32, (El, R * M))
         check_tensor("handle[1] (recv_layout_range)", layout_range, torch.int64, (El, R))
@@ -499,15 +501,14 @@ class LowLatencyOps:
         fmt = formats.combine_format(wire_format, bool(use_logfmt), bool(zero_copy))
         ctx.check_errors()
         R = ctx.num_ranks
-        src_info, layout_range, M, H, E, El, lay = self._check_handle(handle)
+        check_topk_idx(topk_idx)
+        T, K = topk_idx.shape
+        src_info, layout_range, M, H, E, El, lay = self._check_handle(handle, K)
         # zero_copy sends the Buffer's own (aligned) combine buffer, not x
         check_tensor("x", x, torch.bfloat16, (El, R * M, H),
                      align=0 if zero_copy else VECTOR_BYTES)
-        check_topk_idx(topk_idx)
-        T, K = topk_idx.shape
         if T > M:
             raise arg_error("topk_idx.shape[0]", T, f"must be <= num_max_dispatch_tokens_per_rank={M}")
-        self._check_common(M, H, E, K)           # the receive half's room for this top-k
         per_rank = fmt == formats.BF16.name and combine_runs_per_rank(
             M, H, R, E, K, return_recv_hook, self.enable_shrink, self.combine_half_bytes(lay))
         spec_key = (fmt, H, K, E, per_rank)       # H, E passed _check_common; K: topk_idx's
