@@ -4,7 +4,8 @@ counterpart with faked launches is bench/host_path_cpu.py. First, on rank 0, wha
 costs by itself: an empty kernel taking a struct the size of the LL combine's, launched by
 epgen's Kernel.launch, by cuda.bindings' cuLaunchKernel alone, and by libcuda's through ctypes
 (the floor any Python launch path can reach); after each call, its breakdown (validation, spec
-lookup, allocation, launches, rest) from bench/host_parts.py.
+lookup, allocation, launches, rest) from bench/host_parts.py: the Python path's parts, which a
+call the fast lane replays (runtime/fastcall.py; EPGEN_FASTCALL=0 turns it off) does not run.
 
     python bench/host_overhead.py --ranks 2
 """
@@ -24,9 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 HOLD_CYCLES = 80_000_000
 
 
-def _measure(cases, out) -> dict:
+def _measure(cases, out, plans) -> dict:
     """Host time per call of each (name, fn) (100 calls after 10: with the stream held by a
-    sleep kernel, and without), then a cProfile of 100; returns name -> held us."""
+    sleep kernel, and without), then a cProfile of 100; returns name -> held us. plans: the
+    ops family's fast-lane Plans (ops/plans.py), whose counts say how many calls it replayed."""
     import cProfile
     import io
     import pstats
@@ -36,6 +38,7 @@ def _measure(cases, out) -> dict:
     for name, fn in cases:
         for _ in range(10):
             fn()
+        counts = plans.replayed, plans.missed
         held = helds[name] = _wall_us(fn, 100, 0, hold=True)
         host = _wall_us(fn, 100, 0)
         prof = cProfile.Profile()
@@ -47,7 +50,9 @@ def _measure(cases, out) -> dict:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         out.append(f"== {name}: {held:.1f} us host per call with the stream held (the calls "
-                   f"only queue), {host:.1f} us unheld (100 calls; GPU-bound if larger)\n"
+                   f"only queue), {host:.1f} us unheld (100 calls; GPU-bound if larger); fast "
+                   f"lane: {plans.replayed - counts[0]} of 300 replayed, "
+                   f"{plans.missed - counts[1]} had a Plan that did not match\n"
                    + s.getvalue()[-3500:])
     return helds
 
@@ -161,8 +166,10 @@ def _worker(rank, world):
                                        topk_weights=torch.rand(4096, 8, device="cuda"), config=cfg)
     cases = (("cached dispatch", lambda: buf.dispatch(x, handle=handle, config=cfg)),
              ("combine", lambda: buf.combine(recv, handle, config=cfg)))
-    held = _measure(cases, out)
+    held = _measure(cases, out, buf._intranode._plans)
     torch.cuda.synchronize()
+    from epgen.runtime import fastcall
+    out.append(f"== host fast lane (runtime/fastcall.py): {fastcall.status()}")
     if rank == 0:
         dev, ops = torch.device("cuda", torch.cuda.current_device()), buf._intranode
         _parts(out, "cached dispatch", held["cached dispatch"],
@@ -187,14 +194,15 @@ def _worker(rank, world):
         os.environ["EPGEN_LL_COMBINE"] = variant      # read at each call, the same on every rank
         return lambda: buf.low_latency_combine(y, idx, w, ll_handle)
     dev, ops, K = torch.device("cuda", torch.cuda.current_device()), buf._ll, 8
-    held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out)
+    held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out,
+                    ops._plans)
     if rank == 0:
         _parts(out, "LL dispatch FP8", held["LL dispatch FP8"],
                host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), 2, launch_us)
     dist.barrier()
     for variant in ("per_expert", "per_rank"):
         name = f"LL combine {variant}"
-        held = _measure(((name, combine(variant)),), out)
+        held = _measure(((name, combine(variant)),), out, ops._plans)
         if rank == 0:
             per_rank = variant == "per_rank"
             launches = 1 if per_rank and not launch.worker_shares_gpu() else 2

@@ -206,9 +206,10 @@ def _gpu_count() -> int:
     return n if err == driver.CUresult.CUDA_SUCCESS else 0
 
 
-KNOWN_ENV = ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_PCH", "EPGEN_TIMEOUT_S",
-             "EPGEN_COMPILE_LOCK_TIMEOUT_S", "EPGEN_LL_COMBINE", "EPGEN_INTERNODE_WARPS_PER_BLOCK",
-             "EPGEN_RANKS_PER_NODE", "EPGEN_LAUNCH_MPS", "NVSHMEM_SYMMETRIC_SIZE")
+KNOWN_ENV = ("EPGEN_CACHE_DIR", "EPGEN_ARCH", "EPGEN_JIT", "EPGEN_PCH", "EPGEN_FASTCALL",
+             "EPGEN_TIMEOUT_S", "EPGEN_COMPILE_LOCK_TIMEOUT_S", "EPGEN_LL_COMBINE",
+             "EPGEN_INTERNODE_WARPS_PER_BLOCK", "EPGEN_RANKS_PER_NODE", "EPGEN_LAUNCH_MPS",
+             "NVSHMEM_SYMMETRIC_SIZE")
 
 
 def check_env() -> None:
@@ -217,6 +218,7 @@ def check_env() -> None:
     from .jit import toolchain
     env.flag("EPGEN_JIT", True)
     env.flag("EPGEN_PCH", False)
+    env.flag("EPGEN_FASTCALL", True)
     env.positive_seconds("EPGEN_TIMEOUT_S", 100.0)
     env.positive_seconds("EPGEN_COMPILE_LOCK_TIMEOUT_S", 900.0)
     if os.environ.get("EPGEN_ARCH"):

@@ -3,6 +3,7 @@ summary (the spec file itself: epgen/specfile.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -110,7 +111,20 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
             lines = failure_lines(o) or [""]
             first = next((ln for ln in lines[1:] if "error" in ln), lines[0])
             print(f"  failed: {o.spec.name}: {first.strip()}", file=progress)
+    if not interrupted:
+        print(f"epgen precompile: host fast lane: {_build_fast_lane(cache_root)}", file=progress)
     return outcomes
+
+
+def _build_fast_lane(cache_root: str) -> str:
+    """The fast lane's C module (runtime/fastcall.py) built into the cache beside the kernels,
+    so a deploy with EPGEN_JIT=0 finds it too. Its failure fails nothing: calls then take the
+    Python path."""
+    from .runtime import fastcall
+    try:
+        return os.path.basename(fastcall.build(cache_root))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"not built, calls take the Python path ({e})"
 
 
 def default_jobs() -> int:

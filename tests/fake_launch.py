@@ -6,6 +6,7 @@ tests/test_host_path_cache.py, tests/test_internode_capture.py) and its Python-s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from unittest import mock
 
 import torch
@@ -15,6 +16,7 @@ from epgen.ops import low_latency as ll
 from epgen.ops.context import OpsContext
 from epgen.ops.internode import InternodeOps
 from epgen.runtime.cuda import c_params
+from epgen.ops.streams import no_hook
 from epgen.runtime.events import EventOverlap
 from epgen.runtime.topology import Topology
 
@@ -47,6 +49,7 @@ class FakeLaunchKernel:
 class _BoundFakeKernel:
     def __init__(self, owner, spec):
         self.owner, self.spec = owner, spec
+        self.handle, self.name = id(self), spec.kernel_name()   # what a Plan records
 
     def launch(self, grid, block, args, stream, smem=0):
         params, _keep = c_params(args)
@@ -73,6 +76,7 @@ class FakeRegion:
 class FakeErrorWord:
     """FAKE: the mapped error word (nothing is ever reported here)."""
     device_ptr = 0
+    code_address = 0         # a replayed call reads no error word
 
     def check(self):
         pass
@@ -83,7 +87,14 @@ class _FakeStream:
 
 
 class FakeStreams:
-    """FAKE: StreamOrder.two_phase and scope without CUDA streams or events."""
+    """FAKE: StreamOrder.two_phase and scope without CUDA streams or events; the state a
+    replayed call (runtime/fastcall.c) reads and sets, at StreamOrder's initial values, with
+    a FakeEvent for sync_done."""
+    def __init__(self):
+        self.comm_busy = self.compute_pending = self._captured = False
+        self.sync_stream = None
+        self.sync_done = FakeEvent()
+
     @contextlib.contextmanager
     def scope(self, previous_event, async_finish, allocate_on_comm_stream, result):
         yield _FakeStream()
@@ -94,7 +105,49 @@ class FakeStreams:
         send(s)
         if not return_recv_hook:
             receive(s)
-        return None, (lambda: receive(s)) if return_recv_hook else (lambda: None)
+        return EventOverlap(None), (lambda: receive(s)) if return_recv_hook else no_hook
+
+
+class FakeEvent:
+    """FAKE: a torch.cuda.Event's raw handle, never a real one."""
+    cuda_event = 0x5e
+
+
+class FakeDriver:
+    """FAKE cuLaunchKernel, cuEventRecord and cuStreamIsCapturing for the fast lane's C
+    module (runtime/fastcall.c) as C callbacks: each launch's function, grid, block, smem,
+    stream and argument buffer (fastcall.c's whole MAX_ARGS_BYTES buffer: the struct is its
+    start) in `launches`, each event record in `records`; `capturing` is what the stream query says and
+    `launch_result` what a launch returns."""
+    LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint,
+                              ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                              ctypes.c_uint, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                              ctypes.c_void_p)
+    RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    CAPTURING = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int))
+    ARGS_BYTES = 4096
+
+    def __init__(self):
+        self.launches, self.records = [], []
+        self.capturing, self.launch_result = 0, 0
+        self._launch = self.LAUNCH(self._on_launch)      # kept alive with the fake
+        self._record = self.RECORD(lambda e, st: self.records.append((e, st)) or 0)
+        self._capturing = self.CAPTURING(self._on_capturing)
+
+    def _on_launch(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        data = ctypes.string_at(params[0], self.ARGS_BYTES)
+        self.launches.append((f, gx, bx, smem, stream or 0, data))
+        return self.launch_result
+
+    def _on_capturing(self, stream, status):
+        status[0] = self.capturing
+        return 0
+
+    def install(self, mod):
+        from epgen.runtime.cuda import CudaError
+        addr = [ctypes.cast(c, ctypes.c_void_p).value
+                for c in (self._launch, self._record, self._capturing)]
+        mod.set_driver(*addr, CudaError)
 
 
 class FakeLaunchContext(OpsContext):

@@ -30,7 +30,7 @@ CUBIN, MANIFEST, SOURCE, LOG = "kernel.cubin", "manifest.json", "source.cu", "bu
 ENTRY_FILES = (CUBIN, MANIFEST, SOURCE, LOG)
 MARKER = ".epgen-cache"
 # epgen's own folders inside a cache: removed by clear, emptied by gc, never entries.
-OWN_DIRS = (".tmp", ".locks", ".trash", ".failed", ".pch")
+OWN_DIRS = (".tmp", ".locks", ".trash", ".failed", ".pch", ".host")
 # <kernel name>.<24 hex key>: kernel names are C++ identifiers (specs.KernelSpec.kernel_name).
 ENTRY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[0-9a-f]{24}")
 _PERMISSION = (errno.EACCES, errno.EPERM)

@@ -58,6 +58,11 @@ class RingLayouts:
                             "before capture")
         self._pinned[which] = key
 
+    def replay_guards(self, which: str) -> tuple:
+        """What must still hold for a replayed call (runtime/fastcall.py) to skip this call's
+        checks and barrier: the direction's layout is the one just used, none was pinned."""
+        return ((self._last, which, self._last[which]), (self._pinned, which, None))
+
     def switch(self, which: str, key) -> bool:
         """Records `key` as the direction's layout; True when the previous call's differed (a
         call that is not itself a barrier then runs the cross-rank barrier first)."""

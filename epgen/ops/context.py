@@ -76,6 +76,14 @@ def check_tensor(name, t, dtype, shape=None, contiguous=True, device=None, align
     check_aligned(name, t, align)
 
 
+def set_addresses(args: ctypes.Structure, fields: dict) -> ctypes.Structure:
+    """Each field to its tensor's address, or to the int given (0 for None): the per-call
+    fields of a struct, in the form a replayed call patches them (runtime/fastcall.record)."""
+    for name, t in fields.items():
+        setattr(args, name, t.data_ptr() if isinstance(t, torch.Tensor) else (t or 0))
+    return args
+
+
 def check_aligned(name, t: torch.Tensor, align: int) -> None:
     """t's first element sits at an `align`-byte aligned address (empty tensors are never
     read). A contiguous view at an element offset (x[1:], x.view(-1)[3:]...) is not."""
@@ -151,6 +159,12 @@ class OpsContext:
 
     def check_errors(self) -> None:
         self.errors.check()
+
+    @functools.cached_property
+    def current_raw_stream(self):
+        """() -> the current stream's raw handle on this device (what a replayed call launches
+        on: runtime/fastcall.py)."""
+        return functools.partial(torch._C._cuda_getCurrentRawStream, self.device.index)
 
     def peer_table(self, region: str) -> torch.Tensor:
         """int64 [num_ranks] device tensor of the region's address on each rank."""

@@ -21,8 +21,8 @@ from ..regions import internode as internode_layout
 from .. import variants
 from . import internode_handle
 from .capture import RingLayouts, check_host_wait
-from .context import OpsContext, arg_error, check_tensor, spec_for_call
-from .intranode import (check_combine_inputs, check_rows, check_topk, fill_dispatch_rows,
+from .context import OpsContext, arg_error, check_tensor, set_addresses, spec_for_call
+from .intranode import (check_combine_inputs, check_rows, check_topk, dispatch_row_fields,
                         wait_host_counts)
 
 
@@ -213,8 +213,8 @@ class InternodeOps:
                                             dtype=torch.uint8, device=dev)
                 send_nvl_head = torch.empty(rdma_rows, L, dtype=torch.int32, device=dev)
             a = ctx.fill_error_fields(InternodeDispatchArgs(), "dispatch")
-            fill_dispatch_rows(a, T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
-                               recv_x, recv_scales, recv_idx, recv_w)
+            set_addresses(a, dispatch_row_fields(T, K, rows, x, scales, topk_idx, topk_weights,
+                                                 in_rank, recv_x, recv_scales, recv_idx, recv_w))
             a.recv_rdma_channel_prefix = n["recv_rdma_channel_prefix_matrix"].data_ptr()
             a.recv_rdma_rank_prefix_sum = n["recv_rdma_rank_prefix_sum"].data_ptr()
             a.recv_gbl_channel_prefix = n["recv_gbl_channel_prefix_matrix"].data_ptr()

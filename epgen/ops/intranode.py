@@ -20,8 +20,9 @@ from ..regions.intranode import (CTRL_BYTES, DISP_CALL_OFF, MAX_CHANNELS, NOTIFY
 from ..runtime.hostmem import MappedHostArray
 from ..jit.specs import MAX_SCALE_COLS, MAX_TOPK, normal_combine_spec, normal_dispatch_rows_spec
 from .capture import RingLayouts, check_host_wait
-from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call,
-                      timeout_ns)
+from .plans import Plans
+from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, set_addresses,
+                      spec_for_call, timeout_ns)
 from .streams import zeros_on
 
 def wait_host_counts(ctx: OpsContext, counts: MappedHostArray, n: int) -> list[int]:
@@ -109,22 +110,23 @@ def check_combine_inputs(dev, rows: int, T: int, x, topk_weights, bias):
     return H, K, biases
 
 
-def fill_dispatch_rows(a, T: int, K: int, rows: int, x, scales, topk_idx, topk_weights,
-                       in_rank, recv_x, recv_scales, recv_idx, recv_w) -> None:
+def dispatch_row_fields(T: int, K: int, rows: int, x, scales, topk_idx, topk_weights,
+                        in_rank, recv_x, recv_scales, recv_idx, recv_w) -> dict:
     """The row fields a normal-mode dispatch struct (intranode or internode) takes from the
-    call's tensors: T tokens sent, `rows` received, K top-k (0: none); null for what is absent
-    or empty."""
-    a.x = x.data_ptr() if T else 0
-    a.x_scales = scales.data_ptr() if scales is not None and T else 0
-    a.scale_stride_t = scales.stride(0) if scales is not None else 0
-    a.scale_stride_s = scales.stride(1) if scales is not None else 0
-    a.topk_idx = topk_idx.data_ptr() if K and T else 0
-    a.topk_weights = topk_weights.data_ptr() if K and T and topk_weights is not None else 0
-    a.is_token_in_rank = in_rank.data_ptr() if T else 0
-    a.recv_x = recv_x.data_ptr() if rows else 0
-    a.recv_scales = recv_scales.data_ptr() if recv_scales is not None and rows else 0
-    a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None and rows else 0
-    a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None and rows else 0
+    call's tensors, for set_addresses: T tokens sent, `rows` received, K top-k (0: none); null
+    for what is absent or empty."""
+    return {
+        "x": x if T else 0,
+        "x_scales": scales if T else 0,
+        "scale_stride_t": scales.stride(0) if scales is not None else 0,
+        "scale_stride_s": scales.stride(1) if scales is not None else 0,
+        "topk_idx": topk_idx if K and T else 0,
+        "topk_weights": topk_weights if K and T else 0,
+        "is_token_in_rank": in_rank if T else 0,
+        "recv_x": recv_x if rows else 0,
+        "recv_scales": recv_scales if rows else 0,
+        "recv_topk_idx": recv_idx if rows else 0,
+        "recv_topk_weights": recv_w if rows else 0}
 
 
 def check_topk(dev, T: int, topk_idx, topk_weights) -> int:
@@ -145,6 +147,17 @@ def check_topk(dev, T: int, topk_idx, topk_weights) -> int:
     return K
 
 
+def _config_key(config):
+    """What of a Config a Plan is for (its fields and their types: a Config is mutable, and
+    20 == 20.0 as a key)."""
+    try:
+        f = (config.num_sms, config.num_max_nvl_chunked_send_tokens,
+             config.num_max_nvl_chunked_recv_tokens)
+    except AttributeError:       # not a Config: the Python path names it
+        return None
+    return f + tuple(map(type, f))
+
+
 class IntranodeOps:
     def __init__(self, ctx: OpsContext):
         self.ctx = ctx
@@ -157,6 +170,7 @@ class IntranodeOps:
             "record bytes from hidden, dtype and top-k")
         self._configs = {}      # _check_config's passing (op, config fields, record) -> result
         self._specs = {}        # (op, spec builder's arguments) -> [spec, record, kernel, notify]
+        self._plans = Plans(ctx)    # the fast lane: cached dispatches and combines replayed from C
 
     def set_counters_for_test(self, ring: int | None, seq: int | None) -> None:
         """TEST ONLY (Buffer._set_counters_for_test): every ring counter of this rank to
@@ -262,6 +276,16 @@ class IntranodeOps:
     def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                  num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
                  config, previous_event, async_finish, allocate_on_comm_stream, wire_format=None):
+        call = plan_key = None
+        if handle is not None:     # a cached dispatch: no host wait, so a Plan can replay it
+            call = (x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                    num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                    num_worst_tokens, previous_event, async_finish, allocate_on_comm_stream,
+                    wire_format)
+            plan_key = ("dispatch", getattr(x, "shape", None), _config_key(config))
+            replayed = self._plans.run(plan_key, call)
+            if replayed is not None:
+                return replayed
         ctx = self.ctx
         ctx.check_errors()
         R, dev = ctx.num_ranks, ctx.device
@@ -312,6 +336,7 @@ class IntranodeOps:
         self._rings.check("dispatch", (channels, cap, record), self_barriered=not cached)
         kernel, notify = self._kernels(found, "dispatch")
         El = spec.num_experts // R
+        launches = self._plans.recorder(cached and previous_event is None and not async_finish)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
@@ -358,11 +383,13 @@ class IntranodeOps:
                               lambda: self._fill_shared(NormalDispatchArgs(), "dispatch", ring_off,
                                                         cap))
             a.num_tokens, a.num_recv_rows, a.num_worst_tokens = T, rows, worst
-            fill_dispatch_rows(a, T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
-                               recv_x, recv_scales, recv_idx, recv_w)
-            a.rank_prefix = rpm.data_ptr()
-            a.recv_src_idx = recv_src.data_ptr() if recv_src is not None and rows else 0
-            kernel.launch(channels, spec.threads, a, stream.cuda_stream)
+            fields = dispatch_row_fields(T, K, rows, x, scales, topk_idx, topk_weights, in_rank,
+                                         recv_x, recv_scales, recv_idx, recv_w)
+            fields["rank_prefix"] = rpm
+            fields["recv_src_idx"] = recv_src if rows else 0
+            kernel.launch(channels, spec.threads, set_addresses(a, fields), stream.cuda_stream)
+            if launches is not None:
+                launches.add(kernel, channels, spec.threads, 0, a, fields)
             if not cached:
                 handle = (rpm, ntall, None, recv_src, in_rank, None)
             result["tensors"] = (x, scales, topk_idx, topk_weights, in_rank, recv_x, recv_scales,
@@ -374,12 +401,22 @@ class IntranodeOps:
             recv_scales = recv_scales.view(given_scales.dtype)
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
         if cached:      # DeepEP: no top-k, no counts list, no new handle
-            return out_x, None, None, None, None, result["event"]
+            out = out_x, None, None, None, None, result["event"]
+            self._plans.keep(plan_key, launches, call,
+                             [t for t in (recv_x, recv_scales) if t is not None], out,
+                             guards=self._rings.replay_guards("dispatch"))
+            return out
         return out_x, recv_idx, recv_w, counts, handle, result["event"]
 
     # -- combine --------------------------------------------------------------------------
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
                 allocate_on_comm_stream):
+        call = (x, handle, topk_weights, bias, previous_event, async_finish,
+                allocate_on_comm_stream)
+        plan_key = ("combine", getattr(x, "shape", None), _config_key(config))
+        replayed = self._plans.run(plan_key, call)
+        if replayed is not None:
+            return replayed
         ctx = self.ctx
         ctx.check_errors()
         R, dev = ctx.num_ranks, ctx.device
@@ -396,6 +433,7 @@ class IntranodeOps:
         channels, cap, ring_off = self._check_config(config, "combine", record)
         self._rings.check("combine", (channels, cap, record), self_barriered=False)
         kernel, notify = self._kernels(found, None)
+        launches = self._plans.recorder(previous_event is None and not async_finish)
         result: dict = {}
         with ctx.on_comm_stream(previous_event, async_finish, allocate_on_comm_stream,
                                 result) as stream:
@@ -406,16 +444,17 @@ class IntranodeOps:
                               lambda: self._fill_shared(NormalCombineArgs(), "combine", ring_off,
                                                         cap))
             a.num_tokens = T
-            a.x = x.data_ptr() if rows else 0
-            a.topk_weights = topk_weights.data_ptr() if K and rows else 0
-            a.bias0 = biases[0].data_ptr() if biases and T else 0
-            a.bias1 = biases[1].data_ptr() if len(biases) > 1 and T else 0
-            a.is_token_in_rank = in_rank.data_ptr() if T else 0
-            a.rank_prefix = rpm.data_ptr()
-            a.num_tokens_all = ntall.data_ptr()
-            a.recv_src_idx = src_idx.data_ptr() if rows else 0
-            a.combined_x = out.data_ptr() if T else 0
-            a.combined_weights = out_w.data_ptr() if out_w is not None and T else 0
-            kernel.launch(channels, spec.threads, a, stream.cuda_stream)
+            fields = {"x": x if rows else 0, "topk_weights": topk_weights if K and rows else 0,
+                      "bias0": biases[0] if biases and T else 0,
+                      "bias1": biases[1] if len(biases) > 1 and T else 0,
+                      "is_token_in_rank": in_rank if T else 0, "rank_prefix": rpm,
+                      "num_tokens_all": ntall, "recv_src_idx": src_idx if rows else 0,
+                      "combined_x": out if T else 0, "combined_weights": out_w if T else 0}
+            kernel.launch(channels, spec.threads, set_addresses(a, fields), stream.cuda_stream)
+            if launches is not None:
+                launches.add(kernel, channels, spec.threads, 0, a, fields)
             result["tensors"] = (x, topk_weights, *biases, rpm, ntall, src_idx, in_rank, out, out_w)
-        return out, out_w, result["event"]
+        result = out, out_w, result["event"]
+        self._plans.keep(plan_key, launches, call, [t for t in (out, out_w) if t is not None],
+                         result, guards=self._rings.replay_guards("combine"))
+        return result

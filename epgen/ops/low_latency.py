@@ -45,7 +45,9 @@ from ..jit.kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
 from ..jit.specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
 from ..variants import combine_variant
-from .context import VECTOR_BYTES, OpsContext, arg_error, check_tensor, spec_for_call
+from .plans import Plans
+from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, set_addresses,
+                      spec_for_call)
 from .layout import check_topk_idx
 from .streams import StreamOrder
 
@@ -123,7 +125,8 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
 
 
 def _recv_scales(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: int, dtype, dev):
-    """(recv_x_scales as returned, the allocation the kernel writes) in a received-scale layout
+    """(recv_x_scales as returned, the allocation the kernel writes, how a replayed call makes
+    the first from the second: (store, method, args) or None) in a received-scale layout
     (formats.RECV_SCALE_LAYOUTS; templates/ll_scale_layout.cuh is the kernel's map, cols 4-byte
     words a row). deepep / deepgemm: [El, RM, cols] MN-major, the columns RM or RM rounded up to 4
     apart. cutlass_128x4: uint8 [El, ceil(RM/128) * 128 * 4 * W] tiles (W = the block-scale
@@ -132,15 +135,17 @@ def _recv_scales(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: i
         rows = RM if layout == "deepep" else (RM + 3) // 4 * 4
         store = torch.empty(El, cols, rows, dtype=dtype, device=dev)
         view = store.transpose(1, 2)
-        return (view if rows == RM else view[:, :RM]), store
+        if rows == RM:
+            return view, store, (store, "transpose", (1, 2))
+        return view[:, :RM], store, None
     W = cols - 1 if fmt is formats.NVFP4 else cols
     tile_words = El * ((RM + 127) // 128) * 128 * W
     store = torch.empty(tile_words + (El * RM if fmt is formats.NVFP4 else 0), dtype=torch.int32,
                         device=dev)
     tiles = store[:tile_words].view(torch.uint8).view(El, -1)
     if fmt is formats.NVFP4:
-        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), store
-    return tiles, store
+        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), store, None
+    return tiles, store, None
 
 
 def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireFormat:
@@ -223,6 +228,7 @@ class LowLatencyOps:
         self._checked = {}      # _check_common's passing shapes -> their data layout
         self._specs = {}        # a combine's (format, shapes, variant) -> its spec and kernel
         self._dispatch_specs = {}   # a dispatch's format arguments, shapes -> format, spec, kernel
+        self._plans = Plans(ctx)    # the fast lane: calls replayed from C
 
     # -- helpers ------------------------------------------------------------------------
     def _check_common(self, M, hidden, num_experts, num_topk):
@@ -253,13 +259,12 @@ class LowLatencyOps:
         lay = self._checked[key] = _data_layout(M, hidden, R, num_experts)
         return lay
 
-    def _check_stats(self, name, t, dtype, n):
+    @staticmethod
+    def _check_stats(name, t, dtype, n):
         if t is not None:
             check_tensor(name, t, dtype, (n,))
-            return t.data_ptr()
-        return 0
 
-    def _fill_common(self, args_type, op, lay, call_epoch, num_tokens, max_tokens, phases):
+    def _fill_common(self, args_type, op, lay, num_tokens, max_tokens, phases):
         """A struct of args_type with the fields both operations' launches share: error word,
         peers, control words (filled once per shape: OpsContext.args_from)."""
         places = _PLACES[op]
@@ -268,7 +273,6 @@ class LowLatencyOps:
              phases),     # self: its peers, enable_shrink; no token count (one key per shape)
             lambda: self._fill_shared(args_type(), places, lay, max_tokens, phases, op))
         a.num_tokens = num_tokens
-        a.call_epoch = call_epoch.data_ptr() if call_epoch is not None else 0
         return a
 
     def _fill_shared(self, args, places, lay, max_tokens, phases, op):
@@ -296,19 +300,24 @@ class LowLatencyOps:
         """The combine receive area's half stride in this Buffer (layout_facts)."""
         return layout_facts.ll_combine_half_bytes(self.ctx.rdma.nbytes, lay)
 
-    def _run(self, spec, kernel, make_args, smem, async_finish, return_recv_hook, tensors,
-             fused=False):
+    def _run(self, spec, kernel, make_args, fields, smem, async_finish, return_recv_hook,
+             tensors, fused=False, launches=None):
         """Send phase now, receive phase now or in the returned hook, under the Buffer's
         stream semantics (ops/streams.py: the hook launches on the send's stream). fused: one
         launch running both phases (kernels whose receive takes the epoch from its own send).
-        The receive's arguments are the send's with another phase (one struct filled)."""
+        make_args(phases): the struct without its per-call addresses, `fields` (set_addresses).
+        The receive's arguments are the send's with another phase (one struct filled).
+        launches: a fastcall.Launches that records each launch (the call's Plan)."""
         def launch(args):
-            return lambda stream: kernel.launch(self.sms, spec.threads, args, stream.cuda_stream,
-                                                smem=smem)
+            def go(stream):
+                kernel.launch(self.sms, spec.threads, args, stream.cuda_stream, smem=smem)
+                if launches is not None:
+                    launches.add(kernel, self.sms, spec.threads, smem, args, fields)
+            return go
         if fused:
-            return self.ctx.streams.two_phase(launch(make_args(SEND | RECV)), lambda stream: None,
-                                              async_finish, False, tensors)
-        send_args = make_args(SEND)
+            return self.ctx.streams.two_phase(launch(set_addresses(make_args(SEND | RECV), fields)),
+                                              lambda stream: None, async_finish, False, tensors)
+        send_args = set_addresses(make_args(SEND), fields)
         recv_args = type(send_args).from_buffer_copy(send_args)
         recv_args.phases = RECV
         return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
@@ -350,6 +359,14 @@ class LowLatencyOps:
                              dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False,
                              use_ue8m0=False, async_finish=False, return_recv_hook=False,
                              wire_format=None, recv_scale_layout=None, hidden=None):
+        call = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                round_scale, use_ue8m0, async_finish, return_recv_hook, wire_format,
+                recv_scale_layout, hidden)
+        plan_key = ("dispatch", getattr(x, "shape", None), getattr(topk_idx, "shape", None))
+        replayed = self._plans.run(plan_key, call)
+        if replayed is not None:
+            return replayed
         ctx = self.ctx
         ctx.check_errors()
         R, M = ctx.num_ranks, num_max_dispatch_tokens_per_rank
@@ -388,15 +405,15 @@ class LowLatencyOps:
                 self._dispatch_specs[key] = found
         fmt, layout, use_fp8, use_ue8m0, cast, spec, kernel = found
         El = num_experts // R
-        cum = self._check_stats("cumulative_local_expert_recv_stats",
-                                cumulative_local_expert_recv_stats, torch.int32, El)
-        wst = self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
-                                torch.int64, R)
+        self._check_stats("cumulative_local_expert_recv_stats",
+                          cumulative_local_expert_recv_stats, torch.int32, El)
+        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
+                          torch.int64, R)
         if kernel is None:           # looked up once the call's checks passed
             kernel = found[-1] = ctx.kernel(spec)
 
         dev = ctx.device
-        scales = scale_store = None
+        scales = scale_store = scales_view = None
         if opaque is not None:   # the caller's rows and side rows, in their own dtypes
             recv_x = torch.empty(El, R * M, x.size(1), dtype=x.dtype, device=dev)
             if x_side is not None:
@@ -405,8 +422,8 @@ class LowLatencyOps:
         elif cast:   # the format's row and scale columns
             recv_x = torch.empty(El, R * M, fmt.data_width(H), dtype=fmt.data_torch_dtype(),
                                  device=dev)
-            scales, scale_store = _recv_scales(layout, fmt, El, R * M, fmt.scale_cols(H),
-                                               torch.int32, dev)
+            scales, scale_store, scales_view = _recv_scales(layout, fmt, El, R * M,
+                                                            fmt.scale_cols(H), torch.int32, dev)
         else:
             recv_x = torch.empty(El, R * M, H,
                                  dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
@@ -414,8 +431,8 @@ class LowLatencyOps:
         if use_fp8:
             S = num_scales(H)
             cols = (S + 3) // 4 if use_ue8m0 else S
-            scales, scale_store = _recv_scales(layout, fmt, El, R * M, cols,
-                                               torch.int32 if use_ue8m0 else torch.float32, dev)
+            scales, scale_store, scales_view = _recv_scales(
+                layout, fmt, El, R * M, cols, torch.int32 if use_ue8m0 else torch.float32, dev)
         recv_count = torch.empty(El, dtype=torch.int32, device=dev)
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
@@ -424,29 +441,31 @@ class LowLatencyOps:
         call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=dev)
 
         def make_args(phases):
-            a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay,
-                                  call_epoch, T, M, phases)
-            a.x = x.data_ptr()
-            a.x_side = x_side.data_ptr() if x_side is not None else 0
-            a.topk_idx = topk_idx.data_ptr()
-            a.recv_x = recv_x.data_ptr()
-            a.recv_scales = scale_store.data_ptr() if scale_store is not None else 0
-            a.recv_src_info = src_info.data_ptr()
-            a.recv_layout_range = layout_range.data_ptr()
-            a.recv_count = recv_count.data_ptr()
-            a.cumulative_stats = cum
-            a.wait_stats = wst
+            a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay, T, M,
+                                  phases)
             a.counters = self.counters_addr
             return a
 
+        fields = {"x": x, "x_side": x_side, "topk_idx": topk_idx, "recv_x": recv_x,
+                  "recv_scales": scale_store, "recv_src_info": src_info,
+                  "recv_layout_range": layout_range, "recv_count": recv_count,
+                  "cumulative_stats": cumulative_local_expert_recv_stats,
+                  "wait_stats": dispatch_wait_recv_cost_stats, "call_epoch": call_epoch}
         tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range,
                    call_epoch, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._run(spec, kernel, make_args, spec.payload_bytes, async_finish,
-                                return_recv_hook, tensors, fused=fused)
+        launches = self._plans.recorder(not async_finish and not return_recv_hook)
+        event, hook = self._run(spec, kernel, make_args, fields, spec.payload_bytes,
+                                async_finish, return_recv_hook, tensors, fused=fused,
+                                launches=launches)
         handle = (src_info, layout_range, M, H, num_experts)
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
-        return out, recv_count, handle, event, hook
+        result = (out, recv_count, handle, event, hook)
+        outputs = [t for t in (recv_x, scale_store, recv_count, src_info, layout_range,
+                               call_epoch) if t is not None]
+        self._plans.keep(plan_key, launches, call, outputs, result,
+                         views={id(scales): scales_view} if scales_view else None)
+        return result
 
     def _dispatch_format(self, wire_format, use_fp8, round_scale, use_ue8m0, recv_scale_layout,
                          H, K, num_experts, opaque):
@@ -497,6 +516,12 @@ class LowLatencyOps:
         # use_logfmt / wire_format: the rows' format on the wire (formats.combine_format; README
         # "Wire formats"); the per-rank kernel sends BF16 partials only, so a call naming another
         # format runs the per-expert kernel.
+        call = (x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+                return_recv_hook, out, combine_wait_recv_cost_stats, wire_format)
+        plan_key = ("combine", getattr(topk_idx, "shape", None))
+        replayed = self._plans.run(plan_key, call)
+        if replayed is not None:
+            return replayed
         ctx = self.ctx
         fmt = formats.combine_format(wire_format, bool(use_logfmt), bool(zero_copy))
         ctx.check_errors()
@@ -522,13 +547,12 @@ class LowLatencyOps:
         StreamOrder.check_two_phase(async_finish, return_recv_hook)
         if out is not None:
             check_tensor("out", out, torch.bfloat16, (T, H), align=VECTOR_BYTES)
-        wst = self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
-                                torch.int64, R)
+        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
+                          torch.int64, R)
+        outputs = []
         if out is None:
             out = torch.empty(T, H, dtype=torch.bfloat16, device=ctx.device)
-        # zero_copy: the rows are in the Buffer's combine send buffer (_combine_send_buffer's
-        # address; no view built per call)
-        src_ptr = self.base + lay["comb_send"] if zero_copy else x.data_ptr()
+            outputs.append(out)
         if kernel is None:
             kernel = ctx.kernel(spec)
             self._specs[spec_key] = (spec, kernel)
@@ -536,28 +560,32 @@ class LowLatencyOps:
             per_rank or self.fuse_dispatch_and_per_expert)
         # the epoch, for a receive launched on its own (a fused one takes it from its send)
         call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=ctx.device)
+        if call_epoch is not None:
+            outputs.append(call_epoch)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineRankArgs if per_rank
-                                  else LowLatencyCombineArgs, "low_latency_combine", lay,
-                                  call_epoch, T, M, phases)
-            a.x = src_ptr
-            a.topk_idx = topk_idx.data_ptr()
-            a.topk_weights = topk_weights.data_ptr()
-            a.src_info = src_info.data_ptr()
-            a.layout_range = layout_range.data_ptr()
-            a.out = out.data_ptr()
-            a.wait_stats = wst
+                                  else LowLatencyCombineArgs, "low_latency_combine", lay, T, M,
+                                  phases)
             a.zero_copy = int(bool(zero_copy))
             if per_rank:
                 a.wsig_off = ROUTES_SIG_OFF
             return a
 
+        # zero_copy: the rows are in the Buffer's combine send buffer (_combine_send_buffer's
+        # address; no view built per call)
+        fields = {"x": self.base + lay["comb_send"] if zero_copy else x, "topk_idx": topk_idx,
+                  "topk_weights": topk_weights, "src_info": src_info,
+                  "layout_range": layout_range, "out": out,
+                  "wait_stats": combine_wait_recv_cost_stats, "call_epoch": call_epoch}
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
                    combine_wait_recv_cost_stats)
-        event, hook = self._run(spec, kernel, make_args, 0, async_finish, return_recv_hook, tensors,
-                                fused=fused)
-        return out, event, hook
+        launches = self._plans.recorder(not async_finish and not return_recv_hook)
+        event, hook = self._run(spec, kernel, make_args, fields, 0, async_finish,
+                                return_recv_hook, tensors, fused=fused, launches=launches)
+        result = (out, event, hook)
+        self._plans.keep(plan_key, launches, call, outputs, result)
+        return result
 
     def set_epochs_for_test(self, epoch: int) -> None:
         """TEST ONLY (Buffer._set_counters_for_test): both operations' last epoch to `epoch`,

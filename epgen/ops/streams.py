@@ -61,6 +61,14 @@ def event_of(previous_event) -> torch.cuda.Event | None:
     return None if handle is None else handle.event
 
 
+def no_hook() -> None:
+    """The hook a call without return_recv_hook returns (its receive already ran): one shared
+    function, so a replayed call (runtime/fastcall.py) returns it too."""
+
+
+no_hook.replay_safe = True
+
+
 class StreamOrder:
     def __init__(self, device: torch.device, comm_stream: torch.cuda.Stream):
         self.device = device
@@ -153,8 +161,10 @@ class StreamOrder:
             if not return_recv_hook:
                 receive(stream)
 
+        if not return_recv_hook:
+            return result["event"], no_hook
+
         def hook():
-            if return_recv_hook:
-                _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
-                receive(stream)
+            _keep = tensors    # noqa: F841  (inputs/outputs stay alive until the receive)
+            receive(stream)
         return result["event"], hook

@@ -7,6 +7,8 @@ receive hook stay intact.
 """
 from __future__ import annotations
 
+import ctypes
+
 import time
 
 from ..jit import layout_facts
@@ -46,6 +48,12 @@ class ErrorWord:
 
     def reset(self) -> None:
         self._memory.fill(0)
+
+    @property
+    def code_address(self) -> int:
+        """Host address of the code field (int32): the fast lane reads it (runtime/fastcall.c)."""
+        return ctypes.addressof(self.words) + layout_facts.ERR_FIELD_CODE * ctypes.sizeof(
+            self.words._type_)
 
     def raised(self) -> bool:
         return self.words[layout_facts.ERR_FIELD_CODE] != 0

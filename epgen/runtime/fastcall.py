@@ -1,0 +1,269 @@
+"""The host path's fast lane: a call that passed epgen's Python path once is replayed from C
+(fastcall.c, its top comment says how) by later calls with the same flags and shapes.
+
+`record(...)` turns what a Python-path call did (its arguments, the outputs it allocated, the
+argument structs it launched, what it returned) into a Plan, or None where the call cannot be
+replayed (a receive hook, async work, a capture, an argument of a kind a Plan does not compare).
+A Plan called with a later call's arguments returns that call's result, or None: the caller then
+takes the Python path, which checks, raises, or records a new Plan. Every rule stays in Python.
+
+The C module is compiled at first use with the host C compiler (`cc`, or $CC) into
+<cache>/.host/, beside a digest it is checked against before loading (a broken one is rebuilt,
+never loaded); `epgen precompile` builds it too. No compiler, a failed build or EPGEN_FASTCALL=0:
+every call takes the Python path (same results, ~25-50 us more host time a call).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+
+import torch
+
+from .. import env, variants
+from .events import EventOverlap
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcall.c")
+HOST_DIR = ".host"           # in the kernel cache (cache/store.py OWN_DIRS)
+MODULE = "epgen_fastcall"
+# the tags fastcall.c reads
+ARG_NONE, ARG_TENSOR, ARG_EQUAL, ARG_TUPLE = 0, 1, 2, 3
+RES_SLOT, RES_CONST, RES_TUPLE, RES_METHOD = 0, 1, 2, 3
+MAX_SLOTS = 64
+# The variables a call reads at each call (ops/context.timeout_ns, epgen/variants.py): a Plan
+# records them and a changed one sends the call down the Python path.
+PER_CALL_ENV = ("EPGEN_TIMEOUT_S", variants.COMBINE_ENV, variants.INTERNODE_WARPS_ENV)
+
+_native = None
+_state = "not loaded"        # or "loaded <path>", "off: <why>"
+_lock = threading.Lock()
+
+
+class Unreplayable(Exception):
+    """record() met something a Plan cannot compare or rebuild; the call stays on the Python
+    path (never an error to the user)."""
+
+
+def status() -> str:
+    return _state
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) or shutil.which("cc")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build_key(source: bytes) -> str:
+    """Source, interpreter and its ABI: a new Python or a changed fastcall.c builds anew."""
+    parts = [source, sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode(),
+             sysconfig.get_paths()["include"].encode()]
+    return _digest(b"\0".join(parts))[:16]
+
+
+def library_path(cache_root: str) -> str:
+    with open(SOURCE, "rb") as f:
+        key = _build_key(f.read())
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return os.path.join(cache_root, HOST_DIR, f"{MODULE}.{key}{suffix}")
+
+
+def build(cache_root: str) -> str:
+    """The compiled module's path in this cache, compiled (atomically) unless a verified one is
+    there. Raises RuntimeError naming the compiler's output on failure."""
+    path = library_path(cache_root)
+    if _verified(path):
+        return path
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, or $CC) to build the fast lane")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=MODULE, suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    cmd = [cc, "-O2", "-std=gnu11", "-shared", "-fPIC", "-Wall", "-Werror",
+           "-I" + sysconfig.get_paths()["include"], SOURCE, "-o", tmp]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): "
+                               f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        with open(tmp, "rb") as f:
+            data = f.read()
+        with open(path + ".sha256", "w") as f:       # the digest first: a .so without one is
+            f.write(_digest(data))                   # never loaded
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _verified(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path + ".sha256") as f:
+            return f.read().strip() == _digest(data)
+    except OSError:
+        return False
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def native(set_driver=None):
+    """The compiled module with its driver entry points set (libcuda's, or those
+    `set_driver(mod)` sets: the CPU tests' fakes), or None: EPGEN_FASTCALL=0, no compiler, a
+    failed build (warned once), or no CUDA driver."""
+    global _native, _state
+    with _lock:
+        if _native is not None or _state.startswith("off"):
+            return _native
+        if not env.flag("EPGEN_FASTCALL", True):
+            _state = "off: EPGEN_FASTCALL=0"
+            return None
+        if set_driver is None:
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")
+            except OSError as e:     # no CUDA driver (a CPU machine): nothing to launch on
+                _state = f"off: no CUDA driver ({e})"
+                return None
+            set_driver = functools.partial(_set_libcuda, lib)
+        from ..cache.store import default_root
+        if not env.flag("EPGEN_JIT", True) and not _verified(library_path(default_root())):
+            _state = "off: not precompiled, and EPGEN_JIT=0 refuses run-time compiles"
+            warnings.warn(f"epgen: host fast lane {_state}; every call takes the Python path "
+                          "(`epgen precompile` builds it)", RuntimeWarning, stacklevel=3)
+            return None
+        try:
+            path = build(default_root())
+            mod = _load(path)
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+            _state = f"off: {e}"
+            warnings.warn(f"epgen: host fast lane off, every call takes the Python path: {e}",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        set_driver(mod)
+        _native, _state = mod, f"loaded {path}"
+        return mod
+
+
+def reset_for_test() -> None:
+    """TEST ONLY: forget the loaded module and its state (a test sets EPGEN_FASTCALL or fakes)."""
+    global _native, _state
+    with _lock:
+        _native, _state = None, "not loaded"
+
+
+def _set_libcuda(lib, mod) -> None:
+    from .cuda import CudaError
+    # the plain (legacy default stream) entry points, as cuda.bindings' and torch's streams use
+    addr = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
+            for n in ("cuLaunchKernel", "cuEventRecord", "cuStreamIsCapturing")]
+    mod.set_driver(*addr, CudaError)
+
+
+# -- recording --------------------------------------------------------------------------------
+class Launches:
+    """What a Python-path call launched, for record(): each (kernel, grid, block, smem, struct,
+    {field: tensor}), the struct as launched and the fields that hold a tensor's address."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def add(self, kernel, grid, block, smem, struct, tensor_fields: dict) -> None:
+        self.items.append((kernel, grid, block, smem, bytes(struct), type(struct), tensor_fields))
+
+
+def _arg_spec(a, slots: dict, order: list):
+    if a is None:
+        return None
+    if type(a) in (int, bool, str):
+        return (ARG_EQUAL, a)
+    if type(a) is tuple:
+        return (ARG_TUPLE, tuple(_arg_spec(x, slots, order) for x in a))
+    if isinstance(a, torch.Tensor):
+        if id(a) in slots:
+            raise Unreplayable("a tensor passed twice")
+        contiguous = a.is_contiguous()
+        ptr = a.data_ptr()
+        align = 16 if a.numel() and ptr % 16 == 0 else 0     # at least what the checks asked
+        slots[id(a)] = len(order)
+        order.append(a)
+        return (ARG_TENSOR, a.dtype, tuple(a.shape), None if contiguous else tuple(a.stride()),
+                align, a.device)
+    raise Unreplayable(f"an argument of type {type(a).__name__}")
+
+
+def _result_template(r, slots: dict, views: dict):
+    if isinstance(r, torch.Tensor):
+        if id(r) in slots:
+            return (RES_SLOT, slots[id(r)])
+        if id(r) in views:
+            base, method, args = views[id(r)]
+            return (RES_METHOD, slots[id(base)], method, args)
+        raise Unreplayable("a returned tensor that is neither an argument nor an output")
+    if type(r) is tuple:
+        return (RES_TUPLE, tuple(_result_template(x, slots, views) for x in r))
+    if r is None or type(r) in (int, bool) or getattr(r, "replay_safe", False) or (
+            isinstance(r, EventOverlap) and r.event is None and r.extra_tensors is None):
+        return (RES_CONST, r)       # shared by every replayed call: immutable or stateless
+    raise Unreplayable(f"a returned {type(r).__name__}")
+
+
+def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order,
+           current_stream, guards=(), error_word_addr: int = 0, views: dict | None = None):
+    """A Plan replaying this call, or None. args: the fast entry's positional arguments (what
+    the Plan compares: tensors by dtype / shape / strides / alignment / device, ints by type and
+    value, tuples item by item, None); outputs: the tensors the call allocated with torch.empty,
+    in order; views: id(returned view) -> (output it views, method, args); guards: (dict, key,
+    value) that must still hold (state the call's decisions read); order: the Buffer's
+    StreamOrder; current_stream(): the current stream's raw handle."""
+    if mod is None:
+        return None
+    try:
+        slots: dict = {}
+        order_list: list = []
+        specs = tuple(_arg_spec(a, slots, order_list) for a in args)
+        out_specs = []
+        for t in outputs:
+            if id(t) in slots or not t.is_contiguous():
+                raise Unreplayable("an output that is not a fresh torch.empty")
+            slots[id(t)] = len(order_list)
+            order_list.append(t)
+            out_specs.append(((tuple(t.shape),), {"dtype": t.dtype, "device": t.device}))
+        if len(order_list) > MAX_SLOTS:
+            raise Unreplayable(f"{len(order_list)} tensors")
+        rows = []
+        for kernel, grid, block, smem, data, struct_type, fields in launches.items:
+            patches = []
+            for name, t in fields.items():
+                if t is None or isinstance(t, int):
+                    continue                 # recorded in the struct as it is
+                if id(t) not in slots:
+                    raise Unreplayable(f"field {name}: a tensor neither argument nor output")
+                patches.append((getattr(struct_type, name).offset, slots[id(t)]))
+            rows.append((int(kernel.handle), grid, block, smem, data, tuple(patches), kernel.name))
+        template = _result_template(result, slots, views or {})
+    except Unreplayable:
+        return None
+    return mod.Plan(specs, torch.Tensor, torch.empty, tuple(out_specs), tuple(rows),
+                    tuple(guards), order, current_stream, error_word_addr,
+                    tuple((n, os.environ.get(n)) for n in PER_CALL_ENV), template,
+                    len(order_list))
