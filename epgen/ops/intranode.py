@@ -454,7 +454,7 @@ class IntranodeOps:
             if launches is not None:
                 launches.add(kernel, channels, spec.threads, 0, a, fields)
             result["tensors"] = (x, topk_weights, *biases, rpm, ntall, src_idx, in_rank, out, out_w)
-        result = out, out_w, result["event"]
+        returned = out, out_w, result["event"]
         self._plans.keep(plan_key, launches, call, [t for t in (out, out_w) if t is not None],
-                         result, guards=self._rings.replay_guards("combine"))
-        return result
+                         returned, guards=self._rings.replay_guards("combine"))
+        return returned
