@@ -120,10 +120,10 @@ def _build_fast_lane(cache_root: str) -> str:
     """The fast lane's C module (runtime/fastcall.py) built into the cache beside the kernels,
     so a deploy with EPGEN_JIT=0 finds it too. Its failure fails nothing: calls then take the
     Python path."""
-    from .runtime import fastcall
     try:
+        from .runtime import fastcall
         return os.path.basename(fastcall.build(cache_root))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
         return f"not built, calls take the Python path ({e})"
 
 

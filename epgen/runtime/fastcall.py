@@ -27,10 +27,7 @@ import tempfile
 import threading
 import warnings
 
-import torch
-
 from .. import env, variants
-from .events import EventOverlap
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcall.c")
 HOST_DIR = ".host"           # in the kernel cache (cache/store.py OWN_DIRS)
@@ -192,6 +189,7 @@ class Launches:
 
 
 def _arg_spec(a, slots: dict, order: list):
+    import torch             # here, not at the top: a compile-only install (no torch) builds it
     if a is None:
         return None
     if type(a) in (int, bool, str):
@@ -212,6 +210,9 @@ def _arg_spec(a, slots: dict, order: list):
 
 
 def _result_template(r, slots: dict, views: dict):
+    import torch
+
+    from .events import EventOverlap
     if isinstance(r, torch.Tensor):
         if id(r) in slots:
             return (RES_SLOT, slots[id(r)])
@@ -237,6 +238,7 @@ def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order
     StreamOrder; current_stream(): the current stream's raw handle."""
     if mod is None:
         return None
+    import torch
     try:
         slots: dict = {}
         order_list: list = []
