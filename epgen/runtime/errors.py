@@ -8,7 +8,6 @@ receive hook stay intact.
 from __future__ import annotations
 
 import ctypes
-
 import time
 
 from ..jit import layout_facts
