@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import jit
+from . import env, jit
 from .jit.specs import KernelSpec
 
 
@@ -117,9 +117,11 @@ def precompile(specs: list[KernelSpec], arch: str, cache_root: str, jobs: int,
 
 
 def _build_fast_lane(cache_root: str) -> str:
-    """The fast lane's C module (runtime/fastcall.py) built into the cache beside the kernels,
+    """The fast lane's C++ module (runtime/fastcall.py) built into the cache beside the kernels,
     so a deploy with EPGEN_JIT=0 finds it too. Its failure fails nothing: calls then take the
-    Python path."""
+    Python path. EPGEN_FASTCALL=0: not built (a deploy that turned it off needs none)."""
+    if not env.flag("EPGEN_FASTCALL", True):
+        return "off (EPGEN_FASTCALL=0), calls take the Python path"
     try:
         from .runtime import fastcall
         return os.path.basename(fastcall.build(cache_root))

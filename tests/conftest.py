@@ -9,6 +9,17 @@ sys.path.insert(0, os.path.dirname(__file__))   # gpu_harness for the tests and 
 GPU_SUITES_SPEC = os.path.join(os.path.dirname(__file__), "data", "gpu-suites.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _fast_lane_built_only_where_tested(request, monkeypatch):
+    """EPGEN_FASTCALL=0 for the CPU tests but test_fastcall's: every `epgen precompile` into a
+    fresh cache would otherwise compile the fast lane's C++ module (~20 s against torch's
+    headers) for tests that never replay a call (on a CPU machine nothing is replayed: no
+    driver). GPU tests keep the lane on, as a user has it; test_fastcall tests it."""
+    if request.node.get_closest_marker("gpu") or request.module.__name__.endswith("test_fastcall"):
+        return
+    monkeypatch.setenv("EPGEN_FASTCALL", "0")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _precompile_gpu_suites(request):
     """Before the first GPU test: compile the suites' kernels in parallel (one process per

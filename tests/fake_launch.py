@@ -88,7 +88,7 @@ class _FakeStream:
 
 class FakeStreams:
     """FAKE: StreamOrder.two_phase and scope without CUDA streams or events; the state a
-    replayed call (runtime/fastcall.c) reads and sets, at StreamOrder's initial values, with
+    replayed call (runtime/fastcall.cpp) reads and sets, at StreamOrder's initial values, with
     a FakeEvent for sync_done."""
     def __init__(self):
         self.comm_busy = self.compute_pending = self._captured = False
@@ -115,8 +115,8 @@ class FakeEvent:
 
 class FakeDriver:
     """FAKE cuLaunchKernel, cuEventRecord and cuStreamIsCapturing for the fast lane's C
-    module (runtime/fastcall.c) as C callbacks: each launch's function, grid, block, smem,
-    stream and argument buffer (fastcall.c's whole MAX_ARGS_BYTES buffer: the struct is its
+    module (runtime/fastcall.cpp) as C callbacks: each launch's function, grid, block, smem,
+    stream and argument buffer (fastcall.cpp's whole MAX_ARGS_BYTES buffer: the struct is its
     start) in `launches`, each event record in `records`; `capturing` is what the stream query says and
     `launch_result` what a launch returns."""
     LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint,

@@ -1,9 +1,10 @@
-"""The host fast lane (epgen/runtime/fastcall.py, .c) on CPU: the real C module, compiled here,
+"""The host fast lane (epgen/runtime/fastcall.py, .cpp) on CPU: the real C++ module, compiled here,
 replaying real ops' calls against the FAKE driver and streams of tests/fake_launch.py. A
 replayed call must launch exactly what the Python path launches for the same arguments, and
 anything that differs from the recorded call must take the Python path."""
 import ctypes
 import os
+import shutil
 
 import pytest
 import torch
@@ -18,9 +19,28 @@ from tests.fake_launch import (FakeDriver, FakeStreams, fake_cuda,
 R, M, H, E, K = 2, 16, 256, 16, 4
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The module compiled once (~20 s against torch's headers) for every test here."""
+    root = str(tmp_path_factory.mktemp("fastcall_cache"))
+    return root, fastcall.build(root)
+
+
+def _copy_built(built, root):
+    """The module `built` compiled, as a verified entry of the cache at root."""
+    src = built[1]
+    dst = fastcall.library_path(str(root))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    for suffix in ("", ".sha256"):
+        shutil.copyfile(src + suffix, dst + suffix)
+    return dst
+
+
 @pytest.fixture
-def driver(tmp_path, monkeypatch):
-    """The C module built into a fresh cache, its driver the FAKE one."""
+def driver(built, tmp_path, monkeypatch):
+    """The C++ module in a fresh cache (a copy of the one `built` compiled), its driver the
+    FAKE one."""
+    _copy_built(built, tmp_path)
     monkeypatch.setenv("EPGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("EPGEN_FASTCALL", raising=False)
     monkeypatch.delenv("EPGEN_TIMEOUT_S", raising=False)
@@ -276,8 +296,9 @@ def test_plans_are_bounded(driver, monkeypatch):
 
 
 # -- the module's build ----------------------------------------------------------------------
-def test_broken_library_is_rebuilt_not_loaded(tmp_path):
-    path = fastcall.build(str(tmp_path))
+def test_broken_library_is_rebuilt_not_loaded(built, tmp_path):
+    path = _copy_built(built, tmp_path)
+    assert fastcall.build(str(tmp_path)) == path        # a verified copy: not compiled again
     with open(path, "r+b") as f:
         f.seek(100)
         f.write(b"\xff" * 16)
@@ -299,11 +320,20 @@ def test_off_switch_and_missing_compiler(tmp_path, monkeypatch):
         fastcall.native(set_driver=FakeDriver().install)
     fastcall.reset_for_test()
     monkeypatch.delenv("EPGEN_FASTCALL")
-    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
+    with pytest.warns(RuntimeWarning, match="no C[+][+] compiler"):
         assert fastcall.native(set_driver=FakeDriver().install) is None
-    assert fastcall.status().startswith("off: no C compiler")
+    assert fastcall.status().startswith("off: no C++ compiler")
     fastcall.reset_for_test()
     assert not os.listdir(os.path.join(tmp_path, fastcall.HOST_DIR)) if os.path.isdir(
         os.path.join(tmp_path, fastcall.HOST_DIR)) else True
+
+
+def test_precompile_builds_it_unless_turned_off(built, tmp_path, monkeypatch):
+    from epgen.precompile import _build_fast_lane
+    path = _copy_built(built, tmp_path)
+    monkeypatch.delenv("EPGEN_FASTCALL", raising=False)
+    assert _build_fast_lane(str(tmp_path)) == os.path.basename(path)
+    monkeypatch.setenv("EPGEN_FASTCALL", "0")
+    assert _build_fast_lane(str(tmp_path)).startswith("off (EPGEN_FASTCALL=0)")

@@ -222,6 +222,13 @@ class LowLatencyOps:
         else:
             self.peer_bases = torch.zeros(R, dtype=torch.int64, device=ctx.device)
         self.any_remote = int(not allow_nvlink or any(a == 0 for a in ctx.rdma.peer_addrs))
+        # Where a receive launched on its own reads the epoch its send stored: a call without a
+        # hook launches its receive right after its send, and this Buffer's calls never overlap
+        # (StreamOrder), so it uses the op's word here; a call with a hook allocates its own
+        # (other calls may run before its receive).
+        self._epoch_words = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+        self._epoch_addr = {"dispatch": self._epoch_words.data_ptr(),
+                            "combine": self._epoch_words.data_ptr() + 8}
         self.sms = ctx.device_sms
         self.base = ctx.rdma.addr
         self.counters_addr = self.base + COUNTERS_OFF
@@ -299,6 +306,16 @@ class LowLatencyOps:
     def combine_half_bytes(self, lay) -> int:
         """The combine receive area's half stride in this Buffer (layout_facts)."""
         return layout_facts.ll_combine_half_bytes(self.ctx.rdma.nbytes, lay)
+
+    def _call_epoch(self, op, fused, return_recv_hook):
+        """The call_epoch field: None where the receive takes the epoch from its own send (one
+        launch), this call's own word where a hook may let other calls run before its receive,
+        else the op's word in this Buffer (an address: nothing allocated per call)."""
+        if fused:
+            return None
+        if return_recv_hook:
+            return torch.empty(1, dtype=torch.int64, device=self.ctx.device)
+        return self._epoch_addr[op]
 
     def _run(self, spec, kernel, make_args, fields, smem, async_finish, return_recv_hook,
              tensors, fused=False, launches=None):
@@ -437,8 +454,7 @@ class LowLatencyOps:
         src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
         fused = self.fuse_phases and self.fuse_dispatch_and_per_expert and not return_recv_hook
-        # the epoch, for a receive launched on its own (a fused one takes it from its send)
-        call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=dev)
+        call_epoch = self._call_epoch("dispatch", fused, return_recv_hook)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyDispatchArgs, "low_latency_dispatch", lay, T, M,
@@ -452,7 +468,8 @@ class LowLatencyOps:
                   "cumulative_stats": cumulative_local_expert_recv_stats,
                   "wait_stats": dispatch_wait_recv_cost_stats, "call_epoch": call_epoch}
         tensors = (x, x_side, topk_idx, recv_x, scale_store, recv_count, src_info, layout_range,
-                   call_epoch, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+                   call_epoch if return_recv_hook else None, cumulative_local_expert_recv_stats,
+                   dispatch_wait_recv_cost_stats)
         launches = self._plans.recorder(not async_finish and not return_recv_hook)
         event, hook = self._run(spec, kernel, make_args, fields, spec.payload_bytes,
                                 async_finish, return_recv_hook, tensors, fused=fused,
@@ -461,8 +478,8 @@ class LowLatencyOps:
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
         result = (out, recv_count, handle, event, hook)
-        outputs = [t for t in (recv_x, scale_store, recv_count, src_info, layout_range,
-                               call_epoch) if t is not None]
+        outputs = [t for t in (recv_x, scale_store, recv_count, src_info, layout_range)
+                   if t is not None]
         self._plans.keep(plan_key, launches, call, outputs, result,
                          views={id(scales): scales_view} if scales_view else None)
         return result
@@ -558,10 +575,7 @@ class LowLatencyOps:
             self._specs[spec_key] = (spec, kernel)
         fused = self.fuse_phases and not return_recv_hook and (
             per_rank or self.fuse_dispatch_and_per_expert)
-        # the epoch, for a receive launched on its own (a fused one takes it from its send)
-        call_epoch = None if fused else torch.empty(1, dtype=torch.int64, device=ctx.device)
-        if call_epoch is not None:
-            outputs.append(call_epoch)
+        call_epoch = self._call_epoch("combine", fused, return_recv_hook)
 
         def make_args(phases):
             a = self._fill_common(LowLatencyCombineRankArgs if per_rank
@@ -578,8 +592,8 @@ class LowLatencyOps:
                   "topk_weights": topk_weights, "src_info": src_info,
                   "layout_range": layout_range, "out": out,
                   "wait_stats": combine_wait_recv_cost_stats, "call_epoch": call_epoch}
-        tensors = (x, topk_idx, topk_weights, src_info, layout_range, out, call_epoch,
-                   combine_wait_recv_cost_stats)
+        tensors = (x, topk_idx, topk_weights, src_info, layout_range, out,
+                   call_epoch if return_recv_hook else None, combine_wait_recv_cost_stats)
         launches = self._plans.recorder(not async_finish and not return_recv_hook)
         event, hook = self._run(spec, kernel, make_args, fields, 0, async_finish,
                                 return_recv_hook, tensors, fused=fused, launches=launches)

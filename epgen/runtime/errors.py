@@ -50,7 +50,7 @@ class ErrorWord:
 
     @property
     def code_address(self) -> int:
-        """Host address of the code field (int32): the fast lane reads it (runtime/fastcall.c)."""
+        """Host address of the code field (int32): the fast lane reads it (runtime/fastcall.cpp)."""
         return ctypes.addressof(self.words) + layout_facts.ERR_FIELD_CODE * ctypes.sizeof(
             self.words._type_)
 

@@ -1,5 +1,5 @@
-"""The host path's fast lane: a call that passed epgen's Python path once is replayed from C
-(fastcall.c, its top comment says how) by later calls with the same flags and shapes.
+"""The host path's fast lane: a call that passed epgen's Python path once is replayed from C++
+(fastcall.cpp, its top comment says how) by later calls with the same flags and shapes.
 
 `record(...)` turns what a Python-path call did (its arguments, the outputs it allocated, the
 argument structs it launched, what it returned) into a Plan, or None where the call cannot be
@@ -7,10 +7,11 @@ replayed (a receive hook, async work, a capture, an argument of a kind a Plan do
 A Plan called with a later call's arguments returns that call's result, or None: the caller then
 takes the Python path, which checks, raises, or records a new Plan. Every rule stays in Python.
 
-The C module is compiled at first use with the host C compiler (`cc`, or $CC) into
-<cache>/.host/, beside a digest it is checked against before loading (a broken one is rebuilt,
-never loaded); `epgen precompile` builds it too. No compiler, a failed build or EPGEN_FASTCALL=0:
-every call takes the Python path (same results, ~25-50 us more host time a call).
+The module is compiled at first use (~20 s) with the host C++ compiler (`c++`, or $CXX) against
+the installed torch's headers and libraries into <cache>/.host/, beside a digest it is checked
+against before loading (a broken one is rebuilt, never loaded); `epgen precompile` builds it
+too. No compiler, no torch headers, a failed build or EPGEN_FASTCALL=0: every call takes the
+Python path (same results, ~25-50 us more host time a call).
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ import warnings
 
 from .. import env, variants
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcall.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcall.cpp")
 HOST_DIR = ".host"           # in the kernel cache (cache/store.py OWN_DIRS)
 MODULE = "epgen_fastcall"
-# the tags fastcall.c reads
+# the tags fastcall.cpp reads
 ARG_NONE, ARG_TENSOR, ARG_EQUAL, ARG_TUPLE = 0, 1, 2, 3
 RES_SLOT, RES_CONST, RES_TUPLE, RES_METHOD = 0, 1, 2, 3
 MAX_SLOTS = 64
@@ -55,24 +56,40 @@ def status() -> str:
 
 
 def _compiler() -> str | None:
-    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) or shutil.which("cc")
+    cxx = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    return shutil.which(cxx) or shutil.which("c++") or shutil.which("g++")
+
+
+def _torch_build():
+    """(torch's version, its include folders, its library folder, its C++ ABI flag), from the
+    installed package's files (torch is imported: the module links against the loaded one).
+    Raises ImportError without torch (a compile-only install: no fast lane there)."""
+    import torch
+    root = os.path.dirname(torch.__file__)
+    includes = [os.path.join(root, "include"),
+                os.path.join(root, "include", "torch", "csrc", "api", "include")]
+    if not os.path.exists(os.path.join(includes[0], "torch", "csrc", "autograd",
+                                       "python_variable.h")):
+        raise ImportError(f"torch {torch.__version__} at {root} has no C++ headers")
+    return (torch.__version__, includes, os.path.join(root, "lib"),
+            int(torch._C._GLIBCXX_USE_CXX11_ABI))
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _build_key(source: bytes) -> str:
-    """Source, interpreter and its ABI: a new Python or a changed fastcall.c builds anew."""
+def _build_key(source: bytes, torch_build) -> str:
+    """Source, interpreter, torch and their ABIs: a new Python, a new torch or a changed
+    fastcall.cpp builds anew."""
     parts = [source, sys.version.encode(), (sysconfig.get_config_var("EXT_SUFFIX") or "").encode(),
-             sysconfig.get_paths()["include"].encode()]
+             sysconfig.get_paths()["include"].encode(), repr(torch_build).encode()]
     return _digest(b"\0".join(parts))[:16]
 
 
 def library_path(cache_root: str) -> str:
     with open(SOURCE, "rb") as f:
-        key = _build_key(f.read())
+        key = _build_key(f.read(), _torch_build())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     return os.path.join(cache_root, HOST_DIR, f"{MODULE}.{key}{suffix}")
 
@@ -83,16 +100,21 @@ def build(cache_root: str) -> str:
     path = library_path(cache_root)
     if _verified(path):
         return path
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, or $CC) to build the fast lane")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, or $CXX) to build the fast lane")
+    _, includes, lib, cxx11_abi = _torch_build()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=MODULE, suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [cc, "-O2", "-std=gnu11", "-shared", "-fPIC", "-Wall", "-Werror",
-           "-I" + sysconfig.get_paths()["include"], SOURCE, "-o", tmp]
+    # c++20: torch's headers use its bit-field initializers
+    cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Werror",
+           "-Wno-unused-parameter", f"-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}",
+           "-I" + sysconfig.get_paths()["include"], *("-I" + d for d in includes), SOURCE,
+           "-o", tmp, "-L" + lib, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+           "-Wl,-rpath," + lib]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): "
                                f"{(r.stderr or r.stdout).strip()[-2000:]}")
@@ -118,6 +140,7 @@ def _verified(path: str) -> bool:
 
 
 def _load(path: str):
+    import torch  # noqa: F401  (the module's torch symbols are the loaded torch's)
     spec = importlib.util.spec_from_file_location(MODULE, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -143,12 +166,12 @@ def native(set_driver=None):
                 return None
             set_driver = functools.partial(_set_libcuda, lib)
         from ..cache.store import default_root
-        if not env.flag("EPGEN_JIT", True) and not _verified(library_path(default_root())):
-            _state = "off: not precompiled, and EPGEN_JIT=0 refuses run-time compiles"
-            warnings.warn(f"epgen: host fast lane {_state}; every call takes the Python path "
-                          "(`epgen precompile` builds it)", RuntimeWarning, stacklevel=3)
-            return None
         try:
+            if not env.flag("EPGEN_JIT", True) and not _verified(library_path(default_root())):
+                _state = "off: not precompiled, and EPGEN_JIT=0 refuses run-time compiles"
+                warnings.warn(f"epgen: host fast lane {_state}; every call takes the Python "
+                              "path (`epgen precompile` builds it)", RuntimeWarning, stacklevel=3)
+                return None
             path = build(default_root())
             mod = _load(path)
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
@@ -238,7 +261,6 @@ def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order
     StreamOrder; current_stream(): the current stream's raw handle."""
     if mod is None:
         return None
-    import torch
     try:
         slots: dict = {}
         order_list: list = []
@@ -249,7 +271,7 @@ def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order
                 raise Unreplayable("an output that is not a fresh torch.empty")
             slots[id(t)] = len(order_list)
             order_list.append(t)
-            out_specs.append(((tuple(t.shape),), {"dtype": t.dtype, "device": t.device}))
+            out_specs.append((tuple(t.shape), t.dtype, t.device))
         if len(order_list) > MAX_SLOTS:
             raise Unreplayable(f"{len(order_list)} tensors")
         rows = []
@@ -265,7 +287,6 @@ def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order
         template = _result_template(result, slots, views or {})
     except Unreplayable:
         return None
-    return mod.Plan(specs, torch.Tensor, torch.empty, tuple(out_specs), tuple(rows),
-                    tuple(guards), order, current_stream, error_word_addr,
-                    tuple((n, os.environ.get(n)) for n in PER_CALL_ENV), template,
-                    len(order_list))
+    return mod.Plan(specs, tuple(out_specs), tuple(rows), tuple(guards), order, current_stream,
+                    error_word_addr, tuple((n, os.environ.get(n)) for n in PER_CALL_ENV),
+                    template, len(order_list))

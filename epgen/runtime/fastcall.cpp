@@ -1,0 +1,507 @@
+/* A verified call, replayed from C++: the host path's fast lane (issue 15, item 4).
+
+   A call that went through epgen's Python path (every check, every decision) leaves a Plan:
+   what its arguments were (dtypes, shapes, strides, alignment, devices, the ints and Nones),
+   the outputs it allocated, the argument structs it launched and which of their fields hold a
+   tensor's address, and what it returned. A later call with the same flags runs the Plan: its
+   arguments are compared with the recorded ones (anything else returns None, and the caller
+   takes the Python path, which checks, raises or records a new Plan; so does a call after an
+   environment variable a call reads has changed), its outputs allocated through ATen's
+   at::empty (torch's caching allocator, as torch.empty), each struct copied with this call's
+   addresses patched in, and launched with the driver's cuLaunchKernel on the current stream.
+   The rules stay in Python: a Plan only says "the same as a call that passed".
+
+   Why C++ against libtorch, not the Python C API: a replayed call is a handful of tensor
+   metadata reads, allocations and launches, and through Python each torch.empty costs ~5 us
+   and each tensor's checks ~1 us on an H200 host (bench/NOTES.md, "Host fast lane"); here they
+   are at::Tensor field reads and at::empty.
+
+   The stream bookkeeping is StreamOrder.scope's synchronous branch (epgen/ops/streams.py):
+   taken only when no capture is on (the stream's or the order's), no async work of the Buffer
+   is unjoined and the last call ran on this stream or none did; afterwards the order's
+   sync_done event is recorded on the stream and the stream remembered. Any other state returns
+   None before anything is allocated or launched.
+
+   Built at first use with the host C++ compiler against the installed torch
+   (epgen/runtime/fastcall.py); without one, every call takes the Python path. The driver entry
+   points are given by set_driver, never looked up here: the CPU tests give fakes. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <torch/csrc/Device.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+typedef int (*launch_fn)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                         unsigned by, unsigned bz, unsigned smem, void *stream, void **params,
+                         void **extra);
+typedef int (*record_fn)(void *event, void *stream);
+typedef int (*capturing_fn)(void *stream, int *status);
+
+launch_fn cu_launch;
+record_fn cu_event_record;
+capturing_fn cu_stream_is_capturing;
+PyObject *launch_error;      // the exception type a failed launch raises
+
+constexpr int MAX_SLOTS = 64, MAX_ARGS_BYTES = 4096, MAX_DEPTH = 4;
+// argument specs: (TAG, ...) tuples built by fastcall.py
+enum { ARG_NONE = 0, ARG_TENSOR = 1, ARG_EQUAL = 2, ARG_TUPLE = 3 };
+// result templates
+enum { RES_SLOT = 0, RES_CONST = 1, RES_TUPLE = 2, RES_METHOD = 3 };
+
+PyObject *s_comm_busy, *s_captured, *s_compute_pending, *s_sync_stream, *s_sync_done,
+    *s_cuda_event;
+
+struct ArgSpec {
+    int tag = ARG_NONE;
+    // ARG_TENSOR
+    at::ScalarType dtype = at::ScalarType::Undefined;
+    std::vector<int64_t> shape, strides;   // strides empty: contiguous
+    bool contiguous = true;
+    uint64_t align = 0;
+    at::Device device{at::kCPU};
+    // ARG_EQUAL (owned)
+    PyObject *equal = nullptr;
+    // ARG_TUPLE
+    std::vector<ArgSpec> items;
+};
+
+struct Launch {
+    void *function;
+    unsigned grid, block, smem;
+    std::vector<unsigned char> bytes;                  // the recorded struct
+    std::vector<std::pair<Py_ssize_t, int>> patches;   // (8-byte field offset, slot)
+    std::string name;
+};
+
+struct PlanData {
+    std::vector<ArgSpec> args;        // one per positional argument
+    std::vector<std::pair<std::vector<int64_t>, at::TensorOptions>> outputs;
+    std::vector<Launch> launches;
+    PyObject *guards = nullptr;       // tuple of (dict, key, expected)
+    PyObject *order = nullptr;        // the Buffer's StreamOrder
+    PyObject *current_stream = nullptr;   // callable -> raw stream (int)
+    volatile int32_t *error_code = nullptr;   // mapped error word's code field (none: NULL)
+    std::vector<std::pair<std::string, std::pair<bool, std::string>>> env;  // name, (set, value)
+    PyObject *result = nullptr;       // result template
+    int nslots = 0;
+
+    ~PlanData() {
+        release(args);
+        Py_XDECREF(guards);
+        Py_XDECREF(order);
+        Py_XDECREF(current_stream);
+        Py_XDECREF(result);
+    }
+    static void release(std::vector<ArgSpec> &specs) {
+        for (ArgSpec &s : specs) {
+            Py_XDECREF(s.equal);
+            release(s.items);
+        }
+    }
+};
+
+struct Plan {
+    PyObject_HEAD
+    PlanData *d;
+};
+
+struct Slots {
+    PyObject *obj[MAX_SLOTS];   // borrowed (inputs) or owned (outputs)
+    uint64_t ptr[MAX_SLOTS];
+    int n = 0, first_output = MAX_SLOTS;   // the outputs from first_output on (none yet)
+    ~Slots() {
+        for (int i = first_output; i < n; i++) Py_DECREF(obj[i]);
+    }
+};
+
+bool same_ints(c10::IntArrayRef have, const std::vector<int64_t> &want) {
+    return have.size() == want.size() &&
+           std::equal(have.begin(), have.end(), want.begin());
+}
+
+// 1: matches; 0: does not (take the Python path)
+int tensor_matches(PyObject *obj, const ArgSpec &spec, Slots &s) {
+    if (!THPVariable_Check(obj) || s.n >= MAX_SLOTS) return 0;
+    const at::Tensor &t = THPVariable_Unpack(obj);
+    if (!t.defined() || t.scalar_type() != spec.dtype || t.device() != spec.device ||
+        !same_ints(t.sizes(), spec.shape))
+        return 0;
+    if (spec.contiguous ? !t.is_contiguous() : !same_ints(t.strides(), spec.strides)) return 0;
+    uint64_t ptr = reinterpret_cast<uintptr_t>(t.data_ptr());
+    if (spec.align && ptr % spec.align) return 0;
+    s.obj[s.n] = obj;
+    s.ptr[s.n] = ptr;
+    s.n++;
+    return 1;
+}
+
+// 1: matches; 0: does not; -1: a Python error is set
+int arg_matches(PyObject *a, const ArgSpec &spec, Slots &s, int depth) {
+    switch (spec.tag) {
+    case ARG_NONE:
+        return a == Py_None;
+    case ARG_TENSOR:
+        return tensor_matches(a, spec, s);
+    case ARG_EQUAL:
+        if (Py_TYPE(a) != Py_TYPE(spec.equal)) return 0;   // True == 1, 1.0 == 1: not the same call
+        return PyObject_RichCompareBool(a, spec.equal, Py_EQ);
+    case ARG_TUPLE: {
+        Py_ssize_t n = static_cast<Py_ssize_t>(spec.items.size());
+        if (depth >= MAX_DEPTH || !PyTuple_CheckExact(a) || PyTuple_GET_SIZE(a) != n) return 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int r = arg_matches(PyTuple_GET_ITEM(a, i), spec.items[i], s, depth + 1);
+            if (r != 1) return r;
+        }
+        return 1;
+    }
+    }
+    return 0;
+}
+
+// 1 and *event set: StreamOrder.scope's synchronous branch may run on `stream` (see the top)
+int order_allows(PlanData *p, uint64_t stream, void **event) {
+    int capturing = 0;
+    if (cu_stream_is_capturing((void *)(uintptr_t)stream, &capturing) != 0 || capturing) return 0;
+    PyObject *o = p->order;
+    for (PyObject *name : {s_captured, s_comm_busy}) {
+        PyObject *v = PyObject_GetAttr(o, name);
+        if (!v) return -1;
+        int bad = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (bad) return bad < 0 ? -1 : 0;
+    }
+    PyObject *v = PyObject_GetAttr(o, s_compute_pending);
+    if (!v) return -1;
+    int pending = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (pending < 0) return -1;
+    if (pending) {
+        v = PyObject_GetAttr(o, s_sync_stream);
+        if (!v) return -1;
+        uint64_t last = PyLong_Check(v) ? PyLong_AsUnsignedLongLong(v) : ~(uint64_t)0;
+        Py_DECREF(v);
+        if (PyErr_Occurred()) PyErr_Clear();
+        if (last != stream) return 0;
+    }
+    v = PyObject_GetAttr(o, s_sync_done);
+    if (!v) return -1;
+    PyObject *e = PyObject_GetAttr(v, s_cuda_event);
+    Py_DECREF(v);
+    if (!e) { PyErr_Clear(); return 0; }        // an event without a handle yet
+    *event = PyLong_AsVoidPtr(e);
+    Py_DECREF(e);
+    if (PyErr_Occurred()) return -1;
+    return *event != nullptr;
+}
+
+PyObject *build_result(PyObject *tmpl, Slots &s, int depth) {
+    long tag = PyLong_AsLong(PyTuple_GET_ITEM(tmpl, 0));
+    switch (tag) {
+    case RES_SLOT: {
+        PyObject *o = s.obj[PyLong_AsLong(PyTuple_GET_ITEM(tmpl, 1))];
+        Py_INCREF(o);
+        return o;
+    }
+    case RES_CONST: {
+        PyObject *o = PyTuple_GET_ITEM(tmpl, 1);
+        Py_INCREF(o);
+        return o;
+    }
+    case RES_TUPLE: {
+        PyObject *items = PyTuple_GET_ITEM(tmpl, 1);
+        Py_ssize_t n = PyTuple_GET_SIZE(items);
+        if (depth >= MAX_DEPTH) return PyErr_Format(PyExc_ValueError, "result nested too deep");
+        PyObject *out = PyTuple_New(n);
+        if (!out) return nullptr;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *o = build_result(PyTuple_GET_ITEM(items, i), s, depth + 1);
+            if (!o) { Py_DECREF(out); return nullptr; }
+            PyTuple_SET_ITEM(out, i, o);
+        }
+        return out;
+    }
+    case RES_METHOD: {      // (RES_METHOD, slot, name, args): a view of an output
+        PyObject *o = s.obj[PyLong_AsLong(PyTuple_GET_ITEM(tmpl, 1))];
+        PyObject *f = PyObject_GetAttr(o, PyTuple_GET_ITEM(tmpl, 2));
+        if (!f) return nullptr;
+        PyObject *r = PyObject_Call(f, PyTuple_GET_ITEM(tmpl, 3), nullptr);
+        Py_DECREF(f);
+        return r;
+    }
+    }
+    return PyErr_Format(PyExc_ValueError, "bad result template tag %ld", tag);
+}
+
+bool environment_unchanged(const PlanData *p) {
+    for (const auto &[name, then] : p->env) {
+        const char *now = getenv(name.c_str());
+        if (!now != !then.first || (now && then.second != now)) return false;
+    }
+    return true;
+}
+
+// the outputs, allocated into the slots after the inputs; false: a Python error is set (an
+// allocation failure: torch's exception, e.g. torch.OutOfMemoryError)
+bool allocate_outputs(PlanData *p, Slots &s) {
+    HANDLE_TH_ERRORS
+    for (const auto &[shape, options] : p->outputs) {
+        at::Tensor t = at::empty(shape, options);
+        s.ptr[s.n] = reinterpret_cast<uintptr_t>(t.data_ptr());
+        PyObject *o = THPVariable_Wrap(std::move(t));
+        if (!o) return false;
+        s.obj[s.n++] = o;
+    }
+    return true;
+    END_HANDLE_TH_ERRORS_RET(false)
+}
+
+PyObject *plan_call(Plan *self, PyObject *args, PyObject *kwargs) {
+    PlanData *p = self->d;
+    if (kwargs && PyDict_GET_SIZE(kwargs)) Py_RETURN_NONE;
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs != static_cast<Py_ssize_t>(p->args.size())) Py_RETURN_NONE;
+    if ((p->error_code && *p->error_code != 0) || !environment_unchanged(p)) Py_RETURN_NONE;
+    Slots s;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        int r = arg_matches(PyTuple_GET_ITEM(args, i), p->args[i], s, 0);
+        if (r < 0) return nullptr;
+        if (r == 0) Py_RETURN_NONE;
+    }
+    if (s.n + static_cast<int>(p->outputs.size()) != p->nslots) Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(p->guards); i++) {
+        PyObject *g = PyTuple_GET_ITEM(p->guards, i);
+        PyObject *have = PyDict_GetItemWithError(PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1));
+        if (!have) { if (PyErr_Occurred()) return nullptr; Py_RETURN_NONE; }
+        PyObject *want = PyTuple_GET_ITEM(g, 2);
+        int same = have == want ? 1 : PyObject_RichCompareBool(have, want, Py_EQ);
+        if (same < 0) return nullptr;
+        if (!same) Py_RETURN_NONE;
+    }
+    PyObject *st = PyObject_CallNoArgs(p->current_stream);
+    if (!st) return nullptr;
+    uint64_t stream = PyLong_AsUnsignedLongLong(st);
+    Py_DECREF(st);
+    if (PyErr_Occurred()) return nullptr;
+    void *event = nullptr;
+    int allowed = order_allows(p, stream, &event);
+    if (allowed < 0) return nullptr;
+    if (!allowed) Py_RETURN_NONE;
+
+    s.first_output = s.n;
+    if (!allocate_outputs(p, s)) return nullptr;
+    alignas(16) unsigned char buf[MAX_ARGS_BYTES];
+    for (const Launch &l : p->launches) {
+        memcpy(buf, l.bytes.data(), l.bytes.size());
+        for (const auto &[offset, slot] : l.patches) memcpy(buf + offset, &s.ptr[slot], 8);
+        void *params[1] = {buf};
+        int rc = cu_launch(l.function, l.grid, 1, 1, l.block, 1, 1, l.smem,
+                           (void *)(uintptr_t)stream, params, nullptr);
+        if (rc != 0)
+            return PyErr_Format(launch_error, "launch %s: CUDA error %d (cuLaunchKernel)",
+                                l.name.c_str(), rc);
+    }
+    int rc = cu_event_record(event, (void *)(uintptr_t)stream);
+    if (rc != 0)
+        return PyErr_Format(launch_error, "cuEventRecord after a replayed call: CUDA error %d", rc);
+    PyObject *sv = PyLong_FromUnsignedLongLong(stream);
+    if (!sv || PyObject_SetAttr(p->order, s_compute_pending, Py_True) < 0 ||
+        PyObject_SetAttr(p->order, s_sync_stream, sv) < 0) {
+        Py_XDECREF(sv);
+        return nullptr;
+    }
+    Py_DECREF(sv);
+    return build_result(p->result, s, 0);
+}
+
+void plan_dealloc(Plan *self) {
+    delete self->d;
+    Py_TYPE(self)->tp_free(reinterpret_cast<PyObject *>(self));
+}
+
+std::vector<int64_t> ints_of(PyObject *seq, const char *what) {
+    std::vector<int64_t> out;
+    if (!PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "%s: a tuple of ints expected", what);
+        return out;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(seq); i++) {
+        out.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(seq, i)));
+        if (PyErr_Occurred()) return out;
+    }
+    return out;
+}
+
+// a spec tuple (fastcall.py _arg_spec) into an ArgSpec; false: a Python error is set
+bool parse_spec(PyObject *t, ArgSpec &spec, int depth) {
+    if (t == Py_None) return true;
+    if (depth >= MAX_DEPTH || !PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 2) {
+        PyErr_SetString(PyExc_ValueError, "bad argument spec");
+        return false;
+    }
+    spec.tag = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(t, 0)));
+    switch (spec.tag) {
+    case ARG_TENSOR: {      // (ARG_TENSOR, dtype, shape, strides or None (contiguous), align, device)
+        PyObject *dtype = PyTuple_GET_ITEM(t, 1), *device = PyTuple_GET_ITEM(t, 5);
+        if (PyTuple_GET_SIZE(t) != 6 || !THPDtype_Check(dtype) || !THPDevice_Check(device)) {
+            PyErr_SetString(PyExc_ValueError, "bad tensor spec");
+            return false;
+        }
+        spec.dtype = reinterpret_cast<THPDtype *>(dtype)->scalar_type;
+        spec.device = reinterpret_cast<THPDevice *>(device)->device;
+        spec.shape = ints_of(PyTuple_GET_ITEM(t, 2), "shape");
+        PyObject *strides = PyTuple_GET_ITEM(t, 3);
+        spec.contiguous = strides == Py_None;
+        if (!spec.contiguous) spec.strides = ints_of(strides, "strides");
+        spec.align = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 4));
+        return !PyErr_Occurred();
+    }
+    case ARG_EQUAL:
+        spec.equal = PyTuple_GET_ITEM(t, 1);
+        Py_INCREF(spec.equal);
+        return true;
+    case ARG_TUPLE: {
+        PyObject *items = PyTuple_GET_ITEM(t, 1);
+        if (!PyTuple_Check(items)) break;
+        spec.items.resize(PyTuple_GET_SIZE(items));
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); i++)
+            if (!parse_spec(PyTuple_GET_ITEM(items, i), spec.items[i], depth + 1)) return false;
+        return true;
+    }
+    }
+    PyErr_Format(PyExc_ValueError, "bad argument spec tag %d", spec.tag);
+    return false;
+}
+
+/* Plan(arg_specs, outputs, launches, guards, order, current_stream, error_code_addr,
+        environment, result, nslots)
+   outputs: tuple of (shape, dtype, device), each allocated with at::empty
+   environment: tuple of (name, value or None), the variables a call reads
+   launches: tuple of (function, grid, block, smem, struct bytes, ((offset, slot), ...), name) */
+PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *arg_specs, *outputs, *launches, *guards, *order, *cur, *environment, *result;
+    unsigned long long error_addr;
+    int nslots;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!OOKO!Oi", &PyTuple_Type, &arg_specs, &PyTuple_Type,
+                          &outputs, &PyTuple_Type, &launches, &PyTuple_Type, &guards, &order,
+                          &cur, &error_addr, &PyTuple_Type, &environment, &result, &nslots))
+        return nullptr;
+    if (nslots > MAX_SLOTS) return PyErr_Format(PyExc_ValueError, "%d slots > %d", nslots, MAX_SLOTS);
+    Plan *self = reinterpret_cast<Plan *>(type->tp_alloc(type, 0));
+    if (!self) return nullptr;
+    PlanData *p = self->d = new PlanData();
+    for (PyObject *o : {guards, order, cur, result}) Py_INCREF(o);
+    p->guards = guards; p->order = order; p->current_stream = cur; p->result = result;
+    p->nslots = nslots;
+    p->error_code = (volatile int32_t *)(uintptr_t)error_addr;
+    p->args.resize(PyTuple_GET_SIZE(arg_specs));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(arg_specs); i++)
+        if (!parse_spec(PyTuple_GET_ITEM(arg_specs, i), p->args[i], 0)) goto fail;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(outputs); i++) {
+        PyObject *shape, *dtype, *device;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(outputs, i), "O!O!O!", &PyTuple_Type, &shape,
+                              &THPDtypeType, &dtype, &THPDeviceType, &device))
+            goto fail;
+        std::vector<int64_t> dims = ints_of(shape, "output shape");
+        if (PyErr_Occurred()) goto fail;
+        p->outputs.emplace_back(std::move(dims), at::TensorOptions()
+                                    .dtype(reinterpret_cast<THPDtype *>(dtype)->scalar_type)
+                                    .device(reinterpret_cast<THPDevice *>(device)->device));
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(environment); i++) {
+        const char *name, *value;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(environment, i), "sz", &name, &value)) goto fail;
+        p->env.push_back({name, {value != nullptr, value ? value : ""}});
+    }
+    p->launches.resize(PyTuple_GET_SIZE(launches));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(launches); i++) {
+        Launch &l = p->launches[i];
+        PyObject *patches;
+        const char *bytes, *name;
+        unsigned long long fn;
+        Py_ssize_t size;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(launches, i), "KIIIy#O!s", &fn, &l.grid,
+                              &l.block, &l.smem, &bytes, &size, &PyTuple_Type, &patches, &name))
+            goto fail;
+        if (size > MAX_ARGS_BYTES) {
+            PyErr_Format(PyExc_ValueError, "argument struct of %zd bytes > %d", size, MAX_ARGS_BYTES);
+            goto fail;
+        }
+        l.function = (void *)(uintptr_t)fn;
+        l.bytes.assign(bytes, bytes + size);
+        l.name = name;
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(patches); j++) {
+            Py_ssize_t off;
+            int slot;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(patches, j), "ni", &off, &slot)) goto fail;
+            if (off < 0 || off + 8 > size || slot < 0 || slot >= nslots) {
+                PyErr_Format(PyExc_ValueError, "patch (%zd, %d) outside the struct or slots", off, slot);
+                goto fail;
+            }
+            l.patches.emplace_back(off, slot);
+        }
+    }
+    return reinterpret_cast<PyObject *>(self);
+fail:
+    Py_DECREF(self);
+    return nullptr;
+}
+
+PyTypeObject PlanType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+/* set_driver(cuLaunchKernel, cuEventRecord, cuStreamIsCapturing, error type): addresses */
+PyObject *set_driver(PyObject *, PyObject *args) {
+    unsigned long long launch, record, capturing;
+    PyObject *err;
+    if (!PyArg_ParseTuple(args, "KKKO", &launch, &record, &capturing, &err)) return nullptr;
+    cu_launch = (launch_fn)(uintptr_t)launch;
+    cu_event_record = (record_fn)(uintptr_t)record;
+    cu_stream_is_capturing = (capturing_fn)(uintptr_t)capturing;
+    Py_INCREF(err);
+    Py_XSETREF(launch_error, err);
+    Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"set_driver", set_driver, METH_VARARGS, "the driver entry points a Plan calls"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "epgen_fastcall", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_epgen_fastcall(void) {
+#define INTERN(var, text) if (!(var = PyUnicode_InternFromString(text))) return nullptr
+    INTERN(s_comm_busy, "comm_busy"); INTERN(s_captured, "_captured");
+    INTERN(s_compute_pending, "compute_pending"); INTERN(s_sync_stream, "sync_stream");
+    INTERN(s_sync_done, "sync_done"); INTERN(s_cuda_event, "cuda_event");
+#undef INTERN
+    PlanType.tp_name = "epgen_fastcall.Plan";
+    PlanType.tp_basicsize = sizeof(Plan);
+    PlanType.tp_flags = Py_TPFLAGS_DEFAULT;
+    PlanType.tp_doc = "A verified call's launches, replayed (epgen/runtime/fastcall.cpp)";
+    PlanType.tp_new = plan_new;
+    PlanType.tp_dealloc = reinterpret_cast<destructor>(plan_dealloc);
+    PlanType.tp_call = reinterpret_cast<ternaryfunc>(plan_call);
+    if (PyType_Ready(&PlanType) < 0) return nullptr;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return nullptr;
+    Py_INCREF(&PlanType);
+    if (PyModule_AddObject(m, "Plan", reinterpret_cast<PyObject *>(&PlanType)) < 0) {
+        Py_DECREF(&PlanType);
+        Py_DECREF(m);
+        return nullptr;
+    }
+    return m;
+}
