@@ -236,6 +236,23 @@ def table(outcomes: list[Outcome]) -> str:
                      for r in rows)
 
 
+def collected_per_module(paths, env, names) -> dict[str, int]:
+    """How many GPU tests pytest collects per module (file name) under env (its tier and rank
+    counts parametrize them); {} when collection fails (every module then counts as cut)."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", *paths, "--collect-only", "-q",
+                            "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = dict.fromkeys(names, 0)
+    for line in r.stdout.splitlines():
+        module = os.path.basename(line.split("::", 1)[0]) if "::" in line else None
+        if module in out:
+            out[module] += 1
+    return out if r.returncode == 0 else {}
+
+
 def run_pooled(paths, own, args, env, t_start, scratch, log, say) -> list[Outcome]:
     """--pool: every module in one pytest (EPGEN_TEST_POOL=1), limited to the sum of their
     limits and the budget left; an Outcome per module from its summary lines."""
@@ -252,15 +269,19 @@ def run_pooled(paths, own, args, env, t_start, scratch, log, say) -> list[Outcom
         [sys.executable, "-m", "pytest", *paths, *PYTEST_ARGS, "--durations=0"],
         {**env, "TMPDIR": tmp, "EPGEN_TEST_POOL": "1"}, limit, log, args.grace, tmp=tmp)
     per = parse_pooled(text, names)
+    # killed: a module with results may still have tests the kill cut off (the pool runs
+    # every module at 2 ranks, then at 4, ...): what it would have run, collected again
+    expected = collected_per_module(paths, env, names) if killed else {}
     outcomes = []
     for n in names:
         o = per[n]
         ran = o["passed"] + o["failed"] + o["skipped"]
-        outcomes.append(Outcome(n, rc if o["failed"] or not ran else 0, o["seconds"],
-                                o["passed"], o["failed"], o["skipped"],
-                                o["first_failure"] or ("" if ran else "no result: killed or "
-                                                       "not collected"),
-                                timed_out=killed and not ran))
+        cut = killed and (n not in expected or ran < expected[n])
+        why = o["first_failure"] or ("" if ran else "no result: killed or not collected")
+        if cut and ran:     # table() puts "killed at its limit" before it
+            why = f"{ran} of {expected.get(n, '?')} tests reported" + (f"; {why}" if why else "")
+        outcomes.append(Outcome(n, rc if o["failed"] or not ran or cut else 0, o["seconds"],
+                                o["passed"], o["failed"], o["skipped"], why, timed_out=cut))
     say(f"[gpu_suites] pooled: rc={rc} {secs:.0f}s" + (" (killed)" if killed else ""))
     return outcomes
 

@@ -235,6 +235,29 @@ def test_pooled_modules_run_in_one_pytest_and_are_reported_each(tmp_path, capsys
     assert "test_bad" in fail["first_failure"], fail
 
 
+def test_a_killed_pool_reports_the_modules_it_cut_off(tmp_path, monkeypatch, capsys):
+    """A module whose first test passed but whose second the pool's kill cut off is not a
+    pass: its row is timed out, nonzero, and says how many of its tests reported."""
+    fakes, out = _fakes(tmp_path), str(tmp_path / "out")
+    imports, hang = FAKES["hang"].split("\n\n", 1)      # test_hangs, after a test that passes
+    (tmp_path / "fakes" / "test_cut_gpu.py").write_text(
+        f"{imports}\nimport pytest\n\npytestmark = pytest.mark.gpu\n\n\n"
+        f"def test_ok():\n    pass\n\n\n{hang}")
+    monkeypatch.setenv("HANG_PID_FILE", str(tmp_path / "hang.pid"))
+    monkeypatch.setattr(gpu_suites, "MIN_LIMIT_S", 3.0)
+    rc = gpu_suites.main(["--budget", "60", "--per-module", "6", "--grace", "2", "--pool",
+                          "--tier", "quick", "--ranks", "2", "--no-precompile", "--tests-dir",
+                          fakes, "--out", out, "pass", "cut"])
+    assert rc != 0
+    rows = {m["module"]: m for m in json.loads((tmp_path / "out" / "gpu_suites.json")
+                                                .read_text())["modules"]}
+    assert (rows["test_pass_gpu.py"]["rc"], rows["test_pass_gpu.py"]["timed_out"]) == (0, False)
+    cut = rows["test_cut_gpu.py"]
+    assert cut["passed"] == 1 and cut["timed_out"] and cut["rc"] != 0, cut
+    assert "1 of 2 tests reported" in cut["first_failure"], cut
+    assert "killed at its limit; 1 of 2 tests reported" in capsys.readouterr().out
+
+
 def test_parse_pooled_counts_and_seconds_per_module():
     text = "\n".join([
         "0.50s setup    tests/test_a_gpu.py::test_x[2]",
