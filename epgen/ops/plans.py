@@ -33,7 +33,7 @@ class Plans:
     def recorder(self, eligible: bool) -> fastcall.Launches | None:
         """A Launches for this Python-path call to fill, where its Plan could be replayed: a
         synchronous call (no async_finish, hook or previous_event) outside a capture, with the
-        C module there."""
+        C++ module there."""
         if not eligible or fastcall.native() is None:
             return None
         return None if capturing() else fastcall.Launches()
