@@ -337,3 +337,41 @@ def test_precompile_builds_it_unless_turned_off(built, tmp_path, monkeypatch):
     assert _build_fast_lane(str(tmp_path)) == os.path.basename(path)
     monkeypatch.setenv("EPGEN_FASTCALL", "0")
     assert _build_fast_lane(str(tmp_path)).startswith("off (EPGEN_FASTCALL=0)")
+
+
+def test_without_a_built_module_calls_take_the_python_path_while_it_builds(
+        built, tmp_path, monkeypatch):
+    """No verified module in the cache: native() starts the build in the background and
+    answers None (the Python path) until it has ended, then loads it; a failed build turns the
+    lane off with a warning. (build is replaced by a copy of the one `built` compiled, or a
+    failure, each let go by the test: the threading is what is tested here.)"""
+    import threading
+    monkeypatch.setenv("EPGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("EPGEN_FASTCALL", raising=False)
+    release = threading.Event()
+
+    def slow_build(root):
+        assert release.wait(30)
+        return _copy_built(built, root)
+    monkeypatch.setattr(fastcall, "build", slow_build)
+    fastcall.reset_for_test()
+    fake = FakeDriver()
+    assert fastcall.native(set_driver=fake.install) is None
+    assert fastcall.status().startswith("building ")
+    assert fastcall.native(set_driver=fake.install) is None      # still building
+    release.set()
+    fastcall.wait_for_build_for_test()
+    mod = fastcall.native(set_driver=fake.install)
+    assert mod is not None and fastcall.status().startswith("loaded ")
+
+    def failing_build(root):
+        raise RuntimeError("c++ failed on purpose")
+    monkeypatch.setattr(fastcall, "build", failing_build)
+    monkeypatch.setenv("EPGEN_CACHE_DIR", str(tmp_path / "other"))
+    fastcall.reset_for_test()
+    assert fastcall.native(set_driver=fake.install) is None
+    fastcall.wait_for_build_for_test()
+    with pytest.warns(RuntimeWarning, match="c[+][+] failed on purpose"):
+        assert fastcall.native(set_driver=fake.install) is None
+    assert fastcall.status() == "off: c++ failed on purpose"
+    fastcall.reset_for_test()

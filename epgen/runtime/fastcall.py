@@ -7,14 +7,15 @@ replayed (a receive hook, async work, a capture, an argument of a kind a Plan do
 A Plan called with a later call's arguments returns that call's result, or None: the caller then
 takes the Python path, which checks, raises, or records a new Plan. Every rule stays in Python.
 
-The module is compiled at first use (~20 s) with the host C++ compiler (`c++`, or $CXX) against
-the installed torch's headers and libraries into <cache>/.host/, beside a digest it is checked
-against before loading (a broken one is rebuilt, never loaded); `epgen precompile` builds it
-too. No compiler, no torch headers, a failed build or EPGEN_FASTCALL=0: every call takes the
+The module is compiled with the host C++ compiler (`c++`, or $CXX) against the installed torch's
+headers and libraries into <cache>/.host/, beside a digest it is checked against before loading
+(a broken one is rebuilt, never loaded): by `epgen precompile`, or at first use in the
+background (~20 s, calls take the Python path meanwhile). No compiler, no torch headers, a failed build or EPGEN_FASTCALL=0: every call takes the
 Python path (same results, ~25-50 us more host time a call).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -42,7 +43,8 @@ MAX_SLOTS = 64
 PER_CALL_ENV = ("EPGEN_TIMEOUT_S", variants.COMBINE_ENV, variants.INTERNODE_WARPS_ENV)
 
 _native = None
-_state = "not loaded"        # or "loaded <path>", "off: <why>"
+_state = "not loaded"        # or "building <path>", "loaded <path>", "off: <why>"
+_builder = None              # a background build: (thread, [path or exception], set_driver)
 _lock = threading.Lock()
 
 
@@ -114,10 +116,19 @@ def build(cache_root: str) -> str:
            "-o", tmp, "-L" + lib, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
            "-Wl,-rpath," + lib]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): "
-                               f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _compiling[proc] = tmp
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            _compiling.pop(proc, None)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                               f"{output.strip()[-2000:]}")
         with open(tmp, "rb") as f:
             data = f.read()
         with open(path + ".sha256", "w") as f:       # the digest first: a .so without one is
@@ -127,6 +138,20 @@ def build(cache_root: str) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# compiles under way (Popen -> its output file): a background build the interpreter's exit
+# cuts short would leave its compiler writing into the cache
+_compiling: dict = {}
+
+
+@atexit.register
+def _stop_compiles() -> None:
+    for proc, tmp in list(_compiling.items()):
+        proc.kill()
+        proc.wait()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _verified(path: str) -> bool:
@@ -148,13 +173,24 @@ def _load(path: str):
 
 
 def native(set_driver=None):
-    """The compiled module with its driver entry points set (libcuda's, or those
-    `set_driver(mod)` sets: the CPU tests' fakes), or None: EPGEN_FASTCALL=0, no compiler, a
-    failed build (warned once), or no CUDA driver."""
-    global _native, _state
+    """The loaded module with its driver entry points set (libcuda's, or those
+    `set_driver(mod)` sets: the CPU tests' fakes), or None: EPGEN_FASTCALL=0, no CUDA driver,
+    no compiler, a failed build (warned once), or a build still under way. A verified module
+    in the cache (`epgen precompile`) loads at once; without one the build (~20 s) runs in the
+    background and calls take the Python path meanwhile: compiling inside a call would hold
+    this rank while its peers' kernels wait on it within EPGEN_TIMEOUT_S."""
+    global _state, _builder
     with _lock:
         if _native is not None or _state.startswith("off"):
             return _native
+        if _builder is not None:
+            thread, result, pending_driver = _builder
+            if thread.is_alive():
+                return None
+            _builder = None
+            if isinstance(result[0], BaseException):
+                return _off(result[0])
+            return _loaded(result[0], pending_driver)
         if not env.flag("EPGEN_FASTCALL", True):
             _state = "off: EPGEN_FASTCALL=0"
             return None
@@ -166,29 +202,68 @@ def native(set_driver=None):
                 return None
             set_driver = functools.partial(_set_libcuda, lib)
         from ..cache.store import default_root
+        root = default_root()
         try:
-            if not env.flag("EPGEN_JIT", True) and not _verified(library_path(default_root())):
+            path = library_path(root)
+            if _verified(path):
+                return _loaded(path, set_driver)
+            if not env.flag("EPGEN_JIT", True):
                 _state = "off: not precompiled, and EPGEN_JIT=0 refuses run-time compiles"
                 warnings.warn(f"epgen: host fast lane {_state}; every call takes the Python "
                               "path (`epgen precompile` builds it)", RuntimeWarning, stacklevel=3)
                 return None
-            path = build(default_root())
-            mod = _load(path)
-        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
-            _state = f"off: {e}"
-            warnings.warn(f"epgen: host fast lane off, every call takes the Python path: {e}",
-                          RuntimeWarning, stacklevel=3)
-            return None
-        set_driver(mod)
-        _native, _state = mod, f"loaded {path}"
-        return mod
+            if _compiler() is None:
+                raise RuntimeError("no C++ compiler (c++, or $CXX) to build the fast lane")
+        except (OSError, RuntimeError, ImportError) as e:
+            return _off(e)
+        result: list = [None]
+
+        def run():
+            try:
+                result[0] = build(root)
+            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+                result[0] = e
+        thread = threading.Thread(target=run, name="epgen-fastcall-build", daemon=True)
+        _builder = (thread, result, set_driver)
+        _state = f"building {path}"
+        thread.start()
+        return None
+
+
+def _loaded(path: str, set_driver):
+    """Load the module at path (under _lock); None and off where that fails."""
+    global _native, _state
+    try:
+        mod = _load(path)
+    except (OSError, ImportError) as e:
+        return _off(e)
+    set_driver(mod)
+    _native, _state = mod, f"loaded {path}"
+    return mod
+
+
+def _off(why: BaseException):
+    global _state
+    _state = f"off: {why}"
+    warnings.warn(f"epgen: host fast lane off, every call takes the Python path: {why}",
+                  RuntimeWarning, stacklevel=4)
+    return None
+
+
+def wait_for_build_for_test() -> None:
+    """TEST ONLY: until a background build has ended (its result is taken at the next
+    native())."""
+    builder = _builder
+    if builder is not None:
+        builder[0].join()
 
 
 def reset_for_test() -> None:
     """TEST ONLY: forget the loaded module and its state (a test sets EPGEN_FASTCALL or fakes)."""
-    global _native, _state
+    global _native, _state, _builder
+    wait_for_build_for_test()
     with _lock:
-        _native, _state = None, "not loaded"
+        _native, _state, _builder = None, "not loaded", None
 
 
 def _set_libcuda(lib, mod) -> None:
