@@ -375,3 +375,32 @@ def test_without_a_built_module_calls_take_the_python_path_while_it_builds(
         assert fastcall.native(set_driver=fake.install) is None
     assert fastcall.status() == "off: c++ failed on purpose"
     fastcall.reset_for_test()
+
+
+class _NoStorage(torch.Tensor):
+    """A wrapper subclass: the shape, dtype and device of a tensor, no storage (as torch's
+    fake and functional tensors have)."""
+    @staticmethod
+    def __new__(cls, like):
+        return torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype,
+                                                   device=like.device, strides=like.stride())
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+def test_a_tensor_at_without_strides_or_storage_does_not_match(driver):
+    """A sparse tensor (no strides), a wrapper subclass (a null data pointer) or a meta tensor
+    where the Plan recorded a strided CUDA one: no match (ATen throws reading a sparse
+    tensor's strides, and a C++ exception out of the module would end the process; a null
+    address would reach the kernel)."""
+    ops, fake = fake_ll_ops(R, M, H, E)
+    _lane(ops)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    ops.low_latency_combine(y, idx, w, handle)
+    plan = ops._plans._plans[("combine", idx.shape)]
+    rest = (idx, w, handle, False, False, False, False, None, None, None)
+    assert plan(y, *rest) is not None                    # the recorded shapes: replayed
+    for other in (y.to_sparse(), _NoStorage(y), torch.empty(y.shape, dtype=y.dtype, device="meta")):
+        assert plan(other, *rest) is None, other.layout

@@ -134,12 +134,15 @@ bool same_ints(c10::IntArrayRef have, const std::vector<int64_t> &want) {
 int tensor_matches(PyObject *obj, const ArgSpec &spec, Slots &s) {
     if (!THPVariable_Check(obj) || s.n >= MAX_SLOTS) return 0;
     const at::Tensor &t = THPVariable_Unpack(obj);
-    if (!t.defined() || t.scalar_type() != spec.dtype || t.device() != spec.device ||
+    // strided, with storage and data: what the recorded call had (a sparse tensor has no
+    // strides, a meta tensor no storage, a wrapper subclass a null data pointer)
+    if (!t.defined() || t.layout() != at::kStrided || !t.has_storage() ||
+        t.scalar_type() != spec.dtype || t.device() != spec.device ||
         !same_ints(t.sizes(), spec.shape))
         return 0;
     if (spec.contiguous ? !t.is_contiguous() : !same_ints(t.strides(), spec.strides)) return 0;
     uint64_t ptr = reinterpret_cast<uintptr_t>(t.data_ptr());
-    if (spec.align && ptr % spec.align) return 0;
+    if ((spec.align && ptr % spec.align) || (!ptr && t.numel())) return 0;   // null: no data
     s.obj[s.n] = obj;
     s.ptr[s.n] = ptr;
     s.n++;
@@ -251,10 +254,8 @@ bool environment_unchanged(const PlanData *p) {
     return true;
 }
 
-// the outputs, allocated into the slots after the inputs; false: a Python error is set (an
-// allocation failure: torch's exception, e.g. torch.OutOfMemoryError)
+// the outputs, allocated into the slots after the inputs; false: a Python error is set
 bool allocate_outputs(PlanData *p, Slots &s) {
-    HANDLE_TH_ERRORS
     for (const auto &[shape, options] : p->outputs) {
         at::Tensor t = at::empty(shape, options);
         s.ptr[s.n] = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -263,10 +264,19 @@ bool allocate_outputs(PlanData *p, Slots &s) {
         s.obj[s.n++] = o;
     }
     return true;
-    END_HANDLE_TH_ERRORS_RET(false)
 }
 
+PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs);
+
+// A C++ exception from ATen (an allocation failure: torch.OutOfMemoryError; anything else)
+// becomes torch's Python exception, never a terminate.
 PyObject *plan_call(Plan *self, PyObject *args, PyObject *kwargs) {
+    HANDLE_TH_ERRORS
+    return replay(self, args, kwargs);
+    END_HANDLE_TH_ERRORS
+}
+
+PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
     PlanData *p = self->d;
     if (kwargs && PyDict_GET_SIZE(kwargs)) Py_RETURN_NONE;
     Py_ssize_t nargs = PyTuple_GET_SIZE(args);
