@@ -22,8 +22,9 @@
    sync_done event is recorded on the stream and the stream remembered. Any other state returns
    None before anything is allocated or launched.
 
-   Built at first use with the host C++ compiler against the installed torch
-   (epgen/runtime/fastcall.py); without one, every call takes the Python path. The driver entry
+   Built with the host C++ compiler against the installed torch by `epgen precompile`, or in
+   the background at first use (epgen/runtime/fastcall.py); until then, or without a compiler,
+   every call takes the Python path. The driver entry
    points are given by set_driver, never looked up here: the CPU tests give fakes. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
