@@ -8,6 +8,8 @@ lookup, allocation, launches, rest) from bench/host_parts.py: the Python path's 
 call the fast lane replays (runtime/fastcall.py; EPGEN_FASTCALL=0 turns it off) does not run.
 
     python bench/host_overhead.py --ranks 2
+    EPGEN_LAUNCH_MPS=0 python bench/host_overhead.py --ranks 2   # ranks time-slicing one GPU:
+                                           # the low-latency calls' one launch, as on a GPU each
 """
 from __future__ import annotations
 
@@ -199,20 +201,24 @@ def _worker(rank, world):
         os.environ["EPGEN_LL_COMBINE"] = variant      # read at each call, the same on every rank
         return lambda: buf.low_latency_combine(y, idx, w, ll_handle)
     dev, ops, K = torch.device("cuda", torch.cuda.current_device()), buf._ll, 8
+    # one launch a call where both phases run in one (a GPU per rank, or time-sliced ranks)
+    launches = 1 if ops.fuse_phases else 2
+    out.append(f"== low latency: {launches} launch(es) a call without a hook "
+               f"(fuse_phases={ops.fuse_phases}, placement {os.environ.get(launch.MODE_ENV)})")
     held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out,
                     ops._plans)
     if rank == 0:
         _parts(out, "LL dispatch FP8", held["LL dispatch FP8"],
-               host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), 2, launch_us)
+               host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), launches,
+               launch_us)
     dist.barrier()
     for variant in ("per_expert", "per_rank"):
         name = f"LL combine {variant}"
         held = _measure(((name, combine(variant)),), out, ops._plans)
         if rank == 0:
-            per_rank = variant == "per_rank"
-            launches = 1 if per_rank and not launch.worker_shares_gpu() else 2
             _parts(out, name, held[name], host_parts.ll_combine_parts(
-                ops, y, idx, w, ll_handle, M, H, E, K, world, per_rank, dev), launches, launch_us)
+                ops, y, idx, w, ll_handle, M, H, E, K, world, variant == "per_rank", dev),
+                launches, launch_us)
         dist.barrier()
     os.environ.pop("EPGEN_LL_COMBINE", None)
     dist.barrier()

@@ -13,25 +13,23 @@ import torch
 from epgen.ops import intranode
 from epgen.ops import low_latency as ll
 from epgen.ops.context import VECTOR_BYTES, check_tensor
+from epgen.ops.outputs import carve
 
 
 def ll_dispatch_parts(ops, x, idx, M, H, E, K, R, device):
     El = E // R
     fp8 = dict(use_fp8=True, round_scale=False, use_ue8m0=False)
 
-    def alloc():   # what an FP8 dispatch allocates (its outputs and the epoch word)
-        torch.empty(El, R * M, H, dtype=torch.float8_e4m3fn, device=device)
-        torch.empty(El, H // 128, R * M, dtype=torch.float32, device=device).transpose(1, 2)
-        torch.empty(El, dtype=torch.int32, device=device)
-        torch.empty(El, R * M, dtype=torch.int32, device=device)
-        torch.empty(El, R, dtype=torch.int64, device=device)
-        torch.empty(2, dtype=torch.int64, device=device)
+    def alloc():   # what an FP8 dispatch allocates: rows + scales, metadata + counts
+        rows, store = ll._recv_rows(x, None, None, False, None, "deepep", True, False, El, R * M, H)
+        carve(device, [rows] + store)
+        carve(device, [((El,), torch.int32), ((El, R * M), torch.int32), ((El, R), torch.int64)])
     return [("validation: x, topk_idx, shapes, Buffer size (_check_common)",
              lambda: (check_tensor("x", x, torch.bfloat16, align=VECTOR_BYTES),
                       ll.check_topk_idx(idx, num_tokens=M), ops._check_common(M, H, E, K)), 1),
             ("spec lookup + kernel lookup", lambda: ops.ctx.kernel(ll.spec_for_call(
                 lambda *p: ll.ll_dispatch_spec(*p, **fp8), {}, H, K, E, R)), 1),
-            ("output allocation (6 tensors)", alloc, 1)]
+            ("output allocation (2 blocks, ops/outputs.carve)", alloc, 1)]
 
 
 def ll_combine_parts(ops, y, idx, w, handle, M, H, E, K, R, per_rank, device):
@@ -44,9 +42,8 @@ def ll_combine_parts(ops, y, idx, w, handle, M, H, E, K, R, per_rank, device):
             ("variant + spec and kernel lookup (LowLatencyOps._specs)",
              lambda: ops._specs.get(("bf16", H, K, E, ll.combine_runs_per_rank(
                  M, H, R, E, K, False, False))), 1),
-            ("output allocation (out [M, hidden] + epoch word)",
-             lambda: (torch.empty(M, H, dtype=torch.bfloat16, device=device),
-                      None if per_rank else torch.empty(2, dtype=torch.int64, device=device)), 1)]
+            ("output allocation (out [M, hidden])",
+             lambda: torch.empty(M, H, dtype=torch.bfloat16, device=device), 1)]
 
 
 def normal_dispatch_parts(ops, x, handle, config, T, H, device):

@@ -97,7 +97,7 @@ class Buffer:
         self._internode = InternodeOps(self._ctx, self.topology) if spans_nodes else None
         self._ll = LowLatencyOps(self._ctx, enable_shrink=enable_shrink,
                                  allow_nvlink=allow_nvlink_for_low_latency_mode,
-                                 gpu_shared=sharing.ranks_per_gpu(self._gpu_shares) > 1) \
+                                 grids_overlap=sharing.kernels_overlap_on_a_gpu(self._gpu_shares)) \
             if num_rdma_bytes > 0 else None
         self._destroyed = False
         lifecycle.track(self)

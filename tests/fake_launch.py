@@ -167,9 +167,10 @@ class FakeLaunchContext(OpsContext):
         result["event"] = None
 
 
-def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False, num_topk=LL_HINT_TOPK):
+def fake_ll_ops(R, M, H, E, record=True, grids_overlap=True, num_topk=LL_HINT_TOPK):
     """LowLatencyOps on a FakeLaunchContext (rank 0 of R) and its FakeLaunchKernel, its region
-    sized by the hint for top-k up to num_topk."""
+    sized by the hint for top-k up to num_topk. grids_overlap: ranks sharing a GPU under MPS
+    (each phase a launch of its own, the struct of both visible); False: both in one launch."""
     region = FakeRegion(ll.low_latency_rdma_size_hint(M, H, R, E, num_topk), R)
     ctx = FakeLaunchContext(rank=0, num_ranks=R, device=torch.device("cpu"),
                             pes=list(range(R)), nvshmem=None, nvl=None, rdma=region,
@@ -177,7 +178,7 @@ def fake_ll_ops(R, M, H, E, record=True, gpu_shared=False, num_topk=LL_HINT_TOPK
     ctx.fake = FakeLaunchKernel(record)
     ctx.__dict__["streams"] = FakeStreams()
     ctx.__dict__["device_sms"] = 132
-    return ll.LowLatencyOps(ctx, gpu_shared=gpu_shared), ctx.fake
+    return ll.LowLatencyOps(ctx, grids_overlap=grids_overlap), ctx.fake
 
 
 def ll_combine_inputs(ops, fake, M, H, E, K, seed=0):

@@ -76,31 +76,34 @@ def _python_launches(ops, fake, fn):
     return result, [bytes(a) for _, a in fake.launches]
 
 
-def test_ll_combine_replayed_exactly(driver):
-    ops, fake = fake_ll_ops(R, M, H, E)
+@pytest.mark.parametrize("grids_overlap", [True, False], ids=["mps-shared", "own-gpu"])
+def test_ll_combine_replayed_exactly(driver, grids_overlap):
+    """Send and receive apart (ranks' grids overlapping on a GPU) or one launch of both."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=grids_overlap)
     _lane(ops)
+    n = 2 if grids_overlap else 1
     y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
     ops.low_latency_combine(y, idx, w, handle)           # the Python path: records a Plan
-    assert len(fake.launches) == 2 and not driver.launches
+    assert len(fake.launches) == n and not driver.launches
     # fresh inputs of the same shapes: replayed from C
     y2, idx2, w2 = (fake_cuda(t.clone()) for t in (y, idx, w))
     out, event, hook = ops.low_latency_combine(y2, idx2, w2, handle)
-    assert len(fake.launches) == 2 and len(driver.launches) == 2
+    assert len(fake.launches) == n and len(driver.launches) == n
     assert (ops._plans.replayed, ops._plans.missed) == (1, 0)
-    assert [(st, smem) for _, _, _, smem, st, _ in driver.launches] == [(0x77, 0)] * 2
+    assert [(st, smem) for _, _, _, smem, st, _ in driver.launches] == [(0x77, 0)] * n
     assert driver.records == [(FakeStreams().sync_done.cuda_event, 0x77)]
     assert ops.ctx.streams.compute_pending and ops.ctx.streams.sync_stream == 0x77
     assert out.shape == (M, H) and out.dtype == torch.bfloat16 and event.event is None
     assert hook() is None
     (py_out, _, _), want = _python_launches(ops, fake, lambda: ops.low_latency_combine(
         y2, idx2, w2, handle))
+    assert len(want) == n
     for (_, _, _, _, _, got), exp in zip(driver.launches, want):
         g, e = _fields(LowLatencyCombineArgs, got), _fields(LowLatencyCombineArgs, exp)
         assert g.pop("out") == out.data_ptr() and e.pop("out") == py_out.data_ptr()
-        # an epoch word of its own each call (freed after it, as the Python path's: the
-        # allocator may hand the same address to the next call, so only nonzero is checked)
-        assert g.pop("call_epoch") != 0 and e.pop("call_epoch") != 0
         assert g == e
+        # apart: the receive reads the epoch from the Buffer's word; fused: from its own send
+        assert (g["call_epoch"] != 0) == grids_overlap
         assert g["x"] == y2.data_ptr() and g["topk_idx"] == idx2.data_ptr()
 
 
@@ -140,8 +143,9 @@ def test_ll_combine_anything_else_takes_the_python_path(driver):
 
 def test_replay_refuses_the_states_scope_handles(driver, monkeypatch):
     """Stream state the synchronous branch does not cover, a capture, a reported error or a
-    changed EPGEN_TIMEOUT_S: the Python path (which joins, resets, raises or re-reads)."""
-    ops, fake = fake_ll_ops(R, M, H, E)
+    changed EPGEN_TIMEOUT_S: the Python path (which joins, resets, raises or re-reads). A GPU
+    of its own: each combine is one launch with both phases."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=False)
     ctx = _lane(ops)
     y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
     ops.low_latency_combine(y, idx, w, handle)
@@ -172,7 +176,7 @@ def test_replay_refuses_the_states_scope_handles(driver, monkeypatch):
     monkeypatch.setenv("EPGEN_LL_COMBINE", "per_rank")     # read at each call, as before
     assert not replays()
     n = len(driver.launches)
-    assert replays() and len(driver.launches) == n + 1      # per_rank: one launch here
+    assert replays() and len(driver.launches) == n + 1      # per_rank: one launch too
 
 
 def test_replay_stops_at_a_reported_error(driver):
@@ -207,8 +211,15 @@ def test_failed_launch_raises_naming_the_kernel(driver):
         ops.low_latency_combine(y, idx, w, handle)
 
 
-def test_ll_dispatch_fp8_replayed_with_its_scale_view(driver):
-    ops, fake = fake_ll_ops(R, M, H, E)
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("grids_overlap", [True, False], ids=["mps-shared", "own-gpu"])
+def test_ll_dispatch_fp8_replayed_with_its_scale_view(driver, grids_overlap):
+    """Two allocations a call, Python path and replay alike: rows + scales, the handle's
+    metadata + counts (ops/outputs.carve); the launches the Python path's."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=grids_overlap)
     _lane(ops)
     g = torch.Generator().manual_seed(1)
     x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
@@ -216,22 +227,48 @@ def test_ll_dispatch_fp8_replayed_with_its_scale_view(driver):
     first = ops.low_latency_dispatch(x, idx, M, E)
     x2, idx2 = fake_cuda(x.clone()), fake_cuda(idx.clone())
     (rx, sc), count, handle, event, hook = ops.low_latency_dispatch(x2, idx2, M, E)
-    assert len(driver.launches) == 2
+    assert len(driver.launches) == (2 if grids_overlap else 1)
     (frx, fsc), fcount, fhandle = first[0], first[1], first[2]
     for got, want in ((rx, frx), (sc, fsc), (count, fcount), (handle[0], fhandle[0]),
                       (handle[1], fhandle[1])):
         assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype)
         assert got.data_ptr() != want.data_ptr()
+        for t in (got, want):        # each part at a 256-byte offset of its block
+            assert (t.data_ptr() - _storage(t)) % 256 == 0
+    for r in (first, ((rx, sc), count, handle)):
+        (a, b), c, (d, e, *_) = r[:3]
+        assert _storage(a) == _storage(b) != _storage(c) == _storage(d) == _storage(e)
+    assert rx.untyped_storage().nbytes() >= rx.numel() + sc.numel() * 4
     assert handle[2:] == fhandle[2:]
     _, want = _python_launches(ops, fake, lambda: ops.low_latency_dispatch(x2, idx2, M, E))
     skip = {"recv_x", "recv_scales", "recv_src_info", "recv_layout_range", "recv_count",
             "call_epoch"}
+    assert len(want) == len(driver.launches)
     for (_, _, _, _, _, got), exp in zip(driver.launches, want):
         g, e = _fields(LowLatencyDispatchArgs, got), _fields(LowLatencyDispatchArgs, exp)
         assert g["recv_x"] == rx.data_ptr() and g["recv_scales"] == sc.data_ptr()
         assert g["recv_src_info"] == handle[0].data_ptr() and g["recv_count"] == count.data_ptr()
+        assert g["recv_layout_range"] == handle[1].data_ptr()
         assert {k: v for k, v in g.items() if k not in skip} == \
             {k: v for k, v in e.items() if k not in skip}
+
+
+def test_a_view_outside_its_block_is_refused_when_the_plan_is_made(driver):
+    """fastcall.cpp checks each view's bytes lie inside an earlier fresh uint8 block."""
+    mod, dev = fastcall.native(), torch.device("cpu")
+    block = ((64,), torch.uint8, dev)
+
+    def plan(*outputs):
+        return mod.Plan((), outputs, (), (), None, None, 0, (), (fastcall.RES_CONST, None),
+                        len(outputs))
+    plan(block, ((4, 4), torch.int32, dev, 0, 0), ((8,), torch.float32, dev, 0, 32))
+    for bad in (((4, 4), torch.int32, dev, 0, 4),        # 4 + 64 bytes > 64
+                ((4,), torch.int32, dev, 0, 2),          # not a multiple of the element size
+                ((4,), torch.int32, dev, 1, 0)):         # its own slot, not an earlier block
+        with pytest.raises(ValueError, match="not a view inside an earlier block"):
+            plan(block, bad)
+    with pytest.raises(ValueError, match="not a view inside an earlier block"):
+        plan(((16,), torch.int32, dev), ((4,), torch.int32, dev, 0, 0))   # not uint8
 
 
 def test_normal_cached_dispatch_and_combine_replayed(driver):

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from epgen import launch
-from epgen.runtime.sharing import GpuShare, check_co_residency, ranks_per_gpu
+from epgen.runtime.sharing import GpuShare, check_co_residency, kernels_overlap_on_a_gpu
 
 
 def test_plan_one_gpu_per_rank_when_enough():
@@ -56,7 +56,10 @@ def test_co_residency_accepts_limits_within_100_and_time_slicing():
     check_co_residency(_shares([100]))                        # alone on its GPU
     two_gpus = _shares([100, 100], uuid="A")[:1] + _shares([100, 100], uuid="B")[1:]
     check_co_residency(two_gpus)
-    assert ranks_per_gpu(_shares([12] * 8)) == 8 and ranks_per_gpu(two_gpus) == 1
+    assert kernels_overlap_on_a_gpu(_shares([12] * 8))
+    assert not kernels_overlap_on_a_gpu(two_gpus)                 # a GPU each
+    assert not kernels_overlap_on_a_gpu(_shares([100] * 8, mps=False))   # time-sliced
+    assert not kernels_overlap_on_a_gpu(_shares([100]))
 
 
 def test_co_residency_refuses_mps_without_limits_naming_the_numbers():

@@ -16,9 +16,10 @@ from tests.fake_launch import fake_cuda, fake_ll_ops, ll_combine_inputs
 R, M, H, E, K = 2, 16, 256, 16, 4
 
 
-@pytest.fixture(params=[False], ids=["own-gpu"])
+@pytest.fixture
 def call(request):
-    ops, fake = fake_ll_ops(R, M, H, E, gpu_shared=request.param)
+    """A combine on fake ops; indirect param: whether ranks' grids overlap on a GPU (MPS)."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=getattr(request, "param", True))
     y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
 
     def combine(**kw):
@@ -36,6 +37,7 @@ def _without_phases(args):
 
 
 def test_per_expert_two_launches_one_struct(call, monkeypatch):
+    """Where ranks' grids overlap on a GPU (MPS): send, then receive, one struct."""
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
     (s1, send), (s2, recv) = call()
     assert type(s1) is LowLatencyCombineSpec and s1 == s2
@@ -48,25 +50,28 @@ def test_per_expert_two_launches_one_struct(call, monkeypatch):
     assert send.rows_off == lay["comb_rows"] and send.recv_off == lay["comb_recv"]
 
 
-def test_per_expert_and_dispatch_fused_where_enabled(monkeypatch):
-    """fuse_dispatch_and_per_expert (off until a run with one GPU per rank checks it): one
-    launch with both phases, no epoch tensor; a hooked call keeps its receive launch."""
+def test_per_expert_and_dispatch_fused_on_a_gpu_of_their_own(monkeypatch):
+    """A GPU per rank (or time-sliced between ranks): one launch with both phases, no epoch
+    word; a hooked call keeps its receive for the hook, with an epoch word of its own."""
     monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
-    ops, fake = fake_ll_ops(R, M, H, E)
-    ops.fuse_dispatch_and_per_expert = True
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=False)
     y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
     ops.low_latency_combine(y, idx, w, handle)
     [(spec, a)] = fake.launches
     assert type(spec) is LowLatencyCombineSpec and (a.phases, a.call_epoch) == (3, 0)
     fake.launches.clear()
-    ops.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
-    assert [a.phases for _, a in fake.launches] == [1]
+    _, _, hook = ops.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+    [(_, send)] = fake.launches
+    assert send.phases == 1 and send.call_epoch != 0
+    hook()
+    assert [a.phases for _, a in fake.launches] == [1, 2]
     fake.launches.clear()
     x = fake_cuda(torch.zeros(M, H, dtype=torch.bfloat16))
     ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
     assert [(a.phases, a.call_epoch) for _, a in fake.launches] == [(3, 0)]
 
 
+@pytest.mark.parametrize("call", [False], ids=["own-gpu"], indirect=True)
 def test_per_rank_one_fused_launch(call, monkeypatch):
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")
     [(spec, a)] = call()
@@ -79,7 +84,6 @@ def test_per_rank_one_fused_launch(call, monkeypatch):
     assert ctypes.sizeof(a) > ctypes.sizeof(LowLatencyCombineArgs)
 
 
-@pytest.mark.parametrize("call", [True], ids=["shared-gpu"], indirect=True)
 def test_per_rank_two_launches_where_ranks_share_a_gpu(call, monkeypatch):
     """Under MPS a grid is not kept resident, so the fused launch (whose early blocks wait for
     its late blocks' sends) is split: send then receive, the epoch passed through call_epoch."""

@@ -30,7 +30,8 @@ offsets and sizes are defined in epgen/jit/layout_facts.py, LL_* and ll_data_lay
 Signals carry an epoch (tag: its low 48 bits; headers carry all 64) from a device-side 64-bit
 sequence word (one per op), and the half used is the epoch's parity, so two calls may be in flight, CUDA graph replays stay correct and no clean
 step is ever needed. Send phase = launch with phases=1, receive phase = phases=2 (the hook);
-the per-rank combine runs both in one launch (phases=3) where ranks do not share a GPU.
+a call without a hook runs both in one launch (phases=3) unless ranks' kernels overlap on a
+shared GPU (MPS).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from ..jit.kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
 from ..jit.specs import ll_barrier_spec, ll_combine_spec, ll_dispatch_spec, num_scales
 from ..variants import combine_variant
+from .outputs import carve
 from .plans import Plans
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, set_addresses,
                       spec_for_call)
@@ -124,28 +126,52 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
                                         num_experts, num_topk)
 
 
-def _recv_scales(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: int, dtype, dev):
-    """(recv_x_scales as returned, the allocation the kernel writes, how a replayed call makes
-    the first from the second: (store, method, args) or None) in a received-scale layout
-    (formats.RECV_SCALE_LAYOUTS; templates/ll_scale_layout.cuh is the kernel's map, cols 4-byte
-    words a row). deepep / deepgemm: [El, RM, cols] MN-major, the columns RM or RM rounded up to 4
-    apart. cutlass_128x4: uint8 [El, ceil(RM/128) * 128 * 4 * W] tiles (W = the block-scale
-    words); NVFP4 returns (tiles, float32 [El, RM] global scales), both views of one allocation."""
+def _scale_store(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: int, dtype):
+    """(shape, dtype) of the allocation a dispatch's kernel writes its received scales into, in
+    a received-scale layout (formats.RECV_SCALE_LAYOUTS; templates/ll_scale_layout.cuh is the
+    kernel's map, cols 4-byte words a row). deepep / deepgemm: [El, cols, rows] (rows: RM, or RM
+    rounded up to 4); cutlass_128x4: int32 words of [El, ceil(RM/128) * 128 * 4 * W] uint8 tiles
+    (W = the block-scale words), then NVFP4's float32 [El, RM] global scales."""
     if layout in ("deepep", "deepgemm"):
-        rows = RM if layout == "deepep" else (RM + 3) // 4 * 4
-        store = torch.empty(El, cols, rows, dtype=dtype, device=dev)
-        view = store.transpose(1, 2)
-        if rows == RM:
-            return view, store, (store, "transpose", (1, 2))
-        return view[:, :RM], store, None
+        return (El, cols, RM if layout == "deepep" else (RM + 3) // 4 * 4), dtype
     W = cols - 1 if fmt is formats.NVFP4 else cols
     tile_words = El * ((RM + 127) // 128) * 128 * W
-    store = torch.empty(tile_words + (El * RM if fmt is formats.NVFP4 else 0), dtype=torch.int32,
-                        device=dev)
+    return (tile_words + (El * RM if fmt is formats.NVFP4 else 0),), torch.int32
+
+
+def _scales_of(store, layout: str, fmt: formats.WireFormat, El: int, RM: int):
+    """(recv_x_scales as returned, how a replayed call makes it from `store`: (store, method,
+    args), or None where it is not one method call): deepep / deepgemm MN-major [El, RM, cols]
+    views; cutlass_128x4 the tiles as uint8 [El, -1], NVFP4 with its global scales (both views of
+    the store)."""
+    if layout in ("deepep", "deepgemm"):
+        view = store.transpose(1, 2)
+        if store.size(2) == RM:
+            return view, (store, "transpose", (1, 2))
+        return view[:, :RM], None
+    tile_words = store.numel() - (El * RM if fmt is formats.NVFP4 else 0)
     tiles = store[:tile_words].view(torch.uint8).view(El, -1)
     if fmt is formats.NVFP4:
-        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), store, None
-    return tiles, store, None
+        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), None
+    return tiles, None
+
+
+def _recv_rows(x, x_side, opaque, cast, fmt, layout, use_fp8, use_ue8m0, El, RM, H):
+    """((shape, dtype) of recv_x, [(shape, dtype) of its scales' store] or []) of a dispatch:
+    an opaque format's rows and side rows in the caller's dtypes, a cast format's row and scale
+    columns, DeepEP's FP8 (float32 or UE8M0-packed int32 scales) or BF16 rows."""
+    if opaque is not None:
+        side = [((El, RM, x_side.size(1)), x_side.dtype)] if x_side is not None else []
+        return ((El, RM, x.size(1)), x.dtype), side
+    if cast:
+        return ((El, RM, fmt.data_width(H)), fmt.data_torch_dtype()), \
+            [_scale_store(layout, fmt, El, RM, fmt.scale_cols(H), torch.int32)]
+    if not use_fp8:
+        return ((El, RM, H), torch.bfloat16), []
+    S = num_scales(H)
+    cols = (S + 3) // 4 if use_ue8m0 else S
+    return ((El, RM, H), torch.float8_e4m3fn), \
+        [_scale_store(layout, fmt, El, RM, cols, torch.int32 if use_ue8m0 else torch.float32)]
 
 
 def _ll_format(wire_format, use_fp8, round_scale, use_ue8m0) -> formats.WireFormat:
@@ -197,20 +223,16 @@ def _check_opaque_x(x, fmt: formats.WireFormat, hidden):
 
 class LowLatencyOps:
     def __init__(self, ctx: OpsContext, enable_shrink: bool = False, allow_nvlink: bool = True,
-                 gpu_shared: bool = False):
+                 grids_overlap: bool = False):
         self.ctx = ctx
         self.enable_shrink = enable_shrink
         # A kernel running both phases in one launch needs its whole grid resident: its early
-        # blocks wait (receive) for what its late blocks send. Ranks sharing a GPU under MPS
-        # do not get that: a peer's spinning blocks can hold SMs of this rank's share, so the
-        # late blocks start only when the peer's deadline frees them (seen on 1x H200, 2 ranks,
-        # per-rank combine). There the phases run as two launches.
-        self.fuse_phases = not gpu_shared
-        # The dispatch and the per-expert combine can run fused too (their kernels take the
-        # epoch from their own send), but only ranks sharing one GPU, which keep two launches,
-        # have run them so far: they stay two launches until a run with one GPU per rank
-        # checks the fused launch (bench/NOTES.md, session 15).
-        self.fuse_dispatch_and_per_expert = False
+        # blocks wait (receive) for what its late blocks send. A GPU of its own, or one
+        # time-sliced between ranks, runs one rank's grid at a time; ranks whose kernels
+        # overlap on a GPU (MPS) do not get that: a peer's spinning blocks can hold SMs of
+        # this rank's share, so the late blocks start only when the peer's deadline frees them
+        # (seen on 1x H200, 2 ranks, per-rank combine). There the phases run as two launches.
+        self.fuse_phases = not grids_overlap
         R = ctx.num_ranks
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
@@ -429,31 +451,20 @@ class LowLatencyOps:
         if kernel is None:           # looked up once the call's checks passed
             kernel = found[-1] = ctx.kernel(spec)
 
-        dev = ctx.device
-        scales = scale_store = scales_view = None
-        if opaque is not None:   # the caller's rows and side rows, in their own dtypes
-            recv_x = torch.empty(El, R * M, x.size(1), dtype=x.dtype, device=dev)
-            if x_side is not None:
-                scales = scale_store = torch.empty(El, R * M, x_side.size(1), dtype=x_side.dtype,
-                                                   device=dev)
-        elif cast:   # the format's row and scale columns
-            recv_x = torch.empty(El, R * M, fmt.data_width(H), dtype=fmt.data_torch_dtype(),
-                                 device=dev)
-            scales, scale_store, scales_view = _recv_scales(layout, fmt, El, R * M,
-                                                            fmt.scale_cols(H), torch.int32, dev)
-        else:
-            recv_x = torch.empty(El, R * M, H,
-                                 dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                                 device=dev)
-        if use_fp8:
-            S = num_scales(H)
-            cols = (S + 3) // 4 if use_ue8m0 else S
-            scales, scale_store, scales_view = _recv_scales(
-                layout, fmt, El, R * M, cols, torch.int32 if use_ue8m0 else torch.float32, dev)
-        recv_count = torch.empty(El, dtype=torch.int32, device=dev)
-        src_info = torch.empty(El, R * M, dtype=torch.int32, device=dev)
-        layout_range = torch.empty(El, R, dtype=torch.int64, device=dev)
-        fused = self.fuse_phases and self.fuse_dispatch_and_per_expert and not return_recv_hook
+        # Two allocations a call: the rows and their scales (the expert GEMM's inputs, freed
+        # together), and the handle's metadata with the counts (kept until the combine; apart,
+        # so that a caller keeping the handle does not keep the rows).
+        dev, RM = ctx.device, R * M
+        rows, store = _recv_rows(x, x_side, opaque, cast, fmt, layout, use_fp8, use_ue8m0, El,
+                                 RM, H)
+        data_block, (recv_x, *scale_store) = carve(dev, [rows] + store)
+        scale_store = scale_store[0] if scale_store else None
+        scales, scales_view = scale_store, None
+        if scale_store is not None and opaque is None:
+            scales, scales_view = _scales_of(scale_store, layout, fmt, El, RM)
+        meta_block, (recv_count, src_info, layout_range) = carve(
+            dev, [((El,), torch.int32), ((El, RM), torch.int32), ((El, R), torch.int64)])
+        fused = self.fuse_phases and not return_recv_hook
         call_epoch = self._call_epoch("dispatch", fused, return_recv_hook)
 
         def make_args(phases):
@@ -478,9 +489,9 @@ class LowLatencyOps:
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
         result = (out, recv_count, handle, event, hook)
-        outputs = [t for t in (recv_x, scale_store, recv_count, src_info, layout_range)
-                   if t is not None]
-        self._plans.keep(plan_key, launches, call, outputs, result,
+        carved = (data_block, recv_x, scale_store, meta_block, recv_count, src_info, layout_range)
+        allocated = list({id(t): t for t in carved if t is not None}.values())
+        self._plans.keep(plan_key, launches, call, allocated, result,
                          views={id(scales): scales_view} if scales_view else None)
         return result
 
@@ -573,8 +584,7 @@ class LowLatencyOps:
         if kernel is None:
             kernel = ctx.kernel(spec)
             self._specs[spec_key] = (spec, kernel)
-        fused = self.fuse_phases and not return_recv_hook and (
-            per_rank or self.fuse_dispatch_and_per_expert)
+        fused = self.fuse_phases and not return_recv_hook
         call_epoch = self._call_epoch("combine", fused, return_recv_hook)
 
         def make_args(phases):

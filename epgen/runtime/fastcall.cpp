@@ -85,9 +85,16 @@ struct Launch {
     std::string name;
 };
 
+struct Output {
+    std::vector<int64_t> shape;
+    at::TensorOptions options;
+    int block = -1;              // a view of this earlier output (a uint8 block), or -1: fresh
+    int64_t offset = 0, nbytes = 0;   // the view's bytes in the block
+};
+
 struct PlanData {
     std::vector<ArgSpec> args;        // one per positional argument
-    std::vector<std::pair<std::vector<int64_t>, at::TensorOptions>> outputs;
+    std::vector<Output> outputs;
     std::vector<Launch> launches;
     PyObject *guards = nullptr;       // tuple of (dict, key, expected)
     PyObject *order = nullptr;        // the Buffer's StreamOrder
@@ -255,12 +262,19 @@ bool environment_unchanged(const PlanData *p) {
     return true;
 }
 
-// the outputs, allocated into the slots after the inputs; false: a Python error is set
+// the outputs, allocated into the slots after the inputs (a block's views: slice, dtype, shape,
+// as ops/outputs.carve makes them); false: a Python error is set
 bool allocate_outputs(PlanData *p, Slots &s) {
-    for (const auto &[shape, options] : p->outputs) {
-        at::Tensor t = at::empty(shape, options);
-        s.ptr[s.n] = reinterpret_cast<uintptr_t>(t.data_ptr());
-        PyObject *o = THPVariable_Wrap(std::move(t));
+    std::vector<at::Tensor> made;
+    made.reserve(p->outputs.size());
+    for (const Output &out : p->outputs) {
+        made.push_back(out.block < 0 ? at::empty(out.shape, out.options)
+                                     : made[out.block - s.first_output]
+                                           .slice(0, out.offset, out.offset + out.nbytes)
+                                           .view(out.options.dtype().toScalarType())
+                                           .view(out.shape));
+        s.ptr[s.n] = reinterpret_cast<uintptr_t>(made.back().data_ptr());
+        PyObject *o = THPVariable_Wrap(made.back());
         if (!o) return false;
         s.obj[s.n++] = o;
     }
@@ -396,7 +410,8 @@ bool parse_spec(PyObject *t, ArgSpec &spec, int depth) {
 
 /* Plan(arg_specs, outputs, launches, guards, order, current_stream, error_code_addr,
         environment, result, nslots)
-   outputs: tuple of (shape, dtype, device), each allocated with at::empty
+   outputs: tuple of (shape, dtype, device), each allocated with at::empty, or (shape, dtype,
+            device, block slot, byte offset): a view of an earlier output, a uint8 block
    environment: tuple of (name, value or None), the variables a call reads
    launches: tuple of (function, grid, block, smem, struct bytes, ((offset, slot), ...), name) */
 PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
@@ -420,14 +435,31 @@ PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
         if (!parse_spec(PyTuple_GET_ITEM(arg_specs, i), p->args[i], 0)) goto fail;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(outputs); i++) {
         PyObject *shape, *dtype, *device;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(outputs, i), "O!O!O!", &PyTuple_Type, &shape,
-                              &THPDtypeType, &dtype, &THPDeviceType, &device))
+        Output out;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(outputs, i), "O!O!O!|iL", &PyTuple_Type, &shape,
+                              &THPDtypeType, &dtype, &THPDeviceType, &device, &out.block,
+                              &out.offset))
             goto fail;
-        std::vector<int64_t> dims = ints_of(shape, "output shape");
+        out.shape = ints_of(shape, "output shape");
         if (PyErr_Occurred()) goto fail;
-        p->outputs.emplace_back(std::move(dims), at::TensorOptions()
-                                    .dtype(reinterpret_cast<THPDtype *>(dtype)->scalar_type)
-                                    .device(reinterpret_cast<THPDevice *>(device)->device));
+        at::ScalarType type = reinterpret_cast<THPDtype *>(dtype)->scalar_type;
+        out.options = at::TensorOptions().dtype(type).device(
+            reinterpret_cast<THPDevice *>(device)->device);
+        out.nbytes = static_cast<int64_t>(c10::elementSize(type));
+        for (int64_t d : out.shape) out.nbytes *= d;
+        if (out.block >= 0) {     // an earlier fresh uint8 block [n] holding these bytes
+            const int first = nslots - static_cast<int>(PyTuple_GET_SIZE(outputs));
+            const int b = out.block - first;
+            const Output *blk = b >= 0 && b < static_cast<int>(i) ? &p->outputs[b] : nullptr;
+            if (!blk || blk->block >= 0 || blk->shape.size() != 1 ||
+                blk->options.dtype().toScalarType() != at::kByte || out.offset < 0 ||
+                out.offset % static_cast<int64_t>(c10::elementSize(type)) ||
+                out.offset + out.nbytes > blk->shape[0]) {
+                PyErr_Format(PyExc_ValueError, "output %zd: not a view inside an earlier block", i);
+                goto fail;
+            }
+        }
+        p->outputs.push_back(std::move(out));
     }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(environment); i++) {
         const char *name, *value;

@@ -326,27 +326,44 @@ def _result_template(r, slots: dict, views: dict):
     raise Unreplayable(f"a returned {type(r).__name__}")
 
 
+def _output_spec(t, slots: dict, blocks: dict) -> tuple:
+    """(shape, dtype, device) of a fresh torch.empty; (shape, dtype, device, block slot, byte
+    offset) of a contiguous view into an earlier output that is a uint8 block (ops/outputs.py).
+    blocks: storage address -> slot of the fresh outputs so far (a dtype view has no _base)."""
+    import torch
+    if id(t) in slots or not t.is_contiguous():
+        raise Unreplayable("an output that is not a fresh torch.empty or a view of one")
+    storage = t.untyped_storage()
+    block = blocks.get(storage.data_ptr()) if storage.data_ptr() else None   # 0: nothing in it
+    if block is not None:
+        return (tuple(t.shape), t.dtype, t.device, block, t.data_ptr() - storage.data_ptr())
+    if t.storage_offset() or storage.nbytes() != t.numel() * t.element_size():
+        raise Unreplayable("an output that is neither a fresh torch.empty nor in a block")
+    if t.dtype == torch.uint8 and t.dim() == 1 and storage.data_ptr():
+        blocks[storage.data_ptr()] = len(slots)
+    return (tuple(t.shape), t.dtype, t.device)
+
+
 def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order,
            current_stream, guards=(), error_word_addr: int = 0, views: dict | None = None):
     """A Plan replaying this call, or None. args: the fast entry's positional arguments (what
     the Plan compares: tensors by dtype / shape / strides / alignment / device, ints by type and
     value, tuples item by item, None); outputs: the tensors the call allocated with torch.empty,
-    in order; views: id(returned view) -> (output it views, method, args); guards: (dict, key,
-    value) that must still hold (state the call's decisions read); order: the Buffer's
-    StreamOrder; current_stream(): the current stream's raw handle."""
+    in order, or views of such a uint8 block listed before them (ops/outputs.carve); views:
+    id(returned view) -> (output it views, method, args); guards: (dict, key, value) that must
+    still hold (state the call's decisions read); order: the Buffer's StreamOrder;
+    current_stream(): the current stream's raw handle."""
     if mod is None:
         return None
     try:
         slots: dict = {}
         order_list: list = []
         specs = tuple(_arg_spec(a, slots, order_list) for a in args)
-        out_specs = []
+        out_specs, blocks = [], {}
         for t in outputs:
-            if id(t) in slots or not t.is_contiguous():
-                raise Unreplayable("an output that is not a fresh torch.empty")
+            out_specs.append(_output_spec(t, slots, blocks))
             slots[id(t)] = len(order_list)
             order_list.append(t)
-            out_specs.append((tuple(t.shape), t.dtype, t.device))
         if len(order_list) > MAX_SLOTS:
             raise Unreplayable(f"{len(order_list)} tensors")
         rows = []

@@ -86,11 +86,14 @@ def gather_shares(group, rank: int, device) -> list[GpuShare]:
     return [GpuShare(**d) for d in out]
 
 
-def ranks_per_gpu(shares: list[GpuShare]) -> int:
-    counts: dict[str, int] = {}
+def kernels_overlap_on_a_gpu(shares: list[GpuShare]) -> bool:
+    """Whether two ranks' kernels may run on one GPU at the same time (ranks sharing it under
+    MPS). Then a grid is not kept resident: a peer's waiting blocks can hold the SMs of this
+    rank's late blocks. One rank per GPU, or ranks time-slicing one, always run a grid whole."""
+    by_gpu: dict[str, list[GpuShare]] = {}
     for s in shares:
-        counts[s.uuid] = counts.get(s.uuid, 0) + 1
-    return max(counts.values()) if counts else 1
+        by_gpu.setdefault(s.uuid, []).append(s)
+    return any(len(g) > 1 and any(s.mps for s in g) for g in by_gpu.values())
 
 
 def doctor_report(gpus: int) -> tuple[bool, str]:
