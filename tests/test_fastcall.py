@@ -253,22 +253,56 @@ def test_ll_dispatch_fp8_replayed_with_its_scale_view(driver, grids_overlap):
             {k: v for k, v in e.items() if k not in skip}
 
 
-def test_a_view_outside_its_block_is_refused_when_the_plan_is_made(driver):
-    """fastcall.cpp checks each view's bytes lie inside an earlier fresh uint8 block."""
+@pytest.mark.parametrize("kw", [
+    dict(use_fp8=False), dict(recv_scale_layout="deepgemm"),
+    dict(round_scale=True, use_ue8m0=True),
+    dict(wire_format="mxfp8", recv_scale_layout="cutlass_128x4"),
+    dict(wire_format="nvfp4", recv_scale_layout="cutlass_128x4")],
+    ids=["bf16", "deepgemm", "ue8m0", "mxfp8-cutlass", "nvfp4-cutlass"])
+def test_ll_dispatch_formats_replayed_as_the_python_path_returns_them(driver, kw):
+    """Every returned tensor (rows, scales views with their strides, NVFP4's global scales) made
+    by the replay as the Python path made it, at the addresses the launch was given."""
+    ops, fake = fake_ll_ops(R, M, H, E)
+    _lane(ops)
+    g = torch.Generator().manual_seed(2)
+    x = fake_cuda(torch.randn(M, H, generator=g).to(torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E, generator=g).topk(K, dim=-1).indices)
+    first = ops.low_latency_dispatch(x, idx, M, E, **kw)
+    again = ops.low_latency_dispatch(fake_cuda(x.clone()), fake_cuda(idx.clone()), M, E, **kw)
+    assert (ops._plans.replayed, ops._plans.missed) == (1, 0)
+
+    def tensors(r):
+        out = r[0] if isinstance(r[0], tuple) else (r[0],)
+        return [*out, r[1], r[2][0], r[2][1]]
+    for got, want in zip(tensors(again), tensors(first), strict=True):
+        assert (got.shape, got.stride(), got.dtype, got.storage_offset()) == \
+            (want.shape, want.stride(), want.dtype, want.storage_offset())
+        assert got.untyped_storage().nbytes() == want.untyped_storage().nbytes()
+    fields = _fields(LowLatencyDispatchArgs, driver.launches[-1][-1])
+    rows, *scales = tensors(again)[:-3]
+    assert fields["recv_x"] == rows.data_ptr()
+    assert fields["recv_scales"] == (scales[0].data_ptr() if scales else 0)
+
+
+def test_a_part_outside_its_block_is_refused_when_the_plan_is_made(driver):
+    """fastcall.cpp checks that each part's elements lie inside an earlier fresh uint8 block."""
     mod, dev = fastcall.native(), torch.device("cpu")
     block = ((64,), torch.uint8, dev)
 
     def plan(*outputs):
         return mod.Plan((), outputs, (), (), None, None, 0, (), (fastcall.RES_CONST, None),
                         len(outputs))
-    plan(block, ((4, 4), torch.int32, dev, 0, 0), ((8,), torch.float32, dev, 0, 32))
-    for bad in (((4, 4), torch.int32, dev, 0, 4),        # 4 + 64 bytes > 64
-                ((4,), torch.int32, dev, 0, 2),          # not a multiple of the element size
-                ((4,), torch.int32, dev, 1, 0)):         # its own slot, not an earlier block
-        with pytest.raises(ValueError, match="not a view inside an earlier block"):
+    plan(block, ((4, 4), torch.int32, dev, 0, 0, (4, 1)), ((4, 2), torch.float32, dev, 0, 32,
+                                                          (1, 4)))
+    for bad in (((4, 4), torch.int32, dev, 0, 4, (4, 1)),   # 4 + 64 bytes > 64
+                ((4,), torch.int32, dev, 0, 2, (1,)),       # not a multiple of the element size
+                ((4,), torch.int32, dev, 0, 0, (8,)),       # its last element at byte 96
+                ((4,), torch.int32, dev, 0, 0, (1, 1)),     # strides for another rank
+                ((4,), torch.int32, dev, 1, 0, (1,))):      # its own slot, not an earlier block
+        with pytest.raises(ValueError, match="not a tensor inside an earlier block"):
             plan(block, bad)
-    with pytest.raises(ValueError, match="not a view inside an earlier block"):
-        plan(((16,), torch.int32, dev), ((4,), torch.int32, dev, 0, 0))   # not uint8
+    with pytest.raises(ValueError, match="not a tensor inside an earlier block"):
+        plan(((16,), torch.int32, dev), ((4,), torch.int32, dev, 0, 0, (1,)))   # not uint8
 
 
 def test_normal_cached_dispatch_and_combine_replayed(driver):

@@ -7,6 +7,7 @@ import traceback
 
 import pytest
 
+from epgen import launch
 from tests import gpu_harness
 
 pytestmark = pytest.mark.gpu
@@ -830,6 +831,10 @@ def test_low_latency(ll_results, num_ranks):
 @pytest.mark.parametrize("num_ranks", gpu_harness.rank_counts()[:1])
 def test_low_latency_on_torch_nvshmem(num_ranks):
     gpu_harness.require_gpus(num_ranks)
+    if launch.plan(num_ranks).mode == "time-sliced":
+        # seen on 1x H200, NVSHMEM 3.4.5: "Called NVSHMEM API not supported with limited MPG
+        # (Multiple Processes Per GPU) runs" from torch's team setup, then both ranks exit
+        pytest.skip("torch's NVSHMEM refuses ranks time-slicing one GPU (no MPS)")
     # fresh: who initialises NVSHMEM (torch, here) is what this test is about
     bad = gpu_harness.failures(gpu_harness.run_ranks(num_ranks, _torch_nvshmem_worker,
                                                      timeout_s=180, fresh=True))

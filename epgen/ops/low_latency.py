@@ -140,20 +140,15 @@ def _scale_store(layout: str, fmt: formats.WireFormat, El: int, RM: int, cols: i
 
 
 def _scales_of(store, layout: str, fmt: formats.WireFormat, El: int, RM: int):
-    """(recv_x_scales as returned, how a replayed call makes it from `store`: (store, method,
-    args), or None where it is not one method call): deepep / deepgemm MN-major [El, RM, cols]
-    views; cutlass_128x4 the tiles as uint8 [El, -1], NVFP4 with its global scales (both views of
-    the store)."""
+    """recv_x_scales as returned, views of `store`: deepep / deepgemm MN-major [El, RM, cols];
+    cutlass_128x4 the tiles as uint8 [El, -1], NVFP4's with its float32 [El, RM] global scales."""
     if layout in ("deepep", "deepgemm"):
-        view = store.transpose(1, 2)
-        if store.size(2) == RM:
-            return view, (store, "transpose", (1, 2))
-        return view[:, :RM], None
+        return store.transpose(1, 2)[:, :RM]
     tile_words = store.numel() - (El * RM if fmt is formats.NVFP4 else 0)
     tiles = store[:tile_words].view(torch.uint8).view(El, -1)
     if fmt is formats.NVFP4:
-        return (tiles, store[tile_words:].view(torch.float32).view(El, RM)), None
-    return tiles, None
+        return tiles, store[tile_words:].view(torch.float32).view(El, RM)
+    return tiles
 
 
 def _recv_rows(x, x_side, opaque, cast, fmt, layout, use_fp8, use_ue8m0, El, RM, H):
@@ -459,9 +454,9 @@ class LowLatencyOps:
                                  RM, H)
         data_block, (recv_x, *scale_store) = carve(dev, [rows] + store)
         scale_store = scale_store[0] if scale_store else None
-        scales, scales_view = scale_store, None
+        scales = scale_store
         if scale_store is not None and opaque is None:
-            scales, scales_view = _scales_of(scale_store, layout, fmt, El, RM)
+            scales = _scales_of(scale_store, layout, fmt, El, RM)
         meta_block, (recv_count, src_info, layout_range) = carve(
             dev, [((El,), torch.int32), ((El, RM), torch.int32), ((El, R), torch.int64)])
         fused = self.fuse_phases and not return_recv_hook
@@ -489,10 +484,13 @@ class LowLatencyOps:
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
         result = (out, recv_count, handle, event, hook)
-        carved = (data_block, recv_x, scale_store, meta_block, recv_count, src_info, layout_range)
+        # what a replay makes, in order: each block, then what lies in it (the returned
+        # scales too: views of the store)
+        carved = (data_block, recv_x, scale_store,
+                  *(scales if isinstance(scales, tuple) else (scales,)),
+                  meta_block, recv_count, src_info, layout_range)
         allocated = list({id(t): t for t in carved if t is not None}.values())
-        self._plans.keep(plan_key, launches, call, allocated, result,
-                         views={id(scales): scales_view} if scales_view else None)
+        self._plans.keep(plan_key, launches, call, allocated, result)
         return result
 
     def _dispatch_format(self, wire_format, use_fp8, round_scale, use_ue8m0, recv_scale_layout,

@@ -36,7 +36,7 @@ HOST_DIR = ".host"           # in the kernel cache (cache/store.py OWN_DIRS)
 MODULE = "epgen_fastcall"
 # the tags fastcall.cpp reads
 ARG_NONE, ARG_TENSOR, ARG_EQUAL, ARG_TUPLE = 0, 1, 2, 3
-RES_SLOT, RES_CONST, RES_TUPLE, RES_METHOD = 0, 1, 2, 3
+RES_SLOT, RES_CONST, RES_TUPLE = 0, 1, 2
 MAX_SLOTS = 64
 # The variables a call reads at each call (ops/context.timeout_ns, epgen/variants.py): a Plan
 # records them and a changed one sends the call down the Python path.
@@ -307,19 +307,16 @@ def _arg_spec(a, slots: dict, order: list):
     raise Unreplayable(f"an argument of type {type(a).__name__}")
 
 
-def _result_template(r, slots: dict, views: dict):
+def _result_template(r, slots: dict):
     import torch
 
     from .events import EventOverlap
     if isinstance(r, torch.Tensor):
         if id(r) in slots:
             return (RES_SLOT, slots[id(r)])
-        if id(r) in views:
-            base, method, args = views[id(r)]
-            return (RES_METHOD, slots[id(base)], method, args)
         raise Unreplayable("a returned tensor that is neither an argument nor an output")
     if type(r) is tuple:
-        return (RES_TUPLE, tuple(_result_template(x, slots, views) for x in r))
+        return (RES_TUPLE, tuple(_result_template(x, slots) for x in r))
     if r is None or type(r) in (int, bool) or getattr(r, "replay_safe", False) or (
             isinstance(r, EventOverlap) and r.event is None and r.extra_tensors is None):
         return (RES_CONST, r)       # shared by every replayed call: immutable or stateless
@@ -328,16 +325,19 @@ def _result_template(r, slots: dict, views: dict):
 
 def _output_spec(t, slots: dict, blocks: dict) -> tuple:
     """(shape, dtype, device) of a fresh torch.empty; (shape, dtype, device, block slot, byte
-    offset) of a contiguous view into an earlier output that is a uint8 block (ops/outputs.py).
-    blocks: storage address -> slot of the fresh outputs so far (a dtype view has no _base)."""
+    offset, strides) of a tensor in an earlier output that is a uint8 block (ops/outputs.py:
+    its parts, and views of them a call returns). blocks: storage address -> slot of the fresh
+    uint8 outputs so far (found by storage: a dtype view has no _base)."""
     import torch
-    if id(t) in slots or not t.is_contiguous():
-        raise Unreplayable("an output that is not a fresh torch.empty or a view of one")
+    if id(t) in slots:
+        raise Unreplayable("an output listed twice")
     storage = t.untyped_storage()
     block = blocks.get(storage.data_ptr()) if storage.data_ptr() else None   # 0: nothing in it
     if block is not None:
-        return (tuple(t.shape), t.dtype, t.device, block, t.data_ptr() - storage.data_ptr())
-    if t.storage_offset() or storage.nbytes() != t.numel() * t.element_size():
+        return (tuple(t.shape), t.dtype, t.device, block, t.data_ptr() - storage.data_ptr(),
+                tuple(t.stride()))
+    if not t.is_contiguous() or t.storage_offset() or \
+            storage.nbytes() != t.numel() * t.element_size():
         raise Unreplayable("an output that is neither a fresh torch.empty nor in a block")
     if t.dtype == torch.uint8 and t.dim() == 1 and storage.data_ptr():
         blocks[storage.data_ptr()] = len(slots)
@@ -345,14 +345,14 @@ def _output_spec(t, slots: dict, blocks: dict) -> tuple:
 
 
 def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order,
-           current_stream, guards=(), error_word_addr: int = 0, views: dict | None = None):
+           current_stream, guards=(), error_word_addr: int = 0):
     """A Plan replaying this call, or None. args: the fast entry's positional arguments (what
     the Plan compares: tensors by dtype / shape / strides / alignment / device, ints by type and
     value, tuples item by item, None); outputs: the tensors the call allocated with torch.empty,
-    in order, or views of such a uint8 block listed before them (ops/outputs.carve); views:
-    id(returned view) -> (output it views, method, args); guards: (dict, key, value) that must
-    still hold (state the call's decisions read); order: the Buffer's StreamOrder;
-    current_stream(): the current stream's raw handle."""
+    in order, or tensors in such a uint8 block listed before them (ops/outputs.carve's parts and
+    the views of them it returns); guards: (dict, key, value) that must still hold (state the
+    call's decisions read); order: the Buffer's StreamOrder; current_stream(): the current
+    stream's raw handle."""
     if mod is None:
         return None
     try:
@@ -376,7 +376,7 @@ def record(mod, args: tuple, outputs: list, launches: Launches, result, *, order
                     raise Unreplayable(f"field {name}: a tensor neither argument nor output")
                 patches.append((getattr(struct_type, name).offset, slots[id(t)]))
             rows.append((int(kernel.handle), grid, block, smem, data, tuple(patches), kernel.name))
-        template = _result_template(result, slots, views or {})
+        template = _result_template(result, slots)
     except Unreplayable:
         return None
     return mod.Plan(specs, tuple(out_specs), tuple(rows), tuple(guards), order, current_stream,
