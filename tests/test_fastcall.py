@@ -303,6 +303,8 @@ def test_a_part_outside_its_block_is_refused_when_the_plan_is_made(driver):
             plan(block, bad)
     with pytest.raises(ValueError, match="not a tensor inside an earlier block"):
         plan(((16,), torch.int32, dev), ((4,), torch.int32, dev, 0, 0, (1,)))   # not uint8
+    with pytest.raises(ValueError, match="result slot 1 outside the slots"):
+        mod.Plan((), (block,), (), (), None, None, 0, (), (fastcall.RES_SLOT, 1), 1)
 
 
 def test_normal_cached_dispatch_and_combine_replayed(driver):

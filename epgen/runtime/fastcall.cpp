@@ -90,6 +90,7 @@ struct Output {
     at::TensorOptions options;
     int block = -1;              // the earlier output (a uint8 block) it lies in, or -1: fresh
     int64_t offset = 0;          // its first byte in the block
+    bool returned = false;       // the result holds it: it needs a Python object
 };
 
 struct PlanData {
@@ -129,7 +130,7 @@ struct Slots {
     uint64_t ptr[MAX_SLOTS];
     int n = 0, first_output = MAX_SLOTS;   // the outputs from first_output on (none yet)
     ~Slots() {
-        for (int i = first_output; i < n; i++) Py_DECREF(obj[i]);
+        for (int i = first_output; i < n; i++) Py_XDECREF(obj[i]);
     }
 };
 
@@ -274,8 +275,8 @@ bool allocate_outputs(PlanData *p, Slots &s) {
         made.push_back(out.block < 0 ? at::empty(out.shape, out.options)
                                      : part_of(made[out.block - s.first_output], out));
         s.ptr[s.n] = reinterpret_cast<uintptr_t>(made.back().data_ptr());
-        PyObject *o = THPVariable_Wrap(made.back());
-        if (!o) return false;
+        PyObject *o = nullptr;  // a block or a store only the kernel sees: no Python object
+        if (out.returned && !(o = THPVariable_Wrap(made.back()))) return false;
         s.obj[s.n++] = o;
     }
     return true;
@@ -408,6 +409,38 @@ bool parse_spec(PyObject *t, ArgSpec &spec, int depth) {
     return false;
 }
 
+// The outputs the result template's slots name (their Python objects are made); false: a
+// Python error is set (a bad template)
+bool mark_returned(PyObject *tmpl, PlanData *p, int first_output, int depth) {
+    if (depth >= MAX_DEPTH || !PyTuple_Check(tmpl) || PyTuple_GET_SIZE(tmpl) != 2) {
+        PyErr_SetString(PyExc_ValueError, "bad result template");
+        return false;
+    }
+    long tag = PyLong_AsLong(PyTuple_GET_ITEM(tmpl, 0));
+    PyObject *item = PyTuple_GET_ITEM(tmpl, 1);
+    if (tag == RES_SLOT) {
+        long slot = PyLong_AsLong(item);
+        if (slot < 0 || slot >= first_output + static_cast<long>(p->outputs.size())) {
+            PyErr_Format(PyExc_ValueError, "result slot %ld outside the slots", slot);
+            return false;
+        }
+        if (slot >= first_output) p->outputs[slot - first_output].returned = true;
+        return true;
+    }
+    if (tag == RES_TUPLE) {
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_ValueError, "bad result template");
+            return false;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(item); i++)
+            if (!mark_returned(PyTuple_GET_ITEM(item, i), p, first_output, depth + 1)) return false;
+        return true;
+    }
+    if (tag == RES_CONST) return true;
+    PyErr_Format(PyExc_ValueError, "bad result template tag %ld", tag);
+    return false;
+}
+
 /* Plan(arg_specs, outputs, launches, guards, order, current_stream, error_code_addr,
         environment, result, nslots)
    outputs: tuple of (shape, dtype, device), each allocated with at::empty, or (shape, dtype,
@@ -474,6 +507,7 @@ PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(environment, i), "sz", &name, &value)) goto fail;
         p->env.push_back({name, {value != nullptr, value ? value : ""}});
     }
+    if (!mark_returned(result, p, nslots - static_cast<int>(p->outputs.size()), 0)) goto fail;
     p->launches.resize(PyTuple_GET_SIZE(launches));
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(launches); i++) {
         Launch &l = p->launches[i];
