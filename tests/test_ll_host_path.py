@@ -71,6 +71,19 @@ def test_per_expert_and_dispatch_fused_on_a_gpu_of_their_own(monkeypatch):
     assert [(a.phases, a.call_epoch) for _, a in fake.launches] == [(3, 0)]
 
 
+def test_fuse_env_keeps_the_phases_apart_on_a_gpu_of_their_own(monkeypatch):
+    monkeypatch.delenv(variants.COMBINE_ENV, raising=False)
+    monkeypatch.setenv(ll.FUSE_ENV, "0")
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=False)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    fake.launches.clear()
+    ops.low_latency_combine(y, idx, w, handle)
+    assert [a.phases for _, a in fake.launches] == [1, 2]
+    monkeypatch.setenv(ll.FUSE_ENV, "maybe")
+    with pytest.raises(ValueError, match="EPGEN_LL_FUSE='maybe'"):
+        fake_ll_ops(R, M, H, E, grids_overlap=False)
+
+
 @pytest.mark.parametrize("call", [False], ids=["own-gpu"], indirect=True)
 def test_per_rank_one_fused_launch(call, monkeypatch):
     monkeypatch.setenv(variants.COMBINE_ENV, "per_rank")

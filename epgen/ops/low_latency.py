@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import env, formats
 from ..jit import layout_facts
 from ..jit.kernel_args import (LowLatencyBarrierArgs, LowLatencyCombineArgs,
                            LowLatencyCombineRankArgs, LowLatencyDispatchArgs)
@@ -54,6 +54,7 @@ from .layout import check_topk_idx
 from .streams import StreamOrder
 
 # The region's layout is layout_facts' (LL_*): the kernels' units static_assert their side of it.
+FUSE_ENV = "EPGEN_LL_FUSE"     # 0: send and receive as two launches wherever they could be one
 MAX_TOKENS = layout_facts.LL_MAX_TOKENS        # num_max_dispatch_tokens_per_rank
 MAX_SIG = layout_facts.LL_MAX_SIG              # dispatch signal words per half
 MAX_RANK_SIG = layout_facts.LL_MAX_RANK_SIG    # combine signal / verdict words per half
@@ -226,8 +227,9 @@ class LowLatencyOps:
         # time-sliced between ranks, runs one rank's grid at a time; ranks whose kernels
         # overlap on a GPU (MPS) do not get that: a peer's spinning blocks can hold SMs of
         # this rank's share, so the late blocks start only when the peer's deadline frees them
-        # (seen on 1x H200, 2 ranks, per-rank combine). There the phases run as two launches.
-        self.fuse_phases = not grids_overlap
+        # (seen on 1x H200, 2 ranks, per-rank combine). There the phases run as two launches,
+        # as everywhere with EPGEN_LL_FUSE=0 (read when the Buffer is made).
+        self.fuse_phases = not grids_overlap and env.flag(FUSE_ENV, True)
         R = ctx.num_ranks
         self.mask = torch.zeros(R, dtype=torch.int32, device=ctx.device)
         self.pes = torch.tensor(ctx.pes, dtype=torch.int32, device=ctx.device)
