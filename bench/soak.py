@@ -34,6 +34,10 @@ LL_SPECS = [(7168, 8, True), (2048, 8, False), (4096, 6, True)]
 NORMAL_SPECS = [(7168, 8), (2048, 8)]
 NORMAL_TOKENS = 512
 POOL = 4                                       # input sets per spec, cycled
+# how the low-latency pairs are called, drawn per pair; EPGEN_SOAK_LL_MODES=sync,graph (say)
+# draws from those alone (to find which mode a failure needs)
+LL_MODES = tuple(m for m in os.environ.get("EPGEN_SOAK_LL_MODES", "").split(",") if m) or \
+    ("sync", "sync", "hook", "async", "graph")
 
 
 def _memory():
@@ -92,7 +96,7 @@ def _ll_pair(buf, rank, R, E, rng, pool, graphs, check):
     import torch
     from tests import test_low_latency_gpu as llt
     from tests import test_reliability_gpu as rel
-    mode = rng.choice(("sync", "sync", "hook", "async", "graph"))
+    mode = rng.choice(LL_MODES)
     spec = (rel.H, rel.K, False) if mode == "graph" else rng.choice(LL_SPECS)
     i = rng.randrange(POOL)
     tokens = [M if mode == "graph" else rng.randint(1, M) for _ in range(R)]   # same on all ranks
