@@ -284,6 +284,27 @@ def test_ll_dispatch_formats_replayed_as_the_python_path_returns_them(driver, kw
     assert fields["recv_scales"] == (scales[0].data_ptr() if scales else 0)
 
 
+def test_no_replay_across_a_layout_change(driver):
+    """A Plan recorded at one hidden size does not replay after a call of another: that call
+    must take the Python path, which runs the layout barrier."""
+    from epgen.jit.specs import LowLatencyBarrierSpec
+    ops, fake = fake_ll_ops(R, M, H, E)
+    _lane(ops)
+    x = fake_cuda(torch.zeros(M, H, dtype=torch.bfloat16))
+    x2 = fake_cuda(torch.zeros(M, H // 2, dtype=torch.bfloat16))
+    idx = fake_cuda(torch.randn(M, E).topk(K, dim=-1).indices)
+    for _ in range(2):
+        ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    assert ops._plans.replayed == 1
+    ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)
+    fake.launches.clear()
+    ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)      # H again: Python path + barrier
+    assert ops._plans.replayed == 1
+    assert type(fake.launches[0][0]) is LowLatencyBarrierSpec
+    ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)      # then replayed again
+    assert ops._plans.replayed == 2
+
+
 def test_a_part_outside_its_block_is_refused_when_the_plan_is_made(driver):
     """fastcall.cpp checks that each part's elements lie inside an earlier fresh uint8 block."""
     mod, dev = fastcall.native(), torch.device("cpu")

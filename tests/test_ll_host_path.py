@@ -10,7 +10,8 @@ from epgen.jit import layout_facts
 from epgen.jit.kernel_args import LowLatencyCombineArgs, LowLatencyCombineRankArgs
 from epgen import variants
 from epgen.ops import low_latency as ll
-from epgen.jit.specs import LowLatencyCombineRankSpec, LowLatencyCombineSpec
+from epgen.jit.specs import (LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
+                              LowLatencyCombineSpec, LowLatencyDispatchSpec)
 from tests.fake_launch import fake_cuda, fake_ll_ops, ll_combine_inputs
 
 R, M, H, E, K = 2, 16, 256, 16, 4
@@ -69,6 +70,26 @@ def test_per_expert_and_dispatch_fused_on_a_gpu_of_their_own(monkeypatch):
     x = fake_cuda(torch.zeros(M, H, dtype=torch.bfloat16))
     ops.low_latency_dispatch(x, idx, M, E, use_fp8=False)
     assert [(a.phases, a.call_epoch) for _, a in fake.launches] == [(3, 0)]
+
+
+def test_a_layout_change_starts_with_the_barrier():
+    """Another (M, hidden, num_experts) places the data areas elsewhere: the first call of new
+    shapes (either op) launches the cross-rank barrier on its stream before its send; calls of
+    the previous call's shapes do not."""
+    ops, fake = fake_ll_ops(R, M, H, E)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)   # dispatch + combine at H
+    assert not any(type(s) is LowLatencyBarrierSpec for s, _ in fake.launches)
+    fake.launches.clear()
+    x2 = fake_cuda(torch.zeros(M, H // 2, dtype=torch.bfloat16))
+    ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)          # hidden H / 2: a barrier first
+    assert [type(s) for s, _ in fake.launches][:2] == [LowLatencyBarrierSpec, LowLatencyDispatchSpec]
+    fake.launches.clear()
+    ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)          # the same shapes: none
+    assert LowLatencyBarrierSpec not in [type(s) for s, _ in fake.launches]
+    fake.launches.clear()
+    ops.low_latency_combine(y, idx, w, handle)                       # back to H: a barrier
+    assert type(fake.launches[0][0]) is LowLatencyBarrierSpec
+    assert fake.launches[0][1].sig_off == ll.CLEAN_SIG_OFF           # the clean barrier's words
 
 
 def test_fuse_env_keeps_the_phases_apart_on_a_gpu_of_their_own(monkeypatch):

@@ -245,6 +245,11 @@ class LowLatencyOps:
         # hook launches its receive right after its send, and this Buffer's calls never overlap
         # (StreamOrder), so it uses the op's word here; a call with a hook allocates its own
         # (other calls may run before its receive).
+        # The data areas' places depend on (M, hidden, num_experts) (layout_facts.
+        # ll_data_layout): after a call of other shapes, a peer may still be reading its
+        # receive areas where this call's sends would land, so the first call of new shapes
+        # starts with a barrier (_run). Graph replays, which run no host code, are not seen.
+        self._layout = {"last": None}
         self._epoch_words = torch.zeros(2, dtype=torch.int64, device=ctx.device)
         self._epoch_addr = {"dispatch": self._epoch_words.data_ptr(),
                             "combine": self._epoch_words.data_ptr() + 8}
@@ -337,31 +342,48 @@ class LowLatencyOps:
         return self._epoch_addr[op]
 
     def _run(self, spec, kernel, make_args, fields, smem, async_finish, return_recv_hook,
-             tensors, fused=False, launches=None):
+             tensors, layout, fused=False, launches=None):
         """Send phase now, receive phase now or in the returned hook, under the Buffer's
         stream semantics (ops/streams.py: the hook launches on the send's stream). fused: one
         launch running both phases (kernels whose receive takes the epoch from its own send).
         make_args(phases): the struct without its per-call addresses, `fields` (set_addresses).
         The receive's arguments are the send's with another phase (one struct filled).
-        launches: a fastcall.Launches that records each launch (the call's Plan)."""
-        def launch(args):
+        launches: a fastcall.Launches that records each launch (the call's Plan).
+        layout: (the op's name, its (M, hidden, num_experts)); the send of a call whose shapes
+        differ from the previous call's first runs the cross-rank barrier on its stream (a
+        peer that misses its deadline there is reported under the op's name)."""
+        op, layout_key = layout
+
+        def launch(args, first=False):
             def go(stream):
+                if first and self._layout["last"] != layout_key:
+                    if self._layout["last"] is not None:
+                        self._barrier(op, CLEAN_SIG_OFF, CLEAN_SEQ_OFF, self.enable_shrink,
+                                      stream)
+                    self._layout["last"] = layout_key
                 kernel.launch(self.sms, spec.threads, args, stream.cuda_stream, smem=smem)
                 if launches is not None:
                     launches.add(kernel, self.sms, spec.threads, smem, args, fields)
             return go
         if fused:
-            return self.ctx.streams.two_phase(launch(set_addresses(make_args(SEND | RECV), fields)),
-                                              lambda stream: None, async_finish, False, tensors)
+            return self.ctx.streams.two_phase(
+                launch(set_addresses(make_args(SEND | RECV), fields), first=True),
+                lambda stream: None, async_finish, False, tensors)
         send_args = set_addresses(make_args(SEND), fields)
         recv_args = type(send_args).from_buffer_copy(send_args)
         recv_args.phases = RECV
-        return self.ctx.streams.two_phase(launch(send_args), launch(recv_args), async_finish,
-                                          return_recv_hook, tensors)
+        return self.ctx.streams.two_phase(launch(send_args, first=True), launch(recv_args),
+                                          async_finish, return_recv_hook, tensors)
+
+    def _layout_guards(self, layout_key) -> tuple:
+        """What a replayed call (runtime/fastcall.py) needs to skip the layout barrier: the
+        previous call had its shapes."""
+        return ((self._layout, "last", layout_key),)
 
     # -- API ------------------------------------------------------------------------------
-    def _barrier(self, op, sig_off, seq_off, use_mask):
-        """One launch of the per-peer barrier (templates/ll_barrier.cuh) on the current stream."""
+    def _barrier(self, op, sig_off, seq_off, use_mask, stream=None):
+        """One launch of the per-peer barrier (templates/ll_barrier.cuh) on `stream` (default:
+        the current one). Every rank runs the same sequence of barriers on a pair of words."""
         ctx = self.ctx
         spec = ll_barrier_spec(ctx.num_ranks)
         kernel = ctx.kernel(spec)
@@ -373,7 +395,8 @@ class LowLatencyOps:
         a.seq = self.base + seq_off
         a.sig_off = sig_off
         a.any_remote = self.any_remote
-        kernel.launch(1, spec.threads, a, torch.cuda.current_stream(ctx.device.index).cuda_stream)
+        stream = stream or torch.cuda.current_stream(ctx.device.index)
+        kernel.launch(1, spec.threads, a, stream.cuda_stream)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """DeepEP's barrier across the ranks; nothing needs zeroing (signals are epoch-tagged).
@@ -480,8 +503,9 @@ class LowLatencyOps:
                    dispatch_wait_recv_cost_stats)
         launches = self._plans.recorder(not async_finish and not return_recv_hook)
         event, hook = self._run(spec, kernel, make_args, fields, spec.payload_bytes,
-                                async_finish, return_recv_hook, tensors, fused=fused,
-                                launches=launches)
+                                async_finish, return_recv_hook, tensors,
+                                ("low_latency_dispatch", (M, H, num_experts)),
+                                fused=fused, launches=launches)
         handle = (src_info, layout_range, M, H, num_experts)
         out = recv_x if scales is None else \
             (recv_x, *scales) if isinstance(scales, tuple) else (recv_x, scales)
@@ -492,7 +516,8 @@ class LowLatencyOps:
                   *(scales if isinstance(scales, tuple) else (scales,)),
                   meta_block, recv_count, src_info, layout_range)
         allocated = list({id(t): t for t in carved if t is not None}.values())
-        self._plans.keep(plan_key, launches, call, allocated, result)
+        self._plans.keep(plan_key, launches, call, allocated, result,
+                         guards=self._layout_guards((M, H, num_experts)))
         return result
 
     def _dispatch_format(self, wire_format, use_fp8, round_scale, use_ue8m0, recv_scale_layout,
@@ -606,9 +631,11 @@ class LowLatencyOps:
                    call_epoch if return_recv_hook else None, combine_wait_recv_cost_stats)
         launches = self._plans.recorder(not async_finish and not return_recv_hook)
         event, hook = self._run(spec, kernel, make_args, fields, 0, async_finish,
-                                return_recv_hook, tensors, fused=fused, launches=launches)
+                                return_recv_hook, tensors, ("low_latency_combine", (M, H, E)),
+                                fused=fused, launches=launches)
         result = (out, event, hook)
-        self._plans.keep(plan_key, launches, call, outputs, result)
+        self._plans.keep(plan_key, launches, call, outputs, result,
+                         guards=self._layout_guards((M, H, E)))
         return result
 
     def set_epochs_for_test(self, epoch: int) -> None:
