@@ -1,6 +1,7 @@
 """What a low-latency call launches, on CPU with the FAKE launch of tests/fake_launch.py (real
 checks, specs, allocation and argument packing; no GPU)."""
 import ctypes
+from unittest import mock
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from epgen import variants
 from epgen.ops import low_latency as ll
 from epgen.jit.specs import (LowLatencyBarrierSpec, LowLatencyCombineRankSpec,
                               LowLatencyCombineSpec, LowLatencyDispatchSpec)
-from tests.fake_launch import fake_cuda, fake_ll_ops, ll_combine_inputs
+from tests.fake_launch import fake_cuda, fake_ll_ops, ll_combine_inputs, no_graph_capture
 
 R, M, H, E, K = 2, 16, 256, 16, 4
 
@@ -73,23 +74,29 @@ def test_per_expert_and_dispatch_fused_on_a_gpu_of_their_own(monkeypatch):
 
 
 def test_a_layout_change_starts_with_the_barrier():
-    """Another (M, hidden, num_experts) places the data areas elsewhere: the first call of new
-    shapes (either op) launches the cross-rank barrier on its stream before its send; calls of
-    the previous call's shapes do not."""
+    """Another (M, hidden, num_experts) places the data areas elsewhere: the first eager call of
+    new shapes (either op) launches the cross-rank barrier on its stream before its send; calls
+    of the previous call's shapes do not, nor does a call under capture (README)."""
     ops, fake = fake_ll_ops(R, M, H, E)
     y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)   # dispatch + combine at H
     assert not any(type(s) is LowLatencyBarrierSpec for s, _ in fake.launches)
     fake.launches.clear()
     x2 = fake_cuda(torch.zeros(M, H // 2, dtype=torch.bfloat16))
-    ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)          # hidden H / 2: a barrier first
+    with no_graph_capture():
+        ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)      # hidden H / 2: a barrier
     assert [type(s) for s, _ in fake.launches][:2] == [LowLatencyBarrierSpec, LowLatencyDispatchSpec]
     fake.launches.clear()
     ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)          # the same shapes: none
     assert LowLatencyBarrierSpec not in [type(s) for s, _ in fake.launches]
     fake.launches.clear()
-    ops.low_latency_combine(y, idx, w, handle)                       # back to H: a barrier
+    with no_graph_capture():
+        ops.low_latency_combine(y, idx, w, handle)                   # back to H: a barrier
     assert type(fake.launches[0][0]) is LowLatencyBarrierSpec
     assert fake.launches[0][1].sig_off == ll.CLEAN_SIG_OFF           # the clean barrier's words
+    fake.launches.clear()
+    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):   # FAKE
+        ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)
+    assert LowLatencyBarrierSpec not in [type(s) for s, _ in fake.launches]
 
 
 def test_fuse_env_keeps_the_phases_apart_on_a_gpu_of_their_own(monkeypatch):

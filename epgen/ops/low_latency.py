@@ -51,7 +51,7 @@ from .plans import Plans
 from .context import (VECTOR_BYTES, OpsContext, arg_error, check_tensor, set_addresses,
                       spec_for_call)
 from .layout import check_topk_idx
-from .streams import StreamOrder
+from .streams import StreamOrder, capturing
 
 # The region's layout is layout_facts' (LL_*): the kernels' units static_assert their side of it.
 FUSE_ENV = "EPGEN_LL_FUSE"     # 0: send and receive as two launches wherever they could be one
@@ -357,7 +357,10 @@ class LowLatencyOps:
         def launch(args, first=False):
             def go(stream):
                 if first and self._layout["last"] != layout_key:
-                    if self._layout["last"] is not None:
+                    # not under capture: a replay runs wherever the user puts it, so a captured
+                    # barrier would not protect it (README, "CUDA graphs"), and loading the
+                    # barrier's module there could break the capture
+                    if self._layout["last"] is not None and not capturing():
                         self._barrier(op, CLEAN_SIG_OFF, CLEAN_SEQ_OFF, self.enable_shrink,
                                       stream)
                     self._layout["last"] = layout_key
