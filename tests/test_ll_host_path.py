@@ -84,7 +84,8 @@ def test_a_layout_change_starts_with_the_barrier():
     x2 = fake_cuda(torch.zeros(M, H // 2, dtype=torch.bfloat16))
     with no_graph_capture():
         ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)      # hidden H / 2: a barrier
-    assert [type(s) for s, _ in fake.launches][:2] == [LowLatencyBarrierSpec, LowLatencyDispatchSpec]
+    assert [type(s) for s, _ in fake.launches][:2] == [LowLatencyBarrierSpec,
+                                                       LowLatencyDispatchSpec]
     fake.launches.clear()
     ops.low_latency_dispatch(x2, idx, M, E, use_fp8=False)          # the same shapes: none
     assert LowLatencyBarrierSpec not in [type(s) for s, _ in fake.launches]

@@ -241,15 +241,15 @@ class LowLatencyOps:
         else:
             self.peer_bases = torch.zeros(R, dtype=torch.int64, device=ctx.device)
         self.any_remote = int(not allow_nvlink or any(a == 0 for a in ctx.rdma.peer_addrs))
-        # Where a receive launched on its own reads the epoch its send stored: a call without a
-        # hook launches its receive right after its send, and this Buffer's calls never overlap
-        # (StreamOrder), so it uses the op's word here; a call with a hook allocates its own
-        # (other calls may run before its receive).
         # The data areas' places depend on (M, hidden, num_experts) (layout_facts.
         # ll_data_layout): after a call of other shapes, a peer may still be reading its
         # receive areas where this call's sends would land, so the first call of new shapes
         # starts with a barrier (_run). Graph replays, which run no host code, are not seen.
         self._layout = {"last": None}
+        # Where a receive launched on its own reads the epoch its send stored: a call without a
+        # hook launches its receive right after its send, and this Buffer's calls never overlap
+        # (StreamOrder), so it uses the op's word here; a call with a hook allocates its own
+        # (other calls may run before its receive).
         self._epoch_words = torch.zeros(2, dtype=torch.int64, device=ctx.device)
         self._epoch_addr = {"dispatch": self._epoch_words.data_ptr(),
                             "combine": self._epoch_words.data_ptr() + 8}
