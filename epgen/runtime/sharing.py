@@ -59,10 +59,7 @@ def local_share(rank: int, device) -> GpuShare:
 def check_co_residency(shares: list[GpuShare]) -> None:
     """Raise ValueError naming the numbers when ranks share a GPU under MPS with thread
     percentages summing above 100 (their kernels cannot all be resident at once)."""
-    by_gpu: dict[str, list[GpuShare]] = {}
-    for s in shares:
-        by_gpu.setdefault(s.uuid, []).append(s)
-    for uuid, group in by_gpu.items():
+    for uuid, group in _by_gpu(shares).items():
         if len(group) < 2 or not any(s.mps for s in group):
             continue
         total = sum(s.thread_percentage for s in group)
@@ -90,10 +87,14 @@ def kernels_overlap_on_a_gpu(shares: list[GpuShare]) -> bool:
     """Whether two ranks' kernels may run on one GPU at the same time (ranks sharing it under
     MPS). Then a grid is not kept resident: a peer's waiting blocks can hold the SMs of this
     rank's late blocks. One rank per GPU, or ranks time-slicing one, always run a grid whole."""
+    return any(len(g) > 1 and any(s.mps for s in g) for g in _by_gpu(shares).values())
+
+
+def _by_gpu(shares: list[GpuShare]) -> dict[str, list[GpuShare]]:
     by_gpu: dict[str, list[GpuShare]] = {}
     for s in shares:
         by_gpu.setdefault(s.uuid, []).append(s)
-    return any(len(g) > 1 and any(s.mps for s in g) for g in by_gpu.values())
+    return by_gpu
 
 
 def doctor_report(gpus: int) -> tuple[bool, str]:
