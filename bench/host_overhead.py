@@ -3,9 +3,11 @@ combine (per_expert and per_rank, EPGEN_LL_COMBINE) goes (cProfile on rank 0). T
 counterpart with faked launches is bench/host_path_cpu.py. First, on rank 0, what one launch
 costs by itself: an empty kernel taking a struct the size of the LL combine's, launched by
 epgen's Kernel.launch, by cuda.bindings' cuLaunchKernel alone, and by libcuda's through ctypes
-(the floor any Python launch path can reach); after each call, its breakdown (validation, spec
-lookup, allocation, launches, rest) from bench/host_parts.py: the Python path's parts, which a
-call the fast lane replays (runtime/fastcall.py; EPGEN_FASTCALL=0 turns it off) does not run.
+(the floor any Python launch path can reach); after each call, its breakdown: where the fast
+lane replays it (runtime/fastcall.py), the replay's own stages (Plan.timed: matching the
+arguments, the stream state, the outputs, the launches, the result) and the Python above it;
+with EPGEN_FASTCALL=0, the Python path's parts from bench/host_parts.py (validation, spec
+lookup, allocation, launches, rest).
 
     python bench/host_overhead.py --ranks 2
     EPGEN_LAUNCH_MPS=0 python bench/host_overhead.py --ranks 2   # ranks time-slicing one GPU:
@@ -29,8 +31,9 @@ HOLD_CYCLES = 80_000_000
 
 def _measure(cases, out, plans) -> dict:
     """Host time per call of each (name, fn) (100 calls after 10: with the stream held by a
-    sleep kernel, and without), then a cProfile of 100; returns name -> held us. plans: the
-    ops family's fast-lane Plans (ops/plans.py), whose counts say how many calls it replayed."""
+    sleep kernel, and without), then a cProfile of 100; returns name -> (held us, the Plan that
+    replayed its last call and that call's arguments, or None). plans: the ops family's
+    fast-lane Plans (ops/plans.py), whose counts say how many calls it replayed."""
     import cProfile
     import io
     import pstats
@@ -40,8 +43,10 @@ def _measure(cases, out, plans) -> dict:
     for name, fn in cases:
         for _ in range(10):
             fn()
+        replay = _replayed_by(plans, fn)
         counts = plans.replayed, plans.missed
-        held = helds[name] = _wall_us(fn, 100, 0, hold=True)
+        held = _wall_us(fn, 100, 0, hold=True)
+        helds[name] = held, replay
         host = _wall_us(fn, 100, 0)
         prof = cProfile.Profile()
         prof.enable()
@@ -57,6 +62,51 @@ def _measure(cases, out, plans) -> dict:
                    f"{plans.missed - counts[1]} had a Plan that did not match\n"
                    + s.getvalue()[-3500:])
     return helds
+
+
+def _replayed_by(plans, fn):
+    """(Plan, its arguments) of the Plan that replays fn's call, or None (the Python path)."""
+    seen = []
+    run = plans.run
+    plans.run = lambda key, args: seen.append((key, args)) or run(key, args)
+    try:
+        fn()
+    finally:
+        del plans.run                  # the instance attribute: the method again
+    plan = plans._plans.get(seen[-1][0]) if seen else None
+    return (plan, seen[-1][1]) if plan is not None and plan(*seen[-1][1]) is not None else None
+
+
+STAGES = ("match: arguments (dtype, shape, strides, alignment), guards, environment",
+          "stream: the current stream, StreamOrder's state, cuStreamIsCapturing",
+          "allocate: the outputs (at::empty, parts of a block, Python objects of returned ones)",
+          "launch: copy each struct, patch its addresses, cuLaunchKernel",
+          "finish: cuEventRecord, StreamOrder's update, the result")
+
+
+def _stages(out, title, measured, launches):
+    """The replay's own stages (Plan.timed, 100 calls with the stream held), and the Python
+    above it (the Buffer's method, the ops method, its Plan lookup): the held time less them."""
+    import torch
+    whole_us, (plan, args) = measured
+    torch.cuda.synchronize()
+    torch.cuda._sleep(HOLD_CYCLES)
+    ns = plan.timed(args, 100)
+    torch.cuda.synchronize()
+    us = [n / 100 / 1e3 for n in ns]
+    rows = [f"| {name} | {v:.2f} |" for name, v in zip(STAGES, us)]
+    out.append(f"\n{title}: {whole_us:.1f} us host per call (stream held), replayed: "
+               f"{sum(us):.2f} us in the Plan ({launches} launch(es))\n| stage | us |\n|---|---|\n"
+               + "\n".join(rows) + f"\n| Python: Buffer method, ops method, Plan lookup (the "
+               f"rest) | {whole_us - sum(us):.2f} |")
+
+
+def _breakdown(out, title, measured, parts, launches, launch_us):
+    """The replay's stages where the fast lane replayed the call, else the Python path's parts."""
+    if measured[1] is not None:
+        _stages(out, title, measured, launches)
+    else:
+        _parts(out, title, measured[0], parts, launches, launch_us)
 
 
 def _wall_us(fn, calls: int, warmup: int, hold: bool = False) -> float:
@@ -179,10 +229,12 @@ def _worker(rank, world):
     out.append(f"== host fast lane (runtime/fastcall.py): {fastcall.status()}")
     if rank == 0:
         dev, ops = torch.device("cuda", torch.cuda.current_device()), buf._intranode
-        _parts(out, "cached dispatch", held["cached dispatch"],
-               host_parts.normal_dispatch_parts(ops, x, handle, cfg, 4096, 7168, dev), 1, launch_us)
-        _parts(out, "combine", held["combine"],
-               host_parts.normal_combine_parts(ops, recv, handle, cfg, 4096, 7168, dev), 1, launch_us)
+        _breakdown(out, "cached dispatch", held["cached dispatch"],
+                   host_parts.normal_dispatch_parts(ops, x, handle, cfg, 4096, 7168, dev), 1,
+                   launch_us)
+        _breakdown(out, "combine", held["combine"],
+                   host_parts.normal_combine_parts(ops, recv, handle, cfg, 4096, 7168, dev), 1,
+                   launch_us)
     dist.barrier()
     dist.barrier()
     buf.destroy()
@@ -208,15 +260,15 @@ def _worker(rank, world):
     held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out,
                     ops._plans)
     if rank == 0:
-        _parts(out, "LL dispatch FP8", held["LL dispatch FP8"],
-               host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), launches,
-               launch_us)
+        _breakdown(out, "LL dispatch FP8", held["LL dispatch FP8"],
+                   host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), launches,
+                   launch_us)
     dist.barrier()
     for variant in ("per_expert", "per_rank"):
         name = f"LL combine {variant}"
         held = _measure(((name, combine(variant)),), out, ops._plans)
         if rank == 0:
-            _parts(out, name, held[name], host_parts.ll_combine_parts(
+            _breakdown(out, name, held[name], host_parts.ll_combine_parts(
                 ops, y, idx, w, ll_handle, M, H, E, K, world, variant == "per_rank", dev),
                 launches, launch_us)
         dist.barrier()

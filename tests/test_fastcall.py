@@ -107,6 +107,25 @@ def test_ll_combine_replayed_exactly(driver, grids_overlap):
         assert g["x"] == y2.data_ptr() and g["topk_idx"] == idx2.data_ptr()
 
 
+def test_timed_replays_report_their_stages(driver):
+    """Plan.timed(args, n): n real replays (each launches), nanoseconds per stage; None where
+    the arguments do not match (nothing launched)."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=False)
+    _lane(ops)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    seen = []
+    run = ops._plans.run
+    ops._plans.run = lambda key, args: seen.append((key, args)) or run(key, args)
+    ops.low_latency_combine(y, idx, w, handle)           # the Python path: records a Plan
+    key, args = seen[-1]
+    plan = ops._plans._plans[key]
+    ns = plan.timed(args, 3)
+    assert len(driver.launches) == 3 and len(driver.records) == 3
+    assert len(ns) == 5 and all(type(v) is int and v >= 0 for v in ns) and sum(ns) > 0
+    wrong = (fake_cuda(y[:, :M]),) + args[1:]
+    assert plan.timed(wrong, 2) is None and len(driver.launches) == 3
+
+
 def test_ll_combine_anything_else_takes_the_python_path(driver):
     ops, fake = fake_ll_ops(R, M, H, E)
     _lane(ops)

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -282,17 +283,69 @@ bool allocate_outputs(PlanData *p, Slots &s) {
     return true;
 }
 
-PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs);
+// Where a replay's host time goes (Plan.timed, bench/host_overhead.py): nanoseconds summed per
+// stage over the timed calls.
+enum { STAGE_MATCH, STAGE_STREAM, STAGE_ALLOCATE, STAGE_LAUNCH, STAGE_FINISH, NUM_STAGES };
+
+struct StageClock {
+    uint64_t *ns;        // NUM_STAGES sums, or nullptr: an untimed call (one branch a stage)
+    uint64_t last = 0;
+    static uint64_t now() {
+        timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return static_cast<uint64_t>(t.tv_sec) * 1000000000ull + t.tv_nsec;
+    }
+    explicit StageClock(uint64_t *sums) : ns(sums) { if (ns) last = now(); }
+    void end(int stage) {
+        if (!ns) return;
+        uint64_t t = now();
+        ns[stage] += t - last;
+        last = t;
+    }
+};
+
+PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs, StageClock &clock);
 
 // A C++ exception from ATen (an allocation failure: torch.OutOfMemoryError; anything else)
 // becomes torch's Python exception, never a terminate.
 PyObject *plan_call(Plan *self, PyObject *args, PyObject *kwargs) {
     HANDLE_TH_ERRORS
-    return replay(self, args, kwargs);
+    StageClock untimed(nullptr);
+    return replay(self, args, kwargs, untimed);
     END_HANDLE_TH_ERRORS
 }
 
-PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
+/* Plan.timed(args, calls): `calls` replays of plan(*args), each a real one (it allocates and
+   launches), and the nanoseconds they spent per stage: (match, stream, allocate, launch,
+   finish), summed; None where a replay did not match. The stages: comparing the arguments,
+   guards and environment; the current stream and StreamOrder's state; the outputs; the
+   cuLaunchKernel calls; the event record, the order's update and the result. */
+PyObject *plan_timed(Plan *self, PyObject *args) {
+    HANDLE_TH_ERRORS
+    PyObject *call_args;
+    int calls;
+    if (!PyArg_ParseTuple(args, "O!i", &PyTuple_Type, &call_args, &calls)) return nullptr;
+    uint64_t ns[NUM_STAGES] = {};
+    for (int i = 0; i < calls; i++) {
+        StageClock clock(ns);
+        PyObject *r = replay(self, call_args, nullptr, clock);
+        if (!r) return nullptr;
+        bool matched = r != Py_None;
+        Py_DECREF(r);
+        if (!matched) Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_New(NUM_STAGES);
+    if (!out) return nullptr;
+    for (int i = 0; i < NUM_STAGES; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(ns[i]);
+        if (!v) { Py_DECREF(out); return nullptr; }
+        PyTuple_SET_ITEM(out, i, v);
+    }
+    return out;
+    END_HANDLE_TH_ERRORS
+}
+
+PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs, StageClock &clock) {
     PlanData *p = self->d;
     if (kwargs && PyDict_GET_SIZE(kwargs)) Py_RETURN_NONE;
     Py_ssize_t nargs = PyTuple_GET_SIZE(args);
@@ -314,6 +367,7 @@ PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
         if (same < 0) return nullptr;
         if (!same) Py_RETURN_NONE;
     }
+    clock.end(STAGE_MATCH);
     PyObject *st = PyObject_CallNoArgs(p->current_stream);
     if (!st) return nullptr;
     uint64_t stream = PyLong_AsUnsignedLongLong(st);
@@ -323,9 +377,11 @@ PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
     int allowed = order_allows(p, stream, &event);
     if (allowed < 0) return nullptr;
     if (!allowed) Py_RETURN_NONE;
+    clock.end(STAGE_STREAM);
 
     s.first_output = s.n;
     if (!allocate_outputs(p, s)) return nullptr;
+    clock.end(STAGE_ALLOCATE);
     alignas(16) unsigned char buf[MAX_ARGS_BYTES];
     for (const Launch &l : p->launches) {
         memcpy(buf, l.bytes.data(), l.bytes.size());
@@ -337,6 +393,7 @@ PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
             return PyErr_Format(launch_error, "launch %s: CUDA error %d (cuLaunchKernel)",
                                 l.name.c_str(), rc);
     }
+    clock.end(STAGE_LAUNCH);
     int rc = cu_event_record(event, (void *)(uintptr_t)stream);
     if (rc != 0)
         return PyErr_Format(launch_error, "cuEventRecord after a replayed call: CUDA error %d", rc);
@@ -347,7 +404,9 @@ PyObject *replay(Plan *self, PyObject *args, PyObject *kwargs) {
         return nullptr;
     }
     Py_DECREF(sv);
-    return build_result(p->result, s, 0);
+    PyObject *result = build_result(p->result, s, 0);
+    clock.end(STAGE_FINISH);
+    return result;
 }
 
 void plan_dealloc(Plan *self) {
@@ -542,6 +601,12 @@ fail:
     return nullptr;
 }
 
+PyMethodDef plan_methods[] = {
+    {"timed", reinterpret_cast<PyCFunction>(plan_timed), METH_VARARGS,
+     "timed(args, calls): replays, and their nanoseconds per stage"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyTypeObject PlanType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 /* set_driver(cuLaunchKernel, cuEventRecord, cuStreamIsCapturing, error type): addresses */
@@ -579,6 +644,7 @@ PyMODINIT_FUNC PyInit_epgen_fastcall(void) {
     PlanType.tp_new = plan_new;
     PlanType.tp_dealloc = reinterpret_cast<destructor>(plan_dealloc);
     PlanType.tp_call = reinterpret_cast<ternaryfunc>(plan_call);
+    PlanType.tp_methods = plan_methods;
     if (PyType_Ready(&PlanType) < 0) return nullptr;
     PyObject *m = PyModule_Create(&module);
     if (!m) return nullptr;
