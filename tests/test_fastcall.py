@@ -126,6 +126,30 @@ def test_timed_replays_report_their_stages(driver):
     assert plan.timed(wrong, 2) is None and len(driver.launches) == 3
 
 
+def test_replayed_outputs_come_from_at_empty_where_torch_fills_them(driver):
+    """A replay allocates its later outputs from the first one's allocator without the
+    dispatcher, except where at::empty would do more: with torch's deterministic fill of
+    uninitialized memory on, a replayed output is filled (NaN) as torch.empty's is."""
+    ops, fake = fake_ll_ops(R, M, H, E, grids_overlap=False)
+    _lane(ops)
+    y, idx, w, handle = ll_combine_inputs(ops, fake, M, H, E, K)
+    ops.low_latency_combine(y, idx, w, handle)           # the Python path: records a Plan
+    for _ in range(2):                                   # at::empty, then the allocator's
+        out, _, _ = ops.low_latency_combine(y, idx, w, handle)
+        assert out.shape == (M, H) and out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert not out.requires_grad and out.untyped_storage().nbytes() == M * H * 2
+    assert ops._plans.replayed == 2
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        out, _, _ = ops.low_latency_combine(y, idx, w, handle)
+        assert ops._plans.replayed == 3 and out.isnan().all()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def test_ll_combine_anything_else_takes_the_python_path(driver):
     ops, fake = fake_ll_ops(R, M, H, E)
     _lane(ops)

@@ -8,7 +8,8 @@
    takes the Python path, which checks, raises or records a new Plan; so does a call after an
    environment variable a call reads has changed), its outputs allocated through ATen's
    at::empty (torch's caching allocator, as torch.empty), each struct copied with this call's
-   addresses patched in, and launched with the driver's cuLaunchKernel on the current stream.
+   addresses patched in (fresh_output: the allocator at::empty uses, without the dispatcher),
+   and launched with the driver's cuLaunchKernel on the current stream.
    The rules stay in Python: a Plan only says "the same as a call that passed".
 
    Why C++ against libtorch, not the Python C API: a replayed call is a handful of tensor
@@ -29,7 +30,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <ATen/Context.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
@@ -89,6 +94,8 @@ struct Launch {
 struct Output {
     std::vector<int64_t> shape, strides;
     at::TensorOptions options;
+    c10::DispatchKeySet backend;     // the device's dispatch key (fresh outputs)
+    c10::Allocator *allocator = nullptr;   // where the first at::empty's storage came from
     int block = -1;              // the earlier output (a uint8 block) it lies in, or -1: fresh
     int64_t offset = 0;          // its first byte in the block
     bool returned = false;       // the result holds it: it needs a Python object
@@ -268,12 +275,36 @@ at::Tensor part_of(const at::Tensor &block, const Output &out) {
     return t;
 }
 
+// An output with storage of its own. The first comes from at::empty (torch.empty's path
+// through the dispatcher); later ones from the allocator that first storage came from (torch's
+// caching allocator on CUDA), through at::detail::empty_generic under a device guard: what
+// at::empty's CUDA kernel (at::detail::empty_cuda) runs, without the dispatcher's walk through
+// the autograd and backend-select keys (~0.5-1 us a tensor). at::empty again wherever the
+// dispatcher would do more: a key in the thread's included set (a Python dispatch mode,
+// functionalization) or torch's deterministic fill of uninitialized memory.
+bool included_keys_are_defaults() {
+    return c10::impl::tls_local_dispatch_key_set().included_ == c10::default_included_set;
+}
+
+at::Tensor fresh_output(Output &out) {
+    const auto &ctx = at::globalContext();
+    if (out.allocator && included_keys_are_defaults() &&
+        !(ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory())) {
+        c10::DeviceGuard guard(out.options.device());      // the allocator takes the current one
+        return at::detail::empty_generic(out.shape, out.allocator, out.backend,
+                                         out.options.dtype().toScalarType(), std::nullopt);
+    }
+    at::Tensor t = at::empty(out.shape, out.options);
+    out.allocator = t.storage().allocator();
+    return t;
+}
+
 // the outputs, allocated into the slots after the inputs; false: a Python error is set
 bool allocate_outputs(PlanData *p, Slots &s) {
     std::vector<at::Tensor> made;
     made.reserve(p->outputs.size());
-    for (const Output &out : p->outputs) {
-        made.push_back(out.block < 0 ? at::empty(out.shape, out.options)
+    for (Output &out : p->outputs) {
+        made.push_back(out.block < 0 ? fresh_output(out)
                                      : part_of(made[out.block - s.first_output], out));
         s.ptr[s.n] = reinterpret_cast<uintptr_t>(made.back().data_ptr());
         PyObject *o = nullptr;  // a block or a store only the kernel sees: no Python object
@@ -538,6 +569,8 @@ PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
         at::ScalarType type = reinterpret_cast<THPDtype *>(dtype)->scalar_type;
         out.options = at::TensorOptions().dtype(type).device(
             reinterpret_cast<THPDevice *>(device)->device);
+        out.backend = c10::DispatchKeySet(
+            c10::computeDispatchKey(type, at::kStrided, out.options.device()));
         if (out.block >= 0) {     // in an earlier fresh uint8 block [n]: its bytes inside it
             if (strides) out.strides = ints_of(strides, "output strides");
             if (PyErr_Occurred()) goto fail;
