@@ -101,11 +101,12 @@ def _stages(out, title, measured, launches):
                f"rest) | {whole_us - sum(us):.2f} |")
 
 
-def _breakdown(out, title, measured, parts, launches, launch_us):
-    """The replay's stages where the fast lane replayed the call, else the Python path's parts."""
+def _breakdown(out, rank, title, measured, parts, launches, launch_us):
+    """The replay's stages where the fast lane replayed the call (on every rank: a replay
+    launches the collective), else the Python path's parts (rank 0: they launch nothing)."""
     if measured[1] is not None:
         _stages(out, title, measured, launches)
-    else:
+    elif rank == 0:
         _parts(out, title, measured[0], parts, launches, launch_us)
 
 
@@ -227,14 +228,13 @@ def _worker(rank, world):
     held = _measure(cases, out, buf._intranode._plans)
     torch.cuda.synchronize()
     out.append(f"== host fast lane (runtime/fastcall.py): {fastcall.status()}")
-    if rank == 0:
-        dev, ops = torch.device("cuda", torch.cuda.current_device()), buf._intranode
-        _breakdown(out, "cached dispatch", held["cached dispatch"],
-                   host_parts.normal_dispatch_parts(ops, x, handle, cfg, 4096, 7168, dev), 1,
-                   launch_us)
-        _breakdown(out, "combine", held["combine"],
-                   host_parts.normal_combine_parts(ops, recv, handle, cfg, 4096, 7168, dev), 1,
-                   launch_us)
+    dev, ops = torch.device("cuda", torch.cuda.current_device()), buf._intranode
+    _breakdown(out, rank, "cached dispatch", held["cached dispatch"],
+               host_parts.normal_dispatch_parts(ops, x, handle, cfg, 4096, 7168, dev), 1,
+               launch_us)
+    _breakdown(out, rank, "combine", held["combine"],
+               host_parts.normal_combine_parts(ops, recv, handle, cfg, 4096, 7168, dev), 1,
+               launch_us)
     dist.barrier()
     dist.barrier()
     buf.destroy()
@@ -259,18 +259,16 @@ def _worker(rank, world):
                f"(fuse_phases={ops.fuse_phases}, placement {os.environ.get(launch.MODE_ENV)})")
     held = _measure((("LL dispatch FP8", lambda: buf.low_latency_dispatch(x, idx, M, E)),), out,
                     ops._plans)
-    if rank == 0:
-        _breakdown(out, "LL dispatch FP8", held["LL dispatch FP8"],
-                   host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), launches,
-                   launch_us)
+    _breakdown(out, rank, "LL dispatch FP8", held["LL dispatch FP8"],
+               host_parts.ll_dispatch_parts(ops, x, idx, M, H, E, K, world, dev), launches,
+               launch_us)
     dist.barrier()
     for variant in ("per_expert", "per_rank"):
         name = f"LL combine {variant}"
         held = _measure(((name, combine(variant)),), out, ops._plans)
-        if rank == 0:
-            _breakdown(out, name, held[name], host_parts.ll_combine_parts(
-                ops, y, idx, w, ll_handle, M, H, E, K, world, variant == "per_rank", dev),
-                launches, launch_us)
+        _breakdown(out, rank, name, held[name], host_parts.ll_combine_parts(
+            ops, y, idx, w, ll_handle, M, H, E, K, world, variant == "per_rank", dev),
+            launches, launch_us)
         dist.barrier()
     os.environ.pop("EPGEN_LL_COMBINE", None)
     dist.barrier()
