@@ -279,9 +279,10 @@ at::Tensor part_of(const at::Tensor &block, const Output &out) {
 // through the dispatcher); later ones from the allocator that first storage came from (torch's
 // caching allocator on CUDA), through at::detail::empty_generic under a device guard: what
 // at::empty's CUDA kernel (at::detail::empty_cuda) runs, without the dispatcher's walk through
-// the autograd and backend-select keys (~0.5-1 us a tensor). at::empty again wherever the
-// dispatcher would do more: a key in the thread's included set (a Python dispatch mode,
-// functionalization) or torch's deterministic fill of uninitialized memory.
+// the autograd and backend-select keys (~0.3-0.4 us a tensor on an H200 host: bench/NOTES.md,
+// "Sessions 22-23"). at::empty again wherever the dispatcher would do more: a key in the
+// thread's included set (a Python dispatch mode, functionalization) or torch's deterministic
+// fill of uninitialized memory.
 bool included_keys_are_defaults() {
     return c10::impl::tls_local_dispatch_key_set().included_ == c10::default_included_set;
 }
